@@ -1,0 +1,9 @@
+"""The one exception type for mistakes a user can fix.
+
+Every message says what was wrong and what to do about it. The scripts print such errors as a single line
+and exit with status 2 instead of showing a traceback; anything else that escapes is a bug in mlm.
+"""
+
+
+class MLMError(ValueError):
+    """Bad input, a missing or corrupt file, an unreachable Hub: something the user can act on."""

@@ -1,0 +1,90 @@
+"""Find a model or dataset: a local folder, or a Hugging Face Hub repository downloaded into the HF cache.
+
+Both paths end in the same place, a folder laid out like the Hub repository, so everything downstream reads
+plain files. Downloads go through huggingface_hub, which honours HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE and
+HF_TOKEN; an already downloaded snapshot is reused without touching the network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from mlm.errors import MLMError
+
+OFFLINE_HINT = (
+    "To work offline, pass a local folder with the same files instead of a repo id "
+    "(e.g. ../shared/hub/models/distilbert-base-uncased), or set HF_HUB_OFFLINE=1 to use the HF cache only."
+)
+
+
+def looks_like_path(name: str) -> bool:
+    """True for strings a user means as a path ('./x', '../x', '/x', '~/x', 'x.parquet'), not a repo id."""
+    return name.startswith((".", "/", "~")) or name.endswith((".parquet", ".jsonl", ".json", ".txt"))
+
+
+def resolve_repo(
+    name_or_path: str | Path,
+    *,
+    repo_type: str = "model",
+    revision: str | None = None,
+    allow_patterns: Sequence[str] | None = None,
+) -> Path:
+    """Return a local folder holding the repository `name_or_path`.
+
+    A folder that exists is used as it is (`revision` must then be None). Anything else is taken as a Hub repo
+    id ("distilbert-base-uncased", "stanfordnlp/imdb") and fetched with huggingface_hub.snapshot_download,
+    limited to `allow_patterns` so that we never download files we do not read (e.g. pickled weights).
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if revision is not None:
+            raise MLMError(f"--revision {revision!r} only applies to Hub repo ids, but {path} is a local folder.")
+        return path
+    if path.exists():
+        raise MLMError(f"{path} is a file, but a folder laid out like a Hub {repo_type} repository was expected.")
+    name = str(name_or_path)
+    if looks_like_path(name) or name.count("/") > 1:
+        raise MLMError(f"No such folder: {path}. Check the path, or pass a Hub repo id such as 'org/name'.")
+    return _download(name, repo_type=repo_type, revision=revision, allow_patterns=allow_patterns)
+
+
+def _download(repo_id: str, *, repo_type: str, revision: str | None, allow_patterns) -> Path:
+    # Imported here so that the local-folder path never pays for importing huggingface_hub's HTTP stack.
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    where = f"{repo_type} repository {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+    try:
+        folder = snapshot_download(
+            repo_id=repo_id,
+            repo_type=repo_type,
+            revision=revision,
+            allow_patterns=list(allow_patterns) if allow_patterns else None,
+        )
+    except HFValidationError as err:
+        raise MLMError(f"{repo_id!r} is neither an existing folder nor a valid Hub repo id ({err}).") from None
+    except GatedRepoError:
+        raise MLMError(f"The Hub {where} is gated: accept its terms on the Hub and set HF_TOKEN.") from None
+    except RepositoryNotFoundError:
+        raise MLMError(
+            f"No local folder named {repo_id!r}, and the Hub has no {where} (or it is private: set HF_TOKEN)."
+        ) from None
+    except RevisionNotFoundError:
+        raise MLMError(f"The Hub {where} does not exist: check --revision.") from None
+    except LocalEntryNotFoundError:
+        # Raised both when HF_HUB_OFFLINE=1 and nothing is cached, and when the Hub cannot be reached.
+        raise MLMError(
+            f"Could not get the {where}: the Hugging Face Hub is unreachable (or HF_HUB_OFFLINE=1) and it is "
+            f"not in the local HF cache. {OFFLINE_HINT}"
+        ) from None
+    except HfHubHTTPError as err:
+        raise MLMError(f"The Hub refused the {where}: {err}. {OFFLINE_HINT}") from None
+    return Path(folder)

@@ -1,0 +1,110 @@
+"""The WordPiece tokenizer, read from a Hub-layout folder's tokenizer.json with the `tokenizers` library.
+
+Special-token ids are looked up in the tokenizer files (tokenizer_config.json names the tokens, tokenizer.json
+gives their ids), never hard-coded, so any BERT-style fast tokenizer works.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer as BackendTokenizer
+
+from mlm.errors import MLMError
+from mlm.hub import resolve_repo
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+# Names of the special tokens in tokenizer_config.json, with the strings BERT uses when a file omits them.
+SPECIAL_TOKEN_DEFAULTS = {
+    "cls_token": "[CLS]",
+    "sep_token": "[SEP]",
+    "pad_token": "[PAD]",
+    "mask_token": "[MASK]",
+    "unk_token": "[UNK]",
+}
+
+
+@dataclass
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the special-token ids that masking and fill-mask need."""
+
+    backend: BackendTokenizer
+    config: dict  # tokenizer_config.json as read (written back unchanged by save())
+    cls_token_id: int
+    sep_token_id: int
+    pad_token_id: int
+    mask_token_id: int
+    unk_token_id: int
+    mask_token: str
+
+    @property
+    def vocab_size(self) -> int:
+        """len(tokenizer) in transformers: the vocabulary plus added tokens; random replacements draw from it."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def special_token_ids(self) -> tuple[int, ...]:
+        """[CLS], [SEP], [PAD], [MASK], [UNK]: the reference collator never masks these (reference §1)."""
+        return tuple(sorted({self.cls_token_id, self.sep_token_id, self.pad_token_id, self.mask_token_id,
+                             self.unk_token_id}))
+
+    def save(self, directory: str | Path) -> None:
+        """Write tokenizer.json and tokenizer_config.json (and vocab.txt) so the folder loads anywhere."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(directory / "tokenizer.json"))
+        (directory / "tokenizer_config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+        vocab_txt = directory / "vocab.txt"
+        # vocab.txt serves slow (non-`tokenizers`) loaders; its order is the id order of the WordPiece model.
+        vocab = sorted(self.backend.get_vocab(with_added_tokens=False).items(), key=lambda item: item[1])
+        vocab_txt.write_text("".join(token + "\n" for token, _ in vocab), encoding="utf-8")
+
+
+def load_tokenizer(name_or_path: str | Path, revision: str | None = None) -> Tokenizer:
+    """Load the tokenizer of a local Hub-layout folder or a Hub repo id (tokenizer.json is required)."""
+    folder = resolve_repo(name_or_path, revision=revision, allow_patterns=TOKENIZER_FILES)
+    return tokenizer_from_folder(folder)
+
+
+def tokenizer_from_folder(folder: Path) -> Tokenizer:
+    tokenizer_file = folder / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise MLMError(
+            f"No tokenizer.json in {folder}. mlm needs a fast-tokenizer file; create one with "
+            "transformers' AutoTokenizer.from_pretrained(...).save_pretrained(folder) on a machine that has it."
+        )
+    try:
+        backend = BackendTokenizer.from_file(str(tokenizer_file))
+    except Exception as err:  # tokenizers raises a bare Exception on malformed JSON
+        raise MLMError(f"{tokenizer_file} is not a valid tokenizers file: {err}") from None
+    # Reviews are tokenized whole and then chunked (reference workflow), so any truncation or padding saved
+    # in the file would silently drop text.
+    backend.no_truncation()
+    backend.no_padding()
+
+    config = _read_json(folder / "tokenizer_config.json")
+    special_map = _read_json(folder / "special_tokens_map.json")
+    ids: dict[str, int] = {}
+    strings: dict[str, str] = {}
+    for key, default in SPECIAL_TOKEN_DEFAULTS.items():
+        token = config.get(key, special_map.get(key, default))
+        if isinstance(token, dict):  # older files store {"content": "[MASK]", ...}
+            token = token.get("content", default)
+        token_id = backend.token_to_id(token)
+        if token_id is None:
+            raise MLMError(f"The tokenizer in {folder} has no {key} {token!r}; an MLM tokenizer needs one.")
+        ids[key + "_id"] = token_id
+        strings[key] = token
+    return Tokenizer(backend=backend, config=config, mask_token=strings["mask_token"], **ids)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MLMError(f"{path} is not valid JSON ({err}); re-download or fix the file.") from None
+
