@@ -1,0 +1,74 @@
+"""Fill-mask inference: the model's top-k tokens for every [MASK] in a sentence, like the reference pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mlm.errors import MLMError
+from mlm.model import DistilBertForMaskedLM
+from mlm.tokenizer import Tokenizer
+
+
+@dataclass
+class Prediction:
+    token_id: int
+    token: str  # the vocabulary entry, e.g. "film" or "##s"
+    score: float  # softmax probability over the whole vocabulary
+    sequence: str  # the sentence with this [MASK] filled in (other [MASK]s left as they are)
+
+
+@torch.no_grad()
+def fill_mask(
+    model: DistilBertForMaskedLM, tokenizer: Tokenizer, sentences: list[str], top_k: int = 5
+) -> list[list[list[Prediction]]]:
+    """For each sentence, for each [MASK] in it (left to right), the top_k predictions, best first."""
+    if top_k < 1:
+        raise MLMError(f"top_k must be at least 1, got {top_k}.")
+    encodings = tokenizer.backend.encode_batch(sentences)
+    limit = model.config.max_position_embeddings
+    for sentence, encoding in zip(sentences, encodings):
+        if tokenizer.mask_token_id not in encoding.ids:
+            raise MLMError(f"No {tokenizer.mask_token} in {sentence!r}: write the word to predict as "
+                           f"{tokenizer.mask_token}, e.g. 'This is a great {tokenizer.mask_token}.'")
+        if len(encoding.ids) > limit:
+            raise MLMError(f"{sentence[:40]!r}… is {len(encoding.ids)} tokens long; the model takes at most {limit}.")
+
+    device = next(model.parameters()).device
+    length = max(len(e.ids) for e in encodings)
+    # Right padding, as the reference tokenizer pads; the attention mask keeps padding out of every row.
+    input_ids = torch.full((len(sentences), length), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, encoding in enumerate(encodings):
+        input_ids[row, : len(encoding.ids)] = torch.tensor(encoding.ids)
+        attention_mask[row, : len(encoding.ids)] = 1
+
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(input_ids.to(device), attention_mask.to(device)).logits.float()  # (B, L, V)
+    finally:
+        model.train(was_training)
+    probabilities = logits.softmax(dim=-1)
+    top_scores, top_ids = probabilities.topk(min(top_k, probabilities.shape[-1]), dim=-1)  # (B, L, k)
+
+    results = []
+    for row, encoding in enumerate(encodings):
+        ids = list(encoding.ids)
+        per_mask = []
+        for position in (i for i, token in enumerate(ids) if token == tokenizer.mask_token_id):
+            predictions = []
+            for score, token_id in zip(top_scores[row, position].tolist(), top_ids[row, position].tolist()):
+                filled = ids[:position] + [token_id] + ids[position + 1:]
+                predictions.append(Prediction(token_id, tokenizer.backend.id_to_token(token_id), score,
+                                              _decode(tokenizer, filled)))
+            per_mask.append(predictions)
+        results.append(per_mask)
+    return results
+
+
+def _decode(tokenizer: Tokenizer, ids: list[int]) -> str:
+    # Drop [CLS]/[SEP]/[PAD] but keep any other [MASK]s visible, so a multi-mask sentence still reads right.
+    hidden = {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id}
+    return tokenizer.backend.decode([i for i in ids if i not in hidden], skip_special_tokens=False)

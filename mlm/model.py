@@ -1,0 +1,299 @@
+"""DistilBERT for masked language modelling, in plain PyTorch.
+
+The architecture and the weight names follow the reference implementation exactly
+(../shared/docs/reference-behaviour.md §3), so checkpoints move both ways:
+
+    embeddings:  LayerNorm(word + learned position) -> dropout
+    6 blocks:    h = LN(attention(x) + x);  x = LN(dropout(lin2(gelu(lin1(h)))) + h)     (post-LayerNorm)
+    MLM head:    logits = vocab_projector(LN(gelu(vocab_transform(x))))
+
+with exact (erf) GELU, LayerNorm eps 1e-12, no token types, no final LayerNorm and a vocabulary projector whose
+weight IS the word-embedding matrix (one Parameter) but which has its own bias.
+
+One deliberate difference: given labels, the vocabulary projection runs only at the labelled positions. About
+85% of tokens are unlabelled, and the (tokens x 768) @ (768 x 30522) projection is the largest matmul in the
+model, so this saves most of the head's time and never materialises (B, L, V) logits. The loss is the same.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlm.errors import MLMError
+
+IGNORE_INDEX = -100  # label value of positions that carry no loss (PyTorch's and the reference's convention)
+LAYER_NORM_EPS = 1e-12  # the reference's value; torch's default 1e-5 changes the outputs visibly
+
+
+@dataclass
+class DistilBertConfig:
+    """The keys of the Hub's config.json that define the network; the defaults are distilbert-base-uncased."""
+
+    vocab_size: int = 30522
+    dim: int = 768
+    n_layers: int = 6
+    n_heads: int = 12
+    hidden_dim: int = 3072
+    max_position_embeddings: int = 512
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    activation: str = "gelu"
+    pad_token_id: int = 0
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = True
+    # Keys we do not use (qa_dropout, seq_classif_dropout, ...) are kept so that a save writes them back.
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.dim % self.n_heads:
+            raise MLMError(f"config: dim={self.dim} is not divisible by n_heads={self.n_heads}.")
+        if self.activation not in ACTIVATIONS:
+            raise MLMError(f"config: activation {self.activation!r} is not supported (use one of {list(ACTIVATIONS)}).")
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim", "max_position_embeddings"):
+            if getattr(self, name) < 1:
+                raise MLMError(f"config: {name} must be a positive integer, got {getattr(self, name)}.")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> DistilBertConfig:
+        values = dict(values)
+        if values.get("sinusoidal_pos_embds"):
+            raise MLMError("config: sinusoidal_pos_embds=true is not supported (distilbert uses learned positions).")
+        # The Hub file predates tie_word_embeddings and spells it "tie_weights_".
+        if "tie_word_embeddings" not in values and "tie_weights_" in values:
+            values["tie_word_embeddings"] = values.pop("tie_weights_")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        config_values = {key: values.pop(key) for key in list(values) if key in known}
+        return cls(**config_values, extra=values)
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> DistilBertConfig:
+        try:
+            values = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise MLMError(f"Cannot read the model config {path}: {err}") from None
+        if not isinstance(values, dict):
+            raise MLMError(f"{path} does not hold a JSON object, so it is not a model config.")
+        try:
+            return cls.from_dict(values)
+        except TypeError as err:  # a value of the wrong type reaching a comparison in __post_init__
+            raise MLMError(f"{path}: invalid config value ({err}).") from None
+
+    def to_dict(self) -> dict:
+        """config.json as the reference's save_pretrained writes it, so transformers loads it unchanged."""
+        values = asdict(self)
+        extra = values.pop("extra")
+        extra.pop("tie_weights_", None)
+        return {
+            **extra,
+            **values,
+            "architectures": ["DistilBertForMaskedLM"],
+            "model_type": "distilbert",
+            "sinusoidal_pos_embds": False,
+            "dtype": "float32",
+        }
+
+
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}  # F.gelu is the exact erf form, as in the reference
+
+
+class Embeddings(nn.Module):
+    def __init__(self, config: DistilBertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.dim, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.dim)
+        self.LayerNorm = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)  # capitalised: the reference's name
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, L) int64 -> (B, L, D)
+        # Positions are 0..L-1 for every row, padded or not (the reference has no position offset for padding).
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.dropout(self.LayerNorm(self.word_embeddings(input_ids) + self.position_embeddings(positions)))
+
+
+class MultiHeadSelfAttention(nn.Module):
+    def __init__(self, config: DistilBertConfig):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.attention_dropout = config.attention_dropout
+        self.q_lin = nn.Linear(config.dim, config.dim)
+        self.k_lin = nn.Linear(config.dim, config.dim)
+        self.v_lin = nn.Linear(config.dim, config.dim)
+        self.out_lin = nn.Linear(config.dim, config.dim)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """x: (B, L, D); key_mask: (B, 1, 1, L) bool, True = attend, or None when nothing is padded."""
+        batch, length, dim = x.shape
+        head_dim = dim // self.n_heads
+
+        def split_heads(t: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, H, L, dh)
+            return t.view(batch, length, self.n_heads, head_dim).transpose(1, 2)
+
+        q, k, v = split_heads(self.q_lin(x)), split_heads(self.k_lin(x)), split_heads(self.v_lin(x))
+        # With no mask, SDPA may pick the flash kernel; a mask tensor forces the slower paths.
+        context = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=key_mask,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+            scale=head_dim**-0.5,
+        )  # (B, H, L, dh)
+        # No dropout after out_lin: the reference drops attention probabilities only.
+        return self.out_lin(context.transpose(1, 2).reshape(batch, length, dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: DistilBertConfig):
+        super().__init__()
+        self.lin1 = nn.Linear(config.dim, config.hidden_dim)
+        self.lin2 = nn.Linear(config.hidden_dim, config.dim)
+        self.activation = ACTIVATIONS[config.activation]
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, L, D)
+        return self.dropout(self.lin2(self.activation(self.lin1(x))))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: DistilBertConfig):
+        super().__init__()
+        self.attention = MultiHeadSelfAttention(config)
+        self.sa_layer_norm = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)
+        self.ffn = FeedForward(config)
+        self.output_layer_norm = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        # Post-LN: the residual sum is normalised (BERT style), not the sublayer input.
+        x = self.sa_layer_norm(self.attention(x, key_mask) + x)
+        return self.output_layer_norm(self.ffn(x) + x)
+
+
+class Transformer(nn.Module):
+    """Only a container, so the weight names read `distilbert.transformer.layer.{i}.…` as in the reference."""
+
+    def __init__(self, config: DistilBertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+
+
+class DistilBertModel(nn.Module):
+    def __init__(self, config: DistilBertConfig):
+        super().__init__()
+        self.embeddings = Embeddings(config)
+        self.transformer = Transformer(config)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, L) int64, attention_mask (B, L) with 1 = token, 0 = padding -> hidden states (B, L, D)."""
+        key_mask = None
+        # An all-ones mask is dropped, as the reference does: same result, and SDPA keeps its fastest kernels.
+        # (The check reads one value back from the GPU; the training loop passes None for unpadded batches.)
+        if attention_mask is not None and not bool(attention_mask.all()):
+            key_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L): mask keys only, every query row
+        x = self.embeddings(input_ids)
+        for block in self.transformer.layer:
+            x = block(x, key_mask)
+        return x
+
+
+class MLMOutput(NamedTuple):
+    loss: torch.Tensor | None  # () float32, mean cross-entropy over labelled tokens; None without labels
+    # Without labels: (B, L, V). With labels: (N, V) for the N labelled positions, in row-major position order
+    # (the order of `labels[labels != -100]`).
+    logits: torch.Tensor
+
+
+class DistilBertForMaskedLM(nn.Module):
+    def __init__(self, config: DistilBertConfig):
+        super().__init__()
+        self.config = config
+        self.distilbert = DistilBertModel(config)
+        self.vocab_transform = nn.Linear(config.dim, config.dim)
+        self.vocab_layer_norm = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)
+        self.vocab_projector = nn.Linear(config.dim, config.vocab_size)
+        self.activation = ACTIVATIONS[config.activation]
+        self.init_weights()
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Make the projector use the embedding matrix itself, so optimizer, decay and clipping see it once."""
+        if self.config.tie_word_embeddings:
+            self.vocab_projector.weight = self.distilbert.embeddings.word_embeddings.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The reference's random init: N(0, initializer_range) weights, zero biases, zero padding row, LN 1/0."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.normal_(0.0, std)
+                module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                module.weight.normal_(0.0, std)
+                if module.padding_idx is not None:
+                    module.weight[module.padding_idx].zero_()
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., V)
+        return self.vocab_projector(self.vocab_layer_norm(self.activation(self.vocab_transform(hidden))))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> MLMOutput:
+        """input_ids (B, L) int64; attention_mask (B, L) 1/0 or None; labels (B, L) int64, -100 = no loss.
+
+        Without labels the logits are (B, L, V). With labels only the labelled positions are projected: the
+        logits are (N, V) for the N positions where labels != -100, in row-major order, and the loss is the
+        mean cross-entropy over them, exactly as projecting everything and ignoring -100 would give. A batch
+        with no labelled token has loss 0 (gradients all zero) instead of the reference's NaN.
+        """
+        hidden = self.distilbert(input_ids, attention_mask)  # (B, L, D)
+        if labels is None:
+            return MLMOutput(loss=None, logits=self.head(hidden))
+        labelled = labels != IGNORE_INDEX  # (B, L) bool
+        logits = self.head(hidden[labelled])  # (N, V)
+        # sum / max(N, 1) equals the mean for N > 0 and gives 0 instead of NaN for N = 0, without reading N
+        # back to the host. float(): under autocast the loss is still computed in fp32.
+        loss_sum = F.cross_entropy(logits.float(), labels[labelled], reduction="sum")
+        return MLMOutput(loss=loss_sum / labelled.sum().clamp(min=1), logits=logits)
+
+    def num_parameters(self) -> int:
+        """Trainable parameter count, the tied matrix counted once (parameters() deduplicates it)."""
+        return sum(p.numel() for p in self.parameters())
+
+    # Loading and saving live in mlm/checkpoint.py; these two are the familiar entry points.
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None) -> DistilBertForMaskedLM:
+        """Load config.json + model.safetensors from a local folder or a Hub repo id (see mlm.checkpoint)."""
+        from mlm.checkpoint import load_pretrained
+
+        return load_pretrained(name_or_path, revision=revision)
+
+    def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:
+        """Write config.json + model.safetensors (and the tokenizer files if given) in the Hub layout."""
+        from mlm.checkpoint import save_pretrained
+
+        save_pretrained(self, directory, tokenizer=tokenizer)
+
+
+def estimate_flops_per_token(config: DistilBertConfig, seq_len: int, labelled_fraction: float = 1.0) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward, 2 FLOPs per multiply-add).
+
+    Counts the matmuls only: per layer 4·D² (q, k, v, out) + 2·D·F (FFN) weights and 2·L·D for the attention
+    scores and their application; plus the head's D² transform and the D·V projection, the latter on the
+    labelled fraction of tokens only when the sparse head is used.
+    """
+    d, f, v = config.dim, config.hidden_dim, config.vocab_size
+    per_layer = 4 * d * d + 2 * d * f + 2 * seq_len * d
+    forward_macs = config.n_layers * per_layer + d * d + labelled_fraction * d * v
+    return 3 * 2 * forward_macs
+
