@@ -169,3 +169,11 @@ def atomic_write(path: Path, write) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def load_config(name_or_path: str | Path, revision: str | None = None) -> DistilBertConfig:
+    """Only the config.json of a model folder or Hub repo: enough to build a randomly initialised model."""
+    folder = resolve_repo(name_or_path, revision=revision, allow_patterns=[CONFIG_FILE])
+    if not (folder / CONFIG_FILE).is_file():
+        raise MLMError(f"No {CONFIG_FILE} in {folder}: a model folder needs config.json.")
+    return DistilBertConfig.from_json_file(folder / CONFIG_FILE)
