@@ -1,0 +1,59 @@
+"""AdamW with the reference Trainer's weight-decay groups, and its linear learning-rate schedule.
+
+Reference (../shared/docs/reference-behaviour.md §4): decoupled weight decay on every weight matrix, the word
+and position embeddings included (the tied projector is the same Parameter, so it appears once), and no decay on
+biases or LayerNorm parameters. The learning rate decays linearly to 0 after an optional linear warmup, and it
+advances only on optimizer steps that really happened (an fp16 step skipped for inf gradients does not count).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two parameter groups: decayed (weights, embeddings) and not decayed (biases, LayerNorm parameters)."""
+    no_decay_ids = {
+        id(p) for module in model.modules() if isinstance(module, nn.LayerNorm) for p in module.parameters()
+    }
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():  # yields the tied matrix once
+        if not param.requires_grad:
+            continue
+        (no_decay if id(param) in no_decay_ids or name.endswith("bias") else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def make_optimizer(
+    model: nn.Module, *, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8
+) -> torch.optim.AdamW:
+    device = next(model.parameters()).device
+    # The fused kernel (the reference's default on GPU) updates all parameters in one launch.
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(
+        weight_decay_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused or None
+    )
+
+
+def linear_schedule(step: int, *, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate factor for the `step`-th optimizer step (0-based), exactly as the reference computes it.
+
+    step < warmup: step / warmup; afterwards (total - step) / (total - warmup), never below 0. The first
+    step after warmup uses the full learning rate and the last one lr / (total - warmup).
+    """
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        # Fused/capturable AdamW may hold lr as a tensor; fill it in place so a compiled step sees the change.
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
