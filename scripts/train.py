@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoupled weight decay, not applied to biases and LayerNorms (default: %(default)s)")
     g.add_argument("--warmup-steps", type=float, default=d.warmup_steps,
                    help="linear warmup steps, or a fraction of all steps if below 1 (default: %(default)s)")
-    g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training chunks (default: %(default)s)")
+    g.add_argument("--epochs", type=int, default=d.epochs,
+                   help="passes over the training chunks (default: %(default)s)")
     g.add_argument("--max-steps", type=int, default=d.max_steps,
                    help="stop after this many optimizer steps; the schedule decays over them (default: all epochs)")
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,

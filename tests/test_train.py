@@ -1,0 +1,250 @@
+"""The training loop: learning, exact resume, interruption, schedule, decay groups, outputs and CLI errors.
+
+Every run here uses the tiny random model, tokenizer and synthetic corpus of mlm/smoke (no Hub, no ../shared).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mlm.train
+from mlm.errors import MLMError
+from mlm.model import DistilBertConfig, DistilBertForMaskedLM
+from mlm.optim import linear_schedule, weight_decay_groups
+from mlm.train import StepResult, TrainConfig, train, train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "mlm" / "smoke"
+
+
+def tiny_run(output_dir: Path, **overrides) -> TrainConfig:
+    # 96 train chunks / batch 16 = 6 steps per epoch; dropout stays on (0.1), so resume must restore the RNG.
+    values = dict(model=str(SMOKE), init="random", dataset=str(SMOKE / "reviews.jsonl"), chunk_size=32,
+                  train_size=96, test_size=32, batch_size=16, eval_batch_size=16, lr=2e-3, epochs=2,
+                  log_every=1, save_every=4, keep_checkpoints=2, output_dir=str(output_dir),
+                  cache_dir=str(output_dir.parent / "cache"), progress_bar=False, prompts=("a great [MASK] .",))
+    return TrainConfig(**{**values, **overrides})
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "model.safetensors")
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def interrupt_after(monkeypatch, steps: int, signum=signal.SIGINT) -> None:
+    """Send ourselves `signum` right after the `steps`-th optimizer step, as a user pressing Ctrl-C would."""
+    calls = {"n": 0}
+
+    def step_then_signal(*args, **kwargs) -> StepResult:
+        result = train_step(*args, **kwargs)  # the real one, imported before any patching
+        calls["n"] += 1
+        if calls["n"] == steps:
+            os.kill(os.getpid(), signum)
+        return result
+
+    monkeypatch.setattr(mlm.train, "train_step", step_then_signal)
+
+
+def test_tiny_model_learns_and_writes_a_complete_run(tmp_path):
+    run = tmp_path / "run"
+    summary = train(tiny_run(run, epochs=3))
+
+    assert summary.status == "finished" and summary.steps == 18
+    assert summary.after.perplexity < 0.5 * summary.before.perplexity
+    for name in ("args.json", "metrics.jsonl", "summary.json", "config.json", "model.safetensors", "tokenizer.json",
+                 "tokenizer_config.json"):
+        assert (run / name).is_file(), name
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000016", "step-000018"]  # keep 2
+
+    args = json.loads((run / "args.json").read_text())
+    assert args["lr"] == 2e-3 and args["total_steps"] == 18 and args["train_chunks"] == 96
+    train_lines = records(run, "train")
+    assert [r["step"] for r in train_lines] == list(range(1, 19))
+    assert all(r["loss"] > 0 and r["tokens_per_second"] > 0 and r["grad_norm"] > 0 for r in train_lines)
+    evals = records(run, "eval")
+    assert [e["label"] for e in evals] == ["before", "epoch 1", "epoch 2", "epoch 3"]
+    assert evals[0]["tokens"] == evals[-1]["tokens"] > 0  # the same frozen targets every time
+    assert [r["label"] for r in records(run, "fill_mask")] == ["before", "after"]
+
+    # The final folder is a complete model: it loads and reproduces the last eval.
+    reloaded = DistilBertForMaskedLM.from_pretrained(run)
+    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in final_weights(run).items())
+
+
+def test_learning_rate_follows_the_linear_schedule_in_a_run(tmp_path):
+    run = tmp_path / "run"
+    train(tiny_run(run, epochs=1, warmup_steps=2))
+    lrs = [r["lr"] for r in records(run, "train")]
+    assert lrs == [2e-3 * linear_schedule(k, warmup_steps=2, total_steps=6) for k in range(6)]
+
+
+def test_resume_after_sigint_is_bit_exact(tmp_path, monkeypatch):
+    train(tiny_run(tmp_path / "straight"))
+
+    interrupt_after(monkeypatch, steps=7)
+    first = train(tiny_run(tmp_path / "resumed"))
+    assert first.status == "interrupted" and first.steps == 7
+    assert first.checkpoint.endswith("step-000007")
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()  # no final model from an unfinished run
+    monkeypatch.undo()
+
+    second = train(tiny_run(tmp_path / "resumed", resume="latest"))
+    assert second.status == "finished" and second.steps == 12
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    # Resumption continues the step count instead of replaying batches.
+    assert [r["step"] for r in records(tmp_path / "resumed", "train")] == list(range(1, 13))
+
+
+def test_sigterm_also_checkpoints(tmp_path, monkeypatch):
+    interrupt_after(monkeypatch, steps=3, signum=signal.SIGTERM)
+    summary = train(tiny_run(tmp_path / "run"))
+    assert summary.status == "interrupted"
+    assert (tmp_path / "run" / "checkpoints" / "step-000003" / "trainer_state.json").is_file()
+
+
+def test_masks_do_not_depend_on_dataloader_workers(tmp_path):
+    train(tiny_run(tmp_path / "inline", epochs=1, prompts=()))
+    train(tiny_run(tmp_path / "workers", epochs=1, prompts=(), num_workers=2))
+    inline, workers = final_weights(tmp_path / "inline"), final_weights(tmp_path / "workers")
+    assert all(torch.equal(inline[k], workers[k]) for k in inline)
+
+
+def test_gradient_accumulation_matches_the_large_batch(tmp_path):
+    # Token-weighted micro-batch losses: two micro-batches of 8 give the gradient of one batch of 16. Dropout
+    # off, since the two runs draw dropout masks in different shapes.
+    with_dropout_off = tmp_path / "model"
+    with_dropout_off.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (with_dropout_off / name).write_bytes((SMOKE / name).read_bytes())
+    config = json.loads((SMOKE / "config.json").read_text()) | {"dropout": 0.0, "attention_dropout": 0.0}
+    (with_dropout_off / "config.json").write_text(json.dumps(config))
+    common = dict(model=str(with_dropout_off), epochs=1, prompts=())
+    train(tiny_run(tmp_path / "large", **common))
+    train(tiny_run(tmp_path / "accumulated", batch_size=8, grad_accum=2, **common))
+    large, accumulated = final_weights(tmp_path / "large"), final_weights(tmp_path / "accumulated")
+    for name in large:
+        # Same math in another summation order: fp32 rounding, amplified a little by 6 Adam steps at lr 2e-3.
+        torch.testing.assert_close(accumulated[name], large[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+
+    def poisoned_step(*args, **kwargs) -> StepResult:
+        result = train_step(*args, **kwargs)
+        calls["n"] += 1
+        return replace(result, loss=result.loss * float("nan")) if calls["n"] >= 6 else result
+
+    monkeypatch.setattr(mlm.train, "train_step", poisoned_step)
+    with pytest.raises(MLMError, match=r"(?s)became nan by step 6.*last good checkpoint is .*step-000004"):
+        train(tiny_run(tmp_path / "run"))
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if not p.name.startswith(".")] == [
+        "step-000004"]
+
+
+def test_fp16_overflow_skips_the_step():
+    torch.manual_seed(0)
+    model = DistilBertForMaskedLM(DistilBertConfig(vocab_size=40, dim=16, n_layers=1, n_heads=2, hidden_dim=32))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(5, 40, (2, 8))
+    # A loss scale beyond fp32's range makes every scaled gradient inf, as an fp16 overflow would.
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+    result = train_step(model, [{"input_ids": ids, "labels": ids}], optimizer, scaler=scaler)
+    assert result.skipped and scaler.get_scale() == 2.0**126
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ---------------------------------------------------------------- schedule and decay groups
+
+def test_linear_schedule_matches_the_reference_values():
+    assert 2e-5 * linear_schedule(2, warmup_steps=0, total_steps=10) == 1.6000000000000003e-05
+    assert linear_schedule(0, warmup_steps=0, total_steps=10) == 1.0
+    assert linear_schedule(9, warmup_steps=0, total_steps=10) == 0.1
+    assert [linear_schedule(k, warmup_steps=4, total_steps=10) for k in (0, 2, 4, 7, 10, 12)] == [
+        0.0, 0.5, 1.0, 0.5, 0.0, 0.0]
+
+
+def test_weight_decay_groups_are_the_references():
+    with torch.device("meta"):
+        model = DistilBertForMaskedLM(DistilBertConfig())
+    decay, no_decay = weight_decay_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decayed == {n for n, _ in model.named_parameters()
+                       if n.endswith("weight") and "LayerNorm" not in n and "layer_norm" not in n}
+    assert "distilbert.embeddings.word_embeddings.weight" in decayed  # the tied matrix, once
+    assert "distilbert.embeddings.position_embeddings.weight" in decayed
+    assert len(decay["params"]) == 2 + 6 * 6 + 1 and decay["weight_decay"] == 0.01
+    assert all(n.endswith("bias") or "norm" in n.lower() for n in map(names.get, map(id, no_decay["params"])))
+    assert no_decay["weight_decay"] == 0.0
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == 66_985_530
+
+
+# ---------------------------------------------------------------- configuration and command-line errors
+
+@pytest.mark.parametrize("field, value, message", [
+    ("batch_size", 0, "--batch-size must be an integer >= 1"),
+    ("lr", -1.0, "--lr must be in"),
+    ("lr", float("nan"), "--lr must be in"),
+    ("epochs", 0, "--epochs must be"),
+    ("mlm_probability", 1.5, "--mlm-probability"),
+    ("masking", "span", "--masking"),
+    ("precision", "fp8", "--precision"),
+])
+def test_invalid_settings_are_refused(tmp_path, field, value, message):
+    with pytest.raises(MLMError, match=message):
+        tiny_run(tmp_path / "run", **{field: value}).validate()
+
+
+def test_output_dir_with_another_run_needs_resume_or_overwrite(tmp_path):
+    train(tiny_run(tmp_path / "run", epochs=1, prompts=()))
+    with pytest.raises(MLMError, match="already holds a run.*--resume latest.*--overwrite"):
+        train(tiny_run(tmp_path / "run", epochs=1))
+    summary = train(tiny_run(tmp_path / "run", epochs=1, prompts=(), overwrite=True))
+    assert summary.status == "finished" and len(records(tmp_path / "run", "eval")) == 2
+
+
+def test_resume_without_checkpoint(tmp_path):
+    with pytest.raises(MLMError, match="no checkpoint"):
+        train(tiny_run(tmp_path / "run", resume="latest"))
+
+
+def run_script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path):
+    result = run_script("--smoke", "--lr", "5", "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith("error: --lr must be in (0, 1)")
+    assert "Traceback" not in result.stderr
+    result = run_script("--model", str(tmp_path / "missing"), "--output-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode == 2 and "No such folder" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_smoke_run_end_to_end(tmp_path):
+    result = run_script("--smoke", "--no-progress", "--output-dir", str(tmp_path / "smoke"),
+                        "--cache-dir", str(tmp_path / "cache"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "perplexity after" in result.stdout and "status                 finished" in result.stdout
+    assert (tmp_path / "smoke" / "model.safetensors").is_file()
+    fill = subprocess.run([sys.executable, str(ROOT / "scripts" / "fill_mask.py"), "--model", str(tmp_path / "smoke"),
+                           "--json", "a great [MASK] ."], capture_output=True, text=True, timeout=120)
+    assert fill.returncode == 0, fill.stderr
+    assert len(json.loads(fill.stdout)["masks"][0]) == 5
