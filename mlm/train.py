@@ -9,8 +9,8 @@
 Reproducibility. Epoch e visits the training chunks in the order torch.randperm(N, seed + e), as the
 reference's seedable sampler does. The masks of step s in epoch e are drawn from a generator seeded with
 (seed, e, s): they depend neither on DataLoader workers, nor on gradient accumulation or the number of
-processes, nor on whether the run was resumed. Only dropout uses the global RNG, whose state every checkpoint stores, so a
-resumed CPU run ends with the same weights, bit for bit, as an uninterrupted one.
+processes, nor on whether the run was resumed. Only dropout uses the global RNG, whose state every checkpoint
+stores, so a resumed CPU run ends with the same weights, bit for bit, as an uninterrupted one.
 """
 
 from __future__ import annotations
