@@ -418,6 +418,9 @@ def train(config: TrainConfig) -> RunSummary:
     if resume_from is not None:
         progress = load_training_checkpoint(resume_from, model=model, optimizer=optimizer, scaler=scaler)
         say(f"Resuming from {resume_from} (epoch {progress.epoch + 1}, step {progress.global_step}/{total_steps}).")
+    if procs.rank > 0:
+        # Checkpoints hold rank 0's RNG state; other processes need dropout streams of their own.
+        torch.manual_seed(mask_seed(config.seed + procs.rank, progress.epoch, progress.global_step))
     train_model: nn.Module = model
     if procs.world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -475,7 +478,8 @@ def train(config: TrainConfig) -> RunSummary:
     loss_since_log = torch.zeros((), device=device)
     steps_since_log, log_clock, tokens_since_log = 0, time.perf_counter(), 0
     with StopRequest() as stop:
-        while progress.global_step < total_steps and stop.signal_name is None:
+        stopping = False
+        while progress.global_step < total_steps and not stopping:
             epoch = progress.epoch
             batches = StepBatches(train_chunks, epoch_order(len(train_chunks), config.seed, epoch), collator,
                                   batch_size=config.batch_size, grad_accum=config.grad_accum, rank=procs.rank,
@@ -509,7 +513,8 @@ def train(config: TrainConfig) -> RunSummary:
 
                 finished = progress.global_step >= total_steps
                 epoch_end = progress.step_in_epoch >= len(batches)
-                if steps_since_log >= config.log_every or finished or epoch_end or stop.signal_name:
+                stopping = _any_process(stop.signal_name is not None, procs, device)
+                if steps_since_log >= config.log_every or finished or epoch_end or stopping:
                     # The only host read-back of the loss: once per log interval, not per step.
                     mean_loss = _check_finite(loss_since_log, steps_since_log, procs, progress, last_checkpoint)
                     elapsed = time.perf_counter() - log_clock
@@ -527,14 +532,14 @@ def train(config: TrainConfig) -> RunSummary:
                     after = run_eval(f"step {progress.global_step}")
                 if epoch_end or finished:
                     after = run_eval(f"epoch {epoch + 1}" if epoch_end else "final")
-                if epoch_end or finished or stop.signal_name or (
+                if epoch_end or finished or stopping or (
                         config.save_every and progress.global_step % config.save_every == 0):
                     checkpoint()
-                if finished or stop.signal_name:
+                if finished or stopping:
                     break
     bar.close()
 
-    status = "interrupted" if stop.signal_name else "finished"
+    status = "interrupted" if stopping else "finished"
     if status == "finished":
         run_fill_mask("after")
         if procs.is_main:
@@ -548,6 +553,14 @@ def train(config: TrainConfig) -> RunSummary:
     if procs.world_size > 1:
         dist.destroy_process_group()
     return summary
+
+
+def _any_process(flag: bool, procs: Processes, device: torch.device) -> bool:
+    """True if `flag` is set in any process: a signal reaches processes at different steps, but all must stop
+    (and checkpoint) at the same one, or the others would wait forever in the next all-reduce."""
+    if procs.world_size == 1:
+        return flag
+    return bool(_all_reduce(torch.tensor([float(flag)], device=device)).item())
 
 
 def _all_reduce(values: torch.Tensor) -> torch.Tensor:
