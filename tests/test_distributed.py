@@ -27,8 +27,8 @@ def no_dropout_model(tmp_path) -> Path:
 
 def run(launcher: list[str], tmp_path: Path, model: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
     args = ["--model", str(model), "--init", "random", "--dataset", str(SMOKE / "reviews.jsonl"),
-            "--chunk-size", "32",
-            "--train-size", "96", "--test-size", "32", "--lr", "2e-3", "--epochs", "2", "--save-every", "4", "--log-every", "1",
+            "--chunk-size", "32", "--train-size", "96", "--test-size", "32", "--lr", "2e-3", "--epochs", "2",
+            "--save-every", "4", "--log-every", "1",
             "--no-progress", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"),
             "--output-dir", str(tmp_path / name), *extra]
     return subprocess.run([*launcher, str(ROOT / "scripts" / "train.py"), *args], capture_output=True, text=True,
