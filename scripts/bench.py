@@ -1,0 +1,667 @@
+"""Benchmark mlm against the reference (transformers) in one process: model, train, eval, data, masking.
+
+    python scripts/bench.py [--sections model,train,eval,data,masking] [--device cpu|cuda] [--batch-size 16]
+        [--seq-len 128] [--steps N] [--warmup N] [--precision fp32|bf16|fp16] [--compile] [--no-reference] [--json]
+
+Sections (each figure is measured next to its reference in the same run; ratio = ours / reference):
+
+- model    forward+backward of the full-size random model on one B x L batch: our sparse MLM head (vocabulary
+           projection at the ~15% labelled positions only) vs our model projecting every position followed by
+           F.cross_entropy(ignore_index=-100) over the (B, L, V) logits, as the reference does.
+- train    one training step (forward, backward, clip to 1.0, AdamW step, zero_grad): mlm's model + make_optimizer +
+           train_step vs transformers.DistilBertForMaskedLM (random init, sdpa) + torch.optim.AdamW with the
+           Trainer's decay groups and its default fused kernel. Tokens/s, peak memory and model-FLOPs utilisation.
+- eval     no-grad forward with labels over a few batches: mlm.evaluate.evaluate vs a plain loop over the reference.
+- data     scripts/bench_data.py (tokenize + chunk IMDb train vs the course's group_texts pipeline).
+- masking  scripts/bench_masking.py (our masking vs DataCollatorForLanguageModeling / the course's wwm collator).
+
+Peak memory: on CPU the resident-set high-water mark (VmHWM), reset before each configuration through
+/proc/self/clear_refs; "delta" is the peak minus the resident set just before the configuration started. On CUDA
+torch.cuda.max_memory_allocated (delta: minus the memory allocated before). transformers is only imported here
+(lazily); without it the reference columns stay empty and a note says why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import importlib
+import inspect
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlm.checkpoint import load_config
+from mlm.evaluate import evaluate
+from mlm.masking import mask_tokens, special_tokens_mask
+from mlm.model import IGNORE_INDEX, DistilBertConfig, DistilBertForMaskedLM, estimate_flops_per_token
+from mlm.optim import make_optimizer
+from mlm.train import train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL_DIR = ROOT.parent / "shared" / "hub" / "models" / "distilbert-base-uncased"
+DEFAULT_DATASET_DIR = ROOT.parent / "shared" / "hub" / "datasets" / "stanfordnlp" / "imdb"
+SECTIONS = ("model", "train", "eval", "data", "masking")
+SPECIAL_IDS = (0, 100, 101, 102, 103)  # [PAD] [UNK] [CLS] [SEP] [MASK] of the bert-base-uncased vocabulary
+MASK_ID = 103
+LR, WEIGHT_DECAY, MAX_GRAD_NORM = 2e-5, 0.01, 1.0  # the course's hyper-parameters
+MIB = 2**20
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # None = no autocast
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Set-up shared by the sections.
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    device: torch.device
+    config: DistilBertConfig
+    ours_dtype: torch.dtype | None  # autocast dtype, None = fp32
+    reference_dtype: torch.dtype | None
+    input_ids: torch.Tensor  # (B, L) int64 on the device, masked as the collator would
+    labels: torch.Tensor  # (B, L) int64 on the device, -100 at ~85% of positions
+    notes: list[str] = field(default_factory=list)
+    ceilings: dict = field(default_factory=dict)  # matmul FLOP/s per dtype, measured once
+
+    @property
+    def tokens(self) -> int:
+        return self.input_ids.numel()
+
+    @property
+    def labelled_fraction(self) -> float:
+        return float((self.labels != IGNORE_INDEX).float().mean())
+
+
+def masked_batch(rows: int, length: int, vocab_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids with [CLS]/[SEP] sprinkled in, masked 15% / 80-10-10 exactly as the reference collator does.
+
+    The content does not matter for speed; only the labelled count does (it sizes our sparse head's matmul).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, vocab_size, (rows, length), generator=generator)
+    ids[:, 0] = 101
+    ids[torch.rand(rows, length, generator=generator) < 0.02] = 102  # reviews ending mid-chunk, as group_texts gives
+    return mask_tokens(ids, special_tokens_mask(ids, SPECIAL_IDS), mask_token_id=MASK_ID, vocab_size=vocab_size,
+                       generator=generator)
+
+
+def import_transformers():
+    """The transformers module, or None (with --no-reference, or when it is not installed)."""
+    try:
+        return importlib.import_module("transformers")
+    except ImportError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measuring: time, peak memory, matmul ceiling.
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(step, *, steps: int, warmup: int, device: torch.device) -> float:
+    """Median wall time of `step()` over `steps` calls after `warmup` untimed ones (first-call allocations,
+    oneDNN/cuBLAS heuristics, torch.compile). The device is synchronised around each timed call."""
+    for _ in range(warmup):
+        step()
+    return statistics.median(seconds_of(step, device) for _ in range(steps))
+
+
+def seconds_of(step, device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    step()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def _proc_status_kib(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _malloc_trim() -> None:
+    # glibc keeps freed heap pages mapped; without trimming, the next configuration's "RSS before" would include
+    # the previous one's garbage and its delta would come out too small.
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    else:
+        _malloc_trim()
+
+
+class PeakMemory:
+    """`with PeakMemory(device) as mem:` ... then mem.delta_mib / mem.peak_mib for the code inside."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.delta_mib = self.peak_mib = float("nan")
+        self.exact = True  # False when the high-water mark could not be reset (then it is the process's peak)
+
+    def __enter__(self) -> PeakMemory:
+        free_memory(self.device)
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            self.before = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.before = (_proc_status_kib("VmRSS") or 0) * 1024
+            try:  # "5" resets VmHWM to the current RSS (Linux >= 4.0)
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                self.exact = False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            hwm = _proc_status_kib("VmHWM")
+            if hwm is None:
+                return
+            peak = hwm * 1024
+        self.peak_mib = peak / MIB
+        self.delta_mib = (peak - self.before) / MIB
+
+
+def matmul_ceiling(bench: Bench, dtype: torch.dtype | None) -> float:
+    """Best FLOP/s of a large square matmul on this device and dtype: the denominator of MFU.
+
+    2048^3 fp32 on CPU (fits the caches' blocking well, ~0.1-0.3 s on 2 cores), 8192^3 on CUDA in the autocast
+    dtype (fp32 there runs in whatever precision torch's matmul settings allow, as the model's fp32 run does)."""
+    dtype = dtype or torch.float32
+    if dtype in bench.ceilings:
+        return bench.ceilings[dtype]
+    cuda = bench.device.type == "cuda"
+    n, repeats = (8192, 20) if cuda else (2048, 6)
+    a = torch.randn(n, n, device=bench.device).to(dtype)
+    b = torch.randn(n, n, device=bench.device).to(dtype)
+    best = math.inf
+    for i in range(repeats + 2):
+        synchronize(bench.device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(bench.device)
+        if i >= 2:  # two warm-ups
+            best = min(best, time.perf_counter() - start)
+    del a, b
+    bench.ceilings[dtype] = 2 * n**3 / best
+    return bench.ceilings[dtype]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models and steps.
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def maybe_compile(model: nn.Module, bench: Bench) -> nn.Module:
+    return torch.compile(model) if bench.args.compile else model
+
+
+def build_ours(bench: Bench) -> DistilBertForMaskedLM:
+    torch.manual_seed(0)
+    return DistilBertForMaskedLM(bench.config).to(bench.device).train()
+
+
+def build_reference(bench: Bench, transformers) -> nn.Module:
+    """transformers' DistilBertForMaskedLM with the same config values, random init, default (sdpa) attention."""
+    c = bench.config
+    config = transformers.DistilBertConfig(
+        vocab_size=c.vocab_size, dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads, hidden_dim=c.hidden_dim,
+        max_position_embeddings=c.max_position_embeddings, dropout=c.dropout, attention_dropout=c.attention_dropout,
+        activation=c.activation, pad_token_id=c.pad_token_id, initializer_range=c.initializer_range,
+    )
+    torch.manual_seed(0)
+    return transformers.DistilBertForMaskedLM(config).to(bench.device).train()
+
+
+def reference_optimizer(model: nn.Module, device: torch.device) -> torch.optim.AdamW:
+    """What Trainer builds (reference-behaviour.md §4): adamw_torch_fused, decay on everything but biases and
+    LayerNorm parameters, with its own name rule (Trainer.get_decay_parameter_names)."""
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    patterns = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+    decay = set(get_parameter_names(model, [nn.LayerNorm], patterns))
+    named = list(model.named_parameters())
+    groups = [
+        {"params": [p for n, p in named if n in decay], "weight_decay": WEIGHT_DECAY},
+        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+    ]
+    # fused=True is the Trainer's default on every device since torch 2.8 (CPU included).
+    return torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.999), eps=1e-8, fused=True)
+
+
+def scaler_for(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler | None:
+    return torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sections: each returns a list of rows {"section", "figure", "ours", "reference", "ratio"}.
+
+
+def row(section: str, figure: str, ours, reference=None) -> dict:
+    ratio = None
+    if isinstance(ours, (int, float)) and isinstance(reference, (int, float)) and reference:
+        ratio = ours / reference
+    return {"section": section, "figure": figure, "ours": ours, "reference": reference, "ratio": ratio}
+
+
+def section_model(bench: Bench, transformers) -> list[dict]:
+    """Sparse head vs full projection, same model, same batch. Memory is the step's (activations + gradients):
+    the model is built before the measurement window and the gradients are freed after every step."""
+    device, dtype, args = bench.device, bench.ours_dtype, bench.args
+    model = build_ours(bench)
+    compiled = maybe_compile(model, bench)
+    scaler = scaler_for(device, dtype)
+    vocab = bench.config.vocab_size
+
+    def backward(loss: torch.Tensor) -> None:
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        model.zero_grad(set_to_none=True)
+
+    def sparse() -> None:
+        with autocast(device, dtype):
+            loss = compiled(bench.input_ids, None, bench.labels).loss
+        backward(loss)
+
+    def full() -> None:
+        with autocast(device, dtype):
+            logits = compiled(bench.input_ids).logits  # (B, L, V)
+            loss = F.cross_entropy(logits.view(-1, vocab).float(), bench.labels.view(-1), ignore_index=IGNORE_INDEX)
+        backward(loss)
+
+    # Memory: each configuration in its own window, which also serves as its warm-up. Time: the two alternate
+    # step by step, so neither is favoured by going first or by load from other processes drifting over time.
+    configs = {"sparse": sparse, "full": full}
+    memory = {}
+    for name, step in configs.items():
+        with PeakMemory(device) as memory[name]:
+            for _ in range(max(args.warmup, 1)):
+                step()
+    times = {name: [] for name in configs}
+    for _ in range(args.steps):
+        for name, step in configs.items():
+            times[name].append(seconds_of(step, device))
+    s_sec, f_sec = (statistics.median(times[name]) for name in configs)
+    s_mem, f_mem = memory["sparse"], memory["full"]
+    bench.notes.append(
+        "model: ours = sparse head (projection at the labelled positions only), reference = the same model "
+        f"projecting all {bench.tokens} positions + F.cross_entropy over (B, L, V) logits; labelled fraction "
+        f"{bench.labelled_fraction:.3f}.")
+    return [
+        row("model", "fwd+bwd time, ms", s_sec * 1e3, f_sec * 1e3),
+        row("model", "fwd+bwd delta peak mem, MiB", s_mem.delta_mib, f_mem.delta_mib),
+        row("model", "fwd+bwd abs peak mem, MiB", s_mem.peak_mib, f_mem.peak_mib),
+    ]
+
+
+def _train_config(bench: Bench, which: str, transformers) -> tuple[float, PeakMemory]:
+    """Median step seconds and the peak memory of building model + optimizer and training `steps` steps."""
+    device, args = bench.device, bench.args
+    with PeakMemory(device) as mem:
+        if which == "ours":
+            model = build_ours(bench)
+            optimizer = make_optimizer(model, lr=LR, weight_decay=WEIGHT_DECAY)
+            compiled = maybe_compile(model, bench)
+            scaler = scaler_for(device, bench.ours_dtype)
+            batch = [{"input_ids": bench.input_ids, "labels": bench.labels}]  # unpadded chunks: no attention_mask
+
+            def step() -> None:
+                train_step(compiled, batch, optimizer, scaler=scaler, autocast_dtype=bench.ours_dtype,
+                           max_grad_norm=MAX_GRAD_NORM)
+        else:
+            model = build_reference(bench, transformers)
+            optimizer = reference_optimizer(model, device)
+            compiled = maybe_compile(model, bench)
+            scaler = scaler_for(device, bench.reference_dtype)
+            attention_mask = torch.ones_like(bench.input_ids)  # the course's rows carry an all-ones mask
+
+            def step() -> None:  # Trainer's order (reference-behaviour.md §4)
+                with autocast(device, bench.reference_dtype):
+                    loss = compiled(input_ids=bench.input_ids, attention_mask=attention_mask,
+                                    labels=bench.labels).loss
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                else:
+                    loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        seconds = median_seconds(step, steps=args.steps, warmup=args.warmup, device=device)
+    return seconds, mem  # the model and optimizer die with this frame; the next PeakMemory collects them
+
+
+def section_train(bench: Bench, transformers) -> list[dict]:
+    ours_s, ours_mem = _train_config(bench, "ours", transformers)
+    ref_s = ref_mem = None
+    if transformers is not None:
+        ref_s, ref_mem = _train_config(bench, "reference", transformers)
+
+    # One "useful work" count for both, so MFU compares like with like: the full-projection count (what the
+    # reference computes). Our sparse head does less work for the same result, which shows up as a higher MFU.
+    flops_per_token = estimate_flops_per_token(bench.config, bench.args.seq_len, 1.0)
+    sparse_flops = estimate_flops_per_token(bench.config, bench.args.seq_len, bench.labelled_fraction)
+    ours_tps = bench.tokens / ours_s
+    ref_tps = bench.tokens / ref_s if ref_s else None
+    ours_ceiling = matmul_ceiling(bench, bench.ours_dtype)
+    ref_ceiling = matmul_ceiling(bench, bench.reference_dtype)
+    ours_mfu = flops_per_token * ours_tps / ours_ceiling
+    ref_mfu = flops_per_token * ref_tps / ref_ceiling if ref_tps else None
+
+    name = {None: "fp32"} | {v: k for k, v in DTYPES.items() if v is not None}
+    bench.notes.append(
+        f"train: MFU = estimate_flops_per_token(config, L={bench.args.seq_len}, labelled_fraction=1.0) "
+        f"= {flops_per_token / 1e9:.3f} GFLOP/token (the full-projection count, used for BOTH; our sparse head "
+        f"actually does {sparse_flops / 1e9:.3f}) x tokens/s / matmul ceiling "
+        f"({name[bench.ours_dtype]}: {ours_ceiling / 1e12:.3f} TFLOP/s"
+        + (f", {name[bench.reference_dtype]}: {ref_ceiling / 1e12:.3f} TFLOP/s" if ref_ceiling != ours_ceiling else "")
+        + f", best {'8192' if bench.device.type == 'cuda' else '2048'}^3 matmul of this run).")
+    bench.notes.append(
+        "train: memory window covers building the model and optimizer plus all steps (params + grads + AdamW "
+        "state + activations); reference optimizer = Trainer's fused AdamW, ours = make_optimizer "
+        f"({'fused' if bench.device.type == 'cuda' else 'foreach'} on {bench.device.type}).")
+    return [
+        row("train", "step time, ms", ours_s * 1e3, ref_s * 1e3 if ref_s else None),
+        row("train", "tokens/s (higher is better)", ours_tps, ref_tps),
+        row("train", "MFU % (full-projection FLOPs)", 100 * ours_mfu, 100 * ref_mfu if ref_mfu else None),
+        row("train", "delta peak mem, MiB", ours_mem.delta_mib, ref_mem.delta_mib if ref_mem else None),
+        row("train", "abs peak mem, MiB", ours_mem.peak_mib, ref_mem.peak_mib if ref_mem else None),
+    ]
+
+
+def section_eval(bench: Bench, transformers) -> list[dict]:
+    """Eval throughput: `eval_batches` batches of B x L, inputs on the host and moved per batch, as both loops do."""
+    device, args = bench.device, bench.args
+    n_rows = args.batch_size * args.eval_batches
+    input_ids, labels = masked_batch(n_rows, args.seq_len, bench.config.vocab_size, seed=1)
+    warm_ids, warm_labels = input_ids[: args.batch_size], labels[: args.batch_size]
+
+    def run(which: str) -> tuple[float, PeakMemory]:
+        with PeakMemory(device) as mem:
+            if which == "ours":
+                model = build_ours(bench)
+                compiled = maybe_compile(model, bench)
+
+                def score(ids, lab) -> None:
+                    evaluate(compiled, ids, lab, batch_size=args.batch_size, autocast_dtype=bench.ours_dtype)
+            else:
+                model = build_reference(bench, transformers)
+                compiled = maybe_compile(model, bench)
+
+                @torch.no_grad()
+                def score(ids, lab) -> None:  # Trainer's prediction loop with prediction_loss_only, stripped
+                    compiled.eval()
+                    total = torch.zeros((), device=device)
+                    for start in range(0, len(ids), args.batch_size):
+                        batch_ids = ids[start : start + args.batch_size].to(device)
+                        with autocast(device, bench.reference_dtype):
+                            out = compiled(input_ids=batch_ids, attention_mask=torch.ones_like(batch_ids),
+                                           labels=lab[start : start + args.batch_size].to(device))
+                        total += out.loss.detach().float()
+                    total.item()
+
+            for _ in range(max(args.warmup, 1)):  # one batch is enough to warm the kernels up
+                score(warm_ids, warm_labels)
+            seconds = median_seconds(lambda: score(input_ids, labels), steps=1, warmup=0, device=device)
+        return seconds, mem
+
+    ours_s, ours_mem = run("ours")
+    ref_s = ref_mem = None
+    if transformers is not None:
+        ref_s, ref_mem = run("reference")
+    tokens = n_rows * args.seq_len
+    bench.notes.append(f"eval: one timed pass over {args.eval_batches} batches of {args.batch_size}x{args.seq_len} "
+                       f"after {max(args.warmup, 1)} one-batch warm-up(s); ours = mlm.evaluate.evaluate "
+                       "(also computes top-1 accuracy), reference = no_grad loop summing the loss.")
+    return [
+        row("eval", "tokens/s (higher is better)", tokens / ours_s, tokens / ref_s if ref_s else None),
+        row("eval", "delta peak mem, MiB", ours_mem.delta_mib, ref_mem.delta_mib if ref_mem else None),
+    ]
+
+
+def section_data(bench: Bench, transformers) -> list[dict]:
+    """scripts/bench_data.py: its 'reference' is the course's tokenize + group_texts pipeline (no transformers)."""
+    try:
+        bench_data = importlib.import_module("bench_data").bench_data
+    except Exception as err:  # missing, or broken while someone edits it: skip, do not lose the other sections
+        bench.notes.append(f"data: skipped, scripts/bench_data.py could not be imported ({type(err).__name__}: {err})")
+        return []
+    kwargs = {"verbose": False} if "verbose" in inspect.signature(bench_data).parameters else {}
+    with PeakMemory(bench.device):  # only to reset the high-water mark that its ru_maxrss figures read
+        try:
+            d = bench_data(bench.args.dataset_dir, bench.args.model_dir, **kwargs)
+        except Exception as err:
+            bench.notes.append(f"data: skipped, bench_data failed ({type(err).__name__}: {err})")
+            return []
+    rows = []
+    for figure, ours, ref in (
+        ("IMDb train tokenize+chunk, s", "ours_tokenize_chunk_s", "reference_s"),
+        ("same, ours group_size=1000, s", "ours_group1000_s", "reference_s"),
+        ("ours vs tokenizer alone (ref col = bare encode_batch), s", "ours_tokenize_chunk_s", "bare_encode_batch_s"),
+        ("load_chunks cold, s", "load_chunks_cold_s", None),
+        ("load_chunks cached, s", "load_chunks_cached_s", None),
+    ):
+        if ours in d:
+            rows.append(row("data", figure, d[ours], d.get(ref) if ref else None))
+    if "peak_rss_after_ours_mb" in d and "peak_rss_before_mb" in d:
+        rows.append(row("data", "ours delta peak RSS, MiB", d["peak_rss_after_ours_mb"] - d["peak_rss_before_mb"]))
+    if "group1000_identical_to_reference" in d:
+        bench.notes.append(f"data: {d.get('reviews')} reviews, {d.get('tokens')} tokens; group_size=1000 chunks "
+                           f"identical to the reference's: {d['group1000_identical_to_reference']}.")
+    if not rows:  # an unexpected layout: show the numbers as they come
+        rows = [row("data", key, value) for key, value in d.items() if isinstance(value, (int, float))]
+    return rows
+
+
+def section_masking(bench: Bench, transformers) -> list[dict]:
+    """scripts/bench_masking.py on one 64x128 batch (one torch thread, median over --masking-repeats calls)."""
+    try:
+        bench_masking = importlib.import_module("bench_masking").bench_masking
+    except Exception as err:
+        bench.notes.append(f"masking: skipped, scripts/bench_masking.py could not be imported ({err})")
+        return []
+    d = bench_masking(bench.args.model_dir, bench.args.masking_repeats)
+    ref = d.get("reference_collator_ms")
+    course = d.get("course_wwm_collator_net_ms")
+    if isinstance(d.get("reference"), str):
+        bench.notes.append(f"masking: reference {d['reference']}")
+    bench.notes.append(f"masking: {d.get('batch')} batch from {d.get('data')}; reference = "
+                       "DataCollatorForLanguageModeling on dict rows / the course's whole-word collator "
+                       "(its per-call list copy subtracted).")
+    return [
+        row("masking", "mask_tokens, ms/batch", d["mask_tokens_ms"], ref),
+        row("masking", "MaskingCollator tokens, ms/batch", d["collator_tokens_ms"], ref),
+        row("masking", "mask_whole_words, ms/batch", d["mask_whole_words_ms"], course),
+        row("masking", "MaskingCollator whole words, ms/batch", d["collator_whole_words_ms"], course),
+    ]
+
+
+SECTION_FUNCTIONS = {"model": section_model, "train": section_train, "eval": section_eval, "data": section_data,
+                     "masking": section_masking}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output.
+
+
+def fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    return str(value)
+
+
+def print_table(rows: list[dict]) -> None:
+    header = ("section", "figure", "ours", "reference", "ratio")
+    cells = [header] + [(r["section"], r["figure"], fmt(r["ours"]), fmt(r["reference"]),
+                         f"{r['ratio']:.3f}" if r["ratio"] is not None else "-") for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+    for index, line in enumerate(cells):
+        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+        if index == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line.
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Benchmark mlm against the reference implementation, in one process.",
+        epilog="ratio = ours / reference (below 1 is better for times and memory, above 1 for tokens/s and MFU).")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device for model/train/eval")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per batch, B (default 16)")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence, L (default 128)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per configuration, median reported (default: 5 on CPU, 20 on CUDA)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed warm-up steps per configuration (default: 2 on CPU, 5 on CUDA; 2 more with "
+                             "--compile)")
+    parser.add_argument("--eval-batches", type=int, default=8, help="batches in the timed eval pass (default 8)")
+    parser.add_argument("--masking-repeats", type=int, default=200, help="calls per masking figure (default 200)")
+    parser.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR),
+                        help="folder with config.json (model size) and the tokenizer; if missing, the built-in "
+                             "distilbert-base-uncased config is used (default: %(default)s)")
+    parser.add_argument("--dataset-dir", default=str(DEFAULT_DATASET_DIR),
+                        help="stanfordnlp/imdb in the Hub layout, for the data section (default: %(default)s)")
+    parser.add_argument("--precision", choices=tuple(DTYPES), default=None,
+                        help="autocast precision for ours AND the reference (fp16 adds a GradScaler). Default: fp32 "
+                             "on CPU; on CUDA bf16 for ours (fp16 if bf16 is unsupported) and fp16 + GradScaler "
+                             "for the reference, as the course trains")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models (warm-up covers compiling)")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="do not import transformers: reference columns empty (data keeps its course pipeline)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = parser.parse_args(argv)
+    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = sorted(set(args.sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.steps is None:
+        args.steps = 20 if cuda else 5
+    if args.warmup is None:
+        args.warmup = (5 if cuda else 2) + (2 if args.compile else 0)
+    if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or args.seq_len < 1 or args.eval_batches < 1:
+        parser.error("--steps, --batch-size, --seq-len and --eval-batches must be >= 1, --warmup >= 0")
+    return args
+
+
+def make_bench(args: argparse.Namespace) -> Bench:
+    notes = []
+    try:
+        config = load_config(args.model_dir)
+    except Exception as err:
+        config = DistilBertConfig()
+        notes.append(f"config: {args.model_dir} unusable ({err}); using the built-in DistilBertConfig().")
+    if args.seq_len > config.max_position_embeddings:
+        raise SystemExit(f"--seq-len {args.seq_len} exceeds max_position_embeddings={config.max_position_embeddings}")
+    device = torch.device(args.device)
+    if args.precision is not None:
+        ours_dtype = reference_dtype = DTYPES[args.precision]
+    elif device.type == "cuda":
+        ours_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        reference_dtype = torch.float16
+    else:
+        ours_dtype = reference_dtype = None
+    input_ids, labels = masked_batch(args.batch_size, args.seq_len, config.vocab_size, seed=0)
+    return Bench(args=args, device=device, config=config, ours_dtype=ours_dtype, reference_dtype=reference_dtype,
+                 input_ids=input_ids.to(device), labels=labels.to(device), notes=notes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.no_reference:
+        # A None entry makes every later `import transformers` raise ImportError, so bench_masking (and anything
+        # else importing it lazily) skips its reference part too.
+        sys.modules["transformers"] = None
+    started = time.perf_counter()
+    bench = make_bench(args)
+    transformers = import_transformers()
+    if transformers is None:
+        why = "--no-reference" if args.no_reference else "transformers is not installed (pip install -e '.[reference]')"
+        bench.notes.append(f"reference: skipped ({why}); model and data keep their own in-project baselines.")
+
+    rows: list[dict] = []
+    timings = {}
+    for section in args.sections:
+        t0 = time.perf_counter()
+        rows += SECTION_FUNCTIONS[section](bench, transformers)
+        timings[section] = time.perf_counter() - t0
+        if not args.json:
+            print(f"[{section} done in {timings[section]:.0f} s]", file=sys.stderr, flush=True)
+
+    name = {None: "fp32"} | {v: k for k, v in DTYPES.items() if v is not None}
+    setup = {
+        "device": torch.cuda.get_device_name(bench.device) if bench.device.type == "cuda" else platform.processor()
+        or platform.machine(),
+        "torch": torch.__version__, "transformers": getattr(transformers, "__version__", None),
+        "threads": torch.get_num_threads(), "batch": [args.batch_size, args.seq_len],
+        "steps": args.steps, "warmup": args.warmup, "precision_ours": name[bench.ours_dtype],
+        "precision_reference": name[bench.reference_dtype], "compile": args.compile,
+        "config": {k: getattr(bench.config, k) for k in ("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim")},
+        "labelled_fraction": round(bench.labelled_fraction, 4),
+        "section_seconds": {k: round(v, 1) for k, v in timings.items()},
+        "total_seconds": round(time.perf_counter() - started, 1),
+    }
+    if args.json:
+        print(json.dumps({"setup": setup, "rows": rows, "notes": bench.notes}, indent=2))
+        return 0
+    print(", ".join(f"{k}={v}" for k, v in setup.items()))
+    print("ratio = ours / reference\n")
+    print_table(rows)
+    if bench.notes:
+        print()
+        for note in bench.notes:
+            print("- " + note)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
