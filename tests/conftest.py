@@ -72,3 +72,17 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     Shared by the whole session: copy it before modifying it.
     """
     return write_tiny_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"))
+
+
+@pytest.fixture()
+def no_dropout_smoke_model(tmp_path) -> Path:
+    """mlm/smoke's tiny model folder with dropout off, for comparing runs whose dropout draws cannot match
+    (e.g. one batch of 16 against two micro-batches or two processes of 8)."""
+    smoke = Path(__file__).resolve().parents[1] / "mlm" / "smoke"
+    folder = tmp_path / "no-dropout-model"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((smoke / name).read_bytes())
+    config = json.loads((smoke / "config.json").read_text()) | {"dropout": 0.0, "attention_dropout": 0.0}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder

@@ -13,18 +13,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "mlm" / "smoke"
 
 
-@pytest.fixture()
-def no_dropout_model(tmp_path) -> Path:
-    # Dropout off: each process draws its own dropout masks, which one process cannot reproduce.
-    folder = tmp_path / "model"
-    folder.mkdir()
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (folder / name).write_bytes((SMOKE / name).read_bytes())
-    config = json.loads((SMOKE / "config.json").read_text()) | {"dropout": 0.0, "attention_dropout": 0.0}
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
-
-
 def run(launcher: list[str], tmp_path: Path, model: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
     args = ["--model", str(model), "--init", "random", "--dataset", str(SMOKE / "reviews.jsonl"),
             "--chunk-size", "32", "--train-size", "96", "--test-size", "32", "--lr", "2e-3", "--epochs", "2",
@@ -36,11 +24,11 @@ def run(launcher: list[str], tmp_path: Path, model: Path, name: str, *extra: str
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, no_dropout_model):
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, no_dropout_smoke_model):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    two = run(torchrun, tmp_path, no_dropout_model, "two", "--batch-size", "8")
+    two = run(torchrun, tmp_path, no_dropout_smoke_model, "two", "--batch-size", "8")
     assert two.returncode == 0, two.stderr[-3000:]
-    one = run([sys.executable], tmp_path, no_dropout_model, "one", "--batch-size", "16")
+    one = run([sys.executable], tmp_path, no_dropout_smoke_model, "one", "--batch-size", "16")
     assert one.returncode == 0, one.stderr[-3000:]
 
     single = load_file(tmp_path / "one" / "model.safetensors")
@@ -59,7 +47,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     assert abs(last_eval["one"]["loss"] - last_eval["two"]["loss"]) < 1e-4
 
     # Resume under DDP: continue from the step-8 checkpoint and finish at the same weights.
-    resumed = run(torchrun, tmp_path, no_dropout_model, "two", "--batch-size", "8", "--resume",
+    resumed = run(torchrun, tmp_path, no_dropout_smoke_model, "two", "--batch-size", "8", "--resume",
                   str(tmp_path / "two" / "checkpoints" / "step-000008"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     again = load_file(tmp_path / "two" / "model.safetensors")
