@@ -25,8 +25,7 @@ import numpy as np
 import torch
 
 from mlm.errors import MLMError
-
-IGNORE_INDEX = -100  # label value that torch.nn.functional.cross_entropy skips by default
+from mlm.model import IGNORE_INDEX  # -100: positions cross_entropy skips (the reference collator's label value)
 
 # The reference builds its probability tensors with torch.full(shape, p) in the default dtype, float32. The
 # bernoulli draw compares a uniform sample with p *as stored*, so a float64 matrix selects different positions
@@ -347,7 +346,6 @@ class MaskingCollator:
         _check_replace_probs(self.mask_replace_prob, self.random_replace_prob)
         _check_vocab(self.mask_token_id, self.vocab_size)
         self.special_token_ids = tuple(int(i) for i in self.special_token_ids)
-        self._special_ids = torch.tensor(self.special_token_ids, dtype=torch.int64)
 
     @classmethod
     def from_tokenizer(cls, tokenizer, **kwargs) -> MaskingCollator:
@@ -400,7 +398,7 @@ class MaskingCollator:
                 wwm_probability=self.wwm_probability, mask_replace_prob=self.mask_replace_prob,
                 random_replace_prob=self.random_replace_prob, generator=generator)
         else:
-            no_mask = torch.isin(input_ids, self._special_ids)
+            no_mask = special_tokens_mask(input_ids, self.special_token_ids)
             if attention_mask is not None:
                 no_mask |= attention_mask == 0
             input_ids, labels = mask_tokens(
