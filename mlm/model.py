@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlm.errors import MLMError
+from mlm.lean_ops import activation_then_linear, attention_with_dropout
 
 IGNORE_INDEX = -100  # label value of positions that carry no loss (PyTorch's and the reference's convention)
 LAYER_NORM_EPS = 1e-12  # the reference's value; torch's default 1e-5 changes the outputs visibly
@@ -136,13 +137,16 @@ class MultiHeadSelfAttention(nn.Module):
             return t.view(batch, length, self.n_heads, head_dim).transpose(1, 2)
 
         q, k, v = split_heads(self.q_lin(x)), split_heads(self.k_lin(x)), split_heads(self.v_lin(x))
-        # With no mask, SDPA may pick the flash kernel; a mask tensor forces the slower paths.
-        context = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=key_mask,
-            dropout_p=self.attention_dropout if self.training else 0.0,
-            scale=head_dim**-0.5,
-        )  # (B, H, L, dh)
+        dropout_p = self.attention_dropout if self.training else 0.0
+        if dropout_p > 0 and x.device.type == "cpu" and torch.is_grad_enabled():
+            # PyTorch's CPU attention kernel has no dropout, so SDPA would fall back to a path that keeps the
+            # (B, H, L, L) probabilities three times over for backward; this keeps a 1-byte mask (mlm/lean_ops.py).
+            context = attention_with_dropout(q, k, v, key_mask, dropout_p, head_dim**-0.5)
+        else:
+            # With no mask, SDPA may pick the flash kernel; a mask tensor forces the slower paths.
+            context = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=key_mask, dropout_p=dropout_p, scale=head_dim**-0.5
+            )  # (B, H, L, dh)
         # No dropout after out_lin: the reference drops attention probabilities only.
         return self.out_lin(context.transpose(1, 2).reshape(batch, length, dim))
 
@@ -156,7 +160,10 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, L, D)
-        return self.dropout(self.lin2(self.activation(self.lin1(x))))
+        # lin2(activation(lin1(x))), keeping only lin1's output for backward (mlm/lean_ops.py): 4·D fewer saved
+        # floats per token and layer, for one recomputed elementwise activation.
+        hidden = self.lin1(x)  # (B, L, F)
+        return self.dropout(activation_then_linear(hidden, self.lin2.weight, self.lin2.bias, self.activation))
 
 
 class TransformerBlock(nn.Module):

@@ -1,0 +1,103 @@
+"""Two autograd functions that keep fewer activations for backward than plain PyTorch ops would.
+
+Training memory is dominated by what autograd saves between forward and backward. Two places in a DistilBERT
+block save far more than the backward pass needs, and both can instead recompute a cheap elementwise result:
+
+- The feed-forward `lin2(gelu(h))`: autograd keeps both h (for gelu's derivative) and gelu(h) (for lin2's weight
+  gradient), two (B, L, 4D) tensors. `activation_then_linear` keeps h only and recomputes gelu(h) in backward,
+  one elementwise pass next to two large matmuls. Saves 4·D floats per token per layer.
+- Attention with dropout on the CPU: PyTorch's fused CPU attention kernel has no dropout, so SDPA falls back to
+  its "math" path, which keeps the (B, H, L, L) probabilities several times over (softmax output, dropped copy,
+  a reshaped copy for the matmul). `attention_with_dropout` keeps q, k, v and a 1-byte keep-mask and recomputes the
+  probabilities in backward: the flash-attention idea, without the tiling. GPUs do not need it: their SDPA
+  kernels (flash, memory-efficient) support dropout and already recompute.
+
+The forward values are exactly those of the plain ops; the gradients equal plain autograd's up to fp32 rounding
+(tests/test_lean_ops.py compares both).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+class _ActivationThenLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre_activation, weight, bias, activation):
+        ctx.activation = activation
+        ctx.save_for_backward(pre_activation, weight)
+        # Under autocast the input arrives in the low-precision dtype; compute in it, as autocast's linear would.
+        return F.linear(activation(pre_activation), weight.to(pre_activation.dtype), bias.to(pre_activation.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        pre_activation, weight = ctx.saved_tensors
+        dtype = pre_activation.dtype
+        with torch.enable_grad():  # recompute the activation, and let autograd derive it (same kernel as usual)
+            pre = pre_activation.detach().requires_grad_()
+            activated = ctx.activation(pre)
+        grad_rows = grad_output.reshape(-1, grad_output.shape[-1]).to(dtype)  # (N, D)
+        grad_weight = grad_rows.t().mm(activated.detach().reshape(-1, activated.shape[-1]))  # (D, F)
+        grad_bias = grad_rows.sum(0)
+        grad_activated = grad_output.to(dtype).matmul(weight.to(dtype))  # (..., F)
+        (grad_pre,) = torch.autograd.grad(activated, pre, grad_activated)
+        return grad_pre, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype), None
+
+
+def activation_then_linear(
+    pre_activation: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: Callable
+) -> torch.Tensor:
+    """F.linear(activation(pre_activation), weight, bias), keeping only pre_activation for backward.
+
+    pre_activation (..., F); weight (D, F); bias (D,) -> (..., D) in pre_activation's dtype.
+    """
+    return _ActivationThenLinear.apply(pre_activation, weight, bias, activation)
+
+
+def _probabilities(q, k, key_mask, scale) -> torch.Tensor:  # (B, H, L, dh) x2 -> (B, H, L, L), fp32 or wider
+    # The softmax runs in fp32 at least, also when autocast hands over bf16/fp16 q and k.
+    scores = torch.matmul(q, k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32)) * scale
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask, float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+class _AttentionWithDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, key_mask, dropout_p, scale):
+        probabilities = _probabilities(q, k, key_mask, scale)
+        keep = torch.rand(probabilities.shape, device=q.device) >= dropout_p  # (B, H, L, L) bool
+        dropped = probabilities * keep / (1.0 - dropout_p)  # inverted dropout: expectations unchanged
+        ctx.dropout_p, ctx.scale = dropout_p, scale
+        ctx.save_for_backward(q, k, v, keep, key_mask)
+        return torch.matmul(dropped.to(v.dtype), v)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # (B, H, L, dh)
+        q, k, v, keep, key_mask = ctx.saved_tensors
+        dtype = q.dtype  # the matmuls run in the inputs' dtype (low precision under autocast), the softmax in fp32
+        grad_output = grad_output.to(dtype)
+        probabilities = _probabilities(q, k, key_mask, ctx.scale)  # recomputed: one small matmul + softmax
+        keep_scaled = keep / (1.0 - ctx.dropout_p)
+        grad_v = torch.matmul((probabilities * keep_scaled).to(dtype).transpose(-1, -2), grad_output)
+        grad_probabilities = torch.matmul(grad_output, v.transpose(-1, -2)).to(probabilities.dtype) * keep_scaled
+        # Softmax backward: p * (g - sum(g * p)) along the key axis.
+        grad_scores = probabilities * (grad_probabilities - (grad_probabilities * probabilities).sum(-1, keepdim=True))
+        grad_scores = (grad_scores * ctx.scale).to(dtype)
+        grad_q = torch.matmul(grad_scores, k)
+        grad_k = torch.matmul(grad_scores.transpose(-1, -2), q)
+        return grad_q, grad_k, grad_v, None, None, None
+
+
+def attention_with_dropout(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, dropout_p: float, scale: float
+) -> torch.Tensor:
+    """softmax(q kᵀ · scale, masked) with dropout, times v; saves q, k, v and a bool keep-mask for backward.
+
+    q, k, v (B, H, L, dh) float; key_mask (B, 1, 1, L) bool, True = attend, or None -> (B, H, L, dh).
+    The dropout mask is drawn from the default generator of q's device, as nn.Dropout does.
+    """
+    return _AttentionWithDropout.apply(q, k, v, key_mask, dropout_p, scale)
