@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mlm.errors import MLMError
 from mlm.lean_ops import activation_then_linear, attention_with_dropout
@@ -193,6 +194,9 @@ class DistilBertModel(nn.Module):
         super().__init__()
         self.embeddings = Embeddings(config)
         self.transformer = Transformer(config)
+        # Off by default. On: each block keeps only its input for backward and reruns its forward there, so
+        # activations shrink to one (B, L, D) tensor per layer plus one block's worth, for ~1 extra forward pass.
+        self.gradient_checkpointing = False
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, L) int64, attention_mask (B, L) with 1 = token, 0 = padding -> hidden states (B, L, D)."""
@@ -203,7 +207,11 @@ class DistilBertModel(nn.Module):
             key_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L): mask keys only, every query row
         x = self.embeddings(input_ids)
         for block in self.transformer.layer:
-            x = block(x, key_mask)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # The RNG state is stashed and restored, so the rerun draws the same dropout masks.
+                x = checkpoint(block, x, key_mask, use_reentrant=False)
+            else:
+                x = block(x, key_mask)
         return x
 
 

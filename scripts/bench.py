@@ -9,16 +9,18 @@ Sections (each figure is measured next to its reference in the same run; ratio =
            projection at the ~15% labelled positions only) vs our model projecting every position followed by
            F.cross_entropy(ignore_index=-100) over the (B, L, V) logits, as the reference does.
 - train    one training step (forward, backward, clip to 1.0, AdamW step, zero_grad): mlm's model + make_optimizer +
-           train_step vs transformers.DistilBertForMaskedLM (random init, sdpa) + torch.optim.AdamW with the
-           Trainer's decay groups and its default fused kernel. Tokens/s, peak memory and model-FLOPs utilisation.
+           train_step (also with gradient checkpointing) vs transformers.DistilBertForMaskedLM (random init, sdpa)
+           + torch.optim.AdamW with the Trainer's decay groups and its default fused kernel. Tokens/s, peak memory
+           and model-FLOPs utilisation.
 - eval     no-grad forward with labels over a few batches: mlm.evaluate.evaluate vs a plain loop over the reference.
 - data     scripts/bench_data.py (tokenize + chunk IMDb train vs the course's group_texts pipeline).
 - masking  scripts/bench_masking.py (our masking vs DataCollatorForLanguageModeling / the course's wwm collator).
 
-Peak memory: on CPU the resident-set high-water mark (VmHWM), reset before each configuration through
-/proc/self/clear_refs; "delta" is the peak minus the resident set just before the configuration started. On CUDA
-torch.cuda.max_memory_allocated (delta: minus the memory allocated before). transformers is only imported here
-(lazily); without it the reference columns stay empty and a note says why.
+Peak memory: on CPU the resident-set high-water mark (VmHWM) growth over building the model and optimizer and
+training, each train figure in a fresh process, twice: with glibc's default allocator settings and with
+M_MMAP_THRESHOLD pinned to 1 MiB, where the RSS follows the live tensors (see memory_probe). The model section
+resets VmHWM through /proc/self/clear_refs in-process. On CUDA torch.cuda.max_memory_allocated growth.
+transformers is only imported here (lazily); without it the reference columns stay empty and a note says why.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ import importlib
 import inspect
 import json
 import math
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -327,12 +331,16 @@ def section_model(bench: Bench, transformers) -> list[dict]:
     ]
 
 
+TRAIN_CONFIGS = ("ours", "ours-checkpointed", "reference")  # ours-checkpointed: with gradient checkpointing
+
+
 def _train_config(bench: Bench, which: str, transformers) -> tuple[float, PeakMemory]:
     """Median step seconds and the peak memory of building model + optimizer and training `steps` steps."""
     device, args = bench.device, bench.args
     with PeakMemory(device) as mem:
-        if which == "ours":
+        if which in ("ours", "ours-checkpointed"):
             model = build_ours(bench)
+            model.distilbert.gradient_checkpointing = which == "ours-checkpointed"
             optimizer = make_optimizer(model, lr=LR, weight_decay=WEIGHT_DECAY)
             compiled = maybe_compile(model, bench)
             scaler = scaler_for(device, bench.ours_dtype)
@@ -369,11 +377,35 @@ def _train_config(bench: Bench, which: str, transformers) -> tuple[float, PeakMe
     return seconds, mem  # the model and optimizer die with this frame; the next PeakMemory collects them
 
 
+def memory_probe(bench: Bench, which: str, *, pinned_mmap: bool) -> float | None:
+    """Peak RSS growth (MiB) of one train configuration, measured in a fresh Python process.
+
+    A fresh process per figure: in a shared one, the heap pages a configuration leaves behind are reused by the
+    next without growing the RSS, which makes whatever runs second look leaner. pinned_mmap sets glibc's
+    M_MMAP_THRESHOLD to 1 MiB, so every larger allocation is its own mapping, unmapped when freed: the RSS then
+    follows the live tensors. With glibc's default (a threshold that rises to 32 MiB) freed tensors stay in a
+    fragmented heap, and the peak RSS adds several hundred MiB of allocator slack to both implementations.
+    """
+    args = bench.args
+    command = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", which,
+               "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--model-dir", args.model_dir,
+               "--steps", "2", "--warmup", "1", "--device", args.device]
+    if args.precision:
+        command += ["--precision", args.precision]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MIB)) if pinned_mmap else None
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        bench.notes.append(f"train: memory probe {which} failed: {done.stderr.strip().splitlines()[-1:]}")
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])["delta_mib"]
+
+
 def section_train(bench: Bench, transformers) -> list[dict]:
-    ours_s, ours_mem = _train_config(bench, "ours", transformers)
-    ref_s = ref_mem = None
-    if transformers is not None:
-        ref_s, ref_mem = _train_config(bench, "reference", transformers)
+    configs = [c for c in TRAIN_CONFIGS if c != "reference" or transformers is not None]
+    seconds, memory = {}, {}
+    for which in configs:
+        seconds[which], memory[which] = _train_config(bench, which, transformers)
+    ours_s, ref_s = seconds["ours"], seconds.get("reference")
 
     # One "useful work" count for both, so MFU compares like with like: the full-projection count (what the
     # reference computes). Our sparse head does less work for the same result, which shows up as a higher MFU.
@@ -394,16 +426,41 @@ def section_train(bench: Bench, transformers) -> list[dict]:
         f"({name[bench.ours_dtype]}: {ours_ceiling / 1e12:.3f} TFLOP/s"
         + (f", {name[bench.reference_dtype]}: {ref_ceiling / 1e12:.3f} TFLOP/s" if ref_ceiling != ours_ceiling else "")
         + f", best {'8192' if bench.device.type == 'cuda' else '2048'}^3 matmul of this run).")
-    bench.notes.append(
-        "train: memory window covers building the model and optimizer plus all steps (params + grads + AdamW "
-        "state + activations); both optimizers are fused AdamW (the Trainer's default; mlm.optim.make_optimizer).")
-    return [
+    rows = [
         row("train", "step time, ms", ours_s * 1e3, ref_s * 1e3 if ref_s else None),
         row("train", "tokens/s (higher is better)", ours_tps, ref_tps),
         row("train", "MFU % (full-projection FLOPs)", 100 * ours_mfu, 100 * ref_mfu if ref_mfu else None),
-        row("train", "delta peak mem, MiB", ours_mem.delta_mib, ref_mem.delta_mib if ref_mem else None),
-        row("train", "abs peak mem, MiB", ours_mem.peak_mib, ref_mem.peak_mib if ref_mem else None),
+        row("train", "tokens/s, gradient checkpointing", bench.tokens / seconds["ours-checkpointed"], ref_tps),
     ]
+    if bench.device.type == "cuda":
+        bench.notes.append("train: memory = torch.cuda.max_memory_allocated growth over building the model and "
+                           "optimizer plus all steps (params + grads + AdamW state + activations).")
+        for which, label in (("ours", ""), ("ours-checkpointed", ", gradient checkpointing")):
+            reference = memory["reference"].delta_mib if "reference" in memory else None
+            rows.append(row("train", f"peak memory growth, MiB{label}", memory[which].delta_mib, reference))
+        return rows
+
+    bench.notes.append(
+        "train: memory = peak RSS growth over building the model and optimizer plus 3 steps (params + grads + "
+        "AdamW state + activations), each figure in a fresh process (see memory_probe). 'live' runs with glibc's "
+        "M_MMAP_THRESHOLD pinned to 1 MiB, so the RSS tracks live tensors; 'glibc default' adds the allocator's "
+        "heap fragmentation, which both implementations pay.")
+    probes = {(which, pinned): memory_probe(bench, which, pinned_mmap=pinned)
+              for which in configs for pinned in (True, False)}
+    for which, label in (("ours", ""), ("ours-checkpointed", ", gradient checkpointing")):
+        for pinned, kind in ((True, "live"), (False, "glibc default")):
+            rows.append(row("train", f"peak RSS growth, MiB ({kind}){label}", probes[(which, pinned)],
+                            probes.get(("reference", pinned))))
+    return rows
+
+
+def memory_probe_main(args: argparse.Namespace) -> int:
+    """The child side of memory_probe: one configuration, its memory as JSON on the last line of stdout."""
+    bench = make_bench(args)
+    transformers = import_transformers() if args.memory_probe == "reference" else None
+    _, memory = _train_config(bench, args.memory_probe, transformers)
+    print(json.dumps({"delta_mib": memory.delta_mib, "peak_mib": memory.peak_mib}))
+    return 0
 
 
 def section_eval(bench: Bench, transformers) -> list[dict]:
@@ -575,6 +632,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-reference", action="store_true",
                         help="do not import transformers: reference columns empty (data keeps its course pipeline)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--memory-probe", choices=TRAIN_CONFIGS, help=argparse.SUPPRESS)  # internal: see memory_probe
     args = parser.parse_args(argv)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(args.sections) - set(SECTIONS))
@@ -610,12 +668,17 @@ def make_bench(args: argparse.Namespace) -> Bench:
     else:
         ours_dtype = reference_dtype = None
     input_ids, labels = masked_batch(args.batch_size, args.seq_len, config.vocab_size, seed=0)
+    # The first optimizer ever built imports torch's optimizer machinery (~70 MiB of RSS, once per process):
+    # pay that here, outside every memory window, so the windows hold training memory only.
+    torch.optim.AdamW([nn.Parameter(torch.zeros(1, device=device))], fused=device.type in ("cpu", "cuda"))
     return Bench(args=args, device=device, config=config, ours_dtype=ours_dtype, reference_dtype=reference_dtype,
                  input_ids=input_ids.to(device), labels=labels.to(device), notes=notes)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.memory_probe:
+        return memory_probe_main(args)
     if args.no_reference:
         # A None entry makes every later `import transformers` raise ImportError, so bench_masking (and anything
         # else importing it lazily) skips its reference part too.

@@ -123,6 +123,16 @@ def test_masks_do_not_depend_on_dataloader_workers(tmp_path):
     assert all(torch.equal(inline[k], workers[k]) for k in inline)
 
 
+def test_gradient_checkpointing_trains_the_same_model(tmp_path):
+    # Dropout on: the recomputation in backward must redraw the forward's masks, or the weights would drift.
+    train(tiny_run(tmp_path / "plain", epochs=1, prompts=()))
+    train(tiny_run(tmp_path / "checkpointed", epochs=1, prompts=(), gradient_checkpointing=True))
+    plain, checkpointed = final_weights(tmp_path / "plain"), final_weights(tmp_path / "checkpointed")
+    for name in plain:
+        # Same ops on the same values; backward may sum in another order (fp32 rounding, over 6 Adam steps).
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_gradient_accumulation_matches_the_large_batch(tmp_path, no_dropout_smoke_model):
     # Token-weighted micro-batch losses: two micro-batches of 8 give the gradient of one batch of 16. Dropout
     # off, since the two runs draw dropout masks in different shapes.
