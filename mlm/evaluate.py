@@ -59,12 +59,14 @@ def evaluate(
     try:
         for start in range(0, len(input_ids), batch_size):
             batch_labels = labels[start : start + batch_size]
-            # Targets are picked on the host, where labels live, so the GPU never has to report a count.
-            targets = batch_labels[batch_labels != IGNORE_INDEX]
+            # Positions and targets are picked on the host, where labels live, so the GPU never reports a count.
+            positions = (batch_labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)  # (N,)
+            targets = batch_labels.reshape(-1)[positions]
             if targets.numel() == 0:
                 continue  # the reference drops such batches' NaN losses; they hold no tokens to score
             with autocast:
-                out = model(input_ids[start : start + batch_size].to(device), labels=batch_labels.to(device))
+                out = model(input_ids[start : start + batch_size].to(device), labels=batch_labels.to(device),
+                            label_positions=positions.to(device))
             loss_sum += out.loss.double() * targets.numel()
             reference_sum += out.loss.double() * len(batch_labels)
             correct += (out.logits.argmax(dim=-1) == targets.to(device)).sum()

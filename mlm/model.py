@@ -263,6 +263,7 @@ class DistilBertForMaskedLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        label_positions: torch.Tensor | None = None,
     ) -> MLMOutput:
         """input_ids (B, L) int64; attention_mask (B, L) 1/0 or None; labels (B, L) int64, -100 = no loss.
 
@@ -270,16 +271,23 @@ class DistilBertForMaskedLM(nn.Module):
         logits are (N, V) for the N positions where labels != -100, in row-major order, and the loss is the
         mean cross-entropy over them, exactly as projecting everything and ignoring -100 would give. A batch
         with no labelled token has loss 0 (gradients all zero) instead of the reference's NaN.
+
+        label_positions (N,) int64, optional: the flat indices (row * L + column) of the labelled positions, in
+        increasing order. Finding them on the device makes the host wait for the GPU (N sizes the next
+        tensors); the training loop computes them on the CPU with the masks and passes them along.
         """
         hidden = self.distilbert(input_ids, attention_mask)  # (B, L, D)
         if labels is None:
             return MLMOutput(loss=None, logits=self.head(hidden))
-        labelled = labels != IGNORE_INDEX  # (B, L) bool
-        logits = self.head(hidden[labelled])  # (N, V)
-        # sum / max(N, 1) equals the mean for N > 0 and gives 0 instead of NaN for N = 0, without reading N
-        # back to the host. float(): under autocast the loss is still computed in fp32.
-        loss_sum = F.cross_entropy(logits.float(), labels[labelled], reduction="sum")
-        return MLMOutput(loss=loss_sum / labelled.sum().clamp(min=1), logits=logits)
+        if label_positions is None:
+            label_positions = (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)  # (N,)
+        labelled_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, label_positions)  # (N, D)
+        logits = self.head(labelled_hidden)  # (N, V)
+        targets = labels.reshape(-1).index_select(0, label_positions)  # (N,)
+        # Dividing by max(N, 1) gives the mean for N > 0 and 0 instead of NaN for N = 0. float(): under autocast
+        # the loss is still computed in fp32.
+        loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+        return MLMOutput(loss=loss_sum / max(label_positions.numel(), 1), logits=logits)
 
     def num_parameters(self) -> int:
         """Trainable parameter count, the tied matrix counted once (parameters() deduplicates it)."""

@@ -80,7 +80,8 @@ def train_step(
         autocast = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
         with sync:
             with autocast:
-                loss = model(batch["input_ids"], batch.get("attention_mask"), batch["labels"]).loss
+                loss = model(batch["input_ids"], batch.get("attention_mask"), batch["labels"],
+                             batch.get("label_positions")).loss
             weighted = loss * (count / max(total, 1))
             (scaler.scale(weighted) if scaler is not None else weighted).backward()
         loss_sum += weighted.detach()
@@ -211,16 +212,25 @@ class StepBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return math.ceil(len(self.order) / self.global_batch)
 
-    def __getitem__(self, step: int) -> list[dict[str, torch.Tensor]]:
+    def __getitem__(self, step: int) -> tuple[list[dict[str, torch.Tensor]], int]:
+        """(this process's micro-batches, the labelled-token count of the whole global batch).
+
+        Each micro-batch: input_ids, labels (b, L) int64 and label_positions (N,) int64, the flat indices of its
+        labelled tokens. Both counts are known here on the CPU, so the step needs no read-back from the GPU and,
+        under DDP, no collective to agree on the global count.
+        """
         rows = self.order[step * self.global_batch : (step + 1) * self.global_batch]
         generator = torch.Generator().manual_seed(mask_seed(self.seed, self.epoch, step))
         masked = self.collator.mask(self.input_ids[rows], self.word_ids[rows], generator=generator)
+        labelled = masked["labels"] != IGNORE_INDEX  # (G, L)
         batches = []
         for micro in range(self.rank * self.grad_accum, (self.rank + 1) * self.grad_accum):
             part = slice(micro * self.batch_size, (micro + 1) * self.batch_size)
             if len(rows[part]):
-                batches.append({name: tensor[part] for name, tensor in masked.items()})
-        return batches
+                batch = {name: tensor[part] for name, tensor in masked.items()}
+                batch["label_positions"] = labelled[part].reshape(-1).nonzero().squeeze(1)
+                batches.append(batch)
+        return batches, int(labelled.sum())
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -492,12 +502,11 @@ def train(config: TrainConfig) -> RunSummary:
                 # Its own generator: creating an iterator must not draw from the global RNG (dropout's).
                 generator=torch.Generator().manual_seed(config.seed),
             )
-            for micro_cpu in loader:
+            for micro_cpu, labelled_in_global_batch in loader:
                 step_start = time.perf_counter()
-                counts = [int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_cpu]
-                labelled = sum(counts)
-                if procs.world_size > 1:
-                    labelled = _all_reduce(torch.tensor([float(labelled)], device=device)).item() / procs.world_size
+                counts = [len(b["label_positions"]) for b in micro_cpu]
+                # DDP averages gradients over processes, so each process weighs by total / world_size.
+                labelled = labelled_in_global_batch / procs.world_size
                 micro = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in micro_cpu]
                 lr = config.lr * linear_schedule(progress.schedule_step, warmup_steps=warmup, total_steps=total_steps)
                 set_learning_rate(optimizer, lr)

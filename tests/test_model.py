@@ -92,6 +92,20 @@ def test_sparse_head_loss_and_gradients_equal_full_projection():
         torch.testing.assert_close(sparse_grads[name], param.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_label_positions_from_the_host_give_exactly_the_same_result():
+    torch.manual_seed(0)
+    model = DistilBertForMaskedLM(tiny_config()).eval()
+    ids = torch.randint(5, 50, (3, 12))
+    labels = torch.where(torch.rand(3, 12) < 0.3, ids, torch.full_like(ids, -100))
+    positions = (labels.view(-1) != -100).nonzero().squeeze(1)
+    found = model(ids, labels=labels)
+    given = model(ids, labels=labels, label_positions=positions)
+    assert given.logits.shape == (len(positions), 50)
+    assert torch.equal(given.logits, found.logits) and torch.equal(given.loss, found.loss)
+    # An empty position list is a batch without labels: loss 0, not NaN.
+    assert model(ids, labels=torch.full_like(ids, -100), label_positions=positions[:0]).loss.item() == 0.0
+
+
 def test_batch_without_labels_has_zero_loss_and_zero_gradients():
     model = DistilBertForMaskedLM(tiny_config())
     ids = torch.randint(5, 50, (2, 8))

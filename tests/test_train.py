@@ -16,10 +16,12 @@ import torch
 from safetensors.torch import load_file
 
 import mlm.train
+from mlm.data import Chunks
 from mlm.errors import MLMError
+from mlm.masking import MaskingCollator
 from mlm.model import DistilBertConfig, DistilBertForMaskedLM
 from mlm.optim import linear_schedule, weight_decay_groups
-from mlm.train import StepResult, TrainConfig, train, train_step
+from mlm.train import StepBatches, StepResult, TrainConfig, train, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "mlm" / "smoke"
@@ -121,6 +123,21 @@ def test_masks_do_not_depend_on_dataloader_workers(tmp_path):
     train(tiny_run(tmp_path / "workers", epochs=1, prompts=(), num_workers=2))
     inline, workers = final_weights(tmp_path / "inline"), final_weights(tmp_path / "workers")
     assert all(torch.equal(inline[k], workers[k]) for k in inline)
+
+
+def test_step_batches_carry_host_side_label_positions_and_the_global_count():
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, 300, (10, 8), generator=generator).numpy()
+    chunks = Chunks(input_ids=ids, word_ids=torch.arange(8).repeat(10, 1).numpy(), n_reviews=10, n_tokens=80)
+    collator = MaskingCollator(mask_token_id=4, vocab_size=347, special_token_ids=(0, 1, 2, 3, 4), mlm_probability=0.3)
+    items = [StepBatches(chunks, torch.arange(10), collator, batch_size=2, grad_accum=2, rank=rank, world_size=2,
+                         seed=0, epoch=0)[1] for rank in (0, 1)]
+    assert items[0][1] == items[1][1]  # every process knows the same global count, without a collective
+    everything = [batch for micro_batches, _ in items for batch in micro_batches]
+    assert items[0][1] == sum(int((b["labels"] != -100).sum()) for b in everything) > 0
+    for batch in everything:
+        expected = (batch["labels"].reshape(-1) != -100).nonzero().squeeze(1)
+        assert torch.equal(batch["label_positions"], expected)
 
 
 def test_gradient_checkpointing_trains_the_same_model(tmp_path):
