@@ -18,10 +18,16 @@ The forward values are exactly those of the plain ops; the gradients equal plain
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
+
+# name -> (activation, its backward: (grad_output, input) -> grad_input). The derivatives are the very kernels
+# autograd runs for F.gelu (exact erf form) and F.relu, written out because torch.compile cannot trace a
+# torch.autograd.grad call inside a backward.
+_ACTIVATIONS = {
+    "gelu": (F.gelu, lambda grad, x: torch.ops.aten.gelu_backward(grad, x)),
+    "relu": (F.relu, lambda grad, x: grad.masked_fill(x <= 0, 0.0)),
+}
 
 
 class _ActivationThenLinear(torch.autograd.Function):
@@ -30,29 +36,30 @@ class _ActivationThenLinear(torch.autograd.Function):
         ctx.activation = activation
         ctx.save_for_backward(pre_activation, weight)
         # Under autocast the input arrives in the low-precision dtype; compute in it, as autocast's linear would.
-        return F.linear(activation(pre_activation), weight.to(pre_activation.dtype), bias.to(pre_activation.dtype))
+        activated = _ACTIVATIONS[activation][0](pre_activation)
+        return F.linear(activated, weight.to(pre_activation.dtype), bias.to(pre_activation.dtype))
 
     @staticmethod
     def backward(ctx, grad_output):
         pre_activation, weight = ctx.saved_tensors
+        function, derivative = _ACTIVATIONS[ctx.activation]
         dtype = pre_activation.dtype
-        with torch.enable_grad():  # recompute the activation, and let autograd derive it (same kernel as usual)
-            pre = pre_activation.detach().requires_grad_()
-            activated = ctx.activation(pre)
+        activated = function(pre_activation)  # recomputed: one elementwise pass
         grad_rows = grad_output.reshape(-1, grad_output.shape[-1]).to(dtype)  # (N, D)
-        grad_weight = grad_rows.t().mm(activated.detach().reshape(-1, activated.shape[-1]))  # (D, F)
+        grad_weight = grad_rows.t().mm(activated.reshape(-1, activated.shape[-1]))  # (D, F)
         grad_bias = grad_rows.sum(0)
         grad_activated = grad_output.to(dtype).matmul(weight.to(dtype))  # (..., F)
-        (grad_pre,) = torch.autograd.grad(activated, pre, grad_activated)
+        grad_pre = derivative(grad_activated, pre_activation)
         return grad_pre, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype), None
 
 
 def activation_then_linear(
-    pre_activation: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: Callable
+    pre_activation: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str
 ) -> torch.Tensor:
-    """F.linear(activation(pre_activation), weight, bias), keeping only pre_activation for backward.
+    """F.linear(act(pre_activation), weight, bias), keeping only pre_activation for backward.
 
-    pre_activation (..., F); weight (D, F); bias (D,) -> (..., D) in pre_activation's dtype.
+    pre_activation (..., F); weight (D, F); bias (D,); activation "gelu" (exact erf form) or "relu"
+    -> (..., D) in pre_activation's dtype.
     """
     return _ActivationThenLinear.apply(pre_activation, weight, bias, activation)
 

@@ -157,14 +157,14 @@ class FeedForward(nn.Module):
         super().__init__()
         self.lin1 = nn.Linear(config.dim, config.hidden_dim)
         self.lin2 = nn.Linear(config.hidden_dim, config.dim)
-        self.activation = ACTIVATIONS[config.activation]
+        self.activation_name = config.activation
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, L, D)
         # lin2(activation(lin1(x))), keeping only lin1's output for backward (mlm/lean_ops.py): 4·D fewer saved
         # floats per token and layer, for one recomputed elementwise activation.
         hidden = self.lin1(x)  # (B, L, F)
-        return self.dropout(activation_then_linear(hidden, self.lin2.weight, self.lin2.bias, self.activation))
+        return self.dropout(activation_then_linear(hidden, self.lin2.weight, self.lin2.bias, self.activation_name))
 
 
 class TransformerBlock(nn.Module):
