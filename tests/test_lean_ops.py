@@ -126,6 +126,9 @@ def test_training_model_saves_no_attention_probabilities_and_one_ffn_activation(
     saved = saved_float_tensors(model, input_ids, labels)
     # No float (..., L, L) tensor: attention probabilities are recomputed, only a bool keep-mask is kept.
     assert not [shape for shape, _ in saved if shape[-2:] == (length, length)]
-    # One (B, L, F) tensor per layer (lin1's output), not two (gelu's input and output).
-    hidden_sized = [shape for shape, _ in saved if len(shape) == 3 and shape[-1] == config.hidden_dim]
-    assert len(hidden_sized) == config.n_layers
+    # One F-wide tensor per layer (lin1's output), not two (gelu's input and output): (B, L, F) in the first
+    # blocks, (N, F) in the last, which computes its feed-forward at the N labelled positions only.
+    hidden_sized = sorted((s for s, _ in saved if s and s[-1] == config.hidden_dim), key=len, reverse=True)
+    labelled = int((labels != -100).sum())
+    width = config.hidden_dim
+    assert hidden_sized == [(batch, length, width)] * (config.n_layers - 1) + [(labelled, width)]

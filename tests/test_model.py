@@ -92,6 +92,19 @@ def test_sparse_head_loss_and_gradients_equal_full_projection():
         torch.testing.assert_close(sparse_grads[name], param.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_output_positions_give_the_full_hidden_states_at_those_rows():
+    torch.manual_seed(0)
+    model = DistilBertForMaskedLM(tiny_config()).eval()
+    ids = torch.randint(5, 50, (3, 12))
+    attention_mask = torch.ones_like(ids)
+    attention_mask[2, 7:] = 0  # padded keys must stay masked for the selected queries too
+    positions = torch.tensor([0, 5, 11, 14, 30, 31, 35])
+    full = model.distilbert(ids, attention_mask)  # (B, L, D)
+    selected = model.distilbert(ids, attention_mask, output_positions=positions)  # (N, D)
+    # The same operations on fewer rows; a matmul over 7 rows may round differently from one over 36.
+    torch.testing.assert_close(selected, full.reshape(-1, full.shape[-1])[positions], rtol=1e-5, atol=1e-6)
+
+
 def test_label_positions_from_the_host_give_exactly_the_same_result():
     torch.manual_seed(0)
     model = DistilBertForMaskedLM(tiny_config()).eval()
