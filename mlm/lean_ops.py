@@ -47,6 +47,7 @@ class _ActivationThenLinear(torch.autograd.Function):
         activated = function(pre_activation)  # recomputed: one elementwise pass
         grad_rows = grad_output.reshape(-1, grad_output.shape[-1]).to(dtype)  # (N, D)
         grad_weight = grad_rows.t().mm(activated.reshape(-1, activated.shape[-1]))  # (D, F)
+        del activated  # free it before the next (..., F) tensor: backward's peak memory is what counts here
         grad_bias = grad_rows.sum(0)
         grad_activated = grad_output.to(dtype).matmul(weight.to(dtype))  # (..., F)
         grad_pre = derivative(grad_activated, pre_activation)
@@ -77,7 +78,8 @@ class _AttentionWithDropout(torch.autograd.Function):
     def forward(ctx, q, k, v, key_mask, dropout_p, scale):
         probabilities = _probabilities(q, k, key_mask, scale)
         keep = torch.rand(probabilities.shape, device=q.device) >= dropout_p  # (B, H, L, L) bool
-        dropped = probabilities * keep / (1.0 - dropout_p)  # inverted dropout: expectations unchanged
+        # Inverted dropout (kept values scaled by 1/(1-p), so expectations are unchanged), in place.
+        dropped = probabilities.masked_fill_(~keep, 0.0).mul_(1.0 / (1.0 - dropout_p))
         ctx.dropout_p, ctx.scale = dropout_p, scale
         ctx.save_for_backward(q, k, v, keep, key_mask)
         return torch.matmul(dropped.to(v.dtype), v)
@@ -88,12 +90,15 @@ class _AttentionWithDropout(torch.autograd.Function):
         dtype = q.dtype  # the matmuls run in the inputs' dtype (low precision under autocast), the softmax in fp32
         grad_output = grad_output.to(dtype)
         probabilities = _probabilities(q, k, key_mask, ctx.scale)  # recomputed: one small matmul + softmax
-        keep_scaled = keep / (1.0 - ctx.dropout_p)
-        grad_v = torch.matmul((probabilities * keep_scaled).to(dtype).transpose(-1, -2), grad_output)
-        grad_probabilities = torch.matmul(grad_output, v.transpose(-1, -2)).to(probabilities.dtype) * keep_scaled
+        drop, inverse_keep = ~keep, 1.0 / (1.0 - ctx.dropout_p)
+        dropped = probabilities.masked_fill(drop, 0.0).mul_(inverse_keep)
+        grad_v = torch.matmul(dropped.to(dtype).transpose(-1, -2), grad_output)
+        del dropped  # (B, H, L, L) temporaries are made one at a time, in place where possible
+        grad_probabilities = torch.matmul(grad_output, v.transpose(-1, -2)).to(probabilities.dtype)
+        grad_probabilities.masked_fill_(drop, 0.0).mul_(inverse_keep)
         # Softmax backward: p * (g - sum(g * p)) along the key axis.
-        grad_scores = probabilities * (grad_probabilities - (grad_probabilities * probabilities).sum(-1, keepdim=True))
-        grad_scores = (grad_scores * ctx.scale).to(dtype)
+        row_dot = (grad_probabilities * probabilities).sum(-1, keepdim=True)
+        grad_scores = grad_probabilities.sub_(row_dot).mul_(probabilities).mul_(ctx.scale).to(dtype)
         grad_q = torch.matmul(grad_scores, k)
         grad_k = torch.matmul(grad_scores.transpose(-1, -2), q)
         return grad_q, grad_k, grad_v, None, None, None
@@ -108,3 +113,34 @@ def attention_with_dropout(
     The dropout mask is drawn from the default generator of q's device, as nn.Dropout does.
     """
     return _AttentionWithDropout.apply(q, k, v, key_mask, dropout_p, scale)
+
+
+class _CrossEntropySum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets):
+        log_probabilities = torch.log_softmax(logits.float(), dim=-1)  # (N, V) fp32
+        ctx.save_for_backward(log_probabilities, targets)
+        ctx.logits_dtype, ctx.used = logits.dtype, False
+        return -log_probabilities.gather(1, targets[:, None]).sum()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.used:  # the saved buffer was consumed below; a retained graph cannot be differentiated twice
+            raise RuntimeError("cross_entropy_sum: backward ran twice through the same graph (retain_graph=True).")
+        ctx.used = True
+        log_probabilities, targets = ctx.saved_tensors
+        # d(-log p_t)/d logits = softmax - one_hot(t), written into the saved buffer itself: the (N, V) gradient
+        # needs no memory of its own.
+        grad_logits = log_probabilities.exp_()
+        grad_logits[torch.arange(len(targets), device=targets.device), targets] -= 1.0
+        grad_logits.mul_(grad_output)
+        return grad_logits.to(ctx.logits_dtype), None
+
+
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """F.cross_entropy(logits.float(), targets, reduction="sum") that keeps one (N, V) fp32 buffer for backward
+    and turns it into the gradient in place, instead of allocating two more (N, V) tensors there.
+
+    logits (N, V) float (any dtype; the softmax runs in fp32); targets (N,) int64, all valid -> () float32.
+    """
+    return _CrossEntropySum.apply(logits, targets)

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mlm.errors import MLMError
-from mlm.lean_ops import activation_then_linear, attention_with_dropout
+from mlm.lean_ops import activation_then_linear, attention_with_dropout, cross_entropy_sum
 
 IGNORE_INDEX = -100  # label value of positions that carry no loss (PyTorch's and the reference's convention)
 LAYER_NORM_EPS = 1e-12  # the reference's value; torch's default 1e-5 changes the outputs visibly
@@ -307,9 +307,9 @@ class DistilBertForMaskedLM(nn.Module):
         labelled_hidden = self.distilbert(input_ids, attention_mask, output_positions=label_positions)  # (N, D)
         logits = self.head(labelled_hidden)  # (N, V)
         targets = labels.reshape(-1).index_select(0, label_positions)  # (N,)
-        # Dividing by max(N, 1) gives the mean for N > 0 and 0 instead of NaN for N = 0. float(): under autocast
-        # the loss is still computed in fp32.
-        loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+        # Dividing by max(N, 1) gives the mean for N > 0 and 0 instead of NaN for N = 0. Under autocast the
+        # loss is still computed in fp32.
+        loss_sum = cross_entropy_sum(logits, targets)  # F.cross_entropy(..., reduction="sum"), leaner backward
         return MLMOutput(loss=loss_sum / max(label_positions.numel(), 1), logits=logits)
 
     def num_parameters(self) -> int:
