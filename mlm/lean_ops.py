@@ -1,7 +1,7 @@
-"""Two autograd functions that keep fewer activations for backward than plain PyTorch ops would.
+"""Autograd functions that keep fewer activations for backward than plain PyTorch ops would.
 
-Training memory is dominated by what autograd saves between forward and backward. Two places in a DistilBERT
-block save far more than the backward pass needs, and both can instead recompute a cheap elementwise result:
+Training memory is dominated by what autograd saves between forward and backward. Three places save more than
+the backward pass needs, and each can instead recompute or reuse something cheap:
 
 - The feed-forward `lin2(gelu(h))`: autograd keeps both h (for gelu's derivative) and gelu(h) (for lin2's weight
   gradient), two (B, L, 4D) tensors. `activation_then_linear` keeps h only and recomputes gelu(h) in backward,
@@ -11,6 +11,8 @@ block save far more than the backward pass needs, and both can instead recompute
   a reshaped copy for the matmul). `attention_with_dropout` keeps q, k, v and a 1-byte keep-mask and recomputes the
   probabilities in backward: the flash-attention idea, without the tiling. GPUs do not need it: their SDPA
   kernels (flash, memory-efficient) support dropout and already recompute.
+- The loss: `cross_entropy_sum` saves the (N, V) log-probabilities and turns that buffer into the logits'
+  gradient in place, where autograd would allocate two more (N, V) tensors in backward.
 
 The forward values are exactly those of the plain ops; the gradients equal plain autograd's up to fp32 rounding
 (tests/test_lean_ops.py compares both).

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from mlm.data import load_chunks, load_texts, tokenize_and_chunk
-from mlm.errors import MLMError
+from mlm.errors import run_cli
 from mlm.tokenizer import load_tokenizer
 
 CHUNK_SIZE = 128
@@ -155,20 +155,15 @@ def bench_data(dataset_dir: str | Path, tokenizer_dir: str | Path, *, verbose: b
     return figures
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="../shared/hub/datasets/stanfordnlp/imdb",
                         help="Folder with the Hub layout of stanfordnlp/imdb.")
     parser.add_argument("--tokenizer", default="../shared/hub/models/distilbert-base-uncased",
                         help="Folder with tokenizer.json.")
     args = parser.parse_args(argv)
-    try:
-        bench_data(args.dataset, args.tokenizer)
-    except MLMError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    bench_data(args.dataset, args.tokenizer)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from mlm.data import DEFAULT_DATASET, SPLITS, default_cache_dir, load_chunks, split_train_test
-from mlm.errors import MLMError
+from mlm.errors import MLMError, run_cli
 from mlm.hub import resolve_repo
 from mlm.tokenizer import TOKENIZER_FILES, tokenizer_from_folder
 
@@ -72,40 +72,35 @@ def load_tokenizer_and_limit(name: str):
     return tokenizer, config.get("max_position_embeddings")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
-        splits = [split.strip() for split in args.splits.split(",") if split.strip()]
-        if not splits:
-            raise MLMError("--splits is empty; name at least one split, e.g. --splits train.")
-        tokenizer, max_positions = load_tokenizer_and_limit(args.tokenizer)
-        rows = []
-        for split in splits:
-            start = time.perf_counter()
-            chunks = load_chunks(
-                args.dataset, split, tokenizer,
-                chunk_size=args.chunk_size, group_size=args.group_size, text_column=args.text_column,
-                revision=args.revision, cache_dir=args.cache_dir, max_position_embeddings=max_positions,
-                use_cache=not args.no_cache, progress=sys.stderr.isatty(),
+    splits = [split.strip() for split in args.splits.split(",") if split.strip()]
+    if not splits:
+        raise MLMError("--splits is empty; name at least one split, e.g. --splits train.")
+    tokenizer, max_positions = load_tokenizer_and_limit(args.tokenizer)
+    rows = []
+    for split in splits:
+        start = time.perf_counter()
+        chunks = load_chunks(
+            args.dataset, split, tokenizer,
+            chunk_size=args.chunk_size, group_size=args.group_size, text_column=args.text_column,
+            revision=args.revision, cache_dir=args.cache_dir, max_position_embeddings=max_positions,
+            use_cache=not args.no_cache, progress=sys.stderr.isatty(),
+        )
+        rows.append((split, chunks, time.perf_counter() - start))
+    print(f"{'split':<13} {'reviews':>9} {'tokens':>12} {'chunks':>9} {'load s':>7}  cache")
+    for split, chunks, seconds in rows:
+        where = chunks.cache_path or "(not cached)"
+        print(f"{split:<13} {chunks.n_reviews:>9,} {chunks.n_tokens:>12,} {len(chunks):>9,} "
+              f"{seconds:>7.2f}  {where}")
+    for split, chunks, _ in rows:
+        if split == "train":
+            train, test = split_train_test(
+                chunks, train_size=args.train_size, test_size=args.test_size, seed=args.seed
             )
-            rows.append((split, chunks, time.perf_counter() - start))
-        print(f"{'split':<13} {'reviews':>9} {'tokens':>12} {'chunks':>9} {'load s':>7}  cache")
-        for split, chunks, seconds in rows:
-            where = chunks.cache_path or "(not cached)"
-            print(f"{split:<13} {chunks.n_reviews:>9,} {chunks.n_tokens:>12,} {len(chunks):>9,} "
-                  f"{seconds:>7.2f}  {where}")
-        for split, chunks, _ in rows:
-            if split == "train":
-                train, test = split_train_test(
-                    chunks, train_size=args.train_size, test_size=args.test_size, seed=args.seed
-                )
-                print(f"downsampled train split (seed {args.seed}): {len(train):,} train chunks, "
-                      f"{len(test):,} test chunks of {chunks.chunk_size} tokens")
-    except MLMError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+            print(f"downsampled train split (seed {args.seed}): {len(train):,} train chunks, "
+                  f"{len(test):,} test chunks of {chunks.chunk_size} tokens")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

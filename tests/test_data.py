@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -470,7 +471,7 @@ def test_default_cache_dir(monkeypatch, tmp_path):
 def test_prepare_data_prints_a_table(corpus_dir, tiny_tokenizer_dir, tmp_path, capsys):
     argv = ["--dataset", str(corpus_dir), "--tokenizer", str(tiny_tokenizer_dir), "--splits", "train,test",
             "--chunk-size", "8", "--cache-dir", str(tmp_path / "c"), "--train-size", "20", "--test-size", "5"]
-    assert prepare_data.main(argv) == 0
+    prepare_data.main(argv)
     out = capsys.readouterr().out
     train = load_chunks(corpus_dir, "train", load_tokenizer(tiny_tokenizer_dir), chunk_size=8,
                         cache_dir=tmp_path / "c")
@@ -484,9 +485,9 @@ def test_prepare_data_prints_a_table(corpus_dir, tiny_tokenizer_dir, tmp_path, c
 def test_prepare_data_reports_errors(corpus_dir, tiny_tokenizer_dir, capsys):
     argv = ["--dataset", str(corpus_dir), "--tokenizer", str(tiny_tokenizer_dir), "--text-column", "body",
             "--no-cache"]
-    assert prepare_data.main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "no column 'body'" in err and "Traceback" not in err
+    done = subprocess.run([sys.executable, str(prepare_data.__file__), *argv], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: ") and "no column 'body'" in done.stderr and "Traceback" not in done.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------
