@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mlm.errors import MLMError
-from mlm.lean_ops import activation_then_linear, attention_with_dropout, cross_entropy_sum
+from mlm.lean_ops import activation_then_linear, attention_with_dropout, cross_entropy_sum, dropout
 
 IGNORE_INDEX = -100  # label value of positions that carry no loss (PyTorch's and the reference's convention)
 LAYER_NORM_EPS = 1e-12  # the reference's value; torch's default 1e-5 changes the outputs visibly
@@ -111,12 +111,14 @@ class Embeddings(nn.Module):
         self.word_embeddings = nn.Embedding(config.vocab_size, config.dim, padding_idx=config.pad_token_id)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.dim)
         self.LayerNorm = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)  # capitalised: the reference's name
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout_p = config.dropout
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, L) int64 -> (B, L, D)
         # Positions are 0..L-1 for every row, padded or not (the reference has no position offset for padding).
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        return self.dropout(self.LayerNorm(self.word_embeddings(input_ids) + self.position_embeddings(positions)))
+        summed = self.word_embeddings(input_ids) + self.position_embeddings(positions)
+        # lean_ops.dropout: inverted dropout that keeps a 1-byte mask on the CPU, where F.dropout keeps a float one.
+        return dropout(self.LayerNorm(summed), self.dropout_p, self.training)
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -165,13 +167,14 @@ class FeedForward(nn.Module):
         self.lin1 = nn.Linear(config.dim, config.hidden_dim)
         self.lin2 = nn.Linear(config.hidden_dim, config.dim)
         self.activation_name = config.activation
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout_p = config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., D)
         # lin2(activation(lin1(x))), keeping only lin1's output for backward (mlm/lean_ops.py): 4·D fewer saved
         # floats per token and layer, for one recomputed elementwise activation.
         hidden = self.lin1(x)  # (B, L, F)
-        return self.dropout(activation_then_linear(hidden, self.lin2.weight, self.lin2.bias, self.activation_name))
+        output = activation_then_linear(hidden, self.lin2.weight, self.lin2.bias, self.activation_name)
+        return dropout(output, self.dropout_p, self.training)
 
 
 class TransformerBlock(nn.Module):

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mlm.lean_ops import activation_then_linear, attention_with_dropout
+from mlm.lean_ops import activation_then_linear, attention_with_dropout, dropout, dropout_mask
 from mlm.model import DistilBertConfig, DistilBertForMaskedLM
 
 
@@ -56,11 +56,11 @@ def test_activation_then_linear_under_cpu_autocast_returns_fp32_parameter_gradie
 # ------------------------------------------------------------------------ attention_with_dropout
 
 
-def plain_attention(q, k, v, key_mask, keep, dropout_p, scale):
+def plain_attention(q, k, v, key_mask, drop, keep_scale, scale):
     scores = q @ k.transpose(-1, -2) * scale
     if key_mask is not None:
         scores = scores.masked_fill(~key_mask, float("-inf"))
-    return (torch.softmax(scores, -1) * keep / (1 - dropout_p)) @ v
+    return (torch.softmax(scores, -1) * ~drop * keep_scale) @ v
 
 
 def test_attention_with_dropout_matches_the_plain_formula_with_the_same_mask():
@@ -68,10 +68,10 @@ def test_attention_with_dropout_matches_the_plain_formula_with_the_same_mask():
     key_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)[:, None, None, :]
     torch.manual_seed(123)
     lean = attention_with_dropout(q, k, v, key_mask, 0.25, 0.5)
-    torch.manual_seed(123)  # the mask is one torch.rand draw of the probabilities' shape from the default generator
-    keep = torch.rand(2, 3, 6, 6) >= 0.25
-    assert 0 < keep.sum() < keep.numel()
-    plain = plain_attention(q, k, v, key_mask, keep, 0.25, 0.5)
+    torch.manual_seed(123)  # the mask is one dropout_mask draw of the probabilities' shape
+    drop, keep_scale = dropout_mask((2, 3, 6, 6), 0.25, torch.device("cpu"))
+    assert 0 < drop.sum() < drop.numel() and keep_scale == 4 / 3
+    plain = plain_attention(q, k, v, key_mask, drop, keep_scale, 0.5)
     torch.testing.assert_close(lean, plain, rtol=1e-6, atol=1e-6)
     for got, want in zip(gradients(lean, [q, k, v]), gradients(plain, [q, k, v])):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -92,10 +92,73 @@ def test_attention_with_dropout_gradcheck_float64_with_padding():
 def test_attention_with_dropout_keeps_the_expected_fraction_and_scale():
     ones = torch.ones(4, 4, 64, 8)
     torch.manual_seed(0)
-    out = attention_with_dropout(ones, ones, ones, None, 0.1, 1.0)  # uniform probabilities; v = 1
-    # Each output is (kept fraction of 64 keys) / 0.9: its mean over many rows is 1 within sampling error.
-    assert abs(out.mean().item() - 1.0) < 0.01
-    assert 0.85 < out.min().item() and out.max().item() < 1.15
+    out = attention_with_dropout(ones, ones, ones, None, 0.1, 1.0)  # uniform probabilities 1/64; v = 1
+    # Each output is (kept keys of 64) / 64 * keep_scale: an integer count once the scale is taken out.
+    keep_scale = 2**16 / (2**16 - 6554)
+    kept = out[..., 0] * 64 / keep_scale
+    torch.testing.assert_close(kept, kept.round(), rtol=0, atol=1e-4)
+    # 1024 rows of 64 Bernoulli(1 - p') draws: the kept fraction is 1 - p' within 5 standard deviations.
+    rate = 1 - 6554 / 2**16
+    assert abs(kept.mean().item() / 64 - rate) < 5 * (rate * (1 - rate) / kept.numel() / 64) ** 0.5
+
+
+# ------------------------------------------------------------------------ dropout_mask, dropout
+
+
+@pytest.mark.parametrize("p, dropped_levels", [(0.1, 6554), (0.25, 16384), (0.5, 32768), (1e-6, 0), (0.0, 0)])
+def test_dropout_mask_rate_is_p_rounded_to_a_multiple_of_2_to_the_minus_16(p, dropped_levels):
+    torch.manual_seed(0)
+    drop, keep_scale = dropout_mask((1000, 1000), p, torch.device("cpu"))
+    assert drop.dtype == torch.bool and drop.shape == (1000, 1000)
+    rate = dropped_levels / 2**16
+    assert keep_scale == 1 / (1 - rate)  # exact: both are 2^16 / (2^16 - levels) in float64
+    # A binomial count: 5 standard deviations of 10^6 draws (the test cannot flake in practice).
+    assert abs(drop.float().mean().item() - rate) <= 5 * (rate * (1 - rate) / 1e6) ** 0.5
+
+
+def test_dropout_mask_uses_the_default_generator_and_independent_16_bit_slices():
+    torch.manual_seed(7)
+    first, _ = dropout_mask((4, 1001), 0.5, torch.device("cpu"))  # odd size: the last 64-bit draw is cut
+    torch.manual_seed(7)
+    again, _ = dropout_mask((4, 1001), 0.5, torch.device("cpu"))
+    assert torch.equal(first, again)
+    # With p = 1/2 the mask is the sign bit of each 16-bit slice: neighbours (slices of one draw) must agree
+    # half the time, as independent bits do, and the four slice positions must each drop half the time.
+    torch.manual_seed(1)
+    drop, _ = dropout_mask((250_000, 4), 0.5, torch.device("cpu"))
+    tolerance = 5 * (0.25 / 250_000) ** 0.5
+    for column in range(4):
+        assert abs(drop[:, column].float().mean().item() - 0.5) < tolerance
+    for column in range(3):
+        agree = (drop[:, column] == drop[:, column + 1]).float().mean().item()
+        assert abs(agree - 0.5) < tolerance
+
+
+def test_dropout_mask_with_p_one_drops_everything():
+    drop, keep_scale = dropout_mask((3, 5), 1.0, torch.device("cpu"))
+    assert drop.all() and keep_scale == 0.0
+
+
+def test_dropout_values_gradient_and_what_it_saves():
+    x = torch.randn(8, 16, 32, requires_grad=True)
+    torch.manual_seed(3)
+    out = dropout(x, 0.1, training=True)
+    torch.manual_seed(3)
+    drop, keep_scale = dropout_mask(x.shape, 0.1, x.device)
+    assert torch.equal(out, torch.where(drop, 0.0, x * keep_scale))
+    (grad,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    assert torch.equal(grad, torch.where(drop, 0.0, torch.full_like(x, keep_scale)))
+
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        dropout(x, 0.1, training=True)
+    assert [(t.dtype, t.shape) for t in saved] == [(torch.bool, x.shape)]  # F.dropout keeps a float tensor here
+
+
+def test_dropout_is_the_identity_in_eval_or_at_p_zero():
+    x = torch.randn(4, 5)
+    assert dropout(x, 0.1, training=False) is x
+    assert dropout(x, 0.0, training=True) is x
 
 
 # ------------------------------------------------------------------------ in the model
