@@ -36,6 +36,7 @@ from mlm.data import Chunks, load_chunks, split_train_test
 from mlm.errors import MLMError
 from mlm.evaluate import EvalResult, evaluate
 from mlm.fill_mask import fill_mask
+from mlm.host_memory import keep_freed_memory
 from mlm.masking import MaskingCollator, freeze_eval_masks
 from mlm.model import IGNORE_INDEX, DistilBertForMaskedLM
 from mlm.optim import linear_schedule, make_optimizer, set_learning_rate
@@ -141,6 +142,7 @@ class TrainConfig:
     device: str = "auto"
     compile: bool = False
     gradient_checkpointing: bool = False  # rerun each block's forward in backward: less memory, ~30% slower
+    keep_freed_memory: bool = True  # CPU: glibc keeps freed memory for the next step (mlm/host_memory.py)
     num_workers: int = 0
     output_dir: str = "distilbert-base-uncased-finetuned-imdb"
     log_every: int = 10
@@ -386,6 +388,8 @@ def train(config: TrainConfig) -> RunSummary:
     """Run the whole fine-tuning described by `config`; see the module docstring for the stages."""
     config.validate()
     procs, device = start_processes(config.device)
+    if device.type == "cpu" and config.keep_freed_memory:
+        keep_freed_memory()  # no per-step page faults for the activations: ~10% faster, same peak memory
     say = tqdm.write if procs.is_main else (lambda *_: None)
     output_dir, resume_from = prepare_output_dir(config, procs)
     log = MetricsLog(output_dir / "metrics.jsonl", enabled=procs.is_main)

@@ -1,4 +1,4 @@
-"""Benchmark mlm against the reference (transformers) in one process: model, train, eval, data, masking.
+"""Benchmark mlm against the reference (transformers), in the same run: model, train, eval, data, masking.
 
     python scripts/bench.py [--sections model,train,eval,data,masking] [--device cpu|cuda] [--batch-size 16]
         [--seq-len 128] [--steps N] [--warmup N] [--precision fp32|bf16|fp16] [--compile] [--no-reference] [--json]
@@ -16,10 +16,12 @@ Sections (each figure is measured next to its reference in the same run; ratio =
 - data     scripts/bench_data.py (tokenize + chunk IMDb train vs the course's group_texts pipeline).
 - masking  scripts/bench_masking.py (our masking vs DataCollatorForLanguageModeling / the course's wwm collator).
 
-Peak memory: on CPU the resident-set high-water mark (VmHWM) growth over building the model and optimizer and
-training, each train figure in a fresh process, twice: with glibc's default allocator settings and with
-M_MMAP_THRESHOLD pinned to 1 MiB, where the RSS follows the live tensors (see memory_probe). The model section
-resets VmHWM through /proc/self/clear_refs in-process. On CUDA torch.cuda.max_memory_allocated growth.
+Train figures come from a fresh process per configuration (see train_probe): ours keeps freed memory for
+reuse as scripts/train.py does on the CPU (mlm/host_memory.py), the reference runs with glibc's defaults as the
+course does, and once more with ours' settings. Peak memory: on CPU the resident-set high-water mark (VmHWM)
+growth over building the model and optimizer and training, also with M_MMAP_THRESHOLD pinned to 1 MiB, where
+the RSS follows the live tensors; the model section resets VmHWM through /proc/self/clear_refs in-process. On
+CUDA torch.cuda.max_memory_allocated growth.
 transformers is only imported here (lazily); without it the reference columns stay empty and a note says why.
 """
 
@@ -48,6 +50,7 @@ from torch import nn
 
 from mlm.checkpoint import load_config
 from mlm.evaluate import evaluate
+from mlm.host_memory import keep_freed_memory
 from mlm.masking import mask_tokens, special_tokens_mask
 from mlm.model import IGNORE_INDEX, DistilBertConfig, DistilBertForMaskedLM, estimate_flops_per_token
 from mlm.optim import make_optimizer
@@ -95,7 +98,9 @@ def masked_batch(rows: int, length: int, vocab_size: int, seed: int) -> tuple[to
     The content does not matter for speed; only the labelled count does (it sizes our sparse head's matmul).
     """
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, vocab_size, (rows, length), generator=generator)
+    # bert-base-uncased's ids below 1000 are special and [unusedN] tokens; a tiny test vocabulary has fewer.
+    first_word_id = 1000 if vocab_size > 2000 else MASK_ID + 1
+    ids = torch.randint(first_word_id, vocab_size, (rows, length), generator=generator)
     ids[:, 0] = 101
     ids[torch.rand(rows, length, generator=generator) < 0.02] = 102  # reviews ending mid-chunk, as group_texts gives
     return mask_tokens(ids, special_tokens_mask(ids, SPECIAL_IDS), mask_token_id=MASK_ID, vocab_size=vocab_size,
@@ -377,90 +382,125 @@ def _train_config(bench: Bench, which: str, transformers) -> tuple[float, PeakMe
     return seconds, mem  # the model and optimizer die with this frame; the next PeakMemory collects them
 
 
-def memory_probe(bench: Bench, which: str, *, pinned_mmap: bool) -> float | None:
-    """Peak RSS growth (MiB) of one train configuration, measured in a fresh Python process.
+# The allocator settings a train run is measured under (CPU; on CUDA they change nothing that is measured):
+# "kept": mlm.host_memory.keep_freed_memory, as scripts/train.py runs on the CPU; "default": glibc untouched, as
+# the reference is run; "pinned": M_MMAP_THRESHOLD pinned to 1 MiB, so every larger tensor is its own mapping,
+# unmapped when freed, and the RSS follows the live tensors (the CPU analogue of max_memory_allocated).
+MALLOC_MODES = ("kept", "default", "pinned")
 
-    A fresh process per figure: in a shared one, the heap pages a configuration leaves behind are reused by the
-    next without growing the RSS, which makes whatever runs second look leaner. pinned_mmap sets glibc's
-    M_MMAP_THRESHOLD to 1 MiB, so every larger allocation is its own mapping, unmapped when freed: the RSS then
-    follows the live tensors. With glibc's default (a threshold that rises to 32 MiB) freed tensors stay in a
-    fragmented heap, and the peak RSS adds several hundred MiB of allocator slack to both implementations.
+
+def train_probe(bench: Bench, which: str, malloc: str, *, steps: int, warmup: int) -> dict | None:
+    """Median step seconds and peak memory growth (MiB) of one train configuration, in a fresh Python process.
+
+    A fresh process per figure, for two reasons: glibc's settings are process-wide and cannot be undone, and in
+    a shared process the heap pages one configuration leaves behind are reused by the next without growing the
+    RSS, which would make whatever runs second look leaner.
     """
     args = bench.args
-    command = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", which,
+    command = [sys.executable, str(Path(__file__).resolve()), "--train-probe", which, "--malloc", malloc,
                "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--model-dir", args.model_dir,
-               "--steps", "2", "--warmup", "1", "--device", args.device]
-    if args.precision:
-        command += ["--precision", args.precision]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MIB)) if pinned_mmap else None
+               "--steps", str(steps), "--warmup", str(warmup), "--device", args.device]
+    command += ["--precision", args.precision] if args.precision else []
+    command += ["--compile"] if args.compile else []
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MIB)) if malloc == "pinned" else None  # read at startup
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        bench.notes.append(f"train: memory probe {which} failed: {done.stderr.strip().splitlines()[-1:]}")
+        bench.notes.append(f"train: {which} ({malloc} malloc) failed: {done.stderr.strip().splitlines()[-1:]}")
         return None
-    return json.loads(done.stdout.strip().splitlines()[-1])["delta_mib"]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def train_probe_main(args: argparse.Namespace) -> int:
+    """The child side of train_probe: one configuration, its figures as JSON on the last line of stdout."""
+    if args.malloc == "kept":
+        keep_freed_memory()
+    bench = make_bench(args)
+    transformers = import_transformers() if args.train_probe == "reference" else None
+    seconds, memory = _train_config(bench, args.train_probe, transformers)
+    print(json.dumps({"seconds": seconds, "delta_mib": memory.delta_mib, "peak_mib": memory.peak_mib}))
+    return 0
 
 
 def section_train(bench: Bench, transformers) -> list[dict]:
-    configs = [c for c in TRAIN_CONFIGS if c != "reference" or transformers is not None]
-    seconds, memory = {}, {}
-    for which in configs:
-        seconds[which], memory[which] = _train_config(bench, which, transformers)
-    ours_s, ref_s = seconds["ours"], seconds.get("reference")
+    args, cpu = bench.args, bench.device.type == "cpu"
+    timed, memory_only = dict(steps=args.steps, warmup=args.warmup), dict(steps=2, warmup=1)
+    # Ours as scripts/train.py runs (on the CPU it keeps freed memory), the reference as the course runs.
+    ours_malloc = "kept" if cpu else "default"
+    runs = {"ours": ("ours", ours_malloc, timed), "ours-checkpointed": ("ours-checkpointed", ours_malloc, timed)}
+    if transformers is not None:
+        runs["reference"] = ("reference", "default", timed)
+    if cpu:
+        if transformers is not None:
+            runs["reference-kept"] = ("reference", "kept", timed)  # the same malloc settings as ours
+        for which in [w for w in TRAIN_CONFIGS if w != "reference" or transformers is not None]:
+            runs[f"{which}-live"] = (which, "pinned", memory_only)
+    figures = {}
+    for key, (which, malloc, counts) in runs.items():
+        figures[key] = train_probe(bench, which, malloc, **counts)
+        if not args.json:
+            print(f"[train: {key} done]", file=sys.stderr, flush=True)
 
-    # One "useful work" count for both, so MFU compares like with like: the full-projection count (what the
-    # reference computes). Our sparse head does less work for the same result, which shows up as a higher MFU.
-    flops_per_token = estimate_flops_per_token(bench.config, bench.args.seq_len, 1.0)
-    sparse_flops = estimate_flops_per_token(bench.config, bench.args.seq_len, bench.labelled_fraction)
-    ours_tps = bench.tokens / ours_s
-    ref_tps = bench.tokens / ref_s if ref_s else None
+    def get(key: str, name: str) -> float | None:
+        return figures[key][name] if figures.get(key) else None
+
+    ours_s, ref_s = get("ours", "seconds"), get("reference", "seconds")
+    if ours_s is None:
+        raise SystemExit("train: our training run failed: " + "; ".join(bench.notes))
+    # MFU counts the model FLOPs each implementation executes (no recompute): the reference projects every
+    # position, ours the labelled ones only. Counting the reference's FLOPs for both would credit our skipped
+    # work as utilisation and can pass 100%.
+    ref_flops = estimate_flops_per_token(bench.config, args.seq_len, 1.0)
+    ours_flops = estimate_flops_per_token(bench.config, args.seq_len, bench.labelled_fraction)
+    tps = {key: bench.tokens / get(key, "seconds") if get(key, "seconds") else None for key in figures}
+    ours_tps, ref_tps = tps["ours"], tps.get("reference")
     ours_ceiling = matmul_ceiling(bench, bench.ours_dtype)
     ref_ceiling = matmul_ceiling(bench, bench.reference_dtype)
-    ours_mfu = flops_per_token * ours_tps / ours_ceiling
-    ref_mfu = flops_per_token * ref_tps / ref_ceiling if ref_tps else None
+    ours_mfu = ours_flops * ours_tps / ours_ceiling
+    ref_mfu = ref_flops * ref_tps / ref_ceiling if ref_tps else None
 
     name = {None: "fp32"} | {v: k for k, v in DTYPES.items() if v is not None}
     bench.notes.append(
-        f"train: MFU = estimate_flops_per_token(config, L={bench.args.seq_len}, labelled_fraction=1.0) "
-        f"= {flops_per_token / 1e9:.3f} GFLOP/token (the full-projection count, used for BOTH; our sparse head "
-        f"actually does {sparse_flops / 1e9:.3f}) x tokens/s / matmul ceiling "
-        f"({name[bench.ours_dtype]}: {ours_ceiling / 1e12:.3f} TFLOP/s"
+        f"train: MFU = estimate_flops_per_token(config, L={args.seq_len}, labelled_fraction) x tokens/s / matmul "
+        f"ceiling: {ours_flops / 1e9:.3f} GFLOP/token for ours (labelled fraction "
+        f"{bench.labelled_fraction:.3f}: head and last block at labelled positions only), {ref_flops / 1e9:.3f} "
+        f"for the reference (every position); ceiling {name[bench.ours_dtype]}: {ours_ceiling / 1e12:.3f} TFLOP/s"
         + (f", {name[bench.reference_dtype]}: {ref_ceiling / 1e12:.3f} TFLOP/s" if ref_ceiling != ours_ceiling else "")
-        + f", best {'8192' if bench.device.type == 'cuda' else '2048'}^3 matmul of this run).")
+        + f" (best {'8192' if bench.device.type == 'cuda' else '2048'}^3 matmul of this run).")
     rows = [
         row("train", "step time, ms", ours_s * 1e3, ref_s * 1e3 if ref_s else None),
         row("train", "tokens/s (higher is better)", ours_tps, ref_tps),
-        row("train", "MFU % (full-projection FLOPs)", 100 * ours_mfu, 100 * ref_mfu if ref_mfu else None),
-        row("train", "tokens/s, gradient checkpointing", bench.tokens / seconds["ours-checkpointed"], ref_tps),
+        row("train", "MFU % (model FLOPs each executes)", 100 * ours_mfu, 100 * ref_mfu if ref_mfu else None),
+        row("train", "tokens/s, gradient checkpointing", tps["ours-checkpointed"], ref_tps),
     ]
-    if bench.device.type == "cuda":
+    if not cpu:
         bench.notes.append("train: memory = torch.cuda.max_memory_allocated growth over building the model and "
-                           "optimizer plus all steps (params + grads + AdamW state + activations).")
-        for which, label in (("ours", ""), ("ours-checkpointed", ", gradient checkpointing")):
-            reference = memory["reference"].delta_mib if "reference" in memory else None
-            rows.append(row("train", f"peak memory growth, MiB{label}", memory[which].delta_mib, reference))
+                           "optimizer plus all steps (params + grads + AdamW state + activations), each "
+                           "configuration in a fresh process.")
+        for key, label in (("ours", ""), ("ours-checkpointed", ", gradient checkpointing")):
+            rows.append(row("train", f"peak memory growth, MiB{label}", get(key, "delta_mib"),
+                            get("reference", "delta_mib")))
         return rows
 
     bench.notes.append(
-        "train: memory = peak RSS growth over building the model and optimizer plus 3 steps (params + grads + "
-        "AdamW state + activations), each figure in a fresh process (see memory_probe). 'live' runs with glibc's "
-        "M_MMAP_THRESHOLD pinned to 1 MiB, so the RSS tracks live tensors; 'glibc default' adds the allocator's "
-        "heap fragmentation, which both implementations pay.")
-    probes = {(which, pinned): memory_probe(bench, which, pinned_mmap=pinned)
-              for which in configs for pinned in (True, False)}
-    for which, label in (("ours", ""), ("ours-checkpointed", ", gradient checkpointing")):
-        for pinned, kind in ((True, "live"), (False, "glibc default")):
-            rows.append(row("train", f"peak RSS growth, MiB ({kind}){label}", probes[(which, pinned)],
-                            probes.get(("reference", pinned))))
+        "train: every configuration runs in a fresh process (see train_probe). Ours keeps freed memory for reuse "
+        "(mlm/host_memory.py, as scripts/train.py does on the CPU); the reference runs with glibc's defaults, as "
+        "the course does, and once more with ours' settings. Memory = peak RSS growth over building the model "
+        "and optimizer plus the steps (params + grads + AdamW state + activations + allocator slack); 'live' pins "
+        "M_MMAP_THRESHOLD to 1 MiB in both, so the RSS follows the live tensors: the CPU counterpart of CUDA's "
+        "max_memory_allocated.")
+    rows += [
+        row("train", "tokens/s, reference with ours' malloc settings", ours_tps, tps.get("reference-kept")),
+        row("train", "peak RSS growth, MiB", get("ours", "delta_mib"), get("reference", "delta_mib")),
+        row("train", "peak RSS growth, MiB, gradient checkpointing", get("ours-checkpointed", "delta_mib"),
+            get("reference", "delta_mib")),
+        row("train", "peak RSS growth, MiB, reference with ours' malloc settings", get("ours", "delta_mib"),
+            get("reference-kept", "delta_mib")),
+        row("train", "peak RSS growth, MiB, live tensors", get("ours-live", "delta_mib"),
+            get("reference-live", "delta_mib")),
+        row("train", "peak RSS growth, MiB, live tensors, gradient checkpointing",
+            get("ours-checkpointed-live", "delta_mib"), get("reference-live", "delta_mib")),
+    ]
     return rows
-
-
-def memory_probe_main(args: argparse.Namespace) -> int:
-    """The child side of memory_probe: one configuration, its memory as JSON on the last line of stdout."""
-    bench = make_bench(args)
-    transformers = import_transformers() if args.memory_probe == "reference" else None
-    _, memory = _train_config(bench, args.memory_probe, transformers)
-    print(json.dumps({"delta_mib": memory.delta_mib, "peak_mib": memory.peak_mib}))
-    return 0
 
 
 def section_eval(bench: Bench, transformers) -> list[dict]:
@@ -605,7 +645,7 @@ def print_table(rows: list[dict]) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Benchmark mlm against the reference implementation, in one process.",
+        description="Benchmark mlm against the reference implementation, in the same run.",
         epilog="ratio = ours / reference (below 1 is better for times and memory, above 1 for tokens/s and MFU).")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
@@ -632,7 +672,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-reference", action="store_true",
                         help="do not import transformers: reference columns empty (data keeps its course pipeline)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    parser.add_argument("--memory-probe", choices=TRAIN_CONFIGS, help=argparse.SUPPRESS)  # internal: see memory_probe
+    # Internal: the child side of train_probe.
+    parser.add_argument("--train-probe", choices=TRAIN_CONFIGS, help=argparse.SUPPRESS)
+    parser.add_argument("--malloc", choices=MALLOC_MODES, default="default", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(args.sections) - set(SECTIONS))
@@ -657,6 +699,9 @@ def make_bench(args: argparse.Namespace) -> Bench:
     except Exception as err:
         config = DistilBertConfig()
         notes.append(f"config: {args.model_dir} unusable ({err}); using the built-in DistilBertConfig().")
+    if config.vocab_size <= MASK_ID + 1:
+        raise SystemExit(f"{args.model_dir}: vocab_size {config.vocab_size} is too small; the benchmark batches use "
+                         f"bert-base-uncased's special ids up to [MASK]={MASK_ID}.")
     if args.seq_len > config.max_position_embeddings:
         raise SystemExit(f"--seq-len {args.seq_len} exceeds max_position_embeddings={config.max_position_embeddings}")
     device = torch.device(args.device)
@@ -677,8 +722,8 @@ def make_bench(args: argparse.Namespace) -> Bench:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.memory_probe:
-        return memory_probe_main(args)
+    if args.train_probe:
+        return train_probe_main(args)
     if args.no_reference:
         # A None entry makes every later `import transformers` raise ImportError, so bench_masking (and anything
         # else importing it lazily) skips its reference part too.

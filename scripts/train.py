@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="keep only each block's input for backward and recompute the rest: activation memory "
                         "down to about a sixth, steps about 30%% slower (for batches that do not fit otherwise)")
+    g.add_argument("--release-freed-memory", dest="keep_freed_memory", action="store_false",
+                   help="on the CPU, let glibc hand freed memory back to the kernel as it does by default. By "
+                        "default a CPU run keeps it for the next step instead: no page faults per step (about 10%% "
+                        "faster on a 2-core VM), same peak memory, but the resident memory does not shrink")
     g.add_argument("--num-workers", type=int, default=d.num_workers,
                    help="DataLoader worker processes preparing masked batches (default: %(default)s)")
 

@@ -1,0 +1,40 @@
+"""glibc malloc settings for CPU training: keep freed memory for reuse instead of handing it back to the kernel.
+
+A training step allocates and frees about a gigabyte of activations and gradients, in tensors of 6 to 94 MB
+at full size. glibc serves every allocation above its mmap threshold (128 KiB, rising to at most 32 MiB as
+large blocks are freed) with a fresh mapping that it unmaps on free, and it trims the heap top whenever enough
+of it is free. So every step the kernel maps and zero-fills the same memory again: 125,000-160,000 page faults
+per full-size 16 x 128 step, measured, about 10% of the step time on a 2-core VM, where a fault is expensive.
+
+`keep_freed_memory` raises the mmap threshold to 256 MiB and switches heap trimming off. The first step grows
+the heap and every later step reuses its pages (0 page faults per step, measured). The peak resident memory
+stays what it was (the heap's high-water mark was reached anyway); only the resident memory no longer shrinks
+between steps. Tensors above 256 MiB keep their own mappings. Other C libraries (musl, macOS) are left alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+
+# mallopt parameter numbers, from glibc's <malloc.h>.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+MMAP_THRESHOLD = 256 * 2**20  # above the largest per-step tensor at full size: the (V, D) embedding gradient
+TRIM_THRESHOLD = 2**31 - 1  # mallopt takes a C int; this many free bytes at the heap top never occur
+
+
+def keep_freed_memory() -> bool:
+    """Set glibc's M_MMAP_THRESHOLD to 256 MiB and disable trimming, for the whole process (its forked
+    DataLoader workers included). Returns True if applied, False where the C library is not glibc."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(None)  # the symbols already loaded into this process, libc's mallopt among them
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # mallopt returns 1 on success; the mmap threshold is refused above glibc's ceiling (larger on newer glibc).
+    return mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
