@@ -81,35 +81,35 @@ def median_ms(fn, repeats: int, warmup: int = 10) -> float:
     return statistics.median(times) * 1e3
 
 
-def course_whole_word_collator(tokenizer, wwm_probability: float = 0.2):
-    """The HF course (chapter 7) whole_word_masking_data_collator, as published."""
-    from transformers import default_data_collator
-
-    def collate(features):
-        for feature in features:
-            word_ids = feature.pop("word_ids")
-            mapping = collections.defaultdict(list)
-            current_word_index = -1
-            current_word = None
-            for idx, word_id in enumerate(word_ids):
-                if word_id is not None:
-                    if word_id != current_word:
-                        current_word = word_id
-                        current_word_index += 1
-                    mapping[current_word_index].append(idx)
-            mask = np.random.binomial(1, wwm_probability, (len(mapping),))
-            input_ids = feature["input_ids"]
-            labels = feature["labels"]
-            new_labels = [-100] * len(labels)
-            for word_id in np.where(mask)[0]:
-                word_id = word_id.item()
-                for idx in mapping[word_id]:
-                    new_labels[idx] = labels[idx]
-                    input_ids[idx] = tokenizer.mask_token_id
-            feature["labels"] = new_labels
-        return default_data_collator(features)
-
-    return collate
+def course_whole_word_masking(features: list[dict], tokenizer, wwm_probability: float,
+                              selections: list | None = None) -> list[dict]:
+    """The HF course (chapter 7) whole_word_masking_data_collator, as published, minus its final
+    default_data_collator call: edits `features` in place (pops word_ids, writes [MASK] and labels) and returns
+    them. `selections`, if given, receives each feature's numpy word draws (the golden fixtures record them).
+    It reads tokenizer.mask_token_id per masked token, as published: that attribute lookup is part of its cost."""
+    for feature in features:
+        word_ids = feature.pop("word_ids")
+        mapping = collections.defaultdict(list)
+        current_word_index = -1
+        current_word = None
+        for idx, word_id in enumerate(word_ids):
+            if word_id is not None:
+                if word_id != current_word:
+                    current_word = word_id
+                    current_word_index += 1
+                mapping[current_word_index].append(idx)
+        mask = np.random.binomial(1, wwm_probability, (len(mapping),))
+        if selections is not None:
+            selections.append(mask)
+        input_ids = feature["input_ids"]
+        labels = feature["labels"]
+        new_labels = [-100] * len(labels)
+        for word_id in np.where(mask)[0]:
+            for idx in mapping[word_id.item()]:
+                new_labels[idx] = labels[idx]
+                input_ids[idx] = tokenizer.mask_token_id
+        feature["labels"] = new_labels
+    return features
 
 
 def bench_masking(tokenizer: str | Path | None = DEFAULT_TOKENIZER, repeats: int = 200) -> dict:
@@ -151,7 +151,11 @@ def _bench(tokenizer, repeats: int) -> dict:
     # What the Trainer hands the collator for the course's dataset: dicts of Python lists.
     features = [{"input_ids": i.tolist(), "attention_mask": [1] * LENGTH, "labels": i.tolist()} for i in ids_np]
     results["reference_collator_ms"] = median_ms(lambda: reference(features), repeats)  # leaves features as is
-    course = course_whole_word_collator(tok)
+    from transformers import default_data_collator
+
+    def course(features):  # the course's collator: its masking, then default_data_collator
+        return default_data_collator(course_whole_word_masking(features, tok, 0.2))
+
     word_features = [{"input_ids": i.tolist(), "attention_mask": [1] * LENGTH, "labels": i.tolist(),
                       "word_ids": [None if x < 0 else int(x) for x in w]} for i, w in zip(ids_np, words_np,
                                                                                             strict=True)]

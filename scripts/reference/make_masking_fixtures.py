@@ -21,9 +21,9 @@ Integers are stored as int32 to keep the file small; the tests cast them to int6
 from __future__ import annotations
 
 import argparse
-import collections
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,9 @@ except ImportError as err:  # pragma: no cover - developer script
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))  # the course's collator is defined once, in scripts/bench_masking.py
+from bench_masking import course_whole_word_masking  # noqa: E402
+
 OUT = ROOT / "tests" / "fixtures"
 
 # IMDb-like reviews. They contain [UNK] (emoji, snowman), a literal [MASK], and one-word reviews whose word id 0
@@ -161,32 +164,6 @@ def wwm524_cases(tok, tensors: dict, meta: dict) -> None:
         meta[name] = {"kind": "wwm524", "seed": seed, "wwm_probability": p}
 
 
-def course_collator(features, mask_token_id: int, wwm_probability: float, selections: list):
-    """The HF course (chapter 7) whole_word_masking_data_collator, plus a record of its numpy draws."""
-    for feature in features:
-        word_ids = feature.pop("word_ids")
-        mapping = collections.defaultdict(list)
-        current_word_index = -1
-        current_word = None
-        for idx, word_id in enumerate(word_ids):
-            if word_id is not None:
-                if word_id != current_word:
-                    current_word = word_id
-                    current_word_index += 1
-                mapping[current_word_index].append(idx)
-        mask = np.random.binomial(1, wwm_probability, (len(mapping),))
-        selections.append(mask)
-        input_ids = feature["input_ids"]
-        labels = feature["labels"]
-        new_labels = [-100] * len(labels)
-        for word_id in np.where(mask)[0]:
-            for idx in mapping[word_id.item()]:
-                new_labels[idx] = labels[idx]
-                input_ids[idx] = mask_token_id
-        feature["labels"] = new_labels
-    return default_data_collator(features)
-
-
 def course_cases(tok, tensors: dict, meta: dict) -> None:
     for seed, (batch, length, offset), p in [(0, (4, 32, 0), 0.2), (42, (4, 32, 3), 0.2), (5, (2, 48, 1), 0.5)]:
         name = f"course_b{batch}_l{length}_s{seed}"
@@ -195,7 +172,7 @@ def course_cases(tok, tensors: dict, meta: dict) -> None:
                     for i, ws in zip(ids, words, strict=True)]
         selections: list = []
         np.random.seed(seed)
-        out = course_collator(features, tok.mask_token_id, p, selections)
+        out = default_data_collator(course_whole_word_masking(features, tok, p, selections))
         tensors[f"{name}.input_ids"] = torch.tensor(ids, dtype=torch.int32)
         tensors[f"{name}.word_ids"] = torch.tensor(words, dtype=torch.int32)
         tensors[f"{name}.selection"] = torch.from_numpy(np.concatenate(selections).astype(np.uint8))
