@@ -24,7 +24,9 @@ import platform
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
-MMAP_THRESHOLD = 256 * 2**20  # above the largest per-step tensor at full size: the (V, D) embedding gradient
+# Above every per-step tensor of the full-size model up to batch 64 x 128 (the largest: the (N, V) fp32
+# log-probabilities at ~1,200 labelled tokens, ~150 MB).
+MMAP_THRESHOLD = 256 * 2**20
 TRIM_THRESHOLD = 2**31 - 1  # mallopt takes a C int; this many free bytes at the heap top never occur
 
 

@@ -8,9 +8,9 @@ the backward pass needs, and each can instead recompute or reuse something cheap
   one elementwise pass next to two large matmuls. Saves 4·D floats per token per layer.
 - Attention with dropout on the CPU: PyTorch's fused CPU attention kernel has no dropout, so SDPA falls back to
   its "math" path, which keeps the (B, H, L, L) probabilities several times over (softmax output, dropped copy,
-  a reshaped copy for the matmul). `attention_with_dropout` keeps q, k, v and a 1-byte dropout mask and recomputes the
-  probabilities in backward: the flash-attention idea, without the tiling. GPUs do not need it: their SDPA
-  kernels (flash, memory-efficient) support dropout and already recompute.
+  a reshaped copy for the matmul). `attention_with_dropout` keeps q, k, v and a 1-byte dropout mask and
+  recomputes the probabilities in backward: the flash-attention idea, without the tiling. GPUs do not need it:
+  their SDPA kernels (flash, memory-efficient) support dropout and already recompute.
 - Dropout on the CPU: F.dropout there multiplies by a float noise tensor and keeps it (4 bytes per element), and
   draws it with one 32-bit generator call per element. `dropout` keeps a 1-byte mask drawn from 16-bit slices
   of 64-bit draws (`dropout_mask`): a quarter of the memory and ~4x fewer generator calls. GPUs keep F.dropout.
@@ -18,8 +18,7 @@ the backward pass needs, and each can instead recompute or reuse something cheap
   gradient in place, where autograd would allocate two more (N, V) tensors in backward.
 
 Apart from dropout's masks (drawn differently, see `dropout_mask`), the forward values are exactly those of the
-plain ops; the gradients equal plain autograd's up to fp32 rounding
-(tests/test_lean_ops.py compares both).
+plain ops; the gradients equal plain autograd's up to fp32 rounding (tests/test_lean_ops.py compares both).
 """
 
 from __future__ import annotations
@@ -86,12 +85,12 @@ def dropout_mask(shape: tuple[int, ...], p: float, device: torch.device) -> tupl
     of 2^-16; the scale uses p' itself, so the expected output still equals the input. The draws come from the
     default generator of `device`, so torch.manual_seed and the RNG-state handling of checkpointing apply.
     """
-    count = math.prod(shape)
-    words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)  # full range
-    uniform16 = words.view(torch.int16)[:count].view(shape)
     dropped_levels = round(p * _MASK_LEVELS)
     if dropped_levels >= _MASK_LEVELS:  # p rounds to 1: everything dropped (F.dropout returns zeros too)
         return torch.ones(shape, dtype=torch.bool, device=device), 0.0
+    count = math.prod(shape)
+    words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)  # full range
+    uniform16 = words.view(torch.int16)[:count].view(shape)
     drop = uniform16 < dropped_levels - _MASK_LEVELS // 2
     return drop, _MASK_LEVELS / (_MASK_LEVELS - dropped_levels)
 

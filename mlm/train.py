@@ -389,7 +389,7 @@ def train(config: TrainConfig) -> RunSummary:
     config.validate()
     procs, device = start_processes(config.device)
     if device.type == "cpu" and config.keep_freed_memory:
-        keep_freed_memory()  # no per-step page faults for the activations: ~10% faster, same peak memory
+        keep_freed_memory()  # no per-step page faults: 10-35% faster, peak memory within a few percent
     say = tqdm.write if procs.is_main else (lambda *_: None)
     output_dir, resume_from = prepare_output_dir(config, procs)
     log = MetricsLog(output_dir / "metrics.jsonl", enabled=procs.is_main)
