@@ -1,4 +1,4 @@
-"""scripts/bench.py runs end to end on a tiny model (no transformers, no ../shared) and reports every figure.
+"""bench/bench.py runs end to end on a tiny model (no transformers, no ../shared) and reports every figure.
 
 Only that it runs and what it reports: speed itself is measured by running the script, never in a test.
 """
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_model_train_eval_sections_report_finite_figures_for_ours():
-    command = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--sections", "model,train,eval",
+    command = [sys.executable, str(ROOT / "bench" / "bench.py"), "--sections", "model,train,eval",
                "--model-dir", str(ROOT / "mlm" / "smoke"), "--no-reference", "--steps", "1", "--warmup", "0",
                "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--json"]
     done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=ROOT)

@@ -37,7 +37,7 @@ except ImportError as err:  # pragma: no cover - developer script
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))  # the course's collator is defined once, in scripts/bench_masking.py
+sys.path.insert(0, str(ROOT / "bench"))  # the course's collator is defined once, in bench/bench_masking.py
 from bench_masking import course_whole_word_masking  # noqa: E402
 
 OUT = ROOT / "tests" / "fixtures"

@@ -1,6 +1,6 @@
 """Time masking one 64x128 batch: mlm.masking vs the reference collators.
 
-    python scripts/bench_masking.py [--tokenizer ../shared/hub/models/distilbert-base-uncased] [--repeats 200]
+    python bench/bench_masking.py [--tokenizer ../shared/hub/models/distilbert-base-uncased] [--repeats 200]
 
 Compared, on the same batch of realistic chunks (IMDb-like reviews tokenized with the real tokenizer when its
 folder is there, concatenated with [CLS]/[SEP] and cut into 128-token chunks; random ids with specials

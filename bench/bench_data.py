@@ -1,6 +1,6 @@
 """Time the data pipeline on IMDb train against the tokenizer alone and against the course's pipeline.
 
-    python scripts/bench_data.py --dataset ../shared/hub/datasets/stanfordnlp/imdb \\
+    python bench/bench_data.py --dataset ../shared/hub/datasets/stanfordnlp/imdb \\
         --tokenizer ../shared/hub/models/distilbert-base-uncased
 
 Everything runs in one process, in this order: a short warm-up, our tokenize+chunk, the bare encode_batch,

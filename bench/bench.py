@@ -1,6 +1,6 @@
 """Benchmark mlm against the reference (transformers), in the same run: model, train, eval, data, masking.
 
-    python scripts/bench.py [--sections model,train,eval,data,masking] [--device cpu|cuda] [--batch-size 16]
+    python bench/bench.py [--sections model,train,eval,data,masking] [--device cpu|cuda] [--batch-size 16]
         [--seq-len 128] [--steps N] [--warmup N] [--precision fp32|bf16|fp16] [--compile] [--no-reference] [--json]
 
 Sections (each figure is measured next to its reference in the same run; ratio = ours / reference):
@@ -13,8 +13,8 @@ Sections (each figure is measured next to its reference in the same run; ratio =
            + torch.optim.AdamW with the Trainer's decay groups and its default fused kernel. Tokens/s, peak memory
            and model-FLOPs utilisation.
 - eval     no-grad forward with labels over a few batches: mlm.evaluate.evaluate vs a plain loop over the reference.
-- data     scripts/bench_data.py (tokenize + chunk IMDb train vs the course's group_texts pipeline).
-- masking  scripts/bench_masking.py (our masking vs DataCollatorForLanguageModeling / the course's wwm collator).
+- data     bench/bench_data.py (tokenize + chunk IMDb train vs the course's group_texts pipeline).
+- masking  bench/bench_masking.py (our masking vs DataCollatorForLanguageModeling / the course's wwm collator).
 
 Train figures come from a fresh process per configuration (see train_probe): ours keeps freed memory for
 reuse as scripts/train.py does on the CPU (mlm/host_memory.py), the reference runs with glibc's defaults as the
@@ -554,11 +554,11 @@ def section_eval(bench: Bench, transformers) -> list[dict]:
 
 
 def section_data(bench: Bench, transformers) -> list[dict]:
-    """scripts/bench_data.py: its 'reference' is the course's tokenize + group_texts pipeline (no transformers)."""
+    """bench/bench_data.py: its 'reference' is the course's tokenize + group_texts pipeline (no transformers)."""
     try:
         bench_data = importlib.import_module("bench_data").bench_data
     except Exception as err:  # missing, or broken while someone edits it: skip, do not lose the other sections
-        bench.notes.append(f"data: skipped, scripts/bench_data.py could not be imported ({type(err).__name__}: {err})")
+        bench.notes.append(f"data: skipped, bench/bench_data.py could not be imported ({type(err).__name__}: {err})")
         return []
     kwargs = {"verbose": False} if "verbose" in inspect.signature(bench_data).parameters else {}
     with PeakMemory(bench.device):  # only to reset the high-water mark that its ru_maxrss figures read
@@ -588,11 +588,11 @@ def section_data(bench: Bench, transformers) -> list[dict]:
 
 
 def section_masking(bench: Bench, transformers) -> list[dict]:
-    """scripts/bench_masking.py on one 64x128 batch (one torch thread, median over --masking-repeats calls)."""
+    """bench/bench_masking.py on one 64x128 batch (one torch thread, median over --masking-repeats calls)."""
     try:
         bench_masking = importlib.import_module("bench_masking").bench_masking
     except Exception as err:
-        bench.notes.append(f"masking: skipped, scripts/bench_masking.py could not be imported ({err})")
+        bench.notes.append(f"masking: skipped, bench/bench_masking.py could not be imported ({err})")
         return []
     d = bench_masking(bench.args.model_dir, bench.args.masking_repeats)
     ref = d.get("reference_collator_ms")
