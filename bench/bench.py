@@ -49,19 +49,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlm.checkpoint import load_config
+from mlm.data import Chunks
+from mlm.errors import MLMError
 from mlm.evaluate import evaluate
 from mlm.host_memory import keep_freed_memory
-from mlm.masking import mask_tokens, special_tokens_mask
+from mlm.masking import MaskingCollator, mask_tokens, special_tokens_mask
 from mlm.model import IGNORE_INDEX, DistilBertConfig, DistilBertForMaskedLM, estimate_flops_per_token
-from mlm.optim import make_optimizer
-from mlm.train import train_step
+from mlm.optim import make_optimizer, set_learning_rate
+from mlm.tokenizer import load_tokenizer
+from mlm.train import StepBatches, epoch_order, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = ROOT.parent / "shared" / "hub" / "models" / "distilbert-base-uncased"
 DEFAULT_DATASET_DIR = ROOT.parent / "shared" / "hub" / "datasets" / "stanfordnlp" / "imdb"
 SECTIONS = ("model", "train", "eval", "data", "masking")
-SPECIAL_IDS = (0, 100, 101, 102, 103)  # [PAD] [UNK] [CLS] [SEP] [MASK] of the bert-base-uncased vocabulary
-MASK_ID = 103
 LR, WEIGHT_DECAY, MAX_GRAD_NORM = 2e-5, 0.01, 1.0  # the course's hyper-parameters
 MIB = 2**20
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # None = no autocast
@@ -78,10 +79,16 @@ class Bench:
     config: DistilBertConfig
     ours_dtype: torch.dtype | None  # autocast dtype, None = fp32
     reference_dtype: torch.dtype | None
-    input_ids: torch.Tensor  # (B, L) int64 on the device, masked as the collator would
-    labels: torch.Tensor  # (B, L) int64 on the device, -100 at ~85% of positions
+    special_ids: tuple[int, ...]  # from the tokenizer: never masked
+    mask_id: int
+    cls_id: int
+    sep_id: int
+    first_word_id: int  # random ids are drawn from [first_word_id, vocab_size): past specials and [unusedN]
+    input_ids: torch.Tensor | None = None  # (B, L) int64 on the device, masked as the collator would
+    labels: torch.Tensor | None = None  # (B, L) int64 on the device, -100 at ~85% of positions
     notes: list[str] = field(default_factory=list)
     ceilings: dict = field(default_factory=dict)  # matmul FLOP/s per dtype, measured once
+    figures: dict = field(default_factory=dict)  # per-configuration figures, for --json
 
     @property
     def tokens(self) -> int:
@@ -92,19 +99,17 @@ class Bench:
         return float((self.labels != IGNORE_INDEX).float().mean())
 
 
-def masked_batch(rows: int, length: int, vocab_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_batch(bench: Bench, rows: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Random ids with [CLS]/[SEP] sprinkled in, masked 15% / 80-10-10 exactly as the reference collator does.
 
     The content does not matter for speed; only the labelled count does (it sizes our sparse head's matmul).
     """
     generator = torch.Generator().manual_seed(seed)
-    # bert-base-uncased's ids below 1000 are special and [unusedN] tokens; a tiny test vocabulary has fewer.
-    first_word_id = 1000 if vocab_size > 2000 else MASK_ID + 1
-    ids = torch.randint(first_word_id, vocab_size, (rows, length), generator=generator)
-    ids[:, 0] = 101
-    ids[torch.rand(rows, length, generator=generator) < 0.02] = 102  # reviews ending mid-chunk, as group_texts gives
-    return mask_tokens(ids, special_tokens_mask(ids, SPECIAL_IDS), mask_token_id=MASK_ID, vocab_size=vocab_size,
-                       generator=generator)
+    ids = torch.randint(bench.first_word_id, bench.config.vocab_size, (rows, length), generator=generator)
+    ids[:, 0] = bench.cls_id
+    ids[torch.rand(rows, length, generator=generator) < 0.02] = bench.sep_id  # reviews ending mid-chunk
+    return mask_tokens(ids, special_tokens_mask(ids, bench.special_ids), mask_token_id=bench.mask_id,
+                       vocab_size=bench.config.vocab_size, generator=generator)
 
 
 def import_transformers():
@@ -295,6 +300,7 @@ def section_model(bench: Bench, transformers) -> list[dict]:
     compiled = maybe_compile(model, bench)
     scaler = scaler_for(device, dtype)
     vocab = bench.config.vocab_size
+    positions = (bench.labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)  # once, outside the timing
 
     def backward(loss: torch.Tensor) -> None:
         (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -302,7 +308,7 @@ def section_model(bench: Bench, transformers) -> list[dict]:
 
     def sparse() -> None:
         with autocast(device, dtype):
-            loss = compiled(bench.input_ids, None, bench.labels).loss
+            loss = compiled(bench.input_ids, None, bench.labels, positions).loss
         backward(loss)
 
     def full() -> None:
@@ -339,9 +345,62 @@ def section_model(bench: Bench, transformers) -> list[dict]:
 TRAIN_CONFIGS = ("ours", "ours-checkpointed", "reference")  # ours-checkpointed: with gradient checkpointing
 
 
-def _train_config(bench: Bench, which: str, transformers) -> tuple[float, PeakMemory]:
-    """Median step seconds and the peak memory of building model + optimizer and training `steps` steps."""
+def training_batches(bench: Bench, steps: int) -> StepBatches:
+    """`steps` optimizer steps of B x L chunks, masked per step as scripts/train.py masks them (StepBatches).
+
+    Each step draws its own masks, so the labelled count (which sizes the sparse head) changes every step as in
+    a real run: a benchmark on one fixed batch would hide recompiles and shape-dependent kernel choices.
+    """
+    rows, length = bench.args.batch_size * steps, bench.args.seq_len
+    generator = torch.Generator().manual_seed(0)
+    # Word ids only matter for whole-word masking; every token its own word here.
+    ids = torch.randint(bench.first_word_id, bench.config.vocab_size, (rows, length), generator=generator)
+    ids[:, 0] = bench.cls_id
+    ids[torch.rand(rows, length, generator=generator) < 0.02] = bench.sep_id  # reviews ending mid-chunk
+    word_ids = torch.arange(length).expand(rows, length)
+    chunks = Chunks(ids.int().numpy(), word_ids.int().numpy(), n_reviews=rows, n_tokens=rows * length)
+    collator = MaskingCollator(mask_token_id=bench.mask_id, vocab_size=bench.config.vocab_size,
+                               special_token_ids=bench.special_ids)
+    return StepBatches(chunks, epoch_order(rows, 0, 0), collator, batch_size=bench.args.batch_size, grad_accum=1,
+                       rank=0, world_size=1, seed=0, epoch=0)
+
+
+def timed_windows(step, *, steps: int, warmup: int, windows: int, device: torch.device) -> float:
+    """Seconds per step: the median over `windows` runs of `steps` consecutive calls, after `warmup` calls.
+
+    The device is synchronised only at the edges of a window, as a training run only waits at its log steps:
+    timing each step on its own would add a host sync per step and hide how well the CPU runs ahead.
+    """
+    for _ in range(warmup):
+        step()
+    per_window = []
+    for _ in range(windows):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        synchronize(device)
+        per_window.append((time.perf_counter() - start) / steps)
+    return statistics.median(per_window)
+
+
+def _train_config(bench: Bench, which: str, transformers) -> tuple[float, PeakMemory, float]:
+    """(seconds per step, peak memory of building model + optimizer and training, labelled fraction seen).
+
+    Ours runs the training loop's own per-step path: StepBatches through a DataLoader (masking on the host,
+    pinned memory), non-blocking copies, the learning-rate update and train_step with host-side label counts.
+    The reference gets the same masked batches, already collated and pinned (its collator's cost not counted),
+    and runs the Trainer's step: autocast forward with an all-ones attention mask, GradScaler for fp16, unscale,
+    clip to 1.0, fused AdamW, zero_grad.
+    """
     device, args = bench.device, bench.args
+    cuda = device.type == "cuda"
+    windows = 3 if cuda else 1
+    total = args.warmup + windows * args.steps
+    batches = training_batches(bench, total)
+    loader = iter(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=0, pin_memory=cuda))
+    labelled = []
+
     with PeakMemory(device) as mem:
         if which in ("ours", "ours-checkpointed"):
             model = build_ours(bench)
@@ -349,22 +408,32 @@ def _train_config(bench: Bench, which: str, transformers) -> tuple[float, PeakMe
             optimizer = make_optimizer(model, lr=LR, weight_decay=WEIGHT_DECAY)
             compiled = maybe_compile(model, bench)
             scaler = scaler_for(device, bench.ours_dtype)
-            batch = [{"input_ids": bench.input_ids, "labels": bench.labels}]  # unpadded chunks: no attention_mask
 
             def step() -> None:
-                train_step(compiled, batch, optimizer, scaler=scaler, autocast_dtype=bench.ours_dtype,
+                micro_cpu, labelled_in_step = next(loader)
+                labelled.append(labelled_in_step)
+                micro = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in micro_cpu]
+                set_learning_rate(optimizer, LR)
+                train_step(compiled, micro, optimizer, labelled_counts=[len(b["label_positions"]) for b in micro_cpu],
+                           labelled_in_step=labelled_in_step, scaler=scaler, autocast_dtype=bench.ours_dtype,
                            max_grad_norm=MAX_GRAD_NORM)
         else:
             model = build_reference(bench, transformers)
             optimizer = reference_optimizer(model, device)
             compiled = maybe_compile(model, bench)
             scaler = scaler_for(device, bench.reference_dtype)
-            attention_mask = torch.ones_like(bench.input_ids)  # the course's rows carry an all-ones mask
+            host = []
+            for micro_cpu, labelled_in_step in loader:  # the course's rows carry an all-ones attention mask
+                batch = {"input_ids": micro_cpu[0]["input_ids"], "labels": micro_cpu[0]["labels"],
+                         "attention_mask": torch.ones_like(micro_cpu[0]["input_ids"])}
+                host.append({k: v.pin_memory() if cuda else v for k, v in batch.items()})
+                labelled.append(labelled_in_step)
+            host_batches = iter(host)
 
-            def step() -> None:  # Trainer's order (reference-behaviour.md §4)
+            def step() -> None:  # Trainer's order (docs/reference.md#optimizer-schedule)
+                batch = {k: v.to(device, non_blocking=True) for k, v in next(host_batches).items()}
                 with autocast(device, bench.reference_dtype):
-                    loss = compiled(input_ids=bench.input_ids, attention_mask=attention_mask,
-                                    labels=bench.labels).loss
+                    loss = compiled(**batch).loss
                 if scaler is not None:
                     scaler.scale(loss).backward()
                     scaler.unscale_(optimizer)
@@ -378,8 +447,9 @@ def _train_config(bench: Bench, which: str, transformers) -> tuple[float, PeakMe
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
-        seconds = median_seconds(step, steps=args.steps, warmup=args.warmup, device=device)
-    return seconds, mem  # the model and optimizer die with this frame; the next PeakMemory collects them
+        seconds = timed_windows(step, steps=args.steps, warmup=args.warmup, windows=windows, device=device)
+    fraction = sum(labelled) / (len(labelled) * args.batch_size * args.seq_len)
+    return seconds, mem, fraction  # the model and optimizer die with this frame; the next PeakMemory collects them
 
 
 # The allocator settings a train run is measured under (CPU; on CUDA they change nothing that is measured):
@@ -389,23 +459,29 @@ def _train_config(bench: Bench, which: str, transformers) -> tuple[float, PeakMe
 MALLOC_MODES = ("kept", "default", "pinned")
 
 
-def train_probe(bench: Bench, which: str, malloc: str, *, steps: int, warmup: int) -> dict | None:
-    """Median step seconds and peak memory growth (MiB) of one train configuration, in a fresh Python process.
+def train_probe(bench: Bench, which: str, malloc: str, *, steps: int, warmup: int, precision: str | None = None,
+                compile: bool | None = None) -> dict | None:
+    """Step seconds, peak memory growth (MiB) and labelled fraction of one train configuration, in a fresh process.
 
-    A fresh process per figure, for two reasons: glibc's settings are process-wide and cannot be undone, and in
-    a shared process the heap pages one configuration leaves behind are reused by the next without growing the
-    RSS, which would make whatever runs second look leaner.
+    A fresh process per figure: glibc's settings are process-wide and cannot be undone; in a shared process the
+    heap pages one configuration leaves behind are reused by the next without growing the RSS, which would make
+    whatever runs second look leaner; and each torch.compile starts from an empty cache. `precision` and
+    `compile` default to the command line's.
     """
     args = bench.args
+    precision = precision if precision is not None else args.precision
+    compile = args.compile if compile is None else compile
     command = [sys.executable, str(Path(__file__).resolve()), "--train-probe", which, "--malloc", malloc,
                "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--model-dir", args.model_dir,
-               "--steps", str(steps), "--warmup", str(warmup), "--device", args.device]
-    command += ["--precision", args.precision] if args.precision else []
-    command += ["--compile"] if args.compile else []
+               "--steps", str(steps), "--warmup", str(warmup + (2 if compile and not args.compile else 0)),
+               "--device", args.device]
+    command += ["--precision", precision] if precision else []
+    command += ["--compile"] if compile else []
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MIB)) if malloc == "pinned" else None  # read at startup
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        bench.notes.append(f"train: {which} ({malloc} malloc) failed: {done.stderr.strip().splitlines()[-1:]}")
+        bench.notes.append(f"train: {which} ({malloc} malloc, {precision}, compile={compile}) failed: "
+                           f"{done.stderr.strip().splitlines()[-3:]}")
         return None
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -416,24 +492,97 @@ def train_probe_main(args: argparse.Namespace) -> int:
         keep_freed_memory()
     bench = make_bench(args)
     transformers = import_transformers() if args.train_probe == "reference" else None
-    seconds, memory = _train_config(bench, args.train_probe, transformers)
-    print(json.dumps({"seconds": seconds, "delta_mib": memory.delta_mib, "peak_mib": memory.peak_mib}))
+    seconds, memory, fraction = _train_config(bench, args.train_probe, transformers)
+    print(json.dumps({"seconds": seconds, "delta_mib": memory.delta_mib, "peak_mib": memory.peak_mib,
+                      "labelled_fraction": fraction}))
     return 0
 
 
+def executed_flops_per_token(bench: Bench, which: str, labelled_fraction: float) -> float:
+    """Model FLOPs per token that `which` executes: the reference projects every position, ours the labelled
+    ones only. Counting the reference's FLOPs for both would credit our skipped work as utilisation."""
+    if which == "reference":
+        return estimate_flops_per_token(bench.config, bench.args.seq_len, 1.0)
+    return estimate_flops_per_token(bench.config, bench.args.seq_len, labelled_fraction)
+
+
+# CUDA: ours in both autocast dtypes, eager and compiled; the reference as the course's Trainer runs it (fp16 +
+# GradScaler) and in bf16. (key, which, precision, compile)
+CUDA_TRAIN_RUNS = (
+    ("ours-bf16", "ours", "bf16", False),
+    ("ours-bf16-compiled", "ours", "bf16", True),
+    ("ours-fp16", "ours", "fp16", False),
+    ("ours-fp16-compiled", "ours", "fp16", True),
+    ("reference-fp16", "reference", "fp16", False),
+    ("reference-bf16", "reference", "bf16", False),
+)
+
+
+def section_train_cuda(bench: Bench, transformers) -> list[dict]:
+    args = bench.args
+    figures = {}
+    for key, which, precision, compiled in CUDA_TRAIN_RUNS:
+        if which == "reference" and transformers is None:
+            continue
+        figures[key] = train_probe(bench, which, "default", steps=args.steps, warmup=args.warmup,
+                                   precision=precision, compile=compiled)
+        if not args.json:
+            print(f"[train: {key} done]", file=sys.stderr, flush=True)
+    tokens_per_step = args.batch_size * args.seq_len
+    tps = {k: tokens_per_step / f["seconds"] for k, f in figures.items() if f}
+    if "ours-bf16" not in tps:
+        raise SystemExit("train: our training run failed: " + "; ".join(bench.notes))
+    ceiling = matmul_ceiling(bench, torch.bfloat16)  # MFU is against the bf16 ceiling, whatever the dtype
+
+    def mfu(key: str) -> float | None:
+        if key not in tps:
+            return None
+        which = "reference" if key.startswith("reference") else "ours"
+        return 100 * executed_flops_per_token(bench, which, figures[key]["labelled_fraction"]) * tps[key] / ceiling
+
+    def memory(key: str) -> float | None:
+        return figures[key]["delta_mib"] if figures.get(key) else None
+
+    rows = []
+    for ours in ("ours-bf16", "ours-bf16-compiled", "ours-fp16", "ours-fp16-compiled"):
+        for reference in ("reference-fp16", "reference-bf16"):
+            rows.append(row("train", f"tokens/s, {ours} vs {reference}", tps.get(ours), tps.get(reference)))
+    for key in ("ours-bf16", "ours-bf16-compiled", "ours-fp16", "ours-fp16-compiled"):
+        rows.append(row("train", f"MFU % (bf16 ceiling), {key} vs reference-fp16", mfu(key), mfu("reference-fp16")))
+    rows.append(row("train", "MFU % (bf16 ceiling), reference-bf16", None, mfu("reference-bf16")))
+    for ours, reference in (("ours-bf16", "reference-fp16"), ("ours-bf16", "reference-bf16"),
+                            ("ours-bf16-compiled", "reference-bf16"), ("ours-fp16", "reference-fp16")):
+        rows.append(row("train", f"peak memory growth MiB, {ours} vs {reference}", memory(ours), memory(reference)))
+    fraction = figures["ours-bf16"]["labelled_fraction"]
+    bench.notes.append(
+        f"train: {args.batch_size}x{args.seq_len}, each configuration in a fresh process; seconds per step = median "
+        f"of 3 windows of {args.steps} steps after {args.warmup} warm-up steps (+2 when compiled), the GPU "
+        "synchronised only at window edges. Ours runs scripts/train.py's per-step path (StepBatches masking through "
+        "a DataLoader, pinned memory, non-blocking copies, train_step); masks change every step. MFU = executed "
+        "model FLOPs x "
+        f"tokens/s / bf16 ceiling {ceiling / 1e12:.1f} TFLOP/s (best 8192^3 bf16 matmul of this run); FLOPs per "
+        f"token: ours {executed_flops_per_token(bench, 'ours', fraction) / 1e9:.3f} G (labelled fraction "
+        f"{fraction:.3f}), reference {executed_flops_per_token(bench, 'reference', 1.0) / 1e9:.3f} G. Memory = "
+        "torch.cuda.max_memory_allocated growth over building model + optimizer and all steps.")
+    bench.figures["train"] = {k: {**f, "tokens_per_second": tps.get(k), "mfu_percent": mfu(k)}
+                              for k, f in figures.items() if f}
+    bench.figures["bf16_matmul_tflops"] = ceiling / 1e12
+    return rows
+
+
 def section_train(bench: Bench, transformers) -> list[dict]:
-    args, cpu = bench.args, bench.device.type == "cpu"
+    if bench.device.type == "cuda":
+        return section_train_cuda(bench, transformers)
+    args = bench.args
     timed, memory_only = dict(steps=args.steps, warmup=args.warmup), dict(steps=2, warmup=1)
-    # Ours as scripts/train.py runs (on the CPU it keeps freed memory), the reference as the course runs.
-    ours_malloc = "kept" if cpu else "default"
-    runs = {"ours": ("ours", ours_malloc, timed), "ours-checkpointed": ("ours-checkpointed", ours_malloc, timed)}
+    # Ours as scripts/train.py runs on the CPU (keeping freed memory), the reference as the course runs, and
+    # once more with our malloc settings; then both with the RSS following live tensors only.
+    runs = {"ours": ("ours", "kept", timed), "ours-checkpointed": ("ours-checkpointed", "kept", timed)}
     if transformers is not None:
         runs["reference"] = ("reference", "default", timed)
-    if cpu:
-        if transformers is not None:
-            runs["reference-kept"] = ("reference", "kept", timed)  # the same malloc settings as ours
-        for which in [w for w in TRAIN_CONFIGS if w != "reference" or transformers is not None]:
-            runs[f"{which}-live"] = (which, "pinned", memory_only)
+        runs["reference-kept"] = ("reference", "kept", timed)
+    for which in [w for w in TRAIN_CONFIGS if w != "reference" or transformers is not None]:
+        runs[f"{which}-live"] = (which, "pinned", memory_only)
     figures = {}
     for key, (which, malloc, counts) in runs.items():
         figures[key] = train_probe(bench, which, malloc, **counts)
@@ -446,41 +595,20 @@ def section_train(bench: Bench, transformers) -> list[dict]:
     ours_s, ref_s = get("ours", "seconds"), get("reference", "seconds")
     if ours_s is None:
         raise SystemExit("train: our training run failed: " + "; ".join(bench.notes))
-    # MFU counts the model FLOPs each implementation executes (no recompute): the reference projects every
-    # position, ours the labelled ones only. Counting the reference's FLOPs for both would credit our skipped
-    # work as utilisation and can pass 100%.
-    ref_flops = estimate_flops_per_token(bench.config, args.seq_len, 1.0)
-    ours_flops = estimate_flops_per_token(bench.config, args.seq_len, bench.labelled_fraction)
+    fraction = get("ours", "labelled_fraction")
+    ref_flops = executed_flops_per_token(bench, "reference", 1.0)
+    ours_flops = executed_flops_per_token(bench, "ours", fraction)
     tps = {key: bench.tokens / get(key, "seconds") if get(key, "seconds") else None for key in figures}
     ours_tps, ref_tps = tps["ours"], tps.get("reference")
-    ours_ceiling = matmul_ceiling(bench, bench.ours_dtype)
-    ref_ceiling = matmul_ceiling(bench, bench.reference_dtype)
-    ours_mfu = ours_flops * ours_tps / ours_ceiling
-    ref_mfu = ref_flops * ref_tps / ref_ceiling if ref_tps else None
-
-    name = {None: "fp32"} | {v: k for k, v in DTYPES.items() if v is not None}
+    ceiling = matmul_ceiling(bench, bench.ours_dtype)
+    ours_mfu = ours_flops * ours_tps / ceiling
+    ref_mfu = ref_flops * ref_tps / matmul_ceiling(bench, bench.reference_dtype) if ref_tps else None
     bench.notes.append(
-        f"train: MFU = estimate_flops_per_token(config, L={args.seq_len}, labelled_fraction) x tokens/s / matmul "
-        f"ceiling: {ours_flops / 1e9:.3f} GFLOP/token for ours (labelled fraction "
-        f"{bench.labelled_fraction:.3f}: head and last block at labelled positions only), {ref_flops / 1e9:.3f} "
-        f"for the reference (every position); ceiling {name[bench.ours_dtype]}: {ours_ceiling / 1e12:.3f} TFLOP/s"
-        + (f", {name[bench.reference_dtype]}: {ref_ceiling / 1e12:.3f} TFLOP/s" if ref_ceiling != ours_ceiling else "")
-        + f" (best {'8192' if bench.device.type == 'cuda' else '2048'}^3 matmul of this run).")
-    rows = [
-        row("train", "step time, ms", ours_s * 1e3, ref_s * 1e3 if ref_s else None),
-        row("train", "tokens/s (higher is better)", ours_tps, ref_tps),
-        row("train", "MFU % (model FLOPs each executes)", 100 * ours_mfu, 100 * ref_mfu if ref_mfu else None),
-        row("train", "tokens/s, gradient checkpointing", tps["ours-checkpointed"], ref_tps),
-    ]
-    if not cpu:
-        bench.notes.append("train: memory = torch.cuda.max_memory_allocated growth over building the model and "
-                           "optimizer plus all steps (params + grads + AdamW state + activations), each "
-                           "configuration in a fresh process.")
-        for key, label in (("ours", ""), ("ours-checkpointed", ", gradient checkpointing")):
-            rows.append(row("train", f"peak memory growth, MiB{label}", get(key, "delta_mib"),
-                            get("reference", "delta_mib")))
-        return rows
-
+        f"train: MFU = executed model FLOPs per token x tokens/s / matmul ceiling: {ours_flops / 1e9:.3f} GFLOP/token "
+        f"for ours (labelled fraction {fraction:.3f}: head and last block at labelled positions only), "
+        f"{ref_flops / 1e9:.3f} for the reference (every position); ceiling {ceiling / 1e12:.3f} TFLOP/s (best "
+        "2048^3 matmul of this run). Seconds per step: one window of --steps steps through the training loop's "
+        "per-step path, masks changing every step.")
     bench.notes.append(
         "train: every configuration runs in a fresh process (see train_probe). Ours keeps freed memory for reuse "
         "(mlm/host_memory.py, as scripts/train.py does on the CPU); the reference runs with glibc's defaults, as "
@@ -488,7 +616,12 @@ def section_train(bench: Bench, transformers) -> list[dict]:
         "and optimizer plus the steps (params + grads + AdamW state + activations + allocator slack); 'live' pins "
         "M_MMAP_THRESHOLD to 1 MiB in both, so the RSS follows the live tensors: the CPU counterpart of CUDA's "
         "max_memory_allocated.")
-    rows += [
+    bench.figures["train"] = {k: {**f, "tokens_per_second": tps.get(k)} for k, f in figures.items() if f}
+    return [
+        row("train", "step time, ms", ours_s * 1e3, ref_s * 1e3 if ref_s else None),
+        row("train", "tokens/s (higher is better)", ours_tps, ref_tps),
+        row("train", "MFU % (model FLOPs each executes)", 100 * ours_mfu, 100 * ref_mfu if ref_mfu else None),
+        row("train", "tokens/s, gradient checkpointing", tps["ours-checkpointed"], ref_tps),
         row("train", "tokens/s, reference with ours' malloc settings", ours_tps, tps.get("reference-kept")),
         row("train", "peak RSS growth, MiB", get("ours", "delta_mib"), get("reference", "delta_mib")),
         row("train", "peak RSS growth, MiB, gradient checkpointing", get("ours-checkpointed", "delta_mib"),
@@ -500,14 +633,13 @@ def section_train(bench: Bench, transformers) -> list[dict]:
         row("train", "peak RSS growth, MiB, live tensors, gradient checkpointing",
             get("ours-checkpointed-live", "delta_mib"), get("reference-live", "delta_mib")),
     ]
-    return rows
 
 
 def section_eval(bench: Bench, transformers) -> list[dict]:
     """Eval throughput: `eval_batches` batches of B x L, inputs on the host and moved per batch, as both loops do."""
     device, args = bench.device, bench.args
     n_rows = args.batch_size * args.eval_batches
-    input_ids, labels = masked_batch(n_rows, args.seq_len, bench.config.vocab_size, seed=1)
+    input_ids, labels = masked_batch(bench, n_rows, args.seq_len, seed=1)
     warm_ids, warm_labels = input_ids[: args.batch_size], labels[: args.batch_size]
 
     def run(which: str) -> tuple[float, PeakMemory]:
@@ -693,31 +825,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def make_bench(args: argparse.Namespace) -> Bench:
-    notes = []
     try:
         config = load_config(args.model_dir)
-    except Exception as err:
-        config = DistilBertConfig()
-        notes.append(f"config: {args.model_dir} unusable ({err}); using the built-in DistilBertConfig().")
-    if config.vocab_size <= MASK_ID + 1:
-        raise SystemExit(f"{args.model_dir}: vocab_size {config.vocab_size} is too small; the benchmark batches use "
-                         f"bert-base-uncased's special ids up to [MASK]={MASK_ID}.")
+        tokenizer = load_tokenizer(args.model_dir)
+    except MLMError as err:
+        raise SystemExit(f"error: --model-dir {args.model_dir}: {err}") from None
     if args.seq_len > config.max_position_embeddings:
         raise SystemExit(f"--seq-len {args.seq_len} exceeds max_position_embeddings={config.max_position_embeddings}")
     device = torch.device(args.device)
     if args.precision is not None:
         ours_dtype = reference_dtype = DTYPES[args.precision]
     elif device.type == "cuda":
-        ours_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        ours_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         reference_dtype = torch.float16
     else:
         ours_dtype = reference_dtype = None
-    input_ids, labels = masked_batch(args.batch_size, args.seq_len, config.vocab_size, seed=0)
+    special_ids = tuple(tokenizer.special_token_ids)
+    # Random "words" start past the specials and, in BERT vocabularies, past the [unusedN] placeholders.
+    unused = [i for i in range(tokenizer.vocab_size) if (tokenizer.backend.id_to_token(i) or "").startswith("[unused")]
+    first_word_id = max([*special_ids, *unused]) + 1
+    bench = Bench(args=args, device=device, config=config, ours_dtype=ours_dtype, reference_dtype=reference_dtype,
+                  special_ids=special_ids, mask_id=tokenizer.mask_token_id, cls_id=tokenizer.cls_token_id,
+                  sep_id=tokenizer.sep_token_id, first_word_id=first_word_id)
+    input_ids, labels = masked_batch(bench, args.batch_size, args.seq_len, seed=0)
+    bench.input_ids, bench.labels = input_ids.to(device), labels.to(device)
     # The first optimizer ever built imports torch's optimizer machinery (~70 MiB of RSS, once per process):
     # pay that here, outside every memory window, so the windows hold training memory only.
     torch.optim.AdamW([nn.Parameter(torch.zeros(1, device=device))], fused=device.type in ("cpu", "cuda"))
-    return Bench(args=args, device=device, config=config, ours_dtype=ours_dtype, reference_dtype=reference_dtype,
-                 input_ids=input_ids.to(device), labels=labels.to(device), notes=notes)
+    return bench
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -758,7 +893,7 @@ def main(argv: list[str] | None = None) -> int:
         "total_seconds": round(time.perf_counter() - started, 1),
     }
     if args.json:
-        print(json.dumps({"setup": setup, "rows": rows, "notes": bench.notes}, indent=2))
+        print(json.dumps({"setup": setup, "rows": rows, "figures": bench.figures, "notes": bench.notes}, indent=2))
         return 0
     print(", ".join(f"{k}={v}" for k, v in setup.items()))
     print("ratio = ours / reference\n")
