@@ -32,6 +32,8 @@ def push_folder(
 ) -> str:
     """Create `repo_id` (a model repo) if it does not exist and upload `folder` to it; return the commit's URL.
 
+    repo_id: "namespace/name", or a bare name for a repo in the token owner's namespace.
+
     private: None leaves the Hub's default (public, unless the organisation defaults to private); an existing
     repo keeps its visibility. path_in_repo: upload under this folder of the repo (default: its root).
     endpoint/token: None means huggingface_hub's own resolution (HF_ENDPOINT; HF_TOKEN or the saved login).
@@ -50,13 +52,35 @@ def push_folder(
     kept = f"The model is intact in {folder}; push it again once this is fixed."
     ignore = list(IGNORE_PATTERNS if ignore_patterns is None else ignore_patterns)
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        # A bare name ("my-model") is created in the token owner's namespace; the Hub answers with the full id.
+        repo_id = getattr(repo_url, "repo_id", None) or repo_id
         commit = api.upload_folder(repo_id=repo_id, folder_path=folder, path_in_repo=path_in_repo,
                                    repo_type="model", commit_message=commit_message,
                                    ignore_patterns=ignore)
     except Exception as err:  # classified below; anything unforeseen is still one line, not a traceback
         raise MLMError(f"{describe_push_error(err, repo_id, endpoint)} {kept}") from err
     return str(getattr(commit, "commit_url", commit))
+
+
+def full_repo_id(repo_id: str, *, endpoint: str | None = None, token: str | None = None) -> str:
+    """"namespace/name" for `repo_id`; a bare name gets the token owner's namespace (one whoami request).
+
+    For the model card, which names the repo before the push creates it.
+    """
+    if "/" in repo_id:
+        return repo_id
+    from huggingface_hub import HfApi, constants, get_token
+
+    endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
+    token = token or get_token()
+    if not token:
+        raise MLMError(f"No Hugging Face token to push {repo_id!r} to {endpoint}: set HF_TOKEN to a token with write "
+                       "access, or run `hf auth login` once.")
+    try:
+        return f"{HfApi(endpoint=endpoint, token=token).whoami()['name']}/{repo_id}"
+    except Exception as err:  # classified below; anything unforeseen is still one line, not a traceback
+        raise MLMError(describe_push_error(err, repo_id, endpoint)) from err
 
 
 def push_checkpoint(checkpoint: str | Path, repo_id: str, **kwargs) -> str:

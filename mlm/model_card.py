@@ -128,7 +128,7 @@ def render_model_card(
         _results(before, after, dataset_label, args),
         _fill_mask(fill_mask_before, fill_mask_after),
         _hyperparameters(args),
-        _usage(model_id, args),
+        _usage(model_id, args, base_model),
     ]
     return "\n\n".join(section for section in sections if section) + "\n"
 
@@ -250,7 +250,9 @@ def _cell(text: str) -> str:
 
 
 def _hyperparameters(args: dict) -> str:
-    rows = [(label, args[key]) for label, key in HYPERPARAMETERS if args.get(key) is not None]
+    hidden = set() if args.get("masking") == "wwm" else {"wwm_probability"}  # token runs never use it
+    rows = [(label, _local_name(args[key]) if key in ("model", "dataset") else args[key])
+            for label, key in HYPERPARAMETERS if args.get(key) is not None and key not in hidden]
     if not rows:
         return ""
     if all(key in args for key in ("batch_size", "grad_accum", "world_size")):
@@ -262,6 +264,11 @@ def _hyperparameters(args: dict) -> str:
     return "\n".join(lines)
 
 
+def _local_name(name) -> str:
+    # A card is public: a local path would show the trainer's directory layout, its last part says enough.
+    return str(name) if is_hub_id(str(name)) else f"{Path(str(name)).name} (local)"
+
+
 def _value(value) -> str:
     if isinstance(value, float):
         return f"{value:g}"
@@ -270,8 +277,9 @@ def _value(value) -> str:
     return str(value)
 
 
-def _usage(model_id: str, args: dict) -> str:
+def _usage(model_id: str, args: dict, base_model: str | None) -> str:
     prompt = (args.get("prompts") or ["This is a great [MASK]."])[0]
+    compare = f"--model {base_model} --model {model_id}" if base_model else f"--model {model_id}"
     return f"""## How to use
 
 The folder is in the Hugging Face layout (`config.json`, `model.safetensors`, `tokenizer.json`).
@@ -280,7 +288,7 @@ With mlm (no transformers needed), from a checkout of its repository:
 
 ```bash
 python scripts/fill_mask.py --model {model_id} "{prompt}"
-python scripts/evaluate.py --model {args.get('model', 'distilbert-base-uncased')} --model {model_id}
+python scripts/evaluate.py {compare}  # add the run's data flags to score its own eval set
 ```
 
 ```python

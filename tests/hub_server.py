@@ -129,7 +129,7 @@ def _handler(hub: HubServer):
             hub.requests.append(("GET", self.path))
             path = self.path.split("?")[0]
             if path == "/api/whoami-v2":
-                if self._authorized():
+                if self._authorized() and not self._failing("whoami"):
                     self._send(200, {"type": "user", "name": hub.user, "orgs": []})
                 return
             match = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/[^/]+)?", path)

@@ -15,7 +15,7 @@ from hub_server import TOKEN, HubServer, Repo
 from huggingface_hub import ModelCard, metadata_load
 
 from mlm.errors import MLMError
-from mlm.hub_push import push_checkpoint, push_folder
+from mlm.hub_push import full_repo_id, push_checkpoint, push_folder
 from mlm.model import DistilBertConfig, DistilBertForMaskedLM
 from mlm.model_card import render_model_card, write_model_card, write_run_model_card
 from mlm.tokenizer import load_tokenizer
@@ -129,7 +129,11 @@ def test_card_of_a_local_random_run_names_no_hub_repos(tmp_path):
     data = tmp_path / "reviews.jsonl"
     data.write_text('{"text": "a"}\n')
     args = {**ARGS, "model": str(tmp_path), "init": "random", "dataset": str(data)}
-    meta = card_metadata(render_model_card(model_id=str(tmp_path / "out"), args=args, after=AFTER))
+    text = render_model_card(model_id="me/out", args=args, after=AFTER)
+    meta = card_metadata(text)
+    assert str(tmp_path) not in text  # a public card does not show the trainer's directories
+    assert f"| base model | {tmp_path.name} (local) |" in text and "| dataset | reviews.jsonl (local) |" in text
+    assert "whole-word masking probability" not in text  # a token-masking run does not use it
     # The Hub rejects base_model/datasets that are not repos, and a random init has no base model.
     assert "base_model" not in meta and "datasets" not in meta
     assert meta["license"] == "other"
@@ -185,6 +189,20 @@ def test_push_again_updates_the_existing_repo(hub, run_dir):
     push_folder(run_dir, "me/tiny-imdb", endpoint=hub.url)  # create_repo answers 409: it exists, that is fine
     repo = hub.repos["me/tiny-imdb"]
     assert len(repo.commits) == 2 and repo.files["config.json"] == (run_dir / "config.json").read_bytes()
+
+
+def test_bare_name_goes_to_the_users_namespace(hub, run_dir):
+    url = push_folder(run_dir, "tiny-imdb", endpoint=hub.url)
+    assert url.startswith(f"{hub.url}/me/tiny-imdb/commit/")
+    assert hub.repos["me/tiny-imdb"].files["config.json"] == (run_dir / "config.json").read_bytes()
+
+
+def test_full_repo_id_asks_whoami_for_a_bare_name(hub):
+    assert full_repo_id("org/x", endpoint=hub.url) == "org/x" and hub.requests == []
+    assert full_repo_id("x", endpoint=hub.url) == "me/x"
+    with pytest.raises(MLMError, match="HTTP 500"):
+        hub.fail["whoami"] = 500
+        full_repo_id("x", endpoint=hub.url)
 
 
 def test_push_checkpoint_goes_to_its_own_folder(hub, run_dir):
