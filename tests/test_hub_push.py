@@ -1,0 +1,299 @@
+"""Pushing a run folder to the Hub, against tests/hub_server.py on 127.0.0.1, and the model card it carries."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+import yaml
+from hub_server import TOKEN, HubServer, Repo
+from huggingface_hub import ModelCard, metadata_load
+
+from mlm.errors import MLMError
+from mlm.hub_push import full_repo_id, push_checkpoint, push_folder
+from mlm.model import DistilBertConfig, DistilBertForMaskedLM
+from mlm.model_card import render_model_card, write_model_card, write_run_model_card
+from mlm.tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+# huggingface_hub's LFS upload passes a file as data=, which its HTTP client deprecates; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:Use .content=:DeprecationWarning")
+
+BEFORE = {"loss": 3.08, "perplexity": 21.76, "reference_loss": 3.09, "reference_perplexity": 21.98,
+          "accuracy": 0.41, "tokens": 18000, "sequences": 1000}
+AFTER = {"loss": 2.45, "perplexity": 11.59, "reference_loss": 2.46, "reference_perplexity": 11.70,
+         "accuracy": 0.52, "tokens": 18000, "sequences": 1000}
+ARGS = {"model": "distilbert-base-uncased", "init": "pretrained", "dataset": "stanfordnlp/imdb", "text_column": "text",
+        "chunk_size": 128, "train_size": 10000, "test_size": 1000, "masking": "token", "mlm_probability": 0.15,
+        "batch_size": 64, "grad_accum": 1, "world_size": 1, "lr": 2e-05, "weight_decay": 0.01, "epochs": 3,
+        "seed": 42, "precision_used": "bf16", "device_used": "cuda", "train_chunks": 10000, "eval_chunks": 1000,
+        "total_steps": 471, "warmup_steps_used": 0, "parameters": 66985530, "prompts": ["This is a great [MASK]."]}
+FILL_BEFORE = [{"prompt": "This is a great [MASK].", "predictions": [[["deal", 0.0396], ["success", 0.0237]]]}]
+FILL_AFTER = [{"prompt": "This is a great [MASK].", "predictions": [[["film", 0.1523], ["movie", 0.0994]]]}]
+
+
+@pytest.fixture()
+def hub(monkeypatch):
+    """The local Hub, with hf_xet off (it would take over uploads) and HF_TOKEN set to the server's token."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with HubServer() as server:
+        yield server
+
+
+@pytest.fixture()
+def run_dir(tmp_path, tiny_tokenizer_dir) -> Path:
+    """A finished run's folder as scripts/train.py leaves it, with a model card and a checkpoint."""
+    folder = tmp_path / "run"
+    tokenizer = load_tokenizer(tiny_tokenizer_dir)
+    torch.manual_seed(0)
+    model = DistilBertForMaskedLM(DistilBertConfig(vocab_size=tokenizer.vocab_size, dim=16, n_layers=1, n_heads=2,
+                                                   hidden_dim=32))
+    model.save_pretrained(folder, tokenizer=tokenizer)
+    model.save_pretrained(folder / "checkpoints" / "step-000003", tokenizer=tokenizer)
+    (folder / "checkpoints" / "step-000003" / "optimizer.safetensors").write_bytes(b"\0" * 64)
+    (folder / "args.json").write_text(json.dumps(ARGS))
+    (folder / "summary.json").write_text(json.dumps({"status": "finished", "before": BEFORE, "after": AFTER}))
+    lines = [{"kind": "eval", "label": "before", **BEFORE}, {"kind": "eval", "label": "epoch 1", **AFTER},
+             *({"kind": "fill_mask", "label": "before", **r} for r in FILL_BEFORE),
+             *({"kind": "fill_mask", "label": "after", **r} for r in FILL_AFTER)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    write_run_model_card(folder, model_id="me/tiny-imdb")
+    return folder
+
+
+def local_files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the block ends: nothing listens there
+
+
+# ---------------------------------------------------------------- the model card
+
+
+def card_metadata(text: str) -> dict:
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def test_card_metadata_is_what_the_hub_reads(tmp_path):
+    path = write_model_card(tmp_path, model_id="me/tiny-imdb", args=ARGS, before=BEFORE, after=AFTER,
+                            fill_mask_before=FILL_BEFORE, fill_mask_after=FILL_AFTER)
+    meta = card_metadata(path.read_text())
+    assert meta["base_model"] == "distilbert-base-uncased"
+    assert meta["datasets"] == ["stanfordnlp/imdb"]
+    assert "fill-mask" in meta["tags"] and meta["pipeline_tag"] == "fill-mask"
+    assert meta["license"] == "apache-2.0"
+    [entry] = meta["model-index"]
+    assert entry["name"] == "tiny-imdb"
+    [result] = entry["results"]
+    assert result["task"]["type"] == "fill-mask"
+    assert result["dataset"] == {"name": "stanfordnlp/imdb", "type": "stanfordnlp/imdb", "split": "train"}
+    metrics = {m["name"]: (m["type"], m["value"]) for m in result["metrics"]}
+    assert metrics == {"Perplexity": ("perplexity", 11.59), "Masked-token accuracy": ("accuracy", 0.52),
+                       "Perplexity before fine-tuning": ("perplexity", 21.76)}
+
+    # huggingface_hub's own parsers agree, eval results included.
+    assert metadata_load(path) == meta
+    card = ModelCard.load(path)
+    assert card.data.base_model == "distilbert-base-uncased"
+    assert sorted((r.metric_type, r.metric_value) for r in card.data.eval_results) == [
+        ("accuracy", 0.52), ("perplexity", 11.59), ("perplexity", 21.76)]
+
+
+def test_card_body_holds_hyperparameters_results_predictions_and_usage(tmp_path):
+    text = render_model_card(model_id="me/tiny-imdb", args=ARGS, before=BEFORE, after=AFTER,
+                             fill_mask_before=FILL_BEFORE, fill_mask_after=FILL_AFTER)
+    assert "| perplexity | 21.760 | 11.590 |" in text
+    assert "| perplexity, reference-style | 21.980 | 11.700 |" in text
+    assert "| masked-token accuracy | 41.00% | 52.00% |" in text
+    assert "| This is a great `[MASK]`. | deal 0.040, success 0.024 | film 0.152, movie 0.099 |" in text
+    assert "| learning rate (peak) | 2e-05 |" in text and "| parameters | 66,985,530 |" in text
+    assert "| global batch (chunks per step) | 64 |" in text
+    assert 'pipeline("fill-mask", model="me/tiny-imdb")' in text
+    assert "AutoModelForMaskedLM.from_pretrained(\"me/tiny-imdb\")" in text
+    assert "python scripts/fill_mask.py --model me/tiny-imdb" in text
+
+
+def test_card_of_a_local_random_run_names_no_hub_repos(tmp_path):
+    data = tmp_path / "reviews.jsonl"
+    data.write_text('{"text": "a"}\n')
+    args = {**ARGS, "model": str(tmp_path), "init": "random", "dataset": str(data)}
+    text = render_model_card(model_id="me/out", args=args, after=AFTER)
+    meta = card_metadata(text)
+    assert str(tmp_path) not in text  # a public card does not show the trainer's directories
+    assert f"| base model | {tmp_path.name} (local) |" in text and "| dataset | reviews.jsonl (local) |" in text
+    assert "whole-word masking probability" not in text  # a token-masking run does not use it
+    # The Hub rejects base_model/datasets that are not repos, and a random init has no base model.
+    assert "base_model" not in meta and "datasets" not in meta
+    assert meta["license"] == "other"
+    [result] = meta["model-index"][0]["results"]
+    assert result["dataset"]["name"] == "reviews.jsonl"
+    assert [m["name"] for m in result["metrics"]] == ["Perplexity", "Masked-token accuracy"]
+
+
+def test_run_card_keeps_the_first_runs_before_figure_after_a_resume(run_dir):
+    # A resumed run's summary.json has before = None; metrics.jsonl still holds the first run's "before" eval.
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "before": None}))
+    meta = card_metadata(write_run_model_card(run_dir).read_text())
+    metrics = meta["model-index"][0]["results"][0]["metrics"]
+    assert ("Perplexity before fine-tuning", 21.76) in [(m["name"], m["value"]) for m in metrics]
+
+
+def test_run_card_needs_a_run_folder(tmp_path):
+    with pytest.raises(MLMError, match="No args.json"):
+        write_run_model_card(tmp_path)
+
+
+# ---------------------------------------------------------------- pushing
+
+
+def test_push_uploads_the_run_byte_for_byte(hub, run_dir):
+    before = local_files(run_dir)
+    url = push_folder(run_dir, "me/tiny-imdb", private=True, endpoint=hub.url)
+
+    repo = hub.repos["me/tiny-imdb"]
+    assert repo.private and repo.commits == ["Upload model trained with mlm"]
+    expected = {name: data for name, data in before.items() if not name.startswith("checkpoints/")}
+    assert repo.files == expected  # every file but the checkpoints, byte for byte
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md", "args.json"} <= set(repo.files)
+    assert url.startswith(f"{hub.url}/me/tiny-imdb/commit/")
+    # model.safetensors went through LFS, the text files as base64 in the commit; the card's YAML was validated.
+    assert ("POST", "/me/tiny-imdb.git/info/lfs/objects/batch") in hub.requests
+    assert repo.files["model.safetensors"] in hub.lfs.values()
+    assert hub.yaml_checked and hub.yaml_checked[0]["base_model"] == "distilbert-base-uncased"
+    assert metadata_load_from_bytes(repo.files["README.md"], run_dir)["model-index"][0]["name"] == "tiny-imdb"
+    assert local_files(run_dir) == before
+
+
+def metadata_load_from_bytes(data: bytes, tmp: Path) -> dict:
+    path = tmp.parent / "pushed-README.md"
+    path.write_bytes(data)
+    return metadata_load(path)
+
+
+def test_push_again_updates_the_existing_repo(hub, run_dir):
+    push_folder(run_dir, "me/tiny-imdb", endpoint=hub.url)
+    (run_dir / "config.json").write_text((run_dir / "config.json").read_text().replace("0.02", "0.03"))
+    push_folder(run_dir, "me/tiny-imdb", endpoint=hub.url)  # create_repo answers 409: it exists, that is fine
+    repo = hub.repos["me/tiny-imdb"]
+    assert len(repo.commits) == 2 and repo.files["config.json"] == (run_dir / "config.json").read_bytes()
+
+
+def test_bare_name_goes_to_the_users_namespace(hub, run_dir):
+    url = push_folder(run_dir, "tiny-imdb", endpoint=hub.url)
+    assert url.startswith(f"{hub.url}/me/tiny-imdb/commit/")
+    assert hub.repos["me/tiny-imdb"].files["config.json"] == (run_dir / "config.json").read_bytes()
+
+
+def test_full_repo_id_asks_whoami_for_a_bare_name(hub):
+    assert full_repo_id("org/x", endpoint=hub.url) == "org/x" and hub.requests == []
+    assert full_repo_id("x", endpoint=hub.url) == "me/x"
+    with pytest.raises(MLMError, match="HTTP 500"):
+        hub.fail["whoami"] = 500
+        full_repo_id("x", endpoint=hub.url)
+
+
+def test_push_checkpoint_goes_to_its_own_folder(hub, run_dir):
+    checkpoint = run_dir / "checkpoints" / "step-000003"
+    push_checkpoint(checkpoint, "me/tiny-imdb", endpoint=hub.url)
+    files = hub.repos["me/tiny-imdb"].files
+    assert files == {f"checkpoints/step-000003/{name}": data for name, data in local_files(checkpoint).items()}
+
+
+def test_push_honours_hf_endpoint_in_a_fresh_process(hub, run_dir):
+    # What a user does: HF_ENDPOINT and HF_TOKEN in the environment, no endpoint passed (read at import).
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1",
+           "PYTHONPATH": str(ROOT)}
+    code = f"from mlm.hub_push import push_folder; print(push_folder({str(run_dir)!r}, 'me/from-env'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"{hub.url}/me/from-env/commit/")
+    assert hub.repos["me/from-env"].files["model.safetensors"] == (run_dir / "model.safetensors").read_bytes()
+
+
+def assert_one_line_and_intact(err: pytest.ExceptionInfo, run_dir: Path, before: dict, *fragments: str) -> None:
+    message = str(err.value)
+    assert "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, message
+    assert f"intact in {run_dir}" in message
+    assert local_files(run_dir) == before
+
+
+def test_no_token_is_one_line(hub, run_dir, monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.delenv("HF_OIDC_RESOURCE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-token"))
+    before = local_files(run_dir)
+    with pytest.raises(MLMError) as err:
+        push_folder(run_dir, "me/tiny-imdb", endpoint=hub.url)
+    message = str(err.value)
+    assert "\n" not in message and "No Hugging Face token" in message and "HF_TOKEN" in message
+    assert hub.url in message and "hf auth login" in message
+    assert hub.requests == [] and local_files(run_dir) == before
+
+
+def test_repo_of_someone_else_is_refused_at_create(hub, run_dir):
+    before = local_files(run_dir)
+    with pytest.raises(MLMError) as err:
+        push_folder(run_dir, "someone-else/model", endpoint=hub.url)
+    assert_one_line_and_intact(err, run_dir, before, f"Not allowed to push to 'someone-else/model' on {hub.url}",
+                               "HTTP 403", "rights to create a model", "--hub-model-id")
+    assert "someone-else/model" not in hub.repos
+
+
+def test_public_repo_of_someone_else_is_refused_at_upload(hub, run_dir):
+    # create_repo(exist_ok=True) accepts a 403 when the repo exists; the upload is then what the Hub refuses.
+    hub.repos["someone-else/model"] = Repo(owner="someone-else", files={"README.md": b"theirs"})
+    before = local_files(run_dir)
+    with pytest.raises(MLMError) as err:
+        push_folder(run_dir, "someone-else/model", endpoint=hub.url)
+    assert_one_line_and_intact(err, run_dir, before, "Not allowed to push to 'someone-else/model'", "HTTP 403",
+                               "rights to write")
+    assert hub.repos["someone-else/model"].files == {"README.md": b"theirs"}
+
+
+def test_conflict_on_commit_is_refused(hub, run_dir):
+    hub.fail["commit"] = 409
+    before = local_files(run_dir)
+    with pytest.raises(MLMError) as err:
+        push_folder(run_dir, "me/tiny-imdb", endpoint=hub.url)
+    assert_one_line_and_intact(err, run_dir, before, "HTTP 409 Conflict", "injected failure of commit", "push again")
+
+
+def test_server_error_is_one_line(hub, run_dir):
+    hub.fail["create"] = 500
+    before = local_files(run_dir)
+    with pytest.raises(MLMError) as err:
+        push_folder(run_dir, "me/tiny-imdb", endpoint=hub.url)
+    assert_one_line_and_intact(err, run_dir, before, f"The Hub at {hub.url} failed", "HTTP 500",
+                               "injected failure of create", "Try again later")
+
+
+def test_wrong_token_is_one_line(hub, run_dir, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_not_the_right_one")
+    before = local_files(run_dir)
+    with pytest.raises(MLMError) as err:
+        push_folder(run_dir, "me/tiny-imdb", endpoint=hub.url)
+    assert_one_line_and_intact(err, run_dir, before, "rejected the token", "HTTP 401")
+
+
+def test_unreachable_hub_is_one_line(hub, run_dir):
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    before = local_files(run_dir)
+    with pytest.raises(MLMError) as err:
+        push_folder(run_dir, "me/tiny-imdb", endpoint=endpoint)
+    assert_one_line_and_intact(err, run_dir, before, f"Could not reach the Hub at {endpoint}", "ConnectError")

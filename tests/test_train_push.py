@@ -1,0 +1,73 @@
+"""scripts/train.py --push-to-hub end to end, against tests/hub_server.py on 127.0.0.1.
+
+Skipped until scripts/train.py has the --push-to-hub / --hub-model-id / --hub-private flags.
+"""
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hub_server import TOKEN, HubServer
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "scripts" / "train.py"
+
+
+def has_push_flags() -> bool:
+    parser = runpy.run_path(str(TRAIN))["build_parser"]()
+    return "--push-to-hub" in parser._option_string_actions
+
+
+pytestmark = pytest.mark.skipif(not has_push_flags(), reason="scripts/train.py has no --push-to-hub yet")
+
+
+def run_train(hub: HubServer, tmp_path: Path, *flags: str, token: str | None = TOKEN):
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    env |= {"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "PYTHONPATH": str(ROOT),
+            "HF_HOME": str(tmp_path / "hf-home")}  # no saved login either
+    if token:
+        env["HF_TOKEN"] = token
+    # --smoke with 64 train / 32 eval chunks: 4 steps, every stage, a few seconds.
+    return subprocess.run([sys.executable, str(TRAIN), "--smoke", "--epochs", "1", "--no-progress",
+                           "--train-size", "64", "--test-size", "32",
+                           "--output-dir", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), *flags],
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_smoke_run_pushes_model_and_card(tmp_path):
+    with HubServer() as hub:
+        out = run_train(hub, tmp_path, "--push-to-hub", "--hub-model-id", "smoke-imdb", "--hub-private")
+        assert out.returncode == 0, out.stderr
+        run = tmp_path / "run"
+        repo = hub.repos["me/smoke-imdb"]
+        assert repo.private
+        local = {p.relative_to(run).as_posix(): p.read_bytes() for p in run.rglob("*")
+                 if p.is_file() and "checkpoints" not in p.parts}
+        assert repo.files == local and "model.safetensors" in local and "README.md" in local
+        meta = yaml.safe_load(local["README.md"].decode().split("---\n")[1])
+        assert meta["model-index"][0]["name"] == "smoke-imdb" and "fill-mask" in meta["tags"]
+        after = json.loads(local["summary.json"])["after"]["perplexity"]
+        metrics = meta["model-index"][0]["results"][0]["metrics"]
+        assert metrics[0] == {"type": "perplexity", "value": round(after, 4), "name": "Perplexity"}
+        assert 'model="me/smoke-imdb"' in local["README.md"].decode()
+
+
+def test_no_token_fails_before_training(tmp_path):
+    with HubServer() as hub:
+        out = run_train(hub, tmp_path, "--push-to-hub", token=None)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "No Hugging Face token" in out.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing trained for nothing
+
+
+def test_a_run_without_push_still_writes_its_card(tmp_path):
+    with HubServer() as hub:
+        out = run_train(hub, tmp_path)
+        assert out.returncode == 0, out.stderr
+        assert hub.requests == []
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert yaml.safe_load(card.split("---\n")[1])["pipeline_tag"] == "fill-mask"
