@@ -413,6 +413,9 @@ def _train_config(bench: Bench, which: str, transformers) -> tuple[float, PeakMe
                 micro_cpu, labelled_in_step = next(loader)
                 labelled.append(labelled_in_step)
                 micro = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in micro_cpu]
+                if args.compile:  # as train.py: the labelled count varies, so compile for any count from the start
+                    for b in micro:
+                        torch._dynamo.mark_dynamic(b["label_positions"], 0)
                 set_learning_rate(optimizer, LR)
                 train_step(compiled, micro, optimizer, labelled_counts=[len(b["label_positions"]) for b in micro_cpu],
                            labelled_in_step=labelled_in_step, scaler=scaler, autocast_dtype=bench.ours_dtype,
@@ -526,8 +529,8 @@ def section_train_cuda(bench: Bench, transformers) -> list[dict]:
             continue
         figures[key] = train_probe(bench, which, "default", steps=args.steps, warmup=args.warmup,
                                    precision=precision, compile=compiled)
-        if not args.json:
-            print(f"[train: {key} done]", file=sys.stderr, flush=True)
+        # Also under --json: on stderr, so that a run cut short still leaves each finished figure in its log.
+        print(f"[train: {key} done] {json.dumps(figures[key])}", file=sys.stderr, flush=True)
     tokens_per_step = args.batch_size * args.seq_len
     tps = {k: tokens_per_step / f["seconds"] for k, f in figures.items() if f}
     if "ours-bf16" not in tps:

@@ -117,7 +117,7 @@ def sdpa_kernels() -> dict:
                 F.scaled_dot_product_attention(q, k, v, dropout_p=0.1).sum().backward()
             torch.cuda.synchronize()
             results[backend.name.lower()] = True
-        except RuntimeError as err:
+        except Exception as err:  # RuntimeError when a backend refuses, others on some builds
             results[backend.name.lower()] = str(err).strip().splitlines()[0][:200]
     return results
 
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=None, help="scratch folder for the course runs (default: <out>/../"
                                                      "gpu-check-work, removed at the end)")
     parser.add_argument("--stages", default="env,tests,bench,course", help="comma-separated subset to run")
-    parser.add_argument("--timeouts", default="60,150,200,150",
+    parser.add_argument("--timeouts", default="60,120,200,130",
                         help="seconds allowed for env,tests,bench,course (default: %(default)s)")
     args = parser.parse_args(argv)
     out = Path(args.out)

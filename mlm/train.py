@@ -512,6 +512,9 @@ def train(config: TrainConfig) -> RunSummary:
                 # DDP averages gradients over processes, so each process weighs by total / world_size.
                 labelled = labelled_in_global_batch / procs.world_size
                 micro = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in micro_cpu]
+                if config.compile:  # the labelled count changes every step: compile for any count from the start
+                    for b in micro:
+                        torch._dynamo.mark_dynamic(b["label_positions"], 0)
                 lr = config.lr * linear_schedule(progress.schedule_step, warmup_steps=warmup, total_steps=total_steps)
                 set_learning_rate(optimizer, lr)
                 result = train_step(train_model, micro, optimizer, labelled_counts=counts, labelled_in_step=labelled,
