@@ -192,5 +192,5 @@ class StopRequest:
         if self.signal_name is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
-        tqdm.write(f"{self.signal_name} received: finishing this step, then saving a checkpoint "
-                   "(Ctrl-C again to abort without saving).")
+        tqdm.write(f"{self.signal_name} received: finishing this step (with several processes: up to the next "
+                   "log step), then saving a checkpoint (Ctrl-C again to abort without saving).")

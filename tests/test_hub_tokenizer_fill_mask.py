@@ -96,7 +96,7 @@ def test_folder_without_tokenizer_json(tmp_path):
         load_tokenizer(tmp_path)
 
 
-@pytest.mark.skipif(not SHARED_MODEL.is_dir(), reason="../shared is not present")
+@pytest.mark.skipif(not SHARED_MODEL.is_dir(), reason="needs a local copy of the distilbert-base-uncased tokenizer")
 def test_real_tokenizer_encodes_the_course_prompt():
     tokenizer = load_tokenizer(SHARED_MODEL)
     assert tokenizer.backend.encode("This is a great [MASK].").ids == [101, 2023, 2003, 1037, 2307, 103, 1012, 102]

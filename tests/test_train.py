@@ -1,6 +1,6 @@
 """The training loop: learning, exact resume, interruption, schedule, decay groups, outputs and CLI errors.
 
-Every run here uses the tiny random model, tokenizer and synthetic corpus of mlm/smoke (no Hub, no ../shared).
+Every run here uses the tiny random model, tokenizer and synthetic corpus of mlm/smoke (no Hub, no downloaded files).
 """
 
 import json

@@ -3,7 +3,7 @@
 Saves a random mlm model (a local --config, default the full distilbert-base-uncased shape) with its tokenizer,
 loads the folder with AutoModelForMaskedLM and pipeline("fill-mask"), and compares logits and predictions.
 
-    python scripts/reference/check_transformers_compat.py --model-dir ../shared/hub/models/distilbert-base-uncased
+    python scripts/reference/check_transformers_compat.py --model-dir path/to/distilbert-base-uncased
 """
 
 import argparse
