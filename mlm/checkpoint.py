@@ -4,7 +4,7 @@ Weights are only ever read from safetensors, never unpickled: a pickle file can 
 strict: every tensor the model needs must be there with the right shape, and nothing unknown may be left over,
 because a silently re-initialised tensor ruins a fine-tuning run without any error.
 
-The reference (../shared/docs/reference-behaviour.md §3) stores the tied vocab_projector.weight nowhere: it is
+The reference (docs/reference.md#save-layout) stores the tied vocab_projector.weight nowhere: it is
 the word-embedding matrix. Checkpoints written by other tools may still hold it, and old ones name the embedding
 LayerNorm's parameters gamma/beta; both are accepted here.
 """

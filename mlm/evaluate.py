@@ -1,6 +1,6 @@
 """Perplexity on a frozen, already masked eval set.
 
-Two averages of the per-token cross-entropy are reported (../shared/docs/reference-behaviour.md §4):
+Two averages of the per-token cross-entropy are reported (docs/reference.md#eval-loss):
 
 - `loss`: token-weighted, the mean over every masked token of the eval set. perplexity = exp(loss). It does not
   depend on the eval batch size, which is why it is our headline figure.

@@ -14,7 +14,7 @@ from mlm.errors import MLMError
 
 OFFLINE_HINT = (
     "To work offline, pass a local folder with the same files instead of a repo id "
-    "(e.g. ../shared/hub/models/distilbert-base-uncased), or set HF_HUB_OFFLINE=1 to use the HF cache only."
+    "(e.g. path/to/distilbert-base-uncased), or set HF_HUB_OFFLINE=1 to use the HF cache only."
 )
 
 

@@ -1,6 +1,6 @@
 """Autograd functions that keep fewer activations for backward than plain PyTorch ops would.
 
-Training memory is dominated by what autograd saves between forward and backward. Four places save more than
+Training memory is dominated by what autograd saves between forward and backward. Three places save more than
 the backward pass needs, and each can instead recompute or reuse something cheap:
 
 - The feed-forward `lin2(gelu(h))`: autograd keeps both h (for gelu's derivative) and gelu(h) (for lin2's weight
@@ -11,19 +11,15 @@ the backward pass needs, and each can instead recompute or reuse something cheap
   a reshaped copy for the matmul). `attention_with_dropout` keeps q, k, v and a 1-byte dropout mask and
   recomputes the probabilities in backward: the flash-attention idea, without the tiling. GPUs do not need it:
   their SDPA kernels (flash, memory-efficient) support dropout and already recompute.
-- Dropout on the CPU: F.dropout there multiplies by a float noise tensor and keeps it (4 bytes per element), and
-  draws it with one 32-bit generator call per element. `dropout` keeps a 1-byte mask drawn from 16-bit slices
-  of 64-bit draws (`dropout_mask`): a quarter of the memory and ~4x fewer generator calls. GPUs keep F.dropout.
 - The loss: `cross_entropy_sum` saves the (N, V) log-probabilities and turns that buffer into the logits'
   gradient in place, where autograd would allocate two more (N, V) tensors in backward.
 
-Apart from dropout's masks (drawn differently, see `dropout_mask`), the forward values are exactly those of the
-plain ops; the gradients equal plain autograd's up to fp32 rounding (tests/test_lean_ops.py compares both).
+Apart from the attention dropout mask (other random numbers than F.dropout's), the forward values are exactly
+those of the plain ops; the gradients equal plain autograd's up to fp32 rounding (tests/test_lean_ops.py).
+mlm/lean.py puts these functions into the model's modules.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -72,42 +68,15 @@ def activation_then_linear(
     return _ActivationThenLinear.apply(pre_activation, weight, bias, activation)
 
 
-_MASK_LEVELS = 2**16  # dropout_mask compares 16-bit uniform integers against a threshold
-
-
 def dropout_mask(shape: tuple[int, ...], p: float, device: torch.device) -> tuple[torch.Tensor, float]:
-    """A dropout mask and its inverted-dropout scale: (shape) bool, True = dropped, and 1 / (1 - p').
+    """A dropout mask and its inverted-dropout scale: (shape) bool, True = dropped, and 1 / (1 - p).
 
-    Each element is dropped with probability p' = round(p * 2^16) / 2^16 (0.1 -> 0.10000610), independently.
-    Why not torch.rand(shape) < p: the CPU generator (Mersenne Twister) then runs once per element and every draw
-    becomes a float. Here every 64-bit draw is cut into four 16-bit integers, uniform on [-2^15, 2^15), and
-    compared with a threshold: ~4x fewer generator calls, no float tensor. The price is p rounded to a multiple
-    of 2^-16; the scale uses p' itself, so the expected output still equals the input. The draws come from the
-    default generator of `device`, so torch.manual_seed and the RNG-state handling of checkpointing apply.
+    Each element is dropped with probability p, independently, from the default generator of `device` (so
+    torch.manual_seed and the RNG-state handling of gradient checkpointing apply).
     """
-    dropped_levels = round(p * _MASK_LEVELS)
-    if dropped_levels >= _MASK_LEVELS:  # p rounds to 1: everything dropped (F.dropout returns zeros too)
+    if p >= 1:  # everything dropped, as F.dropout does
         return torch.ones(shape, dtype=torch.bool, device=device), 0.0
-    count = math.prod(shape)
-    words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)  # full range
-    uniform16 = words.view(torch.int16)[:count].view(shape)
-    drop = uniform16 < dropped_levels - _MASK_LEVELS // 2
-    return drop, _MASK_LEVELS / (_MASK_LEVELS - dropped_levels)
-
-
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """F.dropout(x, p, training) that saves a bool mask for backward on the CPU. x (...) float -> same shape.
-
-    On the CPU, F.dropout keeps a float noise tensor of x's size for backward; this keeps the 1-byte mask of
-    `dropout_mask` (and the drop probability is rounded as described there). Other devices use F.dropout, whose
-    fused kernels already keep a bool mask.
-    """
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu":
-        return F.dropout(x, p, training=True)
-    drop, scale = dropout_mask(x.shape, p, x.device)
-    return x.mul(scale).masked_fill_(drop, 0.0)  # autograd keeps `drop` only (the scale is a Python float)
+    return torch.rand(shape, device=device) < p, 1 / (1 - p)
 
 
 def _probabilities(q, k, key_mask, scale) -> torch.Tensor:  # (B, H, L, dh) x2 -> (B, H, L, L), fp32 or wider

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from mlm.constants import IGNORE_INDEX  # -100: positions cross_entropy skips (the reference collator's label value)
 from mlm.errors import MLMError
-from mlm.model import IGNORE_INDEX  # -100: positions cross_entropy skips (the reference collator's label value)
 
 # The reference builds its probability tensors with torch.full(shape, p) in the default dtype, float32. The
 # bernoulli draw compares a uniform sample with p *as stored*, so a float64 matrix selects different positions

@@ -1,7 +1,7 @@
 """DistilBERT for masked language modelling, in plain PyTorch.
 
-The architecture and the weight names follow the reference implementation exactly
-(../shared/docs/reference-behaviour.md §3), so checkpoints move both ways:
+The architecture and the weight names follow the reference implementation (docs/reference.md#model-weights), so
+checkpoints move both ways:
 
     embeddings:  LayerNorm(word + learned position) -> dropout
     6 blocks:    h = LN(attention(x) + x);  x = LN(dropout(lin2(gelu(lin1(h)))) + h)     (post-LayerNorm)
@@ -11,8 +11,11 @@ with exact (erf) GELU, LayerNorm eps 1e-12, no token types, no final LayerNorm a
 weight IS the word-embedding matrix (one Parameter) but which has its own bias.
 
 One deliberate difference: given labels, the vocabulary projection runs only at the labelled positions. About
-85% of tokens are unlabelled, and the (tokens x 768) @ (768 x 30522) projection is the largest matmul in the
-model, so this saves most of the head's time and never materialises (B, L, V) logits. The loss is the same.
+85% of tokens are unlabelled, and the (tokens x D) @ (D x V) projection is the largest matmul in the model, so
+this saves most of the head's time and never materialises (B, L, V) logits. The loss is the same.
+
+Every layer here is a stock PyTorch op. mlm/lean.py swaps some modules for versions that keep less for backward
+(`make_lean`); they compute the same values. Loading and saving live in mlm/checkpoint.py.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mlm.constants import IGNORE_INDEX
 from mlm.errors import MLMError
-from mlm.lean_ops import activation_then_linear, attention_with_dropout, cross_entropy_sum, dropout
 
-IGNORE_INDEX = -100  # label value of positions that carry no loss (PyTorch's and the reference's convention)
+__all__ = ["IGNORE_INDEX", "DistilBertConfig", "DistilBertForMaskedLM", "MLMOutput", "estimate_flops_per_token"]
+
 LAYER_NORM_EPS = 1e-12  # the reference's value; torch's default 1e-5 changes the outputs visibly
 
 
@@ -111,54 +115,51 @@ class Embeddings(nn.Module):
         self.word_embeddings = nn.Embedding(config.vocab_size, config.dim, padding_idx=config.pad_token_id)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.dim)
         self.LayerNorm = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)  # capitalised: the reference's name
-        self.dropout_p = config.dropout
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, L) int64 -> (B, L, D)
         # Positions are 0..L-1 for every row, padded or not (the reference has no position offset for padding).
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         summed = self.word_embeddings(input_ids) + self.position_embeddings(positions)
-        # lean_ops.dropout: inverted dropout that keeps a 1-byte mask on the CPU, where F.dropout keeps a float one.
-        return dropout(self.LayerNorm(summed), self.dropout_p, self.training)
+        return self.dropout(self.LayerNorm(summed))
+
+
+def attention_math(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, dropout_p: float = 0.0
+) -> torch.Tensor:
+    """What F.scaled_dot_product_attention computes, written out (the model calls SDPA, which fuses these steps).
+
+    q, k, v (B, H, L, dh); key_mask (B, 1, 1, L) bool, True = attend, or None -> (B, H, L, dh).
+    """
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5  # (B, H, L, L): every query against every key
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask, float("-inf"))  # padded keys get probability 0
+    probabilities = F.dropout(torch.softmax(scores, dim=-1), dropout_p)  # the reference drops probabilities
+    return probabilities @ v
 
 
 class MultiHeadSelfAttention(nn.Module):
     def __init__(self, config: DistilBertConfig):
         super().__init__()
         self.n_heads = config.n_heads
-        self.attention_dropout = config.attention_dropout
+        self.dropout_p = config.attention_dropout
         self.q_lin = nn.Linear(config.dim, config.dim)
         self.k_lin = nn.Linear(config.dim, config.dim)
         self.v_lin = nn.Linear(config.dim, config.dim)
         self.out_lin = nn.Linear(config.dim, config.dim)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, L, D); key_mask: (B, 1, 1, L) bool, True = attend, or None when nothing is padded -> (B, L, D).
-
-        rows (N,) int64, optional: flat positions (b * L + l) whose output is wanted; then -> (N, D). Every
-        position still serves as key and value; only the output projection is skipped elsewhere.
-        """
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, H, L, dh)
         batch, length, dim = x.shape
-        head_dim = dim // self.n_heads
+        return x.view(batch, length, self.n_heads, dim // self.n_heads).transpose(1, 2)
 
-        def split_heads(t: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, H, L, dh)
-            return t.view(batch, length, self.n_heads, head_dim).transpose(1, 2)
-
-        q, k, v = split_heads(self.q_lin(x)), split_heads(self.k_lin(x)), split_heads(self.v_lin(x))
-        dropout_p = self.attention_dropout if self.training else 0.0
-        if dropout_p > 0 and x.device.type == "cpu" and torch.is_grad_enabled():
-            # PyTorch's CPU attention kernel has no dropout, so SDPA would fall back to a path that keeps the
-            # (B, H, L, L) probabilities three times over for backward; this keeps a 1-byte mask (mlm/lean_ops.py).
-            context = attention_with_dropout(q, k, v, key_mask, dropout_p, head_dim**-0.5)
-        else:
-            # With no mask, SDPA may pick the flash kernel; a mask tensor forces the slower paths.
-            context = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=key_mask, dropout_p=dropout_p, scale=head_dim**-0.5
-            )  # (B, H, L, dh)
-        context = context.transpose(1, 2).reshape(batch, length, dim)
-        if rows is not None:
-            context = context.reshape(-1, dim).index_select(0, rows)  # (N, D)
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """x (B, L, D); key_mask (B, 1, 1, L) bool, True = attend, or None when nothing is padded -> (B, L, D)."""
+        q, k, v = self.split_heads(self.q_lin(x)), self.split_heads(self.k_lin(x)), self.split_heads(self.v_lin(x))
+        dropout_p = self.dropout_p if self.training else 0.0
+        # = attention_math(q, k, v, key_mask, dropout_p). With no mask SDPA may pick the flash kernel on a GPU.
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)  # (B, H, L, dh)
         # No dropout after out_lin: the reference drops attention probabilities only.
-        return self.out_lin(context)
+        return self.out_lin(context.transpose(1, 2).reshape(x.shape))
 
 
 class FeedForward(nn.Module):
@@ -166,15 +167,11 @@ class FeedForward(nn.Module):
         super().__init__()
         self.lin1 = nn.Linear(config.dim, config.hidden_dim)
         self.lin2 = nn.Linear(config.hidden_dim, config.dim)
-        self.activation_name = config.activation
-        self.dropout_p = config.dropout
+        self.activation = config.activation
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., D)
-        # lin2(activation(lin1(x))), keeping only lin1's output for backward (mlm/lean_ops.py): 4·D fewer saved
-        # floats per token and layer, for one recomputed elementwise activation.
-        hidden = self.lin1(x)  # (B, L, F)
-        output = activation_then_linear(hidden, self.lin2.weight, self.lin2.bias, self.activation_name)
-        return dropout(output, self.dropout_p, self.training)
+        return self.dropout(self.lin2(ACTIVATIONS[self.activation](self.lin1(x))))
 
 
 class TransformerBlock(nn.Module):
@@ -185,13 +182,9 @@ class TransformerBlock(nn.Module):
         self.ffn = FeedForward(config)
         self.output_layer_norm = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, L, D) -> (B, L, D), or (N, D) at the flat positions `rows` only (see MultiHeadSelfAttention)."""
-        attended = self.attention(x, key_mask, rows)
-        if rows is not None:
-            x = x.reshape(-1, x.shape[-1]).index_select(0, rows)  # the residual at the same positions
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:  # (B, L, D) -> (B, L, D)
         # Post-LN: the residual sum is normalised (BERT style), not the sublayer input.
-        x = self.sa_layer_norm(attended + x)
+        x = self.sa_layer_norm(self.attention(x, key_mask) + x)
         return self.output_layer_norm(self.ffn(x) + x)
 
 
@@ -201,6 +194,17 @@ class Transformer(nn.Module):
     def __init__(self, config: DistilBertConfig):
         super().__init__()
         self.layer = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+
+
+def key_mask_from(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, L) 1 = token, 0 = padding -> (B, 1, 1, L) bool for every query row, or None when nothing is padded.
+
+    An all-ones mask is dropped, as the reference does: the same result, and SDPA keeps its fastest kernels. (The
+    check reads one value back from the GPU; the training loop passes None for its unpadded batches.)
+    """
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    return attention_mask.bool()[:, None, None, :]
 
 
 class DistilBertModel(nn.Module):
@@ -221,24 +225,18 @@ class DistilBertModel(nn.Module):
         """input_ids (B, L) int64, attention_mask (B, L) with 1 = token, 0 = padding -> hidden states (B, L, D).
 
         output_positions (N,) int64, optional: flat positions (b * L + l) whose hidden states are wanted; then
-        -> (N, D). The last block computes its output projection and feed-forward at those rows only (the
-        earlier blocks need every position, as keys and values of the next). With ~15% of positions labelled
-        this skips ~10% of the model's FLOPs; each returned row is the same computation as before.
+        -> (N, D), those rows of the (B, L, D) result.
         """
-        key_mask = None
-        # An all-ones mask is dropped, as the reference does: same result, and SDPA keeps its fastest kernels.
-        # (The check reads one value back from the GPU; the training loop passes None for unpadded batches.)
-        if attention_mask is not None and not bool(attention_mask.all()):
-            key_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L): mask keys only, every query row
+        key_mask = key_mask_from(attention_mask)
         x = self.embeddings(input_ids)
-        last = len(self.transformer.layer) - 1
-        for index, block in enumerate(self.transformer.layer):
-            rows = output_positions if index == last else None
+        for block in self.transformer.layer:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 # The RNG state is stashed and restored, so the rerun draws the same dropout masks.
-                x = checkpoint(block, x, key_mask, rows, use_reentrant=False)
+                x = checkpoint(block, x, key_mask, use_reentrant=False)
             else:
-                x = block(x, key_mask, rows)
+                x = block(x, key_mask)
+        if output_positions is not None:
+            x = x.reshape(-1, x.shape[-1]).index_select(0, output_positions)  # (N, D)
         return x
 
 
@@ -257,7 +255,8 @@ class DistilBertForMaskedLM(nn.Module):
         self.vocab_transform = nn.Linear(config.dim, config.dim)
         self.vocab_layer_norm = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)
         self.vocab_projector = nn.Linear(config.dim, config.vocab_size)
-        self.activation = ACTIVATIONS[config.activation]
+        # F.cross_entropy summed over the labelled tokens; a module (with no weights) so mlm/lean.py can swap it.
+        self.loss_sum = nn.CrossEntropyLoss(reduction="sum")
         self.init_weights()
         self.tie_weights()
 
@@ -283,7 +282,8 @@ class DistilBertForMaskedLM(nn.Module):
                 module.bias.zero_()
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., V)
-        return self.vocab_projector(self.vocab_layer_norm(self.activation(self.vocab_transform(hidden))))
+        activation = ACTIVATIONS[self.config.activation]
+        return self.vocab_projector(self.vocab_layer_norm(activation(self.vocab_transform(hidden))))
 
     def forward(
         self,
@@ -310,41 +310,31 @@ class DistilBertForMaskedLM(nn.Module):
         labelled_hidden = self.distilbert(input_ids, attention_mask, output_positions=label_positions)  # (N, D)
         logits = self.head(labelled_hidden)  # (N, V)
         targets = labels.reshape(-1).index_select(0, label_positions)  # (N,)
-        # Dividing by max(N, 1) gives the mean for N > 0 and 0 instead of NaN for N = 0. Under autocast the
-        # loss is still computed in fp32.
-        loss_sum = cross_entropy_sum(logits, targets)  # F.cross_entropy(..., reduction="sum"), leaner backward
-        return MLMOutput(loss=loss_sum / max(label_positions.numel(), 1), logits=logits)
+        # The sum divided by max(N, 1): the mean for N > 0, and 0 instead of NaN for N = 0. In fp32 also under
+        # autocast, where the logits arrive in bf16/fp16.
+        loss = self.loss_sum(logits.float(), targets) / max(label_positions.numel(), 1)
+        return MLMOutput(loss=loss, logits=logits)
 
     def num_parameters(self) -> int:
         """Trainable parameter count, the tied matrix counted once (parameters() deduplicates it)."""
         return sum(p.numel() for p in self.parameters())
 
-    # Loading and saving live in mlm/checkpoint.py; these two are the familiar entry points.
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None) -> DistilBertForMaskedLM:
-        """Load config.json + model.safetensors from a local folder or a Hub repo id (see mlm.checkpoint)."""
-        from mlm.checkpoint import load_pretrained
 
-        return load_pretrained(name_or_path, revision=revision)
-
-    def save_pretrained(self, directory: str | Path, tokenizer=None) -> None:
-        """Write config.json + model.safetensors (and the tokenizer files if given) in the Hub layout."""
-        from mlm.checkpoint import save_pretrained
-
-        save_pretrained(self, directory, tokenizer=tokenizer)
-
-
-def estimate_flops_per_token(config: DistilBertConfig, seq_len: int, labelled_fraction: float = 1.0) -> float:
+def estimate_flops_per_token(
+    config: DistilBertConfig, seq_len: int, labelled_fraction: float = 1.0, *, last_block_at_labels: bool = True
+) -> float:
     """Training FLOPs per token (forward + backward = 3x forward, 2 FLOPs per multiply-add).
 
     Counts the matmuls only: per layer 4·D² (q, k, v, out) + 2·D·F (FFN) weights and 2·L·D for the attention
     scores and their application; plus the head's D² transform and D·V projection. labelled_fraction < 1
-    counts what the model computes given labels: the head, and the last block's output projection and
-    feed-forward, at the labelled fraction of tokens only. 1.0 counts the reference's full computation.
+    counts what the model computes given labels: the head at the labelled fraction of tokens only, and with
+    last_block_at_labels (the lean model, mlm/lean.py) the last block's output projection and feed-forward
+    too. labelled_fraction=1.0 counts the reference's full computation.
     """
     d, f, v = config.dim, config.hidden_dim, config.vocab_size
     every_token = 3 * d * d + 2 * seq_len * d  # q, k, v and attention: every position, every layer
     selectable = d * d + 2 * d * f  # output projection and feed-forward
-    layers = config.n_layers * every_token + (config.n_layers - 1 + labelled_fraction) * selectable
+    last_block = labelled_fraction if last_block_at_labels else 1.0
+    layers = config.n_layers * every_token + (config.n_layers - 1 + last_block) * selectable
     forward_macs = layers + labelled_fraction * (d * d + d * v)
     return 3 * 2 * forward_macs

@@ -1,6 +1,6 @@
 """AdamW with the reference Trainer's weight-decay groups, and its linear learning-rate schedule.
 
-Reference (../shared/docs/reference-behaviour.md §4): decoupled weight decay on every weight matrix, the word
+Reference (docs/reference.md#optimizer-schedule): decoupled weight decay on every weight matrix, the word
 and position embeddings included (the tied projector is the same Parameter, so it appears once), and no decay on
 biases or LayerNorm parameters. The learning rate decays linearly to 0 after an optional linear warmup, and it
 advances only on optimizer steps that really happened (an fp16 step skipped for inf gradients does not count).

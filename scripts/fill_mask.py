@@ -12,9 +12,9 @@ import argparse
 import json
 from dataclasses import asdict
 
+from mlm.checkpoint import load_pretrained
 from mlm.errors import run_cli
 from mlm.fill_mask import fill_mask
-from mlm.model import DistilBertForMaskedLM
 from mlm.tokenizer import load_tokenizer
 
 
@@ -34,7 +34,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    model = DistilBertForMaskedLM.from_pretrained(args.model, revision=args.revision).to(args.device)
+    model = load_pretrained(args.model, revision=args.revision).to(args.device)
     tokenizer_source = args.tokenizer or args.model
     tokenizer = load_tokenizer(tokenizer_source, revision=None if args.tokenizer else args.revision)
     results = fill_mask(model, tokenizer, args.sentences, top_k=args.top_k)

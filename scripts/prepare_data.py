@@ -1,7 +1,7 @@
 """Tokenize and chunk IMDb (or any text corpus) once, cache the chunks, and print what came out.
 
-    python scripts/prepare_data.py --dataset ../shared/hub/datasets/stanfordnlp/imdb \\
-        --tokenizer ../shared/hub/models/distilbert-base-uncased
+    python scripts/prepare_data.py --dataset path/to/imdb \\
+        --tokenizer path/to/distilbert-base-uncased
 
 Training reads the same cache, so running this first only moves the tokenizing cost out of the training run.
 """

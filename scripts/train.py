@@ -8,8 +8,8 @@ predictions, and writes the fine-tuned model in the Hub layout to --output-dir.
 Examples:
   python scripts/train.py                                   # the course run (needs the Hub or the HF cache)
   python scripts/train.py --smoke                           # tiny offline run of every stage, < 1 minute on CPU
-  python scripts/train.py --model ../shared/hub/models/distilbert-base-uncased --init random \\
-      --dataset ../shared/hub/datasets/stanfordnlp/imdb     # local folders, random weights
+  python scripts/train.py --model path/to/distilbert-base-uncased --init random \\
+      --dataset path/to/imdb                                # local folders, random weights
   python scripts/train.py --resume latest                   # continue an interrupted run
   torchrun --nproc_per_node 4 scripts/train.py --batch-size 16   # 4 processes (DDP), global batch 64
 
@@ -88,13 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("hardware")
     g.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default=d.precision,
-                   help="auto: bf16 autocast on GPUs that support it, else fp16 with loss scaling; fp32 on CPU "
-                        "(default: %(default)s)")
+                   help="auto: bf16 autocast on GPUs that run bf16 natively, else fp16 with loss scaling; fp32 on "
+                        "CPU. fp32 on a GPU is exact fp32 (TF32 matmuls stay off) (default: %(default)s)")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="keep only each block's input for backward and recompute the rest: activation memory "
                         "down to about a sixth, steps about 30%% slower (for batches that do not fit otherwise)")
+    g.add_argument("--lean", choices=["auto", "on", "off"], default=d.lean,
+                   help="the model variant that keeps less for backward (mlm/lean.py: same values, less memory, "
+                        "faster on CPUs); auto: on the CPU, off on GPUs, where the plain model's fused kernels "
+                        "do that job (default: %(default)s)")
     g.add_argument("--release-freed-memory", dest="keep_freed_memory", action="store_false",
                    help="on the CPU, let glibc hand freed memory back to the kernel as it does by default. By "
                         "default a CPU run keeps it for the next step instead: no page faults per step (10-35%% "

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny BERT-style WordPiece tokenizer that needs neither the Hub nor ../shared."""
+"""Shared fixtures: a tiny BERT-style WordPiece tokenizer that needs neither the Hub nor any downloaded file."""
 
 from __future__ import annotations
 

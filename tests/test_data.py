@@ -491,11 +491,12 @@ def test_prepare_data_reports_errors(corpus_dir, tiny_tokenizer_dir, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The real data, when ../shared is there
+# The real data, when a local copy is at hand
 
 
-@pytest.mark.skipif(not (SHARED_IMDB.is_dir() and SHARED_TOKENIZER.is_dir()), reason="needs ../shared")
-def test_shared_imdb_first_reviews_match_the_reference():
+@pytest.mark.skipif(not (SHARED_IMDB.is_dir() and SHARED_TOKENIZER.is_dir()),
+                    reason="needs a local copy of IMDb and its tokenizer")
+def test_real_imdb_first_reviews_match_the_reference():
     tokenizer = load_tokenizer(SHARED_TOKENIZER)
     texts = load_texts(SHARED_IMDB, "train")[:300]
     chunks = tokenize_and_chunk(texts, tokenizer, chunk_size=128, group_size=100)

@@ -10,6 +10,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 
+from mlm.checkpoint import load_pretrained, save_pretrained
 from mlm.errors import MLMError
 from mlm.evaluate import evaluate
 from mlm.fill_mask import fill_mask
@@ -46,7 +47,7 @@ def tiny_model_dir(tmp_path, tiny_tokenizer_dir) -> Path:
     torch.manual_seed(0)
     config = DistilBertConfig(vocab_size=tokenizer.vocab_size, dim=16, n_layers=1, n_heads=2, hidden_dim=32)
     folder = tmp_path / "tiny-model"
-    DistilBertForMaskedLM(config).save_pretrained(folder, tokenizer=tokenizer)
+    save_pretrained(DistilBertForMaskedLM(config), folder, tokenizer=tokenizer)
     return folder
 
 
@@ -55,14 +56,14 @@ def tiny_model_dir(tmp_path, tiny_tokenizer_dir) -> Path:
 def test_hub_repo_id_is_read_from_the_hf_cache_offline(offline_cache, tiny_model_dir):
     snapshot = put_in_cache(offline_cache, "someone/tiny-mlm", tiny_model_dir)
     assert resolve_repo("someone/tiny-mlm") == snapshot
-    model = DistilBertForMaskedLM.from_pretrained("someone/tiny-mlm")
+    model = load_pretrained("someone/tiny-mlm")
     assert model.config.dim == 16
     assert load_tokenizer("someone/tiny-mlm").mask_token_id == 4
 
 
 def test_uncached_repo_id_offline_says_how_to_work_offline(offline_cache):
     with pytest.raises(MLMError, match="(?s)unreachable.*HF_HUB_OFFLINE.*local folder"):
-        DistilBertForMaskedLM.from_pretrained("someone/not-there")
+        load_pretrained("someone/not-there")
 
 
 def test_missing_local_folder_and_revision_on_a_folder(tmp_path):
@@ -95,7 +96,7 @@ def test_folder_without_tokenizer_json(tmp_path):
         load_tokenizer(tmp_path)
 
 
-@pytest.mark.skipif(not SHARED_MODEL.is_dir(), reason="../shared is not present")
+@pytest.mark.skipif(not SHARED_MODEL.is_dir(), reason="needs a local copy of the distilbert-base-uncased tokenizer")
 def test_real_tokenizer_encodes_the_course_prompt():
     tokenizer = load_tokenizer(SHARED_MODEL)
     assert tokenizer.backend.encode("This is a great [MASK].").ids == [101, 2023, 2003, 1037, 2307, 103, 1012, 102]
@@ -105,7 +106,7 @@ def test_real_tokenizer_encodes_the_course_prompt():
 # ---------------------------------------------------------------- fill-mask
 
 def test_fill_mask_matches_the_full_softmax(tiny_model_dir):
-    model = DistilBertForMaskedLM.from_pretrained(tiny_model_dir).eval()
+    model = load_pretrained(tiny_model_dir).eval()
     tokenizer = load_tokenizer(tiny_model_dir)
     sentences = ["the movie was [MASK] .", "a [MASK] and [MASK] film with a long title"]
     results = fill_mask(model, tokenizer, sentences, top_k=3)
@@ -126,7 +127,7 @@ def test_fill_mask_matches_the_full_softmax(tiny_model_dir):
 
 
 def test_fill_mask_without_mask_token(tiny_model_dir):
-    model = DistilBertForMaskedLM.from_pretrained(tiny_model_dir)
+    model = load_pretrained(tiny_model_dir)
     with pytest.raises(MLMError, match=r"No \[MASK\] in 'no mask here'"):
         fill_mask(model, load_tokenizer(tiny_model_dir), ["no mask here"])
 

@@ -1,6 +1,6 @@
 """The training loop: learning, exact resume, interruption, schedule, decay groups, outputs and CLI errors.
 
-Every run here uses the tiny random model, tokenizer and synthetic corpus of mlm/smoke (no Hub, no ../shared).
+Every run here uses the tiny random model, tokenizer and synthetic corpus of mlm/smoke (no Hub, no downloaded files).
 """
 
 import json
@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import mlm.train
+from mlm.checkpoint import load_pretrained
 from mlm.data import Chunks
 from mlm.errors import MLMError
 from mlm.masking import MaskingCollator
@@ -81,7 +82,7 @@ def test_tiny_model_learns_and_writes_a_complete_run(tmp_path):
     assert [r["label"] for r in records(run, "fill_mask")] == ["before", "after"]
 
     # The final folder is a complete model: it loads and reproduces the last eval.
-    reloaded = DistilBertForMaskedLM.from_pretrained(run)
+    reloaded = load_pretrained(run)
     assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in final_weights(run).items())
 
 

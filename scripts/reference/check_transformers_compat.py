@@ -3,7 +3,7 @@
 Saves a random mlm model (a local --config, default the full distilbert-base-uncased shape) with its tokenizer,
 loads the folder with AutoModelForMaskedLM and pipeline("fill-mask"), and compares logits and predictions.
 
-    python scripts/reference/check_transformers_compat.py --model-dir ../shared/hub/models/distilbert-base-uncased
+    python scripts/reference/check_transformers_compat.py --model-dir path/to/distilbert-base-uncased
 """
 
 import argparse
@@ -12,7 +12,7 @@ import tempfile
 import torch
 from transformers import AutoModelForMaskedLM, pipeline
 
-from mlm.checkpoint import load_config
+from mlm.checkpoint import load_config, save_pretrained
 from mlm.fill_mask import fill_mask
 from mlm.model import DistilBertForMaskedLM
 from mlm.tokenizer import load_tokenizer
@@ -28,7 +28,7 @@ def main() -> None:
     ours = DistilBertForMaskedLM(load_config(args.model_dir)).eval()
     tokenizer = load_tokenizer(args.model_dir)
     with tempfile.TemporaryDirectory() as folder:
-        ours.save_pretrained(folder, tokenizer=tokenizer)
+        save_pretrained(ours, folder, tokenizer=tokenizer)
         theirs = AutoModelForMaskedLM.from_pretrained(folder).eval()
         ids = torch.tensor([tokenizer.backend.encode(args.sentence).ids])
         with torch.no_grad():

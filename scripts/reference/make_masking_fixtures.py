@@ -3,7 +3,7 @@
 Developer-only: needs transformers (`pip install -e ".[reference]"`, fixtures made with 5.24.0) and the
 distilbert-base-uncased tokenizer files (tokenizer only, no weights):
 
-    python scripts/reference/make_masking_fixtures.py --tokenizer ../shared/hub/models/distilbert-base-uncased
+    python scripts/reference/make_masking_fixtures.py --tokenizer path/to/distilbert-base-uncased
 
 Three kinds of cases, each a group of tensors named "<case>.<tensor>" plus an entry in the JSON file:
 
@@ -183,8 +183,8 @@ def course_cases(tok, tensors: dict, meta: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokenizer", default=str(ROOT.parent / "shared" / "hub" / "models" /
-                                                   "distilbert-base-uncased"))
+    parser.add_argument("--tokenizer", required=True, help="folder (or Hub id) of the distilbert-base-uncased "
+                        "tokenizer")
     args = parser.parse_args()
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     assert torch.get_default_dtype() == torch.float32

@@ -1,0 +1,121 @@
+"""mlm/lean.py: the lean model equals the plain one (forward values, loss, gradients) and keeps less for backward."""
+
+import copy
+
+import pytest
+import torch
+
+from mlm.lean import LeanEncoder, is_lean, make_lean
+from mlm.model import DistilBertConfig, DistilBertForMaskedLM
+
+# Both models run the same fp32 operations, except that the lean one computes some matmuls over fewer rows (the
+# last block at the labelled rows), fuses GELU into a custom backward and takes the loss through log_softmax +
+# gather: rounding-level differences of a few fp32 ulp (~1e-7 relative) per operation, which two layers and the
+# head keep far below 1e-5 on values of order 1. Gradients sum over many more terms, hence a looser absolute bound.
+VALUES = dict(rtol=1e-5, atol=1e-6)
+GRADS = dict(rtol=1e-4, atol=1e-6)
+
+
+def tiny_config(**overrides) -> DistilBertConfig:
+    values = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=16)
+    return DistilBertConfig(**{**values, **overrides})
+
+
+def plain_and_lean(**overrides):
+    torch.manual_seed(0)
+    plain = DistilBertForMaskedLM(tiny_config(**overrides))
+    return plain, make_lean(copy.deepcopy(plain))
+
+
+def batch(seed=1, rows=3, length=16):
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(5, 64, (rows, length), generator=generator)
+    labels = torch.where(torch.rand(rows, length, generator=generator) < 0.3, input_ids, -100)
+    attention_mask = torch.ones(rows, length, dtype=torch.long)
+    attention_mask[1, 11:] = 0
+    return input_ids, attention_mask, labels.masked_fill(attention_mask == 0, -100)
+
+
+def test_make_lean_keeps_the_parameters_and_their_names():
+    plain, lean = plain_and_lean()
+    assert is_lean(lean) and not is_lean(plain)
+    assert list(lean.state_dict()) == list(plain.state_dict())
+    assert all(torch.equal(lean.state_dict()[k], v) for k, v in plain.state_dict().items())
+    assert lean.vocab_projector.weight is lean.distilbert.embeddings.word_embeddings.weight  # still tied
+    assert make_lean(lean) is lean and isinstance(lean.distilbert, LeanEncoder)  # applying twice changes nothing
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("padded", [False, True])
+def test_lean_forward_values_equal_the_plain_model(padded):
+    plain, lean = plain_and_lean()
+    plain.eval(), lean.eval()
+    input_ids, attention_mask, labels = batch()
+    mask = attention_mask if padded else None
+    torch.testing.assert_close(lean(input_ids, mask).logits, plain(input_ids, mask).logits, **VALUES)
+    lean_out, plain_out = lean(input_ids, mask, labels), plain(input_ids, mask, labels)
+    torch.testing.assert_close(lean_out.logits, plain_out.logits, **VALUES)
+    torch.testing.assert_close(lean_out.loss, plain_out.loss, **VALUES)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lean_loss_and_gradients_equal_the_plain_model_with_dropout_zero(checkpointing):
+    plain, lean = plain_and_lean(dropout=0.0, attention_dropout=0.0)
+    input_ids, attention_mask, labels = batch()
+    losses, grads = [], []
+    for model in (plain, lean):
+        model.train()
+        model.distilbert.gradient_checkpointing = checkpointing
+        loss = model(input_ids, attention_mask, labels).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    torch.testing.assert_close(losses[1], losses[0], **VALUES)
+    for name, grad in grads[0].items():
+        assert torch.count_nonzero(grad) > 0, name  # every parameter takes part, so every comparison means something
+        torch.testing.assert_close(grads[1][name], grad, **GRADS, msg=name)
+
+
+def test_lean_model_with_dropout_trains_like_the_plain_one_in_expectation():
+    # Dropout masks come from different random numbers, so single steps differ; with the dropout rates of the
+    # reference both must still give a finite loss near the dropout-free one, and a batch without labels loss 0.
+    plain, lean = plain_and_lean()
+    input_ids, attention_mask, labels = batch()
+    torch.manual_seed(3)
+    lean_loss = lean.train()(input_ids, attention_mask, labels).loss
+    reference = plain.eval()(input_ids, attention_mask, labels).loss
+    assert torch.isfinite(lean_loss) and abs(lean_loss.item() - reference.item()) < 0.5
+    assert lean(input_ids, labels=torch.full_like(input_ids, -100)).loss.item() == 0.0
+
+
+def saved_float_tensors(model, input_ids, labels):
+    shapes = []
+
+    def pack(tensor):
+        if tensor.is_floating_point() and not isinstance(tensor, torch.nn.Parameter):
+            shapes.append((tuple(tensor.shape), tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes()))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(input_ids, None, labels).loss.backward()
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    unique = {pointer: (shape, size) for shape, pointer, size in shapes if pointer not in parameters}
+    return list(unique.values())
+
+
+def test_lean_training_saves_no_attention_probabilities_and_one_ffn_activation():
+    plain, lean = plain_and_lean()
+    input_ids, _, labels = batch()
+    length, width = input_ids.shape[1], plain.config.hidden_dim
+    saved = saved_float_tensors(lean.train(), input_ids, labels)
+    # No float (..., L, L) tensor: attention probabilities are recomputed, only a bool keep-mask is kept.
+    assert not [shape for shape, _ in saved if shape[-2:] == (length, length)]
+    # One F-wide tensor per layer (lin1's output), not two (gelu's input and output): (B, L, F) in the first
+    # blocks, (N, F) in the last, which computes its feed-forward at the N labelled positions only.
+    hidden_sized = sorted((s for s, _ in saved if s and s[-1] == width), key=len, reverse=True)
+    labelled = int((labels != -100).sum())
+    assert hidden_sized == [(*input_ids.shape, width)] * (plain.config.n_layers - 1) + [(labelled, width)]
+    # The plain model keeps what autograd keeps: the probabilities, and two F-wide tensors per layer.
+    plain_saved = saved_float_tensors(plain.train(), input_ids, labels)
+    assert [shape for shape, _ in plain_saved if shape[-2:] == (length, length)]
+    assert sum(size for _, size in saved) < 0.6 * sum(size for _, size in plain_saved)
