@@ -53,11 +53,12 @@ from mlm.data import Chunks
 from mlm.errors import MLMError
 from mlm.evaluate import evaluate
 from mlm.host_memory import keep_freed_memory
+from mlm.lean import make_lean
 from mlm.masking import MaskingCollator, mask_tokens, special_tokens_mask
 from mlm.model import IGNORE_INDEX, DistilBertConfig, DistilBertForMaskedLM, estimate_flops_per_token
 from mlm.optim import make_optimizer, set_learning_rate
 from mlm.tokenizer import load_tokenizer
-from mlm.train import StepBatches, epoch_order, train_step
+from mlm.train import StepBatches, epoch_order, move_to_device, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = ROOT.parent / "shared" / "hub" / "models" / "distilbert-base-uncased"
@@ -245,8 +246,12 @@ def maybe_compile(model: nn.Module, bench: Bench) -> nn.Module:
 
 
 def build_ours(bench: Bench) -> DistilBertForMaskedLM:
+    """As train.py builds it: lean (mlm/lean.py) on the CPU, plain on a GPU, unless --lean says otherwise."""
     torch.manual_seed(0)
-    return DistilBertForMaskedLM(bench.config).to(bench.device).train()
+    model = DistilBertForMaskedLM(bench.config)
+    if bench.args.lean == "on" or (bench.args.lean == "auto" and bench.device.type == "cpu"):
+        make_lean(model)
+    return model.to(bench.device).train()
 
 
 def build_reference(bench: Bench, transformers) -> nn.Module:
@@ -396,7 +401,7 @@ def _train_config(bench: Bench, which: str, transformers) -> tuple[float, PeakMe
     device, args = bench.device, bench.args
     cuda = device.type == "cuda"
     windows = 3 if cuda else 1
-    total = args.warmup + windows * args.steps
+    total = args.warmup + windows * args.steps + args.profile
     batches = training_batches(bench, total)
     loader = iter(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=0, pin_memory=cuda))
     labelled = []
@@ -406,16 +411,22 @@ def _train_config(bench: Bench, which: str, transformers) -> tuple[float, PeakMe
             model = build_ours(bench)
             model.distilbert.gradient_checkpointing = which == "ours-checkpointed"
             optimizer = make_optimizer(model, lr=LR, weight_decay=WEIGHT_DECAY)
-            compiled = maybe_compile(model, bench)
+            compiled = torch.compile(model, mode="reduce-overhead") if args.cudagraphs else maybe_compile(model, bench)
             scaler = scaler_for(device, bench.ours_dtype)
 
             def step() -> None:
                 micro_cpu, labelled_in_step = next(loader)
                 labelled.append(labelled_in_step)
-                micro = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in micro_cpu]
-                if args.compile:  # as train.py: the labelled count varies, so compile for any count from the start
-                    for b in micro:
-                        torch._dynamo.mark_dynamic(b["label_positions"], 0)
+                if args.cudagraphs:
+                    # Experiment, not what train.py runs: CUDA graphs replay a step's kernels without launching
+                    # each one, but need fixed shapes, so the labelled positions are padded to a multiple of 512
+                    # with position 0 (a [CLS], label -100, no loss). The loss is then divided by the padded
+                    # count: its scale is off by a few percent, which does not change the time.
+                    torch.compiler.cudagraph_mark_step_begin()
+                    for b in micro_cpu:
+                        padded = -(-len(b["label_positions"]) // 512) * 512
+                        b["label_positions"] = F.pad(b["label_positions"], (0, padded - len(b["label_positions"])))
+                micro = move_to_device(micro_cpu, device, compiled=args.compile and not args.cudagraphs)
                 set_learning_rate(optimizer, LR)
                 train_step(compiled, micro, optimizer, labelled_counts=[len(b["label_positions"]) for b in micro_cpu],
                            labelled_in_step=labelled_in_step, scaler=scaler, autocast_dtype=bench.ours_dtype,
@@ -451,8 +462,42 @@ def _train_config(bench: Bench, which: str, transformers) -> tuple[float, PeakMe
                 optimizer.zero_grad(set_to_none=True)
 
         seconds = timed_windows(step, steps=args.steps, warmup=args.warmup, windows=windows, device=device)
+    if args.profile:
+        bench.figures["profile"] = profile_steps(step, args.profile, seconds, device)
     fraction = sum(labelled) / (len(labelled) * args.batch_size * args.seq_len)
     return seconds, mem, fraction  # the model and optimizer die with this frame; the next PeakMemory collects them
+
+
+def profile_steps(step, steps: int, seconds_per_step: float, device: torch.device) -> dict:
+    """Where a step's time goes: GPU kernel time per step against the (unprofiled) wall time per step, kernel
+    launches per step, and the kernels that take the most time. busy << wall means the GPU waits for the host
+    (launch overhead, Python); busy ~ wall means the kernels themselves set the pace."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+    def device_us(event) -> float:
+        return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+
+    busy_ms = sum(device_us(e) for e in kernels) / 1e3 / steps
+    top = sorted(kernels, key=device_us, reverse=True)[:15]
+    cpu_ops = sorted((e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU),
+                     key=lambda e: e.self_cpu_time_total, reverse=True)[:10]
+    return {
+        "wall_ms_per_step": seconds_per_step * 1e3,
+        "gpu_busy_ms_per_step": busy_ms,
+        "gpu_busy_fraction": busy_ms / (seconds_per_step * 1e3),
+        "kernels_per_step": sum(e.count for e in kernels) / steps,
+        "top_kernels": [{"name": e.key[:120], "ms_per_step": device_us(e) / 1e3 / steps,
+                         "calls_per_step": e.count / steps} for e in top],
+        "top_cpu_ops": [{"name": e.key[:80], "self_cpu_ms_per_step": e.self_cpu_time_total / 1e3 / steps}
+                        for e in cpu_ops],
+    }
 
 
 # The allocator settings a train run is measured under (CPU; on CUDA they change nothing that is measured):
@@ -463,7 +508,8 @@ MALLOC_MODES = ("kept", "default", "pinned")
 
 
 def train_probe(bench: Bench, which: str, malloc: str, *, steps: int, warmup: int, precision: str | None = None,
-                compile: bool | None = None) -> dict | None:
+                compile: bool | None = None, lean: str | None = None, profile: int = 0,
+                cudagraphs: bool = False) -> dict | None:
     """Step seconds, peak memory growth (MiB) and labelled fraction of one train configuration, in a fresh process.
 
     A fresh process per figure: glibc's settings are process-wide and cannot be undone; in a shared process the
@@ -480,8 +526,13 @@ def train_probe(bench: Bench, which: str, malloc: str, *, steps: int, warmup: in
                "--device", args.device]
     command += ["--precision", precision] if precision else []
     command += ["--compile"] if compile else []
+    command += ["--lean", lean or args.lean, "--profile", str(profile)] + (["--cudagraphs"] if cudagraphs else [])
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MIB)) if malloc == "pinned" else None  # read at startup
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False, timeout=PROBE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        bench.notes.append(f"train: {which} ({precision}, compile={compile}) timed out after {PROBE_TIMEOUT} s")
+        return None
     if done.returncode != 0:
         bench.notes.append(f"train: {which} ({malloc} malloc, {precision}, compile={compile}) failed: "
                            f"{done.stderr.strip().splitlines()[-3:]}")
@@ -497,27 +548,33 @@ def train_probe_main(args: argparse.Namespace) -> int:
     transformers = import_transformers() if args.train_probe == "reference" else None
     seconds, memory, fraction = _train_config(bench, args.train_probe, transformers)
     print(json.dumps({"seconds": seconds, "delta_mib": memory.delta_mib, "peak_mib": memory.peak_mib,
-                      "labelled_fraction": fraction}))
+                      "labelled_fraction": fraction, **bench.figures}))
     return 0
 
 
-def executed_flops_per_token(bench: Bench, which: str, labelled_fraction: float) -> float:
+def executed_flops_per_token(bench: Bench, which: str, labelled_fraction: float, lean: bool) -> float:
     """Model FLOPs per token that `which` executes: the reference projects every position, ours the labelled
-    ones only. Counting the reference's FLOPs for both would credit our skipped work as utilisation."""
+    ones only (and, lean, runs the last block there too). Counting the reference's FLOPs for both would credit
+    our skipped work as utilisation."""
     if which == "reference":
         return estimate_flops_per_token(bench.config, bench.args.seq_len, 1.0)
-    return estimate_flops_per_token(bench.config, bench.args.seq_len, labelled_fraction)
+    return estimate_flops_per_token(bench.config, bench.args.seq_len, labelled_fraction, last_block_at_labels=lean)
 
+
+PROBE_TIMEOUT = 240  # seconds for one train configuration, compiling included
 
 # CUDA: ours in both autocast dtypes, eager and compiled; the reference as the course's Trainer runs it (fp16 +
 # GradScaler) and in bf16. (key, which, precision, compile)
+PROFILED = ("ours-bf16", "ours-bf16-compiled", "reference-fp16")  # 10 more steps under torch.profiler
 CUDA_TRAIN_RUNS = (
     ("ours-bf16", "ours", "bf16", False),
     ("ours-bf16-compiled", "ours", "bf16", True),
     ("ours-fp16", "ours", "fp16", False),
     ("ours-fp16-compiled", "ours", "fp16", True),
+    ("ours-bf16-lean", "ours", "bf16", False),  # --lean on: mlm/lean.py's techniques on the GPU too
     ("reference-fp16", "reference", "fp16", False),
     ("reference-bf16", "reference", "bf16", False),
+    ("ours-bf16-cudagraphs", "ours", "bf16", True),  # experiment: CUDA graphs, padded label positions
 )
 
 
@@ -528,7 +585,8 @@ def section_train_cuda(bench: Bench, transformers) -> list[dict]:
         if which == "reference" and transformers is None:
             continue
         figures[key] = train_probe(bench, which, "default", steps=args.steps, warmup=args.warmup,
-                                   precision=precision, compile=compiled)
+                                   precision=precision, compile=compiled, lean="on" if key.endswith("lean") else None,
+                                   profile=10 if key in PROFILED else 0, cudagraphs=key.endswith("cudagraphs"))
         # Also under --json: on stderr, so that a run cut short still leaves each finished figure in its log.
         print(f"[train: {key} done] {json.dumps(figures[key])}", file=sys.stderr, flush=True)
     tokens_per_step = args.batch_size * args.seq_len
@@ -541,7 +599,8 @@ def section_train_cuda(bench: Bench, transformers) -> list[dict]:
         if key not in tps:
             return None
         which = "reference" if key.startswith("reference") else "ours"
-        return 100 * executed_flops_per_token(bench, which, figures[key]["labelled_fraction"]) * tps[key] / ceiling
+        flops = executed_flops_per_token(bench, which, figures[key]["labelled_fraction"], key.endswith("lean"))
+        return 100 * flops * tps[key] / ceiling
 
     def memory(key: str) -> float | None:
         return figures[key]["delta_mib"] if figures.get(key) else None
@@ -553,10 +612,24 @@ def section_train_cuda(bench: Bench, transformers) -> list[dict]:
     for key in ("ours-bf16", "ours-bf16-compiled", "ours-fp16", "ours-fp16-compiled"):
         rows.append(row("train", f"MFU % (bf16 ceiling), {key} vs reference-fp16", mfu(key), mfu("reference-fp16")))
     rows.append(row("train", "MFU % (bf16 ceiling), reference-bf16", None, mfu("reference-bf16")))
+    rows.append(row("train", "tokens/s, ours-bf16-lean vs reference-bf16", tps.get("ours-bf16-lean"),
+                    tps.get("reference-bf16")))
+    rows.append(row("train", "tokens/s, experiment ours-bf16-cudagraphs vs reference-fp16",
+                    tps.get("ours-bf16-cudagraphs"), tps.get("reference-fp16")))
     for ours, reference in (("ours-bf16", "reference-fp16"), ("ours-bf16", "reference-bf16"),
-                            ("ours-bf16-compiled", "reference-bf16"), ("ours-fp16", "reference-fp16")):
+                            ("ours-bf16-compiled", "reference-bf16"), ("ours-fp16", "reference-fp16"),
+                            ("ours-bf16-lean", "reference-bf16")):
         rows.append(row("train", f"peak memory growth MiB, {ours} vs {reference}", memory(ours), memory(reference)))
+    for key in PROFILED:
+        found = (figures.get(key) or {}).get("profile")
+        if found:
+            rows += [row("profile", f"{key}: wall ms/step (timed)", found["wall_ms_per_step"]),
+                     row("profile", f"{key}: GPU busy ms/step", found["gpu_busy_ms_per_step"]),
+                     row("profile", f"{key}: kernels/step", found["kernels_per_step"])]
     fraction = figures["ours-bf16"]["labelled_fraction"]
+    bench.notes.append(
+        "profile: 10 more steps under torch.profiler after the timed ones; GPU busy = summed kernel time per step, "
+        "wall = the unprofiled timed step. Busy well below wall: the GPU waits for the host (Python, launches).")
     bench.notes.append(
         f"train: {args.batch_size}x{args.seq_len}, each configuration in a fresh process; seconds per step = median "
         f"of 3 windows of {args.steps} steps after {args.warmup} warm-up steps (+2 when compiled), the GPU "
@@ -564,8 +637,9 @@ def section_train_cuda(bench: Bench, transformers) -> list[dict]:
         "a DataLoader, pinned memory, non-blocking copies, train_step); masks change every step. MFU = executed "
         "model FLOPs x "
         f"tokens/s / bf16 ceiling {ceiling / 1e12:.1f} TFLOP/s (best 8192^3 bf16 matmul of this run); FLOPs per "
-        f"token: ours {executed_flops_per_token(bench, 'ours', fraction) / 1e9:.3f} G (labelled fraction "
-        f"{fraction:.3f}), reference {executed_flops_per_token(bench, 'reference', 1.0) / 1e9:.3f} G. Memory = "
+        f"token: ours {executed_flops_per_token(bench, 'ours', fraction, False) / 1e9:.3f} G (labelled fraction "
+        f"{fraction:.3f}), lean {executed_flops_per_token(bench, 'ours', fraction, True) / 1e9:.3f} G, reference "
+        f"{executed_flops_per_token(bench, 'reference', 1.0, False) / 1e9:.3f} G. Memory = "
         "torch.cuda.max_memory_allocated growth over building model + optimizer and all steps.")
     bench.figures["train"] = {k: {**f, "tokens_per_second": tps.get(k), "mfu_percent": mfu(k)}
                               for k, f in figures.items() if f}
@@ -599,8 +673,8 @@ def section_train(bench: Bench, transformers) -> list[dict]:
     if ours_s is None:
         raise SystemExit("train: our training run failed: " + "; ".join(bench.notes))
     fraction = get("ours", "labelled_fraction")
-    ref_flops = executed_flops_per_token(bench, "reference", 1.0)
-    ours_flops = executed_flops_per_token(bench, "ours", fraction)
+    ref_flops = executed_flops_per_token(bench, "reference", 1.0, False)
+    ours_flops = executed_flops_per_token(bench, "ours", fraction, args.lean != "off")  # lean on the CPU by default
     tps = {key: bench.tokens / get(key, "seconds") if get(key, "seconds") else None for key in figures}
     ours_tps, ref_tps = tps["ours"], tps.get("reference")
     ceiling = matmul_ceiling(bench, bench.ours_dtype)
@@ -804,6 +878,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "on CPU; on CUDA bf16 for ours (fp16 if bf16 is unsupported) and fp16 + GradScaler "
                              "for the reference, as the course trains")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models (warm-up covers compiling)")
+    parser.add_argument("--lean", choices=("auto", "on", "off"), default="auto",
+                        help="mlm/lean.py's techniques for ours: auto = as train.py (CPU only) (default: auto)")
+    parser.add_argument("--profile", type=int, default=0, help=argparse.SUPPRESS)  # profiled steps (train probes)
+    parser.add_argument("--cudagraphs", action="store_true", help=argparse.SUPPRESS)  # experiment, see _train_config
     parser.add_argument("--no-reference", action="store_true",
                         help="do not import transformers: reference columns empty (data keeps its course pipeline)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")

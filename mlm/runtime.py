@@ -45,6 +45,8 @@ def start_processes(device_choice: str) -> tuple[Processes, torch.device]:
     device = torch.device(device_choice)
     if device.type == "cuda" and procs.world_size > 1:
         device = torch.device("cuda", procs.local_rank)
+    elif device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # set_device needs an index
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if procs.world_size > 1 and not dist.is_initialized():

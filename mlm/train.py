@@ -199,7 +199,7 @@ def train(config: TrainConfig) -> RunSummary:
                 lr = config.lr * linear_schedule(progress.schedule_step, warmup_steps=schedule.warmup_steps,
                                                  total_steps=schedule.total_steps)
                 set_learning_rate(optimizer, lr)
-                micro = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in micro_cpu]
+                micro = move_to_device(micro_cpu, device, compiled=config.compile)
                 # DDP averages gradients over processes, so each process weighs by total / world_size.
                 result = train_step(train_model, micro, optimizer,
                                     labelled_counts=[len(b["label_positions"]) for b in micro_cpu],
@@ -511,6 +511,16 @@ def make_loader(batches: StepBatches, progress: Progress, config: TrainConfig,
         # Its own generator: creating an iterator must not draw from the global RNG (dropout's).
         generator=torch.Generator().manual_seed(config.seed),
     )
+
+
+def move_to_device(micro_cpu: list[dict[str, torch.Tensor]], device: torch.device, *,
+                   compiled: bool) -> list[dict[str, torch.Tensor]]:
+    """The step's micro-batches on `device`; copies from pinned memory do not wait for the GPU."""
+    micro = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in micro_cpu]
+    if compiled:  # the labelled count changes every step: one graph for any count from the start, no recompile
+        for batch in micro:
+            torch._dynamo.mark_dynamic(batch["label_positions"], 0)
+    return micro
 
 
 def advance(progress: Progress, *, skipped: bool) -> None:
