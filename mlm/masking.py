@@ -6,14 +6,24 @@ Read top to bottom:
 2. `mask_tokens`: token-level masking, bit-identical to transformers' `DataCollatorForLanguageModeling`
    (5.24 and 4.x) given the same torch RNG state, and leaving the RNG in the same state.
 3. `word_starts`, `apply_word_selection`, `mask_whole_words`: whole-word masking on the tokenizer's word ids.
-4. `MaskingCollator`: turns chunk rows into training batches, seedable, safe in DataLoader workers.
+4. `MaskingCollator`: a masking configuration that masks stacked batches (`mask`) or collates rows (`__call__`).
 5. `freeze_eval_masks`: masks the eval set once, with its own seed, so perplexity is deterministic.
+
+Randomness, one rule: every function draws from the `generator` it is given (None: torch's global RNG, as the
+reference), always the same draws in the same order for a given shape (docs/reference.md#masking-draws).
+- Training (mlm/train.py, `StepBatches`) seeds a fresh generator for each optimizer step from (seed, epoch,
+  step) and calls `MaskingCollator.mask(..., generator=...)` on the whole global batch. The masks therefore
+  depend neither on DataLoader workers, nor on processes or gradient accumulation, nor on resumption.
+- Evaluation masks its chunks once, in `freeze_eval_masks`, with a generator seeded by the run's seed.
+- Using the collator on its own, as a DataLoader `collate_fn` (`MaskingCollator(..., seed=s)(rows)`), each
+  process draws from its own generator seeded s + DataLoader worker id, as the reference's seeded collator.
+  This is the API for people who mask outside mlm's training loop; tests/test_masking.py checks it against the
+  reference collator.
 
 Conventions: B is the batch size and L the sequence length. Every function takes (B, L) integer ids (torch
 tensors or numpy arrays), never modifies them in place, and returns new int64 tensors. Labels hold -100 (the
 value `cross_entropy` ignores) everywhere except at the selected positions, where they hold the original id.
 """
-
 from __future__ import annotations
 
 import math
@@ -29,7 +39,7 @@ from mlm.errors import MLMError
 
 # The reference builds its probability tensors with torch.full(shape, p) in the default dtype, float32. The
 # bernoulli draw compares a uniform sample with p *as stored*, so a float64 matrix selects different positions
-# (reference-behaviour.md, pitfall 2). We pin float32 so a changed torch default dtype cannot alter the masks.
+# (docs/reference.md#masking-draws). We pin float32 so a changed torch default dtype cannot alter the masks.
 PROB_DTYPE = torch.float32
 
 
@@ -144,12 +154,12 @@ def mask_tokens(
 
     # Draw 3: of the selected tokens NOT replaced by [MASK], which get a random id. The probability is rescaled to
     # the remainder (0.1 / 0.2 = 0.5000000000000001 in Python, exactly 0.5 in float32): a bernoulli(0.1) over all
-    # selected tokens would be a different split (pitfall 3).
+    # selected tokens would be a different split (docs/reference.md#masking-draws).
     random_prob = random_replace_prob / (1 - mask_replace_prob)
     randomized = torch.bernoulli(torch.full(shape, random_prob, dtype=PROB_DTYPE), generator=generator).bool()
     randomized &= selected & ~replaced
 
-    # Draw 4: random ids for the full (B, L) shape, not just for the `randomized` positions (pitfall 1): drawing
+    # Draw 4: random ids for the full (B, L) shape, not just for the `randomized` positions: drawing
     # fewer numbers would give other ids and shift every later draw. Any id in [0, vocab_size) can come out,
     # specials and the original token included, exactly as in the reference.
     random_ids = torch.randint(vocab_size, shape, dtype=torch.int64, generator=generator)
@@ -163,7 +173,7 @@ def mask_tokens(
 #
 # Words are the tokenizer's word ids (`Encoding.word_ids()`, -1 where it gives None: specials and padding). That
 # works for any fast tokenizer, unlike guessing words from '##' prefixes. The grouping rule is the HF course's
-# collator (chapter 7), scanned per row:
+# collator (chapter 7; docs/reference.md#whole-word-masking), scanned per row:
 #
 #     a non-special token whose word id differs from the word id of the previous NON-special token in the same
 #     row (or that has no previous non-special token) starts a new word; special tokens belong to no word and do
@@ -313,12 +323,14 @@ class MaskingCollator:
     special-tokens column); whole-word mode like `mask_whole_words`. `mask_replace_prob`/`random_replace_prob`
     default to each mode's reference values (0.8/0.1 for tokens, 1.0/0.0 for whole words).
 
-    RNG: with `seed=None` the global torch generator is used (as the reference does by default). With a seed the
-    collator owns a `torch.Generator`, created lazily on the first call in each process: seed in the main
-    process, seed + worker id inside a DataLoader worker (as the reference does). Creating it lazily is why no
-    `worker_init_fn` is needed: the worker id is only known inside the worker, and a generator inherited from
-    the parent (fork) or rebuilt from a pickle (spawn) is detected by its process id and replaced. Workers thus
-    draw different masks while a run stays reproducible for a given seed and number of workers.
+    Randomness (see the module docstring): `mask` draws from the generator passed to it, which is how training
+    uses the collator. As a collate_fn, `collator(rows)` draws from the global RNG with `seed=None` (the
+    reference's default), or with a seed from a `torch.Generator` the collator creates lazily on its first call
+    in each process: seed in the main process, seed + worker id inside a DataLoader worker (as the reference
+    does). Creating it lazily is why no `worker_init_fn` is needed: the worker id is only known inside the
+    worker, and a generator inherited from the parent (fork) or rebuilt from a pickle (spawn) is detected by its
+    process id and replaced. Workers thus draw different masks while a run stays reproducible for a given seed
+    and number of workers.
     """
 
     mask_token_id: int
@@ -387,8 +399,8 @@ class MaskingCollator:
              ) -> dict[str, torch.Tensor]:
         """Mask an already stacked batch: input_ids/word_ids/attention_mask (B, L) int64 -> {"input_ids", "labels"}.
 
-        Draws from `generator` (None: the global RNG). The training loop calls this with one generator per
-        batch, seeded from (seed, epoch, step), so masks do not depend on workers, ranks or resumption.
+        Draws from `generator` (None: the global RNG), not from the collator's own seeded one. The training loop
+        calls this with one generator per optimizer step, seeded from (seed, epoch, step).
         """
         if self.whole_word:
             if word_ids is None:

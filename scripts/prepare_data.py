@@ -14,7 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from mlm.data import DEFAULT_DATASET, SPLITS, default_cache_dir, load_chunks, split_train_test
+from mlm.data import load_chunks, split_train_test
+from mlm.data_cache import default_cache_dir
+from mlm.data_files import DEFAULT_DATASET, SPLITS
 from mlm.errors import MLMError, run_cli
 from mlm.hub import resolve_repo
 from mlm.tokenizer import TOKENIZER_FILES, tokenizer_from_folder

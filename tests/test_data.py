@@ -15,17 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import mlm.data as data
-from mlm.data import (
-    Chunks,
-    check_chunk_size,
-    default_cache_dir,
-    find_data_files,
-    load_chunks,
-    load_texts,
-    split_train_test,
-    tokenize,
-    tokenize_and_chunk,
-)
+from mlm.data import Chunks, check_chunk_size, load_chunks, split_train_test, tokenize, tokenize_and_chunk
+from mlm.data_cache import default_cache_dir
+from mlm.data_files import find_data_files, load_texts
 from mlm.errors import MLMError
 from mlm.tokenizer import load_tokenizer
 

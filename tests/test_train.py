@@ -19,9 +19,11 @@ import mlm.train
 from mlm.checkpoint import load_pretrained
 from mlm.data import Chunks
 from mlm.errors import MLMError
+from mlm.lean import is_lean
 from mlm.masking import MaskingCollator
 from mlm.model import DistilBertConfig, DistilBertForMaskedLM
 from mlm.optim import linear_schedule, weight_decay_groups
+from mlm.tokenizer import load_tokenizer
 from mlm.train import StepBatches, StepResult, TrainConfig, train, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -227,10 +229,19 @@ def test_weight_decay_groups_are_the_references():
     ("mlm_probability", 1.5, "--mlm-probability"),
     ("masking", "span", "--masking"),
     ("precision", "fp8", "--precision"),
+    ("lean", "yes", "--lean"),
 ])
 def test_invalid_settings_are_refused(tmp_path, field, value, message):
     with pytest.raises(MLMError, match=message):
         tiny_run(tmp_path / "run", **{field: value}).validate()
+
+
+@pytest.mark.parametrize("lean, expected", [("auto", True), ("on", True), ("off", False)])
+def test_lean_setting_picks_the_model_variant_on_the_cpu(tmp_path, lean, expected):
+    config = tiny_run(tmp_path / "run", lean=lean)
+    model = mlm.train.build_model(config, load_tokenizer(SMOKE), torch.device("cpu"))
+    assert is_lean(model) == expected
+    assert list(model.state_dict()) == list(DistilBertForMaskedLM(model.config).state_dict())
 
 
 def test_output_dir_with_another_run_needs_resume_or_overwrite(tmp_path):
