@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlm.checkpoint import load_pretrained
+from mlm.checkpoint import load_pretrained, save_pretrained
 from mlm.compare import build_eval_set
 from mlm.data import load_chunks, split_train_test
 from mlm.evaluate import evaluate
@@ -34,12 +34,12 @@ def workspace(tmp_path_factory, tiny_tokenizer_dir) -> dict:
         torch.manual_seed(seed)
         config = DistilBertConfig(vocab_size=tokenizer.vocab_size, dim=16, n_layers=1, n_heads=2, hidden_dim=32)
         paths[name] = root / name
-        DistilBertForMaskedLM(config).save_pretrained(paths[name], tokenizer=tokenizer)
+        save_pretrained(DistilBertForMaskedLM(config), paths[name], tokenizer=tokenizer)
     other = load_tokenizer(SMOKE)  # 347 tokens
     torch.manual_seed(2)
     paths["other"] = root / "other"
     config = DistilBertConfig(vocab_size=other.vocab_size, dim=16, n_layers=1, n_heads=2, hidden_dim=32)
-    DistilBertForMaskedLM(config).save_pretrained(paths["other"], tokenizer=other)
+    save_pretrained(DistilBertForMaskedLM(config), paths["other"], tokenizer=other)
     return paths
 
 

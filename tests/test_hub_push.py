@@ -14,6 +14,7 @@ import yaml
 from hub_server import TOKEN, HubServer, Repo
 from huggingface_hub import ModelCard, metadata_load
 
+from mlm.checkpoint import save_pretrained
 from mlm.errors import MLMError
 from mlm.hub_push import full_repo_id, push_checkpoint, push_folder
 from mlm.model import DistilBertConfig, DistilBertForMaskedLM
@@ -55,8 +56,8 @@ def run_dir(tmp_path, tiny_tokenizer_dir) -> Path:
     torch.manual_seed(0)
     model = DistilBertForMaskedLM(DistilBertConfig(vocab_size=tokenizer.vocab_size, dim=16, n_layers=1, n_heads=2,
                                                    hidden_dim=32))
-    model.save_pretrained(folder, tokenizer=tokenizer)
-    model.save_pretrained(folder / "checkpoints" / "step-000003", tokenizer=tokenizer)
+    save_pretrained(model, folder, tokenizer=tokenizer)
+    save_pretrained(model, folder / "checkpoints" / "step-000003", tokenizer=tokenizer)
     (folder / "checkpoints" / "step-000003" / "optimizer.safetensors").write_bytes(b"\0" * 64)
     (folder / "args.json").write_text(json.dumps(ARGS))
     (folder / "summary.json").write_text(json.dumps({"status": "finished", "before": BEFORE, "after": AFTER}))
