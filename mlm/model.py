@@ -300,7 +300,9 @@ class DistilBertForMaskedLM(nn.Module):
         with no labelled token has loss 0 (gradients all zero) instead of the reference's NaN.
 
         label_positions (N,) int64, optional: the flat indices (row * L + column) of the labelled positions, in
-        increasing order. Finding them on the device makes the host wait for the GPU (N sizes the next
+        increasing order. It may end with repeats of an unlabelled position (label -100) as padding, so that
+        its length takes few values (CUDA graphs need fixed shapes): those rows add neither loss nor gradient,
+        and the logits then include them. Finding them on the device makes the host wait for the GPU (N sizes the next
         tensors); the training loop computes them on the CPU with the masks and passes them along.
         """
         if labels is None:
@@ -310,9 +312,10 @@ class DistilBertForMaskedLM(nn.Module):
         labelled_hidden = self.distilbert(input_ids, attention_mask, output_positions=label_positions)  # (N, D)
         logits = self.head(labelled_hidden)  # (N, V)
         targets = labels.reshape(-1).index_select(0, label_positions)  # (N,)
-        # The sum divided by max(N, 1): the mean for N > 0, and 0 instead of NaN for N = 0. In fp32 also under
-        # autocast, where the logits arrive in bf16/fp16.
-        loss = self.loss_sum(logits.float(), targets) / max(label_positions.numel(), 1)
+        # The sum over labelled targets divided by their count (at least 1): the mean, and 0 instead of NaN for a
+        # batch without labels. In fp32 also under autocast, where the logits arrive in bf16/fp16.
+        labelled = (targets != IGNORE_INDEX).sum().clamp(min=1)  # on the device: no wait for the GPU
+        loss = self.loss_sum(logits.float(), targets) / labelled
         return MLMOutput(loss=loss, logits=logits)
 
     def num_parameters(self) -> int:

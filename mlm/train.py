@@ -58,6 +58,9 @@ from mlm.runtime import (
 from mlm.tokenizer import Tokenizer, load_tokenizer
 from mlm.training_checkpoint import Progress, load_training_checkpoint, save_training_checkpoint
 
+# Label positions are padded to a multiple of this with --cuda-graphs (see pad_positions).
+CUDA_GRAPH_PADDING = 256
+
 # ---------------------------------------------------------------------------------------------------------------
 # Settings
 
@@ -93,6 +96,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | fp16 | bf16
     device: str = "auto"
     compile: bool = False
+    cuda_graphs: bool = False  # compile with CUDA graphs: a step's kernels replay without per-kernel launches
     gradient_checkpointing: bool = False  # rerun each block's forward in backward: less memory, ~30% slower
     lean: str = "auto"  # mlm/lean.py's techniques: auto (on the CPU only) | on | off
     keep_freed_memory: bool = True  # CPU: glibc keeps freed memory for the next step (mlm/host_memory.py)
@@ -133,6 +137,10 @@ class TrainConfig:
         check(self.precision in ("auto", "fp32", "fp16", "bf16"),
               f"--precision must be auto, fp32, fp16 or bf16, got {self.precision!r}.")
         check(self.lean in ("auto", "on", "off"), f"--lean must be auto, on or off, got {self.lean!r}.")
+        check(not (self.cuda_graphs and self.lean == "on"),
+              "--cuda-graphs pads the label positions, which --lean on's loss does not accept: drop one of them.")
+        check(not (self.cuda_graphs and self.grad_accum > 1),
+              "--cuda-graphs replays one forward and backward per step: use --grad-accum 1 (or no --cuda-graphs).")
         check(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}.")
         check(not (self.resume and self.overwrite), "--resume continues a run and --overwrite deletes it: pick one.")
 
@@ -157,6 +165,8 @@ def train(config: TrainConfig) -> RunSummary:
     """Run the whole fine-tuning described by `config`; see the module docstring for the stages."""
     config.validate()
     procs, device = start_processes(config.device)
+    if config.cuda_graphs and (device.type != "cuda" or procs.world_size > 1):
+        raise MLMError("--cuda-graphs needs one process on a CUDA GPU: drop it, or run on a GPU without torchrun.")
     if device.type == "cpu" and config.keep_freed_memory:
         keep_freed_memory()  # no page faults per step (README, "CPU runs keep freed memory")
     output_dir, resume_from = prepare_output_dir(config.output_dir, resume=config.resume, overwrite=config.overwrite,
@@ -194,15 +204,18 @@ def train(config: TrainConfig) -> RunSummary:
             epoch = progress.epoch
             batches = StepBatches(train_chunks, epoch_order(len(train_chunks), config.seed, epoch), collator,
                                   batch_size=config.batch_size, grad_accum=config.grad_accum, rank=procs.rank,
-                                  world_size=procs.world_size, seed=config.seed, epoch=epoch)
+                                  world_size=procs.world_size, seed=config.seed, epoch=epoch,
+                                  pad_positions_to=CUDA_GRAPH_PADDING if config.cuda_graphs else 1)
             for micro_cpu, labelled_in_global_batch in make_loader(batches, progress, config, device):
                 lr = config.lr * linear_schedule(progress.schedule_step, warmup_steps=schedule.warmup_steps,
                                                  total_steps=schedule.total_steps)
                 set_learning_rate(optimizer, lr)
-                micro = move_to_device(micro_cpu, device, compiled=config.compile)
+                micro = move_to_device(micro_cpu, device, compiled=config.compile and not config.cuda_graphs)
+                if config.cuda_graphs:
+                    torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be reused now
                 # DDP averages gradients over processes, so each process weighs by total / world_size.
                 result = train_step(train_model, micro, optimizer,
-                                    labelled_counts=[len(b["label_positions"]) for b in micro_cpu],
+                                    labelled_counts=[int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_cpu],
                                     labelled_in_step=labelled_in_global_batch / procs.world_size,
                                     scaler=precision.scaler, autocast_dtype=precision.autocast_dtype,
                                     max_grad_norm=config.max_grad_norm)
@@ -322,12 +335,13 @@ class StepBatches(torch.utils.data.Dataset):
     """
 
     def __init__(self, chunks: Chunks, order: torch.Tensor, collator: MaskingCollator, *, batch_size: int,
-                 grad_accum: int, rank: int, world_size: int, seed: int, epoch: int):
+                 grad_accum: int, rank: int, world_size: int, seed: int, epoch: int, pad_positions_to: int = 1):
         self.input_ids = torch.from_numpy(chunks.input_ids.astype(np.int64))  # (N, L)
         self.word_ids = torch.from_numpy(chunks.word_ids.astype(np.int64))  # (N, L)
         self.order, self.collator = order, collator
         self.batch_size, self.grad_accum, self.rank, self.seed, self.epoch = batch_size, grad_accum, rank, seed, epoch
         self.global_batch = batch_size * grad_accum * world_size
+        self.pad_positions_to = pad_positions_to
 
     def __len__(self) -> int:
         return math.ceil(len(self.order) / self.global_batch)
@@ -336,8 +350,9 @@ class StepBatches(torch.utils.data.Dataset):
         """(this process's micro-batches, the labelled-token count of the whole global batch).
 
         Each micro-batch: input_ids, labels (b, L) int64 and label_positions (N,) int64, the flat indices of its
-        labelled tokens. Both counts are known here on the CPU, so the step needs no read-back from the GPU and,
-        under DDP, no collective to agree on the global count.
+        labelled tokens (padded to a multiple of `pad_positions_to`, see pad_positions). Both counts are known here
+        on the CPU, so the step needs no read-back from the GPU and, under DDP, no collective to agree on the
+        global count.
         """
         rows = self.order[step * self.global_batch : (step + 1) * self.global_batch]
         generator = torch.Generator().manual_seed(mask_seed(self.seed, self.epoch, step))
@@ -348,9 +363,21 @@ class StepBatches(torch.utils.data.Dataset):
             part = slice(micro * self.batch_size, (micro + 1) * self.batch_size)
             if len(rows[part]):
                 batch = {name: tensor[part] for name, tensor in masked.items()}
-                batch["label_positions"] = labelled[part].reshape(-1).nonzero().squeeze(1)
+                batch["label_positions"] = pad_positions(labelled[part].reshape(-1), self.pad_positions_to)
                 batches.append(batch)
         return batches, int(labelled.sum())
+
+
+def pad_positions(labelled: torch.Tensor, multiple: int) -> torch.Tensor:
+    """The flat indices of the True entries of `labelled` (M,) bool, padded to a multiple of `multiple` by
+    repeating the first unlabelled index (whose label, -100, adds no loss): with CUDA graphs, every distinct
+    length is another recorded graph, and a multiple of 256 leaves one or two lengths in a run."""
+    positions = labelled.nonzero().squeeze(1)  # (N,)
+    missing = -len(positions) % multiple
+    unlabelled = (~labelled).nonzero()
+    if missing == 0 or len(unlabelled) == 0:
+        return positions
+    return torch.cat([positions, unlabelled[0].expand(missing)])
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -497,7 +524,9 @@ def wrap_for_training(model: nn.Module, config: TrainConfig, procs: Processes, d
     module, which evaluation, fill-mask and checkpoints use."""
     if procs.world_size > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    if config.compile:
+    if config.cuda_graphs:
+        model = torch.compile(model, mode="reduce-overhead")  # CUDA graphs recorded per label-position length
+    elif config.compile:
         model = torch.compile(model)
     return model
 

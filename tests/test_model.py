@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from mlm.checkpoint import load_pretrained, save_pretrained
 from mlm.errors import MLMError
 from mlm.model import DistilBertConfig, DistilBertForMaskedLM
+from mlm.train import pad_positions
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY_DIR = FIXTURES / "tiny-distilbert"  # written by transformers' save_pretrained (scripts/reference/)
@@ -117,6 +118,32 @@ def test_label_positions_from_the_host_give_exactly_the_same_result():
     assert torch.equal(given.logits, found.logits) and torch.equal(given.loss, found.loss)
     # An empty position list is a batch without labels: loss 0, not NaN.
     assert model(ids, labels=torch.full_like(ids, -100), label_positions=positions[:0]).loss.item() == 0.0
+
+
+def test_padded_label_positions_change_neither_loss_nor_gradients():
+    # --cuda-graphs pads the positions with an unlabelled one (label -100) so their length takes few values.
+    torch.manual_seed(0)
+    model = DistilBertForMaskedLM(tiny_config(dropout=0.0, attention_dropout=0.0))
+    ids = torch.randint(5, 50, (3, 12))
+    labels = torch.where(torch.rand(3, 12) < 0.3, ids, torch.full_like(ids, -100))
+    labelled = labels.view(-1) != -100
+    exact, padded = pad_positions(labelled, 1), pad_positions(labelled, 16)
+    assert len(padded) == 16 and torch.equal(padded[: len(exact)], exact)
+    assert (labels.view(-1)[padded[len(exact):]] == -100).all()
+
+    def loss_and_grads(positions):
+        model.zero_grad()
+        out = model(ids, labels=labels, label_positions=positions)
+        out.loss.backward()
+        return out, [p.grad.clone() for p in model.parameters()]
+
+    (out, grads), (out_padded, grads_padded) = loss_and_grads(exact), loss_and_grads(padded)
+    # The padded rows add exact zeros to the loss and its gradients, and the loss is divided by the same count;
+    # only the longer matmuls may block and sum in another order (a few fp32 ulps).
+    torch.testing.assert_close(out_padded.loss, out.loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out_padded.logits[: len(exact)], out.logits, rtol=1e-6, atol=1e-7)
+    for grad, grad_padded in zip(grads, grads_padded):
+        torch.testing.assert_close(grad_padded, grad, rtol=1e-5, atol=1e-7)
 
 
 def test_batch_without_labels_has_zero_loss_and_zero_gradients():
