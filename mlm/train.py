@@ -525,7 +525,9 @@ def wrap_for_training(model: nn.Module, config: TrainConfig, procs: Processes, d
     if procs.world_size > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if config.cuda_graphs:
-        model = torch.compile(model, mode="reduce-overhead")  # CUDA graphs recorded per label-position length
+        # Static shapes, one graph per shape: few occur (full batches, an epoch's short last batch, one or two
+        # padded label counts). Letting dynamo switch to dynamic shapes at the second shape costs far more.
+        model = torch.compile(model, mode="reduce-overhead", dynamic=False)
     elif config.compile:
         model = torch.compile(model)
     return model
