@@ -61,8 +61,8 @@ from mlm.tokenizer import load_tokenizer
 from mlm.train import CUDA_GRAPH_PADDING, StepBatches, epoch_order, move_to_device, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL_DIR = ROOT.parent / "shared" / "hub" / "models" / "distilbert-base-uncased"
-DEFAULT_DATASET_DIR = ROOT.parent / "shared" / "hub" / "datasets" / "stanfordnlp" / "imdb"
+DEFAULT_MODEL_DIR = "distilbert-base-uncased"  # Hub ids, or local folders with their layout
+DEFAULT_DATASET_DIR = "stanfordnlp/imdb"
 SECTIONS = ("model", "train", "eval", "data", "masking")
 LR, WEIGHT_DECAY, MAX_GRAD_NORM = 2e-5, 0.01, 1.0  # the course's hyper-parameters
 MIB = 2**20

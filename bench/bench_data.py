@@ -1,7 +1,6 @@
 """Time the data pipeline on IMDb train against the tokenizer alone and against the course's pipeline.
 
-    python bench/bench_data.py --dataset ../shared/hub/datasets/stanfordnlp/imdb \\
-        --tokenizer ../shared/hub/models/distilbert-base-uncased
+    python bench/bench_data.py --dataset path/to/imdb --tokenizer path/to/distilbert-base-uncased
 
 Everything runs in one process, in this order: a short warm-up, our tokenize+chunk, the bare encode_batch,
 the reference-style pipeline, then each timed run once more; figures use the faster of the two runs. Peak
@@ -157,10 +156,10 @@ def bench_data(dataset_dir: str | Path, tokenizer_dir: str | Path, *, verbose: b
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default="../shared/hub/datasets/stanfordnlp/imdb",
-                        help="Folder with the Hub layout of stanfordnlp/imdb.")
-    parser.add_argument("--tokenizer", default="../shared/hub/models/distilbert-base-uncased",
-                        help="Folder with tokenizer.json.")
+    parser.add_argument("--dataset", default="stanfordnlp/imdb",
+                        help="stanfordnlp/imdb: the Hub id or a folder with its layout (default: %(default)s)")
+    parser.add_argument("--tokenizer", default="distilbert-base-uncased",
+                        help="Hub id or folder with tokenizer.json (default: %(default)s)")
     args = parser.parse_args(argv)
     bench_data(args.dataset, args.tokenizer)
 

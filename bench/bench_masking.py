@@ -1,6 +1,6 @@
 """Time masking one 64x128 batch: mlm.masking vs the reference collators.
 
-    python bench/bench_masking.py [--tokenizer ../shared/hub/models/distilbert-base-uncased] [--repeats 200]
+    python bench/bench_masking.py [--tokenizer path/to/distilbert-base-uncased] [--repeats 200]
 
 Compared, on the same batch of realistic chunks (IMDb-like reviews tokenized with the real tokenizer when its
 folder is there, concatenated with [CLS]/[SEP] and cut into 128-token chunks; random ids with specials
@@ -29,8 +29,7 @@ import torch
 
 from mlm.masking import MaskingCollator, mask_tokens, mask_whole_words, special_tokens_mask
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TOKENIZER = ROOT.parent / "shared" / "hub" / "models" / "distilbert-base-uncased"
+DEFAULT_TOKENIZER = "distilbert-base-uncased"  # a Hub id or a folder with tokenizer.json
 SPECIALS = (0, 100, 101, 102, 103)
 MASK_ID, VOCAB = 103, 30522
 BATCH, LENGTH = 64, 128

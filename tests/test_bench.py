@@ -1,4 +1,4 @@
-"""bench/bench.py runs end to end on a tiny model (no transformers, no ../shared) and reports every figure.
+"""bench/bench.py runs end to end on a tiny model (no transformers, no Hub, no local IMDb) and reports every figure.
 
 Only that it runs and what it reports: speed itself is measured by running the script, never in a test.
 """
