@@ -7,7 +7,8 @@ still reports what it finished), each one's output kept in <out>/<stage>.log:
     tests   tests/test_cuda.py (pytest -m cuda), with the measured errors from its JUnit XML
     bench   bench/bench.py --device cuda at 64x128: ours bf16/fp16, eager/compiled, vs the reference
     course  scripts/train.py as the course runs it (10,000 train chunks x 3 epochs = 471 steps of 64x128, bf16,
-            full-size random model, real IMDb), then the same run interrupted with SIGINT and resumed
+            full-size random model, real IMDb), then the same run interrupted with SIGINT and resumed, then
+            (GPU only) once more with --cuda-graphs: its compile time and steady-state speed
 
 --cpu runs every stage on the CPU with the tiny model, tokenizer and corpus of mlm/smoke (CUDA tests skip), so CI
 can check the script and its report without a GPU. Model and data come from --assets (a folder holding model/
@@ -285,7 +286,29 @@ def stage_course(out: Path, work: Path, assets: Path, cpu: bool, timeout: float)
             "max_weight_difference": max_weight_difference(straight, resumed),
         }
     result["ok"] = bool(second and second["status"] == "finished" and first and first["status"] == "interrupted")
+    if not cpu:  # the fastest setting, straight through: compile time and steady-state speed
+        graphs = work / "cuda-graphs"
+        status, seconds = run_logged([*course_arguments(assets, cpu, graphs), "--cuda-graphs"], out / "graphs.log",
+                                     max(1.0, deadline - time.perf_counter()), env)
+        summary = read_summary(graphs)
+        result["cuda_graphs"] = {"exit_status": status, "wall_seconds": round(seconds, 1)}
+        if summary:
+            result["cuda_graphs"] |= {"train_seconds": round(summary["train_seconds"], 2),
+                                      "perplexity_after": summary["after"]["perplexity"],
+                                      **steady_state(train_records(graphs, "train"), summary["steps"])}
     return result
+
+
+def steady_state(records: list[dict], steps: int, tokens_per_step: int = 64 * 128) -> dict:
+    """Median tokens/s of the log intervals after the first (which compiles), and what `steps` steps of the
+    course's 64x128 batches take at that rate."""
+    import statistics
+
+    rates = [r["tokens_per_second"] for r in records[1:]]
+    if not rates:
+        return {}
+    median = statistics.median(rates)
+    return {"steady_tokens_per_second": round(median), "steady_seconds_all_steps": steps * tokens_per_step / median}
 
 
 def max_weight_difference(a: Path, b: Path) -> float:
@@ -310,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=None, help="scratch folder for the course runs (default: <out>/../"
                                                      "gpu-check-work, removed at the end)")
     parser.add_argument("--stages", default="env,tests,bench,course", help="comma-separated subset to run")
-    parser.add_argument("--timeouts", default="60,120,300,130",
+    parser.add_argument("--timeouts", default="60,120,300,180",
                         help="seconds allowed for env,tests,bench,course (default: %(default)s)")
     args = parser.parse_args(argv)
     out = Path(args.out)
