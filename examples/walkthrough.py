@@ -1,0 +1,383 @@
+# %% [markdown]
+# # Fine-tuning a masked language model, with mlm
+#
+# The Hugging Face course chapter "Fine-tuning a masked language model" (chapter 7), cell by cell, with mlm in
+# place of `transformers`, `datasets` and `Trainer`. Each cell says which mlm function does its step and which
+# file holds it; docs/course-map.md has the same correspondence as a table.
+#
+# Run it as a script (`python examples/walkthrough.py --help`) or open it as a notebook: Jupyter (with jupytext)
+# and VS Code read the `# %%` cells. In a notebook the flags keep their defaults, which are the course's: edit
+# `args` in the next cell to change them. Where the course prints something, this prints the same thing, in the
+# course's `'>>> …'` style.
+#
+# No pretrained weights at hand? `--init random` starts from a random model of the same configuration: every
+# step runs, only the predictions and perplexities are those of an untrained model. The shipped smoke assets
+# run the whole walkthrough offline in seconds:
+#
+#     python examples/walkthrough.py --model mlm/smoke --init random --dataset mlm/smoke/reviews.jsonl \
+#         --train-size 64 --test-size 32 --max-steps 2
+
+# %%
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.json
+import pyarrow.parquet
+import torch
+
+from mlm.checkpoint import load_config, load_pretrained
+from mlm.data import chunk, load_chunks, load_texts, split_train_test, tokenize
+from mlm.data_files import find_data_files
+from mlm.errors import MLMError
+from mlm.evaluate import evaluate
+from mlm.fill_mask import fill_mask
+from mlm.masking import MaskingCollator, freeze_eval_masks
+from mlm.model import DistilBertForMaskedLM
+from mlm.runtime import pick_precision, start_processes
+from mlm.tokenizer import load_tokenizer
+from mlm.train import TrainConfig, train
+
+IN_NOTEBOOK = "ipykernel" in sys.modules
+TEXT = "This is a great [MASK]."
+SAMPLE_REVIEWS = range(45, 50)  # the train reviews whose lengths the walkthrough shows
+COURSE_GROUP_SIZE = 1_000  # reviews per `datasets.map(batched=True)` call, the grouping behind the course's counts
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(description="The Hugging Face course's MLM chapter, step by step, with mlm. "
+                                            "The defaults are the course's.")
+    p.add_argument("--model", default=d.model, help="Hub id or local folder (default: %(default)s)")
+    p.add_argument("--init", choices=["pretrained", "random"], default=d.init,
+                   help="pretrained weights, or a random model of --model's config (default: %(default)s)")
+    p.add_argument("--dataset", default=d.dataset, help="Hub dataset id, a local folder with its layout, or one "
+                   ".parquet/.jsonl/.txt file (default: %(default)s)")
+    p.add_argument("--chunk-size", type=int, default=d.chunk_size, help="(default: %(default)s)")
+    p.add_argument("--group-size", type=int, default=d.group_size,
+                   help="train on chunks cut per group of this many reviews (1000 gives the course's chunks); "
+                        "default: the whole split joined, mlm's default")
+    p.add_argument("--train-size", type=int, default=d.train_size, help="(default: %(default)s)")
+    p.add_argument("--test-size", type=int, default=d.test_size, help="(default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="(default: %(default)s)")
+    p.add_argument("--max-steps", type=int, default=d.max_steps, help="stop training after this many steps")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
+    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="(default: %(default)s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1 … (default: %(default)s)")
+    p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default=d.precision,
+                   help="(default: %(default)s)")
+    p.add_argument("--cache-dir", default=d.cache_dir, help="where tokenized chunks are cached")
+    p.add_argument("--output-dir", default=d.output_dir, help="where the fine-tuned model goes; a previous run "
+                   "there is replaced, as the course's overwrite_output_dir=True (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+if not IN_NOTEBOOK:
+    def one_line_errors(kind, error, traceback):
+        """A mistake the user can fix (mlm.errors.MLMError) is one line, as in scripts/, not a traceback."""
+        if issubclass(kind, MLMError):
+            print(f"error: {error}", file=sys.stderr)
+        else:
+            sys.__excepthook__(kind, error, traceback)
+
+    sys.excepthook = one_line_errors
+
+args = parse_args([] if IN_NOTEBOOK else None)
+procs, device = start_processes(args.device)  # mlm/runtime.py: "auto" is the GPU when there is one
+precision = pick_precision(args.precision, device)  # mlm/runtime.py: bf16/fp16 autocast on GPUs, fp32 on CPUs
+
+
+def say(*lines: str) -> None:
+    print(*(f"'>>> {line}'" for line in lines), sep="\n")
+
+
+# %% [markdown]
+# ## 1. The model and the tokenizer
+#
+# Course: `AutoModelForMaskedLM.from_pretrained(model_checkpoint)`, `model.num_parameters()`.
+# mlm: `load_pretrained` (mlm/checkpoint.py) reads config.json + model.safetensors into `DistilBertForMaskedLM`
+# (mlm/model.py); with `--init random`, `load_config` (mlm/checkpoint.py) and a fresh `DistilBertForMaskedLM`.
+# `num_parameters()` counts the tied embedding/projector matrix once, as transformers does.
+
+# %%
+if args.init == "pretrained":
+    model = load_pretrained(args.model)
+else:
+    torch.manual_seed(args.seed)  # train() seeds the same way, so the model it trains starts from these weights
+    model = DistilBertForMaskedLM(load_config(args.model))
+model = model.to(device).eval()
+n_parameters = model.num_parameters()
+say(f"DistilBERT number of parameters: {round(n_parameters / 1_000_000)}M")
+print(f"({n_parameters:,} parameters, {args.init} weights, on {device})")
+
+# %% [markdown]
+# Course: `AutoTokenizer.from_pretrained(model_checkpoint)`, then `tokenizer(text, return_tensors="pt")` and the
+# logits at the `[MASK]` position. mlm: `load_tokenizer` (mlm/tokenizer.py) wraps the `tokenizers` library's
+# `tokenizer.json` (`.backend`) with the special-token ids read from the files; the model's forward
+# (`DistilBertForMaskedLM.forward`, mlm/model.py) returns (B, L, V) logits when given no labels.
+
+# %%
+tokenizer = load_tokenizer(args.model)
+encoding = tokenizer.backend.encode(TEXT)
+inputs = torch.tensor([encoding.ids])  # (1, L)
+attention_mask = torch.tensor([encoding.attention_mask])  # (1, L)
+print("input_ids:     ", inputs.tolist())
+print("attention_mask:", attention_mask.tolist())
+with torch.no_grad():
+    token_logits = model(inputs.to(device), attention_mask.to(device)).logits.float()  # (1, L, V)
+print("logits shape:  ", tuple(token_logits.shape))
+mask_token_index = torch.where(inputs == tokenizer.mask_token_id)[1]
+print(f"[MASK] is token {tokenizer.mask_token_id} at position {mask_token_index.tolist()}")
+mask_token_logits = token_logits[0, mask_token_index, :]
+top_5_tokens = torch.topk(mask_token_logits, 5, dim=1).indices[0].tolist()
+for token in top_5_tokens:
+    say(TEXT.replace(tokenizer.mask_token, tokenizer.backend.decode([token])))
+
+# %% [markdown]
+# The same in one call: `fill_mask` (mlm/fill_mask.py), the `pipeline("fill-mask")` counterpart, gives the top-k
+# tokens of every `[MASK]` with their probabilities and filled sentences.
+
+# %%
+for prediction in fill_mask(model, tokenizer, [TEXT], top_k=5)[0][0]:
+    print(f"{prediction.score:.4f}  {prediction.token:<12} {prediction.sequence}")
+
+# %% [markdown]
+# ## 2. The data
+#
+# Course: `load_dataset("imdb")`. mlm: `load_texts` (mlm/data_files.py, also importable from mlm.data) reads
+# one split's text column from a Hub dataset id, a local folder with the Hub's layout
+# (`plain_text/{split}-*.parquet`) or a single .parquet/.jsonl/.txt file, which holds only a "train" split.
+# mlm reads text only; the labels are shown here with pyarrow from the same files (`find_data_files`,
+# mlm/data_files.py), since training never needs them.
+
+
+# %%
+def read_labels(dataset: str, split: str) -> list | None:
+    """The `label` column of a split, or None when its files have none (e.g. a .txt file)."""
+    labels = []
+    for file in find_data_files(dataset, split):
+        if file.suffix == ".parquet":
+            if "label" not in pyarrow.parquet.read_schema(file).names:
+                return None
+            labels += pyarrow.parquet.read_table(file, columns=["label"]).column("label").to_pylist()
+        elif file.suffix in (".jsonl", ".json"):
+            table = pyarrow.json.read_json(file)
+            if "label" not in table.column_names:
+                return None
+            labels += table.column("label").to_pylist()
+        else:
+            return None
+    return labels
+
+
+single_file = Path(args.dataset).expanduser().is_file()
+splits = ("train",) if single_file else ("train", "test", "unsupervised")
+texts = {split: load_texts(args.dataset, split) for split in splits}
+for split, split_texts in texts.items():
+    print(f"{split}: {len(split_texts):,} reviews")
+if single_file:
+    print(f"note: {args.dataset} is a single file, which holds only a train split: no test or unsupervised split.")
+
+# %% [markdown]
+# Course: `imdb_dataset["train"].shuffle(seed=42).select(range(3))`. `datasets` shuffles with
+# `np.random.default_rng(seed).permutation(n)`, the permutation `split_train_test` (mlm/data.py) draws too, so
+# the same three rows come out here. The unsupervised split's
+# labels are -1: neither 0 nor 1. (The Hub's row order decides which reviews these are; a copy whose rows are in
+# another order shows other reviews.)
+
+
+# %%
+def show_random_reviews(split: str, n: int = 3) -> None:
+    labels = read_labels(args.dataset, split)
+    for index in np.random.default_rng(args.seed).permutation(len(texts[split]))[:n].tolist():
+        print()
+        say(f"Review: {texts[split][index]}", f"Label: {labels[index] if labels is not None else 'none'}")
+
+
+show_random_reviews("train")
+if "unsupervised" in texts:
+    show_random_reviews("unsupervised")
+else:
+    print("\nnote: no unsupervised split in this dataset; skipping its sample.")
+
+# %% [markdown]
+# Course: `tokenizer(examples["text"])` plus `result.word_ids(i)` in a `datasets.map(batched=True)`.
+# mlm: `tokenize` (mlm/data.py) encodes every review as `[CLS] … [SEP]` and lays all tokens end to end, with the
+# word id of each token (-1 at `[CLS]`/`[SEP]`, where transformers says None) and the length of each review.
+# Word ids are what whole-word masking groups tokens by.
+
+# %%
+ids, word_ids, lengths = tokenize(texts["train"][:1], tokenizer)
+tokens = [tokenizer.backend.id_to_token(int(i)) for i in ids[:16]]
+print(f"{'token':<14} {'id':>6} {'word id':>8}")
+for token, token_id, word_id in zip(tokens, ids[:16].tolist(), word_ids[:16].tolist()):
+    print(f"{token:<14} {token_id:>6} {word_id:>8}")
+
+# %% [markdown]
+# Course: the lengths of a few tokenized reviews, their concatenated length, and the 128-token chunks it cuts
+# them into (`chunk_size = 128`; `tokenizer.model_max_length` is 512). The last, short chunk is what
+# `group_texts` drops; mlm's `chunk` (mlm/data.py) does the same on the flat arrays.
+
+# %%
+start = max(0, min(SAMPLE_REVIEWS.start, len(texts["train"]) - len(SAMPLE_REVIEWS)))
+sample = range(start, min(start + len(SAMPLE_REVIEWS), len(texts["train"])))
+ids, word_ids, lengths = tokenize(texts["train"][sample.start : sample.stop], tokenizer)
+for index, length in zip(sample, lengths.tolist()):
+    say(f"Review {index} length: {length}")
+total_length = len(ids)
+say(f"Concatenated reviews length: {total_length}")
+for offset in range(0, total_length, args.chunk_size):
+    say(f"Chunk length: {len(ids[offset : offset + args.chunk_size])}")
+chunk_ids, _ = chunk(ids, word_ids, lengths, chunk_size=args.chunk_size)
+print(f"chunk() keeps {len(chunk_ids)} full chunks {tuple(chunk_ids.shape)} and drops the last "
+      f"{total_length - chunk_ids.size} tokens")
+
+# %% [markdown]
+# Course: `lm_datasets = tokenized_datasets.map(group_texts, batched=True)`. Because `datasets` hands
+# `group_texts` 1,000 reviews at a time, the course joins and cuts each group of 1,000 reviews separately, and
+# drops each group's short tail. mlm joins the whole split by default (one tail dropped); `group_size=1000`
+# reproduces the course's count. `load_chunks` (mlm/data.py) tokenizes and chunks a split behind a cache
+# (mlm/data_cache.py): the first run takes seconds to a minute for IMDb, later runs well under a second.
+#
+# On the Hub's IMDb the course's notebook reports 61,289 train chunks. The whole-split count depends only on
+# the number of tokens; the grouped count also depends on the row order (which reviews share a group), so a
+# copy whose rows are ordered differently can differ by a few chunks.
+
+# %%
+progress = not args.no_progress
+common = dict(chunk_size=args.chunk_size, cache_dir=args.cache_dir,
+              max_position_embeddings=model.config.max_position_embeddings, progress=progress)
+whole = load_chunks(args.dataset, "train", tokenizer, group_size=None, **common)
+grouped = load_chunks(args.dataset, "train", tokenizer, group_size=COURSE_GROUP_SIZE, **common)
+say(f"train: {whole.n_reviews:,} reviews, {whole.n_tokens:,} tokens")
+say(f"chunks of {args.chunk_size}, whole split joined: {len(whole):,}")
+say(f"chunks of {args.chunk_size}, {COURSE_GROUP_SIZE:,}-review groups: {len(grouped):,}")
+if args.group_size is None:
+    lm_chunks = whole
+elif args.group_size == COURSE_GROUP_SIZE:
+    lm_chunks = grouped
+else:
+    lm_chunks = load_chunks(args.dataset, "train", tokenizer, group_size=args.group_size, **common)
+
+# %% [markdown]
+# Course: `tokenizer.decode(lm_datasets["train"][1]["input_ids"])` and the same for `"labels"`: a chunk where one
+# review ends and the next begins (`[SEP] [CLS]`). `group_texts` copies input_ids into labels; in mlm the labels
+# are made by the masking (next section), and before masking they are the chunk's own ids. Word ids restart at 0
+# with every review.
+
+# %%
+sep_cls = ((lm_chunks.input_ids[:, :-1] == tokenizer.sep_token_id)
+           & (lm_chunks.input_ids[:, 1:] == tokenizer.cls_token_id))  # (N, L-1): a [SEP] followed by a [CLS]
+boundary_rows = np.flatnonzero(sep_cls.any(axis=1))
+if len(boundary_rows) == 0:
+    print("note: no chunk holds a [SEP] [CLS] boundary (every review is longer than a chunk).")
+else:
+    row = int(boundary_rows[0])
+    chunk_ids, chunk_words = lm_chunks.input_ids[row].tolist(), lm_chunks.word_ids[row].tolist()
+    labels = list(chunk_ids)  # what group_texts stores as "labels"
+    print(f"chunk {row}:")
+    print(f"\n'{tokenizer.backend.decode(chunk_ids, skip_special_tokens=False)}'")
+    print("\nits labels:")
+    print(f"\n'{tokenizer.backend.decode(labels, skip_special_tokens=False)}'")
+    at = int(np.flatnonzero(sep_cls[row])[0])
+    around = range(max(0, at - 3), min(len(chunk_ids), at + 5))
+    print("\nword ids around the boundary:",
+          " ".join(f"{tokenizer.backend.id_to_token(chunk_ids[i])}:{chunk_words[i]}" for i in around))
+
+# %% [markdown]
+# ## 3. Masking
+#
+# Course: `DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm_probability=0.15)` on two chunks: 15% of the
+# tokens are picked, 80% of those become `[MASK]`, 10% a random token, 10% stay. mlm: `MaskingCollator`
+# (mlm/masking.py), a DataLoader `collate_fn` that calls `mask_tokens` (mlm/masking.py), bit-identical to the
+# transformers collator for the same random state. Specials (`[CLS]`, `[SEP]`) are never picked.
+
+# %%
+rows = [{"input_ids": lm_chunks.input_ids[i], "word_ids": lm_chunks.word_ids[i]} for i in range(2)]
+data_collator = MaskingCollator.from_tokenizer(tokenizer, mlm_probability=0.15, seed=args.seed)
+batch = data_collator(rows)
+for masked, labels in zip(batch["input_ids"], batch["labels"]):
+    print(f"\n'>>> {tokenizer.backend.decode(masked.tolist(), skip_special_tokens=False)}'")
+    print(f"({int((labels != -100).sum())} of {len(labels)} tokens to predict)")
+
+# %% [markdown]
+# Course: a whole-word-masking collator written by hand, masking each word with probability 0.2, every token of
+# a picked word as `[MASK]`. mlm: `MaskingCollator(whole_word=True)`, which calls `mask_whole_words`
+# (mlm/masking.py) with the course's grouping of word ids.
+
+# %%
+whole_word_masking_data_collator = MaskingCollator.from_tokenizer(tokenizer, whole_word=True, wwm_probability=0.2,
+                                                                  seed=args.seed)
+batch = whole_word_masking_data_collator(rows)
+for masked, labels in zip(batch["input_ids"], batch["labels"]):
+    print(f"\n'>>> {tokenizer.backend.decode(masked.tolist(), skip_special_tokens=False)}'")
+    print(f"({int((labels != -100).sum())} of {len(labels)} tokens to predict)")
+
+# %% [markdown]
+# ## 4. Downsampling, perplexity, training
+#
+# Course: `lm_datasets["train"].train_test_split(train_size=10_000, test_size=1_000, seed=42)`.
+# mlm: `split_train_test` (mlm/data.py) draws the same indices from the same permutation.
+#
+# The course masks its eval set afresh at every evaluation (its accelerate version freezes them with
+# `insert_random_mask`). mlm masks it once, `freeze_eval_masks` (mlm/masking.py): the perplexity is then
+# deterministic and every model is scored on the same targets.
+
+# %%
+train_chunks, test_chunks = split_train_test(lm_chunks, train_size=args.train_size, test_size=args.test_size,
+                                             seed=args.seed)
+say(f"train: {len(train_chunks):,} chunks, test: {len(test_chunks):,} chunks (of {len(lm_chunks):,})")
+eval_set = freeze_eval_masks(test_chunks.input_ids, mask_token_id=tokenizer.mask_token_id,
+                             vocab_size=tokenizer.vocab_size, special_token_ids=tokenizer.special_token_ids,
+                             seed=args.seed)
+masked_tokens = int((eval_set["labels"] != -100).sum())
+print(f"frozen eval masks: {masked_tokens:,} of {eval_set['labels'].numel():,} tokens to predict")
+
+# %% [markdown]
+# Course: `math.exp(trainer.evaluate()["eval_loss"])`, 21.75 for distilbert-base-uncased. mlm: `evaluate`
+# (mlm/evaluate.py) on the frozen eval set. Its headline is token-weighted: exp of the mean loss over every
+# masked token. Trainer's figure averages per-batch means weighted by sequences; it is given alongside.
+
+# %%
+before = evaluate(model, eval_set["input_ids"], eval_set["labels"], batch_size=args.eval_batch_size,
+                  autocast_dtype=precision.autocast_dtype)
+say(f"Perplexity: {before.perplexity:.2f}")
+print(f"(reference-style, as Trainer averages: {before.reference_perplexity:.2f})")
+
+# %% [markdown]
+# Course: `TrainingArguments(...)` and `Trainer(...).train()`: AdamW, lr 2e-5, weight decay 0.01, batch 64,
+# 3 epochs, mixed precision, evaluation every epoch. mlm: `TrainConfig` and `train` (mlm/train.py) with the same
+# defaults. `train` loads the model, the chunks (from the cache) and the same frozen eval set again, reports
+# perplexity and fill-mask before and after, and writes the model in the Hub layout to `--output-dir`.
+# `--max-steps` or `--train-size` make the run shorter.
+
+# %%
+config = TrainConfig(model=args.model, init=args.init, dataset=args.dataset, chunk_size=args.chunk_size,
+                     group_size=args.group_size, train_size=args.train_size, test_size=args.test_size,
+                     cache_dir=args.cache_dir, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+                     lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, seed=args.seed,
+                     precision=args.precision, device=args.device, output_dir=args.output_dir, overwrite=True,
+                     prompts=(TEXT,), progress_bar=progress)
+summary = train(config)
+if summary.status != "finished":
+    print(f"Training was interrupted; the last checkpoint is {summary.checkpoint}.")
+    sys.exit(130)
+print(f"trained {summary.steps} steps in {summary.train_seconds:.1f} s; the model is in {summary.output_dir}")
+
+# %% [markdown]
+# Course: the perplexity after training (11.32) and `pipeline("fill-mask", model=...)` on the fine-tuned model.
+# mlm: `load_pretrained` (mlm/checkpoint.py) reads the saved model back, `evaluate` scores it on the same frozen
+# eval set, and `fill_mask` predicts.
+
+# %%
+finetuned = load_pretrained(summary.output_dir).to(device).eval()
+after = evaluate(finetuned, eval_set["input_ids"], eval_set["labels"], batch_size=args.eval_batch_size,
+                 autocast_dtype=precision.autocast_dtype)
+say(f"Perplexity: {after.perplexity:.2f}")
+print(f"(reference-style: {after.reference_perplexity:.2f}; before training: {before.perplexity:.2f})")
+for prediction in fill_mask(finetuned, tokenizer, [TEXT], top_k=5)[0][0]:
+    say(prediction.sequence)
