@@ -144,6 +144,10 @@ class TrainConfig:
         check(self.lean in ("auto", "on", "off"), f"--lean must be auto, on or off, got {self.lean!r}.")
         check(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}.")
         check(not (self.resume and self.overwrite), "--resume continues a run and --overwrite deletes it: pick one.")
+        check(not (self.eval_split and self.validation_file),
+              "--eval-split and --validation-file both name the eval data: pass one of them.")
+        check(self.eval_split not in self.train_splits, f"--eval-split {self.eval_split} is also a training split: "
+              "the eval chunks would be trained on. Pick another split, or leave --eval-split out.")
         check(self.report_to in REPORT_TO, f"--report-to must be {' or '.join(REPORT_TO)}, got {self.report_to!r}.")
         if self.report_to == "tensorboard":
             require_tensorboard()  # a missing package stops the run here, before the output folder is touched

@@ -126,6 +126,21 @@ def test_bad_data_flags_are_refused(corpus, tokenizer, tmp_path, kwargs, message
                                cache_dir=tmp_path / "cache", **kwargs)
 
 
+@pytest.mark.parametrize("fields, message", [
+    (dict(eval_split="test", validation_file="v.csv"), "pass one of them"),
+    (dict(eval_split="unsupervised", train_splits=("train", "unsupervised")), "is also a training split"),
+])
+def test_train_refuses_clashing_eval_data_before_touching_the_output_folder(tmp_path, fields, message):
+    from mlm.train import TrainConfig, train
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("an earlier run\n")
+    with pytest.raises(MLMError, match=message):
+        train(TrainConfig(model=str(SMOKE), init="random", output_dir=str(run), overwrite=True, **fields))
+    assert (run / "metrics.jsonl").read_text() == "an earlier run\n"
+
+
 def test_concatenate_keeps_order_and_counts(corpus, tokenizer):
     a = load_chunks(corpus, "train", tokenizer, chunk_size=32, use_cache=False)
     b = load_chunks(corpus, "unsupervised", tokenizer, chunk_size=32, use_cache=False)
