@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from mlm.checkpoint import load_pretrained
-from mlm.data import load_chunks, split_train_test
+from mlm.data import load_train_eval_chunks
 from mlm.errors import MLMError
 from mlm.evaluate import EvalResult, evaluate
 from mlm.fill_mask import Prediction, fill_mask
@@ -41,6 +41,9 @@ def build_eval_set(
     *,
     dataset: str,
     text_column: str = "text",
+    train_splits: Sequence[str] = ("train",),
+    eval_split: str | None = None,
+    validation_file: str | None = None,
     chunk_size: int = 128,
     group_size: int | None = None,
     train_size: int = 10_000,
@@ -59,9 +62,10 @@ def build_eval_set(
     """
     if masking not in ("token", "wwm"):
         raise MLMError(f"--eval-masking must be 'token' or 'wwm', got {masking!r}.")
-    chunks = load_chunks(dataset, "train", tokenizer, chunk_size=chunk_size, group_size=group_size,
-                         text_column=text_column, cache_dir=cache_dir, progress=progress)
-    _, test = split_train_test(chunks, train_size=train_size, test_size=test_size, seed=seed)
+    _, test = load_train_eval_chunks(dataset, tokenizer, train_splits=train_splits, eval_split=eval_split,
+                                     validation_file=validation_file, train_size=train_size, test_size=test_size,
+                                     seed=seed, chunk_size=chunk_size, group_size=group_size, text_column=text_column,
+                                     cache_dir=cache_dir, progress=progress)
     whole_word = masking == "wwm"
     masked = freeze_eval_masks(test.input_ids, test.word_ids if whole_word else None,
                                mask_token_id=tokenizer.mask_token_id, vocab_size=tokenizer.vocab_size,

@@ -8,7 +8,9 @@
                         reproduces the course's chunk counts
     split_train_test    the course's `train_test_split(train_size=10_000, test_size=1_000, seed=42)`
 
-`load_chunks` runs the first two on a split of a corpus, behind a cache. Finding and reading the files is in
+`load_chunks` runs the first two on a split of a corpus, behind a cache; `load_train_eval_chunks` gives a run its
+train and eval chunks, drawn from the train split as the course does, or with the eval chunks from another
+split (IMDb's own test split) or file, and the train chunks from several splits. Finding and reading the files is in
 mlm/data_files.py, the cache in mlm/data_cache.py.
 
 Everything works on flat numpy arrays: there is no Python loop per token, and per review only the attribute
@@ -31,7 +33,8 @@ from mlm.data_files import find_data_files, load_texts, read_texts
 from mlm.errors import MLMError
 from mlm.tokenizer import Tokenizer
 
-__all__ = ["Chunks", "chunk", "load_chunks", "load_texts", "split_train_test", "tokenize", "tokenize_and_chunk"]
+__all__ = ["Chunks", "chunk", "concatenate", "draw", "load_chunks", "load_texts", "load_train_eval_chunks",
+           "split_train_test", "tokenize", "tokenize_and_chunk"]
 
 # Reviews per encode_batch call. The tokenizer parallelises inside a call, so a batch only has to be large
 # enough to keep its thread pool busy; 2,000 IMDb reviews (~630k tokens) do. Tokenizing everything in one
@@ -276,3 +279,63 @@ def split_train_test(
     test = chunks.select(permutation[:test_size])
     train = chunks.select(permutation[test_size : test_size + train_size])
     return train, test
+
+
+def draw(chunks: Chunks, size: int, *, seed: int = 42, what: str = "train", flag: str = "--train-size") -> Chunks:
+    """`size` chunks drawn without replacement, in the order of np.random.default_rng(seed).permutation."""
+    if size < 1:
+        raise MLMError(f"{flag} must be positive (got {size}).")
+    if size > len(chunks):
+        raise MLMError(f"Cannot draw {size} {what} chunks from {len(chunks)}: pass {flag} {len(chunks)} or less, "
+                       "or use more text or a smaller --chunk-size.")
+    return chunks.select(np.random.default_rng(seed).permutation(len(chunks))[:size])
+
+
+def concatenate(parts: list[Chunks]) -> Chunks:
+    """The chunks of `parts` one after the other (e.g. IMDb's train then unsupervised split)."""
+    if len(parts) == 1:
+        return parts[0]
+    return Chunks(np.concatenate([p.input_ids for p in parts]), np.concatenate([p.word_ids for p in parts]),
+                  n_reviews=sum(p.n_reviews for p in parts), n_tokens=sum(p.n_tokens for p in parts))
+
+
+def load_train_eval_chunks(
+    source: str | Path,
+    tokenizer: Tokenizer,
+    *,
+    train_splits: tuple[str, ...] | list[str] = ("train",),
+    eval_split: str | None = None,
+    validation_file: str | Path | None = None,
+    train_size: int = 10_000,
+    test_size: int = 1_000,
+    seed: int = 42,
+    **load_args,
+) -> tuple[Chunks, Chunks]:
+    """(train chunks, eval chunks) of a run, (train_size, L) and (test_size, L); `load_args` go to `load_chunks`.
+
+    By default both are drawn from the chunks of `train_splits` with `split_train_test`, as the course draws
+    them from IMDb's train split. With `eval_split` (a split of `source`, e.g. "test") or `validation_file` (one
+    data file), the eval chunks are drawn from there instead and the train chunks from all of `train_splits`,
+    concatenated in the order given (e.g. train then unsupervised). Each split is cached on its own.
+    """
+    train_splits = list(train_splits)
+    if not train_splits or len(set(train_splits)) != len(train_splits):
+        raise MLMError(f"--train-splits must name each split once, got {','.join(train_splits) or 'nothing'}.")
+    if eval_split is not None and validation_file is not None:
+        raise MLMError("--eval-split and --validation-file both name the eval data: pass one of them.")
+    if eval_split is not None and eval_split in train_splits:
+        raise MLMError(f"--eval-split {eval_split} is also a training split: the eval chunks would be trained on. "
+                       "Pick another split, or leave --eval-split out to hold chunks out of the train split.")
+    train = concatenate([load_chunks(source, split, tokenizer, **load_args) for split in train_splits])
+    if eval_split is None and validation_file is None:
+        return split_train_test(train, train_size=train_size, test_size=test_size, seed=seed)
+    if validation_file is not None:
+        if not Path(validation_file).expanduser().is_file():
+            raise MLMError(f"--validation-file {validation_file}: no such file (a .parquet, .jsonl, .csv or .txt).")
+        held_out = load_chunks(validation_file, "train", tokenizer, **load_args)  # a single file's one split
+        name = str(validation_file)
+    else:
+        held_out = load_chunks(source, eval_split, tokenizer, **load_args)
+        name = f"the {eval_split} split"
+    return (draw(train, train_size, seed=seed, what="train"),
+            draw(held_out, test_size, seed=seed, what=f"eval ({name})", flag="--test-size"))

@@ -16,7 +16,7 @@ from mlm.hub import resolve_repo
 
 DEFAULT_DATASET = "stanfordnlp/imdb"
 SPLITS = ("train", "test", "unsupervised")
-DATA_EXTENSIONS = (".parquet", ".jsonl", ".json", ".txt")
+DATA_EXTENSIONS = (".parquet", ".jsonl", ".json", ".csv", ".txt")
 
 
 def find_data_files(source: str | Path, split: str = "train", *, revision: str | None = None) -> list[Path]:
@@ -48,7 +48,7 @@ def find_data_files(source: str | Path, split: str = "train", *, revision: str |
         found = sorted({name for file in folder.rglob("*") if (name := _split_of(file.name))})
         raise MLMError(
             f"No files for split {split!r} in {folder} (looked for {split}-*.parquet and {split}.parquet, "
-            f".jsonl, .txt). Splits found there: {', '.join(found) or 'none'}."
+            f".jsonl, .csv, .txt). Splits found there: {', '.join(found) or 'none'}."
         )
     parents = {file.parent for file in files}
     if len(parents) > 1:
@@ -76,9 +76,9 @@ def load_texts(
     """The reviews of one split, as a list of str in file order.
 
     `source`: a Hub dataset repo id (default layout `plain_text/{split}-*.parquet`), a local folder with the
-    same layout, or a single .parquet / .jsonl / .txt file (see `find_data_files` for what `split` means
-    then). `text_column` names the column in parquet and JSON lines files; a text file has one review per
-    line. Raises MLMError for a missing column, an empty split, or an unreadable or non-UTF-8 file.
+    same layout, or a single .parquet / .jsonl / .csv / .txt file (see `find_data_files` for what `split`
+    means then). `text_column` names the column in parquet, JSON lines and CSV files; a text file has one
+    review per line. Raises MLMError for a missing column, an empty split, or an unreadable or non-UTF-8 file.
     """
     return read_texts(find_data_files(source, split, revision=revision), text_column=text_column)
 
@@ -94,6 +94,7 @@ def read_texts(files: list[Path], *, text_column: str = "text") -> list[str]:
 
 
 def _read_file(file: Path, text_column: str) -> list[str]:
+    import pyarrow.csv
     import pyarrow.json
     import pyarrow.parquet
 
@@ -105,6 +106,15 @@ def _read_file(file: Path, text_column: str) -> list[str]:
             if text_column not in names:
                 raise _missing_column(file, text_column, names)
             column = pyarrow.parquet.read_table(file, columns=[text_column]).column(text_column)
+        elif file.suffix == ".csv":  # a header line, then one review per record (quoted when it holds commas)
+            data = file.read_bytes()
+            _decode_utf8(data, file)  # names the line of a bad byte, which pyarrow's own check does not
+            # Read as text whatever it looks like: a column of numbers is still a column of reviews here.
+            options = pyarrow.csv.ConvertOptions(column_types={text_column: pa.string()})
+            table = pyarrow.csv.read_csv(pa.BufferReader(data), convert_options=options)
+            if text_column not in table.column_names:
+                raise _missing_column(file, text_column, table.column_names)
+            column = table.column(text_column)
         else:  # .jsonl / .json: JSON lines, one object per review
             data = file.read_bytes()
             _decode_utf8(data, file)  # pyarrow's JSON reader would keep invalid bytes in the strings

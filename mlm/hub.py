@@ -20,7 +20,7 @@ OFFLINE_HINT = (
 
 def looks_like_path(name: str) -> bool:
     """True for strings a user means as a path ('./x', '../x', '/x', '~/x', 'x.parquet'), not a repo id."""
-    return name.startswith((".", "/", "~")) or name.endswith((".parquet", ".jsonl", ".json", ".txt"))
+    return name.startswith((".", "/", "~")) or name.endswith((".parquet", ".jsonl", ".json", ".csv", ".txt"))
 
 
 def resolve_repo(
@@ -88,3 +88,11 @@ def _download(repo_id: str, *, repo_type: str, revision: str | None, allow_patte
     except HfHubHTTPError as err:
         raise MLMError(f"The Hub refused the {where}: {err}. {OFFLINE_HINT}") from None
     return Path(folder)
+
+
+def set_progress_bars(enabled: bool) -> None:
+    """--no-progress: turn huggingface_hub's download bars off too (HF_HUB_DISABLE_PROGRESS_BARS=1 does the same)."""
+    if not enabled:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()

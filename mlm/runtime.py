@@ -119,7 +119,8 @@ def _native_bf16() -> bool:
 # The output folder and the metrics log
 
 
-RUN_FILES = ("args.json", "metrics.jsonl", "summary.json", "checkpoints", "config.json", "model.safetensors")
+RUN_FILES = ("args.json", "metrics.jsonl", "summary.json", "checkpoints", "config.json", "model.safetensors",
+             "README.md", "tensorboard")
 
 
 def prepare_output_dir(output_dir: str, *, resume: str | None, overwrite: bool,
@@ -152,15 +153,24 @@ def prepare_output_dir(output_dir: str, *, resume: str | None, overwrite: bool,
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per line, flushed at once so that `tail -f` and crashes see every line."""
+    """metrics.jsonl: one JSON object per line, flushed at once so that `tail -f` and crashes see every line.
 
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
+    `listeners` (objects with write(kind, **values) and close()) get every record too, e.g. TensorBoard's.
+    """
+
+    def __init__(self, path: Path, enabled: bool, listeners: tuple = ()):
+        self.path, self.enabled, self.listeners = path, enabled, listeners
 
     def write(self, kind: str, **values) -> None:
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"kind": kind, "time": round(time.time(), 3), **values}) + "\n")
+            for listener in self.listeners:
+                listener.write(kind, **values)
+
+    def close(self) -> None:
+        for listener in self.listeners:
+            listener.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------

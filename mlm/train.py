@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mlm.checkpoint import load_config, load_pretrained, save_pretrained
-from mlm.data import Chunks, load_chunks, split_train_test
+from mlm.data import Chunks, load_train_eval_chunks
 from mlm.errors import MLMError
 from mlm.evaluate import EvalResult, evaluate
 from mlm.fill_mask import fill_mask
@@ -41,6 +41,7 @@ from mlm.host_memory import keep_freed_memory
 from mlm.lean import make_lean
 from mlm.masking import MaskingCollator, freeze_eval_masks
 from mlm.model import IGNORE_INDEX, DistilBertForMaskedLM
+from mlm.model_card import write_run_model_card
 from mlm.optim import linear_schedule, make_optimizer, set_learning_rate
 from mlm.runtime import (
     MetricsLog,
@@ -55,6 +56,7 @@ from mlm.runtime import (
     prepare_output_dir,
     start_processes,
 )
+from mlm.tensorboard_log import REPORT_TO, TensorBoardLog, require_tensorboard
 from mlm.tokenizer import Tokenizer, load_tokenizer
 from mlm.training_checkpoint import Progress, load_training_checkpoint, save_training_checkpoint
 
@@ -75,6 +77,9 @@ class TrainConfig:
     init: str = "pretrained"  # "pretrained" weights, or "random" (the model's config, freshly initialised)
     dataset: str = "stanfordnlp/imdb"
     text_column: str = "text"
+    train_splits: tuple[str, ...] = ("train",)  # concatenated, e.g. ("train", "unsupervised")
+    eval_split: str | None = None  # eval chunks from this split (e.g. "test"), not held out of the train chunks
+    validation_file: str | None = None  # or from this file
     chunk_size: int = 128
     group_size: int | None = None
     train_size: int = 10_000
@@ -111,6 +116,10 @@ class TrainConfig:
     prompts: tuple[str, ...] = ("This is a great [MASK].",)
     top_k: int = 5
     progress_bar: bool = True
+    report_to: str = "none"  # "tensorboard": also write the metrics as TensorBoard scalars (mlm/tensorboard_log.py)
+    push_to_hub: bool = False  # the CLI pushes the finished folder; train() only writes the model card
+    hub_model_id: str | None = None  # the repo the model card names (default: the output folder)
+    hub_private: bool | None = None
 
     def validate(self) -> None:
         """Reject settings that would fail later or silently do nothing, with the flag to fix."""
@@ -143,6 +152,13 @@ class TrainConfig:
               "--cuda-graphs replays one forward and backward per step: use --grad-accum 1 (or no --cuda-graphs).")
         check(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}.")
         check(not (self.resume and self.overwrite), "--resume continues a run and --overwrite deletes it: pick one.")
+        check(not (self.eval_split and self.validation_file),
+              "--eval-split and --validation-file both name the eval data: pass one of them.")
+        check(self.eval_split not in self.train_splits, f"--eval-split {self.eval_split} is also a training split: "
+              "the eval chunks would be trained on. Pick another split, or leave --eval-split out.")
+        check(self.report_to in REPORT_TO, f"--report-to must be {' or '.join(REPORT_TO)}, got {self.report_to!r}.")
+        if self.report_to == "tensorboard":
+            require_tensorboard()  # a missing package stops the run here, before the output folder is touched
 
 
 @dataclass
@@ -186,7 +202,8 @@ def train(config: TrainConfig) -> RunSummary:
     progress = resume(resume_from, model, optimizer, precision, procs, config.seed)
     run = Run(config, procs, device, precision, output_dir, model, tokenizer, optimizer, progress,
               eval_shard={k: v[procs.rank :: procs.world_size] for k, v in eval_set.items()},
-              log=MetricsLog(output_dir / "metrics.jsonl", enabled=procs.is_main),
+              log=MetricsLog(output_dir / "metrics.jsonl", enabled=procs.is_main,
+                             listeners=report_listeners(config, output_dir) if procs.is_main else ()),
               last_checkpoint=str(resume_from) if resume_from else None)
     announce(run, schedule, resume_from, train_chunks, eval_set)
     before = None if resume_from else evaluate_and_log(run, "before")  # the resumed run's first part measured it
@@ -408,17 +425,22 @@ def build_model(config: TrainConfig, tokenizer: Tokenizer, device: torch.device)
 def load_data(config: TrainConfig, tokenizer: Tokenizer,
               model: DistilBertForMaskedLM) -> tuple[Chunks, dict[str, torch.Tensor]]:
     """(the training chunks, the eval chunks masked once: {"input_ids", "labels"} (N, L) int64)."""
-    chunks = load_chunks(config.dataset, "train", tokenizer, chunk_size=config.chunk_size,
-                         group_size=config.group_size, text_column=config.text_column, cache_dir=config.cache_dir,
-                         max_position_embeddings=model.config.max_position_embeddings,
-                         progress=config.progress_bar)
-    train_chunks, test_chunks = split_train_test(chunks, train_size=config.train_size, test_size=config.test_size,
-                                                 seed=config.seed)
+    train_chunks, test_chunks = load_train_eval_chunks(
+        config.dataset, tokenizer, train_splits=config.train_splits, eval_split=config.eval_split,
+        validation_file=config.validation_file, train_size=config.train_size, test_size=config.test_size,
+        seed=config.seed, chunk_size=config.chunk_size, group_size=config.group_size, text_column=config.text_column,
+        cache_dir=config.cache_dir, max_position_embeddings=model.config.max_position_embeddings,
+        progress=config.progress_bar)
     # Token-level eval targets whatever the training masking, so every run is scored on the same tokens.
     eval_set = freeze_eval_masks(test_chunks.input_ids, mask_token_id=tokenizer.mask_token_id,
                                  vocab_size=tokenizer.vocab_size, special_token_ids=tokenizer.special_token_ids,
                                  seed=config.seed, mlm_probability=config.mlm_probability)
     return train_chunks, eval_set
+
+
+def report_listeners(config: TrainConfig, output_dir: Path) -> tuple:
+    """What receives the metrics besides metrics.jsonl (--report-to)."""
+    return (TensorBoardLog(output_dir),) if config.report_to == "tensorboard" else ()
 
 
 def resume(resume_from: Path | None, model: DistilBertForMaskedLM, optimizer: torch.optim.Optimizer,
@@ -635,5 +657,8 @@ def finish(run: Run, meter: Meter, *, before: EvalResult | None, after: EvalResu
                          train_tokens_per_second=meter.tokens_per_second(), checkpoint=run.last_checkpoint)
     if run.procs.is_main:
         (run.output_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
+        if not interrupted:  # README.md, pushed or not: the Hub shows it as the model's page
+            write_run_model_card(run.output_dir, model_id=run.config.hub_model_id or str(run.output_dir))
+    run.log.close()
     end_processes(run.procs)
     return summary

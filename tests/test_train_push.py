@@ -1,29 +1,16 @@
-"""scripts/train.py --push-to-hub end to end, against tests/hub_server.py on 127.0.0.1.
-
-Skipped until scripts/train.py has the --push-to-hub / --hub-model-id / --hub-private flags.
-"""
+"""scripts/train.py --push-to-hub end to end, against tests/hub_server.py on 127.0.0.1."""
 
 import json
 import os
-import runpy
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 from hub_server import TOKEN, HubServer
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "scripts" / "train.py"
-
-
-def has_push_flags() -> bool:
-    parser = runpy.run_path(str(TRAIN))["build_parser"]()
-    return "--push-to-hub" in parser._option_string_actions
-
-
-pytestmark = pytest.mark.skipif(not has_push_flags(), reason="scripts/train.py has no --push-to-hub yet")
 
 
 def run_train(hub: HubServer, tmp_path: Path, *flags: str, token: str | None = TOKEN):

@@ -1,0 +1,66 @@
+"""Predict the [MASK] tokens of sentences with a DistilBERT MLM, like transformers' fill-mask pipeline.
+
+    mlm-fill-mask --model distilbert-base-uncased "This is a great [MASK]."
+    mlm-fill-mask --model runs/imdb "This is a great [MASK]." "I [MASK] this [MASK]." --top-k 3
+    mlm-fill-mask --model runs/imdb --json "This is a great [MASK]."
+
+--model takes a Hub repo id or a local folder with config.json, model.safetensors and tokenizer.json
+(the folder mlm-train writes).
+"""
+
+import argparse
+import json
+from dataclasses import asdict
+
+from mlm.checkpoint import load_pretrained
+from mlm.errors import run_cli
+from mlm.fill_mask import fill_mask
+from mlm.hub import set_progress_bars
+from mlm.tokenizer import load_tokenizer
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sentences", nargs="+", help="sentences containing at least one [MASK]")
+    parser.add_argument("--model", default="distilbert-base-uncased",
+                        help="Hub repo id or local model folder (default: %(default)s)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="Hub repo id or folder of the tokenizer, if not stored with the model")
+    parser.add_argument("--revision", default=None, help="Hub branch, tag or commit (repo ids only)")
+    parser.add_argument("--top-k", type=int, default=5, help="predictions per [MASK] (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print JSON (one object per sentence) instead of text")
+    parser.add_argument("--no-progress", dest="progress_bar", action="store_false", help="no Hub download bars")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    set_progress_bars(args.progress_bar)
+    model = load_pretrained(args.model, revision=args.revision).to(args.device)
+    tokenizer_source = args.tokenizer or args.model
+    tokenizer = load_tokenizer(tokenizer_source, revision=None if args.tokenizer else args.revision)
+    results = fill_mask(model, tokenizer, args.sentences, top_k=args.top_k)
+
+    if args.json:
+        for sentence, per_mask in zip(args.sentences, results):
+            masks = [[asdict(p) for p in predictions] for predictions in per_mask]
+            print(json.dumps({"sentence": sentence, "masks": masks}))
+        return
+    for sentence, per_mask in zip(args.sentences, results):
+        print(sentence)
+        for index, predictions in enumerate(per_mask):
+            if len(per_mask) > 1:
+                print(f"  [MASK] #{index + 1}")
+            for p in predictions:
+                print(f"  {p.score:8.4f}  {p.token:<15} {p.sequence}")
+        print()
+
+
+def run() -> None:
+    """The `mlm-fill-mask` console script."""
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,116 @@
+"""Tokenize and chunk IMDb (or any text corpus) once, cache the chunks, and print what came out.
+
+    mlm-prepare-data --dataset path/to/imdb \\
+        --tokenizer path/to/distilbert-base-uncased
+
+Training reads the same cache, so running this first only moves the tokenizing cost out of the training run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from mlm.data import load_chunks, split_train_test
+from mlm.data_cache import default_cache_dir
+from mlm.data_files import DEFAULT_DATASET, SPLITS
+from mlm.errors import MLMError, run_cli
+from mlm.hub import resolve_repo, set_progress_bars
+from mlm.tokenizer import TOKENIZER_FILES, tokenizer_from_folder
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--dataset", default=DEFAULT_DATASET,
+        help="Hub dataset repo id, a local folder with the Hub layout (plain_text/{split}-*.parquet), or a "
+             "single .parquet/.jsonl/.csv/.txt file (which is the 'train' split).",
+    )
+    parser.add_argument(
+        "--tokenizer", default="distilbert-base-uncased",
+        help="Hub model repo id or local folder with tokenizer.json; its config.json, if present, bounds "
+             "--chunk-size by max_position_embeddings.",
+    )
+    parser.add_argument("--splits", default="train",
+                        help=f"Comma-separated splits to prepare, from {', '.join(SPLITS)}.")
+    parser.add_argument("--text-column", default="text",
+                        help="Column holding the text in parquet and JSON-lines files.")
+    parser.add_argument("--chunk-size", type=int, default=128, help="Tokens per chunk.")
+    parser.add_argument(
+        "--group-size", type=int, default=None,
+        help="Join reviews per group of this many before chunking, like datasets.map(batched=True) with "
+             "batch_size=N (1000 reproduces the course's chunk counts); default: join the whole split.",
+    )
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help=f"Where cached chunks go (default: $MLM_CACHE or {default_cache_dir()}).")
+    parser.add_argument("--no-cache", action="store_true", help="Neither read nor write the cache.")
+    parser.add_argument("--revision", default=None,
+                        help="Git revision of the Hub dataset repo (branch, tag or commit); Hub ids only.")
+    parser.add_argument("--train-size", type=int, default=10_000,
+                        help="Chunks drawn from the train split for training (shown, not stored).")
+    parser.add_argument("--test-size", type=int, default=1_000,
+                        help="Chunks drawn from the train split for evaluation, disjoint from the above.")
+    parser.add_argument("--seed", type=int, default=42, help="Seed of the train/test draw.")
+    parser.add_argument("--no-progress", dest="progress_bar", action="store_false",
+                        help="No progress bars (tokenizing, Hub downloads); by default they show on a terminal.")
+    return parser.parse_args(argv)
+
+
+def load_tokenizer_and_limit(name: str):
+    """The tokenizer, and max_position_embeddings from config.json next to it (None when absent)."""
+    folder = resolve_repo(name, allow_patterns=(*TOKENIZER_FILES, "config.json"))
+    tokenizer = tokenizer_from_folder(folder)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return tokenizer, None
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MLMError(f"{config_file} is not valid JSON ({err}); re-download or fix the file.") from None
+    return tokenizer, config.get("max_position_embeddings")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    set_progress_bars(args.progress_bar)
+    splits = [split.strip() for split in args.splits.split(",") if split.strip()]
+    if not splits:
+        raise MLMError("--splits is empty; name at least one split, e.g. --splits train.")
+    tokenizer, max_positions = load_tokenizer_and_limit(args.tokenizer)
+    rows = []
+    for split in splits:
+        start = time.perf_counter()
+        chunks = load_chunks(
+            args.dataset, split, tokenizer,
+            chunk_size=args.chunk_size, group_size=args.group_size, text_column=args.text_column,
+            revision=args.revision, cache_dir=args.cache_dir, max_position_embeddings=max_positions,
+            use_cache=not args.no_cache, progress=args.progress_bar and sys.stderr.isatty(),
+        )
+        rows.append((split, chunks, time.perf_counter() - start))
+    print(f"{'split':<13} {'reviews':>9} {'tokens':>12} {'chunks':>9} {'load s':>7}  cache")
+    for split, chunks, seconds in rows:
+        where = chunks.cache_path or "(not cached)"
+        print(f"{split:<13} {chunks.n_reviews:>9,} {chunks.n_tokens:>12,} {len(chunks):>9,} "
+              f"{seconds:>7.2f}  {where}")
+    for split, chunks, _ in rows:
+        if split == "train":
+            train, test = split_train_test(
+                chunks, train_size=args.train_size, test_size=args.test_size, seed=args.seed
+            )
+            print(f"downsampled train split (seed {args.seed}): {len(train):,} train chunks, "
+                  f"{len(test):,} test chunks of {chunks.chunk_size} tokens")
+
+
+def run() -> None:
+    """The `mlm-prepare-data` console script."""
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    run()
