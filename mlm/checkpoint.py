@@ -160,8 +160,8 @@ def atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        normal_permissions(Path(tmp))  # mkstemp makes the file private (0600); the final file should not be
         write(tmp)
+        normal_permissions(Path(tmp))  # mkstemp makes the file private (0600); the final file should not be
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
