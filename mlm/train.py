@@ -231,7 +231,8 @@ def train_in(folder: RunFolder, config: TrainConfig, procs: Processes, device: t
     output_dir = folder.path
     if resume_from is not None:
         progress.segment += 1
-        notes += discard_later_checkpoints(output_dir, resume_from)
+        notes += discard_later_checkpoints(output_dir, resume_from) if procs.is_main else []
+    barrier(procs)  # nobody writes before rank 0 has made the folder ready
     run = Run(config, procs, device, precision, output_dir, model, tokenizer, optimizer, progress,
               eval_shard={k: v[procs.rank :: procs.world_size] for k, v in eval_set.items()},
               log=MetricsLog(output_dir / "metrics.jsonl", enabled=procs.is_main, segment=progress.segment),
