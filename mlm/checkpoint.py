@@ -161,10 +161,18 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        normal_permissions(Path(tmp))  # mkstemp makes the file private (0600); the final file should not be
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def normal_permissions(path: Path, *, directory: bool = False) -> None:
+    """Give `path` the permissions a plain open()/mkdir() would: 0666 (0777 for a folder) less the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

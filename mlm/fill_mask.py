@@ -19,22 +19,27 @@ class Prediction:
     sequence: str  # the sentence with this [MASK] filled in (other [MASK]s left as they are)
 
 
+def check_prompts(tokenizer: Tokenizer, sentences: list[str], *, top_k: int, max_length: int) -> list:
+    """The sentences' encodings, once each is known to hold a [MASK] and fit the model (and top_k >= 1)."""
+    if top_k < 1:
+        raise MLMError(f"top_k must be at least 1, got {top_k}.")
+    encodings = tokenizer.backend.encode_batch(sentences)
+    for sentence, encoding in zip(sentences, encodings):
+        if tokenizer.mask_token_id not in encoding.ids:
+            raise MLMError(f"No {tokenizer.mask_token} in {sentence!r}: write the word to predict as "
+                           f"{tokenizer.mask_token}, e.g. 'This is a great {tokenizer.mask_token}.'")
+        if len(encoding.ids) > max_length:
+            raise MLMError(f"{sentence[:40]!r}… is {len(encoding.ids)} tokens long; the model takes at most "
+                           f"{max_length}.")
+    return encodings
+
+
 @torch.no_grad()
 def fill_mask(
     model: DistilBertForMaskedLM, tokenizer: Tokenizer, sentences: list[str], top_k: int = 5
 ) -> list[list[list[Prediction]]]:
     """For each sentence, for each [MASK] in it (left to right), the top_k predictions, best first."""
-    if top_k < 1:
-        raise MLMError(f"top_k must be at least 1, got {top_k}.")
-    encodings = tokenizer.backend.encode_batch(sentences)
-    limit = model.config.max_position_embeddings
-    for sentence, encoding in zip(sentences, encodings):
-        if tokenizer.mask_token_id not in encoding.ids:
-            raise MLMError(f"No {tokenizer.mask_token} in {sentence!r}: write the word to predict as "
-                           f"{tokenizer.mask_token}, e.g. 'This is a great {tokenizer.mask_token}.'")
-        if len(encoding.ids) > limit:
-            raise MLMError(f"{sentence[:40]!r}… is {len(encoding.ids)} tokens long; the model takes at most {limit}.")
-
+    encodings = check_prompts(tokenizer, sentences, top_k=top_k, max_length=model.config.max_position_embeddings)
     device = next(model.parameters()).device
     length = max(len(e.ids) for e in encodings)
     # Right padding, as the reference tokenizer pads; the attention mask keeps padding out of every row.

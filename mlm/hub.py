@@ -51,17 +51,16 @@ def resolve_repo(
 
 def _download(repo_id: str, *, repo_type: str, revision: str | None, allow_patterns) -> Path:
     # Imported here so that the local-folder path never pays for importing huggingface_hub's HTTP stack.
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
-        HfHubHTTPError,
         HFValidationError,
-        LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
     where = f"{repo_type} repository {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+    endpoint = constants.ENDPOINT
     try:
         folder = snapshot_download(
             repo_id=repo_id,
@@ -72,21 +71,16 @@ def _download(repo_id: str, *, repo_type: str, revision: str | None, allow_patte
     except HFValidationError as err:
         raise MLMError(f"{repo_id!r} is neither an existing folder nor a valid Hub repo id ({err}).") from None
     except GatedRepoError:
-        raise MLMError(f"The Hub {where} is gated: accept its terms on the Hub and set HF_TOKEN.") from None
+        raise MLMError(f"The {where} on {endpoint} is gated: accept its terms on the Hub and set HF_TOKEN.") from None
     except RepositoryNotFoundError:
         raise MLMError(
-            f"No local folder named {repo_id!r}, and the Hub has no {where} (or it is private: set HF_TOKEN)."
+            f"No local folder named {repo_id!r}, and the Hub at {endpoint} has no {where} (or it is private: set "
+            "HF_TOKEN)."
         ) from None
     except RevisionNotFoundError:
-        raise MLMError(f"The Hub {where} does not exist: check --revision.") from None
-    except LocalEntryNotFoundError:
-        # Raised both when HF_HUB_OFFLINE=1 and nothing is cached, and when the Hub cannot be reached.
-        raise MLMError(
-            f"Could not get the {where}: the Hugging Face Hub is unreachable (or HF_HUB_OFFLINE=1) and it is "
-            f"not in the local HF cache. {OFFLINE_HINT}"
-        ) from None
-    except HfHubHTTPError as err:
-        raise MLMError(f"The Hub refused the {where}: {err}. {OFFLINE_HINT}") from None
+        raise MLMError(f"The Hub at {endpoint} has no {where}: check --revision.") from None
+    except Exception as err:  # classified by its cause below: every failure is one line naming the endpoint
+        raise MLMError(describe_download_error(err, where, endpoint, offline=constants.HF_HUB_OFFLINE)) from None
     return Path(folder)
 
 
@@ -96,3 +90,39 @@ def set_progress_bars(enabled: bool) -> None:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
+
+def describe_download_error(err: BaseException, where: str, endpoint: str, *, offline: bool) -> str:
+    """One line for a failed download, keeping its real cause: offline, unreachable, an error answer, a
+    misconfigured HF_ENDPOINT, or a server that answers but is not a Hub."""
+    chain = list(_chain(err))
+    statuses = [getattr(getattr(e, "response", None), "status_code", None) for e in chain]
+    status = next((s for s in statuses if isinstance(s, int)), None)
+    names = {cls.__name__ for e in chain for cls in type(e).__mro__}
+    innermost = chain[-1]
+    reason = " ".join(f"{type(innermost).__name__}: {innermost}".split())[:200]
+    if offline and status is None and not names & {"ConnectError", "TransportError"}:
+        return (f"The {where} is not in the local HF cache, and HF_HUB_OFFLINE=1 forbids downloading it: unset "
+                "HF_HUB_OFFLINE, or pass a local folder with the same files instead of a repo id.")
+    bad_url = names & {"UnsupportedProtocol", "InvalidURL", "LocalProtocolError"}
+    if not endpoint.startswith(("http://", "https://")) or bad_url:
+        return (f"HF_ENDPOINT={endpoint!r} is not a valid Hub address ({reason}): set it to a URL such as "
+                "https://huggingface.co, or unset it.")
+    if status is not None:
+        kind = "failed" if status >= 500 else "refused the request"
+        return (f"The Hub at {endpoint} {kind} (HTTP {status}) for the {where}, and it is not in the local HF cache "
+                f"({reason}). Try again later, or check HF_ENDPOINT. {OFFLINE_HINT}")
+    if names & {"ConnectError", "TransportError", "TimeoutException", "NetworkError", "ConnectionError", "OSError"}:
+        return (f"Could not reach the Hub at {endpoint} for the {where} ({reason}), and it is not in the local HF "
+                f"cache. Check the network connection and HF_ENDPOINT. {OFFLINE_HINT}")
+    if names & {"KeyError", "JSONDecodeError", "ValueError", "TypeError"}:
+        return (f"The server at {endpoint} answered, but not as a Hugging Face Hub does ({reason}) while fetching the "
+                f"{where}: check HF_ENDPOINT.")
+    return f"Could not get the {where} from the Hub at {endpoint} ({reason}). {OFFLINE_HINT}"
+
+
+def _chain(err: BaseException):
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__

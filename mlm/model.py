@@ -36,6 +36,11 @@ from mlm.errors import MLMError
 __all__ = ["IGNORE_INDEX", "DistilBertConfig", "DistilBertForMaskedLM", "MLMOutput", "estimate_flops_per_token"]
 
 LAYER_NORM_EPS = 1e-12  # the reference's value; torch's default 1e-5 changes the outputs visibly
+# Size keys of other architectures' config.json (BERT, RoBERTa, GPT-2, T5, …). DistilBERT names these dim,
+# n_layers, n_heads and hidden_dim, so a config holding them describes another model, whose sizes would otherwise
+# be silently replaced by DistilBERT's defaults.
+FOREIGN_SIZE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "n_embd",
+                     "n_layer", "n_head", "d_model", "num_layers", "d_ff")
 
 
 @dataclass
@@ -69,6 +74,14 @@ class DistilBertConfig:
     @classmethod
     def from_dict(cls, values: dict) -> DistilBertConfig:
         values = dict(values)
+        model_type = values.get("model_type")
+        if model_type is not None and model_type != "distilbert":
+            raise MLMError(f"config: model_type is {model_type!r}, but mlm builds DistilBERT only (model_type "
+                           "'distilbert'). Use a DistilBERT model, e.g. distilbert-base-uncased.")
+        foreign = [key for key in FOREIGN_SIZE_KEYS if key in values]
+        if foreign:
+            raise MLMError(f"config: {', '.join(foreign)} belong to another architecture's config.json; DistilBERT's "
+                           "are dim, n_layers, n_heads and hidden_dim. Use a DistilBERT config.")
         if values.get("sinusoidal_pos_embds"):
             raise MLMError("config: sinusoidal_pos_embds=true is not supported (distilbert uses learned positions).")
         # The Hub file predates tie_word_embeddings and spells it "tie_weights_".

@@ -1,12 +1,12 @@
-"""What a training run needs around the model: processes and devices, precision, the output folder, the metrics
-log and Ctrl-C handling. mlm/train.py uses these; none of them knows about DistilBERT or masking."""
+"""What a training run needs around the model: processes and devices, precision, the metrics log and Ctrl-C
+handling (the output folder is mlm/run_folder.py's). mlm/train.py uses these; none of them knows about DistilBERT
+or masking."""
 
 from __future__ import annotations
 
 import inspect
 import json
 import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -17,7 +17,6 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from mlm.errors import MLMError
-from mlm.training_checkpoint import list_checkpoints
 
 # ---------------------------------------------------------------------------------------------------------------
 # Processes and devices
@@ -40,9 +39,16 @@ def start_processes(device_choice: str) -> tuple[Processes, torch.device]:
                       int(os.environ.get("LOCAL_RANK", 0)))
     if device_choice == "auto":
         device_choice = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_choice.startswith("cuda") and not torch.cuda.is_available():
-        raise MLMError("--device cuda was asked for, but torch sees no CUDA GPU. Use --device cpu.")
-    device = torch.device(device_choice)
+    try:
+        device = torch.device(device_choice)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
+        raise MLMError(f"--device {device_choice!r} is not a device mlm trains on: use auto, cpu, cuda or cuda:N.")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MLMError(f"--device {device_choice} was asked for, but torch sees no CUDA GPU. Use --device cpu.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise MLMError(f"--device {device_choice}: torch sees {torch.cuda.device_count()} GPU(s), numbered from 0.")
     if device.type == "cuda" and procs.world_size > 1:
         device = torch.device("cuda", procs.local_rank)
     elif device.type == "cuda" and device.index is None:
@@ -116,40 +122,7 @@ def _native_bf16() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The output folder and the metrics log
-
-
-RUN_FILES = ("args.json", "metrics.jsonl", "summary.json", "checkpoints", "config.json", "model.safetensors",
-             "README.md", "tensorboard")
-
-
-def prepare_output_dir(output_dir: str, *, resume: str | None, overwrite: bool,
-                       procs: Processes) -> tuple[Path, Path | None]:
-    """Return the output folder and the checkpoint to resume from; refuse to mix two runs in one folder."""
-    folder = Path(output_dir).expanduser()
-    existing = [name for name in RUN_FILES if (folder / name).exists()]
-    resume_from = None
-    if resume:
-        if resume == "latest":
-            checkpoints = list_checkpoints(folder)
-            if not checkpoints:
-                raise MLMError(f"--resume latest: no checkpoint in {folder / 'checkpoints'}. Start a new run "
-                               "without --resume, or pass a checkpoint folder.")
-            resume_from = checkpoints[-1]
-        else:
-            resume_from = Path(resume).expanduser()
-            if not resume_from.is_dir():
-                raise MLMError(f"--resume {resume}: no such checkpoint folder.")
-    elif existing and not overwrite:
-        raise MLMError(f"{folder} already holds a run ({', '.join(existing)}). Pass --resume latest to continue "
-                       "it, --overwrite to replace it, or choose another --output-dir.")
-    elif existing and procs.is_main:
-        for name in existing:  # only what a run writes: never a user's other files
-            target = folder / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-    barrier(procs)  # nobody starts writing before rank 0 has cleared the folder
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder, resume_from
+# The metrics log
 
 
 class MetricsLog:
@@ -158,13 +131,15 @@ class MetricsLog:
     `listeners` (objects with write(kind, **values) and close()) get every record too, e.g. TensorBoard's.
     """
 
-    def __init__(self, path: Path, enabled: bool, listeners: tuple = ()):
-        self.path, self.enabled, self.listeners = path, enabled, listeners
+    def __init__(self, path: Path, enabled: bool, segment: int = 0, listeners: tuple = ()):
+        # segment: 0 for a run's first process, k for its k-th resume; a `resume` line opens each new segment.
+        self.path, self.enabled, self.segment, self.listeners = path, enabled, segment, listeners
 
     def write(self, kind: str, **values) -> None:
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"kind": kind, "time": round(time.time(), 3), **values}) + "\n")
+                handle.write(json.dumps({"kind": kind, "time": round(time.time(), 3), "segment": self.segment,
+                                         **values}) + "\n")
             for listener in self.listeners:
                 listener.write(kind, **values)
 

@@ -93,6 +93,9 @@ def tokenizer_from_folder(folder: Path) -> Tokenizer:
         token = config.get(key, special_map.get(key, default))
         if isinstance(token, dict):  # older files store {"content": "[MASK]", ...}
             token = token.get("content", default)
+        if not isinstance(token, str):
+            raise MLMError(f"The tokenizer in {folder}: {key} is {token!r}, not a token string; fix "
+                           "tokenizer_config.json or special_tokens_map.json.")
         token_id = backend.token_to_id(token)
         if token_id is None:
             raise MLMError(f"The tokenizer in {folder} has no {key} {token!r}; an MLM tokenizer needs one.")
@@ -105,7 +108,11 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        values = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise MLMError(f"{path} is not valid JSON ({err}); re-download or fix the file.") from None
+    if not isinstance(values, dict):
+        raise MLMError(f"{path} holds a JSON {type(values).__name__}, not an object of settings; re-download or fix "
+                       "the file.")
+    return values
 

@@ -15,12 +15,17 @@ reference's seedable sampler does. The masks of step s in epoch e are drawn from
 (seed, e, s): they depend neither on DataLoader workers, nor on gradient accumulation or the number of
 processes, nor on whether the run was resumed. Only dropout uses the global RNG, whose state every checkpoint
 stores, so a resumed CPU run ends with the same weights, bit for bit, as an uninterrupted one.
+
+Nothing lost, nothing mixed. The output folder is locked before setup (mlm/run_folder.py), and nothing in it is
+touched until setup has succeeded: every flag, the model, tokenizer, data, prompts and, on resume, the stored
+settings and the checkpoint's checksums are checked first. A resume refuses any change to RUN_SETTINGS.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -36,13 +41,14 @@ from mlm.checkpoint import load_config, load_pretrained, save_pretrained
 from mlm.data import Chunks, load_train_eval_chunks
 from mlm.errors import MLMError
 from mlm.evaluate import EvalResult, evaluate
-from mlm.fill_mask import fill_mask
+from mlm.fill_mask import check_prompts, fill_mask
 from mlm.host_memory import keep_freed_memory
 from mlm.lean import make_lean
 from mlm.masking import MaskingCollator, freeze_eval_masks
 from mlm.model import IGNORE_INDEX, DistilBertForMaskedLM
 from mlm.model_card import write_run_model_card
 from mlm.optim import linear_schedule, make_optimizer, set_learning_rate
+from mlm.run_folder import RunFolder
 from mlm.runtime import (
     MetricsLog,
     Precision,
@@ -53,12 +59,21 @@ from mlm.runtime import (
     barrier,
     end_processes,
     pick_precision,
-    prepare_output_dir,
     start_processes,
 )
 from mlm.tensorboard_log import REPORT_TO, TensorBoardLog, require_tensorboard
 from mlm.tokenizer import Tokenizer, load_tokenizer
-from mlm.training_checkpoint import Progress, load_training_checkpoint, save_training_checkpoint
+from mlm.training_checkpoint import (
+    CheckpointError,
+    Progress,
+    checkpoint_step,
+    list_checkpoints,
+    load_training_checkpoint,
+    newest_good_checkpoint,
+    read_state,
+    save_training_checkpoint,
+    verify_checkpoint,
+)
 
 # Label positions are padded to a multiple of this with --cuda-graphs (see pad_positions).
 CUDA_GRAPH_PADDING = 256
@@ -97,7 +112,8 @@ class TrainConfig:
     epochs: int = 3
     max_steps: int | None = None
     max_grad_norm: float = 1.0
-    seed: int = 42
+    seed: int = 42  # init, shuffling, training masks, dropout
+    data_seed: int = 42  # the train/eval draw and the frozen eval masks: the same targets whatever --seed
     precision: str = "auto"  # auto | fp32 | fp16 | bf16
     device: str = "auto"
     compile: bool = False
@@ -112,6 +128,7 @@ class TrainConfig:
     save_every: int | None = 500
     keep_checkpoints: int = 2
     resume: str | None = None  # "latest" or a checkpoint folder
+    extend: bool = False  # with resume: --epochs / --max-steps may differ from the run's (the schedule follows)
     overwrite: bool = False
     prompts: tuple[str, ...] = ("This is a great [MASK].",)
     top_k: int = 5
@@ -151,6 +168,11 @@ class TrainConfig:
         check(not (self.cuda_graphs and self.grad_accum > 1),
               "--cuda-graphs replays one forward and backward per step: use --grad-accum 1 (or no --cuda-graphs).")
         check(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}.")
+        check(isinstance(self.top_k, int) and self.top_k >= 1, f"--top-k must be an integer >= 1, got {self.top_k!r}.")
+        for name in ("seed", "data_seed"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and 0 <= value <= MAX_SEED,
+                  f"--{name.replace('_', '-')} must be an integer from 0 to 2**63 - 1, got {value!r}.")
         check(not (self.resume and self.overwrite), "--resume continues a run and --overwrite deletes it: pick one.")
         check(not (self.eval_split and self.validation_file),
               "--eval-split and --validation-file both name the eval data: pass one of them.")
@@ -159,6 +181,19 @@ class TrainConfig:
         check(self.report_to in REPORT_TO, f"--report-to must be {' or '.join(REPORT_TO)}, got {self.report_to!r}.")
         if self.report_to == "tensorboard":
             require_tensorboard()  # a missing package stops the run here, before the output folder is touched
+        check(self.resume or not self.extend, "--extend only applies with --resume.")
+
+
+MAX_SEED = 2**63 - 1  # seeds are offset by the epoch and fed to torch and numpy generators, which take 64 bits
+# What defines a run: a resume must keep these (--extend lets epochs and max_steps change). Everything else
+# (logging, checkpoints, workers, progress bar, eval batch size, prompts, top-k, device, precision, memory
+# techniques, cache) may change between segments. The global batch is compared, not its factors: splitting it
+# into another batch size x accumulation x processes trains the same steps on the same masks.
+RUN_SETTINGS = ("model", "tokenizer", "revision", "init", "dataset", "text_column", "chunk_size", "group_size",
+                "train_size", "test_size", "train_splits", "eval_split", "validation_file", "data_seed", "masking",
+                "mlm_probability", "wwm_probability", "global_batch", "lr", "weight_decay", "warmup_steps", "epochs",
+                "max_steps", "max_grad_norm", "seed")
+LENGTH_SETTINGS = ("epochs", "max_steps")
 
 
 @dataclass
@@ -166,9 +201,9 @@ class RunSummary:
     status: str  # "finished" or "interrupted"
     output_dir: str
     steps: int
-    before: EvalResult | None  # None when the run was resumed (the first run measured it)
+    before: EvalResult | None  # the starting model's, measured by the run's first segment
     after: EvalResult | None
-    train_seconds: float
+    train_seconds: float  # over all segments of the run
     train_tokens_per_second: float
     checkpoint: str | None  # the last checkpoint written, if any
 
@@ -183,36 +218,64 @@ def train(config: TrainConfig) -> RunSummary:
     procs, device = start_processes(config.device)
     if config.cuda_graphs and (device.type != "cuda" or procs.world_size > 1):
         raise MLMError("--cuda-graphs needs one process on a CUDA GPU: drop it, or run on a GPU without torchrun.")
+    folder = RunFolder.lock(config.output_dir, is_main=procs.is_main)  # a second run on the folder stops here
+    try:
+        return train_in(folder, config, procs, device)
+    except BaseException:
+        folder.abandon()  # before the first checkpoint: the folder goes back to how it was
+        raise
+    finally:
+        folder.release()
+
+
+def train_in(folder: RunFolder, config: TrainConfig, procs: Processes, device: torch.device) -> RunSummary:
+    """train() once the output folder is locked: setup (nothing written yet), then the run."""
     if device.type == "cpu" and config.keep_freed_memory:
         keep_freed_memory()  # no page faults per step (README, "CPU runs keep freed memory")
-    output_dir, resume_from = prepare_output_dir(config.output_dir, resume=config.resume, overwrite=config.overwrite,
-                                                 procs=procs)
+    resume_from = folder.resume_point(config.resume, config.overwrite)
     precision = pick_precision(config.precision, device)
     torch.manual_seed(config.seed)  # random init and dropout; masks and shuffling have their own generators
 
-    # Setup: tokenizer, model, data and frozen eval masks, optimizer and schedule.
+    # Setup: tokenizer, model, data and frozen eval masks, optimizer and schedule; the output folder stays as it is.
     tokenizer = load_tokenizer(config.tokenizer or config.model, revision=None if config.tokenizer else config.revision)
     model = build_model(config, tokenizer, device)
+    check_prompts(tokenizer, list(config.prompts), top_k=config.top_k,
+                  max_length=model.config.max_position_embeddings)  # used at the end: checked now
     train_chunks, eval_set = load_data(config, tokenizer, model)
     collator = MaskingCollator.from_tokenizer(tokenizer, whole_word=config.masking == "wwm",
                                               mlm_probability=config.mlm_probability,
                                               wwm_probability=config.wwm_probability)
     optimizer = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay)
     schedule = Schedule.of(config, len(train_chunks), procs.world_size)
+    changed = check_resume_settings(resume_from, config, schedule)
     progress = resume(resume_from, model, optimizer, precision, procs, config.seed)
+    if resume_from is not None and progress.global_step > schedule.total_steps:
+        raise MLMError(f"{resume_from} is at step {progress.global_step}, past the {schedule.total_steps} steps "
+                       "of --epochs/--max-steps: with --extend, give at least as many.")
+
+    # The run is known to start: only now is the output folder written to.
+    notes = folder.start(overwrite=config.overwrite, resume_from=resume_from)
+    output_dir = folder.path
+    if resume_from is not None:
+        progress.segment += 1
+        notes += discard_later_checkpoints(output_dir, resume_from) if procs.is_main else []
+    barrier(procs)  # nobody writes before rank 0 has made the folder ready
     run = Run(config, procs, device, precision, output_dir, model, tokenizer, optimizer, progress,
               eval_shard={k: v[procs.rank :: procs.world_size] for k, v in eval_set.items()},
-              log=MetricsLog(output_dir / "metrics.jsonl", enabled=procs.is_main,
+              log=MetricsLog(output_dir / "metrics.jsonl", enabled=procs.is_main, segment=progress.segment,
                              listeners=report_listeners(config, output_dir) if procs.is_main else ()),
-              last_checkpoint=str(resume_from) if resume_from else None)
-    announce(run, schedule, resume_from, train_chunks, eval_set)
-    before = None if resume_from else evaluate_and_log(run, "before")  # the resumed run's first part measured it
+              last_checkpoint=str(resume_from) if resume_from else None, folder=folder, schedule=schedule)
+    for note in notes:
+        run.say(f"note: {note}")
+    announce(run, schedule, resume_from, train_chunks, eval_set, changed)
     if resume_from is None:
+        progress.before = asdict(evaluate_and_log(run, "before"))  # kept in checkpoints for summary.json
         fill_mask_and_log(run, "before")
+    before = EvalResult(**progress.before) if progress.before else None
 
     # The loop: one optimizer step per global batch, logs every few steps, evals and checkpoints at boundaries.
     train_model = wrap_for_training(model, config, procs, device)
-    meter = Meter(device)
+    meter = Meter(device, seconds=progress.train_seconds, tokens=progress.train_tokens)
     bar = tqdm(total=schedule.total_steps, initial=progress.global_step, desc="train", unit="step",
                dynamic_ncols=True, disable=not (procs.is_main and config.progress_bar))
     after, stopping = None, False
@@ -257,7 +320,7 @@ def train(config: TrainConfig) -> RunSummary:
                     after = evaluate_and_log(run, f"epoch {epoch + 1}" if epoch_end else "final")
                 if epoch_end or finished or stopping or (
                         config.save_every and progress.global_step % config.save_every == 0):
-                    save_checkpoint(run)
+                    save_checkpoint(run, meter)
                 meter.restart_clock()  # the next interval's tokens/s counts training only, not evals or saves
                 if finished or stopping:
                     break
@@ -428,13 +491,13 @@ def load_data(config: TrainConfig, tokenizer: Tokenizer,
     train_chunks, test_chunks = load_train_eval_chunks(
         config.dataset, tokenizer, train_splits=config.train_splits, eval_split=config.eval_split,
         validation_file=config.validation_file, train_size=config.train_size, test_size=config.test_size,
-        seed=config.seed, chunk_size=config.chunk_size, group_size=config.group_size, text_column=config.text_column,
-        cache_dir=config.cache_dir, max_position_embeddings=model.config.max_position_embeddings,
-        progress=config.progress_bar)
+        seed=config.data_seed, chunk_size=config.chunk_size, group_size=config.group_size,
+        text_column=config.text_column, cache_dir=config.cache_dir,
+        max_position_embeddings=model.config.max_position_embeddings, progress=config.progress_bar)
     # Token-level eval targets whatever the training masking, so every run is scored on the same tokens.
     eval_set = freeze_eval_masks(test_chunks.input_ids, mask_token_id=tokenizer.mask_token_id,
                                  vocab_size=tokenizer.vocab_size, special_token_ids=tokenizer.special_token_ids,
-                                 seed=config.seed, mlm_probability=config.mlm_probability)
+                                 seed=config.data_seed, mlm_probability=config.mlm_probability)
     return train_chunks, eval_set
 
 
@@ -443,12 +506,93 @@ def report_listeners(config: TrainConfig, output_dir: Path) -> tuple:
     return (TensorBoardLog(output_dir),) if config.report_to == "tensorboard" else ()
 
 
+def check_resume_settings(resume_from: Path | None, config: TrainConfig, schedule: Schedule) -> dict:
+    """Refuse a resume whose settings would change the run (RUN_SETTINGS), listing every difference; return the
+    harmless changes {name: [before, now]} for the record. Also checks the checkpoint's files (checksums)."""
+    if resume_from is None:
+        return {}
+    verified_or_refused(resume_from)
+    stored = read_state(resume_from).get("settings")
+    args_file = resume_from.parent.parent / "args.json"
+    if stored is None and args_file.is_file():  # a checkpoint of an older mlm: its run's args.json
+        try:
+            stored = json.loads(args_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise MLMError(f"{args_file} is unreadable ({err}): cannot check the resumed run's settings.") from None
+        if not isinstance(stored, dict):
+            raise MLMError(f"{args_file} does not hold a JSON object: cannot check the resumed run's settings.")
+        stored = {"data_seed": stored.get("seed"), **stored}  # the data seed was the seed then
+        stored["global_batch"] = (stored.get("batch_size", 0) * stored.get("grad_accum", 1)
+                                  * stored.get("world_size", 1))
+    if stored is None:
+        tqdm.write(f"note: {resume_from} records no settings: resuming without checking them.")
+        return {}
+    current = run_settings(config, schedule)
+    differ = [name for name in RUN_SETTINGS if name in stored and _differs(stored[name], current[name])]
+    if config.extend:
+        differ = [name for name in differ if name not in LENGTH_SETTINGS]
+    if differ:
+        def flag(name: str) -> str:
+            return ("the global batch (--batch-size x --grad-accum x processes)" if name == "global_batch"
+                    else f"--{name.replace('_', '-')}")
+        listed = "; ".join(f"{flag(name)} {stored[name]!r} -> {current[name]!r}" for name in differ)
+        hint = (" To train for longer (or shorter), add --extend." if set(differ) & set(LENGTH_SETTINGS) else "")
+        raise MLMError(f"--resume would change the run in {resume_from.parent.parent}: {listed}. Resume with the "
+                       f"run's settings (its args.json lists them), or start a new run in another --output-dir.{hint}")
+    ignored = set(RUN_SETTINGS) | {"resume", "overwrite", "extend"}
+    return {name: [stored[name], value] for name, value in current.items()
+            if name not in ignored and name in stored and _differs(stored[name], value)}
+
+
+def run_settings(config: TrainConfig, schedule: Schedule) -> dict:
+    """The settings a checkpoint stores (JSON-able): every field of `config`, and the global batch."""
+    return {**json.loads(json.dumps(asdict(config))), "global_batch": schedule.global_batch}
+
+
+def _differs(stored, current) -> bool:
+    return json.loads(json.dumps(stored)) != json.loads(json.dumps(current))  # tuples and lists alike
+
+
+def verified_or_refused(checkpoint: Path) -> None:
+    """Check `checkpoint`'s files against its manifest; refuse it naming the newest good checkpoint."""
+    try:
+        verify_checkpoint(checkpoint)
+        read_state(checkpoint)
+    except CheckpointError as err:
+        raise bad_checkpoint(checkpoint, err) from None
+
+
+def bad_checkpoint(checkpoint: Path, err: Exception) -> MLMError:
+    good = newest_good_checkpoint(checkpoint.parent.parent, before_step=checkpoint_step(checkpoint))
+    fix = (f"the newest good checkpoint is {good}: resume with --resume {good}" if good
+           else "no older checkpoint of the run is intact: start again with --overwrite")
+    return MLMError(f"Not resuming from a damaged checkpoint: {err} {fix}, or restore {checkpoint.name} from a copy.")
+
+
+def discard_later_checkpoints(output_dir: Path, resume_from: Path) -> list[str]:
+    """Resuming from an older checkpoint of this folder redoes the steps after it: the checkpoints of those steps
+    belong to the abandoned course, and would pass as the new one's. Return a note for each removed."""
+    step = checkpoint_step(resume_from)
+    if resume_from.resolve().parent != (output_dir / "checkpoints").resolve():
+        return []
+    notes = []
+    for later in list_checkpoints(output_dir):
+        if checkpoint_step(later) > step:
+            shutil.rmtree(later)
+            notes.append(f"removed {later.name}: it follows {resume_from.name}, whose later steps run again now.")
+    return notes
+
+
 def resume(resume_from: Path | None, model: DistilBertForMaskedLM, optimizer: torch.optim.Optimizer,
            precision: Precision, procs: Processes, seed: int) -> Progress:
     """Where the run starts: step 0, or the checkpoint's position with weights, optimizer and RNG restored."""
     progress = Progress()
     if resume_from is not None:
-        progress = load_training_checkpoint(resume_from, model=model, optimizer=optimizer, scaler=precision.scaler)
+        try:
+            progress = load_training_checkpoint(resume_from, model=model, optimizer=optimizer,
+                                                scaler=precision.scaler)
+        except CheckpointError as err:  # e.g. non-finite weights, which no checksum catches
+            raise bad_checkpoint(resume_from, err) from None
     if procs.rank > 0:
         # Checkpoints hold rank 0's RNG state; other processes need dropout streams of their own.
         torch.manual_seed(mask_seed(seed + procs.rank, progress.epoch, progress.global_step))
@@ -470,6 +614,10 @@ class Schedule:
         if config.max_steps is not None:
             total = min(total, config.max_steps)
         warmup = round(config.warmup_steps * total) if config.warmup_steps < 1 else int(config.warmup_steps)
+        if warmup >= total:
+            raise MLMError(f"--warmup-steps {config.warmup_steps:g} gives {warmup} warmup steps, but the run has only "
+                           f"{total}: the learning rate would never reach --lr. Use fewer warmup steps (or a "
+                           "fraction below 1).")
         return cls(global_batch, steps_per_epoch, total, warmup)
 
 
@@ -489,6 +637,8 @@ class Run:
     eval_shard: dict[str, torch.Tensor] = field(repr=False)  # this process's share of the frozen eval set
     log: MetricsLog
     last_checkpoint: str | None  # the newest checkpoint written or resumed from
+    folder: RunFolder
+    schedule: Schedule
 
     def say(self, message: str) -> None:
         if self.procs.is_main:
@@ -496,8 +646,9 @@ class Run:
 
 
 def announce(run: Run, schedule: Schedule, resume_from: Path | None, train_chunks: Chunks,
-             eval_set: dict[str, torch.Tensor]) -> None:
-    """args.json (or args-resume-N.json): the settings and what was derived from them; and a one-line summary."""
+             eval_set: dict[str, torch.Tensor], changed: dict) -> None:
+    """args.json: the settings and what was derived from them (rewritten by a resume, which may change only
+    harmless settings, or the length with --extend); a `resume` line in metrics.jsonl; a one-line summary."""
     config, model, procs = run.config, run.model, run.procs
     if resume_from is not None:
         run.say(f"Resuming from {resume_from} (epoch {run.progress.epoch + 1}, step {run.progress.global_step}/"
@@ -510,8 +661,10 @@ def announce(run: Run, schedule: Schedule, resume_from: Path | None, train_chunk
             "eval_tokens": int((eval_set["labels"] != IGNORE_INDEX).sum()),
             "steps_per_epoch": schedule.steps_per_epoch, "total_steps": schedule.total_steps,
             "warmup_steps_used": schedule.warmup_steps, "parameters": model.num_parameters()}
-    name = "args.json" if resume_from is None else f"args-resume-{run.progress.global_step}.json"
-    (run.output_dir / name).write_text(json.dumps(args, indent=2) + "\n")
+    (run.output_dir / "args.json").write_text(json.dumps(args, indent=2) + "\n")
+    if resume_from is not None:
+        # Lines of the earlier segments with a larger step were replayed: this segment's supersede them.
+        run.log.write("resume", step=run.progress.global_step, checkpoint=str(resume_from), changed=changed)
     run.say(f"{model.num_parameters():,} parameters on {run.device} ({run.precision.name}); {len(train_chunks):,} "
             f"train / {eval_chunks:,} eval chunks of {config.chunk_size}; {schedule.total_steps} steps of "
             f"{schedule.global_batch} chunks.")
@@ -585,10 +738,11 @@ def advance(progress: Progress, *, skipped: bool) -> None:
 class Meter:
     """Loss, tokens and time since the last log, and the whole run's training time and tokens."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, *, seconds: float = 0.0, tokens: int = 0):
         self.loss_sum = torch.zeros((), device=device)  # summed on the device: read back once per log interval
-        self.steps = self.tokens = self.total_tokens = 0
-        self.seconds = self.train_seconds = 0.0
+        self.steps = self.tokens = 0
+        self.seconds = 0.0
+        self.train_seconds, self.total_tokens = seconds, tokens  # the run's, earlier segments included
         self.clock = time.perf_counter()
 
     def add(self, loss: torch.Tensor, tokens: int) -> None:
@@ -623,11 +777,7 @@ def log_training(run: Run, meter: Meter, bar: tqdm, epoch: float, lr: float, res
     loss_sum = all_reduce_sum(meter.loss_sum.detach().clone(), run.procs) / run.procs.world_size
     mean_loss = loss_sum.item() / meter.steps
     if not math.isfinite(mean_loss):
-        where = (f"the last good checkpoint is {run.last_checkpoint}" if run.last_checkpoint
-                 else "no checkpoint was written yet")
-        raise NonFiniteLoss(f"The training loss became {mean_loss} by step {run.progress.global_step}; stopping "
-                            f"without saving the damaged weights ({where}). Try a lower --lr, --precision bf16 "
-                            "or fp32, or warmup.")
+        raise non_finite(run, f"The training loss became {mean_loss}")
     tokens_per_second = meter.tokens / meter.seconds if meter.seconds else 0.0
     run.log.write("train", step=run.progress.global_step, epoch=epoch, loss=mean_loss, lr=lr,
                   grad_norm=float(result.grad_norm), tokens_per_second=tokens_per_second, skipped=result.skipped)
@@ -635,12 +785,34 @@ def log_training(run: Run, meter: Meter, bar: tqdm, epoch: float, lr: float, res
     meter.start_interval()
 
 
-def save_checkpoint(run: Run) -> None:
-    """A resumable checkpoint (main process), then every process waits for it."""
+def non_finite(run: Run, what: str) -> NonFiniteLoss:
+    where = (f"the last good checkpoint is {run.last_checkpoint}" if run.last_checkpoint
+             else "no checkpoint was written yet")
+    return NonFiniteLoss(f"{what} by step {run.progress.global_step}; stopping without saving the damaged weights "
+                         f"({where}). Try a lower --lr, --precision bf16 or fp32, or warmup.")
+
+
+def save_checkpoint(run: Run, meter: Meter) -> None:
+    """A resumable checkpoint (main process) of finite weights, then every process waits for it."""
+    # Logs check the loss only every --log-every steps: a save in between must not keep NaN weights.
+    if not math.isfinite(float(meter.loss_sum)):
+        raise non_finite(run, "The training loss became non-finite")
+    if not bool(torch.stack([p.detach().isfinite().all() for p in run.model.parameters()]).all()):
+        raise non_finite(run, "The weights became non-finite")
     if run.procs.is_main:
-        run.last_checkpoint = str(save_training_checkpoint(
-            run.output_dir, model=run.model, optimizer=run.optimizer, scaler=run.precision.scaler,
-            progress=run.progress, tokenizer=run.tokenizer, keep_last=run.config.keep_checkpoints))
+        run.progress.train_seconds, run.progress.train_tokens = meter.train_seconds, meter.total_tokens
+        try:
+            run.last_checkpoint = str(save_training_checkpoint(
+                run.output_dir, model=run.model, optimizer=run.optimizer, scaler=run.precision.scaler,
+                progress=run.progress, tokenizer=run.tokenizer, keep_last=run.config.keep_checkpoints,
+                settings=run_settings(run.config, run.schedule)))
+        except OSError as err:
+            where = (f"the last good checkpoint, {run.last_checkpoint}, is intact: --resume latest continues from it"
+                     if run.last_checkpoint else "no checkpoint was written yet")
+            raise MLMError(f"Could not write the checkpoint of step {run.progress.global_step} in "
+                           f"{run.output_dir / 'checkpoints'}: {err.strerror or err}; {where}. Free some space "
+                           "(or fix the folder's permissions) first.") from None
+        run.folder.commit()
     barrier(run.procs)
 
 
@@ -652,6 +824,7 @@ def finish(run: Run, meter: Meter, *, before: EvalResult | None, after: EvalResu
         fill_mask_and_log(run, "after")
         if run.procs.is_main:
             save_pretrained(run.model, run.output_dir, tokenizer=run.tokenizer)
+            run.folder.commit()
     summary = RunSummary(status="interrupted" if interrupted else "finished", output_dir=str(run.output_dir),
                          steps=run.progress.global_step, before=before, after=after, train_seconds=meter.train_seconds,
                          train_tokens_per_second=meter.tokens_per_second(), checkpoint=run.last_checkpoint)

@@ -4,33 +4,39 @@ A checkpoint is a folder `<output_dir>/checkpoints/step-000123/` holding
 
     config.json, model.safetensors, tokenizer files   the model, in the Hub layout (fill_mask.py can load it)
     optimizer.safetensors                             AdamW's moment estimates and step counts, the RNG states
-    trainer_state.json                                position in the run, param-group settings, GradScaler
+    trainer_state.json                                position in the run, param-group settings, GradScaler,
+                                                      the run's records so far (perplexity before, time, tokens)
+    manifest.json                                     size and sha256 of every other file, written last
 
 Nothing is pickled: tensors go to safetensors, everything else to JSON. A checkpoint is first written to a
 hidden temporary folder and then renamed into place, so a crash or Ctrl-C mid-save never leaves a half-written
-checkpoint that --resume would pick up.
+checkpoint that --resume would pick up. The manifest catches what the rename cannot: a file damaged later (a bad
+copy, a disk error, a hand edit) still parses, but no longer matches its checksum, and --resume refuses it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from mlm.checkpoint import model_from_state_dict, read_safetensors, save_pretrained
+from mlm.checkpoint import model_from_state_dict, normal_permissions, read_safetensors, save_pretrained
 from mlm.errors import MLMError
 from mlm.model import DistilBertConfig, DistilBertForMaskedLM
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+MANIFEST_FILE = "manifest.json"
 CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
+TMP_PREFIX = ".tmp-"
 
 
 @dataclass
@@ -41,6 +47,11 @@ class Progress:
     step_in_epoch: int = 0  # steps of `epoch` already done; resuming starts at this batch of its permutation
     global_step: int = 0  # steps done in the whole run
     schedule_step: int = 0  # steps that updated the weights (fp16 steps skipped for inf gradients excluded)
+    # The run's records, carried over resumes so that summary.json covers the whole run.
+    train_seconds: float = 0.0  # training time of all segments so far
+    train_tokens: int = 0  # tokens trained on so far
+    before: dict | None = None  # the starting model's evaluation (mlm.evaluate.EvalResult as a dict)
+    segment: int = 0  # 0 in the run's first process, k after its k-th resume
 
 
 def checkpoint_dir(output_dir: Path) -> Path:
@@ -56,15 +67,18 @@ def save_training_checkpoint(
     progress: Progress,
     tokenizer=None,
     keep_last: int | None = None,
+    settings: dict | None = None,
 ) -> Path:
-    """Write step-<global_step>/ atomically, then delete all but the newest `keep_last` checkpoints."""
+    """Write step-<global_step>/ atomically, then delete all but the newest `keep_last` checkpoints.
+    `settings` (JSON-able) are stored with it: the run's settings, which a resume compares with its own."""
     root = checkpoint_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{progress.global_step:06d}"
     if final.exists():  # already saved at this step (e.g. an interrupt right after a periodic save)
         return final
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{final.name}-"))
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f"{TMP_PREFIX}{final.name}-"))
     try:
+        normal_permissions(tmp, directory=True)  # mkdtemp makes it private (0700); a run's files are not
         save_pretrained(model, tmp, tokenizer=tokenizer)
         tensors, groups = _optimizer_to_tensors(optimizer)
         tensors.update(_rng_states())
@@ -73,8 +87,10 @@ def save_training_checkpoint(
             "progress": asdict(progress),
             "param_groups": groups,
             "grad_scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+            "settings": settings,
         }
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        _write_manifest(tmp)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -83,6 +99,16 @@ def save_training_checkpoint(
         for old in list_checkpoints(output_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_stale_temporaries(output_dir: Path) -> list[Path]:
+    """Delete the temporary folders of checkpoint saves that a crash interrupted; return them. Only call this
+    while holding the output folder's lock: another run's save in progress looks the same."""
+    root = checkpoint_dir(output_dir)
+    stale = sorted(root.glob(f"{TMP_PREFIX}*")) if root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -103,13 +129,7 @@ def load_training_checkpoint(
 ) -> Progress:
     """Restore model weights, optimizer, GradScaler and RNG states from `path` in place; return the position."""
     path = Path(path)
-    if not (path / STATE_FILE).is_file():
-        raise MLMError(f"{path} is not a training checkpoint (no {STATE_FILE}); pass a step-NNNNNN folder.")
-    try:
-        state = json.loads((path / STATE_FILE).read_text())
-    except json.JSONDecodeError as err:
-        raise MLMError(f"{path / STATE_FILE} is corrupt ({err}); resume from an older checkpoint.") from None
-
+    state = read_state(path)
     saved = model_from_state_dict(
         DistilBertConfig.from_json_file(path / "config.json"), read_safetensors(path / "model.safetensors"),
         source=path,
@@ -117,6 +137,9 @@ def load_training_checkpoint(
     if saved.config.to_dict() != model.config.to_dict():
         raise MLMError(f"{path} holds a model with another configuration than this run's: resume with the "
                        "same --model (and --init) as the run that wrote it.")
+    bad = [name for name, tensor in saved.state_dict().items() if not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise CheckpointError(f"{path} holds non-finite weights ({', '.join(bad[:3])}{' …' if len(bad) > 3 else ''}).")
     with torch.no_grad():
         for target, source in zip(model.state_dict().values(), saved.state_dict().values()):
             target.copy_(source)
@@ -127,6 +150,94 @@ def load_training_checkpoint(
         scaler.load_state_dict(state["grad_scaler"])
     _restore_rng_states(tensors)
     return Progress(**state["progress"])
+
+
+class CheckpointError(MLMError):
+    """A checkpoint that must not be resumed from: damaged, incomplete or holding non-finite values."""
+
+
+def read_state(path: Path) -> dict:
+    """trainer_state.json of the checkpoint `path`, checked for the shape this module writes."""
+    file = Path(path) / STATE_FILE
+    if not file.is_file():
+        raise MLMError(f"{path} is not a training checkpoint (no {STATE_FILE}); pass a step-NNNNNN folder.")
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{file} is unreadable ({err}).") from None
+    progress_keys = {f.name for f in fields(Progress)}
+    shape_ok = (
+        isinstance(state, dict)
+        and isinstance(state.get("progress"), dict) and set(state["progress"]) <= progress_keys
+        and all(isinstance(state["progress"].get(k, 0), int) and state["progress"].get(k, 0) >= 0
+                for k in ("epoch", "step_in_epoch", "global_step", "schedule_step"))
+        and isinstance(state.get("param_groups"), list) and all(isinstance(g, dict) for g in state["param_groups"])
+        and (state.get("grad_scaler") is None or isinstance(state["grad_scaler"], dict))
+        and (state.get("settings") is None or isinstance(state["settings"], dict))
+    )
+    if not shape_ok:
+        raise CheckpointError(f"{file} does not have the layout of an mlm trainer state (progress, param_groups, "
+                              "grad_scaler).")
+    return state
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise CheckpointError unless every file listed in `path`'s manifest is there with its size and sha256.
+    A checkpoint from before manifests existed (no manifest.json) is accepted as it is."""
+    path = Path(path)
+    manifest_file = path / MANIFEST_FILE
+    if not manifest_file.is_file():
+        if not (path / STATE_FILE).is_file():
+            raise CheckpointError(f"{path} is not a complete checkpoint (no {STATE_FILE}).")
+        return
+    try:
+        files = json.loads(manifest_file.read_text(encoding="utf-8"))["files"]
+        entries = [(name, int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{manifest_file} is unreadable ({type(err).__name__}: {err}).") from None
+    for name, size, digest in entries:
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{path}: {name} is missing.")
+        if file.stat().st_size != size or _sha256(file) != digest:
+            raise CheckpointError(f"{path}: {name} does not match its checksum (damaged or modified since saved).")
+
+
+def newest_good_checkpoint(output_dir: Path, *, before_step: int | None = None) -> Path | None:
+    """The newest checkpoint of `output_dir` (older than step `before_step`, if given) that passes
+    verify_checkpoint and holds finite weights, or None."""
+    for candidate in reversed(list_checkpoints(output_dir)):
+        if before_step is not None and checkpoint_step(candidate) >= before_step:
+            continue
+        try:
+            verify_checkpoint(candidate)
+            weights = read_safetensors(candidate / "model.safetensors")
+        except MLMError:
+            continue
+        if all(bool(torch.isfinite(t).all()) for t in weights.values() if t.is_floating_point()):
+            return candidate
+    return None
+
+
+def checkpoint_step(path: Path) -> int:
+    match = CHECKPOINT_NAME.match(Path(path).name)
+    return int(match.group(1)) if match else -1
+
+
+def _write_manifest(folder: Path) -> None:
+    files = {
+        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST_FILE
+    }
+    (folder / MANIFEST_FILE).write_text(json.dumps({"files": files}, indent=2) + "\n")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -166,6 +277,8 @@ def _rng_states() -> dict[str, torch.Tensor]:
 
 def _restore_rng_states(tensors: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(tensors["rng.cpu"])
-    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    # Numeric order of the device index: rng.cuda.10 comes after rng.cuda.2.
+    cuda_keys = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    cuda_states = [tensors[k] for k in cuda_keys]
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_states)

@@ -177,11 +177,11 @@ def test_scores_a_training_run_exactly_as_the_run_did(tmp_path, monkeypatch, cap
     from mlm.train import TrainConfig, train
 
     run = tmp_path / "run"
-    flags = dict(dataset=str(SMOKE / "reviews.jsonl"), chunk_size=32, train_size=48, test_size=16, seed=3,
+    flags = dict(dataset=str(SMOKE / "reviews.jsonl"), chunk_size=32, train_size=48, test_size=16, data_seed=3,
                  cache_dir=str(tmp_path / "cache"))
     # lean="off": the CPU's default lean variant rounds its fused ops differently in the last bits, and the
     # comparison below is bit for bit against the plain model evaluate.py loads.
-    summary = train(TrainConfig(model=str(SMOKE), init="random", batch_size=16, eval_batch_size=8, lr=2e-3,
+    summary = train(TrainConfig(model=str(SMOKE), init="random", seed=3, batch_size=16, eval_batch_size=8, lr=2e-3,
                                 epochs=1, output_dir=str(run), progress_bar=False, lean="off", **flags))
     capsys.readouterr()  # the run's own log lines
     status, out, _ = run_script(monkeypatch, capsys, "--model", str(run), "--json", "--eval-batch-size", "8",

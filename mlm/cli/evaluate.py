@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--test-size", type=int, default=1_000, help="eval chunks (default: %(default)s)")
     g.add_argument("--cache-dir", default=None, help="where tokenized chunks are cached (default: $MLM_CACHE, "
                    "else $HF_HOME/mlm, else ~/.cache/mlm)")
-    g.add_argument("--seed", type=int, default=42, help="seeds the eval draw and its masks (default: %(default)s)")
+    g.add_argument("--data-seed", "--seed", dest="seed", type=int, default=42,
+                   help="seeds the eval draw and its masks: a run's --data-seed (--seed is accepted too, as before) "
+                        "(default: %(default)s)")
     g.add_argument("--eval-masking", choices=["token", "wwm"], default="token",
                    help="token: 15%% of tokens, 80/10/10, the eval set of every training run; wwm: whole words, "
                         "all their tokens [MASK] (default: %(default)s)")

@@ -85,7 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
                    help="clip the gradients' global L2 norm to this (default: %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed,
-                   help="seeds init, shuffling, masks, the train/eval draw and dropout (default: %(default)s)")
+                   help="seeds init, shuffling, training masks and dropout (default: %(default)s)")
+    g.add_argument("--data-seed", type=int, default=d.data_seed,
+                   help="seeds the train/eval draw and the frozen eval masks, so runs with different --seed are "
+                        "scored on the same targets (default: %(default)s, the course's)")
 
     g = p.add_argument_group("hardware")
     g.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default=d.precision,
@@ -124,8 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
                    help="how many of the newest checkpoints to keep (default: %(default)s)")
     g.add_argument("--resume", nargs="?", const="latest", default=d.resume,
-                   help="continue a run: 'latest' (the default when given alone) or a checkpoint folder")
-    g.add_argument("--overwrite", action="store_true", help="replace the run already in --output-dir")
+                   help="continue a run: 'latest' (the default when given alone) or a checkpoint folder. Settings "
+                        "that change the run (data, model, masking, optimisation, schedule, seeds) must be the "
+                        "run's; logging, workers, eval batch size, prompts and the like may change")
+    g.add_argument("--extend", action="store_true",
+                   help="with --resume: allow a new --epochs or --max-steps; the linear decay is recomputed over the "
+                        "new total, from the step the run is at")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --output-dir; it is kept aside until the new run has saved a "
+                        "checkpoint, and put back if the new run fails before")
     g.add_argument("--prompt", dest="prompts", action="append", default=None,
                    help=f"fill-mask prompt shown before and after training; repeatable (default: {d.prompts[0]!r})")
     g.add_argument("--top-k", type=int, default=d.top_k, help="fill-mask predictions shown (default: %(default)s)")
