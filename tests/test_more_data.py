@@ -153,10 +153,11 @@ def test_a_run_on_the_test_split_is_scored_alike_by_evaluate(corpus, tmp_path, m
     """Train with --eval-split test and --train-splits train,unsupervised; evaluate.py rebuilds the same eval set."""
     from mlm.train import TrainConfig, train
 
-    flags = dict(dataset=str(corpus), chunk_size=32, train_size=64, test_size=16, seed=3,
+    flags = dict(dataset=str(corpus), chunk_size=32, train_size=64, test_size=16, data_seed=3,
                  cache_dir=str(tmp_path / "cache"), eval_split="test")
     run = tmp_path / "run"
-    summary = train(TrainConfig(model=str(SMOKE), init="random", batch_size=16, eval_batch_size=8, lr=2e-3, epochs=1,
+    summary = train(TrainConfig(model=str(SMOKE), init="random", seed=3, batch_size=16, eval_batch_size=8, lr=2e-3,
+                                epochs=1,
                                 output_dir=str(run), progress_bar=False, lean="off",
                                 train_splits=("train", "unsupervised"), **flags))
     args = json.loads((run / "args.json").read_text())
