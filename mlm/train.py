@@ -230,51 +230,17 @@ def train(config: TrainConfig) -> RunSummary:
 
 def train_in(folder: RunFolder, config: TrainConfig, procs: Processes, device: torch.device) -> RunSummary:
     """train() once the output folder is locked: setup (nothing written yet), then the run."""
-    if device.type == "cpu" and config.keep_freed_memory:
-        keep_freed_memory()  # no page faults per step (README, "CPU runs keep freed memory")
-    resume_from = folder.resume_point(config.resume, config.overwrite)
-    precision = pick_precision(config.precision, device)
-    torch.manual_seed(config.seed)  # random init and dropout; masks and shuffling have their own generators
-
-    # Setup: tokenizer, model, data and frozen eval masks, optimizer and schedule; the output folder stays as it is.
-    tokenizer = load_tokenizer(config.tokenizer or config.model, revision=None if config.tokenizer else config.revision)
-    model = build_model(config, tokenizer, device)
-    check_prompts(tokenizer, list(config.prompts), top_k=config.top_k,
-                  max_length=model.config.max_position_embeddings)  # used at the end: checked now
-    train_chunks, eval_set = load_data(config, tokenizer, model)
-    collator = MaskingCollator.from_tokenizer(tokenizer, whole_word=config.masking == "wwm",
-                                              mlm_probability=config.mlm_probability,
-                                              wwm_probability=config.wwm_probability)
-    optimizer = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay)
-    schedule = Schedule.of(config, len(train_chunks), procs.world_size)
-    changed = check_resume_settings(resume_from, config, schedule)
-    progress = resume(resume_from, model, optimizer, precision, procs, config.seed)
-    if resume_from is not None and progress.global_step > schedule.total_steps:
-        raise MLMError(f"{resume_from} is at step {progress.global_step}, past the {schedule.total_steps} steps "
-                       "of --epochs/--max-steps: with --extend, give at least as many.")
-
-    # The run is known to start: only now is the output folder written to.
-    notes = folder.start(overwrite=config.overwrite, resume_from=resume_from)
-    output_dir = folder.path
-    if resume_from is not None:
-        progress.segment += 1
-        notes += discard_later_checkpoints(output_dir, resume_from) if procs.is_main else []
-    barrier(procs)  # nobody writes before rank 0 has made the folder ready
-    run = Run(config, procs, device, precision, output_dir, model, tokenizer, optimizer, progress,
-              eval_shard={k: v[procs.rank :: procs.world_size] for k, v in eval_set.items()},
-              log=MetricsLog(output_dir / "metrics.jsonl", enabled=procs.is_main, segment=progress.segment,
-                             listeners=report_listeners(config, output_dir) if procs.is_main else ()),
-              last_checkpoint=str(resume_from) if resume_from else None, folder=folder, schedule=schedule)
-    for note in notes:
-        run.say(f"note: {note}")
-    announce(run, schedule, resume_from, train_chunks, eval_set, changed)
-    if resume_from is None:
+    setup = set_up(folder, config, procs, device)  # tokenizer, model, data, optimizer, schedule: all checked
+    run = start_run(folder, setup, config, procs, device)  # only now is the output folder written to
+    optimizer, precision, progress, schedule = run.optimizer, run.precision, run.progress, run.schedule
+    if setup.resume_from is None:
         progress.before = asdict(evaluate_and_log(run, "before"))  # kept in checkpoints for summary.json
         fill_mask_and_log(run, "before")
     before = EvalResult(**progress.before) if progress.before else None
+    train_chunks, collator = setup.train_chunks, setup.collator
 
     # The loop: one optimizer step per global batch, logs every few steps, evals and checkpoints at boundaries.
-    train_model = wrap_for_training(model, config, procs, device)
+    train_model = wrap_for_training(run.model, config, procs, device)
     meter = Meter(device, seconds=progress.train_seconds, tokens=progress.train_tokens)
     bar = tqdm(total=schedule.total_steps, initial=progress.global_step, desc="train", unit="step",
                dynamic_ncols=True, disable=not (procs.is_main and config.progress_bar))
@@ -326,6 +292,71 @@ def train_in(folder: RunFolder, config: TrainConfig, procs: Processes, device: t
                     break
     bar.close()
     return finish(run, meter, before=before, after=after, interrupted=stopping)
+
+
+@dataclass
+class Setup:
+    """Everything a run needs, built and checked before its output folder is touched."""
+
+    resume_from: Path | None
+    precision: Precision
+    tokenizer: Tokenizer
+    model: DistilBertForMaskedLM
+    train_chunks: Chunks
+    eval_set: dict[str, torch.Tensor]  # the frozen eval set: {"input_ids", "labels"} (N, L) int64
+    collator: MaskingCollator
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    progress: Progress
+    changed: dict  # harmless settings changed by a resume: {name: [before, now]}
+
+
+def set_up(folder: RunFolder, config: TrainConfig, procs: Processes, device: torch.device) -> Setup:
+    """Tokenizer, model, data and frozen eval masks, optimizer and schedule; on resume the checkpoint and its
+    settings. Any failure here leaves the output folder as it was."""
+    if device.type == "cpu" and config.keep_freed_memory:
+        keep_freed_memory()  # no page faults per step (README, "CPU runs keep freed memory")
+    resume_from = folder.resume_point(config.resume, config.overwrite)
+    precision = pick_precision(config.precision, device)
+    torch.manual_seed(config.seed)  # random init and dropout; masks and shuffling have their own generators
+    tokenizer = load_tokenizer(config.tokenizer or config.model, revision=None if config.tokenizer else config.revision)
+    model = build_model(config, tokenizer, device)
+    check_prompts(tokenizer, list(config.prompts), top_k=config.top_k,
+                  max_length=model.config.max_position_embeddings)  # used at the end: checked now
+    train_chunks, eval_set = load_data(config, tokenizer, model)
+    collator = MaskingCollator.from_tokenizer(tokenizer, whole_word=config.masking == "wwm",
+                                              mlm_probability=config.mlm_probability,
+                                              wwm_probability=config.wwm_probability)
+    optimizer = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay)
+    schedule = Schedule.of(config, len(train_chunks), procs.world_size)
+    changed = check_resume_settings(resume_from, config, schedule)
+    progress = resume(resume_from, model, optimizer, precision, procs, config.seed)
+    if resume_from is not None and progress.global_step > schedule.total_steps:
+        raise MLMError(f"{resume_from} is at step {progress.global_step}, past the {schedule.total_steps} steps "
+                       "of --epochs/--max-steps: with --extend, give at least as many.")
+    return Setup(resume_from, precision, tokenizer, model, train_chunks, eval_set, collator, optimizer, schedule,
+                 progress, changed)
+
+
+def start_run(folder: RunFolder, setup: Setup, config: TrainConfig, procs: Processes, device: torch.device) -> Run:
+    """Make the output folder ready (the old run aside with --overwrite, later checkpoints gone on resume), open
+    the metrics log and announce the run."""
+    resume_from, progress = setup.resume_from, setup.progress
+    notes = folder.start(overwrite=config.overwrite, resume_from=resume_from)
+    output_dir = folder.path
+    if resume_from is not None:
+        progress.segment += 1
+        notes += discard_later_checkpoints(output_dir, resume_from) if procs.is_main else []
+    barrier(procs)  # nobody writes before rank 0 has made the folder ready
+    run = Run(config, procs, device, setup.precision, output_dir, setup.model, setup.tokenizer, setup.optimizer,
+              progress, eval_shard={k: v[procs.rank :: procs.world_size] for k, v in setup.eval_set.items()},
+              log=MetricsLog(output_dir / "metrics.jsonl", enabled=procs.is_main, segment=progress.segment,
+                             listeners=report_listeners(config, output_dir) if procs.is_main else ()),
+              last_checkpoint=str(resume_from) if resume_from else None, folder=folder, schedule=setup.schedule)
+    for note in notes:
+        run.say(f"note: {note}")
+    announce(run, setup.schedule, resume_from, setup.train_chunks, setup.eval_set, setup.changed)
+    return run
 
 
 # ---------------------------------------------------------------------------------------------------------------
