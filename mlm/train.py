@@ -1,8 +1,9 @@
 """The fine-tuning loop: the Hugging Face course's MLM run, written out without Trainer or accelerate.
 
-Read top to bottom: the settings (`TrainConfig`), the run (`train`), one optimizer step (`train_step`), the
-batches (`StepBatches`), then small helpers. Processes, devices, precision, the output folder, the metrics log
-and Ctrl-C handling are in mlm/runtime.py.
+Read top to bottom: the settings (`TrainConfig`), the run (`train`, whose story is `train_in`: `set_up`, then
+`start_run`, then the loop), one optimizer step (`train_step`), the batches (`StepBatches`), then small helpers.
+Processes, devices, precision, the metrics log and Ctrl-C handling are in mlm/runtime.py; the output folder
+(lock, --overwrite, clean-up) in mlm/run_folder.py.
 
     setup      tokenizer, model (pretrained or random), chunks, frozen eval masks, AdamW, precision
     before     perplexity and fill-mask predictions of the starting model
