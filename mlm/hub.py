@@ -94,7 +94,7 @@ def set_progress_bars(enabled: bool) -> None:
 def describe_download_error(err: BaseException, where: str, endpoint: str, *, offline: bool) -> str:
     """One line for a failed download, keeping its real cause: offline, unreachable, an error answer, a
     misconfigured HF_ENDPOINT, or a server that answers but is not a Hub."""
-    chain = list(_chain(err))
+    chain = list(exception_chain(err))
     statuses = [getattr(getattr(e, "response", None), "status_code", None) for e in chain]
     status = next((s for s in statuses if isinstance(s, int)), None)
     names = {cls.__name__ for e in chain for cls in type(e).__mro__}
@@ -120,7 +120,8 @@ def describe_download_error(err: BaseException, where: str, endpoint: str, *, of
     return f"Could not get the {where} from the Hub at {endpoint} ({reason}). {OFFLINE_HINT}"
 
 
-def _chain(err: BaseException):
+def exception_chain(err: BaseException):
+    """`err`, then its causes and contexts, each once."""
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mlm.errors import MLMError
+from mlm.hub import exception_chain
 
 # Training checkpoints hold optimizer state (twice the model's size) and are only useful to resume a run;
 # dot files are temporary files of an atomic write in progress.
@@ -124,7 +125,7 @@ def describe_push_error(err: BaseException, repo_id: str, endpoint: str) -> str:
 
 def _status_code(err: BaseException) -> int | None:
     # HfHubHTTPError carries the response; an LFS upload error arrives wrapped in a RuntimeError.
-    for error in _chain(err):
+    for error in exception_chain(err):
         response = getattr(error, "response", None)
         status = getattr(response, "status_code", None)
         if isinstance(status, int):
@@ -133,7 +134,7 @@ def _status_code(err: BaseException) -> int | None:
 
 
 def _server_message(err: BaseException) -> str | None:
-    for error in _chain(err):
+    for error in exception_chain(err):
         message = getattr(error, "server_message", None)
         if message:
             return message
@@ -142,7 +143,7 @@ def _server_message(err: BaseException) -> str | None:
 
 def _is_network_error(err: BaseException) -> bool:
     """Connection refused, DNS failure, timeout: huggingface_hub lets its HTTP client's errors through."""
-    for error in _chain(err):
+    for error in exception_chain(err):
         if isinstance(error, (OSError, TimeoutError)):
             return True
         # httpx (huggingface_hub >= 1.0) and requests (before) name their transport errors like this.
@@ -150,14 +151,6 @@ def _is_network_error(err: BaseException) -> bool:
         if names & {"TransportError", "ConnectError", "ConnectionError", "TimeoutException", "NetworkError"}:
             return True
     return False
-
-
-def _chain(err: BaseException):
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        yield err
-        err = err.__cause__ or err.__context__
 
 
 def _one_line(text: str) -> str:
