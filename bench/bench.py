@@ -100,15 +100,21 @@ class Bench:
         return float((self.labels != IGNORE_INDEX).float().mean())
 
 
+def random_chunks(bench: Bench, rows: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """(rows, length) int64 random word ids, [CLS] first and ~2% [SEP] (reviews ending mid-chunk)."""
+    ids = torch.randint(bench.first_word_id, bench.config.vocab_size, (rows, length), generator=generator)
+    ids[:, 0] = bench.cls_id
+    ids[torch.rand(rows, length, generator=generator) < 0.02] = bench.sep_id
+    return ids
+
+
 def masked_batch(bench: Bench, rows: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Random ids with [CLS]/[SEP] sprinkled in, masked 15% / 80-10-10 exactly as the reference collator does.
 
     The content does not matter for speed; only the labelled count does (it sizes our sparse head's matmul).
     """
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(bench.first_word_id, bench.config.vocab_size, (rows, length), generator=generator)
-    ids[:, 0] = bench.cls_id
-    ids[torch.rand(rows, length, generator=generator) < 0.02] = bench.sep_id  # reviews ending mid-chunk
+    ids = random_chunks(bench, rows, length, generator)
     return mask_tokens(ids, special_tokens_mask(ids, bench.special_ids), mask_token_id=bench.mask_id,
                        vocab_size=bench.config.vocab_size, generator=generator)
 
@@ -357,11 +363,8 @@ def training_batches(bench: Bench, steps: int) -> StepBatches:
     a real run: a benchmark on one fixed batch would hide recompiles and shape-dependent kernel choices.
     """
     rows, length = bench.args.batch_size * steps, bench.args.seq_len
-    generator = torch.Generator().manual_seed(0)
+    ids = random_chunks(bench, rows, length, torch.Generator().manual_seed(0))
     # Word ids only matter for whole-word masking; every token its own word here.
-    ids = torch.randint(bench.first_word_id, bench.config.vocab_size, (rows, length), generator=generator)
-    ids[:, 0] = bench.cls_id
-    ids[torch.rand(rows, length, generator=generator) < 0.02] = bench.sep_id  # reviews ending mid-chunk
     word_ids = torch.arange(length).expand(rows, length)
     chunks = Chunks(ids.int().numpy(), word_ids.int().numpy(), n_reviews=rows, n_tokens=rows * length)
     collator = MaskingCollator(mask_token_id=bench.mask_id, vocab_size=bench.config.vocab_size,
