@@ -17,7 +17,7 @@ Sections (each figure is measured next to its reference in the same run; ratio =
 - masking  bench/bench_masking.py (our masking vs DataCollatorForLanguageModeling / the course's wwm collator).
 
 Train figures come from a fresh process per configuration (see train_probe): ours keeps freed memory for
-reuse as scripts/train.py does on the CPU (mlm/host_memory.py), the reference runs with glibc's defaults as the
+reuse as scripts/train.py does on the CPU (mlm/speed/host_memory.py), the reference runs with glibc's defaults as the
 course does, and once more with ours' settings. Peak memory: on CPU the resident-set high-water mark (VmHWM)
 growth over building the model and optimizer and training, also with M_MMAP_THRESHOLD pinned to 1 MiB, where
 the RSS follows the live tensors; the model section resets VmHWM through /proc/self/clear_refs in-process. On
@@ -48,15 +48,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlm.checkpoint import load_config
 from mlm.data import Chunks
 from mlm.errors import MLMError
 from mlm.evaluate import evaluate
-from mlm.host_memory import keep_freed_memory
-from mlm.lean import make_lean
+from mlm.files.pretrained import load_config
 from mlm.masking import MaskingCollator, mask_tokens, special_tokens_mask
 from mlm.model import IGNORE_INDEX, DistilBertConfig, DistilBertForMaskedLM, estimate_flops_per_token
 from mlm.optim import make_optimizer, set_learning_rate
+from mlm.speed.host_memory import keep_freed_memory
+from mlm.speed.lean import make_lean
 from mlm.tokenizer import load_tokenizer
 from mlm.train import CUDA_GRAPH_PADDING, StepBatches, epoch_order, move_to_device, train_step
 
@@ -252,7 +252,7 @@ def maybe_compile(model: nn.Module, bench: Bench) -> nn.Module:
 
 
 def build_ours(bench: Bench) -> DistilBertForMaskedLM:
-    """As train.py builds it: lean (mlm/lean.py) on the CPU, plain on a GPU, unless --lean says otherwise."""
+    """As train.py builds it: lean (mlm/speed/lean.py) on the CPU, plain on a GPU, unless --lean says otherwise."""
     torch.manual_seed(0)
     model = DistilBertForMaskedLM(bench.config)
     if bench.args.lean == "on" or (bench.args.lean == "auto" and bench.device.type == "cpu"):
@@ -499,7 +499,7 @@ def profile_steps(step, steps: int, seconds_per_step: float, device: torch.devic
 
 
 # The allocator settings a train run is measured under (CPU; on CUDA they change nothing that is measured):
-# "kept": mlm.host_memory.keep_freed_memory, as scripts/train.py runs on the CPU; "default": glibc untouched, as
+# "kept": mlm.speed.host_memory.keep_freed_memory, as scripts/train.py runs on the CPU; "default": glibc untouched, as
 # the reference is run; "pinned": M_MMAP_THRESHOLD pinned to 1 MiB, so every larger tensor is its own mapping,
 # unmapped when freed, and the RSS follows the live tensors (the CPU analogue of max_memory_allocated).
 MALLOC_MODES = ("kept", "default", "pinned")
@@ -569,7 +569,7 @@ CUDA_TRAIN_RUNS = (
     ("ours-bf16-compiled", "ours", "bf16", True),
     ("ours-fp16", "ours", "fp16", False),
     ("ours-fp16-compiled", "ours", "fp16", True),
-    ("ours-bf16-lean", "ours", "bf16", False),  # --lean on: mlm/lean.py's techniques on the GPU too
+    ("ours-bf16-lean", "ours", "bf16", False),  # --lean on: mlm/speed/lean.py's techniques on the GPU too
     ("reference-fp16", "reference", "fp16", False),
     ("reference-bf16", "reference", "bf16", False),
     ("ours-bf16-cudagraphs", "ours", "bf16", True),  # train.py --cuda-graphs
@@ -687,7 +687,7 @@ def section_train(bench: Bench, transformers) -> list[dict]:
         "per-step path, masks changing every step.")
     bench.notes.append(
         "train: every configuration runs in a fresh process (see train_probe). Ours keeps freed memory for reuse "
-        "(mlm/host_memory.py, as scripts/train.py does on the CPU); the reference runs with glibc's defaults, as "
+        "(mlm/speed/host_memory.py, as scripts/train.py does on the CPU); the reference runs with glibc's defaults, as "
         "the course does, and once more with ours' settings. Memory = peak RSS growth over building the model "
         "and optimizer plus the steps (params + grads + AdamW state + activations + allocator slack); 'live' pins "
         "M_MMAP_THRESHOLD to 1 MiB in both, so the RSS follows the live tensors: the CPU counterpart of CUDA's "
@@ -878,7 +878,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "for the reference, as the course trains")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models (warm-up covers compiling)")
     parser.add_argument("--lean", choices=("auto", "on", "off"), default="auto",
-                        help="mlm/lean.py's techniques for ours: auto = as train.py (CPU only) (default: auto)")
+                        help="mlm/speed/lean.py's techniques for ours: auto = as train.py (CPU only) (default: auto)")
     parser.add_argument("--profile", type=int, default=0, help=argparse.SUPPRESS)  # profiled steps (train probes)
     parser.add_argument("--train-configs", type=lambda text: [k for k in text.split(",") if k], default=None,
                         help="CUDA: only these train configurations (default: all of "

@@ -27,15 +27,15 @@ import pyarrow.json
 import pyarrow.parquet
 import torch
 
-from mlm.checkpoint import load_config, load_pretrained
 from mlm.data import chunk, load_chunks, load_texts, split_train_test, tokenize
-from mlm.data_files import find_data_files
 from mlm.errors import MLMError
 from mlm.evaluate import evaluate
+from mlm.files.data_files import find_data_files
+from mlm.files.pretrained import load_config, load_pretrained
 from mlm.fill_mask import fill_mask
 from mlm.masking import MaskingCollator, freeze_eval_masks
 from mlm.model import DistilBertForMaskedLM
-from mlm.runtime import pick_precision, start_processes
+from mlm.run.processes import pick_precision, start_processes
 from mlm.tokenizer import load_tokenizer
 from mlm.train import TrainConfig, train
 
@@ -87,8 +87,8 @@ if not IN_NOTEBOOK:
     sys.excepthook = one_line_errors
 
 args = parse_args([] if IN_NOTEBOOK else None)
-procs, device = start_processes(args.device)  # mlm/runtime.py: "auto" is the GPU when there is one
-precision = pick_precision(args.precision, device)  # mlm/runtime.py: bf16/fp16 autocast on GPUs, fp32 on CPUs
+procs, device = start_processes(args.device)  # mlm/run/processes.py: "auto" is the GPU when there is one
+precision = pick_precision(args.precision, device)  # mlm/run/processes.py: bf16/fp16 autocast on GPUs, fp32 on CPUs
 
 
 def say(*lines: str) -> None:
@@ -99,8 +99,8 @@ def say(*lines: str) -> None:
 # ## 1. The model and the tokenizer
 #
 # Course: `AutoModelForMaskedLM.from_pretrained(model_checkpoint)`, `model.num_parameters()`.
-# mlm: `load_pretrained` (mlm/checkpoint.py) reads config.json + model.safetensors into `DistilBertForMaskedLM`
-# (mlm/model.py); with `--init random`, `load_config` (mlm/checkpoint.py) and a fresh `DistilBertForMaskedLM`.
+# mlm: `load_pretrained` (mlm/files/pretrained.py) reads config.json + model.safetensors into `DistilBertForMaskedLM`
+# (mlm/model.py); with `--init random`, `load_config` (mlm/files/pretrained.py) and a fresh `DistilBertForMaskedLM`.
 # `num_parameters()` counts the tied embedding/projector matrix once, as transformers does.
 
 # %%
@@ -148,11 +148,11 @@ for prediction in fill_mask(model, tokenizer, [TEXT], top_k=5)[0][0]:
 # %% [markdown]
 # ## 2. The data
 #
-# Course: `load_dataset("imdb")`. mlm: `load_texts` (mlm/data_files.py, also importable from mlm.data) reads
+# Course: `load_dataset("imdb")`. mlm: `load_texts` (mlm/files/data_files.py, also importable from mlm.data) reads
 # one split's text column from a Hub dataset id, a local folder with the Hub's layout
 # (`plain_text/{split}-*.parquet`) or a single .parquet/.jsonl/.txt file, which holds only a "train" split.
 # mlm reads text only; the labels are shown here with pyarrow from the same files (`find_data_files`,
-# mlm/data_files.py), since training never needs them.
+# mlm/files/data_files.py), since training never needs them.
 
 
 # %%
@@ -241,7 +241,7 @@ print(f"chunk() keeps {len(chunk_ids)} full chunks {tuple(chunk_ids.shape)} and 
 # `group_texts` 1,000 reviews at a time, the course joins and cuts each group of 1,000 reviews separately, and
 # drops each group's short tail. mlm joins the whole split by default (one tail dropped); `group_size=1000`
 # reproduces the course's count. `load_chunks` (mlm/data.py) tokenizes and chunks a split behind a cache
-# (mlm/data_cache.py): the first run takes seconds to a minute for IMDb, later runs well under a second.
+# (mlm/files/data_cache.py): the first run takes seconds to a minute for IMDb, later runs well under a second.
 #
 # On the Hub's IMDb the course's notebook reports 61,289 train chunks. The whole-split count depends only on
 # the number of tokens; the grouped count also depends on the row order (which reviews share a group), so a
@@ -370,7 +370,7 @@ print(f"trained {summary.steps} steps in {summary.train_seconds:.1f} s; the mode
 
 # %% [markdown]
 # Course: the perplexity after training (11.32) and `pipeline("fill-mask", model=...)` on the fine-tuned model.
-# mlm: `load_pretrained` (mlm/checkpoint.py) reads the saved model back, `evaluate` scores it on the same frozen
+# mlm: `load_pretrained` (mlm/files/pretrained.py) reads the saved model back, `evaluate` scores it on the same frozen
 # eval set, and `fill_mask` predicts.
 
 # %%

@@ -11,7 +11,7 @@
 `load_chunks` runs the first two on a split of a corpus, behind a cache; `load_train_eval_chunks` gives a run its
 train and eval chunks, drawn from the train split as the course does, or with the eval chunks from another
 split (IMDb's own test split) or file, and the train chunks from several splits. Finding and reading the files is in
-mlm/data_files.py, the cache in mlm/data_cache.py.
+mlm/files/data_files.py, the cache in mlm/files/data_cache.py.
 
 Everything works on flat numpy arrays: there is no Python loop per token, and per review only the attribute
 access needed to pull ids out of the tokenizer's Encoding objects.
@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from mlm.data_cache import CachedChunks, cache_key, cache_path, default_cache_dir, read_cache, write_cache
-from mlm.data_files import find_data_files, load_texts, read_texts
 from mlm.errors import MLMError
+from mlm.files.data_cache import CachedChunks, cache_key, cache_path, default_cache_dir, read_cache, write_cache
+from mlm.files.data_files import find_data_files, load_texts, read_texts
 from mlm.tokenizer import Tokenizer
 
 __all__ = ["Chunks", "chunk", "concatenate", "draw", "load_chunks", "load_texts", "load_train_eval_chunks",

@@ -14,8 +14,8 @@ One deliberate difference: given labels, the vocabulary projection runs only at 
 85% of tokens are unlabelled, and the (tokens x D) @ (D x V) projection is the largest matmul in the model, so
 this saves most of the head's time and never materialises (B, L, V) logits. The loss is the same.
 
-Every layer here is a stock PyTorch op. mlm/lean.py swaps some modules for versions that keep less for backward
-(`make_lean`); they compute the same values. Loading and saving live in mlm/checkpoint.py.
+Every layer here is a stock PyTorch op. mlm/speed/lean.py swaps some modules for versions that keep less for backward
+(`make_lean`); they compute the same values. Loading and saving live in mlm/files/pretrained.py.
 """
 
 from __future__ import annotations
@@ -268,7 +268,7 @@ class DistilBertForMaskedLM(nn.Module):
         self.vocab_transform = nn.Linear(config.dim, config.dim)
         self.vocab_layer_norm = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)
         self.vocab_projector = nn.Linear(config.dim, config.vocab_size)
-        # F.cross_entropy summed over the labelled tokens; a module (with no weights) so mlm/lean.py can swap it.
+        # F.cross_entropy summed over the labelled tokens; a module (with no weights) so mlm/speed/lean.py can swap it.
         self.loss_sum = nn.CrossEntropyLoss(reduction="sum")
         self.init_weights()
         self.tie_weights()
@@ -344,7 +344,7 @@ def estimate_flops_per_token(
     Counts the matmuls only: per layer 4·D² (q, k, v, out) + 2·D·F (FFN) weights and 2·L·D for the attention
     scores and their application; plus the head's D² transform and D·V projection. labelled_fraction < 1
     counts what the model computes given labels: the head at the labelled fraction of tokens only, and with
-    last_block_at_labels (the lean model, mlm/lean.py) the last block's output projection and feed-forward
+    last_block_at_labels (the lean model, mlm/speed/lean.py) the last block's output projection and feed-forward
     too. labelled_fraction=1.0 counts the reference's full computation.
     """
     d, f, v = config.dim, config.hidden_dim, config.vocab_size

@@ -13,7 +13,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as BackendTokenizer
 
 from mlm.errors import MLMError
-from mlm.hub import resolve_repo
+from mlm.files.hub import resolve_repo
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 # Names of the special tokens in tokenizer_config.json, with the strings BERT uses when a file omits them.

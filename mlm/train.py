@@ -2,8 +2,8 @@
 
 Read top to bottom: the settings (`TrainConfig`), the run (`train`, whose story is `train_in`: `set_up`, then
 `start_run`, then the loop), one optimizer step (`train_step`), the batches (`StepBatches`), then small helpers.
-Processes, devices, precision, the metrics log and Ctrl-C handling are in mlm/runtime.py; the output folder
-(lock, --overwrite, clean-up) in mlm/run_folder.py.
+Processes, devices, precision, the metrics log and Ctrl-C handling are in mlm/run/processes.py; the output folder
+(lock, --overwrite, clean-up) in mlm/run/folder.py.
 
     setup      tokenizer, model (pretrained or random), chunks, frozen eval masks, AdamW, precision
     before     perplexity and fill-mask predictions of the starting model
@@ -17,7 +17,7 @@ reference's seedable sampler does. The masks of step s in epoch e are drawn from
 processes, nor on whether the run was resumed. Only dropout uses the global RNG, whose state every checkpoint
 stores, so a resumed CPU run ends with the same weights, bit for bit, as an uninterrupted one.
 
-Nothing lost, nothing mixed. The output folder is locked before setup (mlm/run_folder.py), and nothing in it is
+Nothing lost, nothing mixed. The output folder is locked before setup (mlm/run/folder.py), and nothing in it is
 touched until setup has succeeded: every flag, the model, tokenizer, data, prompts and, on resume, the stored
 settings and the checkpoint's checksums are checked first. A resume refuses any change to RUN_SETTINGS.
 """
@@ -38,19 +38,28 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mlm.checkpoint import load_config, load_pretrained, save_pretrained
 from mlm.data import Chunks, load_train_eval_chunks
 from mlm.errors import MLMError
 from mlm.evaluate import EvalResult, evaluate
+from mlm.files.pretrained import load_config, load_pretrained, save_pretrained
 from mlm.fill_mask import check_prompts, fill_mask
-from mlm.host_memory import keep_freed_memory
-from mlm.lean import make_lean
 from mlm.masking import MaskingCollator, freeze_eval_masks
 from mlm.model import IGNORE_INDEX, DistilBertForMaskedLM
-from mlm.model_card import write_run_model_card
 from mlm.optim import linear_schedule, make_optimizer, set_learning_rate
-from mlm.run_folder import RunFolder
-from mlm.runtime import (
+from mlm.run.checkpoints import (
+    CheckpointError,
+    Progress,
+    checkpoint_step,
+    list_checkpoints,
+    load_training_checkpoint,
+    newest_good_checkpoint,
+    read_state,
+    save_training_checkpoint,
+    verify_checkpoint,
+)
+from mlm.run.folder import RunFolder
+from mlm.run.model_card import write_run_model_card
+from mlm.run.processes import (
     MetricsLog,
     Precision,
     Processes,
@@ -62,19 +71,11 @@ from mlm.runtime import (
     pick_precision,
     start_processes,
 )
-from mlm.tensorboard_log import REPORT_TO, TensorBoardLog, require_tensorboard
+from mlm.run.tensorboard_log import TensorBoardLog, require_tensorboard
+from mlm.settings import LENGTH_SETTINGS, RUN_SETTINGS, TrainConfig
+from mlm.speed.host_memory import keep_freed_memory
+from mlm.speed.lean import make_lean
 from mlm.tokenizer import Tokenizer, load_tokenizer
-from mlm.training_checkpoint import (
-    CheckpointError,
-    Progress,
-    checkpoint_step,
-    list_checkpoints,
-    load_training_checkpoint,
-    newest_good_checkpoint,
-    read_state,
-    save_training_checkpoint,
-    verify_checkpoint,
-)
 
 # Label positions are padded to a multiple of this with --cuda-graphs (see pad_positions).
 CUDA_GRAPH_PADDING = 256
@@ -83,118 +84,6 @@ CUDA_GRAPH_PADDING = 256
 # Settings
 
 
-@dataclass
-class TrainConfig:
-    """Every setting of a run; the defaults are the course's (scripts/train.py --help explains each)."""
-
-    model: str = "distilbert-base-uncased"
-    tokenizer: str | None = None  # default: the model's own folder or repo
-    revision: str | None = None
-    init: str = "pretrained"  # "pretrained" weights, or "random" (the model's config, freshly initialised)
-    dataset: str = "stanfordnlp/imdb"
-    text_column: str = "text"
-    train_splits: tuple[str, ...] = ("train",)  # concatenated, e.g. ("train", "unsupervised")
-    eval_split: str | None = None  # eval chunks from this split (e.g. "test"), not held out of the train chunks
-    validation_file: str | None = None  # or from this file
-    chunk_size: int = 128
-    group_size: int | None = None
-    train_size: int = 10_000
-    test_size: int = 1_000
-    cache_dir: str | None = None
-    masking: str = "token"  # "token" (80/10/10) or "wwm" (whole words)
-    mlm_probability: float = 0.15
-    wwm_probability: float = 0.2
-    batch_size: int = 64  # per process and micro-batch; global batch = batch_size * grad_accum * processes
-    eval_batch_size: int = 64
-    grad_accum: int = 1
-    lr: float = 2e-5
-    weight_decay: float = 0.01
-    warmup_steps: float = 0  # steps, or a fraction of all steps when below 1 (as the reference)
-    epochs: int = 3
-    max_steps: int | None = None
-    max_grad_norm: float = 1.0
-    seed: int = 42  # init, shuffling, training masks, dropout
-    data_seed: int = 42  # the train/eval draw and the frozen eval masks: the same targets whatever --seed
-    precision: str = "auto"  # auto | fp32 | fp16 | bf16
-    device: str = "auto"
-    compile: bool = False
-    cuda_graphs: bool = False  # compile with CUDA graphs: a step's kernels replay without per-kernel launches
-    gradient_checkpointing: bool = False  # rerun each block's forward in backward: less memory, ~30% slower
-    lean: str = "auto"  # mlm/lean.py's techniques: auto (on the CPU only) | on | off
-    keep_freed_memory: bool = True  # CPU: glibc keeps freed memory for the next step (mlm/host_memory.py)
-    num_workers: int = 0
-    output_dir: str = "distilbert-base-uncased-finetuned-imdb"
-    log_every: int = 10
-    eval_every: int | None = None  # steps; None = at the end of every epoch
-    save_every: int | None = 500
-    keep_checkpoints: int = 2
-    resume: str | None = None  # "latest" or a checkpoint folder
-    extend: bool = False  # with resume: --epochs / --max-steps may differ from the run's (the schedule follows)
-    overwrite: bool = False
-    prompts: tuple[str, ...] = ("This is a great [MASK].",)
-    top_k: int = 5
-    progress_bar: bool = True
-    report_to: str = "none"  # "tensorboard": also write the metrics as TensorBoard scalars (mlm/tensorboard_log.py)
-    push_to_hub: bool = False  # the CLI pushes the finished folder; train() only writes the model card
-    hub_model_id: str | None = None  # the repo the model card names (default: the output folder)
-    hub_private: bool | None = None
-
-    def validate(self) -> None:
-        """Reject settings that would fail later or silently do nothing, with the flag to fix."""
-        def check(condition: bool, message: str) -> None:
-            if not condition:
-                raise MLMError(message)
-
-        for name in ("batch_size", "eval_batch_size", "grad_accum", "epochs", "train_size", "test_size",
-                     "log_every", "keep_checkpoints"):
-            value = getattr(self, name)
-            check(isinstance(value, int) and value >= 1, f"--{name.replace('_', '-')} must be an integer >= 1, "
-                                                          f"got {value!r}.")
-        for name in ("max_steps", "eval_every", "save_every"):
-            value = getattr(self, name)
-            check(value is None or value >= 1, f"--{name.replace('_', '-')} must be >= 1 (or left unset), got {value}.")
-        check(math.isfinite(self.lr) and 0 < self.lr < 1, f"--lr must be in (0, 1), got {self.lr}.")
-        check(0 <= self.weight_decay < 1, f"--weight-decay must be in [0, 1), got {self.weight_decay}.")
-        check(self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}.")
-        check(self.max_grad_norm > 0, f"--max-grad-norm must be > 0, got {self.max_grad_norm}.")
-        check(0 < self.mlm_probability <= 1, f"--mlm-probability must be in (0, 1], got {self.mlm_probability}.")
-        check(0 < self.wwm_probability <= 1, f"--wwm-probability must be in (0, 1], got {self.wwm_probability}.")
-        check(self.masking in ("token", "wwm"), f"--masking must be 'token' or 'wwm', got {self.masking!r}.")
-        check(self.init in ("pretrained", "random"), f"--init must be 'pretrained' or 'random', got {self.init!r}.")
-        check(self.precision in ("auto", "fp32", "fp16", "bf16"),
-              f"--precision must be auto, fp32, fp16 or bf16, got {self.precision!r}.")
-        check(self.lean in ("auto", "on", "off"), f"--lean must be auto, on or off, got {self.lean!r}.")
-        check(not (self.cuda_graphs and self.lean == "on"),
-              "--cuda-graphs pads the label positions, which --lean on's loss does not accept: drop one of them.")
-        check(not (self.cuda_graphs and self.grad_accum > 1),
-              "--cuda-graphs replays one forward and backward per step: use --grad-accum 1 (or no --cuda-graphs).")
-        check(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}.")
-        check(isinstance(self.top_k, int) and self.top_k >= 1, f"--top-k must be an integer >= 1, got {self.top_k!r}.")
-        for name in ("seed", "data_seed"):
-            value = getattr(self, name)
-            check(isinstance(value, int) and 0 <= value <= MAX_SEED,
-                  f"--{name.replace('_', '-')} must be an integer from 0 to 2**63 - 1, got {value!r}.")
-        check(not (self.resume and self.overwrite), "--resume continues a run and --overwrite deletes it: pick one.")
-        check(not (self.eval_split and self.validation_file),
-              "--eval-split and --validation-file both name the eval data: pass one of them.")
-        check(self.eval_split not in self.train_splits, f"--eval-split {self.eval_split} is also a training split: "
-              "the eval chunks would be trained on. Pick another split, or leave --eval-split out.")
-        check(self.report_to in REPORT_TO, f"--report-to must be {' or '.join(REPORT_TO)}, got {self.report_to!r}.")
-        if self.report_to == "tensorboard":
-            require_tensorboard()  # a missing package stops the run here, before the output folder is touched
-        check(self.resume or not self.extend, "--extend only applies with --resume.")
-
-
-MAX_SEED = 2**63 - 1  # seeds are offset by the epoch and fed to torch and numpy generators, which take 64 bits
-# What defines a run: a resume must keep these (--extend lets epochs and max_steps change). Everything else
-# (logging, checkpoints, workers, progress bar, eval batch size, prompts, top-k, device, precision, memory
-# techniques, cache) may change between segments. The global batch is compared, not its factors: splitting it
-# into another batch size x accumulation x processes trains the same steps on the same masks.
-RUN_SETTINGS = ("model", "tokenizer", "revision", "init", "dataset", "text_column", "chunk_size", "group_size",
-                "train_size", "test_size", "train_splits", "eval_split", "validation_file", "data_seed", "masking",
-                "mlm_probability", "wwm_probability", "global_batch", "lr", "weight_decay", "warmup_steps", "epochs",
-                "max_steps", "max_grad_norm", "seed")
-LENGTH_SETTINGS = ("epochs", "max_steps")
 
 
 @dataclass
@@ -216,6 +105,8 @@ class RunSummary:
 def train(config: TrainConfig) -> RunSummary:
     """Run the whole fine-tuning described by `config`; see the module docstring for the stages."""
     config.validate()
+    if config.report_to == "tensorboard":
+        require_tensorboard()  # a missing package stops the run here, before the output folder is touched
     procs, device = start_processes(config.device)
     if config.cuda_graphs and (device.type != "cuda" or procs.world_size > 1):
         raise MLMError("--cuda-graphs needs one process on a CUDA GPU: drop it, or run on a GPU without torchrun.")
@@ -511,7 +402,7 @@ def build_model(config: TrainConfig, tokenizer: Tokenizer, device: torch.device)
         raise MLMError(f"The tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}: "
                        "use the tokenizer that belongs to --model.")
     model.distilbert.gradient_checkpointing = config.gradient_checkpointing
-    # mlm/lean.py's techniques pay off on the CPU; on a GPU the plain model's SDPA kernels already do their job.
+    # mlm/speed/lean.py's techniques pay off on the CPU; on a GPU the plain model's SDPA kernels already do their job.
     if config.lean == "on" or (config.lean == "auto" and device.type == "cpu"):
         make_lean(model)
     return model.to(device)

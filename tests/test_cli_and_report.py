@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mlm.errors import MLMError
-from mlm.tensorboard_log import TensorBoardLog, require_tensorboard
+from mlm.run.tensorboard_log import TensorBoardLog, require_tensorboard
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "mlm" / "smoke"

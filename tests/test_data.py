@@ -16,9 +16,9 @@ import pytest
 
 import mlm.data as data
 from mlm.data import Chunks, check_chunk_size, load_chunks, split_train_test, tokenize, tokenize_and_chunk
-from mlm.data_cache import default_cache_dir
-from mlm.data_files import find_data_files, load_texts
 from mlm.errors import MLMError
+from mlm.files.data_cache import default_cache_dir
+from mlm.files.data_files import find_data_files, load_texts
 from mlm.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""scripts/evaluate.py and mlm.compare: several models scored on one frozen eval set, side by side."""
+"""scripts/evaluate.py and mlm.cli.compare: several models scored on one frozen eval set, side by side."""
 
 import json
 import runpy
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlm.checkpoint import load_pretrained, save_pretrained
-from mlm.compare import build_eval_set
+from mlm.cli.compare import build_eval_set
 from mlm.data import load_chunks, split_train_test
 from mlm.evaluate import evaluate
+from mlm.files.pretrained import load_pretrained, save_pretrained
 from mlm.fill_mask import fill_mask
 from mlm.masking import freeze_eval_masks
 from mlm.model import DistilBertConfig, DistilBertForMaskedLM

@@ -1,4 +1,4 @@
-"""mlm/host_memory.py: with keep_freed_memory, freed large tensors stay resident and are reused (glibc only).
+"""mlm/speed/host_memory.py: with keep_freed_memory, freed large tensors stay resident and are reused (glibc only).
 
 Each case runs in a fresh interpreter: the setting is process-wide and must not leak into the other tests.
 """
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(
 PROBE = r"""
 import json, resource, sys
 import torch
-from mlm.host_memory import keep_freed_memory
+from mlm.speed.host_memory import keep_freed_memory
 
 applied = keep_freed_memory() if sys.argv[1] == "keep" else None
 

@@ -14,11 +14,11 @@ import yaml
 from hub_server import TOKEN, HubServer, Repo
 from huggingface_hub import ModelCard, metadata_load
 
-from mlm.checkpoint import save_pretrained
 from mlm.errors import MLMError
-from mlm.hub_push import full_repo_id, push_checkpoint, push_folder
+from mlm.files.pretrained import save_pretrained
 from mlm.model import DistilBertConfig, DistilBertForMaskedLM
-from mlm.model_card import render_model_card, write_model_card, write_run_model_card
+from mlm.run.hub_push import full_repo_id, push_checkpoint, push_folder
+from mlm.run.model_card import render_model_card, write_model_card, write_run_model_card
 from mlm.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,7 +217,7 @@ def test_push_honours_hf_endpoint_in_a_fresh_process(hub, run_dir):
     # What a user does: HF_ENDPOINT and HF_TOKEN in the environment, no endpoint passed (read at import).
     env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1",
            "PYTHONPATH": str(ROOT)}
-    code = f"from mlm.hub_push import push_folder; print(push_folder({str(run_dir)!r}, 'me/from-env'))"
+    code = f"from mlm.run.hub_push import push_folder; print(push_folder({str(run_dir)!r}, 'me/from-env'))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"{hub.url}/me/from-env/commit/")

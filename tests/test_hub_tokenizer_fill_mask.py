@@ -10,11 +10,11 @@ import huggingface_hub.constants
 import pytest
 import torch
 
-from mlm.checkpoint import load_pretrained, save_pretrained
 from mlm.errors import MLMError
 from mlm.evaluate import evaluate
+from mlm.files.hub import resolve_repo
+from mlm.files.pretrained import load_pretrained, save_pretrained
 from mlm.fill_mask import fill_mask
-from mlm.hub import resolve_repo
 from mlm.model import DistilBertConfig, DistilBertForMaskedLM
 from mlm.tokenizer import load_tokenizer
 

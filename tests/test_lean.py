@@ -1,12 +1,12 @@
-"""mlm/lean.py: the lean model equals the plain one (forward values, loss, gradients) and keeps less for backward."""
+"""mlm/speed/lean.py: the lean model equals the plain one (forward, loss, gradients) and keeps less for backward."""
 
 import copy
 
 import pytest
 import torch
 
-from mlm.lean import LeanEncoder, is_lean, make_lean
 from mlm.model import DistilBertConfig, DistilBertForMaskedLM
+from mlm.speed.lean import LeanEncoder, is_lean, make_lean
 
 # Both models run the same fp32 operations, except that the lean one computes some matmuls over fewer rows (the
 # last block at the labelled rows), fuses GELU into a custom backward and takes the loss through log_softmax +

@@ -1,10 +1,10 @@
-"""mlm/lean_ops.py: the memory-saving autograd functions give the plain ops' values and gradients."""
+"""mlm/speed/lean_ops.py: the memory-saving autograd functions give the plain ops' values and gradients."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mlm.lean_ops import activation_then_linear, attention_with_dropout, dropout_mask
+from mlm.speed.lean_ops import activation_then_linear, attention_with_dropout, dropout_mask
 
 
 def leaves(*shapes, dtype=torch.float32, seed=0):

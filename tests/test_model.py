@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from mlm.checkpoint import load_pretrained, save_pretrained
 from mlm.errors import MLMError
+from mlm.files.pretrained import load_pretrained, save_pretrained
 from mlm.model import DistilBertConfig, DistilBertForMaskedLM
 from mlm.train import pad_positions
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from mlm.data import concatenate, draw, load_chunks, load_train_eval_chunks, split_train_test
-from mlm.data_files import find_data_files, load_texts
 from mlm.errors import MLMError
+from mlm.files.data_files import find_data_files, load_texts
 from mlm.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,15 +23,15 @@ from huggingface_hub import constants as hub_constants
 from safetensors.torch import load_file, save_file
 from test_train import ROOT, SMOKE, final_weights, records, tiny_run
 
+import mlm.run.checkpoints
 import mlm.train
-import mlm.training_checkpoint
 from mlm.errors import MLMError, run_cli
-from mlm.hub import resolve_repo
+from mlm.files.hub import resolve_repo
 from mlm.model import DistilBertConfig
-from mlm.run_folder import RunFolder
+from mlm.run.checkpoints import MANIFEST_FILE, _restore_rng_states, _write_manifest
+from mlm.run.folder import RunFolder
 from mlm.tokenizer import load_tokenizer
 from mlm.train import train
-from mlm.training_checkpoint import MANIFEST_FILE, _restore_rng_states, _write_manifest
 
 SCRIPT = ROOT / "scripts" / "train.py"
 
@@ -295,10 +295,10 @@ def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
 
 KILL_DRIVER = """
 import json, os, signal, sys
-import mlm.train, mlm.training_checkpoint
+import mlm.train, mlm.run.checkpoints
 from mlm.train import TrainConfig, train
 config, target, n = TrainConfig(**json.loads(sys.argv[1])), sys.argv[2], int(sys.argv[3])
-module = mlm.training_checkpoint if target == "save_file" else mlm.train
+module = mlm.run.checkpoints if target == "save_file" else mlm.train
 real, calls = getattr(module, target), [0]
 def killing(*args, **kwargs):
     result = real(*args, **kwargs)  # for save_file: the checkpoint's optimizer file is written, the rest not yet
@@ -350,14 +350,14 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_the_run_resumes(tmp_path,
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(args[1]))
 
-    real_save = mlm.training_checkpoint.save_file
+    real_save = mlm.run.checkpoints.save_file
     calls = {"n": 0}
 
     def save_or_fail(*args, **kwargs):
         calls["n"] += 1
         return disk_full(*args) if calls["n"] == 2 else real_save(*args, **kwargs)
 
-    monkeypatch.setattr(mlm.training_checkpoint, "save_file", save_or_fail)
+    monkeypatch.setattr(mlm.run.checkpoints, "save_file", save_or_fail)
     with pytest.raises(MLMError, match=r"(?s)checkpoint of step 6.*No space left on device.*step-000004, is intact"):
         train(tiny_run(run))
     monkeypatch.undo()

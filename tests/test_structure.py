@@ -6,22 +6,29 @@ from pathlib import Path
 MLM = Path(__file__).resolve().parents[1] / "mlm"
 
 
-def mlm_imports(path: Path) -> set[str]:
-    """The mlm modules `path` imports (at any depth of the file, lazy imports included)."""
+def module_name(path: Path) -> str:
+    """mlm/run/folder.py -> "run.folder"; mlm/model.py -> "model"."""
+    return ".".join(path.relative_to(MLM).with_suffix("").parts)
+
+
+def mlm_imports(path: Path, modules: set[str]) -> set[str]:
+    """The mlm modules `path` imports (at any depth of the file, lazy imports included), as module names."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            if node.module == "mlm":
-                found |= {alias.name for alias in node.names}
-            elif node.module.startswith("mlm."):
-                found.add(node.module.split(".")[1])
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "mlm":
+            package = node.module.removeprefix("mlm").removeprefix(".")
+            for alias in node.names:  # `from mlm.speed import lean_ops` imports a module; `from mlm.x import f`, x
+                candidate = f"{package}.{alias.name}".lstrip(".")
+                found.add(candidate if candidate in modules else package)
         elif isinstance(node, ast.Import):
-            found |= {alias.name.split(".")[1] for alias in node.names if alias.name.startswith("mlm.")}
-    return found - {path.stem}
+            found |= {alias.name.removeprefix("mlm.") for alias in node.names if alias.name.startswith("mlm.")}
+    return found - {module_name(path), ""}
 
 
 def import_graph() -> dict[str, set[str]]:
-    return {path.stem: mlm_imports(path) for path in sorted(MLM.glob("*.py"))}
+    paths = [path for path in sorted(MLM.rglob("*.py")) if path.name != "__init__.py"]
+    modules = {module_name(path) for path in paths}
+    return {module_name(path): mlm_imports(path, modules) for path in paths}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -53,7 +60,7 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_no_import_cycles_in_mlm():
     graph = import_graph()
-    assert {"model", "train", "lean", "checkpoint", "masking"} <= set(graph)  # the scan sees the package
+    assert {"model", "train", "speed.lean", "files.pretrained", "masking", "run.folder"} <= set(graph)  # all seen
     assert find_cycle(graph) is None
 
 
@@ -61,3 +68,21 @@ def test_the_model_imports_only_shared_definitions():
     graph = import_graph()
     assert graph["model"] <= {"constants", "errors"}
     assert "model" not in graph["masking"]
+
+
+def test_the_run_layer_never_imports_the_loop():
+    """Arrows run one way: the loop calls the run layer (mlm/run/), which gets the settings as data."""
+    graph = import_graph()
+    run_modules = [name for name in graph if name.startswith("run.")]
+    assert run_modules
+    for name in run_modules:
+        assert "train" not in graph[name], f"mlm/{name.replace('.', '/')}.py imports the training loop"
+        assert not {dep for dep in graph[name] if dep.startswith("cli")}, name
+
+
+def test_the_chapter_does_not_depend_on_the_machinery():
+    """model, masking, data and evaluate read on their own: none imports the run layer or the speed layer."""
+    graph = import_graph()
+    for name in ("model", "masking", "data", "evaluate", "optim", "tokenizer", "fill_mask"):
+        machinery = {dep for dep in graph[name] if dep.startswith(("run.", "speed.", "cli."))}
+        assert not machinery, f"mlm/{name}.py imports {sorted(machinery)}"

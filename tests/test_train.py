@@ -16,13 +16,13 @@ import torch
 from safetensors.torch import load_file
 
 import mlm.train
-from mlm.checkpoint import load_pretrained
 from mlm.data import Chunks
 from mlm.errors import MLMError
-from mlm.lean import is_lean
+from mlm.files.pretrained import load_pretrained
 from mlm.masking import MaskingCollator
 from mlm.model import DistilBertConfig, DistilBertForMaskedLM
 from mlm.optim import linear_schedule, weight_decay_groups
+from mlm.speed.lean import is_lean
 from mlm.tokenizer import load_tokenizer
 from mlm.train import StepBatches, StepResult, TrainConfig, train, train_step
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlm.checkpoint import load_config
 from mlm.data import load_texts, split_train_test, tokenize_and_chunk
+from mlm.files.pretrained import load_config
 from mlm.masking import MaskingCollator, freeze_eval_masks
 from mlm.model import DistilBertForMaskedLM
 from mlm.tokenizer import load_tokenizer

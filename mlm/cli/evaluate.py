@@ -18,11 +18,11 @@ from dataclasses import asdict
 
 import torch
 
+from mlm.cli.compare import EvalSet, ModelScore, compare_models
 from mlm.cli.train import add_data_source_flags
-from mlm.compare import EvalSet, ModelScore, compare_models
 from mlm.errors import MLMError, run_cli
-from mlm.hub import set_progress_bars
-from mlm.train import TrainConfig
+from mlm.files.hub import set_progress_bars
+from mlm.settings import TrainConfig
 
 DEFAULT_PROMPT = "This is a great [MASK]."
 

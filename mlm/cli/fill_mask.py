@@ -12,10 +12,10 @@ import argparse
 import json
 from dataclasses import asdict
 
-from mlm.checkpoint import load_pretrained
 from mlm.errors import run_cli
+from mlm.files.hub import set_progress_bars
+from mlm.files.pretrained import load_pretrained
 from mlm.fill_mask import fill_mask
-from mlm.hub import set_progress_bars
 from mlm.tokenizer import load_tokenizer
 
 

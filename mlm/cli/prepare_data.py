@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 from mlm.data import load_chunks, split_train_test
-from mlm.data_cache import default_cache_dir
-from mlm.data_files import DEFAULT_DATASET, SPLITS
 from mlm.errors import MLMError, run_cli
-from mlm.hub import resolve_repo, set_progress_bars
+from mlm.files.data_cache import default_cache_dir
+from mlm.files.data_files import DEFAULT_DATASET, SPLITS
+from mlm.files.hub import resolve_repo, set_progress_bars
 from mlm.tokenizer import TOKENIZER_FILES, tokenizer_from_folder
 
 

@@ -22,8 +22,8 @@ import sys
 from pathlib import Path
 
 from mlm.errors import run_cli
-from mlm.hub import set_progress_bars
-from mlm.hub_push import full_repo_id, push_folder
+from mlm.files.hub import set_progress_bars
+from mlm.run.hub_push import full_repo_id, push_folder
 from mlm.train import TrainConfig, train
 
 SMOKE_DIR = Path(__file__).resolve().parents[1] / "smoke"
@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep only each block's input for backward and recompute the rest: activation memory "
                         "down to about a sixth, steps about 30%% slower (for batches that do not fit otherwise)")
     g.add_argument("--lean", choices=["auto", "on", "off"], default=d.lean,
-                   help="the model variant that keeps less for backward (mlm/lean.py: same values, less memory, "
+                   help="the model variant that keeps less for backward (mlm/speed/lean.py: same values, less memory, "
                         "faster on CPUs); auto: on the CPU, off on GPUs, where the plain model's fused kernels "
                         "do that job (default: %(default)s)")
     g.add_argument("--release-freed-memory", dest="keep_freed_memory", action="store_false",

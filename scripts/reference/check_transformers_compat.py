@@ -12,7 +12,7 @@ import tempfile
 import torch
 from transformers import AutoModelForMaskedLM, pipeline
 
-from mlm.checkpoint import load_config, save_pretrained
+from mlm.files.pretrained import load_config, save_pretrained
 from mlm.fill_mask import fill_mask
 from mlm.model import DistilBertForMaskedLM
 from mlm.tokenizer import load_tokenizer

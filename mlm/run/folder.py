@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from mlm.errors import MLMError
-from mlm.training_checkpoint import list_checkpoints, remove_stale_temporaries
+from mlm.run.checkpoints import list_checkpoints, remove_stale_temporaries
 
 LOCK_FILE = ".lock"
 ASIDE_DIR = ".replaced-run"

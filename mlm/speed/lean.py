@@ -17,7 +17,7 @@ Each technique and what it saves (the README's "Lean training" table has the mea
 Where they pay off: `train()` applies them on the CPU (`TrainConfig.lean = "auto"`, `--lean`). On a GPU the
 plain model runs SDPA's flash and memory-efficient kernels, which recompute attention in backward themselves,
 and F.cross_entropy; `--lean on` applies the techniques there too, to measure them (the CPU attention kernel
-then steps aside for SDPA). The glibc malloc settings, the other CPU technique, live in mlm/host_memory.py.
+then steps aside for SDPA). The glibc malloc settings, the other CPU technique, live in mlm/speed/host_memory.py.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mlm import lean_ops
 from mlm.model import (
     DistilBertForMaskedLM,
     DistilBertModel,
@@ -36,6 +35,7 @@ from mlm.model import (
     TransformerBlock,
     key_mask_from,
 )
+from mlm.speed import lean_ops
 
 
 def make_lean(model: DistilBertForMaskedLM) -> DistilBertForMaskedLM:

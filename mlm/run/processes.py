@@ -1,5 +1,5 @@
 """What a training run needs around the model: processes and devices, precision, the metrics log and Ctrl-C
-handling (the output folder is mlm/run_folder.py's). mlm/train.py uses these; none of them knows about DistilBERT
+handling (the output folder is mlm/run/folder.py's). mlm/train.py uses these; none of them knows about DistilBERT
 or masking."""
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mlm.errors import MLMError
-from mlm.hub import exception_chain
+from mlm.files.hub import exception_chain
 
 # Training checkpoints hold optimizer state (twice the model's size) and are only useful to resume a run;
 # dot files are temporary files of an atomic write in progress.

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from mlm.checkpoint import model_from_state_dict, normal_permissions, read_safetensors, save_pretrained
 from mlm.errors import MLMError
+from mlm.files.pretrained import model_from_state_dict, normal_permissions, read_safetensors, save_pretrained
 from mlm.model import DistilBertConfig, DistilBertForMaskedLM
 
 STATE_FILE = "trainer_state.json"

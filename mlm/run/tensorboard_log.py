@@ -14,7 +14,6 @@ from pathlib import Path
 
 from mlm.errors import MLMError
 
-REPORT_TO = ("none", "tensorboard")
 LOG_DIR = "tensorboard"  # in the output folder, beside metrics.jsonl
 
 # The figures of each kind of record that become curves; the rest (labels, prompts, times) are not numbers to plot.

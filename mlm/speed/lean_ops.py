@@ -16,7 +16,7 @@ the backward pass needs, and each can instead recompute or reuse something cheap
 
 Apart from the attention dropout mask (other random numbers than F.dropout's), the forward values are exactly
 those of the plain ops; the gradients equal plain autograd's up to fp32 rounding (tests/test_lean_ops.py).
-mlm/lean.py puts these functions into the model's modules.
+mlm/speed/lean.py puts these functions into the model's modules.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mlm.errors import MLMError
-from mlm.hub import resolve_repo
+from mlm.files.hub import resolve_repo
 from mlm.model import DistilBertConfig, DistilBertForMaskedLM
 
 CONFIG_FILE = "config.json"

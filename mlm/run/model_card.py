@@ -17,9 +17,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from mlm.checkpoint import atomic_write_text
 from mlm.errors import MLMError
-from mlm.hub import looks_like_path
+from mlm.files.hub import looks_like_path
+from mlm.files.pretrained import atomic_write_text
 
 CARD_FILE = "README.md"
 # Every DistilBERT checkpoint Hugging Face publishes (distilbert-base-uncased, -cased, …) is Apache-2.0, and a
@@ -292,7 +292,7 @@ python scripts/evaluate.py {compare}  # add the run's data flags to score its ow
 ```
 
 ```python
-from mlm.checkpoint import load_pretrained
+from mlm.files.pretrained import load_pretrained
 from mlm.fill_mask import fill_mask
 from mlm.tokenizer import load_tokenizer
 

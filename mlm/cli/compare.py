@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from mlm.checkpoint import load_pretrained
 from mlm.data import load_train_eval_chunks
 from mlm.errors import MLMError
 from mlm.evaluate import EvalResult, evaluate
+from mlm.files.pretrained import load_pretrained
 from mlm.fill_mask import Prediction, fill_mask
 from mlm.masking import freeze_eval_masks
 from mlm.tokenizer import Tokenizer, load_tokenizer

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from mlm.errors import MLMError
-from mlm.hub import resolve_repo
+from mlm.files.hub import resolve_repo
 
 DEFAULT_DATASET = "stanfordnlp/imdb"
 SPLITS = ("train", "test", "unsupervised")
