@@ -223,8 +223,15 @@ def course_arguments(assets: Path, cpu: bool, output_dir: Path) -> list[str]:
 
 
 def read_summary(run: Path) -> dict | None:
-    path = run / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The run record's figures, in the shape of the summary train() returns."""
+    path = run / "run.json"
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    progress, results = record["progress"], record["results"]
+    return {"status": record["status"], "steps": progress["step"], "before": results["before"],
+            "after": results["after"], "train_seconds": progress["train_seconds"],
+            "train_tokens_per_second": progress["train_tokens"] / max(progress["train_seconds"], 1e-9)}
 
 
 def train_records(run: Path, kind: str) -> list[dict]:

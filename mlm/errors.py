@@ -9,6 +9,21 @@ class MLMError(ValueError):
     """Bad input, a missing or corrupt file, an unreachable Hub: something the user can act on."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, SIGTERM or SIGHUP stopped a run; `hint` says how to continue. Scripts exit with 128 + the signal's
+    number, as shells report a process a signal ended: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP."""
+
+    def __init__(self, signal_name: str = "SIGINT", hint: str = ""):
+        super().__init__(signal_name)
+        self.signal_name, self.hint = signal_name, hint
+
+    @property
+    def exit_code(self) -> int:
+        import signal
+
+        return 128 + signal.Signals[self.signal_name].value
+
+
 # What the machine says when it cannot write or read what a run needs: the user's to fix, not a bug.
 USER_ERRNOS = {"ENOSPC", "EDQUOT", "EACCES", "EPERM", "EROFS", "EMFILE", "ENFILE", "EIO", "ENAMETOOLONG"}
 
@@ -31,7 +46,10 @@ def run_cli(main) -> None:
         print(f"error: {err.strerror or err}{where}. Free some space or fix the permissions; a run that saved a "
               "checkpoint continues with --resume latest.", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("error: interrupted (Ctrl-C). A run continues from its last checkpoint with --resume latest; one "
-              "that had saved none left its folder as it found it.", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as err:
+        stop = err if isinstance(err, Interrupted) else Interrupted()
+        hint = stop.hint or ("A run continues from its last checkpoint with --resume latest; one that had saved "
+                             "none left its folder as it found it.")
+        name = "Ctrl-C" if stop.signal_name == "SIGINT" else stop.signal_name
+        print(f"error: interrupted ({name}). {hint}", file=sys.stderr)
+        sys.exit(stop.exit_code)

@@ -1,105 +1,55 @@
 """The fine-tuning loop: the Hugging Face course's MLM run, written out without Trainer or accelerate.
 
-Read top to bottom: the settings (`TrainConfig`), the run (`train`, whose story is `train_in`: `set_up`, then
-`start_run`, then the loop), one optimizer step (`train_step`), the batches (`StepBatches`), then small helpers.
-Processes, devices, precision, the metrics log and Ctrl-C handling are in mlm/run/processes.py; the output folder
-(lock, --overwrite, clean-up) in mlm/run/folder.py.
+Read top to bottom: `train` (the whole run), `fit` (the loop), `train_step` (one optimizer step), the batches
+(`StepBatches`), the schedule, then how the model and the data are built. The settings are `TrainConfig`
+(mlm/settings.py). The output folder, the run record, checkpoints, logs and signals belong to the run layer
+(mlm/run/session.py): the loop calls it at a few named points (`run.log_step`, `run.record_eval`,
+`run.save_checkpoint`, `run.finish`), and it never calls back.
 
     setup      tokenizer, model (pretrained or random), chunks, frozen eval masks, AdamW, precision
     before     perplexity and fill-mask predictions of the starting model
-    each step  this rank's micro-batches (masked on the CPU) -> forward/backward -> clip -> AdamW -> lr
+    each step  the lr, this rank's micro-batches (masked on the CPU) -> forward/backward -> clip -> AdamW
     each epoch perplexity, checkpoint
-    after      fill-mask predictions, the final model in the Hub layout, a summary
+    after      fill-mask predictions, the final model in the Hub layout, the finished run record
 
 Reproducibility. Epoch e visits the training chunks in the order torch.randperm(N, seed + e), as the
 reference's seedable sampler does. The masks of step s in epoch e are drawn from a generator seeded with
 (seed, e, s): they depend neither on DataLoader workers, nor on gradient accumulation or the number of
-processes, nor on whether the run was resumed. Only dropout uses the global RNG, whose state every checkpoint
-stores, so a resumed CPU run ends with the same weights, bit for bit, as an uninterrupted one.
-
-Nothing lost, nothing mixed. The output folder is locked before setup (mlm/run/folder.py), and nothing in it is
-touched until setup has succeeded: every flag, the model, tokenizer, data, prompts and, on resume, the stored
-settings and the checkpoint's checksums are checked first. A resume refuses any change to RUN_SETTINGS.
+processes, nor on whether the run was resumed. Only dropout uses the global RNG, whose state (every process's)
+every checkpoint stores, so a resumed run ends with the same weights, bit for bit, as an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
-import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from mlm.data import Chunks, load_train_eval_chunks
 from mlm.errors import MLMError
 from mlm.evaluate import EvalResult, evaluate
-from mlm.files.pretrained import load_config, load_pretrained, save_pretrained
+from mlm.files.pretrained import load_config, load_pretrained
 from mlm.fill_mask import check_prompts, fill_mask
 from mlm.masking import MaskingCollator, freeze_eval_masks
 from mlm.model import IGNORE_INDEX, DistilBertForMaskedLM
 from mlm.optim import linear_schedule, make_optimizer, set_learning_rate
-from mlm.run.checkpoints import (
-    CheckpointError,
-    Progress,
-    checkpoint_step,
-    list_checkpoints,
-    load_training_checkpoint,
-    newest_good_checkpoint,
-    read_state,
-    save_training_checkpoint,
-    verify_checkpoint,
-)
-from mlm.run.folder import RunFolder
-from mlm.run.model_card import write_run_model_card
-from mlm.run.processes import (
-    MetricsLog,
-    Precision,
-    Processes,
-    StopRequest,
-    all_reduce_sum,
-    any_process,
-    barrier,
-    end_processes,
-    pick_precision,
-    start_processes,
-)
-from mlm.run.tensorboard_log import TensorBoardLog, require_tensorboard
-from mlm.settings import LENGTH_SETTINGS, RUN_SETTINGS, TrainConfig
+from mlm.run.processes import Precision, Processes, all_reduce_sum, pick_precision, start_processes
+from mlm.run.session import Run, RunSummary, open_run
+from mlm.run.tensorboard_log import require_tensorboard
+from mlm.settings import TrainConfig
 from mlm.speed.host_memory import keep_freed_memory
 from mlm.speed.lean import make_lean
 from mlm.tokenizer import Tokenizer, load_tokenizer
 
+__all__ = ["RunSummary", "StepBatches", "StepResult", "TrainConfig", "train", "train_step"]
+
 # Label positions are padded to a multiple of this with --cuda-graphs (see pad_positions).
 CUDA_GRAPH_PADDING = 256
-
-# ---------------------------------------------------------------------------------------------------------------
-# Settings
-
-
-
-
-@dataclass
-class RunSummary:
-    status: str  # "finished" or "interrupted"
-    output_dir: str
-    steps: int
-    before: EvalResult | None  # the starting model's, measured by the run's first segment
-    after: EvalResult | None
-    train_seconds: float  # over all segments of the run
-    train_tokens_per_second: float
-    checkpoint: str | None  # the last checkpoint written, if any
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The run
 
 
 def train(config: TrainConfig) -> RunSummary:
@@ -110,145 +60,77 @@ def train(config: TrainConfig) -> RunSummary:
     procs, device = start_processes(config.device)
     if config.cuda_graphs and (device.type != "cuda" or procs.world_size > 1):
         raise MLMError("--cuda-graphs needs one process on a CUDA GPU: drop it, or run on a GPU without torchrun.")
-    folder = RunFolder.lock(config.output_dir, is_main=procs.is_main)  # a second run on the folder stops here
-    try:
-        return train_in(folder, config, procs, device)
-    except BaseException:
-        folder.abandon()  # before the first checkpoint: the folder goes back to how it was
-        raise
-    finally:
-        folder.release()
+    with open_run(config, procs, device) as run:  # the folder locked; Ctrl-C, SIGTERM, SIGHUP stop cleanly
+        if run.already_finished:
+            return run.nothing_to_do()
+        setup = set_up(config, procs, device)  # every input built and checked; nothing written yet
+        schedule = setup.schedule
+        run.restore(setup.model, setup.optimizer, setup.precision.scaler, tokenizer=setup.tokenizer,
+                    global_batch=schedule.global_batch, total_steps=schedule.total_steps)
+        run.begin(model=setup.model, optimizer=setup.optimizer, scaler=setup.precision.scaler,
+                  tokenizer=setup.tokenizer, precision=setup.precision.name, model_variant=setup.model_variant,
+                  derived=setup.facts())
+        if run.is_new:
+            run.record_eval("before", evaluate_on(setup, config, procs))
+            run.record_fill_mask("before", *predict(setup, config, procs))
+        if fit(run, setup, config, procs, device):
+            return run.stopped()
+        if run.last_eval() is None:  # resumed after the last step's checkpoint, before its eval was recorded
+            run.record_eval("final", evaluate_on(setup, config, procs))
+        run.record_fill_mask("after", *predict(setup, config, procs))
+        return run.finish()
 
 
-def train_in(folder: RunFolder, config: TrainConfig, procs: Processes, device: torch.device) -> RunSummary:
-    """train() once the output folder is locked: setup (nothing written yet), then the run."""
-    setup = set_up(folder, config, procs, device)  # tokenizer, model, data, optimizer, schedule: all checked
-    run = start_run(folder, setup, config, procs, device)  # only now is the output folder written to
-    optimizer, precision, progress, schedule = run.optimizer, run.precision, run.progress, run.schedule
-    if setup.resume_from is None:
-        progress.before = asdict(evaluate_and_log(run, "before"))  # kept in checkpoints for summary.json
-        fill_mask_and_log(run, "before")
-    before = EvalResult(**progress.before) if progress.before else None
-    train_chunks, collator = setup.train_chunks, setup.collator
-
-    # The loop: one optimizer step per global batch, logs every few steps, evals and checkpoints at boundaries.
-    train_model = wrap_for_training(run.model, config, procs, device)
-    meter = Meter(device, seconds=progress.train_seconds, tokens=progress.train_tokens)
-    bar = tqdm(total=schedule.total_steps, initial=progress.global_step, desc="train", unit="step",
-               dynamic_ncols=True, disable=not (procs.is_main and config.progress_bar))
-    after, stopping = None, False
-    with StopRequest() as stop:
-        while progress.global_step < schedule.total_steps and not stopping:
+def fit(run: Run, setup: Setup, config: TrainConfig, procs: Processes, device: torch.device) -> bool:
+    """The loop: one optimizer step per global batch; evals and checkpoints at epoch ends. True if a signal
+    stopped it (after saving a checkpoint)."""
+    progress, schedule, optimizer, precision = run.progress, setup.schedule, setup.optimizer, setup.precision
+    model = wrap_for_training(setup.model, config, procs, device)
+    with run.signals.deferred():  # a signal now lets the step finish and the checkpoint be written
+        while progress.global_step < schedule.total_steps:
             epoch = progress.epoch
-            batches = StepBatches(train_chunks, epoch_order(len(train_chunks), config.seed, epoch), collator,
-                                  batch_size=config.batch_size, grad_accum=config.grad_accum, rank=procs.rank,
-                                  world_size=procs.world_size, seed=config.seed, epoch=epoch,
+            batches = StepBatches(setup.train_chunks, epoch_order(len(setup.train_chunks), config.seed, epoch),
+                                  setup.collator, batch_size=config.batch_size, grad_accum=config.grad_accum,
+                                  rank=procs.rank, world_size=procs.world_size, seed=config.seed, epoch=epoch,
                                   pad_positions_to=CUDA_GRAPH_PADDING if config.cuda_graphs else 1)
-            for micro_cpu, labelled_in_global_batch in make_loader(batches, progress, config, device):
+            for micro_cpu, labelled_in_global_batch in make_loader(batches, progress.step_in_epoch, config, device):
                 lr = config.lr * linear_schedule(progress.schedule_step, warmup_steps=schedule.warmup_steps,
                                                  total_steps=schedule.total_steps)
                 set_learning_rate(optimizer, lr)
-                micro = move_to_device(micro_cpu, device, compiled=config.compile and not config.cuda_graphs)
                 if config.cuda_graphs:
                     torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be reused now
+                micro = move_to_device(micro_cpu, device, compiled=config.compile and not config.cuda_graphs)
                 # DDP averages gradients over processes, so each process weighs by total / world_size.
-                result = train_step(train_model, micro, optimizer,
+                result = train_step(model, micro, optimizer,
                                     labelled_counts=[int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_cpu],
                                     labelled_in_step=labelled_in_global_batch / procs.world_size,
                                     scaler=precision.scaler, autocast_dtype=precision.autocast_dtype,
                                     max_grad_norm=config.max_grad_norm)
-                advance(progress, skipped=result.skipped)
-                meter.add(result.loss, sum(b["input_ids"].numel() for b in micro_cpu) * procs.world_size)
-                bar.update(1)
-
-                finished = progress.global_step >= schedule.total_steps
-                epoch_end = progress.step_in_epoch >= len(batches)
-                log_due = meter.steps >= config.log_every or finished or epoch_end
-                # Every process reaches the same log steps, so they agree there on a stop request (a host sync
-                # under DDP, hence not at every step) and all stop, and checkpoint, at the same step.
-                if log_due or procs.world_size == 1:
-                    stopping = any_process(stop.requested, procs, device)
-                if log_due or stopping:
-                    log_training(run, meter, bar, epoch + progress.step_in_epoch / len(batches), lr, result)
-                if epoch_end:
-                    progress.epoch, progress.step_in_epoch = epoch + 1, 0
+                advance(progress, skipped=result.skipped, steps_in_epoch=len(batches))
+                finished, epoch_end = progress.global_step >= schedule.total_steps, progress.step_in_epoch == 0
+                stop = run.log_step(loss=result.loss, grad_norm=result.grad_norm, skipped=result.skipped, lr=lr,
+                                    tokens=sum(b["input_ids"].numel() for b in micro_cpu) * procs.world_size,
+                                    epoch=progress.epoch + progress.step_in_epoch / len(batches),
+                                    log_now=finished or epoch_end)
                 if config.eval_every and progress.global_step % config.eval_every == 0 and not epoch_end:
-                    after = evaluate_and_log(run, f"step {progress.global_step}")
+                    run.record_eval(f"step {progress.global_step}", evaluate_on(setup, config, procs))
                 if epoch_end or finished:
-                    after = evaluate_and_log(run, f"epoch {epoch + 1}" if epoch_end else "final")
-                if epoch_end or finished or stopping or (
-                        config.save_every and progress.global_step % config.save_every == 0):
-                    save_checkpoint(run, meter)
-                meter.restart_clock()  # the next interval's tokens/s counts training only, not evals or saves
-                if finished or stopping:
-                    break
-    bar.close()
-    return finish(run, meter, before=before, after=after, interrupted=stopping)
+                    run.record_eval(f"epoch {epoch + 1}" if epoch_end else "final", evaluate_on(setup, config, procs))
+                periodic_save = config.save_every and progress.global_step % config.save_every == 0
+                if epoch_end or finished or stop or periodic_save:
+                    run.save_checkpoint()
+                if finished or stop:
+                    return stop
+    return False
 
 
-@dataclass
-class Setup:
-    """Everything a run needs, built and checked before its output folder is touched."""
-
-    resume_from: Path | None
-    precision: Precision
-    tokenizer: Tokenizer
-    model: DistilBertForMaskedLM
-    train_chunks: Chunks
-    eval_set: dict[str, torch.Tensor]  # the frozen eval set: {"input_ids", "labels"} (N, L) int64
-    collator: MaskingCollator
-    optimizer: torch.optim.Optimizer
-    schedule: Schedule
-    progress: Progress
-    changed: dict  # harmless settings changed by a resume: {name: [before, now]}
-
-
-def set_up(folder: RunFolder, config: TrainConfig, procs: Processes, device: torch.device) -> Setup:
-    """Tokenizer, model, data and frozen eval masks, optimizer and schedule; on resume the checkpoint and its
-    settings. Any failure here leaves the output folder as it was."""
-    if device.type == "cpu" and config.keep_freed_memory:
-        keep_freed_memory()  # no page faults per step (README, "CPU runs keep freed memory")
-    resume_from = folder.resume_point(config.resume, config.overwrite)
-    precision = pick_precision(config.precision, device)
-    torch.manual_seed(config.seed)  # random init and dropout; masks and shuffling have their own generators
-    tokenizer = load_tokenizer(config.tokenizer or config.model, revision=None if config.tokenizer else config.revision)
-    model = build_model(config, tokenizer, device)
-    check_prompts(tokenizer, list(config.prompts), top_k=config.top_k,
-                  max_length=model.config.max_position_embeddings)  # used at the end: checked now
-    train_chunks, eval_set = load_data(config, tokenizer, model)
-    collator = MaskingCollator.from_tokenizer(tokenizer, whole_word=config.masking == "wwm",
-                                              mlm_probability=config.mlm_probability,
-                                              wwm_probability=config.wwm_probability)
-    optimizer = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay)
-    schedule = Schedule.of(config, len(train_chunks), procs.world_size)
-    changed = check_resume_settings(resume_from, config, schedule)
-    progress = resume(resume_from, model, optimizer, precision, procs, config.seed)
-    if resume_from is not None and progress.global_step > schedule.total_steps:
-        raise MLMError(f"{resume_from} is at step {progress.global_step}, past the {schedule.total_steps} steps "
-                       "of --epochs/--max-steps: with --extend, give at least as many.")
-    return Setup(resume_from, precision, tokenizer, model, train_chunks, eval_set, collator, optimizer, schedule,
-                 progress, changed)
-
-
-def start_run(folder: RunFolder, setup: Setup, config: TrainConfig, procs: Processes, device: torch.device) -> Run:
-    """Make the output folder ready (the old run aside with --overwrite, later checkpoints gone on resume), open
-    the metrics log and announce the run."""
-    resume_from, progress = setup.resume_from, setup.progress
-    notes = folder.start(overwrite=config.overwrite, resume_from=resume_from)
-    output_dir = folder.path
-    if resume_from is not None:
-        progress.segment += 1
-        notes += discard_later_checkpoints(output_dir, resume_from) if procs.is_main else []
-    barrier(procs)  # nobody writes before rank 0 has made the folder ready
-    run = Run(config, procs, device, setup.precision, output_dir, setup.model, setup.tokenizer, setup.optimizer,
-              progress, eval_shard={k: v[procs.rank :: procs.world_size] for k, v in setup.eval_set.items()},
-              log=MetricsLog(output_dir / "metrics.jsonl", enabled=procs.is_main, segment=progress.segment,
-                             listeners=report_listeners(config, output_dir) if procs.is_main else ()),
-              last_checkpoint=str(resume_from) if resume_from else None, folder=folder, schedule=setup.schedule)
-    for note in notes:
-        run.say(f"note: {note}")
-    announce(run, setup.schedule, resume_from, setup.train_chunks, setup.eval_set, setup.changed)
-    return run
+def advance(progress, *, skipped: bool, steps_in_epoch: int) -> None:
+    """One optimizer step done; a step the fp16 GradScaler skipped does not move the learning-rate schedule."""
+    progress.global_step += 1
+    progress.schedule_step += 0 if skipped else 1
+    progress.step_in_epoch += 1
+    if progress.step_in_epoch == steps_in_epoch:
+        progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -257,7 +139,9 @@ def start_run(folder: RunFolder, setup: Setup, config: TrainConfig, procs: Proce
 
 @dataclass
 class StepResult:
-    loss: torch.Tensor  # () float32 on the device: token-weighted mean loss of the whole global batch
+    # () float32 on the device: this process's share of the global batch's token-weighted mean loss (its
+    # micro-batches weighted by their labelled tokens over the global count); the sum over processes is the mean.
+    loss: torch.Tensor
     grad_norm: torch.Tensor  # () total L2 norm of the gradients before clipping
     skipped: bool  # the fp16 GradScaler found inf/nan gradients and skipped the update
 
@@ -268,7 +152,7 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     *,
     labelled_counts: list[int] | None = None,
-    labelled_in_step: int | None = None,
+    labelled_in_step: float | None = None,
     scaler: torch.amp.GradScaler | None = None,
     autocast_dtype: torch.dtype | None = None,
     max_grad_norm: float | None = 1.0,
@@ -279,7 +163,8 @@ def train_step(
     that of the token mean over the whole global batch, whatever the split into micro-batches or processes.
     `labelled_counts` are the micro-batches' labelled-token counts (pass them when they are known on the
     host, to spare a GPU read-back) and `labelled_in_step` their total over all processes (default: over
-    `micro_batches`). Under DDP, gradients are averaged over processes, so callers pass total / world_size.
+    `micro_batches`). Under DDP, gradients are averaged over processes, so callers pass total / world_size (a
+    float). The learning rate is the caller's to set before the step.
     """
     device_type = micro_batches[0]["input_ids"].device.type
     counts = labelled_counts or [int((batch["labels"] != IGNORE_INDEX).sum()) for batch in micro_batches]
@@ -388,138 +273,29 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
 
 
+def make_loader(batches: StepBatches, first_step: int, config: TrainConfig,
+                device: torch.device) -> torch.utils.data.DataLoader:
+    """The epoch's steps from `first_step` on, masked in `num_workers` worker processes."""
+    return torch.utils.data.DataLoader(
+        batches, batch_size=None, sampler=range(first_step, len(batches)),
+        num_workers=config.num_workers, pin_memory=device.type == "cuda",
+        # Its own generator: creating an iterator must not draw from the global RNG (dropout's).
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+
+
+def move_to_device(micro_cpu: list[dict[str, torch.Tensor]], device: torch.device, *,
+                   compiled: bool) -> list[dict[str, torch.Tensor]]:
+    """The step's micro-batches on `device`; copies from pinned memory do not wait for the GPU."""
+    micro = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in micro_cpu]
+    if compiled:  # the labelled count changes every step: one graph for any count from the start, no recompile
+        for batch in micro:
+            torch._dynamo.mark_dynamic(batch["label_positions"], 0)
+    return micro
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Helpers of train(), in the order it calls them
-
-
-def build_model(config: TrainConfig, tokenizer: Tokenizer, device: torch.device) -> DistilBertForMaskedLM:
-    """The pretrained model, or a random one of the model's config, lean where that pays off, on `device`."""
-    if config.init == "pretrained":
-        model = load_pretrained(config.model, revision=config.revision)
-    else:
-        model = DistilBertForMaskedLM(load_config(config.model, revision=config.revision))
-    if model.config.vocab_size < tokenizer.vocab_size:
-        raise MLMError(f"The tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}: "
-                       "use the tokenizer that belongs to --model.")
-    model.distilbert.gradient_checkpointing = config.gradient_checkpointing
-    # mlm/speed/lean.py's techniques pay off on the CPU; on a GPU the plain model's SDPA kernels already do their job.
-    if config.lean == "on" or (config.lean == "auto" and device.type == "cpu"):
-        make_lean(model)
-    return model.to(device)
-
-
-def load_data(config: TrainConfig, tokenizer: Tokenizer,
-              model: DistilBertForMaskedLM) -> tuple[Chunks, dict[str, torch.Tensor]]:
-    """(the training chunks, the eval chunks masked once: {"input_ids", "labels"} (N, L) int64)."""
-    train_chunks, test_chunks = load_train_eval_chunks(
-        config.dataset, tokenizer, train_splits=config.train_splits, eval_split=config.eval_split,
-        validation_file=config.validation_file, train_size=config.train_size, test_size=config.test_size,
-        seed=config.data_seed, chunk_size=config.chunk_size, group_size=config.group_size,
-        text_column=config.text_column, cache_dir=config.cache_dir,
-        max_position_embeddings=model.config.max_position_embeddings, progress=config.progress_bar)
-    # Token-level eval targets whatever the training masking, so every run is scored on the same tokens.
-    eval_set = freeze_eval_masks(test_chunks.input_ids, mask_token_id=tokenizer.mask_token_id,
-                                 vocab_size=tokenizer.vocab_size, special_token_ids=tokenizer.special_token_ids,
-                                 seed=config.data_seed, mlm_probability=config.mlm_probability)
-    return train_chunks, eval_set
-
-
-def report_listeners(config: TrainConfig, output_dir: Path) -> tuple:
-    """What receives the metrics besides metrics.jsonl (--report-to)."""
-    return (TensorBoardLog(output_dir),) if config.report_to == "tensorboard" else ()
-
-
-def check_resume_settings(resume_from: Path | None, config: TrainConfig, schedule: Schedule) -> dict:
-    """Refuse a resume whose settings would change the run (RUN_SETTINGS), listing every difference; return the
-    harmless changes {name: [before, now]} for the record. Also checks the checkpoint's files (checksums)."""
-    if resume_from is None:
-        return {}
-    verified_or_refused(resume_from)
-    stored = read_state(resume_from).get("settings")
-    args_file = resume_from.parent.parent / "args.json"
-    if stored is None and args_file.is_file():  # a checkpoint of an older mlm: its run's args.json
-        try:
-            stored = json.loads(args_file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise MLMError(f"{args_file} is unreadable ({err}): cannot check the resumed run's settings.") from None
-        if not isinstance(stored, dict):
-            raise MLMError(f"{args_file} does not hold a JSON object: cannot check the resumed run's settings.")
-        stored = {"data_seed": stored.get("seed"), **stored}  # the data seed was the seed then
-        stored["global_batch"] = (stored.get("batch_size", 0) * stored.get("grad_accum", 1)
-                                  * stored.get("world_size", 1))
-    if stored is None:
-        tqdm.write(f"note: {resume_from} records no settings: resuming without checking them.")
-        return {}
-    current = run_settings(config, schedule)
-    differ = [name for name in RUN_SETTINGS if name in stored and _differs(stored[name], current[name])]
-    if config.extend:
-        differ = [name for name in differ if name not in LENGTH_SETTINGS]
-    if differ:
-        def flag(name: str) -> str:
-            return ("the global batch (--batch-size x --grad-accum x processes)" if name == "global_batch"
-                    else f"--{name.replace('_', '-')}")
-        listed = "; ".join(f"{flag(name)} {stored[name]!r} -> {current[name]!r}" for name in differ)
-        hint = (" To train for longer (or shorter), add --extend." if set(differ) & set(LENGTH_SETTINGS) else "")
-        raise MLMError(f"--resume would change the run in {resume_from.parent.parent}: {listed}. Resume with the "
-                       f"run's settings (its args.json lists them), or start a new run in another --output-dir.{hint}")
-    ignored = set(RUN_SETTINGS) | {"resume", "overwrite", "extend"}
-    return {name: [stored[name], value] for name, value in current.items()
-            if name not in ignored and name in stored and _differs(stored[name], value)}
-
-
-def run_settings(config: TrainConfig, schedule: Schedule) -> dict:
-    """The settings a checkpoint stores (JSON-able): every field of `config`, and the global batch."""
-    return {**json.loads(json.dumps(asdict(config))), "global_batch": schedule.global_batch}
-
-
-def _differs(stored, current) -> bool:
-    return json.loads(json.dumps(stored)) != json.loads(json.dumps(current))  # tuples and lists alike
-
-
-def verified_or_refused(checkpoint: Path) -> None:
-    """Check `checkpoint`'s files against its manifest; refuse it naming the newest good checkpoint."""
-    try:
-        verify_checkpoint(checkpoint)
-        read_state(checkpoint)
-    except CheckpointError as err:
-        raise bad_checkpoint(checkpoint, err) from None
-
-
-def bad_checkpoint(checkpoint: Path, err: Exception) -> MLMError:
-    good = newest_good_checkpoint(checkpoint.parent.parent, before_step=checkpoint_step(checkpoint))
-    fix = (f"the newest good checkpoint is {good}: resume with --resume {good}" if good
-           else "no older checkpoint of the run is intact: start again with --overwrite")
-    return MLMError(f"Not resuming from a damaged checkpoint: {err} {fix}, or restore {checkpoint.name} from a copy.")
-
-
-def discard_later_checkpoints(output_dir: Path, resume_from: Path) -> list[str]:
-    """Resuming from an older checkpoint of this folder redoes the steps after it: the checkpoints of those steps
-    belong to the abandoned course, and would pass as the new one's. Return a note for each removed."""
-    step = checkpoint_step(resume_from)
-    if resume_from.resolve().parent != (output_dir / "checkpoints").resolve():
-        return []
-    notes = []
-    for later in list_checkpoints(output_dir):
-        if checkpoint_step(later) > step:
-            shutil.rmtree(later)
-            notes.append(f"removed {later.name}: it follows {resume_from.name}, whose later steps run again now.")
-    return notes
-
-
-def resume(resume_from: Path | None, model: DistilBertForMaskedLM, optimizer: torch.optim.Optimizer,
-           precision: Precision, procs: Processes, seed: int) -> Progress:
-    """Where the run starts: step 0, or the checkpoint's position with weights, optimizer and RNG restored."""
-    progress = Progress()
-    if resume_from is not None:
-        try:
-            progress = load_training_checkpoint(resume_from, model=model, optimizer=optimizer,
-                                                scaler=precision.scaler)
-        except CheckpointError as err:  # e.g. non-finite weights, which no checksum catches
-            raise bad_checkpoint(resume_from, err) from None
-    if procs.rank > 0:
-        # Checkpoints hold rank 0's RNG state; other processes need dropout streams of their own.
-        torch.manual_seed(mask_seed(seed + procs.rank, progress.epoch, progress.global_step))
-    return progress
+# The schedule
 
 
 @dataclass
@@ -544,77 +320,89 @@ class Schedule:
         return cls(global_batch, steps_per_epoch, total, warmup)
 
 
-@dataclass
-class Run:
-    """What the helpers below share about the run in progress."""
+# ---------------------------------------------------------------------------------------------------------------
+# Setup: the model, the data, the optimizer
 
-    config: TrainConfig
-    procs: Processes
-    device: torch.device
+
+@dataclass
+class Setup:
+    """Everything the loop needs, built and checked before the run writes anything."""
+
     precision: Precision
-    output_dir: Path
-    model: DistilBertForMaskedLM
     tokenizer: Tokenizer
+    model: DistilBertForMaskedLM
+    model_variant: str  # which model runs, and why (the run's first lines say it)
+    train_chunks: Chunks
+    eval_set: dict[str, torch.Tensor]  # the frozen eval set: {"input_ids", "labels"} (N, L) int64
+    eval_shard: dict[str, torch.Tensor]  # this process's rows of it
+    collator: MaskingCollator
     optimizer: torch.optim.Optimizer
-    progress: Progress
-    eval_shard: dict[str, torch.Tensor] = field(repr=False)  # this process's share of the frozen eval set
-    log: MetricsLog
-    last_checkpoint: str | None  # the newest checkpoint written or resumed from
-    folder: RunFolder
     schedule: Schedule
 
-    def say(self, message: str) -> None:
-        if self.procs.is_main:
-            tqdm.write(message)
+    def facts(self) -> dict:
+        """What the settings gave, for the run record."""
+        return {"train_chunks": len(self.train_chunks), "eval_chunks": len(self.eval_set["input_ids"]),
+                "eval_tokens": int((self.eval_set["labels"] != IGNORE_INDEX).sum()),
+                "global_batch": self.schedule.global_batch, "steps_per_epoch": self.schedule.steps_per_epoch,
+                "total_steps": self.schedule.total_steps, "warmup_steps": self.schedule.warmup_steps,
+                "parameters": self.model.num_parameters()}
 
 
-def announce(run: Run, schedule: Schedule, resume_from: Path | None, train_chunks: Chunks,
-             eval_set: dict[str, torch.Tensor], changed: dict) -> None:
-    """args.json: the settings and what was derived from them (rewritten by a resume, which may change only
-    harmless settings, or the length with --extend); a `resume` line in metrics.jsonl; a one-line summary."""
-    config, model, procs = run.config, run.model, run.procs
-    if resume_from is not None:
-        run.say(f"Resuming from {resume_from} (epoch {run.progress.epoch + 1}, step {run.progress.global_step}/"
-                f"{schedule.total_steps}).")
-    if not procs.is_main:
-        return
-    eval_chunks = len(eval_set["input_ids"])
-    args = {**asdict(config), "precision_used": run.precision.name, "device_used": str(run.device),
-            "world_size": procs.world_size, "train_chunks": len(train_chunks), "eval_chunks": eval_chunks,
-            "eval_tokens": int((eval_set["labels"] != IGNORE_INDEX).sum()),
-            "steps_per_epoch": schedule.steps_per_epoch, "total_steps": schedule.total_steps,
-            "warmup_steps_used": schedule.warmup_steps, "parameters": model.num_parameters()}
-    (run.output_dir / "args.json").write_text(json.dumps(args, indent=2) + "\n")
-    if resume_from is not None:
-        # Lines of the earlier segments with a larger step were replayed: this segment's supersede them.
-        run.log.write("resume", step=run.progress.global_step, checkpoint=str(resume_from), changed=changed)
-    run.say(f"{model.num_parameters():,} parameters on {run.device} ({run.precision.name}); {len(train_chunks):,} "
-            f"train / {eval_chunks:,} eval chunks of {config.chunk_size}; {schedule.total_steps} steps of "
-            f"{schedule.global_batch} chunks.")
+def set_up(config: TrainConfig, procs: Processes, device: torch.device) -> Setup:
+    """Tokenizer, model, data and frozen eval masks, optimizer and schedule."""
+    if device.type == "cpu" and config.keep_freed_memory:
+        keep_freed_memory()  # no page faults per step (docs/performance.md, "CPU runs keep freed memory")
+    precision = pick_precision(config.precision, device)
+    torch.manual_seed(config.seed)  # random init and dropout; masks and shuffling have their own generators
+    tokenizer = load_tokenizer(config.tokenizer or config.model, revision=None if config.tokenizer else config.revision)
+    model, variant = build_model(config, tokenizer, device)
+    check_prompts(tokenizer, list(config.prompts), top_k=config.top_k,
+                  max_length=model.config.max_position_embeddings)  # used at the end: checked now
+    train_chunks, eval_set = load_data(config, tokenizer, model)
+    collator = MaskingCollator.from_tokenizer(tokenizer, whole_word=config.masking == "wwm",
+                                              mlm_probability=config.mlm_probability,
+                                              wwm_probability=config.wwm_probability)
+    optimizer = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay)
+    schedule = Schedule.of(config, len(train_chunks), procs.world_size)
+    eval_shard = {k: v[procs.rank :: procs.world_size] for k, v in eval_set.items()}
+    return Setup(precision, tokenizer, model, variant, train_chunks, eval_set, eval_shard, collator, optimizer,
+                 schedule)
 
 
-def evaluate_and_log(run: Run, label: str) -> EvalResult:
-    """Perplexity on the frozen eval set (reduced over processes), logged and printed."""
-    all_reduce = partial(all_reduce_sum, procs=run.procs) if run.procs.world_size > 1 else None
-    result = evaluate(run.model, run.eval_shard["input_ids"], run.eval_shard["labels"],
-                      batch_size=run.config.eval_batch_size, autocast_dtype=run.precision.autocast_dtype,
-                      all_reduce=all_reduce)
-    run.log.write("eval", label=label, step=run.progress.global_step, epoch=run.progress.epoch, **asdict(result))
-    run.say(f"[{label}] step {run.progress.global_step}: perplexity {result.perplexity:.3f} "
-            f"(reference-style {result.reference_perplexity:.3f}), loss {result.loss:.4f}, "
-            f"masked-token accuracy {result.accuracy:.2%}")
-    return result
+def build_model(config: TrainConfig, tokenizer: Tokenizer,
+                device: torch.device) -> tuple[DistilBertForMaskedLM, str]:
+    """The pretrained model, or a random one of the model's config, on `device`; and which variant runs."""
+    if config.init == "pretrained":
+        model = load_pretrained(config.model, revision=config.revision)
+    else:
+        model = DistilBertForMaskedLM(load_config(config.model, revision=config.revision))
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise MLMError(f"The tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}: "
+                       "use the tokenizer that belongs to --model.")
+    model.distilbert.gradient_checkpointing = config.gradient_checkpointing
+    variant = "the plain model of mlm/model.py"
+    # mlm/speed/lean.py's modules save memory and time on the CPU; on a GPU the plain model's SDPA kernels do.
+    if config.lean == "on" or (config.lean == "auto" and device.type == "cpu"):
+        make_lean(model)  # same parameters, same values computed
+        why = "--lean auto: the default on a CPU" if config.lean == "auto" else "--lean on"
+        variant = f"mlm/model.py with mlm/speed/lean.py's memory-saving modules ({why}; --lean off runs the plain one)"
+    return model.to(device), variant
 
 
-def fill_mask_and_log(run: Run, label: str) -> None:
-    """The top-k predictions for each prompt (main process only)."""
-    prompts = list(run.config.prompts)
-    if not run.procs.is_main or not prompts:
-        return
-    for prompt, per_mask in zip(prompts, fill_mask(run.model, run.tokenizer, prompts, run.config.top_k)):
-        tokens = [[(p.token, round(p.score, 4)) for p in predictions] for predictions in per_mask]
-        run.log.write("fill_mask", label=label, step=run.progress.global_step, prompt=prompt, predictions=tokens)
-        run.say(f"[{label}] {prompt} -> " + " | ".join(", ".join(f"{t} {s:.3f}" for t, s in m) for m in tokens))
+def load_data(config: TrainConfig, tokenizer: Tokenizer,
+              model: DistilBertForMaskedLM) -> tuple[Chunks, dict[str, torch.Tensor]]:
+    """(the training chunks, the eval chunks masked once: {"input_ids", "labels"} (N, L) int64)."""
+    train_chunks, test_chunks = load_train_eval_chunks(
+        config.dataset, tokenizer, train_splits=config.train_splits, eval_split=config.eval_split,
+        validation_file=config.validation_file, train_size=config.train_size, test_size=config.test_size,
+        seed=config.data_seed, chunk_size=config.chunk_size, group_size=config.group_size,
+        text_column=config.text_column, cache_dir=config.cache_dir,
+        max_position_embeddings=model.config.max_position_embeddings, progress=config.progress_bar)
+    # Token-level eval targets whatever the training masking, so every run is scored on the same tokens.
+    eval_set = freeze_eval_masks(test_chunks.input_ids, mask_token_id=tokenizer.mask_token_id,
+                                 vocab_size=tokenizer.vocab_size, special_token_ids=tokenizer.special_token_ids,
+                                 seed=config.data_seed, mlm_probability=config.mlm_probability)
+    return train_chunks, eval_set
 
 
 def wrap_for_training(model: nn.Module, config: TrainConfig, procs: Processes, device: torch.device) -> nn.Module:
@@ -631,130 +419,19 @@ def wrap_for_training(model: nn.Module, config: TrainConfig, procs: Processes, d
     return model
 
 
-def make_loader(batches: StepBatches, progress: Progress, config: TrainConfig,
-                device: torch.device) -> torch.utils.data.DataLoader:
-    """The epoch's remaining steps (from progress.step_in_epoch on), masked in `num_workers` worker processes."""
-    return torch.utils.data.DataLoader(
-        batches, batch_size=None, sampler=range(progress.step_in_epoch, len(batches)),
-        num_workers=config.num_workers, pin_memory=device.type == "cuda",
-        # Its own generator: creating an iterator must not draw from the global RNG (dropout's).
-        generator=torch.Generator().manual_seed(config.seed),
-    )
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation and fill-mask during the run
 
 
-def move_to_device(micro_cpu: list[dict[str, torch.Tensor]], device: torch.device, *,
-                   compiled: bool) -> list[dict[str, torch.Tensor]]:
-    """The step's micro-batches on `device`; copies from pinned memory do not wait for the GPU."""
-    micro = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in micro_cpu]
-    if compiled:  # the labelled count changes every step: one graph for any count from the start, no recompile
-        for batch in micro:
-            torch._dynamo.mark_dynamic(batch["label_positions"], 0)
-    return micro
+def evaluate_on(setup: Setup, config: TrainConfig, procs: Processes) -> EvalResult:
+    """Perplexity on the frozen eval set, each process scoring its shard, reduced over processes."""
+    all_reduce = partial(all_reduce_sum, procs=procs) if procs.world_size > 1 else None
+    return evaluate(setup.model, setup.eval_shard["input_ids"], setup.eval_shard["labels"],
+                    batch_size=config.eval_batch_size, autocast_dtype=setup.precision.autocast_dtype,
+                    all_reduce=all_reduce)
 
 
-def advance(progress: Progress, *, skipped: bool) -> None:
-    progress.global_step += 1
-    progress.step_in_epoch += 1
-    progress.schedule_step += 0 if skipped else 1  # a step the fp16 GradScaler skipped does not move the schedule
-
-
-class Meter:
-    """Loss, tokens and time since the last log, and the whole run's training time and tokens."""
-
-    def __init__(self, device: torch.device, *, seconds: float = 0.0, tokens: int = 0):
-        self.loss_sum = torch.zeros((), device=device)  # summed on the device: read back once per log interval
-        self.steps = self.tokens = 0
-        self.seconds = 0.0
-        self.train_seconds, self.total_tokens = seconds, tokens  # the run's, earlier segments included
-        self.clock = time.perf_counter()
-
-    def add(self, loss: torch.Tensor, tokens: int) -> None:
-        now = time.perf_counter()
-        self.seconds += now - self.clock
-        self.train_seconds += now - self.clock
-        self.clock = now
-        self.loss_sum += loss
-        self.steps += 1
-        self.tokens += tokens
-        self.total_tokens += tokens
-
-    def restart_clock(self) -> None:
-        """Start timing anew, so that what ran since the last step (eval, checkpoint) is not counted."""
-        self.clock = time.perf_counter()
-
-    def start_interval(self) -> None:
-        self.loss_sum.zero_()
-        self.steps, self.tokens, self.seconds = 0, 0, 0.0
-
-    def tokens_per_second(self) -> float:
-        return self.total_tokens / self.train_seconds if self.train_seconds else 0.0
-
-
-class NonFiniteLoss(MLMError):
-    pass
-
-
-def log_training(run: Run, meter: Meter, bar: tqdm, epoch: float, lr: float, result: StepResult) -> None:
-    """Log the mean loss since the last log (averaged over processes; the only read-back of the loss) and the
-    interval's tokens/s; stop the run if the loss is NaN or infinite."""
-    loss_sum = all_reduce_sum(meter.loss_sum.detach().clone(), run.procs) / run.procs.world_size
-    mean_loss = loss_sum.item() / meter.steps
-    if not math.isfinite(mean_loss):
-        raise non_finite(run, f"The training loss became {mean_loss}")
-    tokens_per_second = meter.tokens / meter.seconds if meter.seconds else 0.0
-    run.log.write("train", step=run.progress.global_step, epoch=epoch, loss=mean_loss, lr=lr,
-                  grad_norm=float(result.grad_norm), tokens_per_second=tokens_per_second, skipped=result.skipped)
-    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}")
-    meter.start_interval()
-
-
-def non_finite(run: Run, what: str) -> NonFiniteLoss:
-    where = (f"the last good checkpoint is {run.last_checkpoint}" if run.last_checkpoint
-             else "no checkpoint was written yet")
-    return NonFiniteLoss(f"{what} by step {run.progress.global_step}; stopping without saving the damaged weights "
-                         f"({where}). Try a lower --lr, --precision bf16 or fp32, or warmup.")
-
-
-def save_checkpoint(run: Run, meter: Meter) -> None:
-    """A resumable checkpoint (main process) of finite weights, then every process waits for it."""
-    # Logs check the loss only every --log-every steps: a save in between must not keep NaN weights.
-    if not math.isfinite(float(meter.loss_sum)):
-        raise non_finite(run, "The training loss became non-finite")
-    if not bool(torch.stack([p.detach().isfinite().all() for p in run.model.parameters()]).all()):
-        raise non_finite(run, "The weights became non-finite")
-    if run.procs.is_main:
-        run.progress.train_seconds, run.progress.train_tokens = meter.train_seconds, meter.total_tokens
-        try:
-            run.last_checkpoint = str(save_training_checkpoint(
-                run.output_dir, model=run.model, optimizer=run.optimizer, scaler=run.precision.scaler,
-                progress=run.progress, tokenizer=run.tokenizer, keep_last=run.config.keep_checkpoints,
-                settings=run_settings(run.config, run.schedule)))
-        except OSError as err:
-            where = (f"the last good checkpoint, {run.last_checkpoint}, is intact: --resume latest continues from it"
-                     if run.last_checkpoint else "no checkpoint was written yet")
-            raise MLMError(f"Could not write the checkpoint of step {run.progress.global_step} in "
-                           f"{run.output_dir / 'checkpoints'}: {err.strerror or err}; {where}. Free some space "
-                           "(or fix the folder's permissions) first.") from None
-        run.folder.commit()
-    barrier(run.procs)
-
-
-def finish(run: Run, meter: Meter, *, before: EvalResult | None, after: EvalResult | None,
-           interrupted: bool) -> RunSummary:
-    """After the loop: fill-mask predictions and the final model (unless interrupted), summary.json, and the end
-    of the process group."""
-    if not interrupted:
-        fill_mask_and_log(run, "after")
-        if run.procs.is_main:
-            save_pretrained(run.model, run.output_dir, tokenizer=run.tokenizer)
-            run.folder.commit()
-    summary = RunSummary(status="interrupted" if interrupted else "finished", output_dir=str(run.output_dir),
-                         steps=run.progress.global_step, before=before, after=after, train_seconds=meter.train_seconds,
-                         train_tokens_per_second=meter.tokens_per_second(), checkpoint=run.last_checkpoint)
-    if run.procs.is_main:
-        (run.output_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
-        if not interrupted:  # README.md, pushed or not: the Hub shows it as the model's page
-            write_run_model_card(run.output_dir, model_id=run.config.hub_model_id or str(run.output_dir))
-    run.log.close()
-    end_processes(run.procs)
-    return summary
+def predict(setup: Setup, config: TrainConfig, procs: Processes) -> tuple[list[str], list]:
+    """(prompts, their top-k predictions per [MASK]): the main process's job."""
+    prompts = list(config.prompts) if procs.is_main else []
+    return prompts, fill_mask(setup.model, setup.tokenizer, prompts, config.top_k) if prompts else []

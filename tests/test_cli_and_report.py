@@ -147,14 +147,14 @@ def test_smoke_reruns_as_is_and_no_progress_silences_every_bar(tmp_path, monkeyp
     monkeypatch.setenv("MLM_CACHE", str(tmp_path / "cache"))
     try:
         main(TINY_SMOKE)
-        first = (tmp_path / "runs" / "smoke" / "summary.json").read_text()
+        first = (tmp_path / "runs" / "smoke" / "run.json").read_text()
         main(TINY_SMOKE)  # its own folder: replaced, not refused
         assert are_progress_bars_disabled()
     finally:
         enable_progress_bars()
     err = capsys.readouterr().err
     assert "%|" not in err and "it/s" not in err  # no tqdm bar: training, tokenizing
-    assert (tmp_path / "runs" / "smoke" / "summary.json").read_text() != first  # times differ: a second run
+    assert (tmp_path / "runs" / "smoke" / "run.json").read_text() != first  # times differ: a second run
     metrics = (tmp_path / "runs" / "smoke" / "metrics.jsonl").read_text()
     assert metrics.count('"label": "before"') == 3  # one run's lines only (one eval, two prompts), not two runs'
 

@@ -39,7 +39,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     # Only rank 0 writes: one line per step, checkpoints once.
     lines = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if r["kind"] == "train"] == list(range(1, 13))
-    assert json.loads((tmp_path / "two" / "args.json").read_text())["world_size"] == 2
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["world_size"] == 2
     # Eval is reduced over both processes' shards: the same token-weighted loss as one process.
     last_eval = {name: [r for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
                         if r["kind"] == "eval"][-1] for name in ("one", "two")}

@@ -160,9 +160,10 @@ def test_a_run_on_the_test_split_is_scored_alike_by_evaluate(corpus, tmp_path, m
                                 epochs=1,
                                 output_dir=str(run), progress_bar=False, lean="off",
                                 train_splits=("train", "unsupervised"), **flags))
-    args = json.loads((run / "args.json").read_text())
-    assert args["eval_split"] == "test" and args["train_splits"] == ["train", "unsupervised"]
-    assert args["eval_chunks"] == 16 and args["train_chunks"] == 64
+    record = json.loads((run / "run.json").read_text())
+    settings = record["settings"]
+    assert settings["eval_split"] == "test" and settings["train_splits"] == ["train", "unsupervised"]
+    assert record["derived"]["eval_chunks"] == 16 and record["derived"]["train_chunks"] == 64
     capsys.readouterr()
     monkeypatch.setattr(sys, "argv", ["evaluate.py", "--model", str(run), "--json", "--eval-batch-size", "8",
                                       "--device", "cpu", "--no-progress", "--train-splits", "train,unsupervised",

@@ -28,8 +28,9 @@ import mlm.train
 from mlm.errors import MLMError, run_cli
 from mlm.files.hub import resolve_repo
 from mlm.model import DistilBertConfig
-from mlm.run.checkpoints import MANIFEST_FILE, _restore_rng_states, _write_manifest
+from mlm.run.checkpoints import MANIFEST_FILE, _write_manifest, restore_legacy_rng_states
 from mlm.run.folder import RunFolder
+from mlm.run.session import compare_settings, settings_as_json
 from mlm.tokenizer import load_tokenizer
 from mlm.train import train
 
@@ -103,7 +104,7 @@ def test_a_finished_run_survives_every_overwrite_typo(tmp_path):
         assert snapshot(run) == before, target
     # A real overwrite replaces it, and leaves nothing of the old run aside.
     summary = train(tiny_run(run, epochs=1, overwrite=True, seed=7))
-    assert summary.status == "finished" and json.loads((run / "args.json").read_text())["seed"] == 7
+    assert summary.status == "finished" and json.loads((run / "run.json").read_text())["settings"]["seed"] == 7
     assert not (run / ".replaced-run").exists() and not (run / ".lock").exists()
 
 
@@ -170,9 +171,9 @@ def test_two_runs_started_together_on_one_folder(tmp_path):
     assert loser_err.startswith("error: ") and loser_err.count("\n") == 1
     assert "is in use by another run (pid" in loser_err or "already holds a run" in loser_err
     # The folder holds the winner's run only: its settings, and checkpoints that say so.
-    assert json.loads((tmp_path / "run" / "args.json").read_text())["seed"] == winner
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["seed"] == winner
     for checkpoint in (tmp_path / "run" / "checkpoints").iterdir():
-        assert json.loads((checkpoint / "trainer_state.json").read_text())["settings"]["seed"] == winner
+        assert json.loads((checkpoint / "run.json").read_text())["settings"]["seed"] == winner
 
 
 # ---------------------------------------------------------------- resume: settings, length, records
@@ -202,8 +203,8 @@ def test_resume_refuses_every_change_to_the_run_and_allows_harmless_ones(tmp_pat
         train(tiny_run(run, resume="latest", seed=7, lr=1e-3))
     # Same global batch in another split: the same run (the masks are drawn per global batch).
     split = tiny_run(run, resume="latest", batch_size=8, grad_accum=2)
-    changed = mlm.train.check_resume_settings(run / "checkpoints" / "step-000005", split,
-                                              mlm.train.Schedule.of(split, 96, 1))
+    stored = json.loads((run / "checkpoints" / "step-000005" / "run.json").read_text())["settings"]
+    changed = compare_settings(stored, {**settings_as_json(split), "global_batch": 16}, extend=False, where=run)
     assert changed == {"batch_size": [16, 8], "grad_accum": [1, 2]}
     # Harmless settings change freely, and the run ends as if never interrupted.
     harmless = dict(log_every=3, num_workers=1, eval_batch_size=8, top_k=3, prompts=("the [MASK] .",), save_every=5,
@@ -226,11 +227,12 @@ def test_extend_recomputes_the_schedule_and_records_stay_complete(tmp_path):
     lrs = [r["lr"] for r in records(run, "train")]
     assert lrs[6:] == [2e-3 * mlm.train.linear_schedule(k, warmup_steps=2, total_steps=12) for k in range(6, 12)]
     assert [r["segment"] for r in records(run, "train")] == [0] * 6 + [1] * 6
-    # summary.json covers the whole run: the first segment's `before`, both segments' time.
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["before"] == json.loads(json.dumps(first.before.__dict__))
-    assert summary["train_seconds"] > first.train_seconds
-    assert json.loads((run / "args.json").read_text())["epochs"] == 2
+    # The record covers the whole run: the first segment's `before`, both segments' time.
+    record = json.loads((run / "run.json").read_text())
+    assert record["results"]["before"] == json.loads(json.dumps(first.before.__dict__))
+    assert record["progress"]["train_seconds"] > first.train_seconds
+    assert [s["end"] for s in record["segments"]] == ["finished", "finished"] and record["status"] == "finished"
+    assert json.loads((run / "run.json").read_text())["settings"]["epochs"] == 2
 
 
 # ---------------------------------------------------------------- checkpoints: checksums and finite values
@@ -284,7 +286,12 @@ def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
 
     mlm_model = []
     real_build = mlm.train.build_model
-    monkeypatch.setattr(mlm.train, "build_model", lambda *a: mlm_model.append(real_build(*a)) or mlm_model[-1])
+    def build_and_keep(*args):
+        built = real_build(*args)
+        mlm_model.append(built[0])
+        return built
+
+    monkeypatch.setattr(mlm.train, "build_model", build_and_keep)
     on_call(monkeypatch, mlm.train, "train_step", 3, poison)
     with pytest.raises(MLMError, match="became non-finite by step 4.*no checkpoint was written yet"):
         train(tiny_run(tmp_path / "run", log_every=5, save_every=4, prompts=()))
@@ -323,7 +330,7 @@ def child_env() -> dict:
 @pytest.mark.parametrize("target, n", [
     ("train_step", 9),  # mid-epoch, one step after a checkpoint
     ("save_file", 2),  # inside the write of the second checkpoint (step 6): a half-written temporary folder
-    ("evaluate_and_log", 1),  # before the first checkpoint: the folder restarts with --overwrite
+    ("evaluate_on", 1),  # before the first checkpoint: the folder restarts with --overwrite
 ])
 def test_kill_9_then_resume_gives_the_same_weights(tmp_path, straight, target, n):
     run = tmp_path / "run"
@@ -333,7 +340,7 @@ def test_kill_9_then_resume_gives_the_same_weights(tmp_path, straight, target, n
     assert (run / ".lock").is_file()  # left behind by the dead process
     if target == "save_file":
         assert [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
-    if target == "evaluate_and_log":
+    if target == "evaluate_on":
         with pytest.raises(MLMError, match="never saved a checkpoint.*--overwrite"):
             train(tiny_run(run, resume=None))
         summary = train(tiny_run(run, overwrite=True))
@@ -439,7 +446,7 @@ def test_files_get_normal_permissions_and_cuda_rng_states_numeric_order(tmp_path
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 12)
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
     states = {f"rng.cuda.{i}": torch.full((1,), i, dtype=torch.uint8) for i in range(12)}
-    _restore_rng_states({"rng.cpu": torch.get_rng_state(), **states})
+    restore_legacy_rng_states({"rng.cpu": torch.get_rng_state(), **states})
     assert [int(s) for s in restored] == list(range(12))
 
 

@@ -68,13 +68,17 @@ def test_tiny_model_learns_and_writes_a_complete_run(tmp_path):
 
     assert summary.status == "finished" and summary.steps == 18
     assert summary.after.perplexity < 0.5 * summary.before.perplexity
-    for name in ("args.json", "metrics.jsonl", "summary.json", "config.json", "model.safetensors", "tokenizer.json",
+    for name in ("run.json", "metrics.jsonl", "config.json", "model.safetensors", "tokenizer.json",
                  "tokenizer_config.json"):
         assert (run / name).is_file(), name
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000016", "step-000018"]  # keep 2
 
-    args = json.loads((run / "args.json").read_text())
-    assert args["lr"] == 2e-3 and args["total_steps"] == 18 and args["train_chunks"] == 96
+    record = json.loads((run / "run.json").read_text())
+    assert record["status"] == "finished" and record["progress"]["step"] == 18
+    assert record["settings"]["lr"] == 2e-3 and record["derived"]["total_steps"] == 18
+    assert record["derived"]["train_chunks"] == 96
+    assert record["results"]["after"]["perplexity"] == summary.after.perplexity
+    assert [e["label"] for e in record["results"]["evals"]] == ["before", "epoch 1", "epoch 2", "epoch 3"]
     train_lines = records(run, "train")
     assert [r["step"] for r in train_lines] == list(range(1, 19))
     assert all(r["loss"] > 0 and r["tokens_per_second"] > 0 and r["grad_norm"] > 0 for r in train_lines)
@@ -239,7 +243,8 @@ def test_invalid_settings_are_refused(tmp_path, field, value, message):
 @pytest.mark.parametrize("lean, expected", [("auto", True), ("on", True), ("off", False)])
 def test_lean_setting_picks_the_model_variant_on_the_cpu(tmp_path, lean, expected):
     config = tiny_run(tmp_path / "run", lean=lean)
-    model = mlm.train.build_model(config, load_tokenizer(SMOKE), torch.device("cpu"))
+    model, variant = mlm.train.build_model(config, load_tokenizer(SMOKE), torch.device("cpu"))
+    assert ("lean.py" in variant) == expected  # the run's first lines say which model runs
     assert is_lean(model) == expected
     assert list(model.state_dict()) == list(DistilBertForMaskedLM(model.config).state_dict())
 

@@ -38,7 +38,7 @@ def test_smoke_run_pushes_model_and_card(tmp_path):
         assert repo.files == local and "model.safetensors" in local and "README.md" in local
         meta = yaml.safe_load(local["README.md"].decode().split("---\n")[1])
         assert meta["model-index"][0]["name"] == "smoke-imdb" and "fill-mask" in meta["tags"]
-        after = json.loads(local["summary.json"])["after"]["perplexity"]
+        after = json.loads(local["run.json"])["results"]["after"]["perplexity"]
         metrics = meta["model-index"][0]["results"][0]["metrics"]
         assert metrics[0] == {"type": "perplexity", "value": round(after, 4), "name": "Perplexity"}
         assert 'model="me/smoke-imdb"' in local["README.md"].decode()

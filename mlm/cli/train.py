@@ -13,7 +13,8 @@ Examples (mlm-train is `python scripts/train.py` in a checkout):
   mlm-train --resume latest                         # continue an interrupted run
   torchrun --nproc_per_node 4 -m mlm.cli.train --batch-size 16   # 4 processes (DDP), global batch 64
 
-Ctrl-C (or SIGTERM) saves a checkpoint and exits; --resume latest continues from it.
+Ctrl-C, SIGTERM or SIGHUP saves a checkpoint and exits (130, 143, 129); `mlm-train --resume latest --output-dir DIR`
+continues with the settings recorded in DIR/run.json.
 """
 
 import argparse
@@ -21,10 +22,12 @@ import os
 import sys
 from pathlib import Path
 
-from mlm.errors import run_cli
+from mlm.errors import Interrupted, run_cli
 from mlm.files.hub import set_progress_bars
 from mlm.run.hub_push import full_repo_id, push_folder
-from mlm.train import TrainConfig, train
+from mlm.run.session import resume_command, resumed_settings
+from mlm.settings import TrainConfig
+from mlm.train import train
 
 SMOKE_DIR = Path(__file__).resolve().parents[1] / "smoke"
 # A tiny random model (2 layers, dim 64) and 600 short synthetic reviews shipped in mlm/smoke/.
@@ -116,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DataLoader worker processes preparing masked batches (default: %(default)s)")
 
     g = p.add_argument_group("output, logging and checkpoints")
-    g.add_argument("--output-dir", default=d.output_dir, help="run folder: metrics.jsonl, args.json, checkpoints/, "
-                   "and the final model + tokenizer in the Hub layout (default: %(default)s)")
+    g.add_argument("--output-dir", default=d.output_dir, help="run folder: run.json (the run record), metrics.jsonl, "
+                   "checkpoints/, and the final model + tokenizer in the Hub layout (default: %(default)s)")
     g.add_argument("--log-every", type=int, default=d.log_every,
                    help="steps between metrics.jsonl train lines (default: %(default)s)")
     g.add_argument("--eval-every", type=int, default=d.eval_every,
@@ -127,9 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
                    help="how many of the newest checkpoints to keep (default: %(default)s)")
     g.add_argument("--resume", nargs="?", const="latest", default=d.resume,
-                   help="continue a run: 'latest' (the default when given alone) or a checkpoint folder. Settings "
-                        "that change the run (data, model, masking, optimisation, schedule, seeds) must be the "
-                        "run's; logging, workers, eval batch size, prompts and the like may change")
+                   help="continue a run: 'latest' (the default when given alone) or a checkpoint folder. The run's "
+                        "settings come from its record (run.json): no other flag is needed. Flags that change the "
+                        "run (data, model, masking, optimisation, schedule, seeds) are refused; logging, workers, "
+                        "eval batch size, prompts and the like may change")
     g.add_argument("--extend", action="store_true",
                    help="with --resume: allow a new --epochs or --max-steps; the linear decay is recomputed over the "
                         "new total, from the step the run is at")
@@ -172,6 +176,18 @@ def add_data_source_flags(g: argparse._ArgumentGroup, d: TrainConfig) -> None:
                    help="draw the eval chunks from this .parquet/.jsonl/.csv/.txt file instead")
 
 
+def given_flags(argv: list[str]) -> dict:
+    """The settings typed on the command line, without the defaults (nor --smoke's)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    given = vars(parser.parse_args(argv))
+    given.pop("smoke", None)
+    if "prompts" in given:
+        given["prompts"] = tuple(given["prompts"])
+    return given
+
+
 def split_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -185,7 +201,11 @@ def main(argv: list[str] | None = None) -> None:
     args = vars(parser.parse_args(argv))
     args.pop("smoke")
     args["prompts"] = tuple(args["prompts"] or TrainConfig.prompts)
-    if smoke and not args["resume"] and args["output_dir"] == SMOKE["output_dir"]:
+    if args["resume"]:
+        # A resume continues with the run's recorded settings; only the flags typed now change them.
+        given = given_flags(argv)
+        args.update(resumed_settings(args["output_dir"], args["resume"], given))
+    elif smoke and args["output_dir"] == SMOKE["output_dir"]:
         args["overwrite"] = True  # a smoke run is a throwaway: rerunning it replaces the last one
     set_progress_bars(args["progress_bar"])
     pushes = args["push_to_hub"] and int(os.environ.get("RANK", 0)) == 0
@@ -195,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = train(TrainConfig(**args))
     print_summary(summary)
     if summary.status == "interrupted":
-        sys.exit(130)
+        sys.exit(Interrupted(summary.stopped_by or "SIGINT").exit_code)
     if pushes:
         print(f"Pushed to {push_folder(summary.output_dir, args['hub_model_id'], private=args['hub_private'])}")
 
@@ -215,7 +235,7 @@ def print_summary(summary) -> None:
     width = max(len(name) for name, _ in rows)
     print("\n".join(f"{name:<{width}}  {value}" for name, value in rows))
     if summary.status == "interrupted":
-        print(f"Continue with: mlm-train --resume latest --output-dir {summary.output_dir} (same flags)")
+        print(f"Continue with: {resume_command(Path(summary.output_dir), int(os.environ.get('WORLD_SIZE', 1)))}")
 
 
 def run() -> None:

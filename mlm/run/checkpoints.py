@@ -3,9 +3,10 @@
 A checkpoint is a folder `<output_dir>/checkpoints/step-000123/` holding
 
     config.json, model.safetensors, tokenizer files   the model, in the Hub layout (fill_mask.py can load it)
-    optimizer.safetensors                             AdamW's moment estimates and step counts, the RNG states
-    trainer_state.json                                position in the run, param-group settings, GradScaler,
-                                                      the run's records so far (perplexity before, time, tokens)
+    optimizer.safetensors                             AdamW's moment estimates and step counts, and every
+                                                      process's dropout RNG states
+    trainer_state.json                                position in the run, param-group settings, GradScaler
+    run.json                                          the run record as of this step (mlm/run/record.py)
     manifest.json                                     size and sha256 of every other file, written last
 
 Nothing is pickled: tensors go to safetensors, everything else to JSON. A checkpoint is first written to a
@@ -35,8 +36,10 @@ from mlm.model import DistilBertConfig, DistilBertForMaskedLM
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 MANIFEST_FILE = "manifest.json"
+RECORD_COPY = "run.json"  # mlm.run.record.RECORD_FILE
 CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
 TMP_PREFIX = ".tmp-"
+LEGACY_PROGRESS_KEYS = {"train_seconds", "train_tokens", "before", "segment"}  # now in the run record
 
 
 @dataclass
@@ -47,11 +50,6 @@ class Progress:
     step_in_epoch: int = 0  # steps of `epoch` already done; resuming starts at this batch of its permutation
     global_step: int = 0  # steps done in the whole run
     schedule_step: int = 0  # steps that updated the weights (fp16 steps skipped for inf gradients excluded)
-    # The run's records, carried over resumes so that summary.json covers the whole run.
-    train_seconds: float = 0.0  # training time of all segments so far
-    train_tokens: int = 0  # tokens trained on so far
-    before: dict | None = None  # the starting model's evaluation (mlm.evaluate.EvalResult as a dict)
-    segment: int = 0  # 0 in the run's first process, k after its k-th resume
 
 
 def checkpoint_dir(output_dir: Path) -> Path:
@@ -67,10 +65,11 @@ def save_training_checkpoint(
     progress: Progress,
     tokenizer=None,
     keep_last: int | None = None,
-    settings: dict | None = None,
+    rng_states: dict[str, torch.Tensor],
+    record_json: str,
 ) -> Path:
     """Write step-<global_step>/ atomically, then delete all but the newest `keep_last` checkpoints.
-    `settings` (JSON-able) are stored with it: the run's settings, which a resume compares with its own."""
+    `rng_states` are every process's (mlm.run.processes.gather_rng_states); `record_json` is the run record."""
     root = checkpoint_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{progress.global_step:06d}"
@@ -81,15 +80,15 @@ def save_training_checkpoint(
         normal_permissions(tmp, directory=True)  # mkdtemp makes it private (0700); a run's files are not
         save_pretrained(model, tmp, tokenizer=tokenizer)
         tensors, groups = _optimizer_to_tensors(optimizer)
-        tensors.update(_rng_states())
+        tensors.update(rng_states)
         save_file(tensors, tmp / OPTIMIZER_FILE)
         state = {
             "progress": asdict(progress),
             "param_groups": groups,
             "grad_scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-            "settings": settings,
         }
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        (tmp / RECORD_COPY).write_text(record_json)
         _write_manifest(tmp)
         os.replace(tmp, final)
     except BaseException:
@@ -126,8 +125,9 @@ def load_training_checkpoint(
     model: DistilBertForMaskedLM,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
-) -> Progress:
-    """Restore model weights, optimizer, GradScaler and RNG states from `path` in place; return the position."""
+) -> tuple[Progress, dict[str, torch.Tensor]]:
+    """Restore model weights, optimizer and GradScaler from `path` in place; return the position and the
+    checkpoint's RNG states (each process restores its own: mlm.run.processes.restore_rng_state)."""
     path = Path(path)
     state = read_state(path)
     saved = model_from_state_dict(
@@ -148,8 +148,9 @@ def load_training_checkpoint(
     optimizer.load_state_dict(_optimizer_from_tensors(tensors, state["param_groups"]))
     if scaler is not None and state["grad_scaler"] is not None:
         scaler.load_state_dict(state["grad_scaler"])
-    _restore_rng_states(tensors)
-    return Progress(**state["progress"])
+    known = {f.name for f in fields(Progress)}  # older checkpoints also kept time and tokens here
+    rng = {name: tensor for name, tensor in tensors.items() if name.startswith("rng.")}
+    return Progress(**{k: v for k, v in state["progress"].items() if k in known}), rng
 
 
 class CheckpointError(MLMError):
@@ -165,7 +166,7 @@ def read_state(path: Path) -> dict:
         state = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{file} is unreadable ({err}).") from None
-    progress_keys = {f.name for f in fields(Progress)}
+    progress_keys = {f.name for f in fields(Progress)} | LEGACY_PROGRESS_KEYS
     shape_ok = (
         isinstance(state, dict)
         and isinstance(state.get("progress"), dict) and set(state["progress"]) <= progress_keys
@@ -266,16 +267,8 @@ def _optimizer_from_tensors(tensors: dict[str, torch.Tensor], groups: list[dict]
     return {"state": state, "param_groups": groups}
 
 
-def _rng_states() -> dict[str, torch.Tensor]:
-    # Only dropout draws from the global generators (masks have their own, see mlm/train.py); restoring them
-    # makes a resumed CPU run bit-identical to an uninterrupted one.
-    states = {"rng.cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    return states
-
-
-def _restore_rng_states(tensors: dict[str, torch.Tensor]) -> None:
+def restore_legacy_rng_states(tensors: dict[str, torch.Tensor]) -> None:
+    """Checkpoints written before per-process RNG states held rank 0's alone: "rng.cpu", "rng.cuda.<device>"."""
     torch.set_rng_state(tensors["rng.cpu"])
     # Numeric order of the device index: rng.cuda.10 comes after rng.cuda.2.
     cuda_keys = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))

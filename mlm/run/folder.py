@@ -26,7 +26,8 @@ from mlm.run.checkpoints import list_checkpoints, remove_stale_temporaries
 LOCK_FILE = ".lock"
 ASIDE_DIR = ".replaced-run"
 # What marks a folder as holding a run, and what a run writes (moved aside by --overwrite, removed by abandon).
-RUN_FILES = ("args.json", "metrics.jsonl", "summary.json", "checkpoints", "config.json", "model.safetensors")
+RUN_FILES = ("run.json", "metrics.jsonl", "checkpoints", "config.json", "model.safetensors",
+             "args.json", "summary.json")  # the last two: folders of mlm before run records
 OUTPUT_FILES = RUN_FILES + ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "README.md", "tensorboard")
 
 

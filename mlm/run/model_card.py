@@ -152,8 +152,9 @@ def write_run_model_card(output_dir: str | Path, *, model_id: str | None = None,
     fill-mask predictions are the last ones logged for each prompt and label.
     """
     output_dir = Path(output_dir)
-    args = _read_json(output_dir / "args.json")
-    summary = _read_json(output_dir / "summary.json")
+    record = _read_json(output_dir / "run.json")
+    args = {**record.get("settings", {}), **record.get("derived", {}), "world_size": record.get("world_size", 1)}
+    summary = record.get("results", {})
     before, after = summary.get("before"), summary.get("after")
     fill_mask: dict[str, dict[str, dict]] = {"before": {}, "after": {}}
     metrics = output_dir / "metrics.jsonl"

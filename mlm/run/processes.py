@@ -1,20 +1,14 @@
-"""What a training run needs around the model: processes and devices, precision, the metrics log and Ctrl-C
-handling (the output folder is mlm/run/folder.py's). mlm/train.py uses these; none of them knows about DistilBERT
-or masking."""
+"""Processes and devices, precision, and each process's random state: what a run needs around the model.
+None of it knows about DistilBERT or masking."""
 
 from __future__ import annotations
 
 import inspect
-import json
 import os
-import signal
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from mlm.errors import MLMError
 
@@ -86,6 +80,37 @@ def barrier(procs: Processes) -> None:
         dist.barrier()
 
 
+def gather_rng_states(procs: Processes, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every process's dropout generators, for rank 0 to store in a checkpoint: {"rng.rank{r}.cpu": (S,) uint8,
+    "rng.rank{r}.cuda": (S,) uint8 on a GPU}. Each process draws its own dropout masks, so a resume that
+    restored rank 0's state alone would give the other ranks new streams, and other weights."""
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    gathered = {}
+    for kind, state in sorted(states.items()):
+        if procs.world_size == 1:
+            parts = [state]
+        else:  # NCCL moves GPU tensors only; the states are fixed-size byte tensors, the same size on every rank
+            local = state.to(device)
+            parts = [torch.empty_like(local) for _ in range(procs.world_size)]
+            dist.all_gather(parts, local)
+        gathered.update({f"rng.rank{rank}.{kind}": part.cpu() for rank, part in enumerate(parts)})
+    return gathered
+
+
+def restore_rng_state(tensors: dict[str, torch.Tensor], procs: Processes, device: torch.device) -> bool:
+    """Set this process's dropout generators from a checkpoint's tensors; False if it holds none for this rank."""
+    cpu = tensors.get(f"rng.rank{procs.rank}.cpu")
+    if cpu is None:
+        return False
+    torch.set_rng_state(cpu)
+    cuda = tensors.get(f"rng.rank{procs.rank}.cuda")
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
+    return True
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Precision
 
@@ -119,65 +144,3 @@ def _native_bf16() -> bool:
     if "including_emulation" in inspect.signature(torch.cuda.is_bf16_supported).parameters:
         return torch.cuda.is_bf16_supported(including_emulation=False)
     return torch.cuda.is_bf16_supported()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The metrics log
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per line, flushed at once so that `tail -f` and crashes see every line.
-
-    `listeners` (objects with write(kind, **values) and close()) get every record too, e.g. TensorBoard's.
-    """
-
-    def __init__(self, path: Path, enabled: bool, segment: int = 0, listeners: tuple = ()):
-        # segment: 0 for a run's first process, k for its k-th resume; a `resume` line opens each new segment.
-        self.path, self.enabled, self.segment, self.listeners = path, enabled, segment, listeners
-
-    def write(self, kind: str, **values) -> None:
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"kind": kind, "time": round(time.time(), 3), "segment": self.segment,
-                                         **values}) + "\n")
-            for listener in self.listeners:
-                listener.write(kind, **values)
-
-    def close(self) -> None:
-        for listener in self.listeners:
-            listener.close()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Ctrl-C and SIGTERM
-
-
-class StopRequest:
-    """Turns the first Ctrl-C or SIGTERM into a flag the loop checks (then it checkpoints and exits).
-
-    A second Ctrl-C raises KeyboardInterrupt at once, for when even that is too slow.
-    """
-
-    def __init__(self):
-        self.signal_name: str | None = None
-        self._previous = {}
-
-    @property
-    def requested(self) -> bool:
-        return self.signal_name is not None
-
-    def __enter__(self) -> StopRequest:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal_name is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
-        tqdm.write(f"{self.signal_name} received: finishing this step (with several processes: up to the next "
-                   "log step), then saving a checkpoint (Ctrl-C again to abort without saving).")

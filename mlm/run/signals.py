@@ -1,0 +1,54 @@
+"""Ctrl-C, SIGTERM and SIGHUP stop a run cleanly, from its setup to its last write.
+
+Outside the training loop a signal raises `Interrupted` at once: setup has written nothing yet, and the final
+phase writes each file atomically, so the run layer can leave the folder as it was (before the first
+checkpoint) or resumable (after it). Inside the loop (`deferred()`) the first signal only sets a flag: the step
+finishes, a checkpoint is saved and the run stops. A second signal raises at once, for when that is too slow.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+
+from tqdm.auto import tqdm
+
+from mlm.errors import Interrupted
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Signals:
+    def __init__(self):
+        self.received: str | None = None  # the signal that asked the loop to stop
+        self._defer = False
+        self._previous = {}
+
+    def __enter__(self) -> Signals:
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    @contextmanager
+    def deferred(self):
+        """Within this block a first signal sets `received` instead of raising."""
+        self._defer = True
+        try:
+            yield self
+        finally:
+            self._defer = False
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if not self._defer or self.received is not None:
+            raise Interrupted(name)
+        self.received = name
+        tqdm.write(f"{name} received: finishing this step (with several processes: up to the next log step), "
+                   "then saving a checkpoint (Ctrl-C again to stop at once, without saving).")
