@@ -15,7 +15,7 @@ import torch
 from mlm.data import load_train_eval_chunks
 from mlm.errors import MLMError
 from mlm.evaluate import EvalResult, evaluate
-from mlm.files.pretrained import load_pretrained
+from mlm.files.pretrained import check_tokenizer_fits, load_pretrained
 from mlm.fill_mask import Prediction, fill_mask
 from mlm.masking import freeze_eval_masks
 from mlm.tokenizer import Tokenizer, load_tokenizer
@@ -106,9 +106,7 @@ def score_model(
     if eval_set.input_ids.shape[1] > limit:
         raise MLMError(f"{name} takes at most {limit} tokens, but the eval chunks have {eval_set.input_ids.shape[1]}: "
                        f"lower --chunk-size to {limit} or less.")
-    if model.config.vocab_size < tokenizer.vocab_size:
-        raise MLMError(f"{name}'s tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                       f"{model.config.vocab_size}: its folder holds a tokenizer that does not belong to it.")
+    check_tokenizer_fits(model, tokenizer.vocab_size, name)
     model.to(device)
     result = evaluate(model, eval_set.input_ids, eval_set.labels, batch_size=batch_size, autocast_dtype=autocast_dtype)
     predictions = fill_mask(model, tokenizer, list(prompts), top_k=top_k) if prompts else []
