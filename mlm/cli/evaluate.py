@@ -18,6 +18,7 @@ from dataclasses import asdict
 
 import torch
 
+from mlm.cli.args import ArgumentParser
 from mlm.cli.compare import EvalSet, ModelScore, compare_models
 from mlm.cli.train import add_data_source_flags
 from mlm.errors import MLMError, run_cli
@@ -28,7 +29,7 @@ DEFAULT_PROMPT = "This is a great [MASK]."
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", dest="models", action="append", required=True,
                    help="Hub repo id or local model folder; repeat to compare several")
     p.add_argument("--tokenizer", default=None, help="tokenizer repo id or folder for every model, if not their own")

@@ -12,6 +12,7 @@ import argparse
 import json
 from dataclasses import asdict
 
+from mlm.cli.args import ArgumentParser
 from mlm.errors import run_cli
 from mlm.files.hub import set_progress_bars
 from mlm.files.pretrained import check_tokenizer_fits, load_pretrained
@@ -20,7 +21,7 @@ from mlm.tokenizer import load_tokenizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sentences", nargs="+", help="sentences containing at least one [MASK]")
     parser.add_argument("--model", default="distilbert-base-uncased",
                         help="Hub repo id or local model folder (default: %(default)s)")

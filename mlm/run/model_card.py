@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mlm.errors import MLMError
-from mlm.files.hub import looks_like_path
+from mlm.files.hub import names_a_local_path
 from mlm.files.pretrained import atomic_write_text
 
 CARD_FILE = "README.md"
@@ -63,7 +63,7 @@ def is_hub_id(name: str | None) -> bool:
     """
     if not name:
         return False
-    return not (looks_like_path(name) or Path(name).expanduser().exists() or name.count("/") > 1)
+    return not (names_a_local_path(name) or Path(name).expanduser().exists())
 
 
 def default_license(base_model: str | None) -> str:
