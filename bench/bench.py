@@ -53,7 +53,7 @@ from mlm.errors import MLMError
 from mlm.evaluate import evaluate
 from mlm.files.pretrained import load_config
 from mlm.masking import MaskingCollator, mask_tokens, special_tokens_mask
-from mlm.model import IGNORE_INDEX, DistilBertConfig, DistilBertForMaskedLM, estimate_flops_per_token
+from mlm.model import IGNORE_INDEX, DistilBertConfig, DistilBertForMaskedLM
 from mlm.optim import make_optimizer, set_learning_rate
 from mlm.speed.host_memory import keep_freed_memory
 from mlm.speed.lean import make_lean
@@ -548,6 +548,26 @@ def train_probe_main(args: argparse.Namespace) -> int:
     print(json.dumps({"seconds": seconds, "delta_mib": memory.delta_mib, "peak_mib": memory.peak_mib,
                       "labelled_fraction": fraction, **bench.figures}))
     return 0
+
+
+def estimate_flops_per_token(
+    config: DistilBertConfig, seq_len: int, labelled_fraction: float = 1.0, *, last_block_at_labels: bool = True
+) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward, 2 FLOPs per multiply-add).
+
+    Counts the matmuls only: per layer 4·D² (q, k, v, out) + 2·D·F (FFN) weights and 2·L·D for the attention
+    scores and their application; plus the head's D² transform and D·V projection. labelled_fraction < 1
+    counts what the model computes given labels: the head at the labelled fraction of tokens only, and with
+    last_block_at_labels (the lean model, mlm/speed/lean.py) the last block's output projection and feed-forward
+    too. labelled_fraction=1.0 counts the reference's full computation.
+    """
+    d, f, v = config.dim, config.hidden_dim, config.vocab_size
+    every_token = 3 * d * d + 2 * seq_len * d  # q, k, v and attention: every position, every layer
+    selectable = d * d + 2 * d * f  # output projection and feed-forward
+    last_block = labelled_fraction if last_block_at_labels else 1.0
+    layers = config.n_layers * every_token + (config.n_layers - 1 + last_block) * selectable
+    forward_macs = layers + labelled_fraction * (d * d + d * v)
+    return 3 * 2 * forward_macs
 
 
 def executed_flops_per_token(bench: Bench, which: str, labelled_fraction: float, lean: bool) -> float:

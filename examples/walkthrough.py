@@ -27,6 +27,7 @@ import pyarrow.json
 import pyarrow.parquet
 import torch
 
+from mlm.cli.args import ArgumentParser
 from mlm.data import chunk, load_chunks, load_texts, split_train_test, tokenize
 from mlm.errors import MLMError
 from mlm.evaluate import evaluate
@@ -43,11 +44,13 @@ IN_NOTEBOOK = "ipykernel" in sys.modules
 TEXT = "This is a great [MASK]."
 SAMPLE_REVIEWS = range(45, 50)  # the train reviews whose lengths the walkthrough shows
 COURSE_GROUP_SIZE = 1_000  # reviews per `datasets.map(batched=True)` call, the grouping behind the course's counts
+OUTPUT_DIR = "runs/walkthrough"  # its own folder: mlm-train's default folder may hold hours of someone's training
+MARKER = ".mlm-walkthrough"  # written into the output folder: only a folder holding it is the walkthrough's to replace
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     d = TrainConfig()
-    p = argparse.ArgumentParser(description="The Hugging Face course's MLM chapter, step by step, with mlm. "
+    p = ArgumentParser(description="The Hugging Face course's MLM chapter, step by step, with mlm. "
                                             "The defaults are the course's.")
     p.add_argument("--model", default=d.model, help="Hub id or local folder (default: %(default)s)")
     p.add_argument("--init", choices=["pretrained", "random"], default=d.init,
@@ -65,13 +68,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
     p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="(default: %(default)s)")
     p.add_argument("--lr", type=float, default=d.lr, help="(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seeds the init, the shown samples and the training "
+                   "masks (default: %(default)s)")
+    p.add_argument("--data-seed", type=int, default=d.data_seed, help="seeds the train/eval draw and the frozen "
+                   "eval masks, as in mlm-train (default: %(default)s)")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1 … (default: %(default)s)")
     p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default=d.precision,
                    help="(default: %(default)s)")
     p.add_argument("--cache-dir", default=d.cache_dir, help="where tokenized chunks are cached")
-    p.add_argument("--output-dir", default=d.output_dir, help="where the fine-tuned model goes; a previous run "
-                   "there is replaced, as the course's overwrite_output_dir=True (default: %(default)s)")
+    p.add_argument("--output-dir", default=OUTPUT_DIR, help="where the fine-tuned model goes. An earlier "
+                   "walkthrough's output there is replaced (as the course's overwrite_output_dir=True); any other "
+                   "folder that is not empty is refused, so a training run is never lost (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -86,7 +93,19 @@ if not IN_NOTEBOOK:
 
     sys.excepthook = one_line_errors
 
+def output_dir_state(folder: Path) -> str:
+    """"new" (missing or empty), "ours" (an earlier walkthrough's), or MLMError for anything else."""
+    if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
+        return "new"
+    if (folder / MARKER).is_file():
+        return "ours"
+    raise MLMError(f"--output-dir {folder} holds files the walkthrough did not write (a training run?), and it "
+                   "replaces only its own earlier output: pass another --output-dir, or empty that folder yourself.")
+
+
 args = parse_args([] if IN_NOTEBOOK else None)
+output_dir = Path(args.output_dir).expanduser()
+replaces_earlier_walkthrough = output_dir_state(output_dir) == "ours"  # checked now, before minutes of work
 procs, device = start_processes(args.device)  # mlm/run/processes.py: "auto" is the GPU when there is one
 precision = pick_precision(args.precision, device)  # mlm/run/processes.py: bf16/fp16 autocast on GPUs, fp32 on CPUs
 
@@ -328,12 +347,13 @@ for masked, labels in zip(batch["input_ids"], batch["labels"]):
 # deterministic and every model is scored on the same targets.
 
 # %%
+# The draw and the eval masks use --data-seed, as train() does, so the perplexities below are train()'s own.
 train_chunks, test_chunks = split_train_test(lm_chunks, train_size=args.train_size, test_size=args.test_size,
-                                             seed=args.seed)
+                                             seed=args.data_seed)
 say(f"train: {len(train_chunks):,} chunks, test: {len(test_chunks):,} chunks (of {len(lm_chunks):,})")
 eval_set = freeze_eval_masks(test_chunks.input_ids, mask_token_id=tokenizer.mask_token_id,
                              vocab_size=tokenizer.vocab_size, special_token_ids=tokenizer.special_token_ids,
-                             seed=args.seed)
+                             seed=args.data_seed)
 masked_tokens = int((eval_set["labels"] != -100).sum())
 print(f"frozen eval masks: {masked_tokens:,} of {eval_set['labels'].numel():,} tokens to predict")
 
@@ -360,9 +380,11 @@ config = TrainConfig(model=args.model, init=args.init, dataset=args.dataset, chu
                      group_size=args.group_size, train_size=args.train_size, test_size=args.test_size,
                      cache_dir=args.cache_dir, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
                      lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, seed=args.seed,
-                     precision=args.precision, device=args.device, output_dir=args.output_dir, overwrite=True,
-                     prompts=(TEXT,), progress_bar=progress)
+                     data_seed=args.data_seed, precision=args.precision, device=args.device,
+                     output_dir=str(output_dir), overwrite=replaces_earlier_walkthrough, prompts=(TEXT,),
+                     progress_bar=progress)
 summary = train(config)
+(output_dir / MARKER).write_text("written by examples/walkthrough.py, which may replace this folder\n")
 if summary.status != "finished":
     print(f"Training was interrupted; the last checkpoint is {summary.checkpoint}.")
     sys.exit(130)

@@ -10,19 +10,18 @@ checkpoints move both ways:
 with exact (erf) GELU, LayerNorm eps 1e-12, no token types, no final LayerNorm and a vocabulary projector whose
 weight IS the word-embedding matrix (one Parameter) but which has its own bias.
 
-One deliberate difference: given labels, the vocabulary projection runs only at the labelled positions. About
-85% of tokens are unlabelled, and the (tokens x D) @ (D x V) projection is the largest matmul in the model, so
-this saves most of the head's time and never materialises (B, L, V) logits. The loss is the same.
+One deliberate difference: given labels, the vocabulary projection runs only at the labelled positions. Most
+tokens are unlabelled, and the (tokens x D) @ (D x V) projection is the largest matmul in the model, so this
+skips most of the head's work and never materialises (B, L, V) logits. The loss is the same.
 
 Every layer here is a stock PyTorch op. mlm/speed/lean.py swaps some modules for versions that keep less for backward
-(`make_lean`); they compute the same values. Loading and saving live in mlm/files/pretrained.py.
+(`make_lean`); they compute the same values. Reading, checking and writing config.json and the weights live in
+mlm/files/pretrained.py.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -31,21 +30,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mlm.constants import IGNORE_INDEX
-from mlm.errors import MLMError
 
-__all__ = ["IGNORE_INDEX", "DistilBertConfig", "DistilBertForMaskedLM", "MLMOutput", "estimate_flops_per_token"]
+__all__ = ["IGNORE_INDEX", "DistilBertConfig", "DistilBertForMaskedLM", "MLMOutput"]
 
 LAYER_NORM_EPS = 1e-12  # the reference's value; torch's default 1e-5 changes the outputs visibly
-# Size keys of other architectures' config.json (BERT, RoBERTa, GPT-2, T5, …). DistilBERT names these dim,
-# n_layers, n_heads and hidden_dim, so a config holding them describes another model, whose sizes would otherwise
-# be silently replaced by DistilBERT's defaults.
-FOREIGN_SIZE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "n_embd",
-                     "n_layer", "n_head", "d_model", "num_layers", "d_ff")
 
 
 @dataclass
 class DistilBertConfig:
-    """The keys of the Hub's config.json that define the network; the defaults are distilbert-base-uncased."""
+    """The config.json keys that define the network (defaults: distilbert-base-uncased); values checked on reading."""
 
     vocab_size: int = 30522
     dim: int = 768
@@ -61,62 +54,6 @@ class DistilBertConfig:
     tie_word_embeddings: bool = True
     # Keys we do not use (qa_dropout, seq_classif_dropout, ...) are kept so that a save writes them back.
     extra: dict = field(default_factory=dict, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.dim % self.n_heads:
-            raise MLMError(f"config: dim={self.dim} is not divisible by n_heads={self.n_heads}.")
-        if self.activation not in ACTIVATIONS:
-            raise MLMError(f"config: activation {self.activation!r} is not supported (use one of {list(ACTIVATIONS)}).")
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim", "max_position_embeddings"):
-            if getattr(self, name) < 1:
-                raise MLMError(f"config: {name} must be a positive integer, got {getattr(self, name)}.")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> DistilBertConfig:
-        values = dict(values)
-        model_type = values.get("model_type")
-        if model_type is not None and model_type != "distilbert":
-            raise MLMError(f"config: model_type is {model_type!r}, but mlm builds DistilBERT only (model_type "
-                           "'distilbert'). Use a DistilBERT model, e.g. distilbert-base-uncased.")
-        foreign = [key for key in FOREIGN_SIZE_KEYS if key in values]
-        if foreign:
-            raise MLMError(f"config: {', '.join(foreign)} belong to another architecture's config.json; DistilBERT's "
-                           "are dim, n_layers, n_heads and hidden_dim. Use a DistilBERT config.")
-        if values.get("sinusoidal_pos_embds"):
-            raise MLMError("config: sinusoidal_pos_embds=true is not supported (distilbert uses learned positions).")
-        # The Hub file predates tie_word_embeddings and spells it "tie_weights_".
-        if "tie_word_embeddings" not in values and "tie_weights_" in values:
-            values["tie_word_embeddings"] = values.pop("tie_weights_")
-        known = {f.name for f in fields(cls)} - {"extra"}
-        config_values = {key: values.pop(key) for key in list(values) if key in known}
-        return cls(**config_values, extra=values)
-
-    @classmethod
-    def from_json_file(cls, path: str | Path) -> DistilBertConfig:
-        try:
-            values = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise MLMError(f"Cannot read the model config {path}: {err}") from None
-        if not isinstance(values, dict):
-            raise MLMError(f"{path} does not hold a JSON object, so it is not a model config.")
-        try:
-            return cls.from_dict(values)
-        except TypeError as err:  # a value of the wrong type reaching a comparison in __post_init__
-            raise MLMError(f"{path}: invalid config value ({err}).") from None
-
-    def to_dict(self) -> dict:
-        """config.json as the reference's save_pretrained writes it, so transformers loads it unchanged."""
-        values = asdict(self)
-        extra = values.pop("extra")
-        extra.pop("tie_weights_", None)
-        return {
-            **extra,
-            **values,
-            "architectures": ["DistilBertForMaskedLM"],
-            "model_type": "distilbert",
-            "sinusoidal_pos_embds": False,
-            "dtype": "float32",
-        }
 
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}  # F.gelu is the exact erf form, as in the reference
@@ -137,9 +74,8 @@ class Embeddings(nn.Module):
         return self.dropout(self.LayerNorm(summed))
 
 
-def attention_math(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, dropout_p: float = 0.0
-) -> torch.Tensor:
+def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+                   dropout_p: float = 0.0) -> torch.Tensor:
     """What F.scaled_dot_product_attention computes, written out (the model calls SDPA, which fuses these steps).
 
     q, k, v (B, H, L, dh); key_mask (B, 1, 1, L) bool, True = attend, or None -> (B, H, L, dh).
@@ -212,8 +148,8 @@ class Transformer(nn.Module):
 def key_mask_from(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     """(B, L) 1 = token, 0 = padding -> (B, 1, 1, L) bool for every query row, or None when nothing is padded.
 
-    An all-ones mask is dropped, as the reference does: the same result, and SDPA keeps its fastest kernels. (The
-    check reads one value back from the GPU; the training loop passes None for its unpadded batches.)
+    An all-ones mask is dropped, as the reference does: the same result, and SDPA keeps its fastest kernels. The
+    check reads one value back from the GPU, so the training loop passes None for its unpadded batches.
     """
     if attention_mask is None or bool(attention_mask.all()):
         return None
@@ -229,17 +165,10 @@ class DistilBertModel(nn.Module):
         # activations shrink to one (B, L, D) tensor per layer plus one block's worth, for ~1 extra forward pass.
         self.gradient_checkpointing = False
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        output_positions: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """input_ids (B, L) int64, attention_mask (B, L) with 1 = token, 0 = padding -> hidden states (B, L, D).
-
-        output_positions (N,) int64, optional: flat positions (b * L + l) whose hidden states are wanted; then
-        -> (N, D), those rows of the (B, L, D) result.
-        """
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                output_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, L) int64, attention_mask (B, L) 1 = token, 0 = padding -> hidden states (B, L, D); with
+        output_positions (N,) int64, flat positions b * L + l, only those rows: (N, D)."""
         key_mask = key_mask_from(attention_mask)
         x = self.embeddings(input_ids)
         for block in self.transformer.layer:
@@ -255,9 +184,7 @@ class DistilBertModel(nn.Module):
 
 class MLMOutput(NamedTuple):
     loss: torch.Tensor | None  # () float32, mean cross-entropy over labelled tokens; None without labels
-    # Without labels: (B, L, V). With labels: (N, V) for the N labelled positions, in row-major position order
-    # (the order of `labels[labels != -100]`).
-    logits: torch.Tensor
+    logits: torch.Tensor  # (B, L, V) without labels; with labels (N, V), the order of labels[labels != -100]
 
 
 class DistilBertForMaskedLM(nn.Module):
@@ -268,7 +195,7 @@ class DistilBertForMaskedLM(nn.Module):
         self.vocab_transform = nn.Linear(config.dim, config.dim)
         self.vocab_layer_norm = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)
         self.vocab_projector = nn.Linear(config.dim, config.vocab_size)
-        # F.cross_entropy summed over the labelled tokens; a module (with no weights) so mlm/speed/lean.py can swap it.
+        # Speed path: a module (no weights), not F.cross_entropy, only so that mlm/speed/lean.py can swap it.
         self.loss_sum = nn.CrossEntropyLoss(reduction="sum")
         self.init_weights()
         self.tie_weights()
@@ -298,13 +225,8 @@ class DistilBertForMaskedLM(nn.Module):
         activation = ACTIVATIONS[self.config.activation]
         return self.vocab_projector(self.vocab_layer_norm(activation(self.vocab_transform(hidden))))
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        label_positions: torch.Tensor | None = None,
-    ) -> MLMOutput:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, label_positions: torch.Tensor | None = None) -> MLMOutput:
         """input_ids (B, L) int64; attention_mask (B, L) 1/0 or None; labels (B, L) int64, -100 = no loss.
 
         Without labels the logits are (B, L, V). With labels only the labelled positions are projected: the
@@ -313,10 +235,9 @@ class DistilBertForMaskedLM(nn.Module):
         with no labelled token has loss 0 (gradients all zero) instead of the reference's NaN.
 
         label_positions (N,) int64, optional: the flat indices (row * L + column) of the labelled positions, in
-        increasing order. It may end with repeats of an unlabelled position (label -100) as padding, so that
-        its length takes few values (CUDA graphs need fixed shapes): those rows add neither loss nor gradient,
-        and the logits then include them. Finding them on the device makes the host wait for the GPU (N sizes the next
-        tensors); the training loop computes them on the CPU with the masks and passes them along.
+        increasing order; the training loop passes them from the CPU, as finding them here makes the host wait
+        for the GPU. Speed path: --cuda-graphs pads them with an unlabelled position (no loss, no gradient; the
+        logits then include its rows) so that N takes few values (mlm/train.py `pad_positions`).
         """
         if labels is None:
             return MLMOutput(loss=None, logits=self.head(self.distilbert(input_ids, attention_mask)))  # (B, L, V)
@@ -334,23 +255,3 @@ class DistilBertForMaskedLM(nn.Module):
     def num_parameters(self) -> int:
         """Trainable parameter count, the tied matrix counted once (parameters() deduplicates it)."""
         return sum(p.numel() for p in self.parameters())
-
-
-def estimate_flops_per_token(
-    config: DistilBertConfig, seq_len: int, labelled_fraction: float = 1.0, *, last_block_at_labels: bool = True
-) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward, 2 FLOPs per multiply-add).
-
-    Counts the matmuls only: per layer 4·D² (q, k, v, out) + 2·D·F (FFN) weights and 2·L·D for the attention
-    scores and their application; plus the head's D² transform and D·V projection. labelled_fraction < 1
-    counts what the model computes given labels: the head at the labelled fraction of tokens only, and with
-    last_block_at_labels (the lean model, mlm/speed/lean.py) the last block's output projection and feed-forward
-    too. labelled_fraction=1.0 counts the reference's full computation.
-    """
-    d, f, v = config.dim, config.hidden_dim, config.vocab_size
-    every_token = 3 * d * d + 2 * seq_len * d  # q, k, v and attention: every position, every layer
-    selectable = d * d + 2 * d * f  # output projection and feed-forward
-    last_block = labelled_fraction if last_block_at_labels else 1.0
-    layers = config.n_layers * every_token + (config.n_layers - 1 + last_block) * selectable
-    forward_macs = layers + labelled_fraction * (d * d + d * v)
-    return 3 * 2 * forward_macs

@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -19,6 +20,8 @@ from mlm.files.pretrained import save_pretrained
 from mlm.model import DistilBertConfig, DistilBertForMaskedLM
 from mlm.run.hub_push import full_repo_id, push_checkpoint, push_folder
 from mlm.run.model_card import render_model_card, write_model_card, write_run_model_card
+from mlm.run.record import RunRecord, write_record
+from mlm.settings import TrainConfig
 from mlm.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +37,9 @@ ARGS = {"model": "distilbert-base-uncased", "init": "pretrained", "dataset": "st
         "batch_size": 64, "grad_accum": 1, "world_size": 1, "lr": 2e-05, "weight_decay": 0.01, "epochs": 3,
         "seed": 42, "precision_used": "bf16", "device_used": "cuda", "train_chunks": 10000, "eval_chunks": 1000,
         "total_steps": 471, "warmup_steps_used": 0, "parameters": 66985530, "prompts": ["This is a great [MASK]."]}
+SETTINGS = {**asdict(TrainConfig()), "global_batch": 64}
+DERIVED = {"train_chunks": 10000, "eval_chunks": 1000, "eval_tokens": 18000, "steps_per_epoch": 157,
+           "total_steps": 471, "warmup_steps": 0, "parameters": 66985530}
 FILL_BEFORE = [{"prompt": "This is a great [MASK].", "predictions": [[["deal", 0.0396], ["success", 0.0237]]]}]
 FILL_AFTER = [{"prompt": "This is a great [MASK].", "predictions": [[["film", 0.1523], ["movie", 0.0994]]]}]
 
@@ -59,14 +65,21 @@ def run_dir(tmp_path, tiny_tokenizer_dir) -> Path:
     save_pretrained(model, folder, tokenizer=tokenizer)
     save_pretrained(model, folder / "checkpoints" / "step-000003", tokenizer=tokenizer)
     (folder / "checkpoints" / "step-000003" / "optimizer.safetensors").write_bytes(b"\0" * 64)
-    (folder / "args.json").write_text(json.dumps(ARGS))
-    (folder / "summary.json").write_text(json.dumps({"status": "finished", "before": BEFORE, "after": AFTER}))
-    lines = [{"kind": "eval", "label": "before", **BEFORE}, {"kind": "eval", "label": "epoch 1", **AFTER},
-             *({"kind": "fill_mask", "label": "before", **r} for r in FILL_BEFORE),
-             *({"kind": "fill_mask", "label": "after", **r} for r in FILL_AFTER)]
-    (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    write_record(folder, finished_record())
     write_run_model_card(folder, model_id="me/tiny-imdb")
     return folder
+
+
+def finished_record(**settings) -> RunRecord:
+    """run.json of a finished run, as train() writes it (mlm/run/record.py)."""
+    results = {"before": BEFORE, "evals": [{"label": "before", "step": 0, "epoch": 0, **BEFORE},
+                                           {"label": "epoch 3", "step": 471, "epoch": 3, **AFTER}],
+               "after": AFTER, "fill_mask": {"before": FILL_BEFORE, "after": FILL_AFTER}}
+    segments = [{"started": "2025-01-01T00:00:00+0000", "ended": "2025-01-01T01:00:00+0000", "from_step": 0,
+                 "to_step": 471, "end": "finished", "device": "cuda", "precision": "bf16", "model_variant": "plain",
+                 "world_size": 1, "changed": {}}]
+    return RunRecord(settings={**SETTINGS, **settings}, derived=DERIVED, world_size=1, status="finished",
+                     results=results, segments=segments)
 
 
 def local_files(folder: Path) -> dict[str, bytes]:
@@ -133,27 +146,70 @@ def test_card_of_a_local_random_run_names_no_hub_repos(tmp_path):
     text = render_model_card(model_id="me/out", args=args, after=AFTER)
     meta = card_metadata(text)
     assert str(tmp_path) not in text  # a public card does not show the trainer's directories
-    assert f"| base model | {tmp_path.name} (local) |" in text and "| dataset | reviews.jsonl (local) |" in text
-    assert "whole-word masking probability" not in text  # a token-masking run does not use it
+    assert f"| configuration of (random init) | {tmp_path.name} (local) |" in text
+    assert "| dataset | reviews.jsonl (local) |" in text
+    assert "whole-word" not in text  # a token-masking run does not use it
     # The Hub rejects base_model/datasets that are not repos, and a random init has no base model.
     assert "base_model" not in meta and "datasets" not in meta
     assert meta["license"] == "other"
-    [result] = meta["model-index"][0]["results"]
-    assert result["dataset"]["name"] == "reviews.jsonl"
-    assert [m["name"] for m in result["metrics"]] == ["Perplexity", "Masked-token accuracy"]
+    assert "reviews.jsonl" not in text.split("---\n")[1]  # local data: prose only, never in the metadata
+    assert "model-index" not in meta and "| perplexity | – | 11.590 |" in text
 
 
-def test_run_card_keeps_the_first_runs_before_figure_after_a_resume(run_dir):
-    # A resumed run's summary.json has before = None; metrics.jsonl still holds the first run's "before" eval.
-    summary = json.loads((run_dir / "summary.json").read_text())
-    (run_dir / "summary.json").write_text(json.dumps({**summary, "before": None}))
-    meta = card_metadata(write_run_model_card(run_dir).read_text())
+def run_card(tmp_path: Path, **settings) -> tuple[str, dict]:
+    folder = tmp_path / "run"
+    folder.mkdir(parents=True)
+    write_record(folder, finished_record(**settings))
+    text = write_run_model_card(folder, model_id="me/run").read_text()
+    return text, card_metadata(text)
+
+
+def test_card_of_a_whole_word_masking_run_gives_the_masking_as_run(tmp_path):
+    text, meta = run_card(tmp_path, masking="wwm", wwm_probability=0.3)
+    body = text.split("---\n", 2)[2]
+    assert "whole-word masking of 30% of the words" in body
+    assert "token masking" not in body and "token masking probability" not in body
+    # Its eval set is token-level all the same (mlm_probability), and the card says so as such.
+    assert "| eval masking | token-level masks on 15% of the tokens, frozen with data seed 42 |" in body
+    assert meta["base_model"] == "distilbert-base-uncased"
+
+
+def test_card_of_a_random_init_run_has_no_base_model(tmp_path):
+    text, meta = run_card(tmp_path, init="random")
+    assert "base_model" not in meta
+    assert "a randomly initialised DistilBERT with the configuration of distilbert-base-uncased" in text
+    assert "trained further" not in text and "| initial weights | random |" in text
+    assert "| base model |" not in text
+
+
+def test_card_of_a_local_dataset_run_names_it_in_the_prose_only(tmp_path):
+    data = tmp_path / "imdb"
+    data.mkdir()  # a local copy of the Hub's layout, named like a Hub dataset
+    text, meta = run_card(tmp_path, dataset=str(data), validation_file=None)
+    metadata = text.split("---\n")[1]
+    assert "datasets" not in meta and "model-index" not in meta and "imdb" not in metadata
+    assert str(tmp_path) not in text and "held-out imdb chunks" in text and "| dataset | imdb (local) |" in text
+    # A Hub dataset with a local --validation-file: the dataset is listed, the results (local data) are not.
+    text, meta = run_card(tmp_path / "b", validation_file=str(tmp_path / "val.jsonl"))
+    assert meta["datasets"] == ["stanfordnlp/imdb"] and "model-index" not in meta and "chunks of val.jsonl" in text
+
+
+def test_card_of_an_eval_split_run_names_that_split(tmp_path):
+    _, meta = run_card(tmp_path, eval_split="test")
+    assert meta["model-index"][0]["results"][0]["dataset"]["split"] == "test"
+
+
+def test_run_card_is_the_record(run_dir):
+    text = (run_dir / "README.md").read_text()
+    meta = card_metadata(text)
     metrics = meta["model-index"][0]["results"][0]["metrics"]
     assert ("Perplexity before fine-tuning", 21.76) in [(m["name"], m["value"]) for m in metrics]
+    assert "| perplexity | 21.760 | 11.590 |" in text and "| film 0.152, movie 0.099 |" in text
+    assert "| precision | bf16 |" in text and "| optimizer steps | 471 |" in text and "`run.json`" in text
 
 
 def test_run_card_needs_a_run_folder(tmp_path):
-    with pytest.raises(MLMError, match="No args.json"):
+    with pytest.raises(MLMError, match="No run.json"):
         write_run_model_card(tmp_path)
 
 
@@ -168,7 +224,7 @@ def test_push_uploads_the_run_byte_for_byte(hub, run_dir):
     assert repo.private and repo.commits == ["Upload model trained with mlm"]
     expected = {name: data for name, data in before.items() if not name.startswith("checkpoints/")}
     assert repo.files == expected  # every file but the checkpoints, byte for byte
-    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md", "args.json"} <= set(repo.files)
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md", "run.json"} <= set(repo.files)
     assert url.startswith(f"{hub.url}/me/tiny-imdb/commit/")
     # model.safetensors went through LFS, the text files as base64 in the commit; the card's YAML was validated.
     assert ("POST", "/me/tiny-imdb.git/info/lfs/objects/batch") in hub.requests
@@ -298,3 +354,16 @@ def test_unreachable_hub_is_one_line(hub, run_dir):
     with pytest.raises(MLMError) as err:
         push_folder(run_dir, "me/tiny-imdb", endpoint=endpoint)
     assert_one_line_and_intact(err, run_dir, before, f"Could not reach the Hub at {endpoint}", "ConnectError")
+
+
+def test_a_folder_written_before_run_json_still_gets_its_card(tmp_path):
+    folder = tmp_path / "old"
+    folder.mkdir()
+    (folder / "args.json").write_text(json.dumps({**ARGS, "masking": "wwm", "wwm_probability": 0.2}))
+    (folder / "summary.json").write_text(json.dumps({"status": "finished", "before": None, "after": AFTER}))
+    lines = [{"kind": "eval", "label": "before", **BEFORE}, *({"kind": "fill_mask", "label": "after", **r}
+                                                              for r in FILL_AFTER)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"cut')
+    text = write_run_model_card(folder).read_text()
+    assert "| perplexity | 21.760 | 11.590 |" in text and "whole-word masking of 20% of the words" in text
+    assert "| film 0.152, movie 0.099 |" in text

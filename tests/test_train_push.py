@@ -37,10 +37,11 @@ def test_smoke_run_pushes_model_and_card(tmp_path):
                  if p.is_file() and "checkpoints" not in p.parts}
         assert repo.files == local and "model.safetensors" in local and "README.md" in local
         meta = yaml.safe_load(local["README.md"].decode().split("---\n")[1])
-        assert meta["model-index"][0]["name"] == "smoke-imdb" and "fill-mask" in meta["tags"]
+        assert "fill-mask" in meta["tags"]
+        # The smoke corpus is a local file: no Hub dataset to name, so no model-index; the prose has the figures.
+        assert "model-index" not in meta and "datasets" not in meta
         after = json.loads(local["run.json"])["results"]["after"]["perplexity"]
-        metrics = meta["model-index"][0]["results"][0]["metrics"]
-        assert metrics[0] == {"type": "perplexity", "value": round(after, 4), "name": "Perplexity"}
+        assert f"{after:.2f}" in local["README.md"].decode()
         assert 'model="me/smoke-imdb"' in local["README.md"].decode()
 
 

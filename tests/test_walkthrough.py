@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "mlm" / "smoke"
 REVIEWS = SMOKE / "reviews.jsonl"
 WALKTHROUGH = ROOT / "examples" / "walkthrough.py"
-TRAIN_SIZE, TEST_SIZE, SEED = 64, 32, 42
+# A --seed other than the --data-seed: the draw and the eval masks must follow --data-seed, as in train().
+TRAIN_SIZE, TEST_SIZE, SEED, DATA_SEED = 64, 32, 7, 42
 
 
 def run_walkthrough(*flags: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -41,6 +42,7 @@ def smoke_run(tmp_path_factory):
     result = run_walkthrough(
         "--model", str(SMOKE), "--init", "random", "--dataset", str(REVIEWS), "--train-size", str(TRAIN_SIZE),
         "--test-size", str(TEST_SIZE), "--batch-size", "32", "--max-steps", "2", "--device", "cpu",
+        "--seed", str(SEED), "--data-seed", str(DATA_SEED),
         "--cache-dir", str(tmp / "cache"), "--output-dir", str(tmp / "out"), "--no-progress", cwd=tmp)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result.stdout, tmp
@@ -110,10 +112,10 @@ def test_the_draw_frozen_masks_perplexities_and_fill_mask(smoke_run, tokenizer, 
     stdout, tmp = smoke_run
     chunks = tokenize_and_chunk(texts, tokenizer, chunk_size=128)
     assert f"'>>> train: {TRAIN_SIZE} chunks, test: {TEST_SIZE} chunks (of {len(chunks)})'" in stdout
-    _, test = split_train_test(chunks, train_size=TRAIN_SIZE, test_size=TEST_SIZE, seed=SEED)
+    _, test = split_train_test(chunks, train_size=TRAIN_SIZE, test_size=TEST_SIZE, seed=DATA_SEED)
     frozen = freeze_eval_masks(test.input_ids, mask_token_id=tokenizer.mask_token_id,
                                vocab_size=tokenizer.vocab_size, special_token_ids=tokenizer.special_token_ids,
-                               seed=SEED)
+                               seed=DATA_SEED)
     assert f"frozen eval masks: {int((frozen['labels'] != -100).sum()):,} of {TEST_SIZE * 128:,} tokens" in stdout
 
     before, after = (float(p) for p in re.findall(r"^'>>> Perplexity: ([\d.]+)'$", stdout, flags=re.M))
@@ -135,3 +137,36 @@ def test_bad_input_is_one_line(tmp_path):
     assert result.returncode != 0
     assert result.stderr.startswith("error: No model.safetensors in ") and result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- the output folder
+
+
+def test_it_marks_its_folder_and_replaces_only_its_own_earlier_output(smoke_run):
+    _, tmp = smoke_run
+    assert (tmp / "out" / ".mlm-walkthrough").is_file()
+    again = run_walkthrough(
+        "--model", str(SMOKE), "--init", "random", "--dataset", str(REVIEWS), "--train-size", str(TRAIN_SIZE),
+        "--test-size", str(TEST_SIZE), "--batch-size", "32", "--max-steps", "1", "--device", "cpu",
+        "--cache-dir", str(tmp / "cache"), "--output-dir", str(tmp / "out"), "--no-progress", cwd=tmp)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp / "out" / ".mlm-walkthrough").is_file() and (tmp / "out" / "model.safetensors").is_file()
+
+
+def test_a_folder_it_did_not_make_is_refused_and_left_alone(tmp_path):
+    run = tmp_path / "distilbert-base-uncased-finetuned-imdb"  # mlm-train's default folder, holding a run
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(b"hours of training")
+    (run / "run.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    result = run_walkthrough("--model", str(SMOKE), "--init", "random", "--dataset", str(REVIEWS),
+                             "--output-dir", str(run), "--cache-dir", str(tmp_path / "cache"), cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: --output-dir {run} holds files the walkthrough did not write")
+    assert result.stderr.count("\n") == 1 and result.stdout == ""  # refused before any work
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_its_default_folder_is_its_own(tmp_path):
+    result = run_walkthrough("--help", cwd=tmp_path)
+    assert result.returncode == 0 and "(default: runs/walkthrough)" in " ".join(result.stdout.split())

@@ -15,9 +15,10 @@ import torch
 from mlm.data import load_train_eval_chunks
 from mlm.errors import MLMError
 from mlm.evaluate import EvalResult, evaluate
-from mlm.files.pretrained import load_pretrained
+from mlm.files.pretrained import check_tokenizer_fits, load_pretrained
 from mlm.fill_mask import Prediction, fill_mask
 from mlm.masking import freeze_eval_masks
+from mlm.speed.lean import make_lean
 from mlm.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -99,16 +100,21 @@ def score_model(
     batch_size: int = 64,
     device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
+    lean: bool = False,
 ) -> ModelScore:
-    """Load model `name` (Hub id or folder), score it on `eval_set` and predict `prompts`' [MASK]s."""
+    """Load model `name` (Hub id or folder), score it on `eval_set` and predict `prompts`' [MASK]s.
+
+    lean: score with mlm/speed/lean.py's modules, as a run that trained lean evaluated itself; the same values up
+    to rounding in the last bits, so its recorded perplexity is reproduced exactly.
+    """
     model = load_pretrained(name)
+    if lean:
+        make_lean(model)
     limit = model.config.max_position_embeddings
     if eval_set.input_ids.shape[1] > limit:
         raise MLMError(f"{name} takes at most {limit} tokens, but the eval chunks have {eval_set.input_ids.shape[1]}: "
                        f"lower --chunk-size to {limit} or less.")
-    if model.config.vocab_size < tokenizer.vocab_size:
-        raise MLMError(f"{name}'s tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                       f"{model.config.vocab_size}: its folder holds a tokenizer that does not belong to it.")
+    check_tokenizer_fits(model, tokenizer.vocab_size, name)
     model.to(device)
     result = evaluate(model, eval_set.input_ids, eval_set.labels, batch_size=batch_size, autocast_dtype=autocast_dtype)
     predictions = fill_mask(model, tokenizer, list(prompts), top_k=top_k) if prompts else []
@@ -125,6 +131,7 @@ def compare_models(
     device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
+    lean_models: Sequence[str] = (),
     **eval_set_args,
 ) -> tuple[EvalSet, list[ModelScore]]:
     """Score every model in `names` on one eval set (`build_eval_set`'s keyword arguments), one model at a time.
@@ -140,5 +147,6 @@ def compare_models(
     scores = []
     for name, model_tokenizer in tokenizers:  # one model in memory at a time
         scores.append(score_model(name, eval_set, tokenizer=model_tokenizer, prompts=prompts, top_k=top_k,
-                                  batch_size=batch_size, device=device, autocast_dtype=autocast_dtype))
+                                  batch_size=batch_size, device=device, autocast_dtype=autocast_dtype,
+                                  lean=name in lean_models))
     return eval_set, scores

@@ -1,11 +1,12 @@
 """Score models side by side on the same frozen eval set: perplexity, masked-token accuracy and fill-mask top-k.
 
 Each --model is a Hub repo id or a local folder (config.json, model.safetensors, tokenizer.json), so the base
-model, your runs and published fine-tunes compare alike. The data flags are mlm-train's: with the flags a
-run was trained with, its own eval set is rebuilt and its perplexities are reproduced.
+model, your runs and published fine-tunes compare alike. The data flags are mlm-train's. A --model that is a run
+folder (it holds run.json) brings its eval set: every data flag not given is the run's, so the run's own
+perplexity is reproduced exactly. Runs with different eval sets need the data flags that pick one.
 
 Examples:
-  # the base model against a run of mlm-train (its default --output-dir)
+  # the base model against a run of mlm-train (its default --output-dir), on the run's eval set
   mlm-evaluate --model distilbert-base-uncased --model distilbert-base-uncased-finetuned-imdb
   # a published fine-tune (it needs a model.safetensors: mlm never loads pickled weights)
   mlm-evaluate --model huggingface-course/distilbert-base-uncased-finetuned-imdb
@@ -15,20 +16,32 @@ Examples:
 import argparse
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
+from mlm.cli.args import ArgumentParser, flags_given
 from mlm.cli.compare import EvalSet, ModelScore, compare_models
 from mlm.cli.train import add_data_source_flags
 from mlm.errors import MLMError, run_cli
 from mlm.files.hub import set_progress_bars
+from mlm.run.record import RunRecord, read_record
 from mlm.settings import TrainConfig
 
 DEFAULT_PROMPT = "This is a great [MASK]."
+# The flags that decide the eval set (this parser's dest -> the run record's setting): a run folder's own values
+# fill those not given, and two runs must agree on them.
+EVAL_SET_FLAGS = {"dataset": "dataset", "text_column": "text_column", "train_splits": "train_splits",
+                  "eval_split": "eval_split", "validation_file": "validation_file", "chunk_size": "chunk_size",
+                  "group_size": "group_size", "train_size": "train_size", "test_size": "test_size",
+                  "seed": "data_seed", "mlm_probability": "mlm_probability"}
+# Taken from the first run when not given; they change no target. The eval batch size does change how the
+# per-token losses are summed, so the run's own keeps its perplexity exact to the last bit.
+RUN_DEFAULTS = {"cache_dir": "cache_dir", "eval_batch_size": "eval_batch_size"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", dest="models", action="append", required=True,
                    help="Hub repo id or local model folder; repeat to compare several")
     p.add_argument("--tokenizer", default=None, help="tokenizer repo id or folder for every model, if not their own")
@@ -84,7 +97,10 @@ def autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    runs = run_records(args.models)
+    args.from_run = follow_runs(args, flags_given(parser, argv), runs)
     set_progress_bars(args.progress_bar)
     for flag in ("chunk_size", "train_size", "test_size", "eval_batch_size", "top_k"):
         if getattr(args, flag) < 1:
@@ -98,11 +114,60 @@ def main(argv: list[str] | None = None) -> None:
         eval_split=args.eval_split, validation_file=args.validation_file, chunk_size=args.chunk_size,
         group_size=args.group_size,
         train_size=args.train_size, test_size=args.test_size, cache_dir=args.cache_dir, seed=args.seed,
-        masking=args.eval_masking, mlm_probability=args.mlm_probability, wwm_probability=args.wwm_probability)
+        masking=args.eval_masking, mlm_probability=args.mlm_probability, wwm_probability=args.wwm_probability,
+        lean_models=[name for name, record in runs.items() if ran_lean(record)])
     if args.json:
         print(json.dumps(as_json(args, eval_set, scores, prompts), indent=2))
     else:
         print(as_table(args, eval_set, scores, prompts))
+
+
+def run_records(names: list[str]) -> dict[str, RunRecord]:
+    """{name: its run record} for each --model that is a run folder (or a checkpoint of one)."""
+    records = {}
+    for name in names:
+        folder = Path(name).expanduser()
+        record = read_record(folder) if folder.is_dir() else None
+        if record is not None:
+            records[name] = record
+    return records
+
+
+def follow_runs(args, given: set[str], runs: dict[str, RunRecord]) -> str | None:
+    """Set every eval-set flag not given on the command line to the runs' value; return the run followed, if any.
+
+    Two runs that differ in a setting nobody gave would be scored on two eval sets: refused, naming the setting.
+    """
+    if not runs:
+        return None
+    for dest, key in EVAL_SET_FLAGS.items():
+        if dest in given:
+            continue
+        values = {name: record.settings.get(key) for name, record in runs.items()}
+        (first, value), *others = values.items()
+        for other, other_value in others:
+            if _same(value, other_value):
+                continue
+            flag = "--data-seed" if dest == "seed" else f"--{dest.replace('_', '-')}"
+            raise MLMError(f"{first} and {other} were trained with different eval sets ({key} {value!r} vs "
+                           f"{other_value!r}): pass {flag} (and any other data flag that differs) to score both on "
+                           "one eval set.")
+        setattr(args, dest, tuple(value) if dest == "train_splits" else value)
+    first_run = next(iter(runs.values()))
+    for dest, key in RUN_DEFAULTS.items():
+        if dest not in given and first_run.settings.get(key) is not None:
+            setattr(args, dest, first_run.settings[key])
+    return next(iter(runs))
+
+
+def _same(a, b) -> bool:
+    # JSON turns the record's tuples into lists; compare what they hold.
+    return (list(a) if isinstance(a, (list, tuple)) else a) == (list(b) if isinstance(b, (list, tuple)) else b)
+
+
+def ran_lean(record: RunRecord) -> bool:
+    """Whether the run finished on mlm/speed/lean.py's modules (the run's last segment names its model variant)."""
+    return bool(record.segments) and "lean" in str(record.segments[-1].get("model_variant", "")).lower()
 
 
 def eval_source(args) -> str:
@@ -117,7 +182,8 @@ def as_json(args, eval_set: EvalSet, scores: list[ModelScore], prompts: list[str
         "eval_set": {"dataset": args.validation_file or args.dataset, "split": eval_source(args),
                      "chunks": len(eval_set.input_ids),
                      "chunk_size": args.chunk_size, "masking": eval_set.masking,
-                     "masked_tokens": eval_set.masked_tokens, "seed": args.seed},
+                     "masked_tokens": eval_set.masked_tokens, "seed": args.seed,
+                     **({"from_run": args.from_run} if getattr(args, "from_run", None) else {})},
         "models": [{"model": s.model, **asdict(s.result),
                     "fill_mask": [{"prompt": prompt, "masks": [[asdict(p) for p in per_mask] for per_mask in masks]}
                                   for prompt, masks in zip(prompts, s.fill_mask)]}
@@ -129,7 +195,8 @@ def as_table(args, eval_set: EvalSet, scores: list[ModelScore], prompts: list[st
     masking = "token-level masks" if eval_set.masking == "token" else "whole-word masks"
     lines = [f"{len(eval_set.input_ids):,} eval chunks of {args.chunk_size} tokens from "
              f"{args.validation_file or args.dataset} ({eval_source(args)} split, seed {args.seed}), {masking}, "
-             f"{eval_set.masked_tokens:,} masked tokens", ""]
+             f"{eval_set.masked_tokens:,} masked tokens"
+             + (f" (the eval set of the run in {args.from_run})" if getattr(args, "from_run", None) else ""), ""]
     rows = [("", [s.model for s in scores]),
             ("perplexity", [f"{s.result.perplexity:.3f}" for s in scores]),
             ("perplexity (reference-style)", [f"{s.result.reference_perplexity:.3f}" for s in scores]),

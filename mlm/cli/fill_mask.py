@@ -12,15 +12,16 @@ import argparse
 import json
 from dataclasses import asdict
 
+from mlm.cli.args import ArgumentParser
 from mlm.errors import run_cli
 from mlm.files.hub import set_progress_bars
-from mlm.files.pretrained import load_pretrained
+from mlm.files.pretrained import check_tokenizer_fits, load_pretrained
 from mlm.fill_mask import fill_mask
 from mlm.tokenizer import load_tokenizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sentences", nargs="+", help="sentences containing at least one [MASK]")
     parser.add_argument("--model", default="distilbert-base-uncased",
                         help="Hub repo id or local model folder (default: %(default)s)")
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     model = load_pretrained(args.model, revision=args.revision).to(args.device)
     tokenizer_source = args.tokenizer or args.model
     tokenizer = load_tokenizer(tokenizer_source, revision=None if args.tokenizer else args.revision)
+    check_tokenizer_fits(model, tokenizer.vocab_size, args.model)
     results = fill_mask(model, tokenizer, args.sentences, top_k=args.top_k)
 
     if args.json:

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from mlm.cli.args import ArgumentParser
 from mlm.data import load_chunks, split_train_test
 from mlm.errors import MLMError, run_cli
 from mlm.files.data_cache import default_cache_dir
@@ -23,7 +24,7 @@ from mlm.tokenizer import TOKENIZER_FILES, tokenizer_from_folder
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

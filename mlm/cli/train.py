@@ -22,6 +22,7 @@ import os
 import sys
 from pathlib import Path
 
+from mlm.cli.args import ArgumentParser
 from mlm.errors import Interrupted, run_cli
 from mlm.files.hub import set_progress_bars
 from mlm.run.hub_push import full_repo_id, push_folder
@@ -40,7 +41,7 @@ SMOKE = dict(
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=d.model, help="Hub repo id or local folder with config.json (+ model.safetensors "
                    "for --init pretrained) and tokenizer.json (default: %(default)s)")

@@ -23,6 +23,14 @@ def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.endswith((".parquet", ".jsonl", ".json", ".csv", ".txt"))
 
 
+def names_a_local_path(name: str) -> bool:
+    """True when `name` can only mean a local path: it looks like one, has more parts than a repo id, or lies in a
+    folder that exists here (`runs/a` with `runs/` present). Such a name that is missing is a typo or a run not
+    made yet, which a Hub error would only hide."""
+    path = Path(name).expanduser()
+    return looks_like_path(name) or name.count("/") > 1 or (len(path.parts) > 1 and path.parent.is_dir())
+
+
 def resolve_repo(
     name_or_path: str | Path,
     *,
@@ -43,9 +51,10 @@ def resolve_repo(
         return path
     if path.exists():
         raise MLMError(f"{path} is a file, but a folder laid out like a Hub {repo_type} repository was expected.")
+    if names_a_local_path(str(name_or_path)):
+        raise MLMError(f"No such folder: {path}. Check the path (it names a local folder, not a Hub repo id such as "
+                       "'org/name').")
     name = str(name_or_path)
-    if looks_like_path(name) or name.count("/") > 1:
-        raise MLMError(f"No such folder: {path}. Check the path, or pass a Hub repo id such as 'org/name'.")
     return _download(name, repo_type=repo_type, revision=revision, allow_patterns=allow_patterns)
 
 

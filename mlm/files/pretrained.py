@@ -12,8 +12,10 @@ LayerNorm's parameters gamma/beta; both are accepted here.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -22,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from mlm.errors import MLMError
 from mlm.files.hub import resolve_repo
-from mlm.model import DistilBertConfig, DistilBertForMaskedLM
+from mlm.model import ACTIVATIONS, DistilBertConfig, DistilBertForMaskedLM
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -30,6 +32,13 @@ EMBEDDING_KEY = "distilbert.embeddings.word_embeddings.weight"
 PROJECTOR_KEY = "vocab_projector.weight"
 # Legacy names (TensorFlow-era checkpoints) that the reference loader still maps; it renames only these.
 LEGACY_RENAMES = {"LayerNorm.gamma": "LayerNorm.weight", "LayerNorm.beta": "LayerNorm.bias"}
+# Size keys of other architectures' config.json (BERT, RoBERTa, GPT-2, T5, …). DistilBERT names these dim,
+# n_layers, n_heads and hidden_dim, so a config holding them describes another model, whose sizes would otherwise
+# be silently replaced by DistilBERT's defaults.
+FOREIGN_SIZE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "n_embd",
+                     "n_layer", "n_head", "d_model", "num_layers", "d_ff")
+SIZE_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim", "max_position_embeddings")
+PROBABILITY_KEYS = ("dropout", "attention_dropout")
 
 
 def load_pretrained(name_or_path: str | Path, revision: str | None = None) -> DistilBertForMaskedLM:
@@ -47,9 +56,17 @@ def load_pretrained(name_or_path: str | Path, revision: str | None = None) -> Di
             else " Without pretrained weights, start from a random model with --init random (training only)."
         )
         raise MLMError(f"No {WEIGHTS_FILE} in {folder}.{hint}")
-    config = DistilBertConfig.from_json_file(config_path)
+    config = read_config(config_path)
     state = read_safetensors(weights_path)
     return model_from_state_dict(config, state, source=weights_path)
+
+
+def check_tokenizer_fits(model: DistilBertForMaskedLM, tokenizer_vocab_size: int, name: str) -> None:
+    """Refuse a tokenizer whose ids go past the model's embedding rows (an IndexError in the first forward)."""
+    if model.config.vocab_size < tokenizer_vocab_size:
+        raise MLMError(f"{name}'s tokenizer has {tokenizer_vocab_size} tokens but the model only "
+                       f"{model.config.vocab_size} (vocab_size in its config.json): the tokenizer does not belong to "
+                       "this model. Pass the model's own tokenizer (--tokenizer).")
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -67,6 +84,10 @@ def model_from_state_dict(
 ) -> DistilBertForMaskedLM:
     """Check `state` against the model `config` describes and load it; every mismatch is named in the error."""
     state = {_rename_legacy(name): tensor for name, tensor in state.items()}
+    not_float = [f"{name} ({t.dtype})" for name, t in state.items() if not t.is_floating_point()]
+    if not_float:  # an integer or bool tensor would be adopted as is and fail deep inside the first forward
+        raise MLMError(f"{source} holds non-float weights: {_short_list(not_float)}. Model weights are floating "
+                       "point: this file does not hold a DistilBERT's weights, or it is damaged.")
     # Building on the meta device allocates nothing; load_state_dict(assign=True) then adopts the tensors.
     with torch.device("meta"):
         model = DistilBertForMaskedLM(config)
@@ -149,7 +170,8 @@ def save_pretrained(model: DistilBertForMaskedLM, directory: str | Path, tokeniz
         state.pop(PROJECTOR_KEY)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write_text(directory / CONFIG_FILE, json.dumps(model.config.to_dict(), indent=2, sort_keys=True) + "\n")
+    config_text = json.dumps(config_to_dict(model.config), indent=2, sort_keys=True) + "\n"
+    atomic_write_text(directory / CONFIG_FILE, config_text)
     if tokenizer is not None:
         tokenizer.save(directory)
 
@@ -184,4 +206,94 @@ def load_config(name_or_path: str | Path, revision: str | None = None) -> Distil
     folder = resolve_repo(name_or_path, revision=revision, allow_patterns=[CONFIG_FILE])
     if not (folder / CONFIG_FILE).is_file():
         raise MLMError(f"No {CONFIG_FILE} in {folder}: a model folder needs config.json.")
-    return DistilBertConfig.from_json_file(folder / CONFIG_FILE)
+    return read_config(folder / CONFIG_FILE)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# config.json: read, checked key by key, written back as the reference writes it.
+
+
+def read_config(path: str | Path) -> DistilBertConfig:
+    """The DistilBertConfig in the config.json at `path`; any unreadable or invalid value is one MLMError."""
+    try:
+        values = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MLMError(f"Cannot read the model config {path}: {err}") from None
+    if not isinstance(values, dict):
+        raise MLMError(f"{path} does not hold a JSON object, so it is not a model config.")
+    return config_from_dict(values, source=path)
+
+
+def config_from_dict(values: dict, *, source: str | Path = "config") -> DistilBertConfig:
+    """A config.json's keys -> DistilBertConfig. Keys mlm does not use are kept in `extra` for the next save."""
+    values = dict(values)
+    model_type = values.get("model_type")
+    if model_type is not None and model_type != "distilbert":
+        raise MLMError(f"{source}: model_type is {model_type!r}, but mlm builds DistilBERT only (model_type "
+                       "'distilbert'). Use a DistilBERT model, e.g. distilbert-base-uncased.")
+    foreign = [key for key in FOREIGN_SIZE_KEYS if key in values]
+    if foreign:
+        raise MLMError(f"{source}: {', '.join(foreign)} belong to another architecture's config.json; DistilBERT's "
+                       "are dim, n_layers, n_heads and hidden_dim. Use a DistilBERT config.")
+    if values.get("sinusoidal_pos_embds"):
+        raise MLMError(f"{source}: sinusoidal_pos_embds=true is not supported (distilbert uses learned positions).")
+    # The Hub file predates tie_word_embeddings and spells it "tie_weights_".
+    if "tie_word_embeddings" not in values and "tie_weights_" in values:
+        values["tie_word_embeddings"] = values.pop("tie_weights_")
+    known = {f.name for f in fields(DistilBertConfig)} - {"extra"}
+    config = DistilBertConfig(**{key: values.pop(key) for key in list(values) if key in known}, extra=values)
+    check_config(config, source)
+    return config
+
+
+def check_config(config: DistilBertConfig, source: str | Path = "config") -> None:
+    """Refuse values that would fail deep inside the model (or be misread), naming the file and the key.
+
+    JSON has no integer/float/bool distinction that Python keeps for us: 768.0, "768" and true are all refused
+    where an integer is meant, and "no" where a boolean is (any non-empty string would read as true).
+    """
+    def refuse(key: str, wanted: str) -> MLMError:
+        return MLMError(f"{source}: \"{key}\" must be {wanted}, got {getattr(config, key)!r}. Fix it in config.json.")
+
+    for key in SIZE_KEYS:
+        if not (_is_int(getattr(config, key)) and getattr(config, key) >= 1):
+            raise refuse(key, "a positive integer")
+    if config.dim % config.n_heads:
+        raise MLMError(f"{source}: \"dim\" {config.dim} is not divisible by \"n_heads\" {config.n_heads}: each head "
+                       "takes dim / n_heads features. Fix them in config.json.")
+    for key in PROBABILITY_KEYS:
+        value = getattr(config, key)
+        if not (_is_number(value) and 0 <= value < 1):
+            raise refuse(key, "a probability in [0, 1)")
+    if not (_is_number(config.initializer_range) and config.initializer_range > 0):
+        raise refuse("initializer_range", "a number > 0 (the standard deviation of the random init)")
+    if not (_is_int(config.pad_token_id) and 0 <= config.pad_token_id < config.vocab_size):
+        raise refuse("pad_token_id", f"a token id from 0 to vocab_size - 1 = {config.vocab_size - 1}")
+    if not isinstance(config.tie_word_embeddings, bool):
+        raise refuse("tie_word_embeddings", "true or false")
+    if config.activation not in ACTIVATIONS:
+        raise MLMError(f"{source}: activation {config.activation!r} is not supported (use one of "
+                       f"{list(ACTIVATIONS)}).")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def config_to_dict(config: DistilBertConfig) -> dict:
+    """config.json as the reference's save_pretrained writes it, so transformers loads it unchanged."""
+    values = asdict(config)
+    extra = values.pop("extra")
+    extra.pop("tie_weights_", None)
+    return {
+        **extra,
+        **values,
+        "architectures": ["DistilBertForMaskedLM"],
+        "model_type": "distilbert",
+        "sinusoidal_pos_embds": False,
+        "dtype": "float32",
+    }

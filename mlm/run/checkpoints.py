@@ -30,8 +30,15 @@ import torch
 from safetensors.torch import save_file
 
 from mlm.errors import MLMError
-from mlm.files.pretrained import model_from_state_dict, normal_permissions, read_safetensors, save_pretrained
-from mlm.model import DistilBertConfig, DistilBertForMaskedLM
+from mlm.files.pretrained import (
+    config_to_dict,
+    model_from_state_dict,
+    normal_permissions,
+    read_config,
+    read_safetensors,
+    save_pretrained,
+)
+from mlm.model import DistilBertForMaskedLM
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -131,10 +138,10 @@ def load_training_checkpoint(
     path = Path(path)
     state = read_state(path)
     saved = model_from_state_dict(
-        DistilBertConfig.from_json_file(path / "config.json"), read_safetensors(path / "model.safetensors"),
+        read_config(path / "config.json"), read_safetensors(path / "model.safetensors"),
         source=path,
     )
-    if saved.config.to_dict() != model.config.to_dict():
+    if config_to_dict(saved.config) != config_to_dict(model.config):
         raise MLMError(f"{path} holds a model with another configuration than this run's: resume with the "
                        "same --model (and --init) as the run that wrote it.")
     bad = [name for name, tensor in saved.state_dict().items() if not bool(torch.isfinite(tensor).all())]

@@ -5,10 +5,12 @@ the perplexities, which the Hub lists as evaluation results), then the run in wo
 and fill-mask predictions before and after, and how to load the model. The metadata is written by
 huggingface_hub's own `ModelCardData`, so its layout is the one the Hub parses.
 
-Inputs are plain values, the ones a run writes to its output folder: `args` as in args.json, eval figures as in
-summary.json / metrics.jsonl `eval` lines (keys perplexity, loss, accuracy, reference_perplexity, tokens), and
-fill-mask records as metrics.jsonl `fill_mask` lines ({"prompt": str, "predictions": [[[token, score], …] per
-[MASK]]}). `write_run_model_card` reads those files itself.
+Everything it says comes from the run record, run.json (mlm/run/record.py): `card_values` flattens its settings,
+derived figures, world size and last segment into `args`; eval figures are the record's results (keys perplexity,
+loss, accuracy, reference_perplexity, tokens) and fill-mask records its {"prompt": str, "predictions": [[[token,
+score], …] per [MASK]]}. `write_run_model_card` reads run.json itself. The card says what the run did, no more:
+the masking as run, a random init as such, and local data by file name in the prose only (the metadata names
+Hub repos only, as the Hub links and checks them).
 """
 
 from __future__ import annotations
@@ -18,28 +20,25 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mlm.errors import MLMError
-from mlm.files.hub import looks_like_path
+from mlm.files.hub import names_a_local_path
 from mlm.files.pretrained import atomic_write_text
+from mlm.run.record import RECORD_FILE, RunRecord, read_record
 
 CARD_FILE = "README.md"
+LEGACY_ARGS = "args.json"  # the settings of a run folder written before run.json existed
 # Every DistilBERT checkpoint Hugging Face publishes (distilbert-base-uncased, -cased, …) is Apache-2.0, and a
 # fine-tune inherits its base model's licence. For any other base we cannot know it, and the Hub's "other" says so.
 DISTILBERT_LICENSE = "apache-2.0"
 TASK_NAME = "Masked language modelling"
 
-# (row label, args.json key) in the order the hyperparameter table shows them; absent keys are skipped.
+# (row label, `card_values` key) in the order the hyperparameter table shows them; absent keys are skipped.
 HYPERPARAMETERS = (
-    ("base model", "model"),
-    ("initial weights", "init"),
     ("dataset", "dataset"),
     ("text column", "text_column"),
     ("chunk size (tokens)", "chunk_size"),
     ("train chunks", "train_chunks"),
     ("eval chunks", "eval_chunks"),
     ("masked eval tokens", "eval_tokens"),
-    ("masking", "masking"),
-    ("token masking probability", "mlm_probability"),
-    ("whole-word masking probability", "wwm_probability"),
     ("batch size per process", "batch_size"),
     ("gradient accumulation", "grad_accum"),
     ("processes", "world_size"),
@@ -50,6 +49,7 @@ HYPERPARAMETERS = (
     ("optimizer steps", "total_steps"),
     ("max gradient norm", "max_grad_norm"),
     ("seed", "seed"),
+    ("data seed (train/eval draw, eval masks)", "data_seed"),
     ("precision", "precision_used"),
     ("device", "device_used"),
     ("parameters", "parameters"),
@@ -63,7 +63,7 @@ def is_hub_id(name: str | None) -> bool:
     """
     if not name:
         return False
-    return not (looks_like_path(name) or Path(name).expanduser().exists() or name.count("/") > 1)
+    return not (names_a_local_path(name) or Path(name).expanduser().exists())
 
 
 def default_license(base_model: str | None) -> str:
@@ -94,21 +94,23 @@ def render_model_card(
     if base_model is None and args.get("init", "pretrained") == "pretrained" and is_hub_id(args.get("model")):
         base_model = str(args["model"])
     dataset_id = dataset if is_hub_id(dataset) else None
-    # The eval chunks are drawn from the train split and held out from training, as the course does.
-    split = "train"
-    dataset_label = dataset_id or (Path(dataset).name if dataset else "local data")
+    dataset_label = _local_name(dataset, suffix="") if dataset else "local data"
+    # The eval chunks are held out of the train split (as the course does), or come from --eval-split of the same
+    # dataset or from --validation-file. The Hub's model-index needs a Hub dataset: local eval data stays in prose.
+    split = args.get("eval_split") or "train"
+    eval_dataset_id = None if args.get("validation_file") else dataset_id
 
     def result(metric_type: str, value: float, name: str) -> EvalResult:
-        return EvalResult(task_type="fill-mask", task_name=TASK_NAME, dataset_type=dataset_id or dataset_label,
-                          dataset_name=dataset_label, dataset_split=split, metric_type=metric_type,
+        return EvalResult(task_type="fill-mask", task_name=TASK_NAME, dataset_type=eval_dataset_id,
+                          dataset_name=eval_dataset_id, dataset_split=split, metric_type=metric_type,
                           metric_value=round(float(value), 4), metric_name=name)
 
     eval_results = []
-    if after:
+    if after and eval_dataset_id:
         eval_results.append(result("perplexity", after["perplexity"], "Perplexity"))
         if "accuracy" in after:
             eval_results.append(result("accuracy", after["accuracy"], "Masked-token accuracy"))
-    if before:
+    if before and eval_dataset_id:
         eval_results.append(result("perplexity", before["perplexity"], "Perplexity before fine-tuning"))
     name = model_id.rstrip("/").split("/")[-1]
     tags = ["fill-mask", "masked-lm", "distilbert", "mlm"]
@@ -125,7 +127,7 @@ def render_model_card(
     sections = [
         f"---\n{card_data.to_yaml()}\n---",
         _summary(name, base_model, args, dataset_label, before, after),
-        _results(before, after, dataset_label, args),
+        _results(before, after, _eval_data(args, dataset_label), args),
         _fill_mask(fill_mask_before, fill_mask_after),
         _hyperparameters(args),
         _usage(model_id, args, base_model),
@@ -146,40 +148,64 @@ def write_model_card(output_dir: str | Path, **card) -> Path:
 
 
 def write_run_model_card(output_dir: str | Path, *, model_id: str | None = None, **overrides) -> Path:
-    """Write the card of the finished run in `output_dir` from its args.json, summary.json and metrics.jsonl.
+    """Write the card of the run in `output_dir` from its run.json; `overrides` as `render_model_card`'s.
 
-    `before` is the first run's figure even after --resume (metrics.jsonl keeps it, summary.json does not); the
-    fill-mask predictions are the last ones logged for each prompt and label.
+    The record keeps the first segment's "before" across resumes and the last fill-mask predictions of each label.
     """
     output_dir = Path(output_dir)
-    record = _read_json(output_dir / "run.json")
-    args = {**record.get("settings", {}), **record.get("derived", {}), "world_size": record.get("world_size", 1)}
-    summary = record.get("results", {})
-    before, after = summary.get("before"), summary.get("after")
-    fill_mask: dict[str, dict[str, dict]] = {"before": {}, "after": {}}
+    record = read_record(output_dir)
+    if record is not None:
+        args, results = card_values(record), record.results
+    elif (output_dir / LEGACY_ARGS).is_file():
+        args, results = _legacy_view(output_dir)
+    else:
+        raise MLMError(f"No {RECORD_FILE} in {output_dir}: the model card is written from a run's folder.")
+    fill_mask = results.get("fill_mask") or {}
+    return write_model_card(output_dir, model_id=model_id or str(output_dir), args=args,
+                            before=results.get("before"), after=results.get("after"),
+                            fill_mask_before=fill_mask.get("before", []), fill_mask_after=fill_mask.get("after", []),
+                            **overrides)
+
+
+def _legacy_view(output_dir: Path) -> tuple[dict, dict]:
+    """(args, results) of a folder written before run.json: args.json is already flat, summary.json holds the
+    figures, metrics.jsonl the first "before" (lost from summary.json by a resume) and the fill-mask lines."""
+    args, summary = _read_json(output_dir / LEGACY_ARGS), _read_json(output_dir / "summary.json")
+    results = {"before": summary.get("before"), "after": summary.get("after"), "fill_mask": {"before": {}, "after": {}}}
     metrics = output_dir / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash: the card is still worth writing
-            if record.get("kind") == "eval" and record.get("label") == "before":
-                before = before or record
-            elif record.get("kind") == "fill_mask" and record.get("label") in fill_mask:
-                fill_mask[record["label"]][record.get("prompt", "")] = record
-    return write_model_card(output_dir, model_id=model_id or str(output_dir), args=args, before=before, after=after,
-                            fill_mask_before=list(fill_mask["before"].values()),
-                            fill_mask_after=list(fill_mask["after"].values()), **overrides)
+    for line in metrics.read_text(encoding="utf-8").splitlines() if metrics.is_file() else []:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash: the card is still worth writing
+        if entry.get("kind") == "eval" and entry.get("label") == "before":
+            results["before"] = results["before"] or entry
+        elif entry.get("kind") == "fill_mask" and entry.get("label") in results["fill_mask"]:
+            results["fill_mask"][entry["label"]][entry.get("prompt", "")] = entry
+    results["fill_mask"] = {label: list(by_prompt.values()) for label, by_prompt in results["fill_mask"].items()}
+    return args, results
 
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
-        raise MLMError(f"No {path.name} in {path.parent}: the model card is written from a finished run's folder.")
+        return {}
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise MLMError(f"{path} is not valid JSON ({err}); the model card cannot be written from it.") from None
+
+
+def card_values(record: RunRecord) -> dict:
+    """The record as one flat dict: its settings, what they gave (derived), the world size, and the device and
+    precision of the last segment (the one that finished the run)."""
+    values = {**record.settings, **{k: v for k, v in record.derived.items() if k != "warmup_steps"},
+              "world_size": record.world_size}
+    if "warmup_steps" in record.derived:  # the steps the schedule used; settings hold the flag (maybe a fraction)
+        values["warmup_steps_used"] = record.derived["warmup_steps"]
+    if record.segments:
+        values["precision_used"] = record.segments[-1].get("precision")
+        values["device_used"] = record.segments[-1].get("device")
+    return values
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,18 +213,47 @@ def _read_json(path: Path) -> dict:
 
 
 def _summary(name: str, base_model: str | None, args: dict, dataset_label: str, before, after) -> str:
-    start = f"[{base_model}](https://huggingface.co/{base_model})" if base_model else (
-        "a randomly initialised DistilBERT" if args.get("init") == "random" else f"`{args.get('model', '?')}`")
-    text = (f"# {name}\n\nThis model is {start} trained further with the masked-language-model objective on "
+    model = _local_name(args.get("model", "?"))
+    if args.get("init") == "random":
+        start = (f"a randomly initialised DistilBERT with the configuration of {model} (none of its weights), trained "
+                 "from scratch")
+    else:
+        start = (f"[{base_model}](https://huggingface.co/{base_model})" if base_model else model) + " trained further"
+    text = (f"# {name}\n\nThis model is {start} with the masked-language-model objective ({_masking(args)}) on "
             f"{dataset_label}, with mlm (a from-scratch PyTorch reimplementation of the Hugging Face course's "
             "domain-adaptation chapter).")
     if before and after:
-        text += (f" Perplexity on held-out {dataset_label} chunks went from {before['perplexity']:.2f} to "
-                 f"{after['perplexity']:.2f}.")
+        text += f" Perplexity on {_eval_data(args, dataset_label)} went from {before['perplexity']:.2f} to " \
+                f"{after['perplexity']:.2f}."
     return text
 
 
-def _results(before: dict | None, after: dict | None, dataset_label: str, args: dict) -> str:
+def _masking(args: dict) -> str:
+    """The training masking as run: whole-word runs use wwm_probability, token runs mlm_probability."""
+    if args.get("masking") == "wwm":
+        return f"whole-word masking of {_percent(args.get('wwm_probability'))} of the words"
+    return f"token masking of {_percent(args.get('mlm_probability'))} of the tokens, 80% [MASK] / 10% random / 10% kept"
+
+
+def _eval_masking(args: dict) -> str:
+    # Every run is scored on token-level masks, whatever it trained with, so runs compare on the same targets.
+    return (f"token-level masks on {_percent(args.get('mlm_probability'))} of the tokens, frozen with data seed "
+            f"{args.get('data_seed', args.get('seed', '?'))}")
+
+
+def _percent(value) -> str:
+    return f"{float(value):.0%}" if isinstance(value, (int, float)) else "?"
+
+
+def _eval_data(args: dict, dataset_label: str) -> str:
+    if args.get("validation_file"):
+        return f"chunks of {_local_name(args['validation_file'], suffix='')}"
+    if args.get("eval_split"):
+        return f"chunks of {dataset_label}'s {args['eval_split']} split"
+    return f"held-out {dataset_label} chunks"
+
+
+def _results(before: dict | None, after: dict | None, eval_data: str, args: dict) -> str:
     if not (before or after):
         return ""
     rows = [("perplexity", "perplexity", "{:.3f}"),
@@ -206,9 +261,9 @@ def _results(before: dict | None, after: dict | None, dataset_label: str, args: 
             ("loss (mean over masked tokens)", "loss", "{:.4f}"),
             ("masked-token accuracy", "accuracy", "{:.2%}")]
     lines = ["## Evaluation", "",
-             f"On {args.get('eval_chunks', args.get('test_size', 'the'))} held-out chunks of {dataset_label} "
-             f"with frozen token-level masks (seed {args.get('seed', '?')}): every figure below scores the same "
-             "masked tokens. Perplexity is exp of the mean loss over all masked tokens; the reference-style figure "
+             f"On {args.get('eval_chunks', args.get('test_size', 'the'))} {eval_data}, with "
+             f"{_eval_masking(args)}: every figure below scores the same masked tokens."
+             " Perplexity is exp of the mean loss over all masked tokens; the reference-style figure "
              "averages per-batch means as transformers' Trainer does (it depends on the eval batch size).", "",
              "| | before | after |", "|---|---|---|"]
     for label, key, fmt in rows:
@@ -251,23 +306,28 @@ def _cell(text: str) -> str:
 
 
 def _hyperparameters(args: dict) -> str:
-    hidden = set() if args.get("masking") == "wwm" else {"wwm_probability"}  # token runs never use it
-    rows = [(label, _local_name(args[key]) if key in ("model", "dataset") else args[key])
-            for label, key in HYPERPARAMETERS if args.get(key) is not None and key not in hidden]
+    rows = [(label, _local_name(args[key]) if key == "dataset" else args[key])
+            for label, key in HYPERPARAMETERS if args.get(key) is not None]
     if not rows:
         return ""
+    if args.get("model"):
+        random = args.get("init") == "random"
+        rows[:0] = [("configuration of (random init)" if random else "base model", _local_name(args["model"])),
+                    ("initial weights", "random" if random else "pretrained")]
+    if args.get("masking"):
+        rows += [("training masking", _masking(args)), ("eval masking", _eval_masking(args))]
     if all(key in args for key in ("batch_size", "grad_accum", "world_size")):
         rows.append(("global batch (chunks per step)", args["batch_size"] * args["grad_accum"] * args["world_size"]))
     lines = ["## Training hyperparameters", "", "| setting | value |", "|---|---|"]
     lines += [f"| {label} | {_cell(_value(value))} |" for label, value in rows]
     lines += ["", "AdamW (no weight decay on biases and LayerNorms), linear decay after warmup, gradient clipping. "
-              "Every setting of the run is in `args.json` next to the model."]
+              f"Every setting of the run is in `{RECORD_FILE}` next to the model."]
     return "\n".join(lines)
 
 
-def _local_name(name) -> str:
+def _local_name(name, suffix: str = " (local)") -> str:
     # A card is public: a local path would show the trainer's directory layout, its last part says enough.
-    return str(name) if is_hub_id(str(name)) else f"{Path(str(name)).name} (local)"
+    return str(name) if is_hub_id(str(name)) else f"{Path(str(name)).name}{suffix}"
 
 
 def _value(value) -> str:
@@ -289,7 +349,7 @@ With mlm (no transformers needed), from a checkout of its repository:
 
 ```bash
 python scripts/fill_mask.py --model {model_id} "{prompt}"
-python scripts/evaluate.py {compare}  # add the run's data flags to score its own eval set
+python scripts/evaluate.py {compare}  # a run folder brings its eval set; a repo id needs the run's data flags
 ```
 
 ```python

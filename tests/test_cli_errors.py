@@ -1,0 +1,75 @@
+"""Usage errors are one `error:` line in every command (issue 19 item 8), and a missing local path is named as one."""
+
+from __future__ import annotations
+
+import pytest
+
+import mlm.files.hub
+from mlm.cli import evaluate, fill_mask, prepare_data, train
+from mlm.errors import MLMError, run_cli
+from mlm.files.hub import resolve_repo
+from mlm.files.pretrained import load_pretrained
+
+COMMANDS = {"train": train.main, "evaluate": evaluate.main, "fill_mask": fill_mask.main,
+            "prepare_data": prepare_data.main}
+
+
+def exit_and_stderr(main, argv, capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as stop:
+        run_cli(lambda: main(argv))
+    out = capsys.readouterr()
+    return stop.value.code, out.out, out.err
+
+
+@pytest.mark.parametrize("command, argv, names", [
+    ("train", ["--masking", "wmm"], "invalid choice: 'wmm'"),
+    ("train", ["--batch-size", "eight"], "invalid int value: 'eight'"),
+    ("train", ["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ("evaluate", ["--model", "m", "--eval-masking", "wmm"], "invalid choice: 'wmm'"),
+    ("evaluate", [], "the following arguments are required: --model"),
+    ("fill_mask", ["--top-k", "1.5", "a [MASK]"], "invalid int value: '1.5'"),
+    ("fill_mask", [], "the following arguments are required: sentences"),
+    ("prepare_data", ["--chunk-size", "big"], "invalid int value: 'big'"),
+])
+def test_a_usage_error_is_one_line_with_a_hint_to_help(capsys, command, argv, names):
+    status, out, err = exit_and_stderr(COMMANDS[command], argv, capsys)
+    assert status == 2 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert names in err and "--help" in err and "usage:" not in err
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_still_prints_every_flag(capsys, command):
+    status, out, _ = exit_and_stderr(COMMANDS[command], ["--help"], capsys)
+    assert status == 0 and out.startswith("usage:") and "--help" in out and out.count("\n") > 10
+
+
+@pytest.fixture()
+def no_hub(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a local path went to the Hub")
+
+    monkeypatch.setattr(mlm.files.hub, "_download", refuse)
+
+
+@pytest.mark.parametrize("name", ["runs/typo", "./typo", "../typo", "~/no-such-mlm-folder", "/no/such/folder"])
+def test_a_missing_local_path_is_no_such_folder(tmp_path, monkeypatch, no_hub, name):
+    (tmp_path / "runs").mkdir()  # an existing parent folder: runs/typo can only be a local path
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MLMError, match="No such folder"):
+        resolve_repo(name)
+    with pytest.raises(MLMError, match="No such folder"):
+        load_pretrained(name)
+
+
+def test_a_missing_run_folder_is_one_line_in_fill_mask(tmp_path, monkeypatch, no_hub, capsys):
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    status, _, err = exit_and_stderr(fill_mask.main, ["--model", "runs/imbd", "a [MASK] ."], capsys)
+    assert status == 2 and err.startswith("error: No such folder: runs/imbd") and err.count("\n") == 1
+
+
+def test_a_repo_id_without_such_a_parent_folder_still_goes_to_the_hub(tmp_path, monkeypatch, no_hub):
+    monkeypatch.chdir(tmp_path)  # no ./org folder here
+    with pytest.raises(AssertionError, match="went to the Hub"):
+        resolve_repo("org/name")

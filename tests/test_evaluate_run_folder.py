@@ -1,0 +1,134 @@
+"""mlm-evaluate --model RUN_DIR: a run folder brings its eval set (issue 19 item 5), rebuilt from its run.json."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlm.cli import evaluate as evaluate_cli
+from mlm.cli.compare import build_eval_set
+from mlm.errors import run_cli
+from mlm.evaluate import evaluate
+from mlm.files.pretrained import load_pretrained, save_pretrained
+from mlm.model import DistilBertConfig, DistilBertForMaskedLM
+from mlm.run.record import RunRecord, read_record, write_record
+from mlm.settings import TrainConfig
+from mlm.tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "mlm" / "smoke"
+REVIEWS = str(SMOKE / "reviews.jsonl")
+
+
+def run_settings(tmp_path: Path, **changes) -> dict:
+    values = dict(model=str(SMOKE), init="random", dataset=REVIEWS, chunk_size=32, train_size=48, test_size=16,
+                  data_seed=3, eval_batch_size=8, cache_dir=str(tmp_path / "cache"))
+    config = TrainConfig(**{**values, **changes})
+    return {**asdict(config), "global_batch": config.batch_size}
+
+
+def hand_made_run(folder: Path, settings: dict, seed: int = 0) -> float:
+    """A finished run's folder as train() leaves it: the model, and run.json whose "after" is that model's
+    perplexity on the run's eval set (built as compare.build_eval_set rebuilds it). Returns that perplexity."""
+    tokenizer = load_tokenizer(SMOKE)
+    torch.manual_seed(seed)
+    save_pretrained(DistilBertForMaskedLM(DistilBertConfig(vocab_size=tokenizer.vocab_size, dim=16, n_layers=1,
+                                                           n_heads=2, hidden_dim=32, max_position_embeddings=64)),
+                    folder, tokenizer=tokenizer)
+    eval_set = build_eval_set(tokenizer, dataset=settings["dataset"], chunk_size=settings["chunk_size"],
+                              train_size=settings["train_size"], test_size=settings["test_size"],
+                              seed=settings["data_seed"], cache_dir=settings["cache_dir"],
+                              mlm_probability=settings["mlm_probability"])
+    after = evaluate(load_pretrained(folder), eval_set.input_ids, eval_set.labels,
+                     batch_size=settings["eval_batch_size"])
+    results = {"before": None, "evals": [], "after": asdict(after), "fill_mask": {"before": [], "after": []}}
+    write_record(folder, RunRecord(settings=settings, status="finished", results=results))
+    return after.perplexity
+
+
+def evaluate_json(capsys, *argv: str) -> dict:
+    evaluate_cli.main([*argv, "--json", "--device", "cpu", "--no-progress"])
+    return json.loads(capsys.readouterr().out)
+
+
+def one_line_error(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as stop:
+        run_cli(lambda: evaluate_cli.main([*argv, "--device", "cpu", "--no-progress"]))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.fixture()
+def offline(monkeypatch):
+    # Without the run's data settings, the default dataset is the Hub's IMDb: the test must not reach for it.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_a_run_folder_is_scored_on_its_own_eval_set_exactly(tmp_path, capsys, offline):
+    run = tmp_path / "a"
+    recorded = hand_made_run(run, run_settings(tmp_path))
+    report = evaluate_json(capsys, "--model", str(run))
+    [scored] = report["models"]
+    assert scored["perplexity"] == recorded  # the same targets, the same batches: bit for bit
+    assert report["eval_set"]["from_run"] == str(run) and report["eval_set"]["seed"] == 3
+    assert report["eval_set"]["chunks"] == 16 and report["eval_set"]["chunk_size"] == 32
+
+
+def test_a_plain_model_beside_a_run_folder_gets_the_runs_eval_set(tmp_path, capsys, offline):
+    run, plain = tmp_path / "a", tmp_path / "plain"
+    recorded = hand_made_run(run, run_settings(tmp_path))
+    hand_made_run(plain, run_settings(tmp_path), seed=1)
+    (plain / "run.json").unlink()  # a model folder that is not a run
+    report = evaluate_json(capsys, "--model", str(plain), "--model", str(run))
+    assert [m["model"] for m in report["models"]] == [str(plain), str(run)]
+    assert report["models"][1]["perplexity"] == recorded and report["eval_set"]["from_run"] == str(run)
+
+
+def test_two_runs_with_different_eval_sets_are_refused_naming_the_setting(tmp_path, capsys, offline):
+    hand_made_run(tmp_path / "a", run_settings(tmp_path))
+    hand_made_run(tmp_path / "b", run_settings(tmp_path, data_seed=4))
+    err = one_line_error(capsys, "--model", str(tmp_path / "a"), "--model", str(tmp_path / "b"))
+    assert "data_seed 3 vs 4" in err and "--data-seed" in err
+
+
+def test_data_flags_given_override_the_runs(tmp_path, capsys, offline):
+    hand_made_run(tmp_path / "a", run_settings(tmp_path))
+    hand_made_run(tmp_path / "b", run_settings(tmp_path, data_seed=4))
+    # Given on the command line, even with the default's value, a flag decides for every model.
+    report = evaluate_json(capsys, "--model", str(tmp_path / "a"), "--model", str(tmp_path / "b"), "--data-seed", "42")
+    assert report["eval_set"]["seed"] == 42 and report["eval_set"]["chunks"] == 16
+    report = evaluate_json(capsys, "--model", str(tmp_path / "a"), "--test-size", "8")
+    assert report["eval_set"]["chunks"] == 8 and report["eval_set"]["seed"] == 3
+
+
+def test_the_readme_example_with_run_folders_works_as_written(tmp_path, capsys, monkeypatch, offline):
+    monkeypatch.chdir(tmp_path)
+    settings = run_settings(tmp_path)
+    recorded = [hand_made_run(tmp_path / "runs" / name, settings, seed=i) for i, name in enumerate("ab")]
+    evaluate_cli.main(["--model", "runs/a", "--model", "runs/b", "--device", "cpu", "--no-progress"])
+    table = capsys.readouterr().out
+    assert "(the eval set of the run in runs/a)" in table
+    [row] = [line.split() for line in table.splitlines() if line.split()[:1] == ["perplexity"] and "(" not in line]
+    assert row == ["perplexity", f"{recorded[0]:.3f}", f"{recorded[1]:.3f}"]
+
+
+def test_evaluate_reproduces_a_trained_runs_recorded_perplexity(tmp_path, capsys, offline):
+    from mlm.train import train
+
+    run = tmp_path / "run"
+    settings = {k: v for k, v in run_settings(tmp_path).items() if k != "global_batch"}
+    # The CPU's default lean variant included: mlm-evaluate scores with the variant the run finished with.
+    train(TrainConfig(**{**settings, "seed": 3, "batch_size": 16, "lr": 2e-3, "epochs": 1,
+                         "output_dir": str(run), "progress_bar": False}))
+    capsys.readouterr()
+    record = read_record(run)
+    [scored] = evaluate_json(capsys, "--model", str(run))["models"]
+    assert scored["perplexity"] == record.results["after"]["perplexity"]
