@@ -110,8 +110,25 @@ def test_missing_tensorboard_stops_before_any_work(no_tensorboard, tmp_path, mon
 
 
 def console_scripts() -> dict[str, str]:
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    """pyproject's [project.scripts] table, read without tomllib, which Python 3.10 (still supported by
+    pyproject) lacks: the table is plain `name = "module:function"` lines, so a line reader is enough and the test
+    runs on every supported Python. Where tomllib exists, it must read the same table (this guards the reader)."""
+    text = (ROOT / "pyproject.toml").read_text()
+    scripts, inside = {}, False
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line.startswith("["):
+            inside = line == "[project.scripts]"
+        elif inside and line:
+            name, value = (part.strip() for part in line.split("=", 1))
+            assert value[0] == value[-1] == '"', line  # a form this reader does not know would fail loudly
+            scripts[name.strip('"')] = value[1:-1]
+    try:
+        import tomllib  # Python 3.11+
+    except ModuleNotFoundError:
+        return scripts
+    assert tomllib.loads(text)["project"]["scripts"] == scripts
+    return scripts
 
 
 def test_console_scripts_resolve_to_the_cli_modules():

@@ -153,6 +153,13 @@ def test_eval_token_weighted_and_reference_weighted_means():
     ids = torch.randint(5, 30, (5, 10))
     labels = torch.full_like(ids, -100)
     labels[0, :6], labels[1, :1], labels[2, :2], labels[4, :3] = ids[0, :6], ids[1, :1], ids[2, :2], ids[4, :3]
+    # Targets only (the inputs, hence the logits, stay as they are): make the first target of each labelled row
+    # the model's own top-1, so the accuracy is known to be at least 4/12 and an argmin or wrong axis shows.
+    model.eval()
+    with torch.no_grad():
+        predicted = model(ids).logits.argmax(dim=-1)  # (5, 10) over the vocabulary
+    for row in (0, 1, 2, 4):
+        labels[row, 0] = predicted[row, 0]
     result = evaluate(model, ids, labels, batch_size=2)
 
     model.eval()
@@ -165,4 +172,6 @@ def test_eval_token_weighted_and_reference_weighted_means():
     # The reference: batch means weighted by the rows in each batch (2, 2 and 1).
     expected = (2 * batch_means[0] + 2 * batch_means[1] + batch_means[2]) / 5
     torch.testing.assert_close(torch.tensor(result.reference_loss), expected.double().float(), rtol=1e-6, atol=0)
-    assert 0 <= result.accuracy <= 1
+    # Accuracy: the top-1 of the full logits at the labelled positions, counted here independently.
+    labelled = labels != -100
+    assert result.accuracy == int((predicted[labelled] == labels[labelled]).sum()) / 12 >= 4 / 12

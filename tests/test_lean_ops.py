@@ -112,11 +112,41 @@ def test_dropout_mask_drops_with_probability_p(p):
 
 
 def test_dropout_mask_uses_the_default_generator():
+    # Dropout must follow torch's global RNG, as F.dropout does: a fresh mask at every call, set by
+    # torch.manual_seed, and saved/restored by gradient checkpointing and by a resumed run's RNG state. A private
+    # or re-seeded generator would drop the same units at every step, whatever the run's seed.
+    shape, cpu = (4, 1001), torch.device("cpu")
     torch.manual_seed(7)
-    first, _ = dropout_mask((4, 1001), 0.5, torch.device("cpu"))
+    first, _ = dropout_mask(shape, 0.5, cpu)
+    after_first = torch.get_rng_state()
+    second, _ = dropout_mask(shape, 0.5, cpu)
+    assert not torch.equal(first, second)  # the next call draws a new mask
+    assert not torch.equal(after_first, torch.get_rng_state())  # ... and advances the global state again
     torch.manual_seed(7)
-    again, _ = dropout_mask((4, 1001), 0.5, torch.device("cpu"))
+    assert torch.equal(dropout_mask(shape, 0.5, cpu)[0], first)  # the same seed, the same mask
+    torch.manual_seed(8)
+    assert not torch.equal(dropout_mask(shape, 0.5, cpu)[0], first)  # another seed, another mask
+    # Exactly one uniform draw of the mask's shape from the global generator: the numbers that follow are those
+    # that follow torch.rand(shape), and the mask is those uniforms compared with p.
+    torch.manual_seed(7)
+    uniforms, following = torch.rand(shape), torch.rand(5)
+    torch.manual_seed(7)
+    mask, _ = dropout_mask(shape, 0.5, cpu)
+    assert torch.equal(mask, uniforms < 0.5) and torch.equal(torch.rand(5), following)
+
+
+def test_attention_dropout_follows_the_global_seed():
+    # The same property one level up, so a generator planted in attention_with_dropout itself is caught too.
+    q, k, v = leaves((1, 2, 8, 4), (1, 2, 8, 4), (1, 2, 8, 4))
+    with torch.no_grad():
+        torch.manual_seed(3)
+        first, second = (attention_with_dropout(q, k, v, None, 0.5, 0.5) for _ in range(2))
+        torch.manual_seed(3)
+        again = attention_with_dropout(q, k, v, None, 0.5, 0.5)
+        torch.manual_seed(4)
+        other = attention_with_dropout(q, k, v, None, 0.5, 0.5)
     assert torch.equal(first, again)
+    assert not torch.equal(first, second) and not torch.equal(first, other)
 
 
 def test_dropout_mask_with_p_one_drops_everything():

@@ -116,6 +116,49 @@ def test_mask_whole_words_matches_transformers_whole_word_mask(name):
     assert sha(torch.get_rng_state()) == bytes(GOLDEN[f"{name}.rng_sha256"].tolist())
 
 
+@pytest.mark.parametrize("name", cases("wwm_split"))
+def test_mask_whole_words_80_10_10_per_word_matches_golden(name):
+    # The golden outputs come from the reference script's own per-word loop on the 5.24 collator's selection
+    # (see its docstring): a bit-exact match pins the selection, each word's [MASK]/random/unchanged decision
+    # (read at its first token), each random token's id, and the RNG use (four full-shape draws).
+    case = META["cases"][name]
+    torch.manual_seed(case["seed"])
+    out_ids, labels = mask_whole_words(GOLDEN[f"{name}.input_ids"], GOLDEN[f"{name}.word_ids"],
+                                       mask_token_id=MASK_ID, vocab_size=VOCAB,
+                                       wwm_probability=case["wwm_probability"],
+                                       mask_replace_prob=case["mask_replace_prob"],
+                                       random_replace_prob=case["random_replace_prob"])
+    assert torch.equal(labels, GOLDEN[f"{name}.expected_labels"])
+    assert torch.equal(out_ids, GOLDEN[f"{name}.expected_input_ids"])
+    assert sha(torch.get_rng_state()) == bytes(GOLDEN[f"{name}.rng_sha256"].tolist())
+
+
+def word_outcomes(ids, word_ids, out, labels) -> list[str]:
+    """For each selected word of several tokens: "mask", "keep", "random", or "mixed" when its tokens disagree."""
+    outcomes = []
+    for row in range(ids.shape[0]):
+        for word in sorted(set(word_ids[row].tolist()) - {-1}):
+            positions = (word_ids[row] == word).nonzero().flatten()
+            if len(positions) < 2 or labels[row, positions[0]] == IGNORE_INDEX:
+                continue
+            got, original = out[row, positions], ids[row, positions]
+            states = {"mask" if g == MASK_ID else "keep" if g == o else "random" for g, o in zip(got, original)}
+            outcomes.append(states.pop() if len(states) == 1 else "mixed")
+    return outcomes
+
+
+def test_whole_word_golden_cases_cover_every_per_word_outcome():
+    # The golden cases are only worth their bits if multi-token words were selected and came out in each of the
+    # three ways; and the reference itself must never split a word (the property the golden pins).
+    outcomes = []
+    for name in cases("wwm_split"):
+        outcomes += word_outcomes(*(GOLDEN[f"{name}.{t}"] for t in ("input_ids", "word_ids", "expected_input_ids",
+                                                                    "expected_labels")))
+    assert "mixed" not in outcomes
+    assert {k: outcomes.count(k) >= 3 for k in ("mask", "keep", "random")} == {"mask": True, "keep": True,
+                                                                               "random": True}
+
+
 @pytest.mark.parametrize("name", cases("course"))
 def test_apply_word_selection_reproduces_course_collator(name):
     out_ids, labels = apply_word_selection(GOLDEN[f"{name}.input_ids"], GOLDEN[f"{name}.word_ids"],
@@ -297,11 +340,29 @@ def test_whole_word_80_10_10_split_per_word():
     out, labels = mask_whole_words(ids, word_ids, mask_token_id=MASK_ID, vocab_size=VOCAB, wwm_probability=0.3,
                                    mask_replace_prob=0.8, random_replace_prob=0.1,
                                    generator=torch.Generator().manual_seed(5))
-    starts, _ = word_starts(word_ids)
-    first = starts & (labels != IGNORE_INDEX)  # one position per selected word
-    n = int(first.sum())
-    assert within(int((out[first] == MASK_ID).sum()), n, 0.8)
-    assert within(int((out[first] == ids[first]).sum()), n, 0.1)
+    selected = labels != IGNORE_INDEX
+    starts, in_word = word_starts(word_ids)
+    assert torch.equal(out[~selected], ids[~selected])
+    # Every token of a selected word shares its word's outcome: 0 [MASK], 1 unchanged, 2 random id. A random id
+    # that happens to equal the token or [MASK] (probability 2 / VOCAB per token) would read as another outcome;
+    # at this seed none does, which the exact min == max check below relies on.
+    outcome = torch.where(out == MASK_ID, 0, torch.where(out == ids, 1, 2))
+    word = torch.where(in_word, starts.flatten().cumsum(0).view_as(starts) - 1, 0).flatten()
+    n_words = int(starts.sum())
+    chosen = selected.flatten()
+    low = torch.full((n_words,), 3).scatter_reduce(0, word[chosen], outcome.flatten()[chosen], "amin")
+    high = torch.full((n_words,), -1).scatter_reduce(0, word[chosen], outcome.flatten()[chosen], "amax")
+    picked = high >= 0  # selected words
+    tokens_per_word = torch.bincount(word[in_word.flatten()], minlength=n_words)
+    multi = picked & (tokens_per_word > 1)
+    assert torch.equal(low[picked], high[picked]), "a selected word came out partly [MASK] / random / unchanged"
+    # The split itself, counted over words (not tokens): 80% [MASK], 10% random, 10% unchanged.
+    n = int(picked.sum())
+    assert within(int((low[picked] == 0).sum()), n, 0.8)
+    assert within(int((low[picked] == 1).sum()), n, 0.1)
+    assert within(int((low[picked] == 2).sum()), n, 0.1)
+    # Multi-token words in each outcome, so the uniformity check above had something to bite on.
+    assert all(int((low[multi] == k).sum()) > 100 for k in (0, 1, 2))
 
 
 # ---------------------------------------------------------------------------------------------------------------

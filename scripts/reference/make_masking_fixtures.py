@@ -12,6 +12,13 @@ Three kinds of cases, each a group of tensors named "<case>.<tensor>" plus an en
   collator used (only when it came from a column), the collator's output, and the SHA-256 of the RNG state after
   the call (`torch.get_rng_state()` or `collator.generator.get_state()`), which compares the full state exactly.
 - "wwm524": `DataCollatorForLanguageModeling(whole_word_mask=True)` with the offset-based word ids it computes.
+- "wwm_split": whole-word masking with 80/10/10 decided once per WORD (mlm's option). No reference collator does
+  this: transformers 5.24 forces mask_replace_prob to 1 with whole_word_mask=True. So the selection and the RNG
+  use of the first two draws come from that collator (bernoulli consumes the same numbers whatever p is, so its
+  bernoulli(1.0) advances the RNG as a bernoulli(0.8) does; the replay's state is checked equal to the
+  collator's), and the two further draws follow mlm's documented order (docs/reference.md#masking-draws:
+  bernoulli(0.1 / 0.2), then randint(vocab) over the full shape). Each word then takes the decision drawn at
+  its first token, in a plain loop over words written independently of mlm's vectorised code.
 - "course": the HF course chapter 7 whole-word collator (written out below from its published code), with its
   numpy selection, so `apply_word_selection` can be checked against it.
 
@@ -164,6 +171,62 @@ def wwm524_cases(tok, tensors: dict, meta: dict) -> None:
         meta[name] = {"kind": "wwm524", "seed": seed, "wwm_probability": p}
 
 
+def per_word_split(ids, word_ids, selected, to_mask, to_random, random_ids, mask_token_id):
+    """Whole-word 80/10/10, one word at a time: each token of a word takes the decision drawn at its first token
+    ([MASK], its own random id from `random_ids`, or unchanged). Returns (input_ids, labels) as nested lists."""
+    out, labels = [list(row) for row in ids], [[-100] * len(row) for row in ids]
+    for b, row in enumerate(word_ids):
+        words: dict = {}
+        for i, w in enumerate(row):
+            if w >= 0:
+                words.setdefault(w, []).append(i)  # transformers' word ids are cumulative: never reused in a row
+        for positions in words.values():
+            first = positions[0]
+            if not selected[b][first]:
+                continue
+            for i in positions:
+                labels[b][i] = ids[b][i]
+                if to_mask[b][first]:
+                    out[b][i] = mask_token_id
+                elif to_random[b][first]:
+                    out[b][i] = random_ids[b][i]
+    return out, labels
+
+
+def wwm_split_cases(tok, tensors: dict, meta: dict) -> None:
+    for seed, (batch, length, offset), p in [(10, (4, 32, 0), 0.5), (17, (6, 40, 3), 0.6)]:
+        name = f"wwm_split_b{batch}_l{length}_s{seed}"
+        ids, _, offsets = chunks(tok, batch, length, offset)
+        rows = [{"input_ids": i, "offset_mapping": o} for i, o in zip(ids, offsets, strict=True)]
+        collator = DataCollatorForLanguageModeling(tok, whole_word_mask=True, mlm_probability=p,
+                                                   mask_replace_prob=1.0, random_replace_prob=0.0)
+        special = np.array([tok.get_special_tokens_mask(r, already_has_special_tokens=True) for r in ids])
+        word_ids, no_mask = collator._calc_word_ids_and_prob_mask(np.array(offsets), special)
+        torch.manual_seed(seed)
+        out = collator(rows)
+        collator_state = torch.get_rng_state()
+        # The collator's two draws replayed on its shapes (torch_mask_tokens in 5.24), then the two further ones.
+        shape = (batch, length)
+        torch.manual_seed(seed)
+        first_draw = torch.bernoulli(torch.full(shape, p).masked_fill_(torch.from_numpy(no_mask), 0.0)).bool()
+        to_mask = torch.bernoulli(torch.full(shape, 0.8)).bool()
+        assert torch.equal(torch.get_rng_state(), collator_state), "the replay must make the collator's draws"
+        to_random = torch.bernoulli(torch.full(shape, 0.1 / (1 - 0.8))).bool()
+        random_ids = torch.randint(len(tok), shape, dtype=torch.long)
+        final_state = torch.get_rng_state()
+        expected_ids, expected_labels = per_word_split(ids, word_ids.tolist(), first_draw.tolist(), to_mask.tolist(),
+                                                       to_random.tolist(), random_ids.tolist(), tok.mask_token_id)
+        expected_ids, expected_labels = torch.tensor(expected_ids), torch.tensor(expected_labels)
+        assert torch.equal(expected_labels, out["labels"]), "the selection is the collator's"
+        tensors[f"{name}.input_ids"] = torch.tensor(ids, dtype=torch.int32)
+        tensors[f"{name}.word_ids"] = torch.from_numpy(word_ids.astype(np.int32))
+        tensors[f"{name}.expected_input_ids"] = expected_ids.int()
+        tensors[f"{name}.expected_labels"] = expected_labels.int()
+        tensors[f"{name}.rng_sha256"] = sha(final_state)
+        meta[name] = {"kind": "wwm_split", "seed": seed, "wwm_probability": p, "mask_replace_prob": 0.8,
+                      "random_replace_prob": 0.1}
+
+
 def course_cases(tok, tensors: dict, meta: dict) -> None:
     for seed, (batch, length, offset), p in [(0, (4, 32, 0), 0.2), (42, (4, 32, 3), 0.2), (5, (2, 48, 1), 0.5)]:
         name = f"course_b{batch}_l{length}_s{seed}"
@@ -192,6 +255,7 @@ def main() -> None:
     cases: dict = {}
     token_cases(tok, tensors, cases)
     wwm524_cases(tok, tensors, cases)
+    wwm_split_cases(tok, tensors, cases)
     course_cases(tok, tensors, cases)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     OUT.mkdir(parents=True, exist_ok=True)
