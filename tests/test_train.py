@@ -103,7 +103,7 @@ def test_tiny_model_learns_and_writes_a_complete_run(tmp_path, monkeypatch):
     input_ids, labels, batch_size = scored[-1]
     assert len(scored) == 4 and all(torch.equal(labels, other) for _, other, _ in scored)
     reloaded = evaluate(load_pretrained(run), input_ids, labels, batch_size=batch_size)
-    recorded = json.loads((run / "summary.json").read_text())
+    recorded = json.loads((run / "run.json").read_text())["results"]
     for last in (evals[-1], recorded["after"], asdict(summary.after)):
         assert reloaded.tokens == last["tokens"] and reloaded.accuracy == last["accuracy"]
         assert math.isclose(reloaded.perplexity, last["perplexity"], rel_tol=1e-5)
