@@ -402,6 +402,19 @@ def parse_size(text: str, flag: str = "--train-size") -> int | str:
     return value
 
 
+def size_flag(flag: str):
+    """An argparse `type` for --train-size/--test-size: `parse_size` with its message as the usage error."""
+    import argparse
+
+    def size(text: str) -> int | str:
+        try:
+            return parse_size(text, flag)
+        except MLMError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return size
+
+
 def concatenate(parts: list[Chunks]) -> Chunks:
     """The chunks of `parts` one after the other (e.g. IMDb's train then unsupervised split), without a copy."""
     if len(parts) == 1:

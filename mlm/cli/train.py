@@ -21,6 +21,7 @@ import os
 import sys
 from pathlib import Path
 
+from mlm.data import size_flag
 from mlm.errors import run_cli
 from mlm.files.hub import set_progress_bars
 from mlm.run.hub_push import full_repo_id, push_folder
@@ -52,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--group-size", type=int, default=d.group_size,
                    help="concatenate per group of this many reviews, as datasets.map(batched=True) does with 1000, "
                         "to reproduce the course's chunk counts exactly (default: the whole split)")
-    g.add_argument("--train-size", type=int, default=d.train_size, help="training chunks drawn (default: %(default)s)")
-    g.add_argument("--test-size", type=int, default=d.test_size, help="eval chunks drawn (default: %(default)s)")
+    g.add_argument("--train-size", type=size_flag("--train-size"), default=d.train_size,
+                   help="training chunks drawn, or 'all': every chunk not held out (default: %(default)s)")
+    g.add_argument("--test-size", type=size_flag("--test-size"), default=d.test_size,
+                   help="eval chunks drawn, or a percentage of the chunks such as 5%% (default: %(default)s)")
     g.add_argument("--cache-dir", default=d.cache_dir, help="where tokenized chunks are cached (default: $MLM_CACHE, "
                    "else $HF_HOME/mlm, else ~/.cache/mlm)")
 
