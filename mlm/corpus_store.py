@@ -247,11 +247,15 @@ def _pieces(files: list[Path], text_column: str, one_document_per_file: bool) ->
         piece, size = [], 0
         for texts, bytes_read in iter_texts(files, text_column=text_column,
                                             one_document_per_file=one_document_per_file):
-            piece += texts
-            size += sum(map(len, texts))
-            if size >= PIECE_CHARS:
-                yield piece, bytes_read
-                piece, size = [], 0
+            # Cut inside a batch too: a reader's batch can be larger than a piece.
+            ends = np.cumsum([len(text) for text in texts]) + size
+            start = 0
+            while start < len(texts) and ends[-1] >= PIECE_CHARS:
+                stop = int(np.searchsorted(ends, PIECE_CHARS)) + 1
+                yield piece + texts[start:stop], bytes_read
+                piece, size, start, ends = [], 0, stop, ends - ends[stop - 1]
+            piece += texts[start:]
+            size = int(ends[-1]) if len(texts) else size
         if piece:
             yield piece, bytes_read
 

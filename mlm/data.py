@@ -365,6 +365,8 @@ def draw(chunks: Chunks, size: int | str, *, seed: int = 42, what: str = "train"
 def draw_size(size: int | str, n: int, flag: str) -> int:
     """The number of chunks `size` means out of `n`: an int as it is, "all" all of them, "P%" P percent rounded up
     (as `datasets`' train_test_split rounds a test fraction), e.g. "5%" of 61,302 is 3,066."""
+    if isinstance(size, str):
+        size = parse_size(size, flag)
     if size == "all":
         return n
     if isinstance(size, str) and size.endswith("%"):

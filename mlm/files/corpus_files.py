@@ -99,7 +99,7 @@ def _record_blocks(file: Path, compression: str | None, block_bytes: int, quoted
     with raw:
         pending = b""
         while True:
-            block = stream.read(block_bytes)
+            block = stream.read(max(block_bytes, len(pending)))  # a long record: read in doubling steps
             data = pending + block
             if not block:
                 if data:
