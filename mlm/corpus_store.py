@@ -169,10 +169,12 @@ def _file_sha256(file: Path) -> str:
 # Preparing a store
 
 
-def prepare_store(path: Path, key: dict, files: list[Path], tokenizer: Tokenizer, *, chunk_size: int,
+def prepare_store(path: Path, key: dict, files: list[Path], tokenizer: Tokenizer, tokenize, *, chunk_size: int,
                   group_size: int | None, text_column: str = "text", one_document_per_file: bool = False,
                   progress: bool = False) -> ChunkStore:
     """The store at `path` for `key`, built from `files` unless a valid one is there (see the module docstring).
+
+    tokenize: mlm.data.tokenize, passed in so that this module does not import the course's pipeline back.
 
     Raises MLMError for bad input (after which the same command resumes) and OSError when the folder is not
     writable.
@@ -194,7 +196,7 @@ def prepare_store(path: Path, key: dict, files: list[Path], tokenizer: Tokenizer
         with _progress_bar(files, progress, path.name) as bar:
             for index, (texts, bytes_read) in enumerate(pieces):
                 if index >= writer.state["pieces"]:
-                    writer.add_piece(_tokenized(texts, tokenizer))
+                    writer.add_piece(_tokenized(texts, tokenizer, tokenize))
                 bar.update(bytes_read - bar.n)
         header = writer.finish(key, text_column)
         if path.exists():  # a corrupt store, refused above
@@ -268,14 +270,12 @@ def _pieces(files: list[Path], text_column: str, one_document_per_file: bool) ->
             yield piece
 
 
-def _tokenized(texts: list[str], tokenizer: Tokenizer) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def _tokenized(texts: list[str], tokenizer: Tokenizer, tokenize) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Yield (input_ids (T,) int32, word_ids (T,) int32, doc_ends (D,) int64) stretches of the piece's stream.
 
     doc_ends are the offsets in the stretch just past each document's last token. Documents up to SLICE_CHARS
-    go through mlm.data.tokenize, many per call; a longer one comes in several stretches (`_tokenized_long`).
+    go through `tokenize` (mlm.data.tokenize), many per call; a longer one comes in several stretches.
     """
-    from mlm.data import tokenize
-
     start = 0
     for index, text in enumerate(texts):
         if len(text) > SLICE_CHARS:

@@ -310,7 +310,7 @@ def load_chunks(
     directory = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = store_path(directory, split, chunk_size, key)
     try:
-        store = prepare_store(path, key, files, tokenizer, chunk_size=chunk_size, group_size=group_size,
+        store = prepare_store(path, key, files, tokenizer, tokenize, chunk_size=chunk_size, group_size=group_size,
                               progress=progress, **reading)
     except OSError as err:  # e.g. a read-only folder, a full disk
         warnings.warn(f"Could not write the chunk store {path} ({err}); continuing without it. "

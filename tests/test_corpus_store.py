@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import mlm.corpus_store as corpus_store
-from mlm.data import load_chunks, load_texts, split_train_test, tokenize_and_chunk
+from mlm.data import load_chunks, load_texts, split_train_test, tokenize, tokenize_and_chunk
 from mlm.errors import MLMError
 from mlm.files.corpus_files import iter_texts
 from mlm.masking import MaskingCollator
@@ -118,7 +118,7 @@ def test_dictionary_and_string_view_columns(tmp_path):
 def test_a_huge_document_is_tokenized_in_slices_as_a_whole(tokenizer, monkeypatch):
     monkeypatch.setattr(corpus_store, "SLICE_CHARS", 50)
     text = " ".join(["the plot", "was\nreally", "boring", "actor123"] * 40)
-    stretches = list(corpus_store._tokenized([TEXTS[0], text, TEXTS[1]], tokenizer))
+    stretches = list(corpus_store._tokenized([TEXTS[0], text, TEXTS[1]], tokenizer, tokenize))
     ids = np.concatenate([s[0] for s in stretches])
     words = np.concatenate([s[1] for s in stretches])
     expected = [tokenizer.backend.encode(t) for t in (TEXTS[0], text, TEXTS[1])]
