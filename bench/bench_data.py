@@ -111,7 +111,7 @@ def bench_data(dataset_dir: str | Path, tokenizer_dir: str | Path, *, verbose: b
         _, cold_s = _timed(load_chunks, dataset_dir, "train", tokenizer, chunk_size=CHUNK_SIZE, cache_dir=cache_dir)
         cached, warm_s = _timed(load_chunks, dataset_dir, "train", tokenizer, chunk_size=CHUNK_SIZE,
                                 cache_dir=cache_dir)
-        cache_mb = cached.cache_path.stat().st_size / 2**20
+        cache_mb = sum(f.stat().st_size for f in cached.cache_path.iterdir()) / 2**20
 
     best_ours, best_bare = min(ours_s, ours_s2), min(bare_s, bare_s2)
     figures = {
@@ -148,7 +148,7 @@ def bench_data(dataset_dir: str | Path, tokenizer_dir: str | Path, *, verbose: b
     say(f"ours with group_size=1000    {grouped_s:6.2f} s")
     say(f"chunks: ours {len(ours):,}; ours group_size=1000 {len(grouped):,}; reference {len(reference['input_ids']):,}"
         f"; group_size=1000 identical to reference: {identical}")
-    say(f"load_chunks: cold {cold_s:.2f} s, cached {warm_s:.3f} s ({cache_mb:.1f} MB file)")
+    say(f"load_chunks: cold {cold_s:.2f} s, cached {warm_s:.3f} s ({cache_mb:.1f} MB store)")
     say(f"peak RSS (ru_maxrss): {rss_before:.0f} MB after reading texts, {rss_ours:.0f} MB after ours, "
         f"{figures['peak_rss_end_mb']:.0f} MB at the end (bare encode_batch of all reviews at once)")
     return figures

@@ -8,10 +8,11 @@
                         reproduces the course's chunk counts
     split_train_test    the course's `train_test_split(train_size=10_000, test_size=1_000, seed=42)`
 
-`load_chunks` runs the first two on a split of a corpus, behind a cache; `load_train_eval_chunks` gives a run its
+`load_chunks` runs the first two on a split of a corpus, streaming, into a memory-mapped store
+(mlm/corpus_store.py) that later runs reuse; `load_train_eval_chunks` gives a run its
 train and eval chunks, drawn from the train split as the course does, or with the eval chunks from another
 split (IMDb's own test split) or file, and the train chunks from several splits. Finding and reading the files is in
-mlm/files/data_files.py, the cache in mlm/files/data_cache.py.
+mlm/files/data_files.py, the store's name in mlm/files/data_cache.py.
 
 Everything works on flat numpy arrays: there is no Python loop per token, and per review only the attribute
 access needed to pull ids out of the tokenizer's Encoding objects.
@@ -19,22 +20,25 @@ access needed to pull ids out of the tokenizer's Encoding objects.
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from fractions import Fraction
 from itertools import chain
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
+from mlm.corpus_store import prepare_store
 from mlm.errors import MLMError
-from mlm.files.data_cache import CachedChunks, cache_key, cache_path, default_cache_dir, read_cache, write_cache
-from mlm.files.data_files import find_data_files, load_texts, read_texts
+from mlm.files.data_cache import cache_key, default_cache_dir, store_path
+from mlm.files.data_files import find_corpus, load_texts, read_texts
 from mlm.tokenizer import Tokenizer
 
-__all__ = ["Chunks", "chunk", "concatenate", "draw", "load_chunks", "load_texts", "load_train_eval_chunks",
-           "split_train_test", "tokenize", "tokenize_and_chunk"]
+__all__ = ["Chunks", "chunk", "concatenate", "draw", "draw_size", "load_chunks", "load_texts", "load_train_eval_chunks",
+           "parse_size", "split_train_test", "tokenize", "tokenize_and_chunk"]
 
 # Reviews per encode_batch call. The tokenizer parallelises inside a call, so a batch only has to be large
 # enough to keep its thread pool busy; 2,000 IMDb reviews (~630k tokens) do. Tokenizing everything in one
@@ -43,22 +47,83 @@ ENCODE_BATCH_SIZE = 2_000
 ENCODE_BATCHES_IN_FLIGHT = 2  # encode_batch calls running at once (see `tokenize`)
 
 
-@dataclass
 class Chunks:
-    """Fixed-size blocks of token ids and the word id of every token.
+    """Fixed-size blocks of token ids and the word id of every token: arrays in memory, or a view by index over
+    the memory-mapped store of mlm/corpus_store.py, so that drawing and concatenating never copy the chunks.
 
     input_ids: (N, chunk_size) int32 token ids.
-    word_ids:  (N, chunk_size) int32; the index of the token's word within its review, -1 at [CLS]/[SEP].
+    word_ids:  (N, chunk_size) int32; the index of the token's word within its review, -1 at [CLS]/[SEP] (from a
+        store, the same word starts with other numbers: see mlm/corpus_store.py).
     n_reviews, n_tokens: size of the corpus the chunks were cut from ([CLS]/[SEP] counted, dropped tail
         tokens too); a subset made by `select` or `split_train_test` keeps its parent's figures.
-    cache_path: the cache file these chunks were read from or written to, None if not cached.
+    cache_path: the store these chunks were read from or written to, None if not stored.
+    `rows(positions)` reads only the chunks asked for; `input_ids` and `word_ids` read them all.
     """
 
-    input_ids: np.ndarray
-    word_ids: np.ndarray
-    n_reviews: int
-    n_tokens: int
-    cache_path: Path | None = None
+    def __init__(self, input_ids: np.ndarray, word_ids: np.ndarray, n_reviews: int, n_tokens: int,
+                 cache_path: Path | None = None):
+        self._parts, self._indices = [_ArrayRows(np.asarray(input_ids), np.asarray(word_ids))], None
+        self.n_reviews, self.n_tokens, self.cache_path = n_reviews, n_tokens, cache_path
+
+    @classmethod
+    def view(cls, parts: list, indices: np.ndarray | None, n_reviews: int, n_tokens: int,
+             cache_path: Path | None = None) -> Chunks:
+        """Chunks made of `parts` (each with len, chunk_size and rows()) end to end, taken at `indices` (or all)."""
+        chunks = cls.__new__(cls)
+        chunks._parts, chunks._indices = parts, indices
+        chunks.n_reviews, chunks.n_tokens, chunks.cache_path = n_reviews, n_tokens, cache_path
+        return chunks
+
+    def __len__(self) -> int:
+        return len(self._indices) if self._indices is not None else sum(len(part) for part in self._parts)
+
+    @property
+    def chunk_size(self) -> int:
+        return self._parts[0].chunk_size
+
+    @property
+    def input_ids(self) -> np.ndarray:
+        return self._whole()[0]
+
+    @property
+    def word_ids(self) -> np.ndarray:
+        return self._whole()[1]
+
+    def _whole(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._indices is None and len(self._parts) == 1 and isinstance(self._parts[0], _ArrayRows):
+            return self._parts[0].input_ids, self._parts[0].word_ids  # no copy
+        return self.rows(np.arange(len(self)))
+
+    def rows(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, word_ids), both (n, L) int32, of the chunks at `positions` (n,) int, in that order."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if self._indices is not None:
+            positions = self._indices[positions]
+        if len(self._parts) == 1:
+            return self._parts[0].rows(positions)
+        starts = np.cumsum([0] + [len(part) for part in self._parts])
+        owner = np.searchsorted(starts, positions, side="right") - 1
+        ids = np.empty((len(positions), self.chunk_size), np.int32)
+        words = np.empty_like(ids)
+        for number, part in enumerate(self._parts):
+            mine = owner == number
+            if mine.any():
+                ids[mine], words[mine] = part.rows(positions[mine] - starts[number])
+        return ids, words
+
+    def select(self, indices: np.ndarray) -> Chunks:
+        """The chunks at `indices` (1-D int array), in that order, like `datasets.Dataset.select`: a view."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if self._indices is not None:
+            indices = self._indices[indices]
+        return Chunks.view(self._parts, indices, self.n_reviews, self.n_tokens)
+
+
+class _ArrayRows:
+    """Chunks held in memory: input_ids and word_ids (N, L) integer arrays."""
+
+    def __init__(self, input_ids: np.ndarray, word_ids: np.ndarray):
+        self.input_ids, self.word_ids = input_ids, word_ids
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -67,9 +132,8 @@ class Chunks:
     def chunk_size(self) -> int:
         return self.input_ids.shape[1]
 
-    def select(self, indices: np.ndarray) -> Chunks:
-        """The chunks at `indices` (1-D int array), in that order, like `datasets.Dataset.select`."""
-        return Chunks(self.input_ids[indices], self.word_ids[indices], self.n_reviews, self.n_tokens)
+    def rows(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.input_ids[positions].astype(np.int32), self.word_ids[positions].astype(np.int32)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -228,30 +292,32 @@ def load_chunks(
 ) -> Chunks:
     """The chunks of `split` of `source` (see `load_texts`), from the cache when a valid entry exists.
 
-    On a miss, or when the cache file is truncated or corrupt (a warning says so), the chunks are rebuilt
-    with `tokenize_and_chunk` and written to `cache_dir` (default `default_cache_dir()`)/chunks. Returns
-    Chunks with (N, chunk_size) int32 input_ids and word_ids and `cache_path` set; use_cache=False neither
-    reads nor writes the cache.
+    On a miss, or when the store is truncated or corrupt (a warning says so), the chunks are prepared into a
+    store in `cache_dir` (default `default_cache_dir()`)/chunks, streaming, in bounded memory
+    (mlm/corpus_store.py); an interrupted preparation continues where it stopped. Returns Chunks of
+    chunk_size tokens viewing the memory-mapped store, `cache_path` set; use_cache=False neither reads nor
+    writes the store and tokenizes the whole split in memory, as the course does.
     """
     check_chunk_size(chunk_size, max_position_embeddings)
     check_group_size(group_size)
-    files = find_data_files(source, split, revision=revision)
+    files, one_document_per_file = find_corpus(source, split, revision=revision)
+    reading = dict(text_column=text_column, one_document_per_file=one_document_per_file)
     if not use_cache:
-        texts = read_texts(files, text_column=text_column)
+        texts = read_texts(files, **reading)
         return tokenize_and_chunk(texts, tokenizer, chunk_size=chunk_size, group_size=group_size, progress=progress)
 
-    key = cache_key(files, tokenizer, chunk_size=chunk_size, group_size=group_size, text_column=text_column)
+    key = cache_key(files, tokenizer, chunk_size=chunk_size, group_size=group_size, **reading)
     directory = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    path, key_hash = cache_path(directory, split, chunk_size, key)
-    if path.exists() and (cached := read_cache(path, key_hash, chunk_size)) is not None:
-        return Chunks(*cached, cache_path=path)
-
-    texts = read_texts(files, text_column=text_column)
-    chunks = tokenize_and_chunk(texts, tokenizer, chunk_size=chunk_size, group_size=group_size, progress=progress)
-    stored = CachedChunks(chunks.input_ids, chunks.word_ids, chunks.n_reviews, chunks.n_tokens)
-    if write_cache(path, stored, key, key_hash):
-        chunks.cache_path = path
-    return chunks
+    path = store_path(directory, split, chunk_size, key)
+    try:
+        store = prepare_store(path, key, files, tokenizer, tokenize, chunk_size=chunk_size, group_size=group_size,
+                              progress=progress, **reading)
+    except OSError as err:  # e.g. a read-only folder, a full disk
+        warnings.warn(f"Could not write the chunk store {path} ({err}); continuing without it. "
+                      "Pass a writable --cache-dir or set MLM_CACHE.", stacklevel=2)
+        texts = read_texts(files, **reading)
+        return tokenize_and_chunk(texts, tokenizer, chunk_size=chunk_size, group_size=group_size, progress=progress)
+    return Chunks.view([store], None, store.n_reviews, store.n_tokens, cache_path=path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -259,15 +325,18 @@ def load_chunks(
 
 
 def split_train_test(
-    chunks: Chunks, *, train_size: int = 10_000, test_size: int = 1_000, seed: int = 42
+    chunks: Chunks, *, train_size: int | str = 10_000, test_size: int | str = 1_000, seed: int = 42
 ) -> tuple[Chunks, Chunks]:
     """Draw disjoint train and test subsets of `chunks`, reproducibly.
 
     Same indices as `datasets.Dataset.train_test_split(train_size=..., test_size=..., seed=...)` with its
     defaults: permutation = np.random.default_rng(seed).permutation(len(chunks)); test takes the first
     test_size indices, train the next train_size, each in permutation order. Returns (train, test) Chunks of
-    shapes (train_size, chunk_size) and (test_size, chunk_size).
+    shapes (train_size, chunk_size) and (test_size, chunk_size), views of `chunks`. See `draw_size` for
+    train_size "all" and a test_size such as "5%".
     """
+    test_size = draw_size(test_size, len(chunks), "--test-size")
+    train_size = len(chunks) - test_size if train_size == "all" else draw_size(train_size, len(chunks), "--train-size")
     if train_size < 1 or test_size < 1:
         raise MLMError(f"--train-size and --test-size must be positive (got {train_size} and {test_size}).")
     if train_size + test_size > len(chunks):
@@ -281,8 +350,10 @@ def split_train_test(
     return train, test
 
 
-def draw(chunks: Chunks, size: int, *, seed: int = 42, what: str = "train", flag: str = "--train-size") -> Chunks:
+def draw(chunks: Chunks, size: int | str, *, seed: int = 42, what: str = "train",
+         flag: str = "--train-size") -> Chunks:
     """`size` chunks drawn without replacement, in the order of np.random.default_rng(seed).permutation."""
+    size = draw_size(size, len(chunks), flag)
     if size < 1:
         raise MLMError(f"{flag} must be positive (got {size}).")
     if size > len(chunks):
@@ -291,12 +362,67 @@ def draw(chunks: Chunks, size: int, *, seed: int = 42, what: str = "train", flag
     return chunks.select(np.random.default_rng(seed).permutation(len(chunks))[:size])
 
 
+def draw_size(size: int | str, n: int, flag: str) -> int:
+    """The number of chunks `size` means out of `n`: an int as it is, "all" all of them, "P%" P percent rounded up
+    (as `datasets`' train_test_split rounds a test fraction), e.g. "5%" of 61,302 is 3,066."""
+    if isinstance(size, str):
+        size = parse_size(size, flag)
+    if size == "all":
+        return n
+    if isinstance(size, str) and size.endswith("%"):
+        return math.ceil(Fraction(parse_percent(size, flag)) * n / 100)
+    return size
+
+
+def parse_percent(text: str, flag: str) -> str:
+    """`text` ("5%", "0.5%") checked: a number in (0, 100) followed by %; raises MLMError naming `flag`."""
+    try:
+        value = Fraction(text[:-1]) if text.endswith("%") else None
+    except ValueError:
+        value = None
+    if value is None or not 0 < value < 100:
+        raise MLMError(f"{flag} {text!r}: give a number of chunks or a percentage strictly between 0% and 100%, "
+                       "e.g. 5%.")
+    return text[:-1]
+
+
+def parse_size(text: str, flag: str = "--train-size") -> int | str:
+    """A --train-size or --test-size value: a positive int, a percentage ("5%"), or "all" (--train-size only)."""
+    text = str(text).strip()
+    if text == "all" and flag == "--train-size":
+        return text
+    if text.endswith("%"):
+        parse_percent(text, flag)
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        every = ", 'all' (every chunk not held out)" if flag == "--train-size" else ""
+        raise MLMError(f"{flag} {text!r}: give a positive number of chunks{every} or a percentage such as 5%.")
+    return value
+
+
+def size_flag(flag: str):
+    """An argparse `type` for --train-size/--test-size: `parse_size` with its message as the usage error."""
+    import argparse
+
+    def size(text: str) -> int | str:
+        try:
+            return parse_size(text, flag)
+        except MLMError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return size
+
+
 def concatenate(parts: list[Chunks]) -> Chunks:
-    """The chunks of `parts` one after the other (e.g. IMDb's train then unsupervised split)."""
+    """The chunks of `parts` one after the other (e.g. IMDb's train then unsupervised split), without a copy."""
     if len(parts) == 1:
         return parts[0]
-    return Chunks(np.concatenate([p.input_ids for p in parts]), np.concatenate([p.word_ids for p in parts]),
-                  n_reviews=sum(p.n_reviews for p in parts), n_tokens=sum(p.n_tokens for p in parts))
+    return Chunks.view(list(parts), None, n_reviews=sum(p.n_reviews for p in parts),
+                       n_tokens=sum(p.n_tokens for p in parts))
 
 
 def load_train_eval_chunks(
@@ -306,8 +432,8 @@ def load_train_eval_chunks(
     train_splits: tuple[str, ...] | list[str] = ("train",),
     eval_split: str | None = None,
     validation_file: str | Path | None = None,
-    train_size: int = 10_000,
-    test_size: int = 1_000,
+    train_size: int | str = 10_000,
+    test_size: int | str = 1_000,
     seed: int = 42,
     **load_args,
 ) -> tuple[Chunks, Chunks]:

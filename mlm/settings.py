@@ -28,8 +28,8 @@ class TrainConfig:
     validation_file: str | None = None  # or from this file
     chunk_size: int = 128
     group_size: int | None = None
-    train_size: int = 10_000
-    test_size: int = 1_000
+    train_size: int | str = 10_000  # or "all": every chunk not held out
+    test_size: int | str = 1_000  # or a percentage such as "5%"
     cache_dir: str | None = None
     masking: str = "token"  # "token" (80/10/10) or "wwm" (whole words)
     mlm_probability: float = 0.15
@@ -75,7 +75,11 @@ class TrainConfig:
             if not condition:
                 raise MLMError(message)
 
-        for name in ("batch_size", "eval_batch_size", "grad_accum", "epochs", "train_size", "test_size",
+        from mlm.data import parse_size
+
+        for name in ("train_size", "test_size"):
+            parse_size(getattr(self, name), f"--{name.replace('_', '-')}")  # raises MLMError naming the flag
+        for name in ("batch_size", "eval_batch_size", "grad_accum", "epochs",
                      "log_every", "keep_checkpoints"):
             value = getattr(self, name)
             check(isinstance(value, int) and value >= 1, f"--{name.replace('_', '-')} must be an integer >= 1, "

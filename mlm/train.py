@@ -224,8 +224,7 @@ class StepBatches(torch.utils.data.Dataset):
 
     def __init__(self, chunks: Chunks, order: torch.Tensor, collator: MaskingCollator, *, batch_size: int,
                  grad_accum: int, rank: int, world_size: int, seed: int, epoch: int, pad_positions_to: int = 1):
-        self.input_ids = torch.from_numpy(chunks.input_ids.astype(np.int64))  # (N, L)
-        self.word_ids = torch.from_numpy(chunks.word_ids.astype(np.int64))  # (N, L)
+        self.chunks = chunks  # read by row in __getitem__: a memory-mapped store is never copied whole
         self.order, self.collator = order, collator
         self.batch_size, self.grad_accum, self.rank, self.seed, self.epoch = batch_size, grad_accum, rank, seed, epoch
         self.global_batch = batch_size * grad_accum * world_size
@@ -244,7 +243,8 @@ class StepBatches(torch.utils.data.Dataset):
         """
         rows = self.order[step * self.global_batch : (step + 1) * self.global_batch]
         generator = torch.Generator().manual_seed(mask_seed(self.seed, self.epoch, step))
-        masked = self.collator.mask(self.input_ids[rows], self.word_ids[rows], generator=generator)
+        input_ids, word_ids = (torch.from_numpy(a.astype(np.int64)) for a in self.chunks.rows(rows.numpy()))  # (G, L)
+        masked = self.collator.mask(input_ids, word_ids, generator=generator)
         labelled = masked["labels"] != IGNORE_INDEX  # (G, L)
         batches = []
         for micro in range(self.rank * self.grad_accum, (self.rank + 1) * self.grad_accum):

@@ -348,8 +348,9 @@ def test_cache_miss_then_hit(corpus_dir, tokenizer, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     first = load_chunks(corpus_dir, "train", tokenizer, chunk_size=8, cache_dir=cache)
     assert first.cache_path is not None and first.cache_path.parent == cache / "chunks"
-    assert first.cache_path.name.startswith("train-8-") and first.cache_path.suffix == ".safetensors"
+    assert first.cache_path.name.startswith("train-8-") and first.cache_path.is_dir()
     assert [p.name for p in (cache / "chunks").iterdir()] == [first.cache_path.name]  # no temporary left
+    assert sorted(p.name for p in first.cache_path.iterdir()) == ["header.json", "ids.bin", "words.bin"]
     expected = tokenize_and_chunk(load_texts(corpus_dir, "train"), tokenizer, chunk_size=8)
     np.testing.assert_array_equal(first.input_ids, expected.input_ids)
 
@@ -360,6 +361,10 @@ def test_cache_miss_then_hit(corpus_dir, tokenizer, tmp_path, monkeypatch):
     np.testing.assert_array_equal(second.word_ids, first.word_ids)
     assert (second.n_reviews, second.n_tokens) == (first.n_reviews, first.n_tokens) == (80, expected.n_tokens)
     assert second.input_ids.dtype == np.int32 and second.input_ids.flags.writeable
+    # The store renumbers words per chunk; the word starts, which decide whole-word masking, are the same.
+    from mlm.masking import word_starts
+    for stored, original in zip(word_starts(second.word_ids), word_starts(expected.word_ids)):
+        np.testing.assert_array_equal(stored.numpy(), original.numpy())
 
 
 def test_cache_is_invalidated_by_every_input(corpus_dir, tokenizer, tiny_tokenizer_dir, tmp_path):
@@ -397,24 +402,27 @@ def test_text_column_is_part_of_the_key(tmp_path, tokenizer):
     assert a.cache_path != b.cache_path and not np.array_equal(a.input_ids[:5], b.input_ids[:5])
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty"])
-def test_corrupt_cache_is_detected_and_rebuilt(corpus_dir, tokenizer, tmp_path, damage):
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty", "header"])
+def test_corrupt_store_is_detected_and_rebuilt(corpus_dir, tokenizer, tmp_path, damage):
     cache = tmp_path / "cache"
     good = load_chunks(corpus_dir, "train", tokenizer, chunk_size=8, cache_dir=cache)
-    raw = good.cache_path.read_bytes()
+    file = good.cache_path / ("header.json" if damage in ("garbage", "header") else "words.bin")
+    raw = file.read_bytes()
     damaged = {
-        "truncate": raw[: len(raw) - 100],
-        "flip": raw[:-10] + bytes([raw[-10] ^ 1]) + raw[-9:],  # one bit inside word_ids: only the checksum sees it
-        "garbage": b"not a safetensors file",
+        "truncate": raw[: len(raw) - 10],
+        "flip": raw[:-10] + bytes([raw[-10] ^ 1]) + raw[-9:],  # one bit of a word plane: only the checksum sees it
+        "garbage": b"not a header",
         "empty": b"",
+        "header": raw.replace(b'"n_reviews": 80', b'"n_reviews": 81'),  # every header field is checksummed
     }[damage]
-    good.cache_path.write_bytes(damaged)
-    with pytest.warns(UserWarning, match="Ignoring corrupt cache file"):
+    assert damaged != raw
+    file.write_bytes(damaged)
+    with pytest.warns(UserWarning, match="Ignoring corrupt chunk store"):
         rebuilt = load_chunks(corpus_dir, "train", tokenizer, chunk_size=8, cache_dir=cache)
     np.testing.assert_array_equal(rebuilt.input_ids, good.input_ids)
     np.testing.assert_array_equal(rebuilt.word_ids, good.word_ids)
-    assert rebuilt.cache_path == good.cache_path
-    with warnings.catch_warnings():  # the rewritten file is trusted again
+    assert rebuilt.cache_path == good.cache_path and rebuilt.n_reviews == 80
+    with warnings.catch_warnings():  # the rewritten store is trusted again
         warnings.simplefilter("error")
         reread = load_chunks(corpus_dir, "train", tokenizer, chunk_size=8, cache_dir=cache)
     np.testing.assert_array_equal(reread.word_ids, good.word_ids)
@@ -423,22 +431,9 @@ def test_corrupt_cache_is_detected_and_rebuilt(corpus_dir, tokenizer, tmp_path, 
 def test_unwritable_cache_dir_warns_and_continues(corpus_dir, tokenizer, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file where the cache folder should be")
-    with pytest.warns(UserWarning, match="Could not write the cache file"):
+    with pytest.warns(UserWarning, match="Could not write the chunk store"):
         chunks = load_chunks(corpus_dir, "train", tokenizer, chunk_size=8, cache_dir=blocker)
     assert chunks.cache_path is None and len(chunks) > 0
-
-
-def test_failed_write_leaves_no_partial_file(corpus_dir, tokenizer, tmp_path, monkeypatch):
-    import safetensors.numpy
-
-    def disk_full(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"half a file")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(safetensors.numpy, "save_file", disk_full)
-    with pytest.warns(UserWarning, match="No space left on device"):
-        chunks = load_chunks(corpus_dir, "train", tokenizer, chunk_size=8, cache_dir=tmp_path / "c")
-    assert chunks.cache_path is None and list((tmp_path / "c" / "chunks").iterdir()) == []
 
 
 def test_no_cache_reads_and_writes_nothing(corpus_dir, tokenizer, tmp_path):

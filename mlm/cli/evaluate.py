@@ -23,6 +23,7 @@ import torch
 from mlm.cli.args import ArgumentParser, flags_given
 from mlm.cli.compare import EvalSet, ModelScore, compare_models
 from mlm.cli.train import add_data_source_flags
+from mlm.data import size_flag
 from mlm.errors import MLMError, run_cli
 from mlm.files.hub import set_progress_bars
 from mlm.run.record import RunRecord, read_record
@@ -52,9 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--chunk-size", type=int, default=128, help="tokens per chunk (default: %(default)s)")
     g.add_argument("--group-size", type=int, default=None,
                    help="concatenate per group of this many texts (default: the whole split)")
-    g.add_argument("--train-size", type=int, default=10_000,
-                   help="train chunks of the run (the eval draw depends on it) (default: %(default)s)")
-    g.add_argument("--test-size", type=int, default=1_000, help="eval chunks (default: %(default)s)")
+    g.add_argument("--train-size", type=size_flag("--train-size"), default=10_000,
+                   help="train chunks of the run, or 'all' (the eval draw depends on it) (default: %(default)s)")
+    g.add_argument("--test-size", type=size_flag("--test-size"), default=1_000,
+                   help="eval chunks, or a percentage such as 5%% (default: %(default)s)")
     g.add_argument("--cache-dir", default=None, help="where tokenized chunks are cached (default: $MLM_CACHE, "
                    "else $HF_HOME/mlm, else ~/.cache/mlm)")
     g.add_argument("--data-seed", "--seed", dest="seed", type=int, default=42,
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = run_records(args.models)
     args.from_run = follow_runs(args, flags_given(parser, argv), runs)
     set_progress_bars(args.progress_bar)
-    for flag in ("chunk_size", "train_size", "test_size", "eval_batch_size", "top_k"):
+    for flag in ("chunk_size", "eval_batch_size", "top_k"):
         if getattr(args, flag) < 1:
             raise MLMError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}.")
     prompts = args.prompts or [DEFAULT_PROMPT]

@@ -1,9 +1,11 @@
-"""Tokenize and chunk IMDb (or any text corpus) once, cache the chunks, and print what came out.
+"""Tokenize and chunk IMDb (or any text corpus, any size) once into a store on disk, and print what came out.
 
     mlm-prepare-data --dataset path/to/imdb \\
         --tokenizer path/to/distilbert-base-uncased
 
-Training reads the same cache, so running this first only moves the tokenizing cost out of the training run.
+Training reads the same store, so running this first only moves the tokenizing cost out of the training run.
+Preparation streams in bounded memory; interrupted, the same command continues where it stopped
+(docs/corpora.md).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 from pathlib import Path
 
 from mlm.cli.args import ArgumentParser
-from mlm.data import load_chunks, split_train_test
+from mlm.data import load_chunks, size_flag, split_train_test
 from mlm.errors import MLMError, run_cli
 from mlm.files.data_cache import default_cache_dir
 from mlm.files.data_files import DEFAULT_DATASET, SPLITS
@@ -30,8 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--dataset", default=DEFAULT_DATASET,
-        help="Hub dataset repo id, a local folder with the Hub layout (plain_text/{split}-*.parquet), or a "
-             "single .parquet/.jsonl/.csv/.txt file (which is the 'train' split).",
+        help="Hub dataset repo id, a local folder with the Hub layout (plain_text/{split}-*.parquet) or of any "
+             "data files at any depth, a glob, or a single .parquet/.jsonl/.csv/.txt file, optionally .gz/.zst "
+             "(see docs/corpora.md).",
     )
     parser.add_argument(
         "--tokenizer", default="distilbert-base-uncased",
@@ -49,14 +52,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
              "batch_size=N (1000 reproduces the course's chunk counts); default: join the whole split.",
     )
     parser.add_argument("--cache-dir", type=Path, default=None,
-                        help=f"Where cached chunks go (default: $MLM_CACHE or {default_cache_dir()}).")
-    parser.add_argument("--no-cache", action="store_true", help="Neither read nor write the cache.")
+                        help=f"Where the chunk stores go (default: $MLM_CACHE or {default_cache_dir()}).")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="Neither read nor write a store: tokenize the whole split in memory.")
     parser.add_argument("--revision", default=None,
                         help="Git revision of the Hub dataset repo (branch, tag or commit); Hub ids only.")
-    parser.add_argument("--train-size", type=int, default=10_000,
-                        help="Chunks drawn from the train split for training (shown, not stored).")
-    parser.add_argument("--test-size", type=int, default=1_000,
-                        help="Chunks drawn from the train split for evaluation, disjoint from the above.")
+    parser.add_argument("--train-size", type=size_flag("--train-size"), default=10_000,
+                        help="Chunks drawn from the train split for training, or 'all' (shown, not stored).")
+    parser.add_argument("--test-size", type=size_flag("--test-size"), default=1_000,
+                        help="Chunks drawn from the train split for evaluation, disjoint from the above, or a "
+                             "percentage such as 5%%.")
     parser.add_argument("--seed", type=int, default=42, help="Seed of the train/test draw.")
     parser.add_argument("--no-progress", dest="progress_bar", action="store_false",
                         help="No progress bars (tokenizing, Hub downloads); by default they show on a terminal.")

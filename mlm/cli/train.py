@@ -22,7 +22,8 @@ import os
 import sys
 from pathlib import Path
 
-from mlm.cli.args import ArgumentParser
+from mlm.cli.args import ArgumentParser, flags_given
+from mlm.data import size_flag
 from mlm.errors import Interrupted, run_cli
 from mlm.files.hub import set_progress_bars
 from mlm.run.hub_push import full_repo_id, push_folder
@@ -56,8 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--group-size", type=int, default=d.group_size,
                    help="concatenate per group of this many reviews, as datasets.map(batched=True) does with 1000, "
                         "to reproduce the course's chunk counts exactly (default: the whole split)")
-    g.add_argument("--train-size", type=int, default=d.train_size, help="training chunks drawn (default: %(default)s)")
-    g.add_argument("--test-size", type=int, default=d.test_size, help="eval chunks drawn (default: %(default)s)")
+    g.add_argument("--train-size", type=size_flag("--train-size"), default=d.train_size,
+                   help="training chunks drawn, or 'all': every chunk not held out (default: %(default)s)")
+    g.add_argument("--test-size", type=size_flag("--test-size"), default=d.test_size,
+                   help="eval chunks drawn, or a percentage of the chunks such as 5%% (default: %(default)s)")
     g.add_argument("--cache-dir", default=d.cache_dir, help="where tokenized chunks are cached (default: $MLM_CACHE, "
                    "else $HF_HOME/mlm, else ~/.cache/mlm)")
 
@@ -177,18 +180,6 @@ def add_data_source_flags(g: argparse._ArgumentGroup, d: TrainConfig) -> None:
                    help="draw the eval chunks from this .parquet/.jsonl/.csv/.txt file instead")
 
 
-def given_flags(argv: list[str]) -> dict:
-    """The settings typed on the command line, without the defaults (nor --smoke's)."""
-    parser = build_parser()
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    given = vars(parser.parse_args(argv))
-    given.pop("smoke", None)
-    if "prompts" in given:
-        given["prompts"] = tuple(given["prompts"])
-    return given
-
-
 def split_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -204,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     args["prompts"] = tuple(args["prompts"] or TrainConfig.prompts)
     if args["resume"]:
         # A resume continues with the run's recorded settings; only the flags typed now change them.
-        given = given_flags(argv)
+        given = {name: args[name] for name in flags_given(build_parser(), argv) if name != "smoke"}
         args.update(resumed_settings(args["output_dir"], args["resume"], given))
     elif smoke and args["output_dir"] == SMOKE["output_dir"]:
         args["overwrite"] = True  # a smoke run is a throwaway: rerunning it replaces the last one

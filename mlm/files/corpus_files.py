@@ -1,0 +1,235 @@
+"""Reading a corpus's texts in bounded pieces, whatever its files: parquet shards, JSON lines, CSV and text files,
+plain or compressed (.gz, .zst).
+
+`iter_texts` yields the texts of a list of files batch by batch, never holding more than one batch (about
+`block_bytes` of raw text, or one document when a document is larger) plus pyarrow's read-ahead. mlm/corpus_store.py
+tokenizes the batches as they come; `read_texts` in mlm/files/data_files.py reads a whole corpus into a list.
+
+Every problem with a file (missing column, nulls, non-text column, bad UTF-8, a broken record) is one MLMError
+line naming the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from mlm.errors import MLMError
+
+FORMATS = (".parquet", ".jsonl", ".json", ".csv", ".txt")
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}
+# Raw bytes read from a line-based file at a time. Larger blocks only make pyarrow's parse more parallel.
+BLOCK_BYTES = 8 << 20
+PARQUET_BATCH_ROWS = 4096
+QUOTE, NEWLINE = ord('"'), ord("\n")
+
+
+def file_format(file: Path) -> tuple[str, str | None] | None:
+    """(format suffix, compression codec or None) of a corpus file, e.g. ('.jsonl', 'zstd'); None if not one."""
+    suffixes = [s.lower() for s in file.suffixes[-2:]]
+    compression = COMPRESSIONS.get(suffixes[-1]) if suffixes else None
+    if compression is not None:
+        suffixes = suffixes[:-1]
+    if not suffixes or suffixes[-1] not in FORMATS or (compression and suffixes[-1] == ".parquet"):
+        return None
+    return suffixes[-1], compression
+
+
+def check_one_format(files: list[Path]) -> None:
+    """Refuse a corpus whose files are of different formats (compression aside), naming the odd file."""
+    first = file_format(files[0])
+    for file in files[1:]:
+        found = file_format(file)
+        if found is None or found[0] != first[0]:
+            raise MLMError(f"{file} is a {(found or ('unknown',))[0].lstrip('.')} file but {files[0]} is "
+                           f"{first[0].lstrip('.')}: a corpus is one format. Move the odd files out or pass one "
+                           "folder or glob per format.")
+
+
+def iter_texts(files: list[Path], *, text_column: str = "text", one_document_per_file: bool = False,
+               block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[list[str], int]]:
+    """Yield (texts, bytes_read) batch by batch through `files` in order.
+
+    bytes_read counts the files' bytes on disk (compressed, when they are) consumed so far, for a progress bar.
+    A .txt file holds one document per line, or the whole file is one document with `one_document_per_file`.
+    Batch boundaries depend only on the files' bytes, so two reads of the same files yield the same batches.
+    """
+    done = 0
+    for file in files:
+        found = file_format(file)
+        if found is None:
+            raise MLMError(f"{file} is not a corpus file (.parquet, .jsonl, .json, .csv or .txt, optionally .gz "
+                           "or .zst).")
+        suffix, compression = found
+        try:
+            if suffix == ".parquet":
+                batches = _parquet_batches(file, text_column)
+            elif suffix == ".txt" and one_document_per_file:
+                batches = _document_file(file, compression)
+            else:
+                batches = _record_batches(file, suffix, compression, text_column, block_bytes)
+            for texts, position in batches:
+                yield texts, done + position
+        except (OSError, pa.ArrowException, EOFError) as err:
+            reason = " ".join(str(err).split()) or type(err).__name__
+            raise MLMError(f"Cannot read {file}: {reason}. Check that it is a valid {suffix[1:]} file"
+                           f"{' compressed with ' + compression if compression else ''}.") from None
+        done += file.stat().st_size
+
+
+def _open(file: Path, compression: str | None):
+    """(raw file, stream to read): the raw file's tell() is the progress through the file on disk."""
+    raw = open(file, "rb")  # noqa: SIM115 - closed by the caller
+    if compression is None:
+        return raw, raw
+    return raw, pa.CompressedInputStream(pa.PythonFile(raw, mode="r"), compression)
+
+
+def _record_blocks(file: Path, compression: str | None, block_bytes: int, quoted: bool) -> Iterator[tuple[bytes, int]]:
+    """Yield (bytes of whole records, raw position): blocks cut after a newline that ends a record.
+
+    With `quoted` (CSV), a newline inside a quoted field does not end a record: RFC 4180 escapes a quote by
+    doubling it, so a newline ends a record exactly when the number of quotes before it is even. A record
+    longer than `block_bytes` makes the block grow until it ends; nothing in pyarrow's reader limits its size.
+    """
+    raw, stream = _open(file, compression)
+    with raw:
+        pending = b""
+        while True:
+            block = stream.read(max(block_bytes, len(pending)))  # a long record: read in doubling steps
+            data = pending + block
+            if not block:
+                if data:
+                    yield data, raw.tell()
+                return
+            # Each block starts a record, so counting quotes from its start gives the parity.
+            cut = int(_record_ends(data)[-1:].sum()) if quoted else data.rfind(b"\n") + 1
+            if cut:
+                yield data[:cut], raw.tell()
+            pending = data[cut:]
+
+
+def _record_ends(data: bytes) -> np.ndarray:
+    """(K,) int64: the offsets just past each newline of `data` outside quotes; `data` starts a CSV record."""
+    raw = np.frombuffer(data, np.uint8)
+    outside_quotes = np.cumsum(raw == QUOTE) % 2 == 0
+    return np.flatnonzero((raw == NEWLINE) & outside_quotes) + 1
+
+
+def _record_batches(file: Path, suffix: str, compression: str | None, text_column: str,
+                    block_bytes: int) -> Iterator[tuple[list[str], int]]:
+    header = b""
+    line, offset = 1, 0
+    for data, position in _record_blocks(file, compression, block_bytes, quoted=suffix == ".csv"):
+        _check_utf8(data, file, line, offset)
+        if suffix == ".txt":
+            # One document per "\n"-ended line ("\r\n" too), not str.splitlines(), which also splits at form
+            # feeds and Unicode line separators inside a text. Blank lines would each be a bare [CLS] [SEP].
+            texts = [t.removesuffix("\r") for t in data.decode("utf-8").split("\n") if t.strip()]
+        elif suffix == ".csv":
+            if not header:  # the first record names the columns; every later block is parsed under it
+                ends = _record_ends(data)
+                end = int(ends[0]) if len(ends) else len(data)
+                header, data = data[:end], data[end:]
+                if not header.strip():
+                    raise MLMError(f"{file} has no header line naming its columns; add one (e.g. {text_column}).")
+            texts = _csv_texts(header, data, file, text_column) if data.strip() else []
+        else:
+            texts = _json_texts(data, file, text_column) if data.strip() else []
+        line, offset = line + data.count(b"\n"), offset + len(data)
+        if texts:
+            yield texts, position
+
+
+def _csv_texts(header: bytes, data: bytes, file: Path, text_column: str) -> list[str]:
+    import pyarrow.csv
+
+    body = header + data
+    table = pyarrow.csv.read_csv(
+        pa.BufferReader(body),
+        read_options=pyarrow.csv.ReadOptions(block_size=len(body) + 1),
+        parse_options=pyarrow.csv.ParseOptions(newlines_in_values=True),
+        # Read as text whatever it looks like: a column of numbers is still a column of texts here.
+        convert_options=pyarrow.csv.ConvertOptions(column_types={text_column: pa.string()}),
+    )
+    if text_column not in table.column_names:
+        raise _missing_column(file, text_column, table.column_names)
+    return texts_of(table.column(text_column), file, text_column)
+
+
+def _json_texts(data: bytes, file: Path, text_column: str) -> list[str]:
+    import pyarrow.json
+
+    # One block holding every line of `data`: pyarrow refuses a record that straddles two of its blocks.
+    table = pyarrow.json.read_json(pa.BufferReader(data),
+                                   read_options=pyarrow.json.ReadOptions(block_size=len(data) + 1))
+    if text_column not in table.column_names:
+        raise _missing_column(file, text_column, table.column_names)
+    return texts_of(table.column(text_column), file, text_column)
+
+
+def _parquet_batches(file: Path, text_column: str) -> Iterator[tuple[list[str], int]]:
+    import pyarrow.parquet
+
+    with pyarrow.parquet.ParquetFile(file) as parquet:
+        names = parquet.schema_arrow.names
+        if text_column not in names:
+            raise _missing_column(file, text_column, names)
+        total_rows, rows, size = max(parquet.metadata.num_rows, 1), 0, file.stat().st_size
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_column]):
+            rows += batch.num_rows
+            texts = texts_of(batch.column(0), file, text_column)
+            if texts:
+                yield texts, size * rows // total_rows
+
+
+def _document_file(file: Path, compression: str | None) -> Iterator[tuple[list[str], int]]:
+    raw, stream = _open(file, compression)
+    with raw:
+        data = stream.read()
+        position = raw.tell()
+    _check_utf8(data, file, 1, 0)
+    # The file as it is: its lines stay joined by their newlines, which the tokenizer reads as spaces.
+    text = data.decode("utf-8")
+    if text.strip():
+        yield [text], position
+
+
+def texts_of(column, file: Path, text_column: str) -> list[str]:
+    """The strings of a text column (Array or ChunkedArray), checked: text, no nulls, valid UTF-8."""
+    if len(column) == 0:  # an empty shard; its column may even have Arrow's "null" type
+        return []
+    if pa.types.is_dictionary(column.type):  # e.g. a pandas category column
+        column = column.cast(column.type.value_type)
+    if pa.types.is_string_view(column.type):
+        column = column.cast(pa.large_string())
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise MLMError(f"Column {text_column!r} of {file} holds {column.type}, not text; pass --text-column.")
+    if column.null_count:
+        raise MLMError(f"Column {text_column!r} of {file} has {column.null_count} missing (null) values; "
+                       "drop those rows or fill them in.")
+    try:
+        # Parquet and Arrow do not check that string bytes are UTF-8; decoding them later would fail halfway.
+        column.validate(full=True)
+    except pa.ArrowInvalid as err:
+        raise MLMError(f"Column {text_column!r} of {file} is not valid UTF-8 ({err}); re-encode it.") from None
+    return column.to_pylist()
+
+
+def _missing_column(file: Path, text_column: str, names: list[str]) -> MLMError:
+    return MLMError(f"{file} has no column {text_column!r} (it has: {', '.join(names) or 'none'}); "
+                    "pass the right one with --text-column.")
+
+
+def _check_utf8(data: bytes, file: Path, first_line: int, offset: int) -> None:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = first_line + data.count(b"\n", 0, err.start)
+        raise MLMError(
+            f"{file} is not UTF-8: byte {offset + err.start} (line {line}) cannot be decoded ({err.reason}). "
+            "Re-encode it as UTF-8, e.g. with `iconv -f latin1 -t utf-8`."
+        ) from None

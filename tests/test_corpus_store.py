@@ -1,0 +1,247 @@
+"""mlm/corpus_store.py and mlm/files/corpus_files.py: every layout and compression, resumable preparation, and
+whole-word masks from the store equal to those of the course's word ids."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import mlm.corpus_store as corpus_store
+from mlm.data import load_chunks, load_texts, split_train_test, tokenize, tokenize_and_chunk
+from mlm.errors import MLMError
+from mlm.files.corpus_files import iter_texts
+from mlm.masking import MaskingCollator
+from mlm.tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "mlm" / "smoke"
+TEXTS = ["a good movie, really.", "the plot was bad!", "i love this film", "boring and too long", "great acting"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_tokenizer_dir):
+    return load_tokenizer(tiny_tokenizer_dir)
+
+
+def compress(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".gz":
+        path.write_bytes(gzip.compress(data))
+    elif path.suffix == ".zst":
+        with pa.CompressedOutputStream(str(path), "zstd") as out:
+            out.write(data)
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def encoded(fmt: str, texts: list[str]) -> bytes:
+    if fmt == "jsonl":
+        return "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+    if fmt == "csv":
+        return ("id,text\n" + "".join(f'{i},"{t.replace(chr(34), 2 * chr(34))}"\n' for i, t in enumerate(texts))
+                ).encode()
+    return "".join(t + "\n" for t in texts).encode()
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "txt"])
+@pytest.mark.parametrize("zipped", ["", ".gz", ".zst"])
+def test_every_format_and_compression_reads_the_same_texts(tmp_path, fmt, zipped):
+    file = compress(tmp_path / f"train.{fmt}{zipped}", encoded(fmt, TEXTS))
+    assert load_texts(file) == TEXTS
+
+
+def test_folder_at_any_depth_glob_and_parquet_shards(tmp_path):
+    for index, text in enumerate(TEXTS):
+        compress(tmp_path / "deep" / f"part{index % 2}" / f"{index}.jsonl.gz", encoded("jsonl", [text]))
+    ordered = [TEXTS[i] for i in (0, 2, 4, 1, 3)]  # sorted by path: part0/ then part1/
+    assert load_texts(tmp_path / "deep") == ordered
+    assert load_texts(str(tmp_path / "deep" / "**" / "*.jsonl.gz")) == ordered
+    (tmp_path / "shards").mkdir()
+    for shard in range(2):
+        pq.write_table(pa.table({"text": TEXTS[shard::2]}), tmp_path / "shards" / f"x-{shard}.parquet")
+    assert load_texts(tmp_path / "shards") == TEXTS[0::2] + TEXTS[1::2]
+
+
+def test_folder_of_documents_one_per_file(tmp_path, tokenizer):
+    docs = tmp_path / "notes"
+    (docs / "b").mkdir(parents=True)
+    (docs / "a.txt").write_text("first line\nsecond line\n")
+    (docs / "b" / "c.txt").write_text("another document")
+    (docs / "empty.txt").write_text("\n")
+    assert load_texts(docs) == ["first line\nsecond line\n", "another document"]
+    chunks = load_chunks(docs, "train", tokenizer, chunk_size=4, cache_dir=tmp_path / "c")
+    assert chunks.n_reviews == 2
+
+
+def test_mixed_or_unreadable_files_are_one_line_naming_the_file(tmp_path):
+    (tmp_path / "mixed").mkdir()
+    compress(tmp_path / "mixed" / "a.jsonl", encoded("jsonl", TEXTS))
+    compress(tmp_path / "mixed" / "b.csv", encoded("csv", TEXTS))
+    with pytest.raises(MLMError, match=r"b\.csv is a csv file but .*a\.jsonl is jsonl"):
+        load_texts(tmp_path / "mixed")
+    broken = tmp_path / "broken.jsonl.gz"
+    broken.write_bytes(gzip.compress(b'{"text": "ok"}\n')[:-8])
+    with pytest.raises(MLMError, match=r"Cannot read .*broken\.jsonl\.gz") as err:
+        load_texts(broken)
+    assert "\n" not in str(err.value)
+
+
+def test_records_over_a_block_and_quoted_newlines(tmp_path, monkeypatch):
+    big = "word " * (300 << 10)  # 1.5 MiB in one record
+    texts = [big, 'a "quoted"\nreview, with\r\nnewlines', "short"] * 3
+    for fmt in ("jsonl", "csv"):
+        file = compress(tmp_path / f"t.{fmt}", encoded(fmt, texts))
+        assert load_texts(file) == texts
+        # Small blocks put record and quote boundaries everywhere.
+        batches = list(iter_texts([file], block_bytes=1000))
+        assert [t for batch, _ in batches for t in batch] == texts and len(batches) >= 3
+
+
+def test_dictionary_and_string_view_columns(tmp_path):
+    plain = pa.array(TEXTS)
+    for name, column in (("dict", plain.dictionary_encode()), ("view", plain.cast(pa.string_view()))):
+        pq.write_table(pa.table({"text": column}), tmp_path / f"{name}.parquet", store_schema=True)
+        assert load_texts(tmp_path / f"{name}.parquet") == TEXTS
+
+
+def test_a_huge_document_is_tokenized_in_slices_as_a_whole(tokenizer, monkeypatch):
+    monkeypatch.setattr(corpus_store, "SLICE_CHARS", 50)
+    text = " ".join(["the plot", "was\nreally", "boring", "actor123"] * 40)
+    stretches = list(corpus_store._tokenized([TEXTS[0], text, TEXTS[1]], tokenizer, tokenize))
+    ids = np.concatenate([s[0] for s in stretches])
+    words = np.concatenate([s[1] for s in stretches])
+    expected = [tokenizer.backend.encode(t) for t in (TEXTS[0], text, TEXTS[1])]
+    assert ids.tolist() == sum((e.ids for e in expected), [])
+    assert words.tolist() == sum(([-1 if w is None else w for w in e.word_ids] for e in expected), [])
+    assert len(stretches) > 4 and sum(len(s[2]) for s in stretches) == 3
+
+
+@pytest.mark.parametrize("group_size", [None, 3])
+def test_store_equals_the_course_chunks_and_their_whole_word_masks(tmp_path, monkeypatch, group_size):
+    """On the smoke corpus, in many pieces: the same ids, and the same whole-word masks, chunk starts and
+    [SEP] [CLS] boundaries included, as the course's word ids give."""
+    monkeypatch.setattr(corpus_store, "PIECE_CHARS", 3000)
+    tokenizer = load_tokenizer(SMOKE)
+    course = tokenize_and_chunk(load_texts(SMOKE / "reviews.jsonl"), tokenizer, chunk_size=32, group_size=group_size)
+    stored = load_chunks(SMOKE / "reviews.jsonl", "train", tokenizer, chunk_size=32, group_size=group_size,
+                         cache_dir=tmp_path)
+    assert len(stored) == len(course) and (stored.n_reviews, stored.n_tokens) == (course.n_reviews, course.n_tokens)
+    np.testing.assert_array_equal(stored.input_ids, course.input_ids)
+    collator = MaskingCollator.from_tokenizer(tokenizer, whole_word=True, mlm_probability=0.3)
+    masks = [collator.mask(torch.from_numpy(c.input_ids.astype(np.int64)),
+                           torch.from_numpy(c.word_ids.astype(np.int64)), generator=torch.Generator().manual_seed(1))
+             for c in (course, stored)]
+    for name in ("input_ids", "labels"):
+        assert torch.equal(masks[0][name], masks[1][name])
+    ids_file = stored.cache_path / "ids.bin"
+    assert ids_file.stat().st_size == len(stored) * 32 * 2  # uint16
+    assert (stored.cache_path / "words.bin").stat().st_size == len(stored) * 2 * 4  # two bits per token
+
+
+def test_train_all_and_test_percent(tmp_path, tokenizer):
+    chunks = load_chunks(SMOKE / "reviews.jsonl", "train", tokenizer, chunk_size=16, cache_dir=tmp_path)
+    train, test = split_train_test(chunks, train_size="all", test_size="5%", seed=42)
+    assert len(test) == -(-len(chunks) * 5 // 100) and len(train) + len(test) == len(chunks)
+    course_train, course_test = split_train_test(chunks, train_size=len(train), test_size=len(test), seed=42)
+    np.testing.assert_array_equal(train.input_ids, course_train.input_ids)
+    np.testing.assert_array_equal(test.word_ids, course_test.word_ids)
+    for bad, flag in (("0%", "test_size"), ("100%", "test_size"), ("all", "test_size"), ("x", "train_size")):
+        with pytest.raises(MLMError, match=f"--{flag.replace('_', '-')}"):
+            split_train_test(chunks, **{flag: bad})
+    from mlm.settings import TrainConfig
+    with pytest.raises(MLMError, match="--test-size"):
+        TrainConfig(test_size="105%").validate()
+
+
+def test_prepare_data_flags_take_all_and_percent(tmp_path, tiny_tokenizer_dir, capsys):
+    from mlm.cli.prepare_data import main
+    main(["--dataset", str(SMOKE / "reviews.jsonl"), "--tokenizer", str(tiny_tokenizer_dir), "--chunk-size", "16",
+          "--cache-dir", str(tmp_path), "--train-size", "all", "--test-size", "5%"])
+    out = capsys.readouterr().out
+    chunks = int(out.splitlines()[1].split()[3].replace(",", ""))
+    test = -(-chunks * 5 // 100)
+    assert f"{chunks - test:,} train chunks, {test:,} test chunks" in out
+
+
+KILLER = """
+import os, signal, sys
+import mlm.corpus_store as cs
+from mlm.data import load_chunks
+from mlm.tokenizer import load_tokenizer
+cs.PIECE_CHARS = 3000
+calls = []
+pack = cs.pack_flags
+def pack_then_die(flags):
+    calls.append(1)
+    if len(calls) == 5:  # mid-piece: this stretch's ids are written, its word bits are not
+        os.kill(os.getpid(), signal.SIGKILL)
+    return pack(flags)
+cs.pack_flags = pack_then_die
+load_chunks(sys.argv[1], "train", load_tokenizer(sys.argv[2]), chunk_size=32, group_size=3, cache_dir=sys.argv[3])
+"""
+
+
+def test_kill_9_then_the_same_command_resumes_byte_identical(tmp_path, monkeypatch):
+    corpus = SMOKE / "reviews.jsonl"
+    killed = subprocess.run([sys.executable, "-c", KILLER, str(corpus), str(SMOKE), str(tmp_path / "a")],
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert killed.returncode == -9
+    partial = [p for p in (tmp_path / "a" / "chunks").iterdir() if p.name.endswith(".partial")]
+    assert len(partial) == 1 and json.loads((partial[0] / "progress.json").read_text())["pieces"] == 4
+
+    monkeypatch.setattr(corpus_store, "PIECE_CHARS", 3000)
+    pieces = []
+    add = corpus_store._Writer.add_piece
+    monkeypatch.setattr(corpus_store._Writer, "add_piece", lambda self, s: pieces.append(1) or add(self, s))
+    tokenizer = load_tokenizer(SMOKE)
+    resumed = load_chunks(corpus, "train", tokenizer, chunk_size=32, group_size=3, cache_dir=tmp_path / "a")
+    resumed_pieces = len(pieces)
+    whole = load_chunks(corpus, "train", tokenizer, chunk_size=32, group_size=3, cache_dir=tmp_path / "b")
+    assert resumed_pieces == len(pieces) - resumed_pieces - 4  # the four done pieces were not redone
+    for name in ("ids.bin", "words.bin", "header.json"):
+        assert (resumed.cache_path / name).read_bytes() == (whole.cache_path / name).read_bytes()
+    assert sorted(p.name for p in (tmp_path / "a" / "chunks").iterdir()) == [resumed.cache_path.name]
+
+
+def test_leftover_temporary_files_are_removed_and_files_are_readable(tmp_path, tokenizer):
+    chunks_dir = tmp_path / "chunks"
+    chunks_dir.mkdir()
+    leftovers = [chunks_dir / ".tmpa1b2c3", chunks_dir / ".train-8-abc.safetensors.x1y2.tmp"]
+    for file in leftovers:
+        file.write_bytes(b"half")
+    old = os.umask(0o022)
+    try:
+        chunks = load_chunks(SMOKE / "reviews.jsonl", "train", tokenizer, chunk_size=8, cache_dir=tmp_path)
+    finally:
+        os.umask(old)
+    assert not any(file.exists() for file in leftovers)
+    for file in chunks.cache_path.iterdir():
+        assert file.stat().st_mode & 0o777 == 0o644
+
+
+def test_step_batches_read_rows_from_the_store(tmp_path, tokenizer):
+    from mlm.train import StepBatches, epoch_order
+    chunks = load_chunks(SMOKE / "reviews.jsonl", "train", tokenizer, chunk_size=16, cache_dir=tmp_path)
+    train, _ = split_train_test(chunks, train_size="all", test_size="5%")
+    collator = MaskingCollator.from_tokenizer(tokenizer, whole_word=True)
+    batches = StepBatches(train, epoch_order(len(train), 0, 0), collator, batch_size=4, grad_accum=1, rank=0,
+                          world_size=1, seed=0, epoch=0)
+    in_memory = tokenize_and_chunk(load_texts(SMOKE / "reviews.jsonl"), tokenizer, chunk_size=16)
+    memory_train, _ = split_train_test(in_memory, train_size="all", test_size="5%")
+    reference = StepBatches(memory_train, epoch_order(len(train), 0, 0), collator, batch_size=4, grad_accum=1,
+                            rank=0, world_size=1, seed=0, epoch=0)
+    for step in (0, len(batches) - 1):
+        (got,), _ = batches[step]
+        (want,), _ = reference[step]
+        assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["labels"], want["labels"])
