@@ -382,7 +382,7 @@ config = TrainConfig(model=args.model, init=args.init, dataset=args.dataset, chu
                      lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, seed=args.seed,
                      data_seed=args.data_seed, precision=args.precision, device=args.device,
                      output_dir=str(output_dir), overwrite=replaces_earlier_walkthrough, prompts=(TEXT,),
-                     progress_bar=progress)
+                     progress_bar=progress, lean="off")  # train the model the cells above read, mlm/model.py
 summary = train(config)
 (output_dir / MARKER).write_text("written by examples/walkthrough.py, which may replace this folder\n")
 if summary.status != "finished":

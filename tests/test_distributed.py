@@ -13,14 +13,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "mlm" / "smoke"
 
 
-def run(launcher: list[str], tmp_path: Path, model: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
-    args = ["--model", str(model), "--init", "random", "--dataset", str(SMOKE / "reviews.jsonl"),
+def args_of(tmp_path: Path, model: Path, name: str, *extra: str) -> list[str]:
+    return ["--model", str(model), "--init", "random", "--dataset", str(SMOKE / "reviews.jsonl"),
             "--chunk-size", "32", "--train-size", "96", "--test-size", "32", "--lr", "2e-3", "--epochs", "2",
             "--save-every", "4", "--log-every", "1",
             "--no-progress", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"),
             "--output-dir", str(tmp_path / name), *extra]
-    return subprocess.run([*launcher, str(ROOT / "scripts" / "train.py"), *args], capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path)
+
+
+def run(launcher: list[str], tmp_path: Path, model: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*launcher, str(ROOT / "scripts" / "train.py"), *args_of(tmp_path, model, name, *extra)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
 
 
 @pytest.mark.slow
@@ -52,3 +55,47 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     again = load_file(tmp_path / "two" / "model.safetensors")
     assert all(torch.equal(again[k], distributed[k]) for k in distributed)
+
+
+KILL_AT_STEP = """
+import os, signal
+import mlm.train
+from mlm.cli.train import run
+real, calls = mlm.train.train_step, [0]
+def train_step_then_kill(*args, **kwargs):
+    result = real(*args, **kwargs)
+    calls[0] += 1
+    if calls[0] == int(os.environ["MLM_TEST_KILL_AT"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+mlm.train.train_step = train_step_then_kill
+run()
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_killed_after_a_checkpoint_resume_bit_identically_with_dropout(tmp_path, monkeypatch):
+    """Dropout on (the smoke model's 0.1): each process draws its own masks, so the checkpoint holds every
+    process's RNG state, and a 2-process run killed after a checkpoint ends, once resumed, with exactly the
+    weights of an uninterrupted 2-process run."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    straight = run(torchrun, tmp_path, SMOKE, "straight", "--batch-size", "8")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    driver = tmp_path / "kill_at_step.py"
+    driver.write_text(KILL_AT_STEP)
+    monkeypatch.setenv("MLM_TEST_KILL_AT", "7")  # step 7: after the checkpoint of step 6, before the next one
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    killed = subprocess.run([*torchrun, str(driver), *args_of(tmp_path, SMOKE, "killed", "--batch-size", "8")],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert killed.returncode != 0 and not (tmp_path / "killed" / "model.safetensors").exists()
+    assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())[-1] == "step-000006"
+    monkeypatch.delenv("MLM_TEST_KILL_AT")
+
+    resumed = subprocess.run([*torchrun, str(ROOT / "scripts" / "train.py"), "--resume", "latest", "--output-dir",
+                              str(tmp_path / "killed")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    uninterrupted = load_file(tmp_path / "straight" / "model.safetensors")
+    again = load_file(tmp_path / "killed" / "model.safetensors")
+    assert max(float((again[k] - uninterrupted[k]).abs().max()) for k in uninterrupted) == 0.0
+    assert json.loads((tmp_path / "killed" / "run.json").read_text())["world_size"] == 2

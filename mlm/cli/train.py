@@ -37,6 +37,7 @@ SMOKE = dict(
     model=str(SMOKE_DIR), init="random", dataset=str(SMOKE_DIR / "reviews.jsonl"), chunk_size=64, train_size=400,
     test_size=100, batch_size=16, eval_batch_size=32, lr=2e-3, warmup_steps=0.05, epochs=4, log_every=5, save_every=20,
     output_dir="runs/smoke", prompts=["this movie is a great [MASK] .", "i [MASK] this film ."],
+    lean="off",  # a learner's first run executes the model they read in mlm/model.py
 )
 
 

@@ -330,21 +330,20 @@ class Run:
                 save_pretrained(self.model, self.output_dir, tokenizer=self.tokenizer)
             share_final_weights(self.output_dir, self.last_checkpoint)
             self.folder.commit()
-            self.record.results["after"] = self.record.last_eval_at(self.progress.global_step)
-            self._note_progress()
-            self.record.end_segment("finished", step=self.progress.global_step)
-            self._write_record()
-            # README.md, pushed or not: the Hub shows it as the model's page.
+        self.record.results["after"] = self.record.last_eval_at(self.progress.global_step)
+        self._note_progress()
+        self.record.end_segment("finished", step=self.progress.global_step)
+        self._write_record()
+        if self.procs.is_main:  # README.md, pushed or not: the Hub shows it as the model's page
             write_run_model_card(self.output_dir, model_id=self.config.hub_model_id or str(self.output_dir))
         return self._close()
 
     def stopped(self) -> RunSummary:
         """The loop stopped on a signal, after saving a checkpoint."""
         self.bar.close()
-        if self.procs.is_main:
-            self._note_progress()
-            self.record.end_segment(f"interrupted by {self.signals.received}", step=self.progress.global_step)
-            self._write_record()
+        self._note_progress()
+        self.record.end_segment(f"interrupted by {self.signals.received}", step=self.progress.global_step)
+        self._write_record()
         return self._close()
 
     def summary(self) -> RunSummary:
