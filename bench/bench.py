@@ -55,10 +55,11 @@ from mlm.files.pretrained import load_config
 from mlm.masking import MaskingCollator, mask_tokens, special_tokens_mask
 from mlm.model import IGNORE_INDEX, DistilBertConfig, DistilBertForMaskedLM
 from mlm.optim import make_optimizer, set_learning_rate
+from mlm.speed.compiled import CUDA_GRAPH_PADDING, move_to_device
 from mlm.speed.host_memory import keep_freed_memory
 from mlm.speed.lean import make_lean
 from mlm.tokenizer import load_tokenizer
-from mlm.train import CUDA_GRAPH_PADDING, StepBatches, epoch_order, move_to_device, train_step
+from mlm.train import StepBatches, epoch_order, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = "distilbert-base-uncased"  # Hub ids, or local folders with their layout

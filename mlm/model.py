@@ -237,7 +237,7 @@ class DistilBertForMaskedLM(nn.Module):
         label_positions (N,) int64, optional: the flat indices (row * L + column) of the labelled positions, in
         increasing order; the training loop passes them from the CPU, as finding them here makes the host wait
         for the GPU. Speed path: --cuda-graphs pads them with an unlabelled position (no loss, no gradient; the
-        logits then include its rows) so that N takes few values (mlm/train.py `pad_positions`).
+        logits then include its rows) so that N takes few values (mlm/speed/compiled.py `pad_positions`).
         """
         if labels is None:
             return MLMOutput(loss=None, logits=self.head(self.distilbert(input_ids, attention_mask)))  # (B, L, V)

@@ -42,14 +42,12 @@ from mlm.run.processes import Precision, Processes, all_reduce_sum, pick_precisi
 from mlm.run.session import Run, RunSummary, open_run
 from mlm.run.tensorboard_log import require_tensorboard
 from mlm.settings import TrainConfig
+from mlm.speed.compiled import CUDA_GRAPH_PADDING, move_to_device, pad_positions, wrap_for_training
 from mlm.speed.host_memory import keep_freed_memory
 from mlm.speed.lean import make_lean
 from mlm.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["RunSummary", "StepBatches", "StepResult", "TrainConfig", "train", "train_step"]
-
-# Label positions are padded to a multiple of this with --cuda-graphs (see pad_positions).
-CUDA_GRAPH_PADDING = 256
 
 
 def train(config: TrainConfig) -> RunSummary:
@@ -256,18 +254,6 @@ class StepBatches(torch.utils.data.Dataset):
         return batches, int(labelled.sum())
 
 
-def pad_positions(labelled: torch.Tensor, multiple: int) -> torch.Tensor:
-    """The flat indices of the True entries of `labelled` (M,) bool, padded to a multiple of `multiple` by
-    repeating the first unlabelled index (whose label, -100, adds no loss): with CUDA graphs, every distinct
-    length is another recorded graph, and a multiple of 256 leaves one or two lengths in a run."""
-    positions = labelled.nonzero().squeeze(1)  # (N,)
-    missing = -len(positions) % multiple
-    unlabelled = (~labelled).nonzero()
-    if missing == 0 or len(unlabelled) == 0:
-        return positions
-    return torch.cat([positions, unlabelled[0].expand(missing)])
-
-
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The reference's shuffling: randperm from a generator seeded seed + epoch (not the global RNG)."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
@@ -282,16 +268,6 @@ def make_loader(batches: StepBatches, first_step: int, config: TrainConfig,
         # Its own generator: creating an iterator must not draw from the global RNG (dropout's).
         generator=torch.Generator().manual_seed(config.seed),
     )
-
-
-def move_to_device(micro_cpu: list[dict[str, torch.Tensor]], device: torch.device, *,
-                   compiled: bool) -> list[dict[str, torch.Tensor]]:
-    """The step's micro-batches on `device`; copies from pinned memory do not wait for the GPU."""
-    micro = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in micro_cpu]
-    if compiled:  # the labelled count changes every step: one graph for any count from the start, no recompile
-        for batch in micro:
-            torch._dynamo.mark_dynamic(batch["label_positions"], 0)
-    return micro
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -403,20 +379,6 @@ def load_data(config: TrainConfig, tokenizer: Tokenizer,
                                  vocab_size=tokenizer.vocab_size, special_token_ids=tokenizer.special_token_ids,
                                  seed=config.data_seed, mlm_probability=config.mlm_probability)
     return train_chunks, eval_set
-
-
-def wrap_for_training(model: nn.Module, config: TrainConfig, procs: Processes, device: torch.device) -> nn.Module:
-    """The module the steps call: DDP over several processes, compiled with --compile. `model` stays the plain
-    module, which evaluation, fill-mask and checkpoints use."""
-    if procs.world_size > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    if config.cuda_graphs:
-        # Static shapes, one graph per shape: few occur (full batches, an epoch's short last batch, one or two
-        # padded label counts). Letting dynamo switch to dynamic shapes at the second shape costs far more.
-        model = torch.compile(model, mode="reduce-overhead", dynamic=False)
-    elif config.compile:
-        model = torch.compile(model)
-    return model
 
 
 # ---------------------------------------------------------------------------------------------------------------

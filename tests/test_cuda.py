@@ -26,7 +26,8 @@ from mlm.evaluate import evaluate
 from mlm.masking import mask_tokens, special_tokens_mask
 from mlm.model import IGNORE_INDEX, DistilBertConfig, DistilBertForMaskedLM
 from mlm.optim import make_optimizer
-from mlm.train import StepResult, TrainConfig, move_to_device, train, train_step
+from mlm.speed.compiled import move_to_device
+from mlm.train import StepResult, TrainConfig, train, train_step
 
 pytestmark = [
     pytest.mark.cuda,

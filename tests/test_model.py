@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from mlm.errors import MLMError
 from mlm.files.pretrained import config_from_dict, config_to_dict, load_pretrained, save_pretrained
 from mlm.model import DistilBertConfig, DistilBertForMaskedLM
-from mlm.train import pad_positions
+from mlm.speed.compiled import pad_positions
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY_DIR = FIXTURES / "tiny-distilbert"  # written by transformers' save_pretrained (scripts/reference/)
