@@ -40,7 +40,6 @@ from mlm.model import IGNORE_INDEX, DistilBertForMaskedLM
 from mlm.optim import linear_schedule, make_optimizer, set_learning_rate
 from mlm.run.processes import Precision, Processes, all_reduce_sum, pick_precision, start_processes
 from mlm.run.session import Run, RunSummary, open_run
-from mlm.run.tensorboard_log import require_tensorboard
 from mlm.settings import TrainConfig
 from mlm.speed.compiled import CUDA_GRAPH_PADDING, move_to_device, pad_positions, wrap_for_training
 from mlm.speed.host_memory import keep_freed_memory
@@ -53,8 +52,6 @@ __all__ = ["RunSummary", "StepBatches", "StepResult", "TrainConfig", "train", "t
 def train(config: TrainConfig) -> RunSummary:
     """Run the whole fine-tuning described by `config`; see the module docstring for the stages."""
     config.validate()
-    if config.report_to == "tensorboard":
-        require_tensorboard()  # a missing package stops the run here, before the output folder is touched
     procs, device = start_processes(config.device)
     if config.cuda_graphs and (device.type != "cuda" or procs.world_size > 1):
         raise MLMError("--cuda-graphs needs one process on a CUDA GPU: drop it, or run on a GPU without torchrun.")

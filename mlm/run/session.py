@@ -62,7 +62,7 @@ from mlm.run.processes import (
 )
 from mlm.run.record import RunRecord, read_record, write_record
 from mlm.run.signals import Signals
-from mlm.run.tensorboard_log import TensorBoardLog
+from mlm.run.tensorboard_log import TensorBoardLog, require_tensorboard
 from mlm.settings import LENGTH_SETTINGS, RUN_SETTINGS, TrainConfig
 
 # Settings that say how to run, not what: a resume may change them (the record notes each change).
@@ -87,6 +87,8 @@ class RunSummary:
 @contextmanager
 def open_run(config: TrainConfig, procs: Processes, device: torch.device):
     """The run on `config.output_dir`: locked for this run alone, with signals handled, until the block ends."""
+    if config.report_to == "tensorboard":
+        require_tensorboard()  # a missing package stops the run here, before the output folder is touched
     with Signals() as signals:
         folder = RunFolder.lock(config.output_dir, is_main=procs.is_main)  # a second run on the folder stops here
         run = Run(config, procs, device, folder, signals)
