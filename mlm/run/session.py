@@ -188,6 +188,9 @@ class Run:
         return self.progress
 
     def _restore_dropout_streams(self, rng: dict[str, torch.Tensor]) -> None:
+        if self.record.world_size != self.procs.world_size:
+            self.say(f"note: the run had {self.record.world_size} process(es), this one has {self.procs.world_size}: "
+                     "the masks and the schedule stay the same, the dropout draws differ from an uninterrupted run.")
         if restore_rng_state(rng, self.procs, self.device):
             return
         if "rng.cpu" in rng and self.procs.rank == 0:  # a checkpoint of an mlm that stored rank 0's alone
@@ -196,9 +199,6 @@ class Run:
         # This rank was not in the run that wrote the checkpoint (more processes now): a stream of its own.
         seed = np.random.SeedSequence([self.config.seed, self.procs.rank, self.progress.global_step])
         torch.manual_seed(int(seed.generate_state(1, dtype=np.uint64)[0] >> 1))
-        if self.procs.rank == 1:
-            self.say(f"note: the run had {self.record.world_size} process(es), this one has {self.procs.world_size}: "
-                     "the masks stay the same, dropout draws differ from an uninterrupted run.")
 
     # -- the run starts writing ------------------------------------------------------------------------------
 
