@@ -14,7 +14,8 @@ reference), always the same draws in the same order for a given shape (docs/refe
 - Training (mlm/train.py, `StepBatches`) seeds a fresh generator for each optimizer step from (seed, epoch,
   step) and calls `MaskingCollator.mask(..., generator=...)` on the whole global batch. The masks therefore
   depend neither on DataLoader workers, nor on processes or gradient accumulation, nor on resumption.
-- Evaluation masks its chunks once, in `freeze_eval_masks`, with a generator seeded by the run's seed.
+- Evaluation masks its chunks once, in `freeze_eval_masks`, with a generator seeded by `--data-seed` (not
+  `--seed`), so runs with different seeds are scored on the same targets.
 - Using the collator on its own, as a DataLoader `collate_fn` (`MaskingCollator(..., seed=s)(rows)`), each
   process draws from its own generator seeded s + DataLoader worker id, as the reference's seeded collator.
   This is the API for people who mask outside mlm's training loop; tests/test_masking.py checks it against the
@@ -311,7 +312,10 @@ def mask_whole_words(
 
 @dataclass
 class MaskingCollator:
-    """Collate chunk rows into a masked training batch: `collator(rows) -> {"input_ids", "labels"}`.
+    """A masking configuration: `mask` masks a stacked batch (what training calls), `collator(rows)` collates rows.
+
+    `collator(rows) -> {"input_ids", "labels"}` is the standalone DataLoader `collate_fn` API, for masking
+    outside mlm's training loop (mlm's own loop stacks the rows itself and calls `mask`, see `StepBatches`).
 
     rows: a list of dicts with "input_ids" (and "word_ids" for whole-word masking), or of tuples
     (input_ids, word_ids); each entry a 1-D numpy array, tensor or list. Word ids are -1 at specials.
@@ -384,6 +388,7 @@ class MaskingCollator:
         return state
 
     def __call__(self, rows: Sequence) -> dict[str, torch.Tensor]:
+        """The DataLoader collate_fn API: stack (and pad) `rows`, then mask them with the collator's generator."""
         if len(rows) == 0:
             raise MLMError("MaskingCollator got an empty list of rows.")
         ids = [self._field(row, "input_ids", 0) for row in rows]
