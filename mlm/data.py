@@ -41,8 +41,8 @@ __all__ = ["Chunks", "chunk", "concatenate", "draw", "draw_size", "load_chunks",
            "parse_size", "split_train_test", "tokenize", "tokenize_and_chunk"]
 
 # Reviews per encode_batch call. The tokenizer parallelises inside a call, so a batch only has to be large
-# enough to keep its thread pool busy; 2,000 IMDb reviews (~630k tokens) do. Tokenizing everything in one
-# call would hold 25,000 Encoding objects at once (~1.5 GB for IMDb train) and is no faster.
+# enough to keep its thread pool busy. Tokenizing everything in one call would hold an Encoding object per
+# review at once (gigabytes for IMDb train) and is no faster (docs/performance.md, "Data").
 ENCODE_BATCH_SIZE = 2_000
 ENCODE_BATCHES_IN_FLIGHT = 2  # encode_batch calls running at once (see `tokenize`)
 

@@ -14,11 +14,11 @@ reference), always the same draws in the same order for a given shape (docs/refe
 - Training (mlm/train.py, `StepBatches`) seeds a fresh generator for each optimizer step from (seed, epoch,
   step) and calls `MaskingCollator.mask(..., generator=...)` on the whole global batch. The masks therefore
   depend neither on DataLoader workers, nor on processes or gradient accumulation, nor on resumption.
-- Evaluation masks its chunks once, in `freeze_eval_masks`, with a generator seeded by the run's seed.
+- Evaluation masks its chunks once, in `freeze_eval_masks`, with a generator seeded by `--data-seed` (not
+  `--seed`), so runs with different seeds are scored on the same targets.
 - Using the collator on its own, as a DataLoader `collate_fn` (`MaskingCollator(..., seed=s)(rows)`), each
-  process draws from its own generator seeded s + DataLoader worker id, as the reference's seeded collator.
-  This is the API for people who mask outside mlm's training loop; tests/test_masking.py checks it against the
-  reference collator.
+  process draws from its own generator seeded s + DataLoader worker id, as the reference's seeded collator:
+  the API for masking outside mlm's loop (tests/test_masking.py checks it against the reference collator).
 
 Conventions: B is the batch size and L the sequence length. Every function takes (B, L) integer ids (torch
 tensors or numpy arrays), never modifies them in place, and returns new int64 tensors. Labels hold -100 (the
@@ -311,10 +311,11 @@ def mask_whole_words(
 
 @dataclass
 class MaskingCollator:
-    """Collate chunk rows into a masked training batch: `collator(rows) -> {"input_ids", "labels"}`.
+    """A masking configuration: `mask(...)` masks a stacked batch (what training calls), `collator(rows)` collates.
 
-    rows: a list of dicts with "input_ids" (and "word_ids" for whole-word masking), or of tuples
-    (input_ids, word_ids); each entry a 1-D numpy array, tensor or list. Word ids are -1 at specials.
+    `collator(rows) -> {"input_ids", "labels"}` is the standalone DataLoader `collate_fn` API, for masking
+    outside mlm's loop. rows: a list of dicts with "input_ids" (and "word_ids" for whole-word masking), or of
+    tuples (input_ids, word_ids); each entry a 1-D numpy array, tensor or list. Word ids are -1 at specials.
     Returns {"input_ids": (B, L) int64, "labels": (B, L) int64}, plus "attention_mask" (B, L) int64 only when
     the rows have different lengths: shorter rows are then right-padded with `pad_token_id` (word id -1), and
     padding is never masked.
@@ -384,6 +385,7 @@ class MaskingCollator:
         return state
 
     def __call__(self, rows: Sequence) -> dict[str, torch.Tensor]:
+        """The DataLoader collate_fn API: stack (and pad) `rows`, then mask them with the collator's generator."""
         if len(rows) == 0:
             raise MLMError("MaskingCollator got an empty list of rows.")
         ids = [self._field(row, "input_ids", 0) for row in rows]

@@ -33,7 +33,7 @@ def make_optimizer(
 ) -> torch.optim.AdamW:
     device = next(model.parameters()).device
     # The fused kernel (the reference Trainer's default, "adamw_torch_fused") updates every parameter in one
-    # pass; on CPU it takes ~0.04 s per full-size step against ~0.19 s for the default foreach version.
+    # pass, several times faster than the default foreach version on CPU too (docs/performance.md).
     fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(
         weight_decay_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused or None

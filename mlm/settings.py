@@ -49,7 +49,7 @@ class TrainConfig:
     device: str = "auto"
     compile: bool = False
     cuda_graphs: bool = False  # compile with CUDA graphs: a step's kernels replay without per-kernel launches
-    gradient_checkpointing: bool = False  # rerun each block's forward in backward: less memory, ~30% slower
+    gradient_checkpointing: bool = False  # rerun each block's forward in backward: less memory, slower steps
     lean: str = "auto"  # mlm/speed/lean.py's techniques: auto (on the CPU only) | on | off
     keep_freed_memory: bool = True  # CPU: glibc keeps freed memory for the next step (mlm/speed/host_memory.py)
     num_workers: int = 0

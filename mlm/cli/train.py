@@ -110,16 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "changes no value; one process, no --grad-accum)")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="keep only each block's input for backward and recompute the rest: activation memory "
-                        "down to about a sixth, steps about 30%% slower (for batches that do not fit otherwise)")
+                        "down to about a sixth, slower steps (for batches that do not fit otherwise; the cost is in "
+                        "docs/performance.md)")
     g.add_argument("--lean", choices=["auto", "on", "off"], default=d.lean,
                    help="the model variant that keeps less for backward (mlm/speed/lean.py: same values, less memory, "
                         "faster on CPUs); auto: on the CPU, off on GPUs, where the plain model's fused kernels "
                         "do that job (default: %(default)s)")
     g.add_argument("--release-freed-memory", dest="keep_freed_memory", action="store_false",
                    help="on the CPU, let glibc hand freed memory back to the kernel as it does by default. By "
-                        "default a CPU run keeps it for the next step instead: no page faults per step (10-35%% "
-                        "more tokens/s measured on a 2-core VM), peak memory within a few percent, but the "
-                        "resident memory does not shrink until the process ends")
+                        "default a CPU run keeps it for the next step instead: no page faults per step, more "
+                        "tokens/s, peak memory within a few percent (docs/performance.md), but the resident "
+                        "memory does not shrink until the process ends")
     g.add_argument("--num-workers", type=int, default=d.num_workers,
                    help="DataLoader worker processes preparing masked batches (default: %(default)s)")
 

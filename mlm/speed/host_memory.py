@@ -1,18 +1,18 @@
 """glibc malloc settings for CPU training: keep freed memory for reuse instead of handing it back to the kernel.
 
-A training step allocates and frees about a gigabyte of activations and gradients, in tensors of 6 to 94 MB
+A training step allocates and frees about a gigabyte of activations and gradients, in tensors of tens of MB
 at full size. glibc serves every allocation above its mmap threshold (128 KiB, rising to at most 32 MiB as
 large blocks are freed) with a fresh mapping that it unmaps on free, and it trims the heap top whenever enough
-of it is free. So every step the kernel maps and zero-fills the same memory again: 125,000-160,000 page faults
-per full-size 16 x 128 step, measured, about 10% of the step time on a 2-core VM, where a fault is expensive.
+of it is free. So every step the kernel maps and zero-fills the same memory again: a page fault per 4 KiB
+page, every step, which is costly where faults are expensive (VMs). Measured figures: docs/performance.md.
 
 `keep_freed_memory` raises the mmap threshold to 256 MiB and switches heap trimming off. The first steps grow
-the heap and later steps reuse its pages (0 page faults per step, measured). The peak resident memory stays
-close to glibc's default (measured: +3% after 60 steps at 16 x 128, +6% at 64 x 128), because the heap's
-high-water mark is mostly reached anyway; but the resident memory no longer shrinks between steps, and one
-pattern grows the heap more: the same large aligned allocation repeated with little in between needs slightly
-more than the block just freed, so glibc can add several blocks before freed ones coalesce into one that fits
-(a 96 MiB tensor: ~8). Tensors above 256 MiB keep their own mappings. Other C libraries are left alone.
+the heap and later steps reuse its pages, with no page faults. The peak resident memory stays close to
+glibc's default, because the heap's high-water mark is mostly reached anyway; but the resident memory no
+longer shrinks between steps, and one pattern grows the heap more: the same large aligned allocation repeated
+with little in between needs slightly more than the block just freed, so glibc can add several blocks before
+freed ones coalesce into one that fits. Tensors above 256 MiB keep their own mappings. Other C libraries are
+left alone.
 """
 
 from __future__ import annotations

@@ -5,14 +5,14 @@ versions that compute the same values but keep less for backward or skip work wh
 parameters (and so the weight names, the optimizer and the checkpoints) stay exactly those of the plain model;
 tests/test_lean.py checks that both give the same forward values, loss and gradients.
 
-Each technique and what it saves (the README's "Lean training" table has the measured figures):
+Each technique and what it saves (docs/performance.md, "Lean training", has the measured figures):
 
 - the feed-forward keeps lin1's output only and recomputes GELU in backward: one (B, L, 4D) tensor per layer;
 - CPU attention with dropout keeps a 1-byte mask instead of the (B, H, L, L) probabilities (several float
   copies), recomputing them in backward;
 - the cross-entropy's gradient is made in its saved (N, V) buffer: two (N, V) fp32 tensors at backward's start;
 - given labels, the last block's output projection and feed-forward run at the labelled rows only, as the head
-  does: ~10% of the model's FLOPs at 15% masking.
+  does: the work of the unlabelled rows there is skipped.
 
 Where they pay off: `train()` applies them on the CPU (`TrainConfig.lean = "auto"`, `--lean`). On a GPU the
 plain model runs SDPA's flash and memory-efficient kernels, which recompute attention in backward themselves,
