@@ -274,7 +274,7 @@ def build_reference(bench: Bench, transformers) -> nn.Module:
 
 
 def reference_optimizer(model: nn.Module, device: torch.device) -> torch.optim.AdamW:
-    """What Trainer builds (reference-behaviour.md §4): adamw_torch_fused, decay on everything but biases and
+    """What Trainer builds (docs/reference.md#optimizer-schedule): adamw_torch_fused, decay on everything but biases and
     LayerNorm parameters, with its own name rule (Trainer.get_decay_parameter_names)."""
     from transformers.trainer_pt_utils import get_parameter_names
 

@@ -353,7 +353,7 @@ def build_model(config: TrainConfig, tokenizer: Tokenizer,
         raise MLMError(f"The tokenizer has {tokenizer.vocab_size} tokens but the model only {model.config.vocab_size}: "
                        "use the tokenizer that belongs to --model.")
     model.distilbert.gradient_checkpointing = config.gradient_checkpointing
-    variant = "the plain model of mlm/model.py"
+    variant = f"the plain model of mlm/model.py (--lean {config.lean}{' on a GPU' if config.lean == 'auto' else ''})"
     # mlm/speed/lean.py's modules save memory and time on the CPU; on a GPU the plain model's SDPA kernels do.
     if config.lean == "on" or (config.lean == "auto" and device.type == "cpu"):
         make_lean(model)  # same parameters, same values computed

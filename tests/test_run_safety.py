@@ -437,7 +437,8 @@ def test_files_get_normal_permissions_and_cuda_rng_states_numeric_order(tmp_path
         os.umask(old)
     run = tmp_path / "run"
     checkpoint = run / "checkpoints" / "step-000006"
-    for path in (run / "model.safetensors", run / "config.json", checkpoint / "model.safetensors"):
+    for path in (run / "model.safetensors", run / "config.json", checkpoint / "model.safetensors",
+                 checkpoint / "optimizer.safetensors", checkpoint / "run.json", run / "run.json"):
         assert path.stat().st_mode & 0o777 == 0o644, path
     assert checkpoint.stat().st_mode & 0o777 == 0o755
 

@@ -89,6 +89,7 @@ def save_training_checkpoint(
         tensors, groups = _optimizer_to_tensors(optimizer)
         tensors.update(rng_states)
         save_file(tensors, tmp / OPTIMIZER_FILE)
+        normal_permissions(tmp / OPTIMIZER_FILE)  # safetensors renames its own private (0600) temporary file
         state = {
             "progress": asdict(progress),
             "param_groups": groups,
