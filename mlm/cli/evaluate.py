@@ -169,7 +169,8 @@ def _same(a, b) -> bool:
 
 def ran_lean(record: RunRecord) -> bool:
     """Whether the run finished on mlm/speed/lean.py's modules (the run's last segment names its model variant)."""
-    return bool(record.segments) and "lean" in str(record.segments[-1].get("model_variant", "")).lower()
+    # The variant names the module its modules come from (mlm/train.py build_model); "--lean off" alone does not.
+    return bool(record.segments) and "speed/lean.py" in str(record.segments[-1].get("model_variant", ""))
 
 
 def eval_source(args) -> str:
