@@ -26,9 +26,8 @@ value `cross_entropy` ignores) everywhere except at the selected positions, wher
 """
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,55 +35,20 @@ import torch
 
 from mlm.constants import IGNORE_INDEX  # -100: positions cross_entropy skips (the reference collator's label value)
 from mlm.errors import MLMError
+from mlm.masking_inputs import (
+    as_ids,
+    check_probability,
+    check_replace_probs,
+    check_same_shape,
+    check_vocab,
+    row_field,
+    stack_rows,
+)
 
 # The reference builds its probability tensors with torch.full(shape, p) in the default dtype, float32. The
 # bernoulli draw compares a uniform sample with p *as stored*, so a float64 matrix selects different positions
 # (docs/reference.md#masking-draws). We pin float32 so a changed torch default dtype cannot alter the masks.
 PROB_DTYPE = torch.float32
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Input checks shared by every public function.
-
-
-def _check_probability(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0 <= value <= 1:
-        raise MLMError(f"{name} must be a number in [0, 1], got {value!r}.")
-    return float(value)
-
-
-def _check_replace_probs(mask_replace_prob: float, random_replace_prob: float) -> tuple[float, float]:
-    mask_replace_prob = _check_probability("mask_replace_prob", mask_replace_prob)
-    random_replace_prob = _check_probability("random_replace_prob", random_replace_prob)
-    # Same test as the reference's __post_init__ (a plain float sum, so 0.9 + 0.1 passes).
-    if mask_replace_prob + random_replace_prob > 1:
-        raise MLMError(
-            f"mask_replace_prob + random_replace_prob must not exceed 1 (got {mask_replace_prob} + "
-            f"{random_replace_prob}); the rest of the selected tokens are left unchanged."
-        )
-    return mask_replace_prob, random_replace_prob
-
-
-def _as_ids(name: str, ids) -> torch.Tensor:
-    """A (B, L) int64 copy of `ids`; the copy is what lets us write [MASK] without touching the caller's data."""
-    ids = torch.as_tensor(ids)
-    if ids.dim() != 2:
-        raise MLMError(f"{name} must be a 2-D (batch, length) array, got shape {tuple(ids.shape)}.")
-    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise MLMError(f"{name} must hold integers, got dtype {ids.dtype}.")
-    return ids.to(torch.int64, copy=True)
-
-
-def _check_same_shape(ids: torch.Tensor, other: torch.Tensor, name: str) -> None:
-    if other.shape != ids.shape:
-        raise MLMError(f"{name} has shape {tuple(other.shape)} but input_ids has {tuple(ids.shape)}; they must match.")
-
-
-def _check_vocab(mask_token_id: int, vocab_size: int) -> None:
-    if int(vocab_size) < 1:
-        raise MLMError(f"vocab_size must be positive, got {vocab_size}.")
-    if not 0 <= int(mask_token_id) < int(vocab_size):
-        raise MLMError(f"mask_token_id {mask_token_id} is outside the vocabulary [0, {vocab_size}).")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -129,12 +93,12 @@ def mask_tokens(
     mask_replace_prob, random_replace_prob)` on the same padded batch, and the RNG ends in the same state,
     because we make the same four draws, in the same order, on the same full (B, L) shape.
     """
-    mlm_probability = _check_probability("mlm_probability", mlm_probability)
-    mask_replace_prob, random_replace_prob = _check_replace_probs(mask_replace_prob, random_replace_prob)
-    _check_vocab(mask_token_id, vocab_size)
-    inputs = _as_ids("input_ids", input_ids)  # (B, L) int64, our own copy
+    mlm_probability = check_probability("mlm_probability", mlm_probability)
+    mask_replace_prob, random_replace_prob = check_replace_probs(mask_replace_prob, random_replace_prob)
+    check_vocab(mask_token_id, vocab_size)
+    inputs = as_ids("input_ids", input_ids)  # (B, L) int64, our own copy
     no_mask = torch.as_tensor(special_tokens_mask).bool()  # (B, L)
-    _check_same_shape(inputs, no_mask, "special_tokens_mask")
+    check_same_shape(inputs, no_mask, "special_tokens_mask")
     shape = inputs.shape
 
     # Draw 1: which tokens are predicted. Special positions get probability 0 (bernoulli consumes the same random
@@ -235,9 +199,9 @@ def apply_word_selection(
 
     This is the course collator's masking step without its RNG, so tests can feed it the course's own draw.
     """
-    inputs = _as_ids("input_ids", input_ids)
+    inputs = as_ids("input_ids", input_ids)
     starts, in_word = word_starts(word_ids)
-    _check_same_shape(inputs, starts, "word_ids")
+    check_same_shape(inputs, starts, "word_ids")
     chosen = torch.as_tensor(word_selected).bool().flatten()
     n_words = int(starts.sum())
     if chosen.numel() != n_words:
@@ -279,12 +243,12 @@ def mask_whole_words(
     This is the draw sequence of transformers 5.24's `DataCollatorForLanguageModeling(whole_word_mask=True)`, so
     with the defaults and that collator's word ids the output and RNG state are bit-identical to it.
     """
-    wwm_probability = _check_probability("wwm_probability", wwm_probability)
-    mask_replace_prob, random_replace_prob = _check_replace_probs(mask_replace_prob, random_replace_prob)
-    _check_vocab(mask_token_id, vocab_size)
-    inputs = _as_ids("input_ids", input_ids)  # (B, L) int64 copy
+    wwm_probability = check_probability("wwm_probability", wwm_probability)
+    mask_replace_prob, random_replace_prob = check_replace_probs(mask_replace_prob, random_replace_prob)
+    check_vocab(mask_token_id, vocab_size)
+    inputs = as_ids("input_ids", input_ids)  # (B, L) int64 copy
     starts, in_word = word_starts(word_ids)  # (B, L) bool each
-    _check_same_shape(inputs, starts, "word_ids")
+    check_same_shape(inputs, starts, "word_ids")
     start_index = _word_start_index(starts, in_word)  # (B, L) int64
     shape = inputs.shape
 
@@ -354,10 +318,10 @@ class MaskingCollator:
         if self.random_replace_prob is None:
             self.random_replace_prob = default_random
         # Fail at construction, not in the middle of the first epoch.
-        _check_probability("mlm_probability", self.mlm_probability)
-        _check_probability("wwm_probability", self.wwm_probability)
-        _check_replace_probs(self.mask_replace_prob, self.random_replace_prob)
-        _check_vocab(self.mask_token_id, self.vocab_size)
+        check_probability("mlm_probability", self.mlm_probability)
+        check_probability("wwm_probability", self.wwm_probability)
+        check_replace_probs(self.mask_replace_prob, self.random_replace_prob)
+        check_vocab(self.mask_token_id, self.vocab_size)
         self.special_token_ids = tuple(int(i) for i in self.special_token_ids)
 
     @classmethod
@@ -388,9 +352,9 @@ class MaskingCollator:
         """The DataLoader collate_fn API: stack (and pad) `rows`, then mask them with the collator's generator."""
         if len(rows) == 0:
             raise MLMError("MaskingCollator got an empty list of rows.")
-        ids = [self._field(row, "input_ids", 0) for row in rows]
-        words = [self._field(row, "word_ids", 1) for row in rows] if self.whole_word else None
-        input_ids, word_ids, attention_mask = self._stack(ids, words)
+        ids = [row_field(row, "input_ids", 0) for row in rows]
+        words = [row_field(row, "word_ids", 1) for row in rows] if self.whole_word else None
+        input_ids, word_ids, attention_mask = stack_rows(ids, words, pad_token_id=self.pad_token_id)
         batch = self.mask(input_ids, word_ids, attention_mask, generator=self.generator)
         if attention_mask is not None:
             batch["attention_mask"] = attention_mask
@@ -420,37 +384,6 @@ class MaskingCollator:
                 mlm_probability=self.mlm_probability, mask_replace_prob=self.mask_replace_prob,
                 random_replace_prob=self.random_replace_prob, generator=generator)
         return {"input_ids": input_ids, "labels": labels}
-
-    @staticmethod
-    def _field(row, key: str, position: int):
-        try:
-            value = row[key] if isinstance(row, Mapping) else row[position]
-        except (KeyError, IndexError, TypeError):
-            raise MLMError(
-                f"MaskingCollator rows must be dicts with {key!r} or tuples (input_ids, word_ids); got "
-                f"{type(row).__name__}" + (" (whole-word masking needs word_ids)" if key == "word_ids" else "")
-            ) from None
-        return np.asarray(value)
-
-    def _stack(self, ids: list, words: list | None):
-        lengths = [len(row) for row in ids]
-        if words is not None and [len(row) for row in words] != lengths:
-            raise MLMError("Each row's word_ids must have the same length as its input_ids.")
-        if min(lengths) == max(lengths):  # the main workflow: full-length chunks, one copy via np.stack
-            input_ids = torch.from_numpy(np.stack(ids).astype(np.int64))
-            word_ids = torch.from_numpy(np.stack(words).astype(np.int64)) if words is not None else None
-            return input_ids, word_ids, None
-        batch, length = len(ids), max(lengths)
-        input_ids = np.full((batch, length), self.pad_token_id, dtype=np.int64)
-        word_ids = np.full((batch, length), -1, dtype=np.int64)
-        attention_mask = np.zeros((batch, length), dtype=np.int64)
-        for i, n in enumerate(lengths):
-            input_ids[i, :n] = ids[i]
-            attention_mask[i, :n] = 1
-            if words is not None:
-                word_ids[i, :n] = words[i]
-        return (torch.from_numpy(input_ids), torch.from_numpy(word_ids) if words is not None else None,
-                torch.from_numpy(attention_mask))
 
 
 # ---------------------------------------------------------------------------------------------------------------
