@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import mlm.corpus_store as corpus_store
-from mlm.data import load_chunks, load_texts, split_train_test, tokenize, tokenize_and_chunk
+from mlm.data import load_chunks, load_texts, split_train_test, tokenize_and_chunk
 from mlm.errors import MLMError
 from mlm.files.corpus_files import iter_texts
 from mlm.masking import MaskingCollator
@@ -118,7 +118,10 @@ def test_dictionary_and_string_view_columns(tmp_path):
 def test_a_huge_document_is_tokenized_in_slices_as_a_whole(tokenizer, monkeypatch):
     monkeypatch.setattr(corpus_store, "SLICE_CHARS", 50)
     text = " ".join(["the plot", "was\nreally", "boring", "actor123"] * 40)
-    stretches = list(corpus_store._tokenized([TEXTS[0], text, TEXTS[1]], tokenizer, tokenize))
+    pieces = [([TEXTS[0], text], 10), ([TEXTS[1]], 20)]
+    stream = list(corpus_store._stream(iter(pieces), tokenizer))
+    assert [bytes_read for stretch, bytes_read in stream if stretch is None] == [10, 20]  # each piece's end
+    stretches = [stretch for stretch, _ in stream if stretch is not None]
     ids = np.concatenate([s[0] for s in stretches])
     words = np.concatenate([s[1] for s in stretches])
     expected = [tokenizer.backend.encode(t) for t in (TEXTS[0], text, TEXTS[1])]
@@ -202,8 +205,8 @@ def test_kill_9_then_the_same_command_resumes_byte_identical(tmp_path, monkeypat
 
     monkeypatch.setattr(corpus_store, "PIECE_CHARS", 3000)
     pieces = []
-    add = corpus_store._Writer.add_piece
-    monkeypatch.setattr(corpus_store._Writer, "add_piece", lambda self, s: pieces.append(1) or add(self, s))
+    end = corpus_store._Writer.end_piece
+    monkeypatch.setattr(corpus_store._Writer, "end_piece", lambda self: pieces.append(1) or end(self))
     tokenizer = load_tokenizer(SMOKE)
     resumed = load_chunks(corpus, "train", tokenizer, chunk_size=32, group_size=3, cache_dir=tmp_path / "a")
     resumed_pieces = len(pieces)
