@@ -46,6 +46,7 @@ import pyarrow as pa
 
 from mlm.errors import MLMError
 from mlm.files.corpus_files import iter_texts
+from mlm.files.hashing import file_sha256
 from mlm.tokenizer import Tokenizer
 
 STORE_FORMAT_VERSION = 1
@@ -156,21 +157,13 @@ def _header_problem(path: Path, header: dict, key_sha256: str) -> str | None:
         if (path / name).stat().st_size != size:
             return f"{name} has {(path / name).stat().st_size} bytes, not {size}"
         # The bytes are checked too: a flipped bit keeps the size.
-        if _file_sha256(path / name) != header[name.replace(".bin", "_sha256")]:
+        if file_sha256(path / name) != header[name.replace(".bin", "_sha256")]:
             return f"{name} does not match its checksum"
     return None
 
 
 def _sha256_json(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
-
-
-def _file_sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -479,8 +472,8 @@ class _Writer:
         fields = {"format_version": STORE_FORMAT_VERSION, "key": key, "key_sha256": state["key_sha256"],
                   "dtype": self.dtype.str, "chunk_size": self.chunk_size, "n_chunks": state["chunks"],
                   "n_reviews": state["documents"], "n_tokens": state["tokens"],
-                  "ids_sha256": _file_sha256(self.partial / "ids.bin"),
-                  "words_sha256": _file_sha256(self.partial / "words.bin")}
+                  "ids_sha256": file_sha256(self.partial / "ids.bin"),
+                  "words_sha256": file_sha256(self.partial / "words.bin")}
         header = {**fields, "header_sha256": _sha256_json(fields)}
         _write_json(self.partial / "header.json", header)
         (self.partial / "progress.json").unlink()

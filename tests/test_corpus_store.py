@@ -248,3 +248,28 @@ def test_step_batches_read_rows_from_the_store(tmp_path, tokenizer):
         (got,), _ = batches[step]
         (want,), _ = reference[step]
         assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["labels"], want["labels"])
+
+
+def test_a_data_file_is_hashed_once_per_process_until_it_changes(tmp_path, monkeypatch):
+    """The store's key and the run record share one memoised hash: no second read of an unchanged file."""
+    import hashlib
+
+    from mlm.files import hashing
+    file = tmp_path / "data.txt"
+    file.write_bytes(b"one")
+    old = 1_000_000_000_000_000_000
+    os.utime(file, ns=(old, old))
+    monkeypatch.setattr(hashing, "RACY_NS", -(1 << 62))  # the ctime is now: remember it anyway
+    reads = []
+    monkeypatch.setattr(hashing, "open", lambda *a: reads.append(a) or open(*a), raising=False)
+    assert hashing.file_sha256(file) == hashlib.sha256(b"one").hexdigest()
+    assert hashing.file_sha256(tmp_path / "." / "data.txt") == hashing.file_sha256(file) and len(reads) == 1
+    file.write_bytes(b"three")
+    os.utime(file, ns=(old, old))  # the same mtime, as `cp -p` or `touch -r` leave it
+    assert hashing.file_sha256(file) == hashlib.sha256(b"three").hexdigest() and len(reads) == 2
+    monkeypatch.setattr(hashing, "RACY_NS", 2_000_000_000)
+    fresh = tmp_path / "fresh.txt"
+    fresh.write_bytes(b"new")  # changed just now: not remembered, in case a rewrite follows within the tick
+    hashing.file_sha256(fresh)
+    hashing.file_sha256(fresh)
+    assert len(reads) == 4
