@@ -259,8 +259,8 @@ print(f"chunk() keeps {len(chunk_ids)} full chunks {tuple(chunk_ids.shape)} and 
 # Course: `lm_datasets = tokenized_datasets.map(group_texts, batched=True)`. Because `datasets` hands
 # `group_texts` 1,000 reviews at a time, the course joins and cuts each group of 1,000 reviews separately, and
 # drops each group's short tail. mlm joins the whole split by default (one tail dropped); `group_size=1000`
-# reproduces the course's count. `load_chunks` (mlm/data.py) tokenizes and chunks a split behind a cache
-# (mlm/files/data_cache.py): the first run takes seconds to a minute for IMDb, later runs well under a second.
+# reproduces the course's count. `load_chunks` (mlm/data.py) tokenizes and chunks a split once, streaming, into a
+# memory-mapped chunk store (mlm/corpus_store.py, named in mlm/files/data_cache.py); later runs open the store.
 #
 # On the Hub's IMDb the course's notebook reports 61,289 train chunks. The whole-split count depends only on
 # the number of tokens; the grouped count also depends on the row order (which reviews share a group), so a
@@ -371,7 +371,7 @@ print(f"(reference-style, as Trainer averages: {before.reference_perplexity:.2f}
 # %% [markdown]
 # Course: `TrainingArguments(...)` and `Trainer(...).train()`: AdamW, lr 2e-5, weight decay 0.01, batch 64,
 # 3 epochs, mixed precision, evaluation every epoch. mlm: `TrainConfig` and `train` (mlm/train.py) with the same
-# defaults. `train` loads the model, the chunks (from the cache) and the same frozen eval set again, reports
+# defaults. `train` loads the model, the chunks (from the store) and the same frozen eval set again, reports
 # perplexity and fill-mask before and after, and writes the model in the Hub layout to `--output-dir`.
 # `--max-steps` or `--train-size` make the run shorter.
 

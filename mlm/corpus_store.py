@@ -1,9 +1,9 @@
 """A corpus of any size, tokenized and chunked once into a compact store on disk that training memory-maps.
 
 Preparation streams: the files are read in pieces of about PIECE_CHARS characters (mlm/files/corpus_files.py),
-each piece is tokenized on every core (the tokenizer's own thread pool, see `tokenize` in mlm/data.py), cut into
-chunks exactly as the course's `group_texts` cuts the whole corpus (the tokens that do not fill a chunk are
-carried into the next piece), and appended to the store. Memory is bounded by a piece, not by the corpus; a
+tokenized on every core with encode_batch calls kept in flight along the whole stream (`_stream`), cut into chunks
+exactly as the course's `group_texts` cuts the whole corpus (the tokens that do not fill a chunk are carried
+on), and appended to the store; a piece is the unit of resumption. Memory is bounded by a piece, not by the corpus; a
 document longer than SLICE_CHARS is tokenized in slices cut at whitespace.
 
 The store is a folder:
@@ -34,21 +34,30 @@ import json
 import os
 import shutil
 import warnings
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from mlm.errors import MLMError
 from mlm.files.corpus_files import iter_texts
+from mlm.files.hashing import file_sha256
 from mlm.tokenizer import Tokenizer
 
 STORE_FORMAT_VERSION = 1
 PIECE_CHARS = 16 << 20  # characters of text per piece: bounds preparation's memory
 SLICE_CHARS = 1 << 20  # a longer document is tokenized in slices of about this many characters
 SLICES_PER_CALL = 8  # slices per encode_batch call: parallel, and still bounded
+# Documents per encode_batch call. The tokenizer parallelises inside a call, so a batch only has to be large enough
+# to keep its thread pool busy; 2,000 IMDb reviews (~630k tokens) do. The character bound keeps a batch of long
+# documents small.
+ENCODE_BATCH_DOCS, ENCODE_BATCH_CHARS = 2_000, 4 << 20
+ENCODES_IN_FLIGHT = 2  # encode_batch calls running at once (see `_stream`)
 IN_WORD, NEW_WORD = 1, 2  # the flag bits of a token while preparing
 
 
@@ -148,7 +157,7 @@ def _header_problem(path: Path, header: dict, key_sha256: str) -> str | None:
         if (path / name).stat().st_size != size:
             return f"{name} has {(path / name).stat().st_size} bytes, not {size}"
         # The bytes are checked too: a flipped bit keeps the size.
-        if _file_sha256(path / name) != header[name.replace(".bin", "_sha256")]:
+        if file_sha256(path / name) != header[name.replace(".bin", "_sha256")]:
             return f"{name} does not match its checksum"
     return None
 
@@ -157,24 +166,14 @@ def _sha256_json(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
-def _file_sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Preparing a store
 
 
-def prepare_store(path: Path, key: dict, files: list[Path], tokenizer: Tokenizer, tokenize, *, chunk_size: int,
+def prepare_store(path: Path, key: dict, files: list[Path], tokenizer: Tokenizer, *, chunk_size: int,
                   group_size: int | None, text_column: str = "text", one_document_per_file: bool = False,
                   progress: bool = False) -> ChunkStore:
     """The store at `path` for `key`, built from `files` unless a valid one is there (see the module docstring).
-
-    tokenize: mlm.data.tokenize, passed in so that this module does not import the course's pipeline back.
 
     Raises MLMError for bad input (after which the same command resumes) and OSError when the folder is not
     writable.
@@ -194,9 +193,11 @@ def prepare_store(path: Path, key: dict, files: list[Path], tokenizer: Tokenizer
         writer = _Writer(partial, key_sha256, store_dtype(tokenizer.vocab_size), chunk_size, group_size)
         pieces = _pieces(files, text_column, one_document_per_file)
         with _progress_bar(files, progress, path.name) as bar:
-            for index, (texts, bytes_read) in enumerate(pieces):
-                if index >= writer.state["pieces"]:
-                    writer.add_piece(_tokenized(texts, tokenizer, tokenize))
+            for stretch, bytes_read in _stream(pieces, tokenizer, skip=writer.state["pieces"]):
+                if stretch is None:
+                    writer.end_piece()
+                else:
+                    writer.add(*stretch)
                 bar.update(bytes_read - bar.n)
         header = writer.finish(key, text_column)
         if path.exists():  # a corrupt store, refused above
@@ -270,39 +271,111 @@ def _pieces(files: list[Path], text_column: str, one_document_per_file: bool) ->
             yield piece
 
 
-def _tokenized(texts: list[str], tokenizer: Tokenizer, tokenize) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Yield (input_ids (T,) int32, word_ids (T,) int32, doc_ends (D,) int64) stretches of the piece's stream.
+def encoded_arrays(encodings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input_ids (T,) int32, word_ids (T,) int32 with -1 where the word id is None, lengths (R,) int64) of R
+    tokenizers Encodings laid end to end: a few C-level conversions, no Python loop per token."""
+    lengths = np.fromiter(map(len, encodings), dtype=np.int64, count=len(encodings))
+    # Each .ids is a Python list; chaining them into fromiter fills one array without a list of lists.
+    ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=np.int32, count=int(lengths.sum()))
+    # word_ids holds None at special tokens, which numpy cannot read as an integer; pyarrow turns None into null
+    # while converting in C, and fill_null(-1) gives the -1 stored.
+    words = pa.array([e.word_ids for e in encodings], type=pa.list_(pa.int32())).flatten()
+    return ids, words.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32, copy=False), lengths
 
-    doc_ends are the offsets in the stretch just past each document's last token. Documents up to SLICE_CHARS
-    go through `tokenize` (mlm.data.tokenize), many per call; a longer one comes in several stretches.
+
+def _stream(pieces, tokenizer: Tokenizer, *, skip: int = 0):
+    """Yield (stretch, bytes read) along the token stream of `pieces` ((texts, bytes read) in order), and
+    (None, bytes read) at the end of each piece; the first `skip` pieces are passed over (done before a kill).
+
+    A stretch is (input_ids (T,) int32, word_ids (T,) int32, doc_ends (D,) int64): doc_ends are the offsets just
+    past each document's last token in the stretch; a stretch may end inside a document (a long one).
+
+    encode_batch releases the GIL and runs on the tokenizer's thread pool. ENCODES_IN_FLIGHT calls stay in
+    flight along the whole stream, piece boundaries included, so the tokenizer keeps every core busy while the
+    caller cuts and writes chunks and the next piece is read; at most that many batches of Encodings, a
+    batch's arrays each, and the piece being read are alive.
     """
-    start = 0
-    for index, text in enumerate(texts):
-        if len(text) > SLICE_CHARS:
-            if index > start:
-                ids, words, lengths = tokenize(texts[start:index], tokenizer)
-                yield ids, words, np.cumsum(lengths)
-            yield from _tokenized_long(text, tokenizer)
-            start = index + 1
-    if start < len(texts):
-        ids, words, lengths = tokenize(texts[start:], tokenizer)
-        yield ids, words, np.cumsum(lengths)
+    doc_offset = 0  # word ids of a long document's slices count on from the previous slice's
+    with ThreadPoolExecutor(max_workers=ENCODES_IN_FLIGHT) as pool:
+        pending = deque()
+
+        def finished():
+            nonlocal doc_offset
+            future, bytes_read = pending.popleft()
+            if future is None:
+                return None, bytes_read
+            ids, words, doc_ends, continues = future.result()
+            if continues:  # a long document's slice, word ids counted from 0 by its job: offset here, in order
+                in_word = words >= 0
+                words[in_word] += doc_offset
+                doc_offset = int(words[in_word].max()) + 1 if in_word.any() else doc_offset
+            else:
+                doc_offset = 0
+            return (ids, words, doc_ends), bytes_read
+
+        for job, bytes_read in _jobs(pieces, tokenizer, skip):
+            pending.append((None if job is None else pool.submit(job), bytes_read))
+            while sum(future is not None for future, _ in pending) >= ENCODES_IN_FLIGHT:
+                yield finished()
+        while pending:
+            yield finished()
 
 
-def _tokenized_long(text: str, tokenizer: Tokenizer) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """One long document in stretches, slices cut at whitespace tokenized without the template, which is added
-    around the whole. Exact for tokenizers that split words at whitespace (BERT's WordPiece among them)."""
+def _jobs(pieces, tokenizer: Tokenizer, skip: int):
+    """Yield (job, bytes read): job() returns (input_ids, word_ids, doc_ends, continues) for the next stretch of
+    the stream, run on a worker thread; a job None marks the end of a piece. Documents up to SLICE_CHARS go
+    ENCODE_BATCH_DOCS (at most ENCODE_BATCH_CHARS characters) per encode_batch call; a longer one in slices."""
+    backend = tokenizer.backend
+
+    def batch_job(texts):
+        def job():
+            ids, words, lengths = encoded_arrays(backend.encode_batch(texts))
+            return ids, words, np.cumsum(lengths), False
+        return job
+
+    for index, (texts, bytes_read) in enumerate(pieces):
+        if index < skip:
+            continue
+        batch, chars = [], 0
+        for text in texts:
+            if len(text) > SLICE_CHARS or len(batch) == ENCODE_BATCH_DOCS or chars >= ENCODE_BATCH_CHARS:
+                if batch:
+                    yield batch_job(batch), bytes_read
+                batch, chars = [], 0
+            if len(text) > SLICE_CHARS:
+                yield from ((job, bytes_read) for job in _long_document_jobs(text, tokenizer))
+            else:
+                batch.append(text)
+                chars += len(text)
+        if batch:
+            yield batch_job(batch), bytes_read
+        yield None, bytes_read
+
+
+def _long_document_jobs(text: str, tokenizer: Tokenizer):
+    """One long document as jobs (see `_jobs`): slices cut at whitespace tokenized without the template, which is
+    added around the whole. Exact for tokenizers that split words at whitespace (BERT's WordPiece among them)."""
     backend = tokenizer.backend
     prefix, suffix = _template(tokenizer)
-    yield prefix, np.full(len(prefix), -1, np.int32), np.zeros(0, np.int64)
-    slices, offset = list(_slices(text, SLICE_CHARS)), 0
+    yield lambda: (prefix, np.full(len(prefix), -1, np.int32), np.zeros(0, np.int64), False)
+    slices = list(_slices(text, SLICE_CHARS))
+
+    def slice_job(group):
+        def job():
+            ids, words, offset = [], [], 0
+            for encoding in backend.encode_batch(group, add_special_tokens=False):
+                # Word ids count on through the document, as one encoding's would.
+                slice_ids, slice_words, _ = encoded_arrays([encoding])
+                slice_words = np.where(slice_words >= 0, slice_words + offset, slice_words)
+                offset = int(slice_words.max()) + 1 if (slice_words >= 0).any() else offset
+                ids.append(slice_ids)
+                words.append(slice_words)
+            return np.concatenate(ids), np.concatenate(words), np.zeros(0, np.int64), True
+        return job
+
     for start in range(0, len(slices), SLICES_PER_CALL):
-        for encoding in backend.encode_batch(slices[start : start + SLICES_PER_CALL], add_special_tokens=False):
-            words = np.array([-1 if w is None else w for w in encoding.word_ids], np.int32)
-            words[words >= 0] += offset  # word ids count on through the document, as one encoding's would
-            offset = int(words.max()) + 1 if len(words) and words.max() >= 0 else offset
-            yield np.array(encoding.ids, np.int32), words, np.zeros(0, np.int64)
-    yield suffix, np.full(len(suffix), -1, np.int32), np.array([len(suffix)], np.int64)
+        yield slice_job(slices[start : start + SLICES_PER_CALL])
+    yield lambda: (suffix, np.full(len(suffix), -1, np.int32), np.array([len(suffix)], np.int64), False)
 
 
 def _template(tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
@@ -348,17 +421,21 @@ class _Writer:
             with open(partial / name, "ab") as handle:
                 handle.truncate(self.state["chunks"] * size)
 
-    def add_piece(self, stretches) -> None:
+    def add(self, ids: np.ndarray, words: np.ndarray, doc_ends: np.ndarray) -> None:
+        """Append the chunks completed by a stretch of the stream (see `_stream`)."""
         state = self.state
+        flags, state["last_word"] = word_flags(words, state["last_word"])
+        rows_ids, rows_flags = self._cut(ids, flags, doc_ends)
         with open(self.partial / "ids.bin", "ab") as ids_file, open(self.partial / "words.bin", "ab") as words_file:
-            for ids, words, doc_ends in stretches:
-                flags, state["last_word"] = word_flags(words, state["last_word"])
-                rows_ids, rows_flags = self._cut(ids, flags, doc_ends)
-                ids_file.write(rows_ids.astype(self.dtype).tobytes())
-                words_file.write(pack_flags(rows_flags).tobytes())
-                state["chunks"] += len(rows_ids)
-                state["documents"] += len(doc_ends)
-                state["tokens"] += len(ids)
+            ids_file.write(rows_ids.astype(self.dtype).tobytes())
+            words_file.write(pack_flags(rows_flags).tobytes())
+        state["chunks"] += len(rows_ids)
+        state["documents"] += len(doc_ends)
+        state["tokens"] += len(ids)
+
+    def end_piece(self) -> None:
+        """Record a piece as done: a kill from now on resumes after it."""
+        state = self.state
         state["pieces"] += 1
         state["carry_ids"], state["carry_flags"] = self.carry_ids.tolist(), self.carry_flags.tolist()
         _write_json(self.partial / "progress.json", state)
@@ -395,8 +472,8 @@ class _Writer:
         fields = {"format_version": STORE_FORMAT_VERSION, "key": key, "key_sha256": state["key_sha256"],
                   "dtype": self.dtype.str, "chunk_size": self.chunk_size, "n_chunks": state["chunks"],
                   "n_reviews": state["documents"], "n_tokens": state["tokens"],
-                  "ids_sha256": _file_sha256(self.partial / "ids.bin"),
-                  "words_sha256": _file_sha256(self.partial / "words.bin")}
+                  "ids_sha256": file_sha256(self.partial / "ids.bin"),
+                  "words_sha256": file_sha256(self.partial / "words.bin")}
         header = {**fields, "header_sha256": _sha256_json(fields)}
         _write_json(self.partial / "header.json", header)
         (self.partial / "progress.json").unlink()

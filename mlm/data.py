@@ -25,13 +25,11 @@ import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
-from mlm.corpus_store import prepare_store
+from mlm.corpus_store import encoded_arrays, prepare_store
 from mlm.errors import MLMError
 from mlm.files.data_cache import cache_key, default_cache_dir, store_path
 from mlm.files.data_files import find_corpus, load_texts, read_texts
@@ -160,14 +158,9 @@ def tokenize(
     # None for every token in tokenizers 0.23).
     try:
         for encodings in _encode_ahead(backend, batches):
-            lengths = np.fromiter(map(len, encodings), dtype=np.int64, count=len(encodings))
-            # Each .ids is a Python list; chaining them into fromiter fills one array without a list of lists.
-            ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=np.int32, count=int(lengths.sum()))
-            # word_ids holds None at special tokens, which numpy cannot read as an integer; pyarrow turns None
-            # into null while converting in C, and fill_null(-1) gives the -1 we store.
-            words = pa.array([e.word_ids for e in encodings], type=pa.list_(pa.int32())).flatten()
+            ids, words, lengths = encoded_arrays(encodings)
             ids_parts.append(ids)
-            word_parts.append(words.fill_null(-1).to_numpy())
+            word_parts.append(words)
             length_parts.append(lengths)
             if bar is not None:
                 bar.update(len(encodings))
@@ -184,9 +177,9 @@ def _encode_ahead(backend, batches: list[list[str]]):
 
     encode_batch releases the GIL and runs on the tokenizer's own thread pool, so helper threads tokenize
     ahead while the caller copies the ids of the current batch into numpy: that copy, the only per-review
-    Python work left, then mostly hides behind tokenizing instead of adding ~15% to it on 2 cores. Two calls
-    in flight keep the pool busy while either does its serial, GIL-bound list conversions. At most
-    ENCODE_BATCHES_IN_FLIGHT + 1 batches of Encodings are alive, whatever the speed of the caller.
+    Python work left, then mostly hides behind tokenizing. Two calls in flight keep the pool busy while either
+    does its serial, GIL-bound list conversions. At most ENCODE_BATCHES_IN_FLIGHT + 1 batches of Encodings are
+    alive, whatever the speed of the caller.
     """
     with ThreadPoolExecutor(max_workers=ENCODE_BATCHES_IN_FLIGHT) as pool:
         pending = deque()
@@ -310,7 +303,7 @@ def load_chunks(
     directory = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path = store_path(directory, split, chunk_size, key)
     try:
-        store = prepare_store(path, key, files, tokenizer, tokenize, chunk_size=chunk_size, group_size=group_size,
+        store = prepare_store(path, key, files, tokenizer, chunk_size=chunk_size, group_size=group_size,
                               progress=progress, **reading)
     except OSError as err:  # e.g. a read-only folder, a full disk
         warnings.warn(f"Could not write the chunk store {path} ({err}); continuing without it. "

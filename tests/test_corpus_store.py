@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import mlm.corpus_store as corpus_store
-from mlm.data import load_chunks, load_texts, split_train_test, tokenize, tokenize_and_chunk
+from mlm.data import load_chunks, load_texts, split_train_test, tokenize_and_chunk
 from mlm.errors import MLMError
 from mlm.files.corpus_files import iter_texts
 from mlm.masking import MaskingCollator
@@ -118,7 +118,10 @@ def test_dictionary_and_string_view_columns(tmp_path):
 def test_a_huge_document_is_tokenized_in_slices_as_a_whole(tokenizer, monkeypatch):
     monkeypatch.setattr(corpus_store, "SLICE_CHARS", 50)
     text = " ".join(["the plot", "was\nreally", "boring", "actor123"] * 40)
-    stretches = list(corpus_store._tokenized([TEXTS[0], text, TEXTS[1]], tokenizer, tokenize))
+    pieces = [([TEXTS[0], text], 10), ([TEXTS[1]], 20)]
+    stream = list(corpus_store._stream(iter(pieces), tokenizer))
+    assert [bytes_read for stretch, bytes_read in stream if stretch is None] == [10, 20]  # each piece's end
+    stretches = [stretch for stretch, _ in stream if stretch is not None]
     ids = np.concatenate([s[0] for s in stretches])
     words = np.concatenate([s[1] for s in stretches])
     expected = [tokenizer.backend.encode(t) for t in (TEXTS[0], text, TEXTS[1])]
@@ -202,8 +205,8 @@ def test_kill_9_then_the_same_command_resumes_byte_identical(tmp_path, monkeypat
 
     monkeypatch.setattr(corpus_store, "PIECE_CHARS", 3000)
     pieces = []
-    add = corpus_store._Writer.add_piece
-    monkeypatch.setattr(corpus_store._Writer, "add_piece", lambda self, s: pieces.append(1) or add(self, s))
+    end = corpus_store._Writer.end_piece
+    monkeypatch.setattr(corpus_store._Writer, "end_piece", lambda self: pieces.append(1) or end(self))
     tokenizer = load_tokenizer(SMOKE)
     resumed = load_chunks(corpus, "train", tokenizer, chunk_size=32, group_size=3, cache_dir=tmp_path / "a")
     resumed_pieces = len(pieces)
@@ -245,3 +248,28 @@ def test_step_batches_read_rows_from_the_store(tmp_path, tokenizer):
         (got,), _ = batches[step]
         (want,), _ = reference[step]
         assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["labels"], want["labels"])
+
+
+def test_a_data_file_is_hashed_once_per_process_until_it_changes(tmp_path, monkeypatch):
+    """The store's key and the run record share one memoised hash: no second read of an unchanged file."""
+    import hashlib
+
+    from mlm.files import hashing
+    file = tmp_path / "data.txt"
+    file.write_bytes(b"one")
+    old = 1_000_000_000_000_000_000
+    os.utime(file, ns=(old, old))
+    monkeypatch.setattr(hashing, "RACY_NS", -(1 << 62))  # the ctime is now: remember it anyway
+    reads = []
+    monkeypatch.setattr(hashing, "open", lambda *a: reads.append(a) or open(*a), raising=False)
+    assert hashing.file_sha256(file) == hashlib.sha256(b"one").hexdigest()
+    assert hashing.file_sha256(tmp_path / "." / "data.txt") == hashing.file_sha256(file) and len(reads) == 1
+    file.write_bytes(b"three")
+    os.utime(file, ns=(old, old))  # the same mtime, as `cp -p` or `touch -r` leave it
+    assert hashing.file_sha256(file) == hashlib.sha256(b"three").hexdigest() and len(reads) == 2
+    monkeypatch.setattr(hashing, "RACY_NS", 2_000_000_000)
+    fresh = tmp_path / "fresh.txt"
+    fresh.write_bytes(b"new")  # changed just now: not remembered, in case a rewrite follows within the tick
+    hashing.file_sha256(fresh)
+    hashing.file_sha256(fresh)
+    assert len(reads) == 4

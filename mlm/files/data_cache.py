@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+from mlm.files.hashing import file_sha256
 from mlm.tokenizer import Tokenizer
 
 # Bump when the meaning or layout of a store changes, so old stores are rebuilt rather than misread.
@@ -37,25 +38,18 @@ def cache_key(
     corpus takes a small fraction of tokenizing it, and buys exactness. A copied
     or re-downloaded but identical file still hits the cache, and a file edited in place always misses it,
     even when its size and mtime survive (e.g. `cp -p`, or an edit within the file system's mtime granularity).
+    Each file is hashed once per process (mlm/files/hashing.py): the run record's data identity reuses it.
     The tokenizer is identified by its serialized JSON, which covers vocabulary, normalizer and template.
     """
     return {
         "format_version": CACHE_FORMAT_VERSION,
-        "data_sha256": [_file_sha256(file) for file in files],
+        "data_sha256": [file_sha256(file) for file in files],
         "tokenizer_sha256": hashlib.sha256(tokenizer.backend.to_str().encode("utf-8")).hexdigest(),
         "chunk_size": chunk_size,
         "group_size": group_size,
         "text_column": text_column,
         "one_document_per_file": one_document_per_file,
     }
-
-
-def _file_sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def store_path(directory: Path, split: str, chunk_size: int, key: dict) -> Path:

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from mlm.errors import Interrupted, MLMError
 from mlm.evaluate import EvalResult
 from mlm.files.data_files import find_data_files
+from mlm.files.hashing import file_sha256
 from mlm.files.pretrained import save_pretrained
 from mlm.run.checkpoints import (
     CheckpointError,
@@ -491,14 +492,6 @@ def compare_data(stored: dict, current: dict) -> None:
     if extra:
         raise MLMError(f"The data now holds {extra[0]}, which the run did not start with. Remove it, or start a new "
                        "run in another --output-dir.")
-
-
-def file_sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------
