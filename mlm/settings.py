@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from mlm.chunks import parse_size
 from mlm.errors import MLMError
 
 REPORT_TO = ("none", "tensorboard")
@@ -74,8 +75,6 @@ class TrainConfig:
         def check(condition: bool, message: str) -> None:
             if not condition:
                 raise MLMError(message)
-
-        from mlm.data import parse_size
 
         for name in ("train_size", "test_size"):
             parse_size(getattr(self, name), f"--{name.replace('_', '-')}")  # raises MLMError naming the flag

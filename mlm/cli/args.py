@@ -6,6 +6,9 @@ import argparse
 import copy
 import sys
 
+from mlm.chunks import parse_size
+from mlm.errors import MLMError
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse.ArgumentParser whose errors are one line plus a pointer to --help, exit status 2.
@@ -42,3 +45,14 @@ def _without_default(action: argparse.Action) -> argparse.Action:
     action.default = argparse.SUPPRESS
     action.required = False
     return action
+
+
+def size_flag(flag: str):
+    """An argparse `type` for --train-size/--test-size: `parse_size` with its message as the usage error."""
+    def size(text: str) -> int | str:
+        try:
+            return parse_size(text, flag)
+        except MLMError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return size

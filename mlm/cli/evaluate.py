@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 
-from mlm.cli.args import ArgumentParser, flags_given
+from mlm.cli.args import ArgumentParser, flags_given, size_flag
 from mlm.cli.compare import EvalSet, ModelScore, compare_models
 from mlm.cli.train import add_data_source_flags
-from mlm.data import size_flag
 from mlm.errors import MLMError, run_cli
 from mlm.files.hub import set_progress_bars
 from mlm.run.record import RunRecord, read_record

@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from mlm.cli.args import ArgumentParser
-from mlm.data import load_chunks, size_flag, split_train_test
+from mlm.cli.args import ArgumentParser, size_flag
+from mlm.data import load_chunks, split_train_test
 from mlm.errors import MLMError, run_cli
 from mlm.files.data_cache import default_cache_dir
 from mlm.files.data_files import DEFAULT_DATASET, SPLITS

@@ -22,8 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-from mlm.cli.args import ArgumentParser, flags_given
-from mlm.data import size_flag
+from mlm.cli.args import ArgumentParser, flags_given, size_flag
 from mlm.errors import Interrupted, run_cli
 from mlm.files.hub import set_progress_bars
 from mlm.run.hub_push import full_repo_id, push_folder

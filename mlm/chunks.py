@@ -1,0 +1,148 @@
+"""`Chunks`, the data the loop trains on: (N, L) blocks of token ids with each token's word id, held in memory
+or viewed by index over the memory-mapped store of mlm/corpus_store.py; and what a --train-size or --test-size
+value means ("all", "5%", a count).
+
+Drawing, selecting and concatenating make views, never copies, so a corpus larger than memory trains as a
+small one does: the loop reads each step's rows with `rows()`.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from mlm.errors import MLMError
+
+
+class Chunks:
+    """Fixed-size blocks of token ids and the word id of every token: arrays in memory, or a view by index over
+    the memory-mapped store of mlm/corpus_store.py, so that drawing and concatenating never copy the chunks.
+
+    input_ids: (N, chunk_size) int32 token ids.
+    word_ids:  (N, chunk_size) int32; the index of the token's word within its review, -1 at [CLS]/[SEP] (from a
+        store, the same word starts with other numbers: see mlm/corpus_store.py).
+    n_reviews, n_tokens: size of the corpus the chunks were cut from ([CLS]/[SEP] counted, dropped tail
+        tokens too); a subset made by `select` or `split_train_test` keeps its parent's figures.
+    cache_path: the store these chunks were read from or written to, None if not stored.
+    `rows(positions)` reads only the chunks asked for; `input_ids` and `word_ids` read them all.
+    """
+
+    def __init__(self, input_ids: np.ndarray, word_ids: np.ndarray, n_reviews: int, n_tokens: int,
+                 cache_path: Path | None = None):
+        self._parts, self._indices = [_ArrayRows(np.asarray(input_ids), np.asarray(word_ids))], None
+        self.n_reviews, self.n_tokens, self.cache_path = n_reviews, n_tokens, cache_path
+
+    @classmethod
+    def view(cls, parts: list, indices: np.ndarray | None, n_reviews: int, n_tokens: int,
+             cache_path: Path | None = None) -> Chunks:
+        """Chunks made of `parts` (each with len, chunk_size and rows()) end to end, taken at `indices` (or all)."""
+        chunks = cls.__new__(cls)
+        chunks._parts, chunks._indices = parts, indices
+        chunks.n_reviews, chunks.n_tokens, chunks.cache_path = n_reviews, n_tokens, cache_path
+        return chunks
+
+    def __len__(self) -> int:
+        return len(self._indices) if self._indices is not None else sum(len(part) for part in self._parts)
+
+    @property
+    def chunk_size(self) -> int:
+        return self._parts[0].chunk_size
+
+    @property
+    def input_ids(self) -> np.ndarray:
+        return self._whole()[0]
+
+    @property
+    def word_ids(self) -> np.ndarray:
+        return self._whole()[1]
+
+    def _whole(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._indices is None and len(self._parts) == 1 and isinstance(self._parts[0], _ArrayRows):
+            return self._parts[0].input_ids, self._parts[0].word_ids  # no copy
+        return self.rows(np.arange(len(self)))
+
+    def rows(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, word_ids), both (n, L) int32, of the chunks at `positions` (n,) int, in that order."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if self._indices is not None:
+            positions = self._indices[positions]
+        if len(self._parts) == 1:
+            return self._parts[0].rows(positions)
+        starts = np.cumsum([0] + [len(part) for part in self._parts])
+        owner = np.searchsorted(starts, positions, side="right") - 1
+        ids = np.empty((len(positions), self.chunk_size), np.int32)
+        words = np.empty_like(ids)
+        for number, part in enumerate(self._parts):
+            mine = owner == number
+            if mine.any():
+                ids[mine], words[mine] = part.rows(positions[mine] - starts[number])
+        return ids, words
+
+    def select(self, indices: np.ndarray) -> Chunks:
+        """The chunks at `indices` (1-D int array), in that order, like `datasets.Dataset.select`: a view."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if self._indices is not None:
+            indices = self._indices[indices]
+        return Chunks.view(self._parts, indices, self.n_reviews, self.n_tokens)
+
+
+class _ArrayRows:
+    """Chunks held in memory: input_ids and word_ids (N, L) integer arrays."""
+
+    def __init__(self, input_ids: np.ndarray, word_ids: np.ndarray):
+        self.input_ids, self.word_ids = input_ids, word_ids
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def chunk_size(self) -> int:
+        return self.input_ids.shape[1]
+
+    def rows(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.input_ids[positions].astype(np.int32), self.word_ids[positions].astype(np.int32)
+
+
+def draw_size(size: int | str, n: int, flag: str) -> int:
+    """The number of chunks `size` means out of `n`: an int as it is, "all" all of them, "P%" P percent rounded up
+    (as `datasets`' train_test_split rounds a test fraction), e.g. "5%" of 61,302 is 3,066."""
+    if isinstance(size, str):
+        size = parse_size(size, flag)
+    if size == "all":
+        return n
+    if isinstance(size, str) and size.endswith("%"):
+        return math.ceil(Fraction(parse_percent(size, flag)) * n / 100)
+    return size
+
+
+def parse_percent(text: str, flag: str) -> str:
+    """`text` ("5%", "0.5%") checked: a number in (0, 100) followed by %; raises MLMError naming `flag`."""
+    try:
+        value = Fraction(text[:-1]) if text.endswith("%") else None
+    except ValueError:
+        value = None
+    if value is None or not 0 < value < 100:
+        raise MLMError(f"{flag} {text!r}: give a number of chunks or a percentage strictly between 0% and 100%, "
+                       "e.g. 5%.")
+    return text[:-1]
+
+
+def parse_size(text: str, flag: str = "--train-size") -> int | str:
+    """A --train-size or --test-size value: a positive int, a percentage ("5%"), or "all" (--train-size only)."""
+    text = str(text).strip()
+    if text == "all" and flag == "--train-size":
+        return text
+    if text.endswith("%"):
+        parse_percent(text, flag)
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        every = ", 'all' (every chunk not held out)" if flag == "--train-size" else ""
+        raise MLMError(f"{flag} {text!r}: give a positive number of chunks{every} or a percentage such as 5%.")
+    return value
