@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 
 from mlm.model import IGNORE_INDEX, DistilBertForMaskedLM
-from mlm.speed.compiled import pad_positions
 
 
 @dataclass
@@ -43,14 +42,15 @@ def evaluate(
     autocast_dtype: torch.dtype | None = None,
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     forward: Callable[..., object] | None = None,
-    pad_positions_to: int = 1,
+    positions: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> EvalResult:
     """Score the eval set `input_ids` (N, L) int64 with `labels` (N, L) int64 (-100 where unmasked).
 
     Under DDP each process scores its shard and passes `all_reduce` (summing a tensor over processes) so that
-    every process returns the figures of the whole eval set. Speed path: `forward` calls `model` another way
-    (compiled, or replayed as CUDA graphs: mlm/speed/compiled.py `eval_forward`), with the labelled positions
-    padded to a multiple of `pad_positions_to` as in training; the padded rows add no loss and are not scored.
+    every process returns the figures of the whole eval set. Speed path (mlm/speed/compiled.py eval_path):
+    `forward` calls `model` another way (compiled, or replayed as CUDA graphs), and `positions` maps a batch's
+    (M,) bool labelled mask to the flat positions it is given (padded, as in training; the padded rows add no loss
+    and are not scored).
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -69,11 +69,11 @@ def evaluate(
             targets = batch_labels.reshape(-1)[labelled]  # (N,)
             if targets.numel() == 0:
                 continue  # the reference drops such batches' NaN losses; they hold no tokens to score
-            positions = pad_positions(labelled, pad_positions_to)  # (N + padding,)
+            flat = labelled.nonzero().squeeze(1) if positions is None else positions(labelled)  # (N [+ padding],)
             with autocast:
                 out = (model if forward is None else forward)(
                     input_ids[start : start + batch_size].to(device), labels=batch_labels.to(device),
-                    label_positions=positions.to(device))
+                    label_positions=flat.to(device))
             loss_sum += out.loss.double() * targets.numel()
             reference_sum += out.loss.double() * len(batch_labels)
             correct += (out.logits[: targets.numel()].argmax(dim=-1) == targets.to(device)).sum()

@@ -37,7 +37,7 @@ from mlm.files.pretrained import load_config, load_pretrained
 from mlm.fill_mask import check_prompts, fill_mask
 from mlm.masking import MaskingCollator, freeze_eval_masks
 from mlm.model import IGNORE_INDEX, DistilBertForMaskedLM
-from mlm.optim import make_optimizer
+from mlm.optim import linear_schedule, make_optimizer
 from mlm.run.processes import Precision, Processes, all_reduce_sum, pick_precision, start_processes
 from mlm.run.session import Run, RunSummary, open_run
 from mlm.run.tensorboard_log import require_tensorboard
@@ -48,7 +48,7 @@ from mlm.speed.host_memory import keep_freed_memory
 from mlm.speed.lean import make_lean
 from mlm.tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["RunSummary", "StepBatches", "StepResult", "TrainConfig", "train", "train_step"]
+__all__ = ["RunSummary", "StepBatches", "StepResult", "TrainConfig", "linear_schedule", "train", "train_step"]
 
 
 def train(config: TrainConfig) -> RunSummary:

@@ -5,6 +5,7 @@ found_inf path as on a GPU, and overflows are forced by injecting inf gradients.
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,7 +20,7 @@ from mlm.model import DistilBertConfig, DistilBertForMaskedLM
 from mlm.optim import linear_schedule, make_optimizer
 from mlm.settings import TrainConfig
 from mlm.speed.amp import LearningRate
-from mlm.speed.compiled import CUDA_GRAPH_PADDING, GRAPHS_MIN_STEPS, choose_path
+from mlm.speed.compiled import CUDA_GRAPH_PADDING, GRAPHS_MIN_STEPS, choose_path, pad_positions
 from mlm.train import train, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -241,7 +242,7 @@ def test_padded_label_positions_score_the_same_tokens():
     model = DistilBertForMaskedLM(DistilBertConfig(**TINY))
     ids, labels = eval_set()
     plain = evaluate(model, ids, labels, batch_size=4)
-    padded = evaluate(model, ids, labels, batch_size=4, pad_positions_to=CUDA_GRAPH_PADDING)
+    padded = evaluate(model, ids, labels, batch_size=4, positions=partial(pad_positions, multiple=CUDA_GRAPH_PADDING))
     assert (padded.tokens, padded.sequences, padded.accuracy) == (plain.tokens, plain.sequences, plain.accuracy)
     assert padded.loss == pytest.approx(plain.loss, rel=1e-6)  # the same terms, summed in another order
     assert padded.reference_loss == pytest.approx(plain.reference_loss, rel=1e-6)

@@ -9,6 +9,7 @@ GPU when the run is long enough to repay the compile).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -108,7 +109,7 @@ def move_to_device(micro_cpu: list[dict[str, torch.Tensor]], device: torch.devic
 
 
 def eval_path(compiled: nn.Module, path: ExecutionPath, world_size: int) -> dict:
-    """evaluate's `forward` and `pad_positions_to` for a run on `path`: the training step's compiled module, so that
+    """evaluate's `forward` and `positions` for a run on `path`: the training step's compiled module, so that
     evaluation runs at training speed (in eval mode and without gradients it compiles, and records graphs, once
     more), with the label positions padded as in training. The plain model ({}) on the eager path, and under DDP,
     whose forward would make the ranks wait for each other at every eval batch."""
@@ -121,4 +122,4 @@ def eval_path(compiled: nn.Module, path: ExecutionPath, world_size: int) -> dict
         torch.compiler.cudagraph_mark_step_begin()  # the previous batch's outputs have been read: reuse them
         return compiled(*args, **kwargs)
 
-    return {"forward": replay, "pad_positions_to": path.padding}
+    return {"forward": replay, "positions": partial(pad_positions, multiple=path.padding)}
