@@ -6,9 +6,10 @@ still reports what it finished), each one's output kept in <out>/<stage>.log:
     env     torch, transformers, the GPU, bf16 support, and which SDPA kernels run a training-shaped call
     tests   tests/test_cuda.py (pytest -m cuda), with the measured errors from its JUnit XML
     bench   bench/bench.py --device cuda at 64x128: ours bf16/fp16, eager/compiled, vs the reference
-    course  scripts/train.py as the course runs it (10,000 train chunks x 3 epochs = 471 steps of 64x128, bf16,
-            full-size random model, real IMDb), then the same run interrupted with SIGINT and resumed, then
-            (GPU only) once more with --cuda-graphs: its compile time and steady-state speed
+    course  scripts/train.py as the course runs it with the default flags (10,000 train chunks x 3 epochs = 471
+            steps of 64x128, full-size random model, real IMDb; on one GPU: --precision auto and --cuda-graphs
+            auto, i.e. bf16 and CUDA graphs), then the same run interrupted with SIGINT and resumed, then (GPU only)
+            once more with --cuda-graphs off: the graphs' break-even in steps (compile seconds over per-step saving)
 
 --cpu runs every stage on the CPU with the tiny model, tokenizer and corpus of mlm/smoke (CUDA tests skip), so CI
 can check the script and its report without a GPU. Model and data come from --assets (a folder holding model/
@@ -189,7 +190,19 @@ def bench_targets(bench: dict) -> dict:
         return {}
     tps = {key: figures["tokens_per_second"] for key, figures in train.items()}
     best = max((key for key in tps if key.startswith("ours")), key=lambda key: tps[key])
+
+    def ratio(ours: str, reference: str) -> float | None:
+        return tps[ours] / tps[reference] if ours in tps and reference in tps else None
+
+    # What a user gets with the default flags on one GPU for a course-length run: CUDA graphs (choose_path).
+    default = {"bf16_vs_reference_bf16": ratio("ours-bf16-cudagraphs", "reference-bf16"),
+               "fp16_vs_reference_fp16": ratio("ours-fp16-cudagraphs", "reference-fp16"),
+               "mfu_percent_bf16": train.get("ours-bf16-cudagraphs", {}).get("mfu_percent"),
+               "peak_memory_bf16_vs_reference_bf16": train["ours-bf16-cudagraphs"]["delta_mib"]
+               / train["reference-bf16"]["delta_mib"] if {"ours-bf16-cudagraphs", "reference-bf16"} <= set(train)
+               else None}
     targets = {
+        "default_flags": default,
         "best_ours": best,
         "tokens_per_second_vs_reference_fp16": tps[best] / tps["reference-fp16"],
         "tokens_per_second_vs_reference_bf16": tps[best] / tps["reference-bf16"] if "reference-bf16" in tps else None,
@@ -202,6 +215,9 @@ def bench_targets(bench: dict) -> dict:
         "tokens_per_second_1.5x_reference_bf16": (targets["tokens_per_second_vs_reference_bf16"] or 0) >= 1.5,
         "mfu_35_percent": (targets["mfu_percent"] or 0) >= 35,
         "peak_memory_0.6x_reference": targets["peak_memory_vs_reference_fp16"] <= 0.6,
+        "default_bf16_2x_reference_bf16": (default["bf16_vs_reference_bf16"] or 0) >= 2,
+        "default_fp16_1.5x_reference_fp16": (default["fp16_vs_reference_fp16"] or 0) >= 1.5,
+        "default_mfu_40_percent": (default["mfu_percent_bf16"] or 0) >= 40,
     }
     return targets
 
@@ -216,8 +232,7 @@ def course_arguments(assets: Path, cpu: bool, output_dir: Path) -> list[str]:
                 "--train-size", "160", "--test-size", "64", "--batch-size", "16", "--lr", "2e-3",
                 "--precision", "fp32", "--device", "cpu", "--log-every", "5"]
     else:  # the course's defaults: 10,000 / 1,000 chunks of 128, batch 64, lr 2e-5, 3 epochs
-        data = ["--model", str(assets / "model"), "--dataset", str(assets / "imdb"), "--precision", "bf16",
-                "--device", "cuda", "--log-every", "10"]
+        data = ["--model", str(assets / "model"), "--dataset", str(assets / "imdb"), "--log-every", "10"]
     return [sys.executable, "scripts/train.py", *data, "--init", "random", "--epochs", "3", "--no-progress",
             "--cache-dir", str(output_dir.parent / "cache"), "--output-dir", str(output_dir)]
 
@@ -294,17 +309,38 @@ def stage_course(out: Path, work: Path, assets: Path, cpu: bool, timeout: float)
             "max_weight_difference": max_weight_difference(straight, resumed),
         }
     result["ok"] = bool(second and second["status"] == "finished" and first and first["status"] == "interrupted")
-    if not cpu:  # the fastest setting, straight through: compile time and steady-state speed
-        graphs = work / "cuda-graphs"
-        status, seconds = run_logged([*course_arguments(assets, cpu, graphs), "--cuda-graphs"], out / "graphs.log",
-                                     max(1.0, deadline - time.perf_counter()), env)
-        summary = read_summary(graphs)
-        result["cuda_graphs"] = {"exit_status": status, "wall_seconds": round(seconds, 1)}
-        if summary:
-            result["cuda_graphs"] |= {"train_seconds": round(summary["train_seconds"], 2),
-                                      "perplexity_after": summary["after"]["perplexity"],
-                                      **steady_state(train_records(graphs, "train"), summary["steps"])}
+    result["default_path"] = next((line for line in (out / "course.log").read_text().splitlines()
+                                   if line.startswith("Model:")), None)  # which path the default flags took
+    if not cpu:  # the same run eager: what the graphs cost to compile, and after how many steps they pay
+        eager = work / "eager"
+        status, seconds = run_logged([*course_arguments(assets, cpu, eager), "--cuda-graphs", "off"],
+                                     out / "eager.log", max(1.0, deadline - time.perf_counter()), env)
+        eager_summary = read_summary(eager)
+        result["eager"] = {"exit_status": status, "wall_seconds": round(seconds, 1)}
+        if eager_summary and summary:
+            result["eager"] |= {"train_seconds": round(eager_summary["train_seconds"], 2),
+                                "perplexity_after": eager_summary["after"]["perplexity"],
+                                **steady_state(train_records(eager, "train"), eager_summary["steps"])}
+            result |= steady_state(train_records(straight, "train"), summary["steps"])
+            result["graphs_break_even"] = break_even(result, result["eager"], summary["steps"])
     return result
+
+
+def break_even(graphs: dict, eager: dict, steps: int, tokens_per_step: int = 64 * 128) -> dict:
+    """After how many steps CUDA graphs repay their compile: the extra seconds a graphs run spends beyond its
+    steady state (compiling and recording, training and eval graphs both), over the seconds each step saves.
+    mlm/speed/compiled.py GRAPHS_MIN_STEPS should be set from `steps_wall`."""
+    if "steady_tokens_per_second" not in graphs or "steady_tokens_per_second" not in eager:
+        return {}
+    graph_step = tokens_per_step / graphs["steady_tokens_per_second"]
+    eager_step = tokens_per_step / eager["steady_tokens_per_second"]
+    saving = eager_step - graph_step
+    extra_train = (graphs["train_seconds"] - steps * graph_step) - (eager["train_seconds"] - steps * eager_step)
+    extra_wall = graphs["wall_seconds"] - eager["wall_seconds"] + steps * saving
+    figures = {"seconds_saved_per_step": saving, "extra_train_seconds": extra_train, "extra_wall_seconds": extra_wall}
+    if saving > 0:
+        figures |= {"steps_train": extra_train / saving, "steps_wall": extra_wall / saving}
+    return figures
 
 
 def steady_state(records: list[dict], steps: int, tokens_per_step: int = 64 * 128) -> dict:
@@ -341,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=None, help="scratch folder for the course runs (default: <out>/../"
                                                      "gpu-check-work, removed at the end)")
     parser.add_argument("--stages", default="env,tests,bench,course", help="comma-separated subset to run")
-    parser.add_argument("--timeouts", default="60,120,300,180",
+    parser.add_argument("--timeouts", default="60,150,330,240",
                         help="seconds allowed for env,tests,bench,course (default: %(default)s)")
     args = parser.parse_args(argv)
     out = Path(args.out)

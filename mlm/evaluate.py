@@ -41,11 +41,16 @@ def evaluate(
     batch_size: int = 64,
     autocast_dtype: torch.dtype | None = None,
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    forward: Callable[..., object] | None = None,
+    positions: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> EvalResult:
     """Score the eval set `input_ids` (N, L) int64 with `labels` (N, L) int64 (-100 where unmasked).
 
     Under DDP each process scores its shard and passes `all_reduce` (summing a tensor over processes) so that
-    every process returns the figures of the whole eval set.
+    every process returns the figures of the whole eval set. Speed path (mlm/speed/compiled.py eval_path):
+    `forward` calls `model` another way (compiled, or replayed as CUDA graphs), and `positions` maps a batch's
+    (M,) bool labelled mask to the flat positions it is given (padded, as in training; the padded rows add no loss
+    and are not scored).
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -60,16 +65,18 @@ def evaluate(
         for start in range(0, len(input_ids), batch_size):
             batch_labels = labels[start : start + batch_size]
             # Positions and targets are picked on the host, where labels live, so the GPU never reports a count.
-            positions = (batch_labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)  # (N,)
-            targets = batch_labels.reshape(-1)[positions]
+            labelled = batch_labels.reshape(-1) != IGNORE_INDEX
+            targets = batch_labels.reshape(-1)[labelled]  # (N,)
             if targets.numel() == 0:
                 continue  # the reference drops such batches' NaN losses; they hold no tokens to score
+            flat = labelled.nonzero().squeeze(1) if positions is None else positions(labelled)  # (N [+ padding],)
             with autocast:
-                out = model(input_ids[start : start + batch_size].to(device), labels=batch_labels.to(device),
-                            label_positions=positions.to(device))
+                out = (model if forward is None else forward)(
+                    input_ids[start : start + batch_size].to(device), labels=batch_labels.to(device),
+                    label_positions=flat.to(device))
             loss_sum += out.loss.double() * targets.numel()
             reference_sum += out.loss.double() * len(batch_labels)
-            correct += (out.logits.argmax(dim=-1) == targets.to(device)).sum()
+            correct += (out.logits[: targets.numel()].argmax(dim=-1) == targets.to(device)).sum()
             tokens += targets.numel()
             reference_sequences += len(batch_labels)
     finally:

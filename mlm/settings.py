@@ -49,7 +49,9 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | fp16 | bf16
     device: str = "auto"
     compile: bool = False
-    cuda_graphs: bool = False  # compile with CUDA graphs: a step's kernels replay without per-kernel launches
+    # off | on | auto: compile with CUDA graphs, so a step's kernels replay without per-kernel launches; auto: on one
+    # GPU for runs long enough to repay the compile (mlm/speed/compiled.py choose_path)
+    cuda_graphs: str = "auto"
     gradient_checkpointing: bool = False  # rerun each block's forward in backward: less memory, slower steps
     lean: str = "auto"  # mlm/speed/lean.py's techniques: auto (on the CPU only) | on | off
     keep_freed_memory: bool = True  # CPU: glibc keeps freed memory for the next step (mlm/speed/host_memory.py)
@@ -69,6 +71,10 @@ class TrainConfig:
     push_to_hub: bool = False  # the CLI pushes the finished folder; train() only writes the model card
     hub_model_id: str | None = None  # the repo the model card names (default: the output folder)
     hub_private: bool | None = None
+
+    def __post_init__(self):
+        if isinstance(self.cuda_graphs, bool):  # the former on/off switch: True meant on
+            self.cuda_graphs = "on" if self.cuda_graphs else "off"
 
     def validate(self) -> None:
         """Reject settings that would fail later or silently do nothing, with the flag to fix."""
@@ -97,10 +103,12 @@ class TrainConfig:
         check(self.precision in ("auto", "fp32", "fp16", "bf16"),
               f"--precision must be auto, fp32, fp16 or bf16, got {self.precision!r}.")
         check(self.lean in ("auto", "on", "off"), f"--lean must be auto, on or off, got {self.lean!r}.")
-        check(not (self.cuda_graphs and self.lean == "on"),
+        check(self.cuda_graphs in ("off", "on", "auto"),
+              f"--cuda-graphs must be off, on or auto, got {self.cuda_graphs!r}.")
+        check(not (self.cuda_graphs == "on" and self.lean == "on"),
               "--cuda-graphs pads the label positions, which --lean on's loss does not accept: drop one of them.")
-        check(not (self.cuda_graphs and self.grad_accum > 1),
-              "--cuda-graphs replays one forward and backward per step: use --grad-accum 1 (or no --cuda-graphs).")
+        check(not (self.cuda_graphs == "on" and self.grad_accum > 1),
+              "--cuda-graphs replays one forward and backward per step: use --grad-accum 1 (or --cuda-graphs off).")
         check(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}.")
         check(isinstance(self.top_k, int) and self.top_k >= 1, f"--top-k must be an integer >= 1, got {self.top_k!r}.")
         for name in ("seed", "data_seed"):

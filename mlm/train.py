@@ -37,24 +37,23 @@ from mlm.files.pretrained import load_config, load_pretrained
 from mlm.fill_mask import check_prompts, fill_mask
 from mlm.masking import MaskingCollator, freeze_eval_masks
 from mlm.model import IGNORE_INDEX, DistilBertForMaskedLM
-from mlm.optim import linear_schedule, make_optimizer, set_learning_rate
+from mlm.optim import linear_schedule, make_optimizer
 from mlm.run.processes import Precision, Processes, all_reduce_sum, pick_precision, start_processes
 from mlm.run.session import Run, RunSummary, open_run
 from mlm.settings import TrainConfig
-from mlm.speed.compiled import CUDA_GRAPH_PADDING, move_to_device, pad_positions, wrap_for_training
+from mlm.speed.amp import LearningRate, scaler_step
+from mlm.speed.compiled import ExecutionPath, eval_path, move_to_device, pad_positions, path_for, wrap_for_training
 from mlm.speed.host_memory import keep_freed_memory
 from mlm.speed.lean import make_lean
 from mlm.tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["RunSummary", "StepBatches", "StepResult", "TrainConfig", "train", "train_step"]
+__all__ = ["RunSummary", "StepBatches", "StepResult", "TrainConfig", "linear_schedule", "train", "train_step"]
 
 
 def train(config: TrainConfig) -> RunSummary:
     """Run the whole fine-tuning described by `config`; see the module docstring for the stages."""
     config.validate()
     procs, device = start_processes(config.device)
-    if config.cuda_graphs and (device.type != "cuda" or procs.world_size > 1):
-        raise MLMError("--cuda-graphs needs one process on a CUDA GPU: drop it, or run on a GPU without torchrun.")
     with open_run(config, procs, device) as run:  # the folder locked; Ctrl-C, SIGTERM, SIGHUP stop cleanly
         if run.already_finished:
             return run.nothing_to_do()
@@ -79,31 +78,33 @@ def train(config: TrainConfig) -> RunSummary:
 def fit(run: Run, setup: Setup, config: TrainConfig, procs: Processes, device: torch.device) -> bool:
     """The loop: one optimizer step per global batch; evals and checkpoints at epoch ends. True if a signal
     stopped it (after saving a checkpoint)."""
-    progress, schedule, optimizer, precision = run.progress, setup.schedule, setup.optimizer, setup.precision
-    model = wrap_for_training(setup.model, config, procs, device)
+    progress, schedule, precision, graphs = run.progress, setup.schedule, setup.precision, setup.path.graphs
+    # The lr of each step: a host float, or under fp16 a device tensor (mlm/speed/amp.py: no host read per step).
+    lr_schedule = LearningRate(setup.optimizer, progress, config.lr, schedule, on_device=precision.scaler is not None)
     with run.signals.deferred():  # a signal now lets the step finish and the checkpoint be written
         while progress.global_step < schedule.total_steps:
             epoch = progress.epoch
             batches = StepBatches(setup.train_chunks, epoch_order(len(setup.train_chunks), config.seed, epoch),
                                   setup.collator, batch_size=config.batch_size, grad_accum=config.grad_accum,
                                   rank=procs.rank, world_size=procs.world_size, seed=config.seed, epoch=epoch,
-                                  pad_positions_to=CUDA_GRAPH_PADDING if config.cuda_graphs else 1)
+                                  pad_positions_to=setup.path.padding)
             for micro_cpu, labelled_in_global_batch in make_loader(batches, progress.step_in_epoch, config, device):
-                lr = config.lr * linear_schedule(progress.schedule_step, warmup_steps=schedule.warmup_steps,
-                                                 total_steps=schedule.total_steps)
-                set_learning_rate(optimizer, lr)
-                if config.cuda_graphs:
+                lr_schedule.set()  # mlm/optim.py linear_schedule over the steps that ran
+                if graphs:
                     torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be reused now
-                micro = move_to_device(micro_cpu, device, compiled=config.compile and not config.cuda_graphs)
+                micro = move_to_device(micro_cpu, device, compiled=setup.path.compile)
                 # DDP averages gradients over processes, so each process weighs by total / world_size.
-                result = train_step(model, micro, optimizer,
+                result = train_step(setup.compiled, micro, setup.optimizer,
                                     labelled_counts=[int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_cpu],
                                     labelled_in_step=labelled_in_global_batch / procs.world_size,
                                     scaler=precision.scaler, autocast_dtype=precision.autocast_dtype,
                                     max_grad_norm=config.max_grad_norm)
-                advance(progress, skipped=result.skipped, steps_in_epoch=len(batches))
+                lr_schedule.count(result.skipped)
+                advance(progress, steps_in_epoch=len(batches))
                 finished, epoch_end = progress.global_step >= schedule.total_steps, progress.step_in_epoch == 0
-                stop = run.log_step(loss=result.loss, grad_norm=result.grad_norm, skipped=result.skipped, lr=lr,
+                log_due = finished or epoch_end or run.meter.steps + 1 >= config.log_every or run.signals.received
+                lr, skipped = lr_schedule.for_log(due=log_due)
+                stop = run.log_step(loss=result.loss, grad_norm=result.grad_norm, skipped=skipped, lr=lr,
                                     tokens=sum(b["input_ids"].numel() for b in micro_cpu) * procs.world_size,
                                     epoch=progress.epoch + progress.step_in_epoch / len(batches),
                                     log_now=finished or epoch_end)
@@ -113,16 +114,16 @@ def fit(run: Run, setup: Setup, config: TrainConfig, procs: Processes, device: t
                     run.record_eval(f"epoch {epoch + 1}" if epoch_end else "final", evaluate_on(setup, config, procs))
                 periodic_save = config.save_every and progress.global_step % config.save_every == 0
                 if epoch_end or finished or stop or periodic_save:
+                    lr_schedule.read()  # progress.schedule_step exact in the checkpoint
                     run.save_checkpoint()
                 if finished or stop:
                     return stop
     return False
 
 
-def advance(progress, *, skipped: bool, steps_in_epoch: int) -> None:
-    """One optimizer step done; a step the fp16 GradScaler skipped does not move the learning-rate schedule."""
+def advance(progress, *, steps_in_epoch: int) -> None:
+    """One optimizer step done (the schedule's own count, of the steps that ran, is LearningRate's)."""
     progress.global_step += 1
-    progress.schedule_step += 0 if skipped else 1
     progress.step_in_epoch += 1
     if progress.step_in_epoch == steps_in_epoch:
         progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
@@ -138,7 +139,7 @@ class StepResult:
     # micro-batches weighted by their labelled tokens over the global count); the sum over processes is the mean.
     loss: torch.Tensor
     grad_norm: torch.Tensor  # () total L2 norm of the gradients before clipping
-    skipped: bool  # the fp16 GradScaler found inf/nan gradients and skipped the update
+    skipped: bool | torch.Tensor  # inf/nan fp16 gradients: update skipped; fp16: () 1.0/0.0 on the device, unread
 
 
 def train_step(
@@ -187,10 +188,7 @@ def train_step(
         grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None]))
     skipped = False
     if scaler is not None:
-        scale_before = scaler.get_scale()
-        scaler.step(optimizer)  # skips the update if any gradient is inf/nan
-        scaler.update()
-        skipped = scaler.get_scale() < scale_before  # the scale only shrinks after a skipped step
+        skipped = scaler_step(scaler, optimizer)  # AdamW skips the update if any gradient is inf/nan
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -311,6 +309,8 @@ class Setup:
     collator: MaskingCollator
     optimizer: torch.optim.Optimizer
     schedule: Schedule
+    path: ExecutionPath  # eager, compiled, or CUDA graphs (mlm/speed/compiled.py choose_path)
+    compiled: nn.Module  # what the steps call: `model` in DDP and/or torch.compile (wrap_for_training)
 
     def facts(self) -> dict:
         """What the settings gave, for the run record."""
@@ -338,8 +338,9 @@ def set_up(config: TrainConfig, procs: Processes, device: torch.device) -> Setup
     optimizer = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay)
     schedule = Schedule.of(config, len(train_chunks), procs.world_size)
     eval_shard = {k: v[procs.rank :: procs.world_size] for k, v in eval_set.items()}
-    return Setup(precision, tokenizer, model, variant, train_chunks, eval_set, eval_shard, collator, optimizer,
-                 schedule)
+    path = path_for(config, device.type, procs.world_size, schedule.total_steps)  # eager, compiled or CUDA graphs
+    return Setup(precision, tokenizer, model, f"{variant}; steps run {path.says}", train_chunks, eval_set, eval_shard,
+                 collator, optimizer, schedule, path, wrap_for_training(model, path, procs.world_size, device))
 
 
 def build_model(config: TrainConfig, tokenizer: Tokenizer,
@@ -387,7 +388,7 @@ def evaluate_on(setup: Setup, config: TrainConfig, procs: Processes) -> EvalResu
     all_reduce = partial(all_reduce_sum, procs=procs) if procs.world_size > 1 else None
     return evaluate(setup.model, setup.eval_shard["input_ids"], setup.eval_shard["labels"],
                     batch_size=config.eval_batch_size, autocast_dtype=setup.precision.autocast_dtype,
-                    all_reduce=all_reduce)
+                    all_reduce=all_reduce, **eval_path(setup.compiled, setup.path, procs.world_size))
 
 
 def predict(setup: Setup, config: TrainConfig, procs: Processes) -> tuple[list[str], list]:

@@ -235,6 +235,49 @@ def test_bf16_step_makes_no_host_sync_and_attention_runs_a_fused_kernel(record_p
     assert not any("_scaled_dot_product_attention_math" in n for n in names)
 
 
+def test_fp16_steps_make_no_host_sync_and_skip_on_the_device():
+    """The course's fp16: GradScaler + fused AdamW + the schedule counted on the device (mlm/speed/amp.py), with
+    no synchronising call in a step, a skipped one included."""
+    from types import SimpleNamespace
+
+    from mlm.speed.amp import LearningRate
+
+    torch.manual_seed(0)
+    model = DistilBertForMaskedLM(DistilBertConfig()).to(CUDA).train()
+    optimizer = make_optimizer(model, lr=2e-5, weight_decay=0.01)
+    progress = SimpleNamespace(schedule_step=0)
+    rates = LearningRate(optimizer, progress, 2e-5, SimpleNamespace(warmup_steps=0, total_steps=10), on_device=True)
+    scaler = torch.amp.GradScaler("cuda")
+    host_batches = [{k: v.pin_memory() for k, v in masked_batch(16, 128, 30522, seed=s).items()} for s in range(4)]
+    poison = {"on": False}
+    model.distilbert.embeddings.word_embeddings.weight.register_hook(
+        lambda grad: grad * float("inf") if poison["on"] else grad)
+
+    def step(batch: dict) -> StepResult:  # what the training loop does per fp16 step
+        rates.set()
+        micro = [{k: v.to(CUDA, non_blocking=True) for k, v in batch.items()}]
+        count = len(batch["label_positions"])
+        result = train_step(model, micro, optimizer, labelled_counts=[count], labelled_in_step=count,
+                            scaler=scaler, autocast_dtype=torch.float16)
+        rates.count(result.skipped)
+        return result
+
+    step(host_batches[0])  # first call: cuBLAS handles, optimizer state, the scaler's tensors
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call (.item(), get_scale(), D2H copy) raises
+    try:
+        poison["on"] = True
+        skipped = step(host_batches[1]).skipped
+        poison["on"] = False
+        ran = step(host_batches[2]).skipped
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    rates.read()
+    assert float(skipped) == 1.0 and float(ran) == 0.0
+    assert progress.schedule_step == 2  # 3 steps, the poisoned one not counted
+    assert rates.lr == 2e-5 * (9 / 10)  # the last step's lr: schedule step 1 of 10, computed on the device
+
+
 def test_compile_recompiles_at_most_once_as_the_labelled_count_changes(record_property):
     from torch._dynamo.utils import counters
 

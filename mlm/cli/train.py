@@ -103,10 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "CPU. fp32 on a GPU is exact fp32 (TF32 matmuls stay off) (default: %(default)s)")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
-    g.add_argument("--cuda-graphs", action="store_true",
-                   help="GPU only: compile with CUDA graphs, so each step replays its kernels without launching them "
-                        "one by one (the fastest GPU setting; label positions padded to a multiple of 256, which "
-                        "changes no value; one process, no --grad-accum)")
+    g.add_argument("--cuda-graphs", nargs="?", const="on", choices=["off", "on", "auto"], default=d.cuda_graphs,
+                   help="compile with CUDA graphs, so each step replays its kernels without launching them one by one "
+                        "(label positions padded to a multiple of 256, which changes no value; one GPU, no "
+                        "--grad-accum). auto: on one GPU when the run has enough steps to repay the compile; "
+                        "--cuda-graphs alone means on; off: eager (default: %(default)s)")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="keep only each block's input for backward and recompute the rest: activation memory "
                         "down to about a sixth, slower steps (for batches that do not fit otherwise; the cost is in "
