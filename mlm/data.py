@@ -8,11 +8,9 @@
                         reproduces the course's chunk counts
     split_train_test    the course's `train_test_split(train_size=10_000, test_size=1_000, seed=42)`
 
-`load_chunks` runs the first two on a split of a corpus, streaming, into a memory-mapped store
-(mlm/corpus_store.py) that later runs reuse; `load_train_eval_chunks` gives a run its
-train and eval chunks, drawn from the train split as the course does, or with the eval chunks from another
-split (IMDb's own test split) or file, and the train chunks from several splits. Finding and reading the files is in
-mlm/files/data_files.py, the store's name in mlm/files/data_cache.py.
+`load_chunks` runs the first two on a split of a corpus, streaming, into a memory-mapped store that later runs
+reuse (mlm/corpus_store.py); `load_train_eval_chunks` gives a run its train and eval chunks: drawn from the train
+split as the course does, or the eval chunks from another split or file, the train chunks from several splits.
 
 Everything works on flat numpy arrays: there is no Python loop per token, and per review only the attribute
 access needed to pull ids out of the tokenizer's Encoding objects.

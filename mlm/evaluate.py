@@ -46,11 +46,9 @@ def evaluate(
 ) -> EvalResult:
     """Score the eval set `input_ids` (N, L) int64 with `labels` (N, L) int64 (-100 where unmasked).
 
-    Under DDP each process scores its shard and passes `all_reduce` (summing a tensor over processes) so that
-    every process returns the figures of the whole eval set. Speed path (mlm/speed/compiled.py eval_path):
-    `forward` calls `model` another way (compiled, or replayed as CUDA graphs), and `positions` maps a batch's
-    (M,) bool labelled mask to the flat positions it is given (padded, as in training; the padded rows add no loss
-    and are not scored).
+    Under DDP each process scores its shard and passes `all_reduce` (a sum over processes), so every process
+    returns the whole set's figures. The speed path (mlm/speed/compiled.py eval_path) passes `forward` (the model
+    compiled or graphed) and `positions` (a batch's (M,) bool labelled mask -> flat positions, padded).
     """
     device = next(model.parameters()).device
     was_training = model.training

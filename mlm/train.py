@@ -1,10 +1,8 @@
 """The fine-tuning loop: the Hugging Face course's MLM run, written out without Trainer or accelerate.
 
-Read top to bottom: `train` (the whole run), `fit` (the loop), `train_step` (one optimizer step), the batches
-(`StepBatches`), the schedule, then how the model and the data are built. The settings are `TrainConfig`
-(mlm/settings.py). The output folder, the run record, checkpoints, logs and signals belong to the run layer
-(mlm/run/session.py): the loop calls it at a few named points (`run.log_step`, `run.record_eval`,
-`run.save_checkpoint`, `run.finish`), and it never calls back.
+Read top to bottom: `train` (the whole run), `fit` (the loop), `train_step`, the batches, the schedule, then
+how the model and the data are built; the settings are `TrainConfig` (mlm/settings.py). Folders, the run record,
+checkpoints, logs and signals are the run layer's (mlm/run/session.py), called at a few named points.
 
     setup      tokenizer, model (pretrained or random), chunks, frozen eval masks, AdamW, precision
     before     perplexity and fill-mask predictions of the starting model
@@ -80,7 +78,7 @@ def fit(run: Run, setup: Setup, config: TrainConfig, procs: Processes, device: t
     stopped it (after saving a checkpoint)."""
     progress, schedule, precision, graphs = run.progress, setup.schedule, setup.precision, setup.path.graphs
     # The lr of each step: a host float, or under fp16 a device tensor (mlm/speed/amp.py: no host read per step).
-    lr_schedule = LearningRate(setup.optimizer, progress, config.lr, schedule, on_device=precision.scaler is not None)
+    learning_rate = LearningRate(setup.optimizer, progress, config.lr, schedule, on_device=bool(precision.scaler))
     with run.signals.deferred():  # a signal now lets the step finish and the checkpoint be written
         while progress.global_step < schedule.total_steps:
             epoch = progress.epoch
@@ -89,7 +87,7 @@ def fit(run: Run, setup: Setup, config: TrainConfig, procs: Processes, device: t
                                   rank=procs.rank, world_size=procs.world_size, seed=config.seed, epoch=epoch,
                                   pad_positions_to=setup.path.padding)
             for micro_cpu, labelled_in_global_batch in make_loader(batches, progress.step_in_epoch, config, device):
-                lr_schedule.set()  # mlm/optim.py linear_schedule over the steps that ran
+                lr = learning_rate.next()  # mlm/optim.py linear_schedule over the steps that ran
                 if graphs:
                     torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be reused now
                 micro = move_to_device(micro_cpu, device, compiled=setup.path.compile)
@@ -99,12 +97,10 @@ def fit(run: Run, setup: Setup, config: TrainConfig, procs: Processes, device: t
                                     labelled_in_step=labelled_in_global_batch / procs.world_size,
                                     scaler=precision.scaler, autocast_dtype=precision.autocast_dtype,
                                     max_grad_norm=config.max_grad_norm)
-                lr_schedule.count(result.skipped)
+                learning_rate.done(result.skipped)
                 advance(progress, steps_in_epoch=len(batches))
                 finished, epoch_end = progress.global_step >= schedule.total_steps, progress.step_in_epoch == 0
-                log_due = finished or epoch_end or run.meter.steps + 1 >= config.log_every or run.signals.received
-                lr, skipped = lr_schedule.for_log(due=log_due)
-                stop = run.log_step(loss=result.loss, grad_norm=result.grad_norm, skipped=skipped, lr=lr,
+                stop = run.log_step(loss=result.loss, grad_norm=result.grad_norm, skipped=result.skipped, lr=lr,
                                     tokens=sum(b["input_ids"].numel() for b in micro_cpu) * procs.world_size,
                                     epoch=progress.epoch + progress.step_in_epoch / len(batches),
                                     log_now=finished or epoch_end)
@@ -114,7 +110,7 @@ def fit(run: Run, setup: Setup, config: TrainConfig, procs: Processes, device: t
                     run.record_eval(f"epoch {epoch + 1}" if epoch_end else "final", evaluate_on(setup, config, procs))
                 periodic_save = config.save_every and progress.global_step % config.save_every == 0
                 if epoch_end or finished or stop or periodic_save:
-                    lr_schedule.read()  # progress.schedule_step exact in the checkpoint
+                    learning_rate.sync()  # progress.schedule_step exact in the checkpoint
                     run.save_checkpoint()
                 if finished or stop:
                     return stop
@@ -182,10 +178,8 @@ def train_step(
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    if max_grad_norm is not None:
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
-    else:
-        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None]))
+    # Without a limit, an infinite one: the same total norm, and gradients scaled by exactly 1.
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm or math.inf)
     skipped = False
     if scaler is not None:
         skipped = scaler_step(scaler, optimizer)  # AdamW skips the update if any gradient is inf/nan
@@ -209,10 +203,9 @@ class StepBatches(torch.utils.data.Dataset):
 
     The global batch of step s is order[s*G:(s+1)*G] with G = batch_size * grad_accum * world_size. It is masked
     as a whole with a generator seeded from (seed, epoch, s), then cut into micro-batches of batch_size rows, and
-    process r takes micro-batches r*grad_accum … (r+1)*grad_accum - 1. Masking the whole global batch costs
-    little (well under a millisecond per 64 rows) and makes the masks, hence the gradients, independent of how
-    the batch is split over micro-batches and processes. The last step of an epoch may be short (the reference
-    keeps the partial batch).
+    process r takes micro-batches r*grad_accum … (r+1)*grad_accum - 1. Masking the whole global batch makes the
+    masks, hence the gradients, independent of how the batch is split over micro-batches and processes. The last
+    step of an epoch may be short (the reference keeps the partial batch).
     """
 
     def __init__(self, chunks: Chunks, order: torch.Tensor, collator: MaskingCollator, *, batch_size: int,

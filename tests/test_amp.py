@@ -83,12 +83,13 @@ def mlm_fp16_steps(model, batches, skip: set[int], *, warmup: int, total: int):
     lrs, skipped = [], []
     for step, b in enumerate(batches):
         poison.step = step
-        rates.set()
+        lr = rates.next()
         result = train_step(model, [b], optimizer, scaler=scaler)
-        assert isinstance(result.skipped, torch.Tensor)  # left on the device: no host read
-        rates.count(result.skipped)
-        lrs.append(rates.for_log()[0])
+        assert isinstance(result.skipped, torch.Tensor) and isinstance(lr, torch.Tensor)  # no host read
+        rates.done(result.skipped)
+        lrs.append(float(lr))
         skipped.append(float(result.skipped))
+    rates.sync()
     return optimizer, progress, scaler, lrs, skipped
 
 
@@ -134,12 +135,11 @@ def test_the_device_schedule_gives_the_host_floats_bit_for_bit(warmup, total):
     host = LearningRate(host_opt, SimpleNamespace(schedule_step=0), 2e-5, schedule, on_device=False)
     device = LearningRate(device_opt, SimpleNamespace(schedule_step=0), 2e-5, schedule, on_device=True)
     for k in range(total + 2):
-        host.set()
-        device.set()
+        host_lr, device_lr = host.next(), device.next()
         expected = 2e-5 * linear_schedule(k, warmup_steps=warmup, total_steps=total)
-        assert host.lr == device.for_log()[0] == expected == float(device_opt.param_groups[0]["lr"])
-        host.count(False)
-        device.count(torch.zeros(()))
+        assert host_lr == float(device_lr) == expected == float(device_opt.param_groups[0]["lr"])
+        host.done(False)
+        device.done(torch.zeros(()))
 
 
 class PoisonedScaler(torch.amp.GradScaler):

@@ -253,13 +253,15 @@ def test_fp16_steps_make_no_host_sync_and_skip_on_the_device():
     model.distilbert.embeddings.word_embeddings.weight.register_hook(
         lambda grad: grad * float("inf") if poison["on"] else grad)
 
+    lrs = []
+
     def step(batch: dict) -> StepResult:  # what the training loop does per fp16 step
-        rates.set()
+        lrs.append(rates.next())
         micro = [{k: v.to(CUDA, non_blocking=True) for k, v in batch.items()}]
         count = len(batch["label_positions"])
         result = train_step(model, micro, optimizer, labelled_counts=[count], labelled_in_step=count,
                             scaler=scaler, autocast_dtype=torch.float16)
-        rates.count(result.skipped)
+        rates.done(result.skipped)
         return result
 
     step(host_batches[0])  # first call: cuBLAS handles, optimizer state, the scaler's tensors
@@ -272,10 +274,10 @@ def test_fp16_steps_make_no_host_sync_and_skip_on_the_device():
         ran = step(host_batches[2]).skipped
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    rates.read()
+    rates.sync()
     assert float(skipped) == 1.0 and float(ran) == 0.0
     assert progress.schedule_step == 2  # 3 steps, the poisoned one not counted
-    assert rates.lr == 2e-5 * (9 / 10)  # the last step's lr: schedule step 1 of 10, computed on the device
+    assert float(lrs[-1]) == 2e-5 * (9 / 10)  # the last step's lr: schedule step 1 of 10, computed on the device
 
 
 def test_compile_recompiles_at_most_once_as_the_labelled_count_changes(record_property):

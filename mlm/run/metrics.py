@@ -37,13 +37,18 @@ class Meter:
 
     def __init__(self, device: torch.device, *, seconds: float = 0.0, tokens: int = 0):
         self.loss_sum = torch.zeros((), device=device)  # summed on the device: read back once per log interval
-        self.steps = self.tokens = 0
+        self.skipped_on_device = torch.zeros((), device=device)  # fp16's skipped steps, likewise
+        self.steps = self.tokens = self.skipped_on_host = 0
         self.seconds = 0.0
         self.train_seconds, self.total_tokens = seconds, tokens  # the run's, earlier segments included
         self.clock = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, tokens: int) -> None:
+    def add(self, loss: torch.Tensor, tokens: int, skipped: bool | torch.Tensor = False) -> None:
         now = time.perf_counter()
+        if isinstance(skipped, torch.Tensor):
+            self.skipped_on_device += skipped
+        else:
+            self.skipped_on_host += int(skipped)
         self.seconds += now - self.clock
         self.train_seconds += now - self.clock
         self.clock = now
@@ -58,7 +63,12 @@ class Meter:
 
     def start_interval(self) -> None:
         self.loss_sum.zero_()
-        self.steps, self.tokens, self.seconds = 0, 0, 0.0
+        self.skipped_on_device.zero_()
+        self.steps, self.tokens, self.seconds, self.skipped_on_host = 0, 0, 0.0, 0
+
+    def skipped(self) -> int:
+        """Steps of the interval whose update fp16's GradScaler skipped (a host read when counted on the device)."""
+        return self.skipped_on_host + int(self.skipped_on_device)
 
     def interval_tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0

@@ -248,10 +248,11 @@ class Run:
 
     # -- during the run --------------------------------------------------------------------------------------
 
-    def log_step(self, *, loss: torch.Tensor, grad_norm: torch.Tensor, skipped: bool, lr: float, tokens: int,
-                 epoch: float, log_now: bool) -> bool:
-        """Count the step; every --log-every steps (and when `log_now`) log the mean loss. True: stop now."""
-        self.meter.add(loss, tokens)
+    def log_step(self, *, loss: torch.Tensor, grad_norm: torch.Tensor, skipped: bool | torch.Tensor,
+                 lr: float | torch.Tensor, tokens: int, epoch: float, log_now: bool) -> bool:
+        """Count the step; every --log-every steps (and when `log_now`) log the mean loss. True: stop now.
+        `skipped` and `lr` may be device tensors (fp16): they are read back only when a line is written."""
+        self.meter.add(loss, tokens, skipped)
         self.bar.update(1)
         due = log_now or self.meter.steps >= self.config.log_every
         stopping = False
@@ -260,10 +261,10 @@ class Run:
         if due or self.procs.world_size == 1:
             stopping = any_process(self.signals.received is not None, self.procs, self.device)
         if due or stopping:
-            self._log_training(lr=lr, epoch=epoch, grad_norm=grad_norm, skipped=skipped)
+            self._log_training(lr=lr, epoch=epoch, grad_norm=grad_norm)
         return stopping
 
-    def _log_training(self, *, lr: float, epoch: float, grad_norm: torch.Tensor, skipped: bool) -> None:
+    def _log_training(self, *, lr: float | torch.Tensor, epoch: float, grad_norm: torch.Tensor) -> None:
         """The mean loss since the last log (averaged over processes: the only read-back of the loss); a NaN or
         infinite loss stops the run."""
         meter = self.meter
@@ -271,9 +272,10 @@ class Run:
         mean_loss = loss_sum.item() / meter.steps
         if not math.isfinite(mean_loss):
             raise self._non_finite(f"The training loss became {mean_loss}")
-        tokens_per_second = meter.interval_tokens_per_second()
+        tokens_per_second, lr = meter.interval_tokens_per_second(), float(lr)
+        # skipped: the steps since the last line whose fp16 gradients overflowed (their update was skipped)
         self.log.write("train", step=self.progress.global_step, epoch=epoch, loss=mean_loss, lr=lr,
-                       grad_norm=float(grad_norm), tokens_per_second=tokens_per_second, skipped=skipped)
+                       grad_norm=float(grad_norm), tokens_per_second=tokens_per_second, skipped=meter.skipped())
         self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}")
         meter.start_interval()
 
