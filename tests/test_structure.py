@@ -86,3 +86,12 @@ def test_the_chapter_does_not_depend_on_the_machinery():
     for name in ("model", "masking", "data", "evaluate", "optim", "tokenizer", "fill_mask"):
         machinery = {dep for dep in graph[name] if dep.startswith(("run.", "speed.", "cli."))}
         assert not machinery, f"mlm/{name}.py imports {sorted(machinery)}"
+
+
+def test_the_readme_module_map_lists_every_module():
+    """The README's module map mirrors the folders: a module added or moved without its row fails here."""
+    readme = (MLM.parent / "README.md").read_text(encoding="utf-8")
+    modules = [path.relative_to(MLM.parent).as_posix() for path in sorted(MLM.rglob("*.py"))
+               if path.name != "__init__.py"]
+    missing = [module for module in modules if f"| `{module}` |" not in readme]
+    assert not missing, f"README.md's module map lacks {missing}"
