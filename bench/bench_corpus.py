@@ -11,6 +11,8 @@ subprocess, so its peak RSS (VmHWM) is its own. What each case's wall time inclu
                memory-mapped store (mlm/corpus_store.py) and checksum it; a cold cache every time
     bare       tokenizer.encode_batch over the same texts, already read into memory (not timed), 2,000 per call,
                one call at a time, only the token count kept: the tokenizing floor the goal compares with
+    fast       the same with encode_batch_fast (the same ids, no offsets), which the store calls for BERT-style
+               WordPiece tokenizers (it derives word ids from the ids): the floor of what the store does
     read       reading the texts alone, as the store does (mlm/files/corpus_files.py), nothing else
     hash       the file's SHA-256 alone, as the cache key does
     datasets   load_dataset("json") + map(tokenize, batched=True, num_proc=cores) + map(group_texts), the
@@ -19,7 +21,7 @@ subprocess, so its peak RSS (VmHWM) is its own. What each case's wall time inclu
                tokenizer) on the store the store case built: its peak RSS is the data path's (not timed)
     long       load_chunks of a one-document .txt corpus, one line of 50 MB: preparation's peak RSS
 
---repeat runs store and bare alternately that many times per scale; the ratios use each case's fastest run, as
+--repeat runs store, bare and fast alternately that many times per scale; the ratios use each case's fastest run, as
 other processes on the machine only ever slow a run down.
 """
 
@@ -57,6 +59,16 @@ texts = pyarrow.json.read_json(CORPUS).column("text").to_pylist()
 start, tokens = time.perf_counter(), 0
 for first in range(0, len(texts), 2000):
     tokens += sum(len(e.ids) for e in backend.encode_batch(texts[first : first + 2000]))
+result = dict(seconds=time.perf_counter() - start, tokens=tokens, chunks=None, disk=None)
+""",
+    "fast": """
+import pyarrow.json
+from mlm.tokenizer import load_tokenizer
+backend = load_tokenizer(TOKENIZER).backend
+texts = pyarrow.json.read_json(CORPUS).column("text").to_pylist()
+start, tokens = time.perf_counter(), 0
+for first in range(0, len(texts), 2000):
+    tokens += sum(len(e.ids) for e in backend.encode_batch_fast(texts[first : first + 2000]))
 result = dict(seconds=time.perf_counter() - start, tokens=tokens, chunks=None, disk=None)
 """,
     "read": """
@@ -175,7 +187,7 @@ def main() -> None:
     parser.add_argument("--scales", default="1,8", help="corpus sizes, in copies of IMDb's train split")
     parser.add_argument("--no-datasets", action="store_true", help="skip the datasets path")
     parser.add_argument("--datasets-scales", default=None, help="scales for the datasets path (default: --scales)")
-    parser.add_argument("--repeat", type=int, default=1, help="runs of store and bare per scale (fastest counts)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of store, bare and fast per scale (fastest counts)")
     parser.add_argument("--no-rss", action="store_true", help="skip the train and long cases")
     args = parser.parse_args()
     if not (IMDB_TRAIN.is_file() and TOKENIZER.is_dir()):
@@ -207,6 +219,7 @@ def main() -> None:
             for run in range(args.repeat):
                 measure(scale, "store", corpus, Path(tmp) / f"store{run}")
                 measure(scale, "bare", corpus, Path(tmp) / f"bare{run}")
+                measure(scale, "fast", corpus, Path(tmp) / f"fast{run}")
             for name in ("read", "hash"):
                 measure(scale, name, corpus, Path(tmp) / name)
             if have_datasets and scale in datasets_scales:
@@ -221,7 +234,8 @@ def main() -> None:
             measure("50MB", "long", document, Path(tmp) / "long")
     for scale in scales:
         store, bare = results[scale, "store"], results[scale, "bare"]
-        line = f"{scale}x: store/bare time {store['seconds'] / bare['seconds']:.2f}"
+        line = (f"{scale}x: store/bare time {store['seconds'] / bare['seconds']:.2f}, "
+                f"store/fast time {store['seconds'] / results[scale, 'fast']['seconds']:.2f}")
         if (scale, "datasets") in results:
             other = results[scale, "datasets"]
             line += (f", datasets/store time {other['seconds'] / store['seconds']:.1f}, "

@@ -246,6 +246,7 @@ def test_tokenizers_the_argument_does_not_cover_keep_the_exact_word_ids(tmp_path
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (SHARED_IMDB_TRAIN.is_file() and SHARED_TOKENIZER.is_dir()),
                     reason="needs a local copy of IMDb and its tokenizer")
 def test_derived_word_ids_equal_the_tokenizers_on_the_whole_imdb_train_split():
