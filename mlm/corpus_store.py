@@ -1,7 +1,8 @@
 """A corpus of any size, tokenized and chunked once into a compact store on disk that training memory-maps.
 
 Preparation streams: the files are read in pieces of about PIECE_CHARS characters (mlm/files/corpus_files.py),
-tokenized on every core with encode_batch calls kept in flight along the whole stream (`_stream`), cut into chunks
+tokenized on every core with encode_batch calls kept in flight along the whole stream (`_stream`; word ids are
+derived from the token ids where that is exact, see `_encoder`, else asked of the tokenizer), cut into chunks
 exactly as the course's `group_texts` cuts the whole corpus (the tokens that do not fill a chunk are carried
 on), and appended to the store; a piece is the unit of resumption. Memory is bounded by a piece, not by the corpus; a
 document longer than SLICE_CHARS is tokenized in slices cut at whitespace.
