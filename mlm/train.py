@@ -35,7 +35,7 @@ from mlm.files.pretrained import load_config, load_pretrained
 from mlm.fill_mask import check_prompts, fill_mask
 from mlm.masking import MaskingCollator, freeze_eval_masks
 from mlm.model import IGNORE_INDEX, DistilBertForMaskedLM
-from mlm.optim import linear_schedule, make_optimizer
+from mlm.optim import make_optimizer
 from mlm.run.processes import Precision, Processes, all_reduce_sum, pick_precision, start_processes
 from mlm.run.session import Run, RunSummary, open_run
 from mlm.settings import TrainConfig
@@ -45,7 +45,7 @@ from mlm.speed.host_memory import keep_freed_memory
 from mlm.speed.lean import make_lean
 from mlm.tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["RunSummary", "StepBatches", "StepResult", "TrainConfig", "linear_schedule", "train", "train_step"]
+__all__ = ["RunSummary", "StepBatches", "StepResult", "TrainConfig", "train", "train_step"]
 
 
 def train(config: TrainConfig) -> RunSummary:
@@ -67,7 +67,7 @@ def train(config: TrainConfig) -> RunSummary:
             run.record_fill_mask("before", *predict(setup, config, procs))
         if fit(run, setup, config, procs, device):
             return run.stopped()
-        if run.last_eval() is None:  # resumed after the last step's checkpoint, before its eval was recorded
+        if run.last_eval() is None:  # a resume --extend'ed to end where it stands: no eval at this step yet
             run.record_eval("final", evaluate_on(setup, config, procs))
         run.record_fill_mask("after", *predict(setup, config, procs))
         return run.finish()
@@ -87,12 +87,12 @@ def fit(run: Run, setup: Setup, config: TrainConfig, procs: Processes, device: t
                                   rank=procs.rank, world_size=procs.world_size, seed=config.seed, epoch=epoch,
                                   pad_positions_to=setup.path.padding)
             for micro_cpu, labelled_in_global_batch in make_loader(batches, progress.step_in_epoch, config, device):
-                lr = learning_rate.next()  # mlm/optim.py linear_schedule over the steps that ran
+                lr = learning_rate.next()  # lr * linear_schedule(steps that ran), set in AdamW (mlm/optim.py)
                 if graphs:
                     torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be reused now
                 micro = move_to_device(micro_cpu, device, compiled=setup.path.compile)
                 # DDP averages gradients over processes, so each process weighs by total / world_size.
-                result = train_step(setup.compiled, micro, setup.optimizer,
+                result = train_step(setup.train_model, micro, setup.optimizer,
                                     labelled_counts=[int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_cpu],
                                     labelled_in_step=labelled_in_global_batch / procs.world_size,
                                     scaler=precision.scaler, autocast_dtype=precision.autocast_dtype,
@@ -100,11 +100,11 @@ def fit(run: Run, setup: Setup, config: TrainConfig, procs: Processes, device: t
                 learning_rate.done(result.skipped)
                 advance(progress, steps_in_epoch=len(batches))
                 finished, epoch_end = progress.global_step >= schedule.total_steps, progress.step_in_epoch == 0
-                stop = run.log_step(loss=result.loss, grad_norm=result.grad_norm, skipped=result.skipped, lr=lr,
+                stop = run.after_step(loss=result.loss, grad_norm=result.grad_norm, skipped=result.skipped, lr=lr,
                                     tokens=sum(b["input_ids"].numel() for b in micro_cpu) * procs.world_size,
                                     epoch=progress.epoch + progress.step_in_epoch / len(batches),
                                     log_now=finished or epoch_end)
-                if config.eval_every and progress.global_step % config.eval_every == 0 and not epoch_end:
+                if config.eval_every and progress.global_step % config.eval_every == 0 and not (epoch_end or finished):
                     run.record_eval(f"step {progress.global_step}", evaluate_on(setup, config, procs))
                 if epoch_end or finished:
                     run.record_eval(f"epoch {epoch + 1}" if epoch_end else "final", evaluate_on(setup, config, procs))
@@ -303,7 +303,7 @@ class Setup:
     optimizer: torch.optim.Optimizer
     schedule: Schedule
     path: ExecutionPath  # eager, compiled, or CUDA graphs (mlm/speed/compiled.py choose_path)
-    compiled: nn.Module  # what the steps call: `model` in DDP and/or torch.compile (wrap_for_training)
+    train_model: nn.Module  # what the steps call: `model`, or it wrapped in DDP / compiled (wrap_for_training)
 
     def facts(self) -> dict:
         """What the settings gave, for the run record."""
@@ -381,7 +381,7 @@ def evaluate_on(setup: Setup, config: TrainConfig, procs: Processes) -> EvalResu
     all_reduce = partial(all_reduce_sum, procs=procs) if procs.world_size > 1 else None
     return evaluate(setup.model, setup.eval_shard["input_ids"], setup.eval_shard["labels"],
                     batch_size=config.eval_batch_size, autocast_dtype=setup.precision.autocast_dtype,
-                    all_reduce=all_reduce, **eval_path(setup.compiled, setup.path, procs.world_size))
+                    all_reduce=all_reduce, **eval_path(setup.train_model, setup.path, procs.world_size))
 
 
 def predict(setup: Setup, config: TrainConfig, procs: Processes) -> tuple[list[str], list]:

@@ -223,7 +223,7 @@ def test_the_run_says_which_path_its_steps_take(tmp_path):
     procs = mlm.train.Processes()
     setup = mlm.train.set_up(config, procs, torch.device("cpu"))
     assert setup.model_variant.endswith("steps run eager: CUDA graphs need a CUDA GPU (--cuda-graphs auto)")
-    assert setup.compiled is setup.model and not setup.path.graphs
+    assert setup.train_model is setup.model and not setup.path.graphs
 
 
 # ---------------------------------------------------------------------------------------------------------------

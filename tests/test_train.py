@@ -304,3 +304,11 @@ def test_smoke_run_end_to_end(tmp_path):
                            "--json", "a great [MASK] ."], capture_output=True, text=True, timeout=120)
     assert fill.returncode == 0, fill.stderr
     assert len(json.loads(fill.stdout)["masks"][0]) == 5
+
+
+def test_periodic_evals_and_the_last_step_is_evaluated_once(tmp_path):
+    """--eval-every lands on the run's last step (--max-steps mid-epoch): one "final" eval there, not two."""
+    run = tmp_path / "run"
+    train(tiny_run(run, eval_every=4, max_steps=8))  # 6 steps an epoch
+    evals = [(r["label"], r["step"]) for r in records(run, "eval")]
+    assert evals == [("before", 0), ("step 4", 4), ("epoch 1", 6), ("final", 8)]

@@ -22,7 +22,7 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
-        self.exit(2, f"error: {message}. Run `{self.prog} --help` for every flag.\n")
+        self.exit(2, f"error: {message.rstrip('.')}. Run `{self.prog} --help` for every flag.\n")
 
 
 def flags_given(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
@@ -53,6 +53,6 @@ def size_flag(flag: str):
         try:
             return parse_size(text, flag)
         except MLMError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
+            raise argparse.ArgumentTypeError(str(err).removeprefix(f"{flag} ")) from None  # argparse names it
 
     return size

@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of tokens masked (token eval set) (default: %(default)s)")
     g.add_argument("--wwm-probability", type=float, default=0.2,
                    help="share of words masked (whole-word eval set) (default: %(default)s)")
-    g.add_argument("--eval-batch-size", type=int, default=64, help="(default: %(default)s)")
+    g.add_argument("--eval-batch-size", type=int, default=64,
+                   help="eval chunks per forward pass; the reference-style perplexity depends on it, the headline "
+                        "one does not (default: %(default)s)")
 
     g = p.add_argument_group("fill-mask and hardware")
     g.add_argument("--prompt", dest="prompts", action="append", default=None,

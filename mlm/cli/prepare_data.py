@@ -62,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--test-size", type=size_flag("--test-size"), default=1_000,
                         help="Chunks drawn from the train split for evaluation, disjoint from the above, or a "
                              "percentage such as 5%%.")
-    parser.add_argument("--seed", type=int, default=42, help="Seed of the train/test draw.")
+    parser.add_argument("--data-seed", "--seed", dest="seed", type=int, default=42,
+                        help="seed of the train/test draw, as mlm-train's --data-seed (default: %(default)s)")
     parser.add_argument("--no-progress", dest="progress_bar", action="store_false",
                         help="No progress bars (tokenizing, Hub downloads); by default they show on a terminal.")
     return parser.parse_args(argv)

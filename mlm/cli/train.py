@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-accum", type=int, default=d.grad_accum,
                    help="micro-batches per optimizer step; global batch = batch size x grad accum x processes "
                         "(default: %(default)s)")
-    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="(default: %(default)s)")
+    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size,
+                   help="eval chunks per forward pass; the reference-style perplexity depends on it, the headline "
+                        "one does not (default: %(default)s)")
     g.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate (default: %(default)s)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay,
                    help="decoupled weight decay, not applied to biases and LayerNorms (default: %(default)s)")
@@ -170,8 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_data_source_flags(g: argparse._ArgumentGroup, d: TrainConfig) -> None:
     """Where the texts come from: shared with mlm-evaluate, which rebuilds a run's eval set from them."""
-    g.add_argument("--dataset", default=d.dataset, help="Hub dataset id, a local folder with its layout "
-                   "(plain_text/train-*.parquet), or one .parquet/.jsonl/.csv/.txt file (default: %(default)s)")
+    g.add_argument("--dataset", default=d.dataset, help="Hub dataset id, a local folder (the Hub layout, or data "
+                   "files at any depth), a quoted glob, or one file: .parquet, or .jsonl/.csv/.txt, plain or .gz/.zst "
+                   "(docs/corpora.md) (default: %(default)s)")
     g.add_argument("--text-column", default=d.text_column, help="column holding the text (default: %(default)s)")
     g.add_argument("--train-splits", type=split_list, default=d.train_splits, metavar="SPLIT[,SPLIT...]",
                    help="splits of --dataset to train on, concatenated, e.g. train,unsupervised for IMDb's 50,000 "

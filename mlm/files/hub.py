@@ -52,8 +52,10 @@ def resolve_repo(
     if path.exists():
         raise MLMError(f"{path} is a file, but a folder laid out like a Hub {repo_type} repository was expected.")
     if names_a_local_path(str(name_or_path)):
-        raise MLMError(f"No such folder: {path}. Check the path (it names a local folder, not a Hub repo id such as "
-                       "'org/name').")
+        # A name with a data file's extension was meant as a file (e.g. --dataset ./reviews.jsonl).
+        what = "file or folder" if Path(str(name_or_path)).suffix else "folder"
+        raise MLMError(f"No such {what}: {name_or_path}. Check the path (it names a local {what}, not a Hub repo id "
+                       "such as 'org/name').")
     name = str(name_or_path)
     return _download(name, repo_type=repo_type, revision=revision, allow_patterns=allow_patterns)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from mlm.errors import MLMError
 from mlm.run.checkpoints import list_checkpoints, remove_stale_temporaries
+from mlm.run.record import read_record
 
 LOCK_FILE = ".lock"
 ASIDE_DIR = ".replaced-run"
@@ -113,8 +114,9 @@ class RunFolder:
             return path
         existing = [name for name in RUN_FILES if (self.path / name).exists()]
         if existing and not overwrite:
-            hint = ("Pass --resume latest to continue it, " if list_checkpoints(self.path)
-                    else "It never saved a checkpoint, so it cannot be resumed: pass ")
+            hint = ("It never saved a checkpoint, so it cannot be resumed: pass " if not list_checkpoints(self.path)
+                    else "It is finished: pass --resume latest --extend with more --epochs to train it further, "
+                    if _is_finished(self.path) else "Pass --resume latest to continue it, ")
             raise MLMError(f"{self.path} already holds a run ({', '.join(existing)}). {hint}--overwrite to replace "
                            "it, or choose another --output-dir.")
         return None
@@ -176,6 +178,14 @@ class RunFolder:
         self.started = False
         print(f"note: {self.path}: an --overwrite run ended before its first checkpoint; the run it replaced is "
               "back in place.", flush=True)
+
+
+def _is_finished(folder: Path) -> bool:
+    try:
+        record = read_record(folder)
+    except MLMError:
+        return False
+    return record is not None and record.finished
 
 
 def _read_holder(lock: Path) -> dict:

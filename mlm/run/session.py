@@ -6,7 +6,7 @@ mlm/train.py calls, in this order:
                                       on; find where the run starts (a new run, or a checkpoint to resume)
     run.restore(model, ...)           on resume, refuse changed settings or data, then load the checkpoint
     run.begin(...)                    only now is the folder written: the run record, the metrics log, notes
-    run.log_step(...)                 after every optimizer step; True when a signal asks the run to stop
+    run.after_step(...)               after every optimizer step: count, log, agree on a stop (True: stop)
     run.record_eval / record_fill_mask
     run.save_checkpoint()
     run.finish() or run.stopped()     the final model and the finished record, or the record of a stop
@@ -248,7 +248,7 @@ class Run:
 
     # -- during the run --------------------------------------------------------------------------------------
 
-    def log_step(self, *, loss: torch.Tensor, grad_norm: torch.Tensor, skipped: bool | torch.Tensor,
+    def after_step(self, *, loss: torch.Tensor, grad_norm: torch.Tensor, skipped: bool | torch.Tensor,
                  lr: float | torch.Tensor, tokens: int, epoch: float, log_now: bool) -> bool:
         """Count the step; every --log-every steps (and when `log_now`) log the mean loss. True: stop now.
         `skipped` and `lr` may be device tensors (fp16): they are read back only when a line is written."""
