@@ -37,9 +37,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "hub"
-IMDB_TRAIN = SHARED / "datasets" / "stanfordnlp" / "imdb" / "plain_text" / "train-00000-of-00001.parquet"
-TOKENIZER = SHARED / "models" / "distilbert-base-uncased"
+IMDB_TRAIN: Path  # IMDb's train split (parquet) and the distilbert-base-uncased folder: set from the flags in main()
+TOKENIZER: Path
 
 CASES = {
     "store": """
@@ -189,9 +188,17 @@ def main() -> None:
     parser.add_argument("--datasets-scales", default=None, help="scales for the datasets path (default: --scales)")
     parser.add_argument("--repeat", type=int, default=1, help="runs of store, bare and fast per scale (fastest counts)")
     parser.add_argument("--no-rss", action="store_true", help="skip the train and long cases")
+    parser.add_argument("--dataset", default="stanfordnlp/imdb", help="IMDb: Hub id or a local folder in its layout "
+                        "(default: %(default)s)")
+    parser.add_argument("--model", default="distilbert-base-uncased", help="the tokenizer's (and config's) Hub id "
+                        "or local folder (default: %(default)s)")
     args = parser.parse_args()
-    if not (IMDB_TRAIN.is_file() and TOKENIZER.is_dir()):
-        raise SystemExit(f"needs {IMDB_TRAIN} and {TOKENIZER}")
+    global IMDB_TRAIN, TOKENIZER
+    from mlm.files.data_files import find_data_files
+    from mlm.files.hub import resolve_repo
+
+    [IMDB_TRAIN] = find_data_files(args.dataset, "train")
+    TOKENIZER = resolve_repo(args.model, allow_patterns=["config.json", "tokenizer*.json", "vocab.txt"])
     try:
         import datasets  # noqa: F401
         have_datasets = not args.no_datasets
