@@ -30,7 +30,6 @@ uninterrupted one. A lock file makes other processes (torchrun's ranks) wait for
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -48,7 +47,7 @@ from tokenizers import models, pre_tokenizers, processors
 
 from mlm.errors import MLMError
 from mlm.files.corpus_files import iter_texts
-from mlm.files.hashing import file_sha256
+from mlm.files.hashing import file_sha256, json_sha256
 from mlm.tokenizer import Tokenizer
 
 STORE_FORMAT_VERSION = 1
@@ -148,7 +147,7 @@ def open_store(path: Path, key_sha256: str) -> ChunkStore | None:
 
 def _header_problem(path: Path, header: dict, key_sha256: str) -> str | None:
     fields = {name: value for name, value in header.items() if name != "header_sha256"}
-    if header.get("header_sha256") != _sha256_json(fields):
+    if header.get("header_sha256") != json_sha256(fields):
         return "its header does not match the header's checksum"
     if header["format_version"] != STORE_FORMAT_VERSION or header["key_sha256"] != key_sha256:
         return "it was built from other data or by another version"
@@ -164,10 +163,6 @@ def _header_problem(path: Path, header: dict, key_sha256: str) -> str | None:
     return None
 
 
-def _sha256_json(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Preparing a store
 
@@ -180,7 +175,7 @@ def prepare_store(path: Path, key: dict, files: list[Path], tokenizer: Tokenizer
     Raises MLMError for bad input (after which the same command resumes) and OSError when the folder is not
     writable.
     """
-    key_sha256 = _sha256_json(key)
+    key_sha256 = json_sha256(key)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(path.parent)
     if (store := open_store(path, key_sha256)) is not None:
@@ -579,7 +574,7 @@ class _Writer:
                   "n_reviews": state["documents"], "n_tokens": state["tokens"],
                   "ids_sha256": file_sha256(self.partial / "ids.bin"),
                   "words_sha256": file_sha256(self.partial / "words.bin")}
-        header = {**fields, "header_sha256": _sha256_json(fields)}
+        header = {**fields, "header_sha256": json_sha256(fields)}
         _write_json(self.partial / "header.json", header)
         (self.partial / "progress.json").unlink()
         return header

@@ -5,12 +5,10 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 
-from mlm.files.hashing import file_sha256
+from mlm.files.hashing import file_sha256, json_sha256, tokenizer_sha256
 from mlm.tokenizer import Tokenizer
 
 # Bump when the meaning or layout of a store changes, so old stores are rebuilt rather than misread.
@@ -44,7 +42,7 @@ def cache_key(
     return {
         "format_version": CACHE_FORMAT_VERSION,
         "data_sha256": [file_sha256(file) for file in files],
-        "tokenizer_sha256": hashlib.sha256(tokenizer.backend.to_str().encode("utf-8")).hexdigest(),
+        "tokenizer_sha256": tokenizer_sha256(tokenizer),
         "chunk_size": chunk_size,
         "group_size": group_size,
         "text_column": text_column,
@@ -54,5 +52,4 @@ def cache_key(
 
 def store_path(directory: Path, split: str, chunk_size: int, key: dict) -> Path:
     """The store folder for `key` (mlm/corpus_store.py), named by the key's SHA-256."""
-    key_hash = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-    return directory / "chunks" / f"{split}-{chunk_size}-{key_hash[:20]}"
+    return directory / "chunks" / f"{split}-{chunk_size}-{json_sha256(key)[:20]}"

@@ -1,9 +1,11 @@
-"""The SHA-256 of a file, computed once per process: the chunk store's key (mlm/files/data_cache.py) and the run
-record (mlm/run/session.py) both identify the data files by content, and a run start needs both."""
+"""SHA-256 digests: of a file, computed once per process (the chunk store's key, mlm/files/data_cache.py, and the
+run record, mlm/run/session.py, both identify the data files by content, and a run start needs both; checkpoint
+manifests use it too), of a tokenizer, and of a JSON-able value."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -37,3 +39,13 @@ def file_sha256(file: str | Path) -> str:
     if settled and _identity(path) == before:  # not written to while it was read: the digest is of these bytes
         _DIGESTS[before] = digest
     return digest
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    """The hex SHA-256 of an `mlm.tokenizer.Tokenizer`'s serialized JSON: vocabulary, normalizer and template."""
+    return hashlib.sha256(tokenizer.backend.to_str().encode("utf-8")).hexdigest()
+
+
+def json_sha256(value) -> str:
+    """The hex SHA-256 of `value` as canonical JSON (sorted keys): the same for equal dicts in any order."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()

@@ -17,7 +17,6 @@ copy, a disk error, a hand edit) still parses, but no longer matches its checksu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -30,6 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from mlm.errors import MLMError
+from mlm.files.hashing import file_sha256
 from mlm.files.pretrained import (
     config_to_dict,
     model_from_state_dict,
@@ -208,7 +208,7 @@ def verify_checkpoint(path: Path) -> None:
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{path}: {name} is missing.")
-        if file.stat().st_size != size or _sha256(file) != digest:
+        if file.stat().st_size != size or file_sha256(file) != digest:
             raise CheckpointError(f"{path}: {name} does not match its checksum (damaged or modified since saved).")
 
 
@@ -235,18 +235,10 @@ def checkpoint_step(path: Path) -> int:
 
 def _write_manifest(folder: Path) -> None:
     files = {
-        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
         for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST_FILE
     }
     (folder / MANIFEST_FILE).write_text(json.dumps({"files": files}, indent=2) + "\n")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:

@@ -18,14 +18,13 @@ a run needs retyping or guessing.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from mlm.errors import MLMError
+from mlm.files.pretrained import atomic_write_text
 
 RECORD_FILE = "run.json"
 FORMAT = 1
@@ -90,16 +89,7 @@ class RunRecord:
 
 def write_record(folder: Path, record: RunRecord) -> None:
     """Write `folder`/run.json atomically: a crash leaves the old record or the new one, never half of one."""
-    folder = Path(folder)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{RECORD_FILE}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(record.to_json())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a run's files are not
-        os.replace(tmp, folder / RECORD_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(Path(folder) / RECORD_FILE, record.to_json())
 
 
 def read_record(folder: Path) -> RunRecord | None:
@@ -122,9 +112,3 @@ def read_record(folder: Path) -> RunRecord | None:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

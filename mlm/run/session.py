@@ -18,7 +18,6 @@ folder resumes with `--resume latest`. This package never imports the loop: it g
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import shlex
@@ -35,7 +34,7 @@ from tqdm.auto import tqdm
 from mlm.errors import Interrupted, MLMError
 from mlm.evaluate import EvalResult
 from mlm.files.data_files import find_data_files
-from mlm.files.hashing import file_sha256
+from mlm.files.hashing import file_sha256, tokenizer_sha256
 from mlm.files.pretrained import save_pretrained
 from mlm.run.checkpoints import (
     CheckpointError,
@@ -475,7 +474,7 @@ def data_identity(config: TrainConfig, tokenizer) -> dict:
         files.append(Path(config.validation_file).expanduser())
     root = Path(os.path.commonpath([str(f.parent) for f in files]))
     return {"files": {str(f.relative_to(root)): file_sha256(f) for f in files},
-            "tokenizer_sha256": hashlib.sha256(tokenizer.backend.to_str().encode("utf-8")).hexdigest()}
+            "tokenizer_sha256": tokenizer_sha256(tokenizer)}
 
 
 def compare_data(stored: dict, current: dict) -> None:

@@ -108,7 +108,7 @@ def move_to_device(micro_cpu: list[dict[str, torch.Tensor]], device: torch.devic
     return micro
 
 
-def eval_path(compiled: nn.Module, path: ExecutionPath, world_size: int) -> dict:
+def eval_path(train_model: nn.Module, path: ExecutionPath, world_size: int) -> dict:
     """evaluate's `forward` and `positions` for a run on `path`: the training step's compiled module, so that
     evaluation runs at training speed (in eval mode and without gradients it compiles, and records graphs, once
     more), with the label positions padded as in training. The plain model ({}) on the eager path, and under DDP,
@@ -116,10 +116,10 @@ def eval_path(compiled: nn.Module, path: ExecutionPath, world_size: int) -> dict
     if world_size > 1 or not (path.graphs or path.compile):
         return {}
     if not path.graphs:
-        return {"forward": compiled}
+        return {"forward": train_model}
 
     def replay(*args, **kwargs):
         torch.compiler.cudagraph_mark_step_begin()  # the previous batch's outputs have been read: reuse them
-        return compiled(*args, **kwargs)
+        return train_model(*args, **kwargs)
 
     return {"forward": replay, "positions": partial(pad_positions, multiple=path.padding)}
