@@ -101,9 +101,9 @@ def fit(run: Run, setup: Setup, config: TrainConfig, procs: Processes, device: t
                 advance(progress, steps_in_epoch=len(batches))
                 finished, epoch_end = progress.global_step >= schedule.total_steps, progress.step_in_epoch == 0
                 stop = run.after_step(loss=result.loss, grad_norm=result.grad_norm, skipped=result.skipped, lr=lr,
-                                    tokens=sum(b["input_ids"].numel() for b in micro_cpu) * procs.world_size,
-                                    epoch=progress.epoch + progress.step_in_epoch / len(batches),
-                                    log_now=finished or epoch_end)
+                                      tokens=sum(b["input_ids"].numel() for b in micro_cpu) * procs.world_size,
+                                      epoch=progress.epoch + progress.step_in_epoch / len(batches),
+                                      log_now=finished or epoch_end)
                 if config.eval_every and progress.global_step % config.eval_every == 0 and not (epoch_end or finished):
                     run.record_eval(f"step {progress.global_step}", evaluate_on(setup, config, procs))
                 if epoch_end or finished:
