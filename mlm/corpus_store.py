@@ -1,8 +1,8 @@
 """A corpus of any size, tokenized and chunked once into a compact store on disk that training memory-maps.
 
 Preparation streams: the files are read in pieces of about PIECE_CHARS characters (mlm/files/corpus_files.py),
-tokenized on every core with encode_batch calls kept in flight along the whole stream (`_stream`; word ids are
-derived from the token ids where that is exact, see `_encoder`, else asked of the tokenizer), cut into chunks
+tokenized on every core with encode_batch calls kept in flight along the whole stream (`_stream`; faster where
+mlm/speed/fast_encode.py shows its shortcuts exact for the tokenizer), cut into chunks
 exactly as the course's `group_texts` cuts the whole corpus (the tokens that do not fill a chunk are carried
 on), and appended to the store; a piece is the unit of resumption. Memory is bounded by a piece, not by the corpus; a
 document longer than SLICE_CHARS is tokenized in slices cut at whitespace.
@@ -38,17 +38,15 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-from tokenizers import models, pre_tokenizers, processors
 
 from mlm.errors import MLMError
 from mlm.files.corpus_files import iter_texts
 from mlm.files.hashing import file_sha256, json_sha256
-from mlm.tokenizer import Tokenizer
+from mlm.speed.fast_encode import fast_encoder
+from mlm.tokenizer import Tokenizer, encoded_arrays, template_ids
 
 STORE_FORMAT_VERSION = 1
 PIECE_CHARS = 16 << 20  # characters of text per piece: bounds preparation's memory
@@ -268,16 +266,6 @@ def _pieces(files: list[Path], text_column: str, one_document_per_file: bool) ->
             yield piece
 
 
-def encoded_arrays(encodings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(input_ids (T,) int32, word_ids (T,) int32 with -1 where the word id is None, lengths (R,) int64) of R
-    tokenizers Encodings laid end to end: a few C-level conversions, no Python loop per token."""
-    ids, lengths = encoded_ids(encodings)
-    # word_ids holds None at special tokens, which numpy cannot read as an integer; pyarrow turns None into null
-    # while converting in C, and fill_null(-1) gives the -1 stored.
-    words = pa.array([e.word_ids for e in encodings], type=pa.list_(pa.int32())).flatten()
-    return ids, words.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32, copy=False), lengths
-
-
 def _stream(pieces, tokenizer: Tokenizer, *, skip: int = 0):
     """Yield (stretch, bytes read) along the token stream of `pieces` ((texts, bytes read) in order), and
     (None, bytes read) at the end of each piece; the first `skip` pieces are passed over (done before a kill).
@@ -320,7 +308,7 @@ def _jobs(pieces, tokenizer: Tokenizer, skip: int):
     """Yield (job, bytes read): job() returns (input_ids, word_ids, doc_ends, continues) for the next stretch of
     the stream, run on a worker thread; a job None marks the end of a piece. Documents up to SLICE_CHARS go
     ENCODE_BATCH_DOCS (at most ENCODE_BATCH_CHARS characters) per encode_batch call; a longer one in slices."""
-    encode = _encoder(tokenizer)
+    encode = fast_encoder(tokenizer) or _plain_encoder(tokenizer)
 
     def batch_job(texts):
         def job():
@@ -347,10 +335,17 @@ def _jobs(pieces, tokenizer: Tokenizer, skip: int):
         yield None, bytes_read
 
 
+def _plain_encoder(tokenizer: Tokenizer):
+    """(texts, add_special_tokens) -> (input_ids, word_ids, lengths) as mlm/tokenizer.py's encoded_arrays gives
+    them; mlm/speed/fast_encode.py's fast_encoder gives the same arrays faster where it can show that exact."""
+    backend = tokenizer.backend
+    return lambda texts, special: encoded_arrays(backend.encode_batch(texts, add_special_tokens=special))
+
+
 def _long_document_jobs(text: str, tokenizer: Tokenizer, encode):
     """One long document as jobs (see `_jobs`): slices cut at whitespace tokenized without the template, which is
     added around the whole. Exact for tokenizers that split words at whitespace (BERT's WordPiece among them)."""
-    prefix, suffix = _template(tokenizer)
+    prefix, suffix = template_ids(tokenizer)
     yield lambda: (prefix, np.full(len(prefix), -1, np.int32), np.zeros(0, np.int64), False)
     slices = list(_slices(text, SLICE_CHARS))
 
@@ -374,116 +369,6 @@ def _long_document_jobs(text: str, tokenizer: Tokenizer, encode):
 def _word_counts(words: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """(R,) int64: one more than the largest word id of each encoding words[starts[r]:ends[r]], 0 if none."""
     return np.array([int(words[a:b].max()) + 1 if b > a else 0 for a, b in zip(starts, ends)], np.int64)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Word ids without asking the tokenizer for them
-#
-# Encoding.word_ids builds a Python list per document, and converting it costs about as much as the rest of
-# the stream's work besides tokenizing. For a BERT-style WordPiece tokenizer the word ids follow from the token
-# ids, exactly:
-#   1. `tokenizers` gives each token the index of its pre-tokenized split as word id, and drops empty splits; a
-#      WordPiece split gives at least one token ([UNK] for a word it cannot piece). So the word ids of a text's
-#      tokens run 0, 1, 2, ... with no gap, and each new id begins at its split's first token.
-#   2. WordPiece spells every piece after a word's first with continuing_subword_prefix ("##") and the first
-#      without it. A first piece whose vocabulary entry starts with the prefix would need a split that starts
-#      with it; BertPreTokenizer isolates every punctuation character, so when the prefix is two or more
-#      characters starting with punctuation, no split does. Added tokens (a literal "[SEP]" in the text) are
-#      splits of their own, hence words: exact as long as none is spelt with the prefix.
-#   3. The template's tokens ([CLS] before, [SEP] after) are the only tokens without a word id: a fixed number
-#      at each end of each encoding, as TemplateProcessing and BertProcessing put them, with truncation and
-#      padding off.
-# So a token's word id is the count of non-continuation tokens before it in its text, outside the template.
-# `_fast_word_ids` checks these conditions and also compares the derivation with the tokenizer's word ids on
-# texts made of the hard cases; anything else keeps the word ids that the tokenizer gives.
-
-_PROBE_TEXTS = ["a [SEP] b[SEP]c [UNK] [MASK]x", "##s ## # #a a## ###", "x" * 150 + " y", "", "  \t\n ",
-                "\x00\u0301 a\u200bb \ufeff c", "naïve café 中文字 état-d'âme", "[sep] [CLS][CLS] done."]
-
-
-def _encoder(tokenizer: Tokenizer):
-    """A function (texts, add_special_tokens) -> (input_ids (T,) int32, word_ids (T,) int32 with -1 outside
-    words, lengths (R,) int64) over the texts' encodings laid end to end: word ids derived from the ids when
-    `_fast_word_ids` shows that exact, else the tokenizer's."""
-    backend = tokenizer.backend
-    continuation = _fast_word_ids(tokenizer)
-    if continuation is None:
-        return lambda texts, special: encoded_arrays(backend.encode_batch(texts, add_special_tokens=special))
-    template = tuple(map(len, _template(tokenizer)))
-
-    def encode(texts, special):
-        # encode_batch_fast gives the same ids without tracking offsets (nor word ids, which are derived).
-        encodings = backend.encode_batch_fast(texts, add_special_tokens=special)
-        ids, lengths = encoded_ids(encodings)
-        return ids, derived_word_ids(ids, lengths, continuation, *(template if special else (0, 0))), lengths
-    return encode
-
-
-def encoded_ids(encodings) -> tuple[np.ndarray, np.ndarray]:
-    """(input_ids (T,) int32, lengths (R,) int64) of R tokenizers Encodings laid end to end."""
-    lengths = np.fromiter(map(len, encodings), dtype=np.int64, count=len(encodings))
-    # Each .ids is a Python list; chaining them into fromiter fills one array without a list of lists.
-    ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=np.int32, count=int(lengths.sum()))
-    return ids, lengths
-
-
-def derived_word_ids(ids: np.ndarray, lengths: np.ndarray, continuation: np.ndarray, before: int,
-                     after: int) -> np.ndarray:
-    """(T,) int32 word ids of texts' encodings laid end to end (ids (T,) int32, lengths (R,) int64), -1 at the
-    `before` first and `after` last tokens of each (the template): outside it, the count of tokens that are not
-    continuation pieces (continuation (V,) bool, by id) up to and including this one in its text, minus 1."""
-    position = np.arange(len(ids)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    in_word = (position >= before) & (position < np.repeat(lengths - after, lengths))
-    count = np.cumsum(in_word & ~continuation[ids], dtype=np.int32)
-    # Counts restart at each text: subtract the running count just before its first token.
-    before_text = np.concatenate([[0], count])[np.cumsum(lengths) - lengths]
-    words = count - np.repeat(before_text, lengths).astype(np.int32) - 1
-    return np.where(in_word, words, np.int32(-1)).astype(np.int32, copy=False)
-
-
-def _fast_word_ids(tokenizer: Tokenizer) -> np.ndarray | None:
-    """(V,) bool, True at the ids of continuation pieces, when word ids can be derived from them exactly (see
-    above); None when they cannot."""
-    backend = tokenizer.backend
-    model = backend.model
-    if not (isinstance(model, models.WordPiece) and isinstance(backend.pre_tokenizer, pre_tokenizers.BertPreTokenizer)
-            and isinstance(backend.post_processor, (processors.TemplateProcessing, processors.BertProcessing))
-            and backend.truncation is None and backend.padding is None):
-        return None
-    prefix = model.continuing_subword_prefix
-    if len(prefix) < 2 or not _bert_punctuation(prefix[0]):
-        return None
-    if any(token.content.startswith(prefix) for token in backend.get_added_tokens_decoder().values()):
-        return None
-    vocab = backend.get_vocab(with_added_tokens=True)
-    continuation = np.zeros(max(vocab.values()) + 1, bool)
-    for token, index in vocab.items():
-        continuation[index] = token.startswith(prefix)
-    template = tuple(map(len, _template(tokenizer)))
-    for special in (True, False):  # the argument's conclusion, checked on the hard cases
-        exact_ids, exact_words, lengths = encoded_arrays(backend.encode_batch(_PROBE_TEXTS, add_special_tokens=special))
-        ids, _ = encoded_ids(backend.encode_batch_fast(_PROBE_TEXTS, add_special_tokens=special))
-        words = derived_word_ids(ids, lengths, continuation, *(template if special else (0, 0)))
-        if not (np.array_equal(ids, exact_ids) and np.array_equal(words, exact_words)):
-            return None
-    return continuation
-
-
-def _bert_punctuation(char: str) -> bool:
-    # BertPreTokenizer's punctuation: ASCII symbols and Unicode's P* categories.
-    import unicodedata
-
-    code = ord(char)
-    return 33 <= code <= 47 or 58 <= code <= 64 or 91 <= code <= 96 or 123 <= code <= 126 or \
-        unicodedata.category(char).startswith("P")
-
-
-def _template(tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """(the ids the template puts before a text, those it puts after), e.g. ([CLS], [SEP]), int32."""
-    whole = tokenizer.backend.encode("a").ids
-    bare = tokenizer.backend.encode("a", add_special_tokens=False).ids
-    at = next(i for i in range(len(whole) - len(bare) + 1) if whole[i : i + len(bare)] == bare)
-    return np.array(whole[:at], np.int32), np.array(whole[at + len(bare) :], np.int32)
 
 
 def _slices(text: str, size: int) -> Iterator[str]:

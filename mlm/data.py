@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from mlm.chunks import Chunks, draw_size
-from mlm.corpus_store import encoded_arrays, prepare_store
+from mlm.corpus_store import prepare_store
 from mlm.errors import MLMError
 from mlm.files.data_cache import cache_key, default_cache_dir, store_path
 from mlm.files.data_files import find_corpus, load_texts, read_texts
-from mlm.tokenizer import Tokenizer
+from mlm.tokenizer import Tokenizer, encoded_arrays
 
 __all__ = ["Chunks", "chunk", "concatenate", "draw", "load_chunks", "load_texts", "load_train_eval_chunks",
            "split_train_test", "tokenize", "tokenize_and_chunk"]

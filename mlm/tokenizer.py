@@ -1,15 +1,19 @@
 """The WordPiece tokenizer, read from a Hub-layout folder's tokenizer.json with the `tokenizers` library.
 
 Special-token ids are looked up in the tokenizer files (tokenizer_config.json names the tokens, tokenizer.json
-gives their ids), never hard-coded, so any BERT-style fast tokenizer works.
+gives their ids), never hard-coded, so any BERT-style fast tokenizer works. `encoded_arrays` turns a batch of
+its Encodings into the flat arrays that chunking works on.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 from tokenizers import Tokenizer as BackendTokenizer
 
 from mlm.errors import MLMError
@@ -116,3 +120,29 @@ def _read_json(path: Path) -> dict:
                        "the file.")
     return values
 
+
+
+def template_ids(tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """(the ids the template puts before a text, those it puts after), e.g. ([CLS], [SEP]), int32."""
+    whole = tokenizer.backend.encode("a").ids
+    bare = tokenizer.backend.encode("a", add_special_tokens=False).ids
+    at = next(i for i in range(len(whole) - len(bare) + 1) if whole[i : i + len(bare)] == bare)
+    return np.array(whole[:at], np.int32), np.array(whole[at + len(bare) :], np.int32)
+
+
+def encoded_ids(encodings) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids (T,) int32, lengths (R,) int64) of R tokenizers Encodings laid end to end."""
+    lengths = np.fromiter(map(len, encodings), dtype=np.int64, count=len(encodings))
+    # Each .ids is a Python list; chaining them into fromiter fills one array without a list of lists.
+    ids = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=np.int32, count=int(lengths.sum()))
+    return ids, lengths
+
+
+def encoded_arrays(encodings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input_ids (T,) int32, word_ids (T,) int32 with -1 where the word id is None, lengths (R,) int64) of R
+    tokenizers Encodings laid end to end: a few C-level conversions, no Python loop per token."""
+    ids, lengths = encoded_ids(encodings)
+    # word_ids holds None at special tokens, which numpy cannot read as an integer; pyarrow turns None into null
+    # while converting in C, and fill_null(-1) gives the -1 stored.
+    words = pa.array([e.word_ids for e in encodings], type=pa.list_(pa.int32())).flatten()
+    return ids, words.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32, copy=False), lengths

@@ -3,7 +3,6 @@ whole-word masks from the store equal to those of the course's word ids."""
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import json
 import os
@@ -16,13 +15,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from tokenizers import Tokenizer
 
 import mlm.corpus_store as corpus_store
 from mlm.data import load_chunks, load_texts, split_train_test, tokenize_and_chunk
 from mlm.errors import MLMError
 from mlm.files.corpus_files import iter_texts
-from mlm.masking import MaskingCollator, word_starts
+from mlm.masking import MaskingCollator
 from mlm.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,111 +150,6 @@ def test_store_equals_the_course_chunks_and_their_whole_word_masks(tmp_path, mon
     ids_file = stored.cache_path / "ids.bin"
     assert ids_file.stat().st_size == len(stored) * 32 * 2  # uint16
     assert (stored.cache_path / "words.bin").stat().st_size == len(stored) * 2 * 4  # two bits per token
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Word ids derived from WordPiece ids (corpus_store's `_encoder`) against the tokenizer's own
-
-SHARED_HUB = ROOT.parent / "shared" / "hub"
-SHARED_TOKENIZER = SHARED_HUB / "models" / "distilbert-base-uncased"
-SHARED_IMDB_TRAIN = SHARED_HUB / "datasets" / "stanfordnlp" / "imdb" / "plain_text" / "train-00000-of-00001.parquet"
-# Every case the derivation's argument names: literal special and added tokens inside and beside words, [UNK]
-# (unknown characters, a word over max_input_chars_per_word), "#" and "##" in the text, punctuation, what the
-# normalizer removes, strips or splits (control characters, accents, zero-width characters, CJK), empty texts.
-HARD_TEXTS = ["[SEP]", "a [SEP] b[SEP]c [UNK]d [MASK]", "[CLS][CLS]x[PAD]", "[sep] [cls] [Sep]", "##s ## # #",
-              "a## ###a ##the the##", "x" * 101 + " x" * 3, "\U0001f600 ☃ 😀x", "", " ", "\t\n \r", "\x00", "\u0301",
-              "a\x00b \u0301c \u200bd \ufeffe", "naïve café ÉTAT", "中文字x 日本", "don't, stop. (really)!?",
-              "the movie was great", "onewordonly", "a", "...", "i" * 7 + "!" * 5]
-
-
-def tokenizers_to_check(tiny_tokenizer_dir):
-    folders = [SMOKE, tiny_tokenizer_dir] + ([SHARED_TOKENIZER] if SHARED_TOKENIZER.is_dir() else [])
-    return [load_tokenizer(folder) for folder in folders]
-
-
-def exact_stream(tokenizer, texts, special=True):
-    return corpus_store.encoded_arrays(tokenizer.backend.encode_batch(texts, add_special_tokens=special))
-
-
-def test_derived_word_ids_equal_the_tokenizers_on_every_hard_case(tiny_tokenizer_dir):
-    texts = HARD_TEXTS + [" ".join(HARD_TEXTS), "".join(HARD_TEXTS)] + TEXTS
-    for tokenizer in tokenizers_to_check(tiny_tokenizer_dir):
-        assert corpus_store._fast_word_ids(tokenizer) is not None  # BERT-style WordPiece: the fast path
-        encode = corpus_store._encoder(tokenizer)
-        for special in (True, False):
-            for batch in ([text] for text in texts):  # each alone, as a first and last text too
-                np.testing.assert_array_equal(np.concatenate(encode(batch, special)[:2]),
-                                              np.concatenate(exact_stream(tokenizer, batch, special)[:2]))
-            for got, want in zip(encode(texts, special), exact_stream(tokenizer, texts, special)):
-                np.testing.assert_array_equal(got, want)
-
-
-def test_a_literal_sep_and_one_word_documents_keep_their_word_flags(tokenizer):
-    """A literal [SEP] is in a word, unlike the template's; two one-word documents in a row share word id 0,
-    which the course's collator reads as one word across [SEP] [CLS]: the flags must say so either way."""
-    texts = ["[SEP]", "word", "word", "two words", "[SEP] x"]
-    got = corpus_store._encoder(tokenizer)(texts, True)
-    want = exact_stream(tokenizer, texts)
-    for a, b in zip(got, want):
-        np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(corpus_store.word_flags(got[1], -1)[0], corpus_store.word_flags(want[1], -1)[0])
-    assert (got[1][np.cumsum(got[2])[0] - 2] == 0)  # the literal [SEP] has a word id
-
-
-def with_backend(tokenizer, change):
-    backend = Tokenizer.from_str(tokenizer.backend.to_str())
-    change(backend)
-    return dataclasses.replace(tokenizer, backend=backend)
-
-
-@pytest.mark.parametrize("change", ["whitespace_split", "added_prefixed_token", "truncation", "padding",
-                                    "byte_level_model", "wrong_derivation"])
-def test_tokenizers_the_argument_does_not_cover_keep_the_exact_word_ids(tmp_path, tokenizer, monkeypatch, change):
-    """Where the derivation is not shown exact, the store asks the tokenizer for word ids, and still equals the
-    course's chunks."""
-    from tokenizers import models, pre_tokenizers
-
-    changes = {
-        # "##s" is then a word whose first piece is the vocabulary's continuation "##s"
-        "whitespace_split": lambda b: setattr(b, "pre_tokenizer", pre_tokenizers.WhitespaceSplit()),
-        "added_prefixed_token": lambda b: b.add_tokens(["##zz"]),
-        "truncation": lambda b: b.enable_truncation(8),
-        "padding": lambda b: b.enable_padding(length=8),
-        "byte_level_model": lambda b: setattr(b, "model", models.WordLevel(b.get_vocab(), unk_token="[UNK]")),
-        "wrong_derivation": lambda b: None,
-    }
-    if change == "wrong_derivation":  # the probe catches a derivation that disagrees with the tokenizer
-        derive = corpus_store.derived_word_ids
-        monkeypatch.setattr(corpus_store, "derived_word_ids", lambda *args: derive(*args) + 1)
-    changed = with_backend(tokenizer, changes[change])
-    assert corpus_store._fast_word_ids(changed) is None
-    if change in ("whitespace_split", "added_prefixed_token"):  # where the derivation would indeed be wrong
-        vocab = changed.backend.get_vocab(with_added_tokens=True)
-        continuation = np.array([token.startswith("##") for token, _ in sorted(vocab.items(), key=lambda x: x[1])])
-        ids, words, lengths = exact_stream(changed, ["##s the ##zz"])
-        assert not np.array_equal(corpus_store.derived_word_ids(ids, lengths, continuation, 1, 1), words)
-    if change in ("truncation", "padding"):
-        return  # the course path does not tokenize with these on either
-    texts = ["##s ##s the ##s movie", "the film ##zz was good", "i love it ##a"] * 4
-    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    course = tokenize_and_chunk(texts, changed, chunk_size=8)
-    stored = load_chunks(tmp_path / "c.jsonl", "train", changed, chunk_size=8, cache_dir=tmp_path / "cache")
-    np.testing.assert_array_equal(stored.input_ids, course.input_ids)
-    for a, b in zip(word_starts(stored.word_ids), word_starts(course.word_ids)):
-        assert torch.equal(a, b)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not (SHARED_IMDB_TRAIN.is_file() and SHARED_TOKENIZER.is_dir()),
-                    reason="needs a local copy of IMDb and its tokenizer")
-def test_derived_word_ids_equal_the_tokenizers_on_the_whole_imdb_train_split():
-    tokenizer = load_tokenizer(SHARED_TOKENIZER)
-    texts = pq.read_table(SHARED_IMDB_TRAIN, columns=["text"]).column("text").to_pylist()
-    encode = corpus_store._encoder(tokenizer)
-    for first in range(0, len(texts), 5000):
-        batch = texts[first : first + 5000]
-        for got, want in zip(encode(batch, True), exact_stream(tokenizer, batch)):
-            np.testing.assert_array_equal(got, want)
 
 
 def test_train_all_and_test_percent(tmp_path, tokenizer):
