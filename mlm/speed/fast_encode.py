@@ -10,8 +10,8 @@ that fails a condition or a comparison gets the plain way (or the first shortcut
    document, and converting it costs about as much as the rest of the stream's work besides tokenizing; and
    encode_batch_fast, which skips the offsets, gives no word ids at all.
 2. The normalizer skipped for texts on which it only lowercases (`_text_shortcut`). BertNormalizer runs on every
-   character with alignment bookkeeping (a third of the tokenizer's time on English reviews); most documents of
-   an English corpus are plain ASCII, where lowering them in Python gives the tokenizer the same text.
+   character with alignment bookkeeping, a large share of the tokenizer's time (docs/corpora.md measures it);
+   most documents of an English corpus are plain ASCII, where lowering them in Python gives the same text.
 """
 
 from __future__ import annotations
@@ -71,10 +71,10 @@ def _encode_batch(backend: BackendTokenizer, texts: list[str], special: bool, sh
     if shortcut is None:
         return backend.encode_batch_fast(texts, add_special_tokens=special)
     bare, prepare, covered = shortcut
-    plain = [covered(text) for text in texts]
-    fast = iter(bare.encode_batch_fast([prepare(t) for t, p in zip(texts, plain) if p], add_special_tokens=special))
-    rest = iter(backend.encode_batch_fast([t for t, p in zip(texts, plain) if not p], add_special_tokens=special))
-    return [next(fast) if p else next(rest) for p in plain]
+    take = [covered(text) for text in texts]
+    fast = iter(bare.encode_batch_fast([prepare(t) for t, s in zip(texts, take) if s], add_special_tokens=special))
+    rest = iter(backend.encode_batch_fast([t for t, s in zip(texts, take) if not s], add_special_tokens=special))
+    return [next(fast) if s else next(rest) for s in take]  # back in the texts' order
 
 
 # ---------------------------------------------------------------------------------------------------------
