@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import string
 from pathlib import Path
 
 import numpy as np
@@ -168,3 +169,32 @@ def test_both_shortcuts_equal_the_tokenizer_on_the_whole_imdb_train_split():
         batch = texts[first : first + 5000]
         for got, want in zip(encode(batch, True), exact_stream(tokenizer, batch)):
             np.testing.assert_array_equal(got, want)
+
+
+def test_random_texts_with_each_ascii_character_and_the_tricky_others(tiny_tokenizer_dir):
+    """Seeded random texts of words and spaces, each with up to two rare pieces: any ASCII character that is not
+    a letter or digit, the special tokens' spellings, or a character the normalizer treats apart (accents,
+    combining marks, CJK, zero-width, U+FFFD, non-ASCII spaces), so that each rare piece is often a text's only
+    one and a shortcut wrong about it alone shows."""
+    import random
+
+    common = list(string.ascii_letters + string.digits) + [" "] * 10 + ["the", "The", "movie", "##"]
+    rare = [c for c in map(chr, range(128)) if not c.isalnum()] + [
+        "[SEP]", "[CLS]", "[MASK]", "[UNK]", "[PAD]", "[sep]", "é", "É", "\u0301", "中", "\u200b", "\ufffd", "\u00a0",
+        "\u3000", "\u2028", "\x85"]
+    rng = random.Random(0)
+
+    def text():
+        pieces = [rng.choice(common) for _ in range(rng.randint(0, 30))]
+        for _ in range(rng.randint(0, 2)):
+            pieces.insert(rng.randint(0, len(pieces)), rng.choice(rare))
+        return "".join(pieces)
+
+    for tokenizer in tokenizers_to_check(tiny_tokenizer_dir):
+        encode = fast_encode.fast_encoder(tokenizer)
+        assert encode.skips_normalizer
+        for _ in range(300):
+            texts = [text() for _ in range(rng.randint(1, 8))]
+            for special in (True, False):
+                for got, want in zip(encode(texts, special), exact_stream(tokenizer, texts, special)):
+                    np.testing.assert_array_equal(got, want)

@@ -30,7 +30,7 @@ from mlm.tokenizer import Tokenizer, encoded_arrays, encoded_ids, template_ids
 # strips, splits or maps (control characters, tabs and line breaks, accents, zero-width characters, CJK);
 # upper case; empty and blank texts.
 PROBE_TEXTS = ["a [SEP] b[SEP]c [UNK] [MASK]x", "##s ## # #a a## ###", "x" * 150 + " y", "", "  \t\n ",
-               "\x00\u0301 a\u200bb \ufeff c", "naïve café 中文字 état-d'âme", "[sep] [CLS][CLS] done.",
+               "\x00\u0301 a\u200bb \ufeff c", "naïve café 中文字 état-d'âme", "[sep] [CLS][CLS] done.[PAD]",
                "The Movie WAS Great,\tI Loved It!\r\nReally.", "a\x0bB\x0cc\x01d\x7fe\x1ff", "[Mask] [MASK] [mask]",
                "X" * 101 + " Xy", "ÉTÉ Été été"]
 
