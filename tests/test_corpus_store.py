@@ -273,3 +273,33 @@ def test_a_data_file_is_hashed_once_per_process_until_it_changes(tmp_path, monke
     hashing.file_sha256(fresh)
     hashing.file_sha256(fresh)
     assert len(reads) == 4
+
+
+SHARED_HUB = ROOT.parent / "shared" / "hub"
+SHARED_TOKENIZER = SHARED_HUB / "models" / "distilbert-base-uncased"
+SHARED_IMDB = SHARED_HUB / "datasets" / "stanfordnlp" / "imdb"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_IMDB.is_dir() and SHARED_TOKENIZER.is_dir()),
+                    reason="needs a local copy of IMDb and its tokenizer")
+@pytest.mark.parametrize("group_size, n_chunks", [(None, 61_302), (1000, 61_291)])
+def test_the_course_figures_on_imdb_through_the_store(tmp_path, group_size, n_chunks):
+    """IMDb's train split through the store: the course's chunk counts, and the same 10,000/1,000 draw and frozen
+    whole-word and token masks as the in-memory course path."""
+    from mlm.masking import freeze_eval_masks
+
+    tokenizer = load_tokenizer(SHARED_TOKENIZER)
+    stored = load_chunks(SHARED_IMDB, "train", tokenizer, chunk_size=128, group_size=group_size, cache_dir=tmp_path)
+    course = tokenize_and_chunk(load_texts(SHARED_IMDB, "train"), tokenizer, chunk_size=128, group_size=group_size)
+    assert len(stored) == len(course) == n_chunks
+    for a, b in zip(split_train_test(stored, seed=42), split_train_test(course, seed=42)):
+        assert len(a) == len(b) and np.array_equal(a.input_ids, b.input_ids)
+    test = [split_train_test(chunks, seed=42)[1] for chunks in (stored, course)]
+    for whole_word in (False, True):
+        masks = [freeze_eval_masks(torch.from_numpy(c.input_ids.astype(np.int64)),
+                                   torch.from_numpy(c.word_ids.astype(np.int64)), mask_token_id=tokenizer.mask_token_id,
+                                   vocab_size=tokenizer.vocab_size, special_token_ids=tokenizer.special_token_ids,
+                                   seed=42, whole_word=whole_word) for c in test]
+        for name in ("input_ids", "labels"):
+            assert torch.equal(masks[0][name], masks[1][name])
