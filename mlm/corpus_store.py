@@ -398,12 +398,17 @@ class _Writer:
                     self.state = stored
             except (OSError, ValueError):
                 pass  # an unreadable progress file: start over
+        row_bytes = (chunk_size * dtype.itemsize, 2 * ((chunk_size + 7) // 8))
+        # A crash can lose appended bytes that progress.json counts (it is renamed into place, the data is not
+        # synced): truncate() would fill the gap with zeros, a store of [PAD] rows that passes its checksums.
+        files = (partial / "ids.bin", partial / "words.bin")
+        if any(_size(file) < self.state["chunks"] * size for file, size in zip(files, row_bytes)):
+            self.state = fresh
         self.carry_ids = np.array(self.state["carry_ids"], np.int32)
         self.carry_flags = np.array(self.state["carry_flags"], np.uint8)
-        row_bytes = (chunk_size * dtype.itemsize, 2 * ((chunk_size + 7) // 8))
         # Drop whatever a killed run appended after its last completed piece.
-        for name, size in zip(("ids.bin", "words.bin"), row_bytes):
-            with open(partial / name, "ab") as handle:
+        for file, size in zip(files, row_bytes):
+            with open(file, "ab") as handle:
                 handle.truncate(self.state["chunks"] * size)
 
     def add(self, ids: np.ndarray, words: np.ndarray, doc_ends: np.ndarray) -> None:
@@ -471,3 +476,7 @@ def _write_json(file: Path, value: dict) -> None:
     tmp = file.with_name(file.name + ".tmp")
     tmp.write_text(json.dumps(value, sort_keys=True), encoding="utf-8")
     os.replace(tmp, file)
+
+
+def _size(file: Path) -> int:
+    return file.stat().st_size if file.is_file() else 0

@@ -273,3 +273,31 @@ def test_a_data_file_is_hashed_once_per_process_until_it_changes(tmp_path, monke
     hashing.file_sha256(fresh)
     hashing.file_sha256(fresh)
     assert len(reads) == 4
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What a user's own corpus can get wrong
+
+
+def test_a_partial_store_shorter_than_its_progress_starts_over(tmp_path, monkeypatch):
+    """A crash that loses appended bytes (power loss, a full disk) but keeps progress.json: zero-filling the gap
+    would make a store that passes its checksums with [PAD] rows in it."""
+    monkeypatch.setattr(corpus_store, "PIECE_CHARS", 3000)
+    tokenizer, corpus = load_tokenizer(SMOKE), SMOKE / "reviews.jsonl"
+    end = corpus_store._Writer.end_piece
+
+    def stop_after_two(self):
+        end(self)
+        if self.state["pieces"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(corpus_store._Writer, "end_piece", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        load_chunks(corpus, "train", tokenizer, chunk_size=32, cache_dir=tmp_path / "a")
+    monkeypatch.setattr(corpus_store._Writer, "end_piece", end)
+    (partial,) = (tmp_path / "a" / "chunks").glob(".*.partial")
+    (partial / "ids.bin").write_bytes((partial / "ids.bin").read_bytes()[:100])
+    resumed = load_chunks(corpus, "train", tokenizer, chunk_size=32, cache_dir=tmp_path / "a")
+    whole = load_chunks(corpus, "train", tokenizer, chunk_size=32, cache_dir=tmp_path / "b")
+    for name in ("ids.bin", "words.bin"):
+        assert (resumed.cache_path / name).read_bytes() == (whole.cache_path / name).read_bytes()
