@@ -301,3 +301,11 @@ def test_a_partial_store_shorter_than_its_progress_starts_over(tmp_path, monkeyp
     whole = load_chunks(corpus, "train", tokenizer, chunk_size=32, cache_dir=tmp_path / "b")
     for name in ("ids.bin", "words.bin"):
         assert (resumed.cache_path / name).read_bytes() == (whole.cache_path / name).read_bytes()
+
+
+def test_a_bad_byte_in_a_later_block_of_a_csv_names_its_line(tmp_path):
+    file = tmp_path / "t.csv"
+    file.write_bytes(b'text\n"a"\n"b"\n"c"\n"caf\xe9"\n')
+    for block_bytes in (4, 1 << 20):  # the header is a block's first record, or the file's
+        with pytest.raises(MLMError, match=r"byte 21 \(line 5\)"):
+            list(iter_texts([file], block_bytes=block_bytes))

@@ -125,6 +125,8 @@ def _record_batches(file: Path, suffix: str, compression: str | None, text_colum
     line, offset = 1, 0
     for data, position in _record_blocks(file, compression, block_bytes, quoted=suffix == ".csv"):
         _check_utf8(data, file, line, offset)
+        # Counted before a CSV's header is taken off the block, so that later lines and bytes keep their numbers.
+        line, offset = line + data.count(b"\n"), offset + len(data)
         if suffix == ".txt":
             # One document per "\n"-ended line ("\r\n" too), not str.splitlines(), which also splits at form
             # feeds and Unicode line separators inside a text. Blank lines would each be a bare [CLS] [SEP].
@@ -139,7 +141,6 @@ def _record_batches(file: Path, suffix: str, compression: str | None, text_colum
             texts = _csv_texts(header, data, file, text_column) if data.strip() else []
         else:
             texts = _json_texts(data, file, text_column) if data.strip() else []
-        line, offset = line + data.count(b"\n"), offset + len(data)
         if texts:
             yield texts, position
 
