@@ -309,3 +309,14 @@ def test_a_bad_byte_in_a_later_block_of_a_csv_names_its_line(tmp_path):
     for block_bytes in (4, 1 << 20):  # the header is a block's first record, or the file's
         with pytest.raises(MLMError, match=r"byte 21 \(line 5\)"):
             list(iter_texts([file], block_bytes=block_bytes))
+
+
+@pytest.mark.parametrize("body", ['text,n\n"good",1\n"unterminated,2\n"bad",3\n"fine",4\n', '"text\nabc\n'])
+def test_csv_with_an_unterminated_quote_is_refused(tmp_path, body):
+    """pyarrow accepts a quote left open at the end of the file: every record after the stray quote would be
+    silently merged into one."""
+    file = tmp_path / "t.csv"
+    file.write_text(body)
+    with pytest.raises(MLMError, match=r"t\.csv has a quoted field that is never closed.*line [13]") as err:
+        load_texts(file)
+    assert "\n" not in str(err.value)

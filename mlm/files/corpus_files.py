@@ -126,12 +126,19 @@ def _record_batches(file: Path, suffix: str, compression: str | None, text_colum
     for data, position in _record_blocks(file, compression, block_bytes, quoted=suffix == ".csv"):
         _check_utf8(data, file, line, offset)
         # Counted before a CSV's header is taken off the block, so that later lines and bytes keep their numbers.
-        line, offset = line + data.count(b"\n"), offset + len(data)
+        line, offset, first_line = line + data.count(b"\n"), offset + len(data), line
         if suffix == ".txt":
             # One document per "\n"-ended line ("\r\n" too), not str.splitlines(), which also splits at form
             # feeds and Unicode line separators inside a text. Blank lines would each be a bare [CLS] [SEP].
             texts = [t.removesuffix("\r") for t in data.decode("utf-8").split("\n") if t.strip()]
         elif suffix == ".csv":
+            if data.count(b'"') % 2:
+                # Only the file's last block can end inside quotes. pyarrow accepts a quote left open at the end,
+                # which would silently merge every record after a stray quote into one.
+                ends = _record_ends(data)
+                opened = first_line + data.count(b"\n", 0, int(ends[-1]) if len(ends) else 0)
+                raise MLMError(f"{file} has a quoted field that is never closed, in the record that starts on line "
+                               f'{opened}. Close it, or double a quote inside a quoted field ("").')
             if not header:  # the first record names the columns; every later block is parsed under it
                 ends = _record_ends(data)
                 end = int(ends[0]) if len(ends) else len(data)
