@@ -320,3 +320,10 @@ def test_csv_with_an_unterminated_quote_is_refused(tmp_path, body):
     with pytest.raises(MLMError, match=r"t\.csv has a quoted field that is never closed.*line [13]") as err:
         load_texts(file)
     assert "\n" not in str(err.value)
+
+
+def test_a_json_array_file_says_json_lines_are_expected(tmp_path):
+    for name, text in (("a.json", json.dumps([{"text": "x"}])), ("b.json", json.dumps([{"text": "x"}], indent=1))):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(MLMError, match=f"{name} holds a JSON array.*one JSON object per line.*jq"):
+            load_texts(tmp_path / name)

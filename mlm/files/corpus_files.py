@@ -147,6 +147,10 @@ def _record_batches(file: Path, suffix: str, compression: str | None, text_colum
                     raise MLMError(f"{file} has no header line naming its columns; add one (e.g. {text_column}).")
             texts = _csv_texts(header, data, file, text_column) if data.strip() else []
         else:
+            if data.lstrip()[:1] == b"[":  # pyarrow's own message ("changed from object to array") does not say so
+                raise MLMError(f"{file} holds a JSON array, not JSON lines: .json and .jsonl files are read as one "
+                               f"JSON object per line. Convert it, e.g. with `jq -c '.[]' {file} > "
+                               f"{file.name.split('.')[0]}.jsonl`.")
             texts = _json_texts(data, file, text_column) if data.strip() else []
         if texts:
             yield texts, position
