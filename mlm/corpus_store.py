@@ -194,7 +194,7 @@ def prepare_store(path: Path, key: dict, files: list[Path], tokenizer: Tokenizer
                 else:
                     writer.add(*stretch)
                 bar.update(bytes_read - bar.n)
-        header = writer.finish(key, text_column)
+        header = writer.finish(key, files)
         if path.exists():  # a corrupt store, refused above
             shutil.rmtree(path)
         os.replace(partial, path)
@@ -449,10 +449,11 @@ class _Writer:
         self.carry_ids, self.carry_flags = stream_ids[start:], stream_flags[start:]
         return stream_ids[keep].reshape(-1, length), stream_flags[keep].reshape(-1, length)
 
-    def finish(self, key: dict, text_column: str) -> dict:
+    def finish(self, key: dict, files: list[Path]) -> dict:
         state = self.state
         if state["documents"] == 0:
-            raise MLMError(f"No texts in the {text_column!r} column of the corpus: it is empty.")
+            others = f" and {len(files) - 1} other file{'s' * (len(files) > 2)}" if len(files) > 1 else ""
+            raise MLMError(f"No text in {files[0]}{others}: empty, or only blank lines. Check the path, or add text.")
         if state["chunks"] == 0:
             per_group = "" if self.group_size is None else f" in any group of {self.group_size} reviews"
             raise MLMError(

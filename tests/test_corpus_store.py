@@ -327,3 +327,12 @@ def test_a_json_array_file_says_json_lines_are_expected(tmp_path):
         (tmp_path / name).write_text(text)
         with pytest.raises(MLMError, match=f"{name} holds a JSON array.*one JSON object per line.*jq"):
             load_texts(tmp_path / name)
+
+
+def test_an_empty_corpus_names_its_files(tmp_path, tokenizer):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("\n \n")
+    (tmp_path / "notes" / "b.txt").write_text("")
+    with pytest.raises(MLMError, match=r"No text in .*a\.txt and 1 other file.*empty") as err:
+        load_chunks(tmp_path / "notes", "train", tokenizer, chunk_size=8, cache_dir=tmp_path / "c")
+    assert "column" not in str(err.value)
