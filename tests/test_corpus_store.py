@@ -336,3 +336,14 @@ def test_an_empty_corpus_names_its_files(tmp_path, tokenizer):
     with pytest.raises(MLMError, match=r"No text in .*a\.txt and 1 other file.*empty") as err:
         load_chunks(tmp_path / "notes", "train", tokenizer, chunk_size=8, cache_dir=tmp_path / "c")
     assert "column" not in str(err.value)
+
+
+def test_a_folder_without_data_files_or_split_names(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "readme.md").write_text("not data")
+    with pytest.raises(MLMError, match=r"No data files \(\.parquet, \.jsonl.*in .*docs"):
+        load_texts(tmp_path / "docs")
+    (tmp_path / "notes" / "x").mkdir(parents=True)
+    (tmp_path / "notes" / "x" / "part-1.jsonl").write_text('{"text": "a"}\n')
+    with pytest.raises(MLMError, match=r"notes has no split names.*only the 'train' split.*'test' was asked"):
+        load_texts(tmp_path / "notes", "test")
