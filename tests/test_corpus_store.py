@@ -347,3 +347,9 @@ def test_a_folder_without_data_files_or_split_names(tmp_path):
     (tmp_path / "notes" / "x" / "part-1.jsonl").write_text('{"text": "a"}\n')
     with pytest.raises(MLMError, match=r"notes has no split names.*only the 'train' split.*'test' was asked"):
         load_texts(tmp_path / "notes", "test")
+
+
+def test_train_all_with_every_chunk_held_out(tmp_path, tokenizer):
+    chunks = load_chunks(SMOKE / "reviews.jsonl", "train", tokenizer, chunk_size=16, cache_dir=tmp_path)
+    with pytest.raises(MLMError, match=f"--train-size all leaves no chunk.*--test-size {len(chunks)}"):
+        split_train_test(chunks, train_size="all", test_size=len(chunks))
