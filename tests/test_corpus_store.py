@@ -353,3 +353,10 @@ def test_train_all_with_every_chunk_held_out(tmp_path, tokenizer):
     chunks = load_chunks(SMOKE / "reviews.jsonl", "train", tokenizer, chunk_size=16, cache_dir=tmp_path)
     with pytest.raises(MLMError, match=f"--train-size all leaves no chunk.*--test-size {len(chunks)}"):
         split_train_test(chunks, train_size="all", test_size=len(chunks))
+
+
+def test_a_file_pyarrow_cannot_read_is_one_sentence(tmp_path):
+    (tmp_path / "a.parquet").write_bytes(b"not parquet")
+    with pytest.raises(MLMError) as err:
+        load_texts(tmp_path / "a.parquet")
+    assert ".." not in str(err.value)

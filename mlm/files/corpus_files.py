@@ -74,7 +74,7 @@ def iter_texts(files: list[Path], *, text_column: str = "text", one_document_per
             for texts, position in batches:
                 yield texts, done + position
         except (OSError, pa.ArrowException, EOFError) as err:
-            reason = " ".join(str(err).split()) or type(err).__name__
+            reason = " ".join(str(err).split()).rstrip(".") or type(err).__name__  # the message adds its own "."
             raise MLMError(f"Cannot read {file}: {reason}. Check that it is a valid {suffix[1:]} file"
                            f"{' compressed with ' + compression if compression else ''}.") from None
         done += file.stat().st_size
