@@ -360,3 +360,19 @@ def test_a_file_pyarrow_cannot_read_is_one_sentence(tmp_path):
     with pytest.raises(MLMError) as err:
         load_texts(tmp_path / "a.parquet")
     assert ".." not in str(err.value)
+
+
+def test_a_corrupt_store_is_one_warning_line_in_the_commands(tmp_path, tiny_tokenizer_dir, capsys):
+    from mlm.cli.prepare_data import main
+    from mlm.errors import run_cli
+    argv = ["--dataset", str(SMOKE / "reviews.jsonl"), "--tokenizer", str(tiny_tokenizer_dir), "--chunk-size", "16",
+            "--cache-dir", str(tmp_path), "--no-progress", "--train-size", "all", "--test-size", "5%"]
+    run_cli(lambda: main(argv))
+    (ids,) = (tmp_path / "chunks").glob("*/ids.bin")
+    raw = bytearray(ids.read_bytes())
+    raw[100] ^= 1
+    ids.write_bytes(bytes(raw))
+    capsys.readouterr()
+    run_cli(lambda: main(argv))
+    err = capsys.readouterr().err
+    assert err.startswith("warning: Ignoring corrupt chunk store") and err.count("\n") == 1, err
