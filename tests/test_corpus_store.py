@@ -376,3 +376,13 @@ def test_a_corrupt_store_is_one_warning_line_in_the_commands(tmp_path, tiny_toke
     run_cli(lambda: main(argv))
     err = capsys.readouterr().err
     assert err.startswith("warning: Ignoring corrupt chunk store") and err.count("\n") == 1, err
+
+
+def test_prepare_data_help_is_true_to_the_flags(capsys):
+    from mlm.cli.prepare_data import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in out and "(default: True)" not in out and "(default: False)" not in out
+    assert "Column holding the text in parquet, JSON-lines and CSV files" in out
+    assert "(default: 128)" in out and "(default: stanfordnlp/imdb)" in out

@@ -25,11 +25,17 @@ from mlm.files.hub import resolve_repo, set_progress_bars
 from mlm.tokenizer import TOKENIZER_FILES, tokenizer_from_folder
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """No "(default: None)" where the help says what None means, nor "(default: True)" on --no-progress."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_Defaults)
     parser.add_argument(
         "--dataset", default=DEFAULT_DATASET,
         help="Hub dataset repo id, a local folder with the Hub layout (plain_text/{split}-*.parquet) or of any "
@@ -44,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--splits", default="train",
                         help=f"Comma-separated splits to prepare, from {', '.join(SPLITS)}.")
     parser.add_argument("--text-column", default="text",
-                        help="Column holding the text in parquet and JSON-lines files.")
+                        help="Column holding the text in parquet, JSON-lines and CSV files (a .txt file is all text).")
     parser.add_argument("--chunk-size", type=int, default=128, help="Tokens per chunk.")
     parser.add_argument(
         "--group-size", type=int, default=None,
