@@ -305,6 +305,9 @@ def load_train_eval_chunks(
     if eval_split is None and validation_file is None:
         return split_train_test(train, train_size=train_size, test_size=test_size, seed=seed)
     if validation_file is not None:
+        if Path(validation_file).expanduser().is_dir():
+            raise MLMError(f"--validation-file {validation_file} is a folder: pass one file of it (a .parquet, "
+                           ".jsonl, .csv or .txt), or use --eval-split with a folder that has split names.")
         if not Path(validation_file).expanduser().is_file():
             raise MLMError(f"--validation-file {validation_file}: no such file (a .parquet, .jsonl, .csv or .txt).")
         held_out = load_chunks(validation_file, "train", tokenizer, **load_args)  # a single file's one split

@@ -386,3 +386,10 @@ def test_prepare_data_help_is_true_to_the_flags(capsys):
     assert "(default: None)" not in out and "(default: True)" not in out and "(default: False)" not in out
     assert "Column holding the text in parquet, JSON-lines and CSV files" in out
     assert "(default: 128)" in out and "(default: stanfordnlp/imdb)" in out
+
+
+def test_a_folder_as_validation_file_is_named_as_one(tmp_path, tokenizer):
+    from mlm.data import load_train_eval_chunks
+    with pytest.raises(MLMError, match=r"--validation-file .* is a folder.*one file"):
+        load_train_eval_chunks(SMOKE / "reviews.jsonl", tokenizer, validation_file=tmp_path, chunk_size=16,
+                               cache_dir=tmp_path / "c", train_size="all", test_size=2)
