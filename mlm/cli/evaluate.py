@@ -137,7 +137,8 @@ def run_records(names: list[str]) -> dict[str, RunRecord]:
 
 
 def follow_runs(args, given: set[str], runs: dict[str, RunRecord]) -> str | None:
-    """Set every eval-set flag not given on the command line to the runs' value; return the run followed, if any.
+    """Set every eval-set flag not given on the command line to the runs' value; return the run whose eval set this
+    is, if any.
 
     Two runs that differ in a setting nobody gave would be scored on two eval sets: refused, naming the setting.
     """
@@ -160,6 +161,9 @@ def follow_runs(args, given: set[str], runs: dict[str, RunRecord]) -> str | None
     for dest, key in RUN_DEFAULTS.items():
         if dest not in given and first_run.settings.get(key) is not None:
             setattr(args, dest, first_run.settings[key])
+    if any(dest in given and not _same(getattr(args, dest), first_run.settings.get(key))
+           for dest, key in EVAL_SET_FLAGS.items()):
+        return None  # a data flag given that differs from the run's: another eval set, not the run's own
     return next(iter(runs))
 
 
