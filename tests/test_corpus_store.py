@@ -393,3 +393,19 @@ def test_a_folder_as_validation_file_is_named_as_one(tmp_path, tokenizer):
     with pytest.raises(MLMError, match=r"--validation-file .* is a folder.*one file"):
         load_train_eval_chunks(SMOKE / "reviews.jsonl", tokenizer, validation_file=tmp_path, chunk_size=16,
                                cache_dir=tmp_path / "c", train_size="all", test_size=2)
+
+
+def test_ctrl_c_in_prepare_data_says_the_same_command_continues(tmp_path, tiny_tokenizer_dir, monkeypatch, capsys):
+    from mlm.cli import prepare_data
+    from mlm.errors import run_cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_data, "load_chunks", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        run_cli(lambda: prepare_data.main(["--dataset", str(SMOKE / "reviews.jsonl"), "--tokenizer",
+                                           str(tiny_tokenizer_dir), "--cache-dir", str(tmp_path)]))
+    err = capsys.readouterr().err
+    assert stop.value.code == 130 and err.count("\n") == 1
+    assert "Run the same command again" in err and "--resume" not in err

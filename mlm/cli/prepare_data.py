@@ -18,7 +18,7 @@ from pathlib import Path
 
 from mlm.cli.args import ArgumentParser, size_flag
 from mlm.data import load_chunks, split_train_test
-from mlm.errors import MLMError, run_cli
+from mlm.errors import Interrupted, MLMError, run_cli
 from mlm.files.data_cache import default_cache_dir
 from mlm.files.data_files import DEFAULT_DATASET, SPLITS
 from mlm.files.hub import resolve_repo, set_progress_bars
@@ -99,12 +99,17 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for split in splits:
         start = time.perf_counter()
-        chunks = load_chunks(
-            args.dataset, split, tokenizer,
-            chunk_size=args.chunk_size, group_size=args.group_size, text_column=args.text_column,
-            revision=args.revision, cache_dir=args.cache_dir, max_position_embeddings=max_positions,
-            use_cache=not args.no_cache, progress=args.progress_bar and sys.stderr.isatty(),
-        )
+        try:
+            chunks = load_chunks(
+                args.dataset, split, tokenizer,
+                chunk_size=args.chunk_size, group_size=args.group_size, text_column=args.text_column,
+                revision=args.revision, cache_dir=args.cache_dir, max_position_embeddings=max_positions,
+                use_cache=not args.no_cache, progress=args.progress_bar and sys.stderr.isatty(),
+            )
+        except KeyboardInterrupt as err:  # run_cli's own hint is about training runs and their checkpoints
+            name = err.signal_name if isinstance(err, Interrupted) else "SIGINT"
+            raise Interrupted(name, "Run the same command again: the preparation continues after its last "
+                                    "completed piece (docs/corpora.md).") from None
         rows.append((split, chunks, time.perf_counter() - start))
     print(f"{'split':<13} {'reviews':>9} {'tokens':>12} {'chunks':>9} {'load s':>7}  cache")
     for split, chunks, seconds in rows:
