@@ -409,3 +409,10 @@ def test_ctrl_c_in_prepare_data_says_the_same_command_continues(tmp_path, tiny_t
     err = capsys.readouterr().err
     assert stop.value.code == 130 and err.count("\n") == 1
     assert "Run the same command again" in err and "--resume" not in err
+
+
+def test_a_utf16_file_is_not_told_to_convert_from_latin1(tmp_path):
+    for name in ("a.txt", "b.csv", "c.jsonl"):
+        (tmp_path / name).write_text('text\n"good movie"\n', encoding="utf-16")
+        with pytest.raises(MLMError, match=r"UTF-16.*iconv -f utf-16 -t utf-8"):
+            load_texts(tmp_path / name)

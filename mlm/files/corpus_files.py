@@ -240,6 +240,9 @@ def _check_utf8(data: bytes, file: Path, first_line: int, offset: int) -> None:
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as err:
+        if offset == 0 and data[:2] in (b"\xff\xfe", b"\xfe\xff"):  # converted as latin1, it would be garbage
+            raise MLMError(f"{file} is UTF-16 (it starts with its byte-order mark), not UTF-8. Re-encode it, e.g. "
+                           "with `iconv -f utf-16 -t utf-8`.") from None
         line = first_line + data.count(b"\n", 0, err.start)
         raise MLMError(
             f"{file} is not UTF-8: byte {offset + err.start} (line {line}) cannot be decoded ({err.reason}). "
