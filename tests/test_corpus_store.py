@@ -416,3 +416,20 @@ def test_a_utf16_file_is_not_told_to_convert_from_latin1(tmp_path):
         (tmp_path / name).write_text('text\n"good movie"\n', encoding="utf-16")
         with pytest.raises(MLMError, match=r"UTF-16.*iconv -f utf-16 -t utf-8"):
             load_texts(tmp_path / name)
+
+
+def test_a_run_on_relative_paths_resumes_from_another_directory(tmp_path, monkeypatch, capsys):
+    """run.json is read again from wherever --resume or mlm-evaluate runs: a relative --dataset recorded as typed
+    named nothing there (or a Hub repo), and a relative --cache-dir prepared the store again."""
+    from mlm.cli.train import main
+    (tmp_path / "work" / "notes").mkdir(parents=True)
+    (tmp_path / "work" / "notes" / "a.jsonl").write_bytes((SMOKE / "reviews.jsonl").read_bytes())
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    main(["--model", str(SMOKE), "--init", "random", "--dataset", "notes", "--cache-dir", "cache", "--chunk-size",
+          "32", "--train-size", "16", "--test-size", "8", "--batch-size", "8", "--max-steps", "1", "--output-dir",
+          str(tmp_path / "run"), "--no-progress", "--prompt", "a [MASK]."])
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    main(["--resume", "latest", "--output-dir", str(tmp_path / "run"), "--extend", "--max-steps", "2"])
+    assert "status                 finished" in capsys.readouterr().out
+    assert not (tmp_path / "elsewhere" / "cache").exists()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from mlm.cli.args import ArgumentParser, flags_given, size_flag
+from mlm.cli.args import ArgumentParser, absolute_if_local, flags_given, size_flag
 from mlm.cli.compare import EvalSet, ModelScore, compare_models
 from mlm.cli.train import add_data_source_flags
 from mlm.errors import MLMError, run_cli
@@ -102,6 +102,7 @@ def autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.dataset, args.validation_file = absolute_if_local(args.dataset), absolute_if_local(args.validation_file)
     runs = run_records(args.models)
     args.from_run = follow_runs(args, flags_given(parser, argv), runs)
     set_progress_bars(args.progress_bar)
