@@ -433,3 +433,9 @@ def test_a_run_on_relative_paths_resumes_from_another_directory(tmp_path, monkey
     main(["--resume", "latest", "--output-dir", str(tmp_path / "run"), "--extend", "--max-steps", "2"])
     assert "status                 finished" in capsys.readouterr().out
     assert not (tmp_path / "elsewhere" / "cache").exists()
+
+
+def test_json_and_jsonl_files_are_one_format(tmp_path):
+    compress(tmp_path / "a.jsonl", encoded("jsonl", TEXTS[:2]))
+    compress(tmp_path / "b.json.gz", encoded("jsonl", TEXTS[2:]))
+    assert load_texts(tmp_path) == TEXTS

@@ -43,7 +43,8 @@ def check_one_format(files: list[Path]) -> None:
     first = file_format(files[0])
     for file in files[1:]:
         found = file_format(file)
-        if found is None or found[0] != first[0]:
+        # .json and .jsonl are both read as JSON lines: one format.
+        if found is None or found[0].removesuffix("l") != first[0].removesuffix("l"):
             raise MLMError(f"{file} is a {(found or ('unknown',))[0].lstrip('.')} file but {files[0]} is "
                            f"{first[0].lstrip('.')}: a corpus is one format. Move the odd files out or pass one "
                            "folder or glob per format.")
