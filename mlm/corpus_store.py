@@ -194,7 +194,7 @@ def prepare_store(path: Path, key: dict, files: list[Path], tokenizer: Tokenizer
                 else:
                     writer.add(*stretch)
                 bar.update(bytes_read - bar.n)
-        header = writer.finish(key, text_column)
+        header = writer.finish(key, files)
         if path.exists():  # a corrupt store, refused above
             shutil.rmtree(path)
         os.replace(partial, path)
@@ -398,12 +398,17 @@ class _Writer:
                     self.state = stored
             except (OSError, ValueError):
                 pass  # an unreadable progress file: start over
+        row_bytes = (chunk_size * dtype.itemsize, 2 * ((chunk_size + 7) // 8))
+        # A crash can lose appended bytes that progress.json counts (it is renamed into place, the data is not
+        # synced): truncate() would fill the gap with zeros, a store of [PAD] rows that passes its checksums.
+        files = (partial / "ids.bin", partial / "words.bin")
+        if any(_size(file) < self.state["chunks"] * size for file, size in zip(files, row_bytes)):
+            self.state = fresh
         self.carry_ids = np.array(self.state["carry_ids"], np.int32)
         self.carry_flags = np.array(self.state["carry_flags"], np.uint8)
-        row_bytes = (chunk_size * dtype.itemsize, 2 * ((chunk_size + 7) // 8))
         # Drop whatever a killed run appended after its last completed piece.
-        for name, size in zip(("ids.bin", "words.bin"), row_bytes):
-            with open(partial / name, "ab") as handle:
+        for file, size in zip(files, row_bytes):
+            with open(file, "ab") as handle:
                 handle.truncate(self.state["chunks"] * size)
 
     def add(self, ids: np.ndarray, words: np.ndarray, doc_ends: np.ndarray) -> None:
@@ -444,10 +449,11 @@ class _Writer:
         self.carry_ids, self.carry_flags = stream_ids[start:], stream_flags[start:]
         return stream_ids[keep].reshape(-1, length), stream_flags[keep].reshape(-1, length)
 
-    def finish(self, key: dict, text_column: str) -> dict:
+    def finish(self, key: dict, files: list[Path]) -> dict:
         state = self.state
         if state["documents"] == 0:
-            raise MLMError(f"No texts in the {text_column!r} column of the corpus: it is empty.")
+            others = f" and {len(files) - 1} other file{'s' * (len(files) > 2)}" if len(files) > 1 else ""
+            raise MLMError(f"No text in {files[0]}{others}: empty, or only blank lines. Check the path, or add text.")
         if state["chunks"] == 0:
             per_group = "" if self.group_size is None else f" in any group of {self.group_size} reviews"
             raise MLMError(
@@ -471,3 +477,7 @@ def _write_json(file: Path, value: dict) -> None:
     tmp = file.with_name(file.name + ".tmp")
     tmp.write_text(json.dumps(value, sort_keys=True), encoding="utf-8")
     os.replace(tmp, file)
+
+
+def _size(file: Path) -> int:
+    return file.stat().st_size if file.is_file() else 0

@@ -237,6 +237,9 @@ def split_train_test(
     train_size "all" and a test_size such as "5%".
     """
     test_size = draw_size(test_size, len(chunks), "--test-size")
+    if train_size == "all" and test_size >= len(chunks):  # else "must be positive (got 0 …)" for a size not given
+        raise MLMError(f"--train-size all leaves no chunk to train on: --test-size {test_size} holds out all "
+                       f"{len(chunks)} chunks. Lower --test-size, e.g. to 5%.")
     train_size = len(chunks) - test_size if train_size == "all" else draw_size(train_size, len(chunks), "--train-size")
     if train_size < 1 or test_size < 1:
         raise MLMError(f"--train-size and --test-size must be positive (got {train_size} and {test_size}).")
@@ -302,6 +305,9 @@ def load_train_eval_chunks(
     if eval_split is None and validation_file is None:
         return split_train_test(train, train_size=train_size, test_size=test_size, seed=seed)
     if validation_file is not None:
+        if Path(validation_file).expanduser().is_dir():
+            raise MLMError(f"--validation-file {validation_file} is a folder: pass one file of it (a .parquet, "
+                           ".jsonl, .csv or .txt), or use --eval-split with a folder that has split names.")
         if not Path(validation_file).expanduser().is_file():
             raise MLMError(f"--validation-file {validation_file}: no such file (a .parquet, .jsonl, .csv or .txt).")
         held_out = load_chunks(validation_file, "train", tokenizer, **load_args)  # a single file's one split

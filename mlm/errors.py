@@ -33,9 +33,12 @@ def run_cli(main) -> None:
     exit 2 instead of a traceback. Ctrl-C is one line too (exit 130)."""
     import errno
     import sys
+    import warnings
 
     try:
-        main()
+        with warnings.catch_warnings():  # restores showwarning after main()
+            warnings.showwarning = _one_line_warnings(warnings.showwarning)
+            main()
     except MLMError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -53,3 +56,19 @@ def run_cli(main) -> None:
         name = "Ctrl-C" if stop.signal_name == "SIGINT" else stop.signal_name
         print(f"error: interrupted ({name}). {hint}", file=sys.stderr)
         sys.exit(stop.exit_code)
+
+
+def _one_line_warnings(show):
+    """mlm's own warnings (a corrupt chunk store rebuilt, an unwritable cache) as one 'warning: …' line, like its
+    errors: the default format adds the warning's source file and a line of mlm's code."""
+    import sys
+    from pathlib import Path
+
+    package = str(Path(__file__).resolve().parent)
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        if not str(Path(filename).resolve()).startswith(package):
+            return show(message, category, filename, lineno, file, line)
+        print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+    return one_line

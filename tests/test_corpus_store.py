@@ -303,3 +303,169 @@ def test_the_course_figures_on_imdb_through_the_store(tmp_path, group_size, n_ch
                                    seed=42, whole_word=whole_word) for c in test]
         for name in ("input_ids", "labels"):
             assert torch.equal(masks[0][name], masks[1][name])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What a user's own corpus can get wrong
+
+
+def test_a_partial_store_shorter_than_its_progress_starts_over(tmp_path, monkeypatch):
+    """A crash that loses appended bytes (power loss, a full disk) but keeps progress.json: zero-filling the gap
+    would make a store that passes its checksums with [PAD] rows in it."""
+    monkeypatch.setattr(corpus_store, "PIECE_CHARS", 3000)
+    tokenizer, corpus = load_tokenizer(SMOKE), SMOKE / "reviews.jsonl"
+    end = corpus_store._Writer.end_piece
+
+    def stop_after_two(self):
+        end(self)
+        if self.state["pieces"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(corpus_store._Writer, "end_piece", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        load_chunks(corpus, "train", tokenizer, chunk_size=32, cache_dir=tmp_path / "a")
+    monkeypatch.setattr(corpus_store._Writer, "end_piece", end)
+    (partial,) = (tmp_path / "a" / "chunks").glob(".*.partial")
+    (partial / "ids.bin").write_bytes((partial / "ids.bin").read_bytes()[:100])
+    resumed = load_chunks(corpus, "train", tokenizer, chunk_size=32, cache_dir=tmp_path / "a")
+    whole = load_chunks(corpus, "train", tokenizer, chunk_size=32, cache_dir=tmp_path / "b")
+    for name in ("ids.bin", "words.bin"):
+        assert (resumed.cache_path / name).read_bytes() == (whole.cache_path / name).read_bytes()
+
+
+def test_a_bad_byte_in_a_later_block_of_a_csv_names_its_line(tmp_path):
+    file = tmp_path / "t.csv"
+    file.write_bytes(b'text\n"a"\n"b"\n"c"\n"caf\xe9"\n')
+    for block_bytes in (4, 1 << 20):  # the header is a block's first record, or the file's
+        with pytest.raises(MLMError, match=r"byte 21 \(line 5\)"):
+            list(iter_texts([file], block_bytes=block_bytes))
+
+
+@pytest.mark.parametrize("body", ['text,n\n"good",1\n"unterminated,2\n"bad",3\n"fine",4\n', '"text\nabc\n'])
+def test_csv_with_an_unterminated_quote_is_refused(tmp_path, body):
+    """pyarrow accepts a quote left open at the end of the file: every record after the stray quote would be
+    silently merged into one."""
+    file = tmp_path / "t.csv"
+    file.write_text(body)
+    with pytest.raises(MLMError, match=r"t\.csv has a quoted field that is never closed.*line [13]") as err:
+        load_texts(file)
+    assert "\n" not in str(err.value)
+
+
+def test_a_json_array_file_says_json_lines_are_expected(tmp_path):
+    for name, text in (("a.json", json.dumps([{"text": "x"}])), ("b.json", json.dumps([{"text": "x"}], indent=1))):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(MLMError, match=f"{name} holds a JSON array.*one JSON object per line.*jq"):
+            load_texts(tmp_path / name)
+
+
+def test_an_empty_corpus_names_its_files(tmp_path, tokenizer):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("\n \n")
+    (tmp_path / "notes" / "b.txt").write_text("")
+    with pytest.raises(MLMError, match=r"No text in .*a\.txt and 1 other file.*empty") as err:
+        load_chunks(tmp_path / "notes", "train", tokenizer, chunk_size=8, cache_dir=tmp_path / "c")
+    assert "column" not in str(err.value)
+
+
+def test_a_folder_without_data_files_or_split_names(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "readme.md").write_text("not data")
+    with pytest.raises(MLMError, match=r"No data files \(\.parquet, \.jsonl.*in .*docs"):
+        load_texts(tmp_path / "docs")
+    (tmp_path / "notes" / "x").mkdir(parents=True)
+    (tmp_path / "notes" / "x" / "part-1.jsonl").write_text('{"text": "a"}\n')
+    with pytest.raises(MLMError, match=r"notes has no split names.*only the 'train' split.*'test' was asked"):
+        load_texts(tmp_path / "notes", "test")
+
+
+def test_train_all_with_every_chunk_held_out(tmp_path, tokenizer):
+    chunks = load_chunks(SMOKE / "reviews.jsonl", "train", tokenizer, chunk_size=16, cache_dir=tmp_path)
+    with pytest.raises(MLMError, match=f"--train-size all leaves no chunk.*--test-size {len(chunks)}"):
+        split_train_test(chunks, train_size="all", test_size=len(chunks))
+
+
+def test_a_file_pyarrow_cannot_read_is_one_sentence(tmp_path):
+    (tmp_path / "a.parquet").write_bytes(b"not parquet")
+    with pytest.raises(MLMError) as err:
+        load_texts(tmp_path / "a.parquet")
+    assert ".." not in str(err.value)
+
+
+def test_a_corrupt_store_is_one_warning_line_in_the_commands(tmp_path, tiny_tokenizer_dir, capsys):
+    from mlm.cli.prepare_data import main
+    from mlm.errors import run_cli
+    argv = ["--dataset", str(SMOKE / "reviews.jsonl"), "--tokenizer", str(tiny_tokenizer_dir), "--chunk-size", "16",
+            "--cache-dir", str(tmp_path), "--no-progress", "--train-size", "all", "--test-size", "5%"]
+    run_cli(lambda: main(argv))
+    (ids,) = (tmp_path / "chunks").glob("*/ids.bin")
+    raw = bytearray(ids.read_bytes())
+    raw[100] ^= 1
+    ids.write_bytes(bytes(raw))
+    capsys.readouterr()
+    run_cli(lambda: main(argv))
+    err = capsys.readouterr().err
+    assert err.startswith("warning: Ignoring corrupt chunk store") and err.count("\n") == 1, err
+
+
+def test_prepare_data_help_is_true_to_the_flags(capsys):
+    from mlm.cli.prepare_data import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in out and "(default: True)" not in out and "(default: False)" not in out
+    assert "Column holding the text in parquet, JSON-lines and CSV files" in out
+    assert "(default: 128)" in out and "(default: stanfordnlp/imdb)" in out
+
+
+def test_a_folder_as_validation_file_is_named_as_one(tmp_path, tokenizer):
+    from mlm.data import load_train_eval_chunks
+    with pytest.raises(MLMError, match=r"--validation-file .* is a folder.*one file"):
+        load_train_eval_chunks(SMOKE / "reviews.jsonl", tokenizer, validation_file=tmp_path, chunk_size=16,
+                               cache_dir=tmp_path / "c", train_size="all", test_size=2)
+
+
+def test_ctrl_c_in_prepare_data_says_the_same_command_continues(tmp_path, tiny_tokenizer_dir, monkeypatch, capsys):
+    from mlm.cli import prepare_data
+    from mlm.errors import run_cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_data, "load_chunks", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        run_cli(lambda: prepare_data.main(["--dataset", str(SMOKE / "reviews.jsonl"), "--tokenizer",
+                                           str(tiny_tokenizer_dir), "--cache-dir", str(tmp_path)]))
+    err = capsys.readouterr().err
+    assert stop.value.code == 130 and err.count("\n") == 1
+    assert "Run the same command again" in err and "--resume" not in err
+
+
+def test_a_utf16_file_is_not_told_to_convert_from_latin1(tmp_path):
+    for name in ("a.txt", "b.csv", "c.jsonl"):
+        (tmp_path / name).write_text('text\n"good movie"\n', encoding="utf-16")
+        with pytest.raises(MLMError, match=r"UTF-16.*iconv -f utf-16 -t utf-8"):
+            load_texts(tmp_path / name)
+
+
+def test_a_run_on_relative_paths_resumes_from_another_directory(tmp_path, monkeypatch, capsys):
+    """run.json is read again from wherever --resume or mlm-evaluate runs: a relative --dataset recorded as typed
+    named nothing there (or a Hub repo), and a relative --cache-dir prepared the store again."""
+    from mlm.cli.train import main
+    (tmp_path / "work" / "notes").mkdir(parents=True)
+    (tmp_path / "work" / "notes" / "a.jsonl").write_bytes((SMOKE / "reviews.jsonl").read_bytes())
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    main(["--model", str(SMOKE), "--init", "random", "--dataset", "notes", "--cache-dir", "cache", "--chunk-size",
+          "32", "--train-size", "16", "--test-size", "8", "--batch-size", "8", "--max-steps", "1", "--output-dir",
+          str(tmp_path / "run"), "--no-progress", "--prompt", "a [MASK]."])
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    main(["--resume", "latest", "--output-dir", str(tmp_path / "run"), "--extend", "--max-steps", "2"])
+    assert "status                 finished" in capsys.readouterr().out
+    assert not (tmp_path / "elsewhere" / "cache").exists()
+
+
+def test_json_and_jsonl_files_are_one_format(tmp_path):
+    compress(tmp_path / "a.jsonl", encoded("jsonl", TEXTS[:2]))
+    compress(tmp_path / "b.json.gz", encoded("jsonl", TEXTS[2:]))
+    assert load_texts(tmp_path) == TEXTS

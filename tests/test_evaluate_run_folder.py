@@ -134,3 +134,10 @@ def test_evaluate_reproduces_a_trained_runs_recorded_perplexity(tmp_path, capsys
     record = read_record(run)
     [scored] = evaluate_json(capsys, "--model", str(run))["models"]
     assert scored["perplexity"] == record.results["after"]["perplexity"]
+
+
+def test_a_run_scored_on_another_eval_set_is_not_said_to_be_on_its_own(tmp_path, capsys, offline):
+    run = tmp_path / "a"
+    hand_made_run(run, run_settings(tmp_path, train_size="all", test_size="5%"))
+    assert evaluate_json(capsys, "--model", str(run), "--test-size", "5%")["eval_set"]["from_run"] == str(run)
+    assert "from_run" not in evaluate_json(capsys, "--model", str(run), "--test-size", "10%")["eval_set"]

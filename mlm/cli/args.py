@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
+from pathlib import Path
 
 from mlm.chunks import parse_size
 from mlm.errors import MLMError
@@ -56,3 +58,17 @@ def size_flag(flag: str):
             raise argparse.ArgumentTypeError(str(err).removeprefix(f"{flag} ")) from None  # argparse names it
 
     return size
+
+
+def absolute_if_local(value: str | None, *, always: bool = False) -> str | None:
+    """`value` as an absolute path when it names a local file or folder, or a glob, or `always` (a folder to be
+    made); else (a Hub id, None) as it is.
+
+    A run record is read again from other directories (--resume, mlm-evaluate, the model card), where a relative
+    path would name nothing, or a Hub repo of that name.
+    """
+    if value is None:
+        return None
+    if always or Path(value).expanduser().exists() or any(char in str(value) for char in "*?["):
+        return os.path.abspath(Path(value).expanduser())
+    return value

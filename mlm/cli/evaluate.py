@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from mlm.cli.args import ArgumentParser, flags_given, size_flag
+from mlm.cli.args import ArgumentParser, absolute_if_local, flags_given, size_flag
 from mlm.cli.compare import EvalSet, ModelScore, compare_models
 from mlm.cli.train import add_data_source_flags
 from mlm.errors import MLMError, run_cli
@@ -102,6 +102,7 @@ def autocast_dtype(choice: str, device: torch.device) -> torch.dtype | None:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.dataset, args.validation_file = absolute_if_local(args.dataset), absolute_if_local(args.validation_file)
     runs = run_records(args.models)
     args.from_run = follow_runs(args, flags_given(parser, argv), runs)
     set_progress_bars(args.progress_bar)
@@ -137,7 +138,8 @@ def run_records(names: list[str]) -> dict[str, RunRecord]:
 
 
 def follow_runs(args, given: set[str], runs: dict[str, RunRecord]) -> str | None:
-    """Set every eval-set flag not given on the command line to the runs' value; return the run followed, if any.
+    """Set every eval-set flag not given on the command line to the runs' value; return the run whose eval set this
+    is, if any.
 
     Two runs that differ in a setting nobody gave would be scored on two eval sets: refused, naming the setting.
     """
@@ -160,6 +162,9 @@ def follow_runs(args, given: set[str], runs: dict[str, RunRecord]) -> str | None
     for dest, key in RUN_DEFAULTS.items():
         if dest not in given and first_run.settings.get(key) is not None:
             setattr(args, dest, first_run.settings[key])
+    if any(dest in given and not _same(getattr(args, dest), first_run.settings.get(key))
+           for dest, key in EVAL_SET_FLAGS.items()):
+        return None  # a data flag given that differs from the run's: another eval set, not the run's own
     return next(iter(runs))
 
 

@@ -18,18 +18,24 @@ from pathlib import Path
 
 from mlm.cli.args import ArgumentParser, size_flag
 from mlm.data import load_chunks, split_train_test
-from mlm.errors import MLMError, run_cli
+from mlm.errors import Interrupted, MLMError, run_cli
 from mlm.files.data_cache import default_cache_dir
 from mlm.files.data_files import DEFAULT_DATASET, SPLITS
 from mlm.files.hub import resolve_repo, set_progress_bars
 from mlm.tokenizer import TOKENIZER_FILES, tokenizer_from_folder
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """No "(default: None)" where the help says what None means, nor "(default: True)" on --no-progress."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_Defaults)
     parser.add_argument(
         "--dataset", default=DEFAULT_DATASET,
         help="Hub dataset repo id, a local folder with the Hub layout (plain_text/{split}-*.parquet) or of any "
@@ -44,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--splits", default="train",
                         help=f"Comma-separated splits to prepare, from {', '.join(SPLITS)}.")
     parser.add_argument("--text-column", default="text",
-                        help="Column holding the text in parquet and JSON-lines files.")
+                        help="Column holding the text in parquet, JSON-lines and CSV files (a .txt file is all text).")
     parser.add_argument("--chunk-size", type=int, default=128, help="Tokens per chunk.")
     parser.add_argument(
         "--group-size", type=int, default=None,
@@ -93,12 +99,17 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for split in splits:
         start = time.perf_counter()
-        chunks = load_chunks(
-            args.dataset, split, tokenizer,
-            chunk_size=args.chunk_size, group_size=args.group_size, text_column=args.text_column,
-            revision=args.revision, cache_dir=args.cache_dir, max_position_embeddings=max_positions,
-            use_cache=not args.no_cache, progress=args.progress_bar and sys.stderr.isatty(),
-        )
+        try:
+            chunks = load_chunks(
+                args.dataset, split, tokenizer,
+                chunk_size=args.chunk_size, group_size=args.group_size, text_column=args.text_column,
+                revision=args.revision, cache_dir=args.cache_dir, max_position_embeddings=max_positions,
+                use_cache=not args.no_cache, progress=args.progress_bar and sys.stderr.isatty(),
+            )
+        except KeyboardInterrupt as err:  # run_cli's own hint is about training runs and their checkpoints
+            name = err.signal_name if isinstance(err, Interrupted) else "SIGINT"
+            raise Interrupted(name, "Run the same command again: the preparation continues after its last "
+                                    "completed piece (docs/corpora.md).") from None
         rows.append((split, chunks, time.perf_counter() - start))
     print(f"{'split':<13} {'reviews':>9} {'tokens':>12} {'chunks':>9} {'load s':>7}  cache")
     for split, chunks, seconds in rows:

@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-from mlm.cli.args import ArgumentParser, flags_given, size_flag
+from mlm.cli.args import ArgumentParser, absolute_if_local, flags_given, size_flag
 from mlm.errors import Interrupted, run_cli
 from mlm.files.hub import set_progress_bars
 from mlm.run.hub_push import full_repo_id, push_folder
@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     args = vars(parser.parse_args(argv))
     args.pop("smoke")
     args["prompts"] = tuple(args["prompts"] or TrainConfig.prompts)
+    for name in ("model", "tokenizer", "dataset", "validation_file", "cache_dir"):
+        args[name] = absolute_if_local(args[name], always=name == "cache_dir")  # run.json is read elsewhere too
     if args["resume"]:
         # A resume continues with the run's recorded settings; only the flags typed now change them.
         given = {name: args[name] for name in flags_given(build_parser(), argv) if name != "smoke"}

@@ -43,7 +43,8 @@ def check_one_format(files: list[Path]) -> None:
     first = file_format(files[0])
     for file in files[1:]:
         found = file_format(file)
-        if found is None or found[0] != first[0]:
+        # .json and .jsonl are both read as JSON lines: one format.
+        if found is None or found[0].removesuffix("l") != first[0].removesuffix("l"):
             raise MLMError(f"{file} is a {(found or ('unknown',))[0].lstrip('.')} file but {files[0]} is "
                            f"{first[0].lstrip('.')}: a corpus is one format. Move the odd files out or pass one "
                            "folder or glob per format.")
@@ -74,7 +75,7 @@ def iter_texts(files: list[Path], *, text_column: str = "text", one_document_per
             for texts, position in batches:
                 yield texts, done + position
         except (OSError, pa.ArrowException, EOFError) as err:
-            reason = " ".join(str(err).split()) or type(err).__name__
+            reason = " ".join(str(err).split()).rstrip(".") or type(err).__name__  # the message adds its own "."
             raise MLMError(f"Cannot read {file}: {reason}. Check that it is a valid {suffix[1:]} file"
                            f"{' compressed with ' + compression if compression else ''}.") from None
         done += file.stat().st_size
@@ -125,11 +126,20 @@ def _record_batches(file: Path, suffix: str, compression: str | None, text_colum
     line, offset = 1, 0
     for data, position in _record_blocks(file, compression, block_bytes, quoted=suffix == ".csv"):
         _check_utf8(data, file, line, offset)
+        # Counted before a CSV's header is taken off the block, so that later lines and bytes keep their numbers.
+        line, offset, first_line = line + data.count(b"\n"), offset + len(data), line
         if suffix == ".txt":
             # One document per "\n"-ended line ("\r\n" too), not str.splitlines(), which also splits at form
             # feeds and Unicode line separators inside a text. Blank lines would each be a bare [CLS] [SEP].
             texts = [t.removesuffix("\r") for t in data.decode("utf-8").split("\n") if t.strip()]
         elif suffix == ".csv":
+            if data.count(b'"') % 2:
+                # Only the file's last block can end inside quotes. pyarrow accepts a quote left open at the end,
+                # which would silently merge every record after a stray quote into one.
+                ends = _record_ends(data)
+                opened = first_line + data.count(b"\n", 0, int(ends[-1]) if len(ends) else 0)
+                raise MLMError(f"{file} has a quoted field that is never closed, in the record that starts on line "
+                               f'{opened}. Close it, or double a quote inside a quoted field ("").')
             if not header:  # the first record names the columns; every later block is parsed under it
                 ends = _record_ends(data)
                 end = int(ends[0]) if len(ends) else len(data)
@@ -138,8 +148,11 @@ def _record_batches(file: Path, suffix: str, compression: str | None, text_colum
                     raise MLMError(f"{file} has no header line naming its columns; add one (e.g. {text_column}).")
             texts = _csv_texts(header, data, file, text_column) if data.strip() else []
         else:
+            if data.lstrip()[:1] == b"[":  # pyarrow's own message ("changed from object to array") does not say so
+                raise MLMError(f"{file} holds a JSON array, not JSON lines: .json and .jsonl files are read as one "
+                               f"JSON object per line. Convert it, e.g. with `jq -c '.[]' {file} > "
+                               f"{file.name.split('.')[0]}.jsonl`.")
             texts = _json_texts(data, file, text_column) if data.strip() else []
-        line, offset = line + data.count(b"\n"), offset + len(data)
         if texts:
             yield texts, position
 
@@ -228,6 +241,9 @@ def _check_utf8(data: bytes, file: Path, first_line: int, offset: int) -> None:
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as err:
+        if offset == 0 and data[:2] in (b"\xff\xfe", b"\xfe\xff"):  # converted as latin1, it would be garbage
+            raise MLMError(f"{file} is UTF-16 (it starts with its byte-order mark), not UTF-8. Re-encode it, e.g. "
+                           "with `iconv -f utf-16 -t utf-8`.") from None
         line = first_line + data.count(b"\n", 0, err.start)
         raise MLMError(
             f"{file} is not UTF-8: byte {offset + err.start} (line {line}) cannot be decoded ({err.reason}). "

@@ -53,8 +53,12 @@ def find_corpus(source: str | Path, split: str = "train", *,
     every = sorted((file for file in folder.rglob("*") if file.is_file() and file_format(file)
                     and not _hidden(file.relative_to(folder))), key=lambda file: str(file.relative_to(folder)))
     files = [file for file in every if _names_split(file.name, split)]
-    if not files and split == "train" and every and not any(_split_of(file.name) in SPLITS for file in every):
-        return _checked(every), True  # a folder of files, no split names: one corpus
+    one_corpus = bool(every) and not any(_split_of(file.name) in SPLITS for file in every)
+    if not files and one_corpus:  # a folder of files, no split names
+        return _only_train(every, split, f"{folder} has no split names in its file names, so it"), True
+    if not files and not every and path.is_dir():  # a Hub snapshot holds only the split's files: said below
+        raise MLMError(f"No data files (.parquet, .jsonl, .json, .csv or .txt, optionally .gz or .zst) in {folder} "
+                       "or below it (hidden files and folders are skipped). Pass the folder that holds them.")
     if not files:
         found = sorted({name for file in every if (name := _split_of(file.name))})
         raise MLMError(
