@@ -118,6 +118,22 @@ def draw_size(size: int | str, n: int, flag: str) -> int:
     return size
 
 
+def draw_sizes(train_size: int | str, test_size: int | str, n: int) -> tuple[int, int]:
+    """(train, test): the chunk counts --train-size and --test-size mean out of `n` chunks, checked: both at least
+    one and together at most n. --train-size "all" is every chunk --test-size leaves."""
+    test = draw_size(test_size, n, "--test-size")
+    if train_size == "all" and test >= n:  # else "must be positive (got 0 …)" for a size not given
+        raise MLMError(f"--train-size all leaves no chunk to train on: --test-size {test} holds out all {n} chunks. "
+                       "Lower --test-size, e.g. to 5%.")
+    train = n - test if train_size == "all" else draw_size(train_size, n, "--train-size")
+    if train < 1 or test < 1:
+        raise MLMError(f"--train-size and --test-size must be positive (got {train} and {test}).")
+    if train + test > n:
+        raise MLMError(f"Cannot draw {train} train + {test} test chunks from {n} chunks: lower --train-size/"
+                       "--test-size, or use a larger corpus or a smaller --chunk-size.")
+    return train, test
+
+
 def parse_percent(text: str, flag: str) -> str:
     """`text` ("5%", "0.5%") checked: a number in (0, 100) followed by %; raises MLMError naming `flag`."""
     try:

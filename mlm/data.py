@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mlm.chunks import Chunks, draw_size
+from mlm.chunks import Chunks, draw_size, draw_sizes
 from mlm.corpus_store import prepare_store
 from mlm.errors import MLMError
 from mlm.files.data_cache import cache_key, default_cache_dir, store_path
-from mlm.files.data_files import find_corpus, load_texts, read_texts
+from mlm.files.data_files import check_validation_file, find_corpus, load_texts, read_texts
 from mlm.tokenizer import Tokenizer, encoded_arrays
 
 __all__ = ["Chunks", "chunk", "concatenate", "draw", "load_chunks", "load_texts", "load_train_eval_chunks",
@@ -233,21 +233,10 @@ def split_train_test(
     Same indices as `datasets.Dataset.train_test_split(train_size=..., test_size=..., seed=...)` with its
     defaults: permutation = np.random.default_rng(seed).permutation(len(chunks)); test takes the first
     test_size indices, train the next train_size, each in permutation order. Returns (train, test) Chunks of
-    shapes (train_size, chunk_size) and (test_size, chunk_size), views of `chunks`. See `draw_size` for
+    shapes (train_size, chunk_size) and (test_size, chunk_size), views of `chunks`. See `draw_sizes` for
     train_size "all" and a test_size such as "5%".
     """
-    test_size = draw_size(test_size, len(chunks), "--test-size")
-    if train_size == "all" and test_size >= len(chunks):  # else "must be positive (got 0 …)" for a size not given
-        raise MLMError(f"--train-size all leaves no chunk to train on: --test-size {test_size} holds out all "
-                       f"{len(chunks)} chunks. Lower --test-size, e.g. to 5%.")
-    train_size = len(chunks) - test_size if train_size == "all" else draw_size(train_size, len(chunks), "--train-size")
-    if train_size < 1 or test_size < 1:
-        raise MLMError(f"--train-size and --test-size must be positive (got {train_size} and {test_size}).")
-    if train_size + test_size > len(chunks):
-        raise MLMError(
-            f"Cannot draw {train_size} train + {test_size} test chunks from {len(chunks)} chunks: "
-            "lower --train-size/--test-size, or use a larger corpus or a smaller --chunk-size."
-        )
+    train_size, test_size = draw_sizes(train_size, test_size, len(chunks))
     permutation = np.random.default_rng(seed).permutation(len(chunks))
     test = chunks.select(permutation[:test_size])
     train = chunks.select(permutation[test_size : test_size + train_size])
@@ -305,11 +294,7 @@ def load_train_eval_chunks(
     if eval_split is None and validation_file is None:
         return split_train_test(train, train_size=train_size, test_size=test_size, seed=seed)
     if validation_file is not None:
-        if Path(validation_file).expanduser().is_dir():
-            raise MLMError(f"--validation-file {validation_file} is a folder: pass one file of it (a .parquet, "
-                           ".jsonl, .csv or .txt), or use --eval-split with a folder that has split names.")
-        if not Path(validation_file).expanduser().is_file():
-            raise MLMError(f"--validation-file {validation_file}: no such file (a .parquet, .jsonl, .csv or .txt).")
+        check_validation_file(validation_file)
         held_out = load_chunks(validation_file, "train", tokenizer, **load_args)  # a single file's one split
         name = str(validation_file)
     else:

@@ -75,6 +75,15 @@ def find_corpus(source: str | Path, split: str = "train", *,
     return _checked(files), False
 
 
+def check_validation_file(path: str | Path) -> None:
+    """Raise MLMError unless --validation-file `path` is one file."""
+    if Path(path).expanduser().is_dir():
+        raise MLMError(f"--validation-file {path} is a folder: pass one file of it (a .parquet, .jsonl, .csv or "
+                       ".txt), or use --eval-split with a folder that has split names.")
+    if not Path(path).expanduser().is_file():
+        raise MLMError(f"--validation-file {path}: no such file (a .parquet, .jsonl, .csv or .txt).")
+
+
 def _globbed(pattern: str) -> list[Path]:
     files = sorted(Path(name) for name in glob.glob(pattern, recursive=True) if Path(name).is_file())
     if not files:
