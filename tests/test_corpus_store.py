@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -469,3 +470,21 @@ def test_json_and_jsonl_files_are_one_format(tmp_path):
     compress(tmp_path / "a.jsonl", encoded("jsonl", TEXTS[:2]))
     compress(tmp_path / "b.json.gz", encoded("jsonl", TEXTS[2:]))
     assert load_texts(tmp_path) == TEXTS
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_sigterm_or_sighup_in_prepare_data_is_one_line_and_the_same_command_continues(tmp_path, tiny_tokenizer_dir,
+                                                                                    monkeypatch, capsys, sig, code):
+    from mlm.cli import prepare_data
+    from mlm.errors import run_cli
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(prepare_data, "load_chunks", signalled)
+    with pytest.raises(SystemExit) as stop:
+        run_cli(lambda: prepare_data.main(["--dataset", str(SMOKE / "reviews.jsonl"), "--tokenizer",
+                                           str(tiny_tokenizer_dir), "--cache-dir", str(tmp_path)]))
+    err = capsys.readouterr().err
+    assert stop.value.code == code and err.count("\n") == 1 and signal.Signals(sig).name in err
+    assert "Run the same command again" in err

@@ -179,6 +179,7 @@ def test_a_signal_during_setup_is_one_line_and_leaves_no_trace(tmp_path, monkeyp
         run_cli(lambda: train(tiny_run(run)))
     err = capsys.readouterr().err
     assert exit_info.value.code == code and err.count("\n") == 1 and err.startswith("error: interrupted (")
+    assert "Nothing was saved" in err and "data prepared so far is kept" in err  # the store resumes too
     assert not run.exists()  # no args, no record, no lock: the next plain run starts
     monkeypatch.undo()
     assert train(tiny_run(run, epochs=1)).status == "finished"

@@ -22,6 +22,7 @@ from mlm.errors import Interrupted, MLMError, run_cli
 from mlm.files.data_cache import default_cache_dir
 from mlm.files.data_files import DEFAULT_DATASET, SPLITS
 from mlm.files.hub import resolve_repo, set_progress_bars
+from mlm.run.signals import Signals
 from mlm.tokenizer import TOKENIZER_FILES, tokenizer_from_folder
 
 
@@ -100,12 +101,13 @@ def main(argv: list[str] | None = None) -> None:
     for split in splits:
         start = time.perf_counter()
         try:
-            chunks = load_chunks(
-                args.dataset, split, tokenizer,
-                chunk_size=args.chunk_size, group_size=args.group_size, text_column=args.text_column,
-                revision=args.revision, cache_dir=args.cache_dir, max_position_embeddings=max_positions,
-                use_cache=not args.no_cache, progress=args.progress_bar and sys.stderr.isatty(),
-            )
+            with Signals():  # SIGTERM and SIGHUP stop it as Ctrl-C does: one line, the work so far kept
+                chunks = load_chunks(
+                    args.dataset, split, tokenizer,
+                    chunk_size=args.chunk_size, group_size=args.group_size, text_column=args.text_column,
+                    revision=args.revision, cache_dir=args.cache_dir, max_position_embeddings=max_positions,
+                    use_cache=not args.no_cache, progress=args.progress_bar and sys.stderr.isatty(),
+                )
         except KeyboardInterrupt as err:  # run_cli's own hint is about training runs and their checkpoints
             name = err.signal_name if isinstance(err, Interrupted) else "SIGINT"
             raise Interrupted(name, "Run the same command again: the preparation continues after its last "

@@ -393,7 +393,9 @@ class Run:
 
     def continue_hint(self) -> str:
         if self.last_checkpoint is None and not list_checkpoints(self.output_dir):
-            return "Nothing was saved: the output folder is as it was."
+            # A chunk store cut short keeps its completed pieces (mlm/corpus_store.py): say so, or users redo it.
+            return ("Nothing was saved: the output folder is as it was; data prepared so far is kept, and the "
+                    "same command continues its preparation.")
         return f"Continue with: {resume_command(self.output_dir, self.procs.world_size)}"
 
     def _note_progress(self) -> None:
