@@ -94,14 +94,16 @@ def with_backend(tokenizer, change):
     return dataclasses.replace(tokenizer, backend=backend)
 
 
-@pytest.mark.parametrize("change", ["cased", "no_clean_text", "normalized_added_token", "other_normalizer",
-                                    "wrong_cover", "wrong_prepare"])
+@pytest.mark.parametrize("change", ["cased", "no_clean_text", "lowercase_raw_added_token", "normalized_added_token",
+                                    "other_normalizer", "wrong_cover", "wrong_prepare"])
 def test_the_text_shortcut_only_where_its_argument_holds(monkeypatch, change):
-    """A cased BertNormalizer keeps the shortcut (nothing to lower); a normalized added token or another
+    """A cased BertNormalizer keeps the shortcut (nothing to lower); so does an added token matched in the raw
+    text, but not on a text whose lowering spells it ("A Good Movie"); a normalized added token or another
     normalizer gets the derivation alone; a shortcut planted wrong fails the probe and is not used."""
     changes = {
         "cased": lambda b: setattr(b, "normalizer", normalizers.BertNormalizer(lowercase=False)),
         "no_clean_text": lambda b: setattr(b, "normalizer", normalizers.BertNormalizer(clean_text=False)),
+        "lowercase_raw_added_token": lambda b: b.add_tokens([AddedToken("good movie", normalized=False)]),
         "normalized_added_token": lambda b: b.add_tokens([AddedToken("good movie", normalized=True)]),
         "other_normalizer": lambda b: setattr(b, "normalizer", normalizers.Lowercase()),
         "wrong_cover": lambda b: None,
@@ -114,7 +116,8 @@ def test_the_text_shortcut_only_where_its_argument_holds(monkeypatch, change):
         monkeypatch.setattr(fast_encode, "_text_shortcut", lambda t: (lambda s: s and (s[0], str, s[2]))(shortcut(t)))
     changed = with_backend(load_tokenizer(SMOKE), changes[change])  # its ids have no gap for an added token
     encode = fast_encode.fast_encoder(changed)
-    assert encode is not None and encode.skips_normalizer == (change in ("cased", "no_clean_text"))
+    assert encode is not None and encode.skips_normalizer == (change in ("cased", "no_clean_text",
+                                                                         "lowercase_raw_added_token"))
     assert_same_as_plain(encode, changed, HARD_TEXTS + TEXTS + ["A Good Movie"])
 
 

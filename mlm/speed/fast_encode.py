@@ -148,9 +148,10 @@ def _bert_punctuation(char: str) -> bool:
 # character besides \t \n \r, all that remains is the lowercasing and \t \n \r becoming spaces; and
 # BertPreTokenizer splits at \t \n \r exactly as at a space. So the tokenizer without its normalizer, given the
 # text lowered in Python, makes the same splits and hence the same tokens, provided the added tokens match alike:
-# an added token marked normalized=False is matched in the raw text before any normalizing, so a text that
-# contains one ("[SEP]") keeps the normalizer; one marked normalized=True would be matched in the normalized
-# text, which the lowered text is not quite (its \t stays \t), so a tokenizer with such a token gets no shortcut.
+# an added token marked normalized=False is matched in the raw text before any normalizing, and by the bare
+# tokenizer in the lowered text, so a text that contains one either way ("[SEP]", or "Good Movie" for an added
+# "good movie") keeps the normalizer; one marked normalized=True would be matched in the normalized text, which
+# the lowered text is not quite (its \t stays \t), so a tokenizer with such a token gets no shortcut.
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # ASCII control characters but \t \n \r
 
@@ -167,8 +168,11 @@ def _text_shortcut(tokenizer: Tokenizer):
     bare.normalizer = None
     literals = [token.content for token in added]
     lowercase = normalizer.lowercase
+    # Lowering cannot spell a literal with an upper-case letter ("[SEP]"): only the others are looked for in it.
+    lower_literals = [literal for literal in literals if lowercase and literal == literal.lower()]
 
     def covered(text: str) -> bool:
-        return text.isascii() and not _CONTROL.search(text) and not any(literal in text for literal in literals)
+        return (text.isascii() and not _CONTROL.search(text) and not any(literal in text for literal in literals)
+                and not any(literal in text.lower() for literal in lower_literals))
 
     return bare, (str.lower if lowercase else (lambda text: text)), covered
