@@ -353,6 +353,14 @@ def test_csv_with_an_unterminated_quote_is_refused(tmp_path, body):
     assert "\n" not in str(err.value)
 
 
+def test_a_quote_inside_an_unquoted_field_is_text(tmp_path):
+    """A quote opens a quoted field only as the field's first character; pyarrow reads one elsewhere as text (6'2"),
+    so it is not a quote left open."""
+    file = tmp_path / "t.csv"
+    file.write_text('text,n\nhe is 6\'2" tall,1\n"a ""quoted"" one",2\nthird,3\n')
+    assert load_texts(file) == ['he is 6\'2" tall', 'a "quoted" one', "third"]
+
+
 def test_a_json_array_file_says_json_lines_are_expected(tmp_path):
     for name, text in (("a.json", json.dumps([{"text": "x"}])), ("b.json", json.dumps([{"text": "x"}], indent=1))):
         (tmp_path / name).write_text(text)

@@ -120,6 +120,27 @@ def _record_ends(data: bytes) -> np.ndarray:
     return np.flatnonzero((raw == NEWLINE) & outside_quotes) + 1
 
 
+def _never_closed_quote(data: bytes) -> int | None:
+    """The offset of the quote that opens a quoted field of `data` (CSV that starts a record) and is not closed at
+    the field's end, as pyarrow reads it; None if every one is. A quote opens a field only as its first character
+    (elsewhere, as in 6'2", it is text), and "" inside a quoted field is one quote."""
+    opened, escaped = None, False
+    for at in np.flatnonzero(np.frombuffer(data, np.uint8) == QUOTE).tolist():
+        after = data[at + 1 : at + 2]
+        if escaped:
+            escaped = False
+        elif opened is None:
+            if at == 0 or data[at - 1] in b",\r\n":
+                opened = at
+        elif after == b'"':
+            escaped = True
+        elif after in (b"", b",", b"\r", b"\n"):
+            opened = None
+        else:
+            return opened  # closed before more text, which pyarrow joins to it: a stray quote merged records
+    return opened
+
+
 def _record_batches(file: Path, suffix: str, compression: str | None, text_column: str,
                     block_bytes: int) -> Iterator[tuple[list[str], int]]:
     header = b""
@@ -133,13 +154,12 @@ def _record_batches(file: Path, suffix: str, compression: str | None, text_colum
             # feeds and Unicode line separators inside a text. Blank lines would each be a bare [CLS] [SEP].
             texts = [t.removesuffix("\r") for t in data.decode("utf-8").split("\n") if t.strip()]
         elif suffix == ".csv":
-            if data.count(b'"') % 2:
-                # Only the file's last block can end inside quotes. pyarrow accepts a quote left open at the end,
-                # which would silently merge every record after a stray quote into one.
-                ends = _record_ends(data)
-                opened = first_line + data.count(b"\n", 0, int(ends[-1]) if len(ends) else 0)
-                raise MLMError(f"{file} has a quoted field that is never closed, in the record that starts on line "
-                               f'{opened}. Close it, or double a quote inside a quoted field ("").')
+            # Only the file's last block can end inside quotes (an odd count is the cheap sign). pyarrow accepts a
+            # quote left open at the end, which would silently merge every record after a stray quote into one.
+            if data.count(b'"') % 2 and (opened := _never_closed_quote(data)) is not None:
+                opened_line = first_line + data.count(b"\n", 0, opened)
+                raise MLMError(f"{file} has a quoted field that is never closed, opened on line {opened_line}. "
+                               'Close it, or double a quote inside a quoted field ("").')
             if not header:  # the first record names the columns; every later block is parsed under it
                 ends = _record_ends(data)
                 end = int(ends[0]) if len(ends) else len(data)
