@@ -64,10 +64,10 @@ def _one_line_warnings(show):
     import sys
     from pathlib import Path
 
-    package = str(Path(__file__).resolve().parent)
+    package = Path(__file__).resolve().parent
 
     def one_line(message, category, filename, lineno, file=None, line=None):
-        if not str(Path(filename).resolve()).startswith(package):
+        if not Path(filename).resolve().is_relative_to(package):
             return show(message, category, filename, lineno, file, line)
         print(f"warning: {message}", file=sys.stderr if file is None else file)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+import mlm.errors
 import mlm.files.hub
 from mlm.cli import evaluate, fill_mask, prepare_data, train
 from mlm.errors import MLMError, run_cli
@@ -73,3 +74,16 @@ def test_a_repo_id_without_such_a_parent_folder_still_goes_to_the_hub(tmp_path, 
     monkeypatch.chdir(tmp_path)  # no ./org folder here
     with pytest.raises(AssertionError, match="went to the Hub"):
         resolve_repo("org/name")
+
+
+def test_only_mlms_own_warnings_are_one_line(capsys):
+    """A warning from mlm's package is one 'warning:' line; one from any other code, even a folder whose name starts
+    like mlm's (mlm_extra/), keeps Python's format."""
+    from pathlib import Path
+
+    package = Path(mlm.__file__).resolve().parent
+    shown = []
+    show = mlm.errors._one_line_warnings(lambda *args: shown.append(args))
+    show(UserWarning("ours"), UserWarning, str(package / "corpus_store.py"), 1)
+    show(UserWarning("theirs"), UserWarning, str(package) + "_extra/x.py", 1)
+    assert capsys.readouterr().err == "warning: ours\n" and len(shown) == 1
