@@ -121,7 +121,6 @@ def _read_json(path: Path) -> dict:
     return values
 
 
-
 def template_ids(tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """(the ids the template puts before a text, those it puts after), e.g. ([CLS], [SEP]), int32."""
     whole = tokenizer.backend.encode("a").ids

@@ -49,7 +49,7 @@ def fast_encoder(tokenizer: Tokenizer):
             encodings = _encode_batch(backend, texts, special, shortcut)
             ids, lengths = encoded_ids(encodings)
             return ids, derived_word_ids(ids, lengths, continuation, *(template if special else (0, 0))), lengths
-        encode.skips_normalizer = shortcut is not None  # for the benchmark and the tests to see
+        encode.skips_normalizer = shortcut is not None  # for the tests to see
         return encode
 
     for shortcut in (_text_shortcut(tokenizer), None):
