@@ -442,12 +442,14 @@ def test_ctrl_c_in_prepare_data_says_the_same_command_continues(tmp_path, tiny_t
         raise KeyboardInterrupt
 
     monkeypatch.setattr(prepare_data, "load_chunks", interrupted)
-    with pytest.raises(SystemExit) as stop:
-        run_cli(lambda: prepare_data.main(["--dataset", str(SMOKE / "reviews.jsonl"), "--tokenizer",
-                                           str(tiny_tokenizer_dir), "--cache-dir", str(tmp_path)]))
-    err = capsys.readouterr().err
-    assert stop.value.code == 130 and err.count("\n") == 1
-    assert "Run the same command again" in err and "--resume" not in err
+    argv = ["--dataset", str(SMOKE / "reviews.jsonl"), "--tokenizer", str(tiny_tokenizer_dir), "--cache-dir",
+            str(tmp_path)]
+    for no_cache in ([], ["--no-cache"]):  # --no-cache keeps nothing to continue from
+        with pytest.raises(SystemExit) as stop:
+            run_cli(lambda args=argv + no_cache: prepare_data.main(args))
+        err = capsys.readouterr().err
+        assert stop.value.code == 130 and err.count("\n") == 1 and "--resume" not in err
+        assert ("Run the same command again" in err) != bool(no_cache), err
 
 
 def test_a_utf16_file_is_not_told_to_convert_from_latin1(tmp_path):

@@ -110,8 +110,9 @@ def main(argv: list[str] | None = None) -> None:
                 )
         except KeyboardInterrupt as err:  # run_cli's own hint is about training runs and their checkpoints
             name = err.signal_name if isinstance(err, Interrupted) else "SIGINT"
-            raise Interrupted(name, "Run the same command again: the preparation continues after its last "
-                                    "completed piece (docs/corpora.md).") from None
+            hint = ("Nothing was stored (--no-cache)." if args.no_cache else "Run the same command again: the "
+                    "preparation continues after its last completed piece (docs/corpora.md).")
+            raise Interrupted(name, hint) from None
         rows.append((split, chunks, time.perf_counter() - start))
     print(f"{'split':<13} {'reviews':>9} {'tokens':>12} {'chunks':>9} {'load s':>7}  cache")
     for split, chunks, seconds in rows:
