@@ -342,7 +342,8 @@ def test_a_bad_byte_in_a_later_block_of_a_csv_names_its_line(tmp_path):
             list(iter_texts([file], block_bytes=block_bytes))
 
 
-@pytest.mark.parametrize("body", ['text,n\n"good",1\n"unterminated,2\n"bad",3\n"fine",4\n', '"text\nabc\n'])
+@pytest.mark.parametrize("body", ['text,n\n"good",1\n"unterminated,2\n"bad",3\n"fine",4\n', '"text\nabc\n',
+                                  'text,n\nhe is 6\'2" tall,0\n"unterminated,2\n"bad",3\n'])  # an even count
 def test_csv_with_an_unterminated_quote_is_refused(tmp_path, body):
     """pyarrow accepts a quote left open at the end of the file: every record after the stray quote would be
     silently merged into one."""
@@ -498,3 +499,25 @@ def test_sigterm_or_sighup_in_prepare_data_is_one_line_and_the_same_command_cont
     err = capsys.readouterr().err
     assert stop.value.code == code and err.count("\n") == 1 and signal.Signals(sig).name in err
     assert "Run the same command again" in err
+
+
+def test_a_quote_inside_an_unquoted_field_does_not_shift_where_records_end(tmp_path):
+    """Counting quotes would read every newline after a 6'2" as inside quotes and the next quoted field's newline
+    as outside: blocks cut inside a record (wrong texts) or never cut (memory no longer bounded by a block)."""
+    import csv
+    import io
+
+    rows = [["he is 6'2\" tall"], ["a \"quoted\"\nreview\nover lines"], ["plain"], ['say "hi" twice "x'], ["end"]]
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows([["text"], *rows * 20])
+    body = out.getvalue().replace('"he is 6\'2"" tall"', "he is 6'2\" tall")  # unquoted, as spreadsheets write it
+    body = body.replace('"say ""hi"" twice ""x"', 'say "hi" twice "x')
+    file = tmp_path / "t.csv"
+    file.write_text(body)
+    expected = [row[0] for row in csv.reader(io.StringIO(body))][1:]
+    assert expected == [row[0] for row in rows * 20]  # Python's csv reads the stray quotes as text too
+    for block_bytes in (1, 7, 30, 64, 1000, 1 << 20):
+        batches = list(iter_texts([file], block_bytes=block_bytes))
+        assert [t for batch, _ in batches for t in batch] == expected, block_bytes
+        if block_bytes == 64:
+            assert len(batches) > 20  # cut at records all along, not one block from the first stray quote on

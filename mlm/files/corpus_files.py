@@ -92,8 +92,7 @@ def _open(file: Path, compression: str | None):
 def _record_blocks(file: Path, compression: str | None, block_bytes: int, quoted: bool) -> Iterator[tuple[bytes, int]]:
     """Yield (bytes of whole records, raw position): blocks cut after a newline that ends a record.
 
-    With `quoted` (CSV), a newline inside a quoted field does not end a record: RFC 4180 escapes a quote by
-    doubling it, so a newline ends a record exactly when the number of quotes before it is even. A record
+    With `quoted` (CSV), a newline inside a quoted field does not end a record (`_record_ends`). A record
     longer than `block_bytes` makes the block grow until it ends; nothing in pyarrow's reader limits its size.
     """
     raw, stream = _open(file, compression)
@@ -106,7 +105,7 @@ def _record_blocks(file: Path, compression: str | None, block_bytes: int, quoted
                 if data:
                     yield data, raw.tell()
                 return
-            # Each block starts a record, so counting quotes from its start gives the parity.
+            # Each block starts a record, so its quoted fields can be read from its start.
             cut = int(_record_ends(data)[-1:].sum()) if quoted else data.rfind(b"\n") + 1
             if cut:
                 yield data[:cut], raw.tell()
@@ -114,31 +113,53 @@ def _record_blocks(file: Path, compression: str | None, block_bytes: int, quoted
 
 
 def _record_ends(data: bytes) -> np.ndarray:
-    """(K,) int64: the offsets just past each newline of `data` outside quotes; `data` starts a CSV record."""
-    raw = np.frombuffer(data, np.uint8)
-    outside_quotes = np.cumsum(raw == QUOTE) % 2 == 0
-    return np.flatnonzero((raw == NEWLINE) & outside_quotes) + 1
+    """(K,) int64: the offsets just past each newline of `data` outside quoted fields; `data` starts a CSV record."""
+    starts, ends, _ = _quoted_fields(data)
+    newlines = np.flatnonzero(np.frombuffer(data, np.uint8) == NEWLINE)
+    if not len(starts):
+        return newlines + 1
+    field = np.searchsorted(starts, newlines, side="right") - 1  # the last quoted field opened before each newline
+    inside = (field >= 0) & (newlines < ends[np.maximum(field, 0)])
+    return newlines[~inside] + 1
 
 
 def _never_closed_quote(data: bytes) -> int | None:
     """The offset of the quote that opens a quoted field of `data` (CSV that starts a record) and is not closed at
-    the field's end, as pyarrow reads it; None if every one is. A quote opens a field only as its first character
-    (elsewhere, as in 6'2", it is text), and "" inside a quoted field is one quote."""
-    opened, escaped = None, False
+    the field's end, as pyarrow reads it; None if every one is."""
+    starts, ends, closed_early = _quoted_fields(data)
+    if closed_early is not None:
+        return closed_early
+    return int(starts[-1]) if len(ends) and ends[-1] == len(data) else None
+
+
+def _quoted_fields(data: bytes) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """(starts (Q,), ends (Q,)) int64: the offsets of the opening and just past the closing quote of each quoted
+    field of `data` (CSV that starts a record), ends len(data) for one still open at the end; and the start of the
+    first field closed before more text (pyarrow joins the text to it: a stray quote merged records), or None.
+
+    Read as pyarrow reads CSV: a quote opens a field only as its first character (elsewhere, as in 6'2", it is
+    text, so counting quotes is not enough), and "" inside a quoted field is one quote. A loop over the quotes
+    only: a block has few of them next to its bytes.
+    """
+    starts, ends, closed_early, opened, escaped = [], [], None, None, False
     for at in np.flatnonzero(np.frombuffer(data, np.uint8) == QUOTE).tolist():
-        after = data[at + 1 : at + 2]
         if escaped:
             escaped = False
         elif opened is None:
             if at == 0 or data[at - 1] in b",\r\n":
                 opened = at
-        elif after == b'"':
+        elif data[at + 1 : at + 2] == b'"':
             escaped = True
-        elif after in (b"", b",", b"\r", b"\n"):
-            opened = None
         else:
-            return opened  # closed before more text, which pyarrow joins to it: a stray quote merged records
-    return opened
+            if data[at + 1 : at + 2] not in (b"", b",", b"\r", b"\n") and closed_early is None:
+                closed_early = opened
+            starts.append(opened)
+            ends.append(at + 1)
+            opened = None
+    if opened is not None:
+        starts.append(opened)
+        ends.append(len(data))
+    return np.array(starts, np.int64), np.array(ends, np.int64), closed_early
 
 
 def _record_batches(file: Path, suffix: str, compression: str | None, text_column: str,
@@ -154,9 +175,9 @@ def _record_batches(file: Path, suffix: str, compression: str | None, text_colum
             # feeds and Unicode line separators inside a text. Blank lines would each be a bare [CLS] [SEP].
             texts = [t.removesuffix("\r") for t in data.decode("utf-8").split("\n") if t.strip()]
         elif suffix == ".csv":
-            # Only the file's last block can end inside quotes (an odd count is the cheap sign). pyarrow accepts a
-            # quote left open at the end, which would silently merge every record after a stray quote into one.
-            if data.count(b'"') % 2 and (opened := _never_closed_quote(data)) is not None:
+            # pyarrow accepts a quote left open at the end of the file (only the last block can end inside one),
+            # and text after a closing quote: either would silently merge the records after a stray quote.
+            if (opened := _never_closed_quote(data)) is not None:
                 opened_line = first_line + data.count(b"\n", 0, opened)
                 raise MLMError(f"{file} has a quoted field that is never closed, opened on line {opened_line}. "
                                'Close it, or double a quote inside a quoted field ("").')
