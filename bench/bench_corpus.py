@@ -74,12 +74,12 @@ result = dict(seconds=time.perf_counter() - start, tokens=tokens, chunks=None, d
 """,
     "encoder": """
 import pyarrow.json
-from mlm.corpus_store import _plain_encoder
+from mlm.corpus_store import plain_encoder
 from mlm.speed.fast_encode import fast_encoder
 from mlm.tokenizer import load_tokenizer
 tokenizer = load_tokenizer(TOKENIZER)
 texts = pyarrow.json.read_json(CORPUS).column("text").to_pylist()
-encode = fast_encoder(tokenizer) or _plain_encoder(tokenizer)
+encode = fast_encoder(tokenizer) or plain_encoder(tokenizer)
 start, tokens = time.perf_counter(), 0
 for first in range(0, len(texts), 2000):
     tokens += len(encode(texts[first : first + 2000], True)[0])

@@ -123,8 +123,8 @@ def draw_sizes(train_size: int | str, test_size: int | str, n: int) -> tuple[int
     one and together at most n. --train-size "all" is every chunk --test-size leaves."""
     test = draw_size(test_size, n, "--test-size")
     if train_size == "all" and test >= n:  # else "must be positive (got 0 …)" for a size not given
-        raise MLMError(f"--train-size all leaves no chunk to train on: --test-size {test} holds out all {n} chunks. "
-                       "Lower --test-size, e.g. to 5%.")
+        raise MLMError(f"--train-size all leaves no chunk to train on: --test-size {test} leaves none of the {n} "
+                       "chunks. Lower --test-size, e.g. to 5%.")
     train = n - test if train_size == "all" else draw_size(train_size, n, "--train-size")
     if train < 1 or test < 1:
         raise MLMError(f"--train-size and --test-size must be positive (got {train} and {test}).")

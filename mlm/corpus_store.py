@@ -308,7 +308,7 @@ def _jobs(pieces, tokenizer: Tokenizer, skip: int):
     """Yield (job, bytes read): job() returns (input_ids, word_ids, doc_ends, continues) for the next stretch of
     the stream, run on a worker thread; a job None marks the end of a piece. Documents up to SLICE_CHARS go
     ENCODE_BATCH_DOCS (at most ENCODE_BATCH_CHARS characters) per encode_batch call; a longer one in slices."""
-    encode = fast_encoder(tokenizer) or _plain_encoder(tokenizer)
+    encode = fast_encoder(tokenizer) or plain_encoder(tokenizer)
 
     def batch_job(texts):
         def job():
@@ -335,7 +335,7 @@ def _jobs(pieces, tokenizer: Tokenizer, skip: int):
         yield None, bytes_read
 
 
-def _plain_encoder(tokenizer: Tokenizer):
+def plain_encoder(tokenizer: Tokenizer):
     """(texts, add_special_tokens) -> (input_ids, word_ids, lengths) as mlm/tokenizer.py's encoded_arrays gives
     them; mlm/speed/fast_encode.py's fast_encoder gives the same arrays faster where it can show that exact."""
     backend = tokenizer.backend

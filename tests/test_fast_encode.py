@@ -122,7 +122,7 @@ def test_the_text_shortcut_only_where_its_argument_holds(monkeypatch, change):
 
 
 @pytest.mark.parametrize("change", ["whitespace_split", "added_prefixed_token", "added_token_reusing_an_id",
-                                    "truncation", "padding", "byte_level_model", "wrong_derivation"])
+                                    "truncation", "padding", "word_level_model", "wrong_derivation"])
 def test_tokenizers_the_argument_does_not_cover_keep_the_exact_word_ids(tmp_path, tokenizer, monkeypatch, change):
     """Where the derivation is not shown exact, the store asks the tokenizer for word ids, and still equals the
     course's chunks."""
@@ -134,7 +134,7 @@ def test_tokenizers_the_argument_does_not_cover_keep_the_exact_word_ids(tmp_path
         "added_token_reusing_an_id": lambda b: b.add_tokens(["good movie"]),
         "truncation": lambda b: b.enable_truncation(8),
         "padding": lambda b: b.enable_padding(length=8),
-        "byte_level_model": lambda b: setattr(b, "model", models.WordLevel(b.get_vocab(), unk_token="[UNK]")),
+        "word_level_model": lambda b: setattr(b, "model", models.WordLevel(b.get_vocab(), unk_token="[UNK]")),
         "wrong_derivation": lambda b: None,
     }
     if change == "wrong_derivation":  # the probe catches a derivation that disagrees with the tokenizer
