@@ -521,3 +521,39 @@ def test_a_quote_inside_an_unquoted_field_does_not_shift_where_records_end(tmp_p
         assert [t for batch, _ in batches for t in batch] == expected, block_bytes
         if block_bytes == 64:
             assert len(batches) > 20  # cut at records all along, not one block from the first stray quote on
+
+
+WAITER = """
+import os, sys, time
+import mlm.corpus_store as cs
+from mlm.data import load_chunks
+from mlm.tokenizer import load_tokenizer
+cs.PIECE_CHARS = 3000
+add, log = cs._Writer.add, open(sys.argv[4], "a")
+def slow_add(self, *stretch):  # holds the lock long enough for the other process to arrive and wait
+    log.write(f"add {os.getpid()}\\n"); log.flush()
+    time.sleep(0.05)
+    add(self, *stretch)
+cs._Writer.add = slow_add
+log.write(f"start {os.getpid()} {time.time()}\\n"); log.flush()
+chunks = load_chunks(sys.argv[1], "train", load_tokenizer(sys.argv[2]), chunk_size=32, cache_dir=sys.argv[3])
+log.write(f"done {os.getpid()} {time.time()} {len(chunks)} {chunks.cache_path}\\n"); log.flush()
+"""
+
+
+def test_processes_wanting_one_store_wait_for_the_one_that_prepares_it(tmp_path):
+    """As torchrun's ranks do: two processes start on one cold store; one tokenizes, the other waits for it and
+    reads the finished store."""
+    log = tmp_path / "log"
+    args = [sys.executable, "-c", WAITER, str(SMOKE / "reviews.jsonl"), str(SMOKE), str(tmp_path / "cache"), str(log)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen(args, cwd=ROOT, env=env) for _ in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    lines = [line.split() for line in log.read_text().splitlines()]
+    preparers = {pid for word, pid, *_ in lines if word == "add"}
+    starts = [float(rest[0]) for word, _, *rest in lines if word == "start"]
+    done = [rest for word, _, *rest in lines if word == "done"]
+    assert len(preparers) == 1 and len(done) == 2
+    assert max(starts) < min(float(time) for time, *_ in done)  # the second started before the first finished
+    assert done[0][1:] == done[1][1:]  # the same chunks from the same store
+    assert len(list((tmp_path / "cache" / "chunks").glob("*/header.json"))) == 1
