@@ -420,7 +420,7 @@ def _train_config(bench: Bench, which: str, transformers) -> tuple[float, PeakMe
             scaler = scaler_for(device, bench.ours_dtype)
 
             def step() -> None:
-                micro_cpu, labelled_in_step = next(loader)
+                micro_cpu, labelled_in_step, _ = next(loader)
                 labelled.append(labelled_in_step)
                 micro = move_to_device(micro_cpu, device, compiled=args.compile and not args.cuda_graphs)
                 if args.cuda_graphs:  # as train.py --cuda-graphs
@@ -436,7 +436,7 @@ def _train_config(bench: Bench, which: str, transformers) -> tuple[float, PeakMe
             compiled = maybe_compile(model, bench)
             scaler = scaler_for(device, bench.reference_dtype)
             host = []
-            for micro_cpu, labelled_in_step in loader:  # the course's rows carry an all-ones attention mask
+            for micro_cpu, labelled_in_step, _ in loader:  # the course's rows carry an all-ones attention mask
                 batch = {"input_ids": micro_cpu[0]["input_ids"], "labels": micro_cpu[0]["labels"],
                          "attention_mask": torch.ones_like(micro_cpu[0]["input_ids"])}
                 host.append({k: v.pin_memory() if cuda else v for k, v in batch.items()})

@@ -86,7 +86,8 @@ def fit(run: Run, setup: Setup, config: TrainConfig, procs: Processes, device: t
                                   setup.collator, batch_size=config.batch_size, grad_accum=config.grad_accum,
                                   rank=procs.rank, world_size=procs.world_size, seed=config.seed, epoch=epoch,
                                   pad_positions_to=setup.path.padding)
-            for micro_cpu, labelled_in_global_batch in make_loader(batches, progress.step_in_epoch, config, device):
+            for micro_cpu, labelled_in_global_batch, rows in make_loader(batches, progress.step_in_epoch, config,
+                                                                          device):
                 lr = learning_rate.next()  # lr * linear_schedule(steps that ran), set in AdamW (mlm/optim.py)
                 if graphs:
                     torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs may be reused now
@@ -101,7 +102,7 @@ def fit(run: Run, setup: Setup, config: TrainConfig, procs: Processes, device: t
                 advance(progress, steps_in_epoch=len(batches))
                 finished, epoch_end = progress.global_step >= schedule.total_steps, progress.step_in_epoch == 0
                 stop = run.after_step(loss=result.loss, grad_norm=result.grad_norm, skipped=result.skipped, lr=lr,
-                                      tokens=sum(b["input_ids"].numel() for b in micro_cpu) * procs.world_size,
+                                      tokens=rows * setup.train_chunks.chunk_size,
                                       epoch=progress.epoch + progress.step_in_epoch / len(batches),
                                       log_now=finished or epoch_end)
                 if config.eval_every and progress.global_step % config.eval_every == 0 and not (epoch_end or finished):
@@ -219,8 +220,8 @@ class StepBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return math.ceil(len(self.order) / self.global_batch)
 
-    def __getitem__(self, step: int) -> tuple[list[dict[str, torch.Tensor]], int]:
-        """(this process's micro-batches, the labelled-token count of the whole global batch).
+    def __getitem__(self, step: int) -> tuple[list[dict[str, torch.Tensor]], int, int]:
+        """(this process's micro-batches, the labelled-token count of the whole global batch, its rows).
 
         Each micro-batch: input_ids, labels (b, L) int64 and label_positions (N,) int64, the flat indices of its
         labelled tokens (padded to a multiple of `pad_positions_to`, see pad_positions). Both counts are known here
@@ -239,7 +240,16 @@ class StepBatches(torch.utils.data.Dataset):
                 batch = {name: tensor[part] for name, tensor in masked.items()}
                 batch["label_positions"] = pad_positions(labelled[part].reshape(-1), self.pad_positions_to)
                 batches.append(batch)
-        return batches, int(labelled.sum())
+        if not batches:
+            # An epoch's short last batch can leave this process no rows. It still has to take part in the step,
+            # or the other processes wait for its gradients forever: it runs one row with no label, which adds
+            # nothing to the loss or the gradients.
+            batch = {"input_ids": masked["input_ids"][:1],
+                     "labels": torch.full_like(masked["labels"][:1], IGNORE_INDEX)}
+            batch["label_positions"] = pad_positions(torch.zeros(batch["labels"].numel(), dtype=torch.bool),
+                                                     self.pad_positions_to)
+            batches.append(batch)
+        return batches, int(labelled.sum()), len(rows)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:

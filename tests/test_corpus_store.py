@@ -246,8 +246,8 @@ def test_step_batches_read_rows_from_the_store(tmp_path, tokenizer):
     reference = StepBatches(memory_train, epoch_order(len(train), 0, 0), collator, batch_size=4, grad_accum=1,
                             rank=0, world_size=1, seed=0, epoch=0)
     for step in (0, len(batches) - 1):
-        (got,), _ = batches[step]
-        (want,), _ = reference[step]
+        (got,), _, _ = batches[step]
+        (want,), _, _ = reference[step]
         assert torch.equal(got["input_ids"], want["input_ids"]) and torch.equal(got["labels"], want["labels"])
 
 

@@ -57,6 +57,26 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     assert all(torch.equal(again[k], distributed[k]) for k in distributed)
 
 
+@pytest.mark.slow
+def test_a_last_batch_that_leaves_a_process_without_rows_trains_like_one_process(tmp_path, no_dropout_smoke_model):
+    """100 chunks in global batches of 16: the last step has 4 rows, all of them process 0's. Process 1 then
+    takes a zero-weight step (so DDP's all-reduce still runs) instead of crashing at the end of every epoch."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    sizes = ("--train-size", "100", "--test-size", "16", "--epochs", "3", "--save-every", "100")
+    two = run(torchrun, tmp_path, no_dropout_smoke_model, "two", "--batch-size", "8", *sizes)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = run([sys.executable], tmp_path, no_dropout_smoke_model, "one", "--batch-size", "16", *sizes)
+    assert one.returncode == 0, one.stderr[-3000:]
+    single = load_file(tmp_path / "one" / "model.safetensors")
+    distributed = load_file(tmp_path / "two" / "model.safetensors")
+    for name in single:  # the same gradients summed in another order: fp32 rounding only
+        torch.testing.assert_close(distributed[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
+    records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"][-1] == 21  # 3 epochs of 7 steps
+    # Tokens count the rows of the global batch: the short steps' 4 rows, not 2 x process 0's share.
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["progress"]["train_tokens"] == 3 * 100 * 32
+
+
 KILL_AT_STEP = """
 import os, signal
 import mlm.train

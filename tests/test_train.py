@@ -158,7 +158,7 @@ def test_step_batches_carry_host_side_label_positions_and_the_global_count():
     items = [StepBatches(chunks, torch.arange(10), collator, batch_size=2, grad_accum=2, rank=rank, world_size=2,
                          seed=0, epoch=0)[1] for rank in (0, 1)]
     assert items[0][1] == items[1][1]  # every process knows the same global count, without a collective
-    everything = [batch for micro_batches, _ in items for batch in micro_batches]
+    everything = [batch for micro_batches, _, _ in items for batch in micro_batches]
     assert items[0][1] == sum(int((b["labels"] != -100).sum()) for b in everything) > 0
     for batch in everything:
         expected = (batch["labels"].reshape(-1) != -100).nonzero().squeeze(1)
