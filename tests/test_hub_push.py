@@ -18,7 +18,7 @@ from huggingface_hub import ModelCard, metadata_load
 from mlm.errors import MLMError
 from mlm.files.pretrained import save_pretrained
 from mlm.model import DistilBertConfig, DistilBertForMaskedLM
-from mlm.run.hub_push import full_repo_id, push_checkpoint, push_folder
+from mlm.run.hub_push import full_repo_id, push_run
 from mlm.run.model_card import render_model_card, write_model_card, write_run_model_card
 from mlm.run.record import RunRecord, write_record
 from mlm.settings import TrainConfig
@@ -218,12 +218,13 @@ def test_run_card_needs_a_run_folder(tmp_path):
 
 def test_push_uploads_the_run_byte_for_byte(hub, run_dir):
     before = local_files(run_dir)
-    url = push_folder(run_dir, "me/tiny-imdb", private=True, endpoint=hub.url)
+    url = push_run(run_dir, "me/tiny-imdb", private=True, endpoint=hub.url)
 
     repo = hub.repos["me/tiny-imdb"]
     assert repo.private and repo.commits == ["Upload model trained with mlm"]
     expected = {name: data for name, data in before.items() if not name.startswith("checkpoints/")}
-    assert repo.files == expected  # every file but the checkpoints, byte for byte
+    # Every file but the checkpoints, byte for byte: this record names no local path, so its copy is the same.
+    assert repo.files == expected
     assert {"model.safetensors", "config.json", "tokenizer.json", "README.md", "run.json"} <= set(repo.files)
     assert url.startswith(f"{hub.url}/me/tiny-imdb/commit/")
     # model.safetensors went through LFS, the text files as base64 in the commit; the card's YAML was validated.
@@ -241,15 +242,15 @@ def metadata_load_from_bytes(data: bytes, tmp: Path) -> dict:
 
 
 def test_push_again_updates_the_existing_repo(hub, run_dir):
-    push_folder(run_dir, "me/tiny-imdb", endpoint=hub.url)
+    push_run(run_dir, "me/tiny-imdb", endpoint=hub.url)
     (run_dir / "config.json").write_text((run_dir / "config.json").read_text().replace("0.02", "0.03"))
-    push_folder(run_dir, "me/tiny-imdb", endpoint=hub.url)  # create_repo answers 409: it exists, that is fine
+    push_run(run_dir, "me/tiny-imdb", endpoint=hub.url)  # create_repo answers 409: it exists, that is fine
     repo = hub.repos["me/tiny-imdb"]
     assert len(repo.commits) == 2 and repo.files["config.json"] == (run_dir / "config.json").read_bytes()
 
 
 def test_bare_name_goes_to_the_users_namespace(hub, run_dir):
-    url = push_folder(run_dir, "tiny-imdb", endpoint=hub.url)
+    url = push_run(run_dir, "tiny-imdb", endpoint=hub.url)
     assert url.startswith(f"{hub.url}/me/tiny-imdb/commit/")
     assert hub.repos["me/tiny-imdb"].files["config.json"] == (run_dir / "config.json").read_bytes()
 
@@ -262,18 +263,129 @@ def test_full_repo_id_asks_whoami_for_a_bare_name(hub):
         full_repo_id("x", endpoint=hub.url)
 
 
-def test_push_checkpoint_goes_to_its_own_folder(hub, run_dir):
+# ---------------------------------------------------------------- what a push uploads, and what it never does
+
+
+def string_values(value, keys=False):
+    """Every string in a JSON value, at any depth (dict keys too when `keys`)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if keys:
+                yield key
+            yield from string_values(item, keys)
+    elif isinstance(value, list):
+        for item in value:
+            yield from string_values(item, keys)
+
+
+def test_push_uploads_only_the_listed_files(hub, run_dir):
+    # What a user may keep in the folder they train into: none of it is the model's, none may become public.
+    (run_dir / "api_key.txt").write_text("sk-secret\n")
+    (run_dir / "private_reviews.jsonl").write_text('{"text": "mine"}\n')
+    (run_dir / "notes").mkdir()
+    (run_dir / "notes" / "todo.md").write_text("call the lawyer\n")
+    (run_dir / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 3.5}\n')
+    (run_dir / "special_tokens_map.json").write_text('{"mask_token": "[MASK]"}\n')
+    before = local_files(run_dir)
+    push_run(run_dir, "me/tiny-imdb", endpoint=hub.url)
+    repo = hub.repos["me/tiny-imdb"]
+    assert set(repo.files) == {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                               "special_tokens_map.json", "vocab.txt", "README.md", "run.json", "metrics.jsonl"}
+    assert repo.commits == ["Upload model trained with mlm"]  # one commit, whatever the number of files
+    assert local_files(run_dir) == before
+
+
+def test_pushed_run_json_names_no_local_path(hub, run_dir, tmp_path):
     checkpoint = run_dir / "checkpoints" / "step-000003"
-    push_checkpoint(checkpoint, "me/tiny-imdb", endpoint=hub.url)
+    record = finished_record(model=str(tmp_path / "models" / "distil"), tokenizer="distilbert-base-uncased",
+                             dataset=str(tmp_path / "data" / "reviews.jsonl"),
+                             validation_file=str(tmp_path / "data" / "val.jsonl"), cache_dir=str(tmp_path / "cache"),
+                             output_dir=str(run_dir), resume=str(checkpoint), hub_model_id="me/tiny-imdb")
+    record.data = {"files": {"reviews.jsonl": "ab" * 32, "val.jsonl": "cd" * 32}, "tokenizer_sha256": "ef" * 32}
+    # A resume that changed the cache folder records both folders, deep inside a segment.
+    record.segments.append({**record.segments[0], "changed": {"cache_dir": [str(tmp_path / "old-cache"),
+                                                                            str(tmp_path / "cache")]}})
+    write_record(run_dir, record)
+    resume_line = {"kind": "resume", "time": 1.0, "segment": 1, "step": 3, "checkpoint": str(checkpoint),
+                   "changed": {"cache_dir": [str(tmp_path / "old-cache"), str(tmp_path / "cache")]}}
+    (run_dir / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 3.5}\n' + json.dumps(resume_line)
+                                           + "\n")
+    before = local_files(run_dir)
+    push_run(run_dir, "me/tiny-imdb", endpoint=hub.url)
+
     files = hub.repos["me/tiny-imdb"].files
-    assert files == {f"checkpoints/step-000003/{name}": data for name, data in local_files(checkpoint).items()}
+    pushed = json.loads(files["run.json"])
+    leaks = [s for s in string_values(pushed, keys=True) if s.startswith(("/", "~")) or str(tmp_path) in s]
+    assert leaks == []
+    settings = pushed["settings"]
+    # Local things by their last path part, as the model card names them; Hub ids as they are.
+    assert (settings["model"], settings["tokenizer"], settings["dataset"], settings["validation_file"]) == (
+        "distil", "distilbert-base-uncased", "reviews.jsonl", "val.jsonl")
+    assert (settings["cache_dir"], settings["output_dir"], settings["resume"]) == ("cache", "run", "step-000003")
+    assert settings["hub_model_id"] == "me/tiny-imdb" and settings["prompts"] == list(TrainConfig.prompts)
+    assert pushed["segments"][1]["changed"] == {"cache_dir": ["old-cache", "cache"]}
+    assert {k: v for k, v in pushed.items() if k not in ("settings", "segments")} == {
+        k: v for k, v in json.loads(before["run.json"]).items() if k not in ("settings", "segments")}
+    # metrics.jsonl's resume line names the checkpoint it continued from: that is cleaned the same way.
+    lines = [json.loads(line) for line in files["metrics.jsonl"].decode().splitlines()]
+    assert lines[0] == {"kind": "train", "step": 1, "loss": 3.5}
+    assert lines[1]["checkpoint"] == "step-000003" and lines[1]["changed"] == {"cache_dir": ["old-cache", "cache"]}
+    assert not [s for s in string_values(lines) if s.startswith("/") or str(tmp_path) in s]
+    # The local record keeps its absolute paths: a resume needs them.
+    assert local_files(run_dir) == before
+
+
+def test_prompts_and_predictions_are_text_not_paths(hub, run_dir):
+    prompt = "/r/movies says this is a great [MASK]."
+    fill = [{"prompt": prompt, "predictions": [[["/", 0.2], ["film", 0.1]]]}]
+    record = finished_record(prompts=[prompt])
+    record.results["fill_mask"] = {"before": fill, "after": fill}
+    write_record(run_dir, record)
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"kind": "fill_mask", "label": "after", **fill[0]}) + "\n")
+    push_run(run_dir, "me/tiny-imdb", endpoint=hub.url)
+    files = hub.repos["me/tiny-imdb"].files
+    pushed = json.loads(files["run.json"])
+    assert pushed["settings"]["prompts"] == [prompt] and pushed["results"]["fill_mask"]["after"] == fill
+    assert files["metrics.jsonl"] == (run_dir / "metrics.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize("report_to", ["none", "tensorboard"])
+def test_tensorboard_goes_only_when_the_run_wrote_it(hub, run_dir, report_to):
+    write_record(run_dir, finished_record(report_to=report_to))
+    # Left from an earlier run in this folder when report_to is none: not this run's logs.
+    (run_dir / "tensorboard" / "sub").mkdir(parents=True)
+    (run_dir / "tensorboard" / "events.out.tfevents.1.host.1.0").write_bytes(b"\0event")
+    (run_dir / "tensorboard" / "sub" / "events.out.tfevents.2.host.1.0").write_bytes(b"\0event2")
+    push_run(run_dir, "me/tiny-imdb", endpoint=hub.url)
+    files = hub.repos["me/tiny-imdb"].files
+    logs = {name for name in files if name.startswith("tensorboard/")}
+    if report_to == "tensorboard":
+        assert logs == {"tensorboard/events.out.tfevents.1.host.1.0", "tensorboard/sub/events.out.tfevents.2.host.1.0"}
+        assert files["tensorboard/sub/events.out.tfevents.2.host.1.0"] == b"\0event2"
+    else:
+        assert logs == set()
+    assert not [name for name in files if name.startswith("checkpoints/")]
+    assert "model.safetensors" in files
+
+
+def test_a_folder_without_a_model_is_refused(hub, tmp_path):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "api_key.txt").write_text("sk-secret\n")
+    with pytest.raises(MLMError) as err:
+        push_run(folder, "me/tiny-imdb", endpoint=hub.url)
+    message = str(err.value)
+    assert "\n" not in message and "config.json" in message and "model.safetensors" in message
+    assert hub.requests == [] and "me/tiny-imdb" not in hub.repos
 
 
 def test_push_honours_hf_endpoint_in_a_fresh_process(hub, run_dir):
     # What a user does: HF_ENDPOINT and HF_TOKEN in the environment, no endpoint passed (read at import).
     env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1",
            "PYTHONPATH": str(ROOT)}
-    code = f"from mlm.run.hub_push import push_folder; print(push_folder({str(run_dir)!r}, 'me/from-env'))"
+    code = f"from mlm.run.hub_push import push_run; print(push_run({str(run_dir)!r}, 'me/from-env'))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"{hub.url}/me/from-env/commit/")
@@ -296,7 +408,7 @@ def test_no_token_is_one_line(hub, run_dir, monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-token"))
     before = local_files(run_dir)
     with pytest.raises(MLMError) as err:
-        push_folder(run_dir, "me/tiny-imdb", endpoint=hub.url)
+        push_run(run_dir, "me/tiny-imdb", endpoint=hub.url)
     message = str(err.value)
     assert "\n" not in message and "No Hugging Face token" in message and "HF_TOKEN" in message
     assert hub.url in message and "hf auth login" in message
@@ -306,7 +418,7 @@ def test_no_token_is_one_line(hub, run_dir, monkeypatch, tmp_path):
 def test_repo_of_someone_else_is_refused_at_create(hub, run_dir):
     before = local_files(run_dir)
     with pytest.raises(MLMError) as err:
-        push_folder(run_dir, "someone-else/model", endpoint=hub.url)
+        push_run(run_dir, "someone-else/model", endpoint=hub.url)
     assert_one_line_and_intact(err, run_dir, before, f"Not allowed to push to 'someone-else/model' on {hub.url}",
                                "HTTP 403", "rights to create a model", "--hub-model-id")
     assert "someone-else/model" not in hub.repos
@@ -317,7 +429,7 @@ def test_public_repo_of_someone_else_is_refused_at_upload(hub, run_dir):
     hub.repos["someone-else/model"] = Repo(owner="someone-else", files={"README.md": b"theirs"})
     before = local_files(run_dir)
     with pytest.raises(MLMError) as err:
-        push_folder(run_dir, "someone-else/model", endpoint=hub.url)
+        push_run(run_dir, "someone-else/model", endpoint=hub.url)
     assert_one_line_and_intact(err, run_dir, before, "Not allowed to push to 'someone-else/model'", "HTTP 403",
                                "rights to write")
     assert hub.repos["someone-else/model"].files == {"README.md": b"theirs"}
@@ -327,7 +439,7 @@ def test_conflict_on_commit_is_refused(hub, run_dir):
     hub.fail["commit"] = 409
     before = local_files(run_dir)
     with pytest.raises(MLMError) as err:
-        push_folder(run_dir, "me/tiny-imdb", endpoint=hub.url)
+        push_run(run_dir, "me/tiny-imdb", endpoint=hub.url)
     assert_one_line_and_intact(err, run_dir, before, "HTTP 409 Conflict", "injected failure of commit", "push again")
 
 
@@ -335,7 +447,7 @@ def test_server_error_is_one_line(hub, run_dir):
     hub.fail["create"] = 500
     before = local_files(run_dir)
     with pytest.raises(MLMError) as err:
-        push_folder(run_dir, "me/tiny-imdb", endpoint=hub.url)
+        push_run(run_dir, "me/tiny-imdb", endpoint=hub.url)
     assert_one_line_and_intact(err, run_dir, before, f"The Hub at {hub.url} failed", "HTTP 500",
                                "injected failure of create", "Try again later")
 
@@ -344,7 +456,7 @@ def test_wrong_token_is_one_line(hub, run_dir, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_not_the_right_one")
     before = local_files(run_dir)
     with pytest.raises(MLMError) as err:
-        push_folder(run_dir, "me/tiny-imdb", endpoint=hub.url)
+        push_run(run_dir, "me/tiny-imdb", endpoint=hub.url)
     assert_one_line_and_intact(err, run_dir, before, "rejected the token", "HTTP 401")
 
 
@@ -352,7 +464,7 @@ def test_unreachable_hub_is_one_line(hub, run_dir):
     endpoint = f"http://127.0.0.1:{closed_port()}"
     before = local_files(run_dir)
     with pytest.raises(MLMError) as err:
-        push_folder(run_dir, "me/tiny-imdb", endpoint=endpoint)
+        push_run(run_dir, "me/tiny-imdb", endpoint=endpoint)
     assert_one_line_and_intact(err, run_dir, before, f"Could not reach the Hub at {endpoint}", "ConnectError")
 
 

@@ -35,12 +35,16 @@ def test_smoke_run_pushes_model_and_card(tmp_path):
         assert repo.private
         local = {p.relative_to(run).as_posix(): p.read_bytes() for p in run.rglob("*")
                  if p.is_file() and "checkpoints" not in p.parts}
+        # The record's copy names no local path (the local one keeps them for a resume); the rest byte for byte.
+        pushed_record = json.loads(repo.files.pop("run.json"))
+        assert str(tmp_path) in local.pop("run.json").decode() and str(tmp_path) not in json.dumps(pushed_record)
+        assert pushed_record["settings"]["output_dir"] == "run" and pushed_record["settings"]["cache_dir"] == "cache"
         assert repo.files == local and "model.safetensors" in local and "README.md" in local
         meta = yaml.safe_load(local["README.md"].decode().split("---\n")[1])
         assert "fill-mask" in meta["tags"]
         # The smoke corpus is a local file: no Hub dataset to name, so no model-index; the prose has the figures.
         assert "model-index" not in meta and "datasets" not in meta
-        after = json.loads(local["run.json"])["results"]["after"]["perplexity"]
+        after = pushed_record["results"]["after"]["perplexity"]
         assert f"{after:.2f}" in local["README.md"].decode()
         assert 'model="me/smoke-imdb"' in local["README.md"].decode()
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from mlm.cli.args import ArgumentParser, absolute_if_local, flags_given, size_flag
 from mlm.errors import Interrupted, run_cli
 from mlm.files.hub import set_progress_bars
-from mlm.run.hub_push import full_repo_id, push_folder
+from mlm.run.hub_push import full_repo_id, push_run
 from mlm.run.session import resume_command, resumed_settings
 from mlm.settings import TrainConfig
 from mlm.train import train
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     if summary.status == "interrupted":
         sys.exit(Interrupted(summary.stopped_by or "SIGINT").exit_code)
     if pushes:
-        print(f"Pushed to {push_folder(summary.output_dir, args['hub_model_id'], private=args['hub_private'])}")
+        print(f"Pushed to {push_run(summary.output_dir, args['hub_model_id'], private=args['hub_private'])}")
 
 
 def print_summary(summary) -> None:
