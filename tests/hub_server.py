@@ -1,5 +1,6 @@
 """A tiny stand-in for the Hugging Face Hub on 127.0.0.1: the endpoints huggingface_hub calls for create_repo and
-upload_folder (without hf_xet, i.e. with HF_HUB_DISABLE_XET=1), read from huggingface_hub's own client code.
+create_commit (which upload_folder uses too), without hf_xet (HF_HUB_DISABLE_XET=1), read from huggingface_hub's own
+client code.
 
     POST /api/repos/create                              create_repo (409 if it exists, 403 outside your namespace)
     GET  /api/models/{repo}[/revision/{rev}]            repo_info (create_repo(exist_ok=True) asks after a 403)
