@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mlm.errors import MLMError
+from mlm.files.corpus_files import iter_texts
 from mlm.files.data_files import find_corpus, find_data_files, load_texts
 
 
@@ -264,3 +265,33 @@ def test_a_relative_glob(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert find_data_files("notes/**/*.txt") == [Path("notes/a.txt")]
     assert find_data_files("**/*.txt") == [Path("notes/a.txt")]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CSV with old Mac line endings (item 18)
+
+
+def test_a_csv_with_carriage_return_line_endings_is_read(tmp_path):
+    """Records ended by a lone \\r were one block with no record end: its header took the whole file, and the
+    corpus was called empty."""
+    file = tmp_path / "mac.csv"
+    file.write_bytes(b'label,text\r1,first review\r0,"a quoted\rreview, two lines"\r1,last\r')
+    expected = ["first review", "a quoted\rreview, two lines", "last"]
+    assert load_texts(file) == expected
+    for block_bytes in (1, 5, 16, 1 << 20):
+        batches = list(iter_texts([file], block_bytes=block_bytes))
+        assert [text for batch, _ in batches for text in batch] == expected, block_bytes
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_bytes(b"text\r\none\rtwo\nthree\r\n")
+    assert load_texts(mixed) == ["one", "two", "three"]
+
+
+def test_a_carriage_return_csv_error_names_the_right_line(tmp_path):
+    file = tmp_path / "mac.csv"
+    file.write_bytes(b"label,text\r1,fine\r0,caf\xe9\r")
+    with pytest.raises(MLMError, match=r"not UTF-8: byte 23 \(line 3\)"):
+        load_texts(file)
+    unclosed = tmp_path / "unclosed.csv"
+    unclosed.write_bytes(b'text\rfine\r"never closed\rmore\r')
+    with pytest.raises(MLMError, match="opened on line 3"):
+        load_texts(unclosed)
