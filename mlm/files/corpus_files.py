@@ -24,7 +24,7 @@ COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}
 # Raw bytes read from a line-based file at a time. Larger blocks only make pyarrow's parse more parallel.
 BLOCK_BYTES = 8 << 20
 PARQUET_BATCH_ROWS = 4096
-QUOTE, NEWLINE = ord('"'), ord("\n")
+QUOTE, NEWLINE, CARRIAGE_RETURN = ord('"'), ord("\n"), ord("\r")
 
 
 def file_format(file: Path) -> tuple[str, str | None] | None:
@@ -92,8 +92,9 @@ def _open(file: Path, compression: str | None):
 def _record_blocks(file: Path, compression: str | None, block_bytes: int, quoted: bool) -> Iterator[tuple[bytes, int]]:
     """Yield (bytes of whole records, raw position): blocks cut after a newline that ends a record.
 
-    With `quoted` (CSV), a newline inside a quoted field does not end a record (`_record_ends`). A record
-    longer than `block_bytes` makes the block grow until it ends; nothing in pyarrow's reader limits its size.
+    With `quoted` (CSV), a line end inside a quoted field does not end a record, and a lone "\\r" does
+    (`_record_ends`). A record longer than `block_bytes` makes the block grow until it ends; nothing in pyarrow's
+    reader limits its size.
     """
     raw, stream = _open(file, compression)
     with raw:
@@ -113,14 +114,30 @@ def _record_blocks(file: Path, compression: str | None, block_bytes: int, quoted
 
 
 def _record_ends(data: bytes) -> np.ndarray:
-    """(K,) int64: the offsets just past each newline of `data` outside quoted fields; `data` starts a CSV record."""
+    """(K,) int64: the offsets just past each line end of `data` outside quoted fields; `data` starts a CSV record."""
     starts, ends, _ = _quoted_fields(data)
-    newlines = np.flatnonzero(np.frombuffer(data, np.uint8) == NEWLINE)
+    newlines = _csv_line_ends(data)
     if not len(starts):
         return newlines + 1
     field = np.searchsorted(starts, newlines, side="right") - 1  # the last quoted field opened before each newline
     inside = (field >= 0) & (newlines < ends[np.maximum(field, 0)])
     return newlines[~inside] + 1
+
+
+def _csv_line_ends(data: bytes) -> np.ndarray:
+    """(K,) int64, sorted: the offsets of the bytes that end a CSV line, each "\\n" and each "\\r" not followed by
+    one. pyarrow reads old Mac files, whose lines end in "\\r" alone; cutting only at "\\n" made such a file one
+    header line and an empty corpus. A "\\r" that ends `data` may be half of a "\\r\\n" that the next block
+    completes, so it is left for that block."""
+    array = np.frombuffer(data, np.uint8)
+    lone = np.flatnonzero(array[:-1] == CARRIAGE_RETURN)
+    lone = lone[array[lone + 1] != NEWLINE]
+    return np.union1d(np.flatnonzero(array == NEWLINE), lone)
+
+
+def _line_breaks(data: bytes, csv: bool) -> int:
+    """The lines that `data` ends: its "\\n", and in CSV also each "\\r" not before a "\\n" (`_csv_line_ends`)."""
+    return data.count(b"\n") + (data.count(b"\r") - data.count(b"\r\n") if csv else 0)
 
 
 def _never_closed_quote(data: bytes) -> int | None:
@@ -164,12 +181,12 @@ def _quoted_fields(data: bytes) -> tuple[np.ndarray, np.ndarray, int | None]:
 
 def _record_batches(file: Path, suffix: str, compression: str | None, text_column: str,
                     block_bytes: int) -> Iterator[tuple[list[str], int]]:
-    header = b""
+    header, csv = b"", suffix == ".csv"
     line, offset = 1, 0
-    for data, position in _record_blocks(file, compression, block_bytes, quoted=suffix == ".csv"):
-        _check_utf8(data, file, line, offset)
+    for data, position in _record_blocks(file, compression, block_bytes, quoted=csv):
+        _check_utf8(data, file, line, offset, csv=csv)
         # Counted before a CSV's header is taken off the block, so that later lines and bytes keep their numbers.
-        line, offset, first_line = line + data.count(b"\n"), offset + len(data), line
+        line, offset, first_line = line + _line_breaks(data, csv), offset + len(data), line
         if suffix == ".txt":
             # One document per "\n"-ended line ("\r\n" too), not str.splitlines(), which also splits at form
             # feeds and Unicode line separators inside a text. Blank lines would each be a bare [CLS] [SEP].
@@ -178,7 +195,7 @@ def _record_batches(file: Path, suffix: str, compression: str | None, text_colum
             # pyarrow accepts a quote left open at the end of the file (only the last block can end inside one),
             # and text after a closing quote: either would silently merge the records after a stray quote.
             if (opened := _never_closed_quote(data)) is not None:
-                opened_line = first_line + data.count(b"\n", 0, opened)
+                opened_line = first_line + _line_breaks(data[:opened], csv=True)
                 raise MLMError(f"{file} has a quoted field that is never closed, opened on line {opened_line}. "
                                'Close it, or double a quote inside a quoted field ("").')
             if not header:  # the first record names the columns; every later block is parsed under it
@@ -278,14 +295,14 @@ def _missing_column(file: Path, text_column: str, names: list[str]) -> MLMError:
                     "pass the right one with --text-column.")
 
 
-def _check_utf8(data: bytes, file: Path, first_line: int, offset: int) -> None:
+def _check_utf8(data: bytes, file: Path, first_line: int, offset: int, *, csv: bool = False) -> None:
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as err:
         if offset == 0 and data[:2] in (b"\xff\xfe", b"\xfe\xff"):  # converted as latin1, it would be garbage
             raise MLMError(f"{file} is UTF-16 (it starts with its byte-order mark), not UTF-8. Re-encode it, e.g. "
                            "with `iconv -f utf-16 -t utf-8`.") from None
-        line = first_line + data.count(b"\n", 0, err.start)
+        line = first_line + _line_breaks(data[:err.start], csv)
         raise MLMError(
             f"{file} is not UTF-8: byte {offset + err.start} (line {line}) cannot be decoded ({err.reason}). "
             "Re-encode it as UTF-8, e.g. with `iconv -f latin1 -t utf-8`."

@@ -10,6 +10,11 @@ into chunks.
 from __future__ import annotations
 
 import glob
+import os
+import stat
+import warnings
+from collections.abc import Callable
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 from mlm.errors import MLMError
@@ -18,7 +23,11 @@ from mlm.files.hub import resolve_repo
 
 DEFAULT_DATASET = "stanfordnlp/imdb"
 SPLITS = ("train", "test", "unsupervised")
+# The names that make a folder a split layout where they lie: the Hub's usual splits and IMDb's unsupervised. Once
+# a folder is one, a split of any other name is read too (`--eval-split dev` reads dev.jsonl).
+SPLIT_NAMES = ("train", "validation", "test", "unsupervised")
 DATA_EXTENSIONS = (".parquet", ".jsonl", ".json", ".csv", ".txt")
+NAMED = 3  # files named in a warning or an error before "and N more"
 
 
 def find_data_files(source: str | Path, split: str = "train", *, revision: str | None = None) -> list[Path]:
@@ -30,49 +39,41 @@ def find_corpus(source: str | Path, split: str = "train", *,
                 revision: str | None = None) -> tuple[list[Path], bool]:
     """(the files that hold `split` of `source` in shard order, whether each .txt file is one document).
 
-    `source` is a single data file, a glob, a local folder, or a Hub dataset repo id. In a folder (or a
-    downloaded snapshot), the files of a split are those named `{split}-*.{ext}` or `{split}.{ext}` anywhere below
-    it, e.g. the Hub's `plain_text/train-00000-of-00001.parquet`. A folder without such files, and a glob, are one
-    corpus, the 'train' split: every data file at any depth, and there a .txt file is one document (its lines
-    joined by their newlines); elsewhere a .txt file holds one document per line. A single file has one split,
-    "train", as `datasets.load_dataset("parquet", data_files=path)` names it. Data files may be compressed (.gz,
-    .zst; not parquet, which compresses inside). Raises MLMError for a split asked of a one-split corpus and for
-    files of mixed formats.
+    `source` is a single data file, a glob, a local folder, or a Hub dataset repo id. Folders and globs are walked
+    alike (`_walk`): symlinks followed, a loop entered once, a file reached by two paths read once, hidden files
+    and folders skipped. A folder (or a downloaded snapshot) is laid out by split when split files lie where the
+    Hub puts them (`_split_places`): then the files of a split are those named `{split}-*.{ext}` or
+    `{split}.{ext}` there, e.g. the Hub's `plain_text/train-00000-of-00001.parquet`, and a data file the layout
+    leaves out is named in a warning. Any other folder, and a glob, is one corpus, the 'train' split: every data
+    file at any depth, and there a .txt file is one document (its lines joined by their newlines); elsewhere a
+    .txt file holds one document per line. A single file has one split, "train", as
+    `datasets.load_dataset("parquet", data_files=path)` names it. Data files may be compressed (.gz, .zst; not
+    parquet, which compresses inside). Raises MLMError for a split asked of a one-split corpus, for a split with
+    files in two folders, and for files of mixed formats.
     """
     path = Path(source).expanduser()
-    if not path.exists() and any(char in str(source) for char in "*?["):
-        return _only_train(_globbed(str(path)), split, str(source)), True
+    if not path.exists() and glob.has_magic(str(source)):
+        return _only_train(_globbed(path), split, str(source)), True
     if path.is_file():
         _only_train([path], split, str(path))
         return _checked([path]), False
+    downloaded = not path.is_dir()
     # Download only this split's files. In huggingface_hub's patterns `*` also matches "/", so "*/train-*"
-    # finds plain_text/train-00000-of-00001.parquet at any depth.
+    # finds plain_text/train-00000-of-00001.parquet at any depth; those below a split's place are left out here.
     patterns = [f"{prefix}{split}{rest}{zipped}" for prefix in ("", "*/") for ext in DATA_EXTENSIONS
                 for rest in (f"-*{ext}", ext) for zipped in ("", ".gz", ".zst")]
     folder = resolve_repo(source, repo_type="dataset", revision=revision, allow_patterns=patterns)
-    every = sorted((file for file in folder.rglob("*") if file.is_file() and file_format(file)
-                    and not _hidden(file.relative_to(folder))), key=lambda file: str(file.relative_to(folder)))
-    files = [file for file in every if _names_split(file.name, split)]
-    one_corpus = bool(every) and not any(_split_of(file.name) in SPLITS for file in every)
-    if not files and one_corpus:  # a folder of files, no split names
-        return _only_train(every, split, f"{folder} has no split names in its file names, so it"), True
-    if not files and not every and path.is_dir():  # a Hub snapshot holds only the split's files: said below
+    every = _walk(folder, lambda parts: file_format(Path(parts[-1])) is not None)
+    places = _split_places(folder, every)
+    if places is None and every and not downloaded:
+        return _only_train(_read_once(every), split, f"{folder} has no split names where the Hub layout puts them "
+                           "(at its top level or one folder down, as plain_text/), so it"), True
+    if not every and not downloaded:  # a Hub snapshot holds only the split's files: said below
         raise MLMError(f"No data files (.parquet, .jsonl, .json, .csv or .txt, optionally .gz or .zst) in {folder} "
                        "or below it (hidden files and folders are skipped). Pass the folder that holds them.")
-    if not files:
-        found = sorted({name for file in every if (name := _split_of(file.name))})
-        raise MLMError(
-            f"No files for split {split!r} in {folder} (looked for {split}-*.parquet and {split}.parquet, "
-            f".jsonl, .csv, .txt). Splits found there: {', '.join(found) or 'none'}."
-        )
-    parents = {file.parent for file in files}
-    if len(parents) > 1:
-        # A repo with several configurations (e.g. plain_text/ and another/) would otherwise be silently mixed.
-        raise MLMError(
-            f"Split {split!r} has files in several folders of {folder}: "
-            f"{', '.join(sorted(str(p.relative_to(folder)) for p in parents))}. Pass the one folder to use."
-        )
-    return _checked(files), False
+    # A download is never one corpus of documents: with another split's files fetched beside it later, that
+    # corpus would mix the two.
+    return _checked(_split_files(folder, places or [], every, split)), False
 
 
 def check_validation_file(path: str | Path) -> None:
@@ -84,11 +85,131 @@ def check_validation_file(path: str | Path) -> None:
         raise MLMError(f"--validation-file {path}: no such file (a .parquet, .jsonl, .csv or .txt).")
 
 
-def _globbed(pattern: str) -> list[Path]:
-    files = sorted(Path(name) for name in glob.glob(pattern, recursive=True) if Path(name).is_file())
+def _walk(root: Path, wanted: Callable[[tuple[str, ...]], bool], max_depth: int | None = None) -> list[Path]:
+    """The files below `root` whose path parts (relative to `root`) are `wanted`, sorted by relative path.
+
+    Symlinks are followed, to files and folders alike, but a folder link that leads back to a folder above it
+    (`sub/loop -> ..`) is not entered: glob's `**` went round such a loop until the OS refused the path, reading
+    each file 41 times. A file reached by two paths is listed under both; `_read_once` keeps one. Names starting
+    with "." are skipped, as glob and the Hub's own data-file patterns skip them. `max_depth` limits how many
+    folders deep a file may lie.
+    """
+    found: list[tuple[str, Path]] = []
+
+    def visit(folder: Path, parts: tuple[str, ...], above: set[tuple[int, int]]) -> None:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as err:
+            raise MLMError(f"Cannot read the folder {folder} ({err.strerror}); fix its permissions or move it out "
+                           f"of {root}.") from None
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            inside = (*parts, entry.name)
+            try:
+                if entry.is_dir():
+                    folder_id = _identity(entry.stat())
+                    if folder_id not in above and (max_depth is None or len(inside) < max_depth):
+                        visit(Path(entry.path), inside, above | {folder_id})
+                elif wanted(inside) and stat.S_ISREG(entry.stat().st_mode):
+                    found.append(("/".join(inside), Path(entry.path)))
+            except OSError:
+                if not entry.is_symlink():
+                    raise
+                continue  # a link to nothing, or to itself
+
+    if root.is_dir():
+        visit(root, (), {_identity(root.stat())})
+    return [file for _, file in sorted(found)]
+
+
+def _identity(info: os.stat_result) -> tuple[int, int]:
+    return info.st_dev, info.st_ino
+
+
+def _read_once(files: list[Path]) -> list[Path]:
+    """`files` without those that are a file listed before them (a symlink or a hard link to it)."""
+    seen, once = set(), []
+    for file in files:
+        if (file_id := _identity(file.stat())) not in seen:
+            seen.add(file_id)
+            once.append(file)
+    return once
+
+
+def _globbed(pattern: Path) -> list[Path]:
+    """The files matching `pattern`, as glob.glob(recursive=True) matches them, walked as a folder is walked."""
+    parts = pattern.parts
+    fixed = next(index for index, part in enumerate(parts) if glob.has_magic(part))
+    wild = parts[fixed:]
+    files = _walk(Path(*parts[:fixed]) if fixed else Path("."), lambda inside: _matches(inside, wild),
+                  max_depth=None if "**" in wild else len(wild))
     if not files:
         raise MLMError(f"No files match {pattern}; check the pattern (use ** for any depth, quoted in the shell).")
-    return files
+    return _read_once(files)
+
+
+def _matches(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+    """Whether path `parts` match glob `pattern` part by part, `**` standing for any number of folders."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_matches(parts[skip:], pattern[1:]) for skip in range(len(parts) + 1))
+    return bool(parts) and fnmatchcase(parts[0], pattern[0]) and _matches(parts[1:], pattern[1:])
+
+
+def _split_places(folder: Path, every: list[Path]) -> list[Path] | None:
+    """The files of `every` that lie where the Hub layout puts split files, or None when `folder` is not laid out
+    by split but is one corpus.
+
+    Split names count at the top level, as train.jsonl beside test.jsonl, and one folder down, in a folder that
+    holds split files directly, as the Hub's plain_text/. One folder down they make the folder a split layout only
+    when they name two splits or more, or are the only data files there are: a lone notes/2024/train-schedule.txt
+    or docs/library/test.txt among other documents is a document. Deeper, a split name never counts.
+    """
+    depth = {file: len(file.relative_to(folder).parts) for file in every}
+    top = [file for file in every if depth[file] == 1]
+    named = [file for file in every if depth[file] == 2 and _split_of(file.name) in SPLIT_NAMES]
+    if not (any(_split_of(file.name) in SPLIT_NAMES for file in top)
+            or len({_split_of(file.name) for file in named}) > 1 or (named and len(named) == len(every))):
+        return None
+    configurations = {folder} | {file.parent for file in named}
+    return [file for file in every if file.parent in configurations]
+
+
+def _split_files(folder: Path, places: list[Path], every: list[Path], split: str) -> list[Path]:
+    """The files of `split` among `places`, checked to lie in one folder; a warning names the files left out."""
+    files = [file for file in places if _names_split(file.name, split)]
+    if not files:
+        known = sorted({name for file in places if (name := _split_of(file.name)) in SPLIT_NAMES})
+        others = sorted({_split_of(file.name) for file in places} - set(known))
+        raise MLMError(
+            f"No files for split {split!r} in {folder} (looked for {split}-*.parquet and {split}.parquet, .jsonl, "
+            f".csv, .txt at its top level and in folders like plain_text/). Splits found there: "
+            f"{_some(known + others, 2 * NAMED) or 'none'}."
+        )
+    parents = list(dict.fromkeys(file.parent for file in files))
+    if len(parents) > 1:
+        # A repo with several configurations (e.g. plain_text/ and another/) would otherwise be silently mixed.
+        odd = next(file for file in files if file.parent == parents[1])
+        names = [str(parent.relative_to(folder)) if parent != folder else "the top level" for parent in parents]
+        raise MLMError(f"Split {split!r} has files in several folders of {folder}: {_some(names)}. "
+                       f"{odd.relative_to(folder)} makes it ambiguous: pass the one folder to use, or move the "
+                       "others out.")
+    read = set(files) | {file for file in places if _split_of(file.name) in SPLIT_NAMES}
+    if left_out := [file for file in every if file not in read]:
+        names = _some([str(file.relative_to(folder)) for file in left_out])
+        are = "file is" if len(left_out) == 1 else "files are"
+        # Attributed to find_corpus, inside mlm, so that run_cli prints it as one "warning:" line.
+        warnings.warn(f"{folder}: {len(left_out)} data {are} in no split and left out: {names}. To read them, name "
+                      "them {split}-*.{ext} at the top level or one folder down, as in plain_text/.", stacklevel=2)
+    return _read_once(files)
+
+
+def _some(names: list[str], most: int = NAMED) -> str:
+    """The first `most` of `names`, then how many more."""
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
 
 
 def _only_train(files: list[Path], split: str, what: str) -> list[Path]:
@@ -109,17 +230,11 @@ def _checked(files: list[Path]) -> list[Path]:
     return files
 
 
-def _hidden(relative: Path) -> bool:
-    return any(part.startswith(".") for part in relative.parts)
-
-
 def _names_split(name: str, split: str) -> bool:
     return file_format(Path(name)) is not None and (name.startswith(split + "-") or _stem(name) == split)
 
 
-def _split_of(name: str) -> str | None:
-    if file_format(Path(name)) is None:
-        return None
+def _split_of(name: str) -> str:
     return _stem(name).split("-", 1)[0]
 
 
