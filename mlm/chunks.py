@@ -106,59 +106,61 @@ class _ArrayRows:
         return self.input_ids[positions].astype(np.int32), self.word_ids[positions].astype(np.int32)
 
 
-def draw_size(size: int | str, n: int, flag: str) -> int:
+def draw_size(size: int | str, n: int, setting: str) -> int:
     """The number of chunks `size` means out of `n`: an int as it is, "all" all of them, "P%" P percent rounded up
-    (as `datasets`' train_test_split rounds a test fraction), e.g. "5%" of 61,302 is 3,066."""
+    (as `datasets`' train_test_split rounds a test fraction), e.g. "5%" of 61,302 is 3,066. `setting` names it in
+    errors ("train_size" or "test_size")."""
     if isinstance(size, str):
-        size = parse_size(size, flag)
+        size = parse_size(size, setting)
     if size == "all":
         return n
     if isinstance(size, str) and size.endswith("%"):
-        return math.ceil(Fraction(parse_percent(size, flag)) * n / 100)
+        return math.ceil(Fraction(parse_percent(size, setting)) * n / 100)
     return size
 
 
 def draw_sizes(train_size: int | str, test_size: int | str, n: int) -> tuple[int, int]:
-    """(train, test): the chunk counts --train-size and --test-size mean out of `n` chunks, checked: both at least
-    one and together at most n. --train-size "all" is every chunk --test-size leaves."""
-    test = draw_size(test_size, n, "--test-size")
+    """(train, test): the chunk counts train_size and test_size mean out of `n` chunks, checked: both at least one
+    and together at most n. train_size "all" is every chunk test_size leaves."""
+    test = draw_size(test_size, n, "test_size")
     if train_size == "all" and test >= n:  # else "must be positive (got 0 …)" for a size not given
-        raise MLMError(f"--train-size all leaves no chunk to train on: --test-size {test} leaves none of the {n} "
-                       "chunks. Lower --test-size, e.g. to 5%.")
-    train = n - test if train_size == "all" else draw_size(train_size, n, "--train-size")
+        raise MLMError(f"`train_size` all leaves no chunk to train on: `test_size` {test} takes all {n} chunks. "
+                       "Lower `test_size`, e.g. to 5%.")
+    train = n - test if train_size == "all" else draw_size(train_size, n, "train_size")
     if train < 1 or test < 1:
-        raise MLMError(f"--train-size and --test-size must be positive (got {train} and {test}).")
+        raise MLMError(f"`train_size` and `test_size` must be positive (got {train} and {test}).")
     if train + test > n:
-        raise MLMError(f"Cannot draw {train} train + {test} test chunks from {n} chunks: lower --train-size/"
-                       "--test-size, or use a larger corpus or a smaller --chunk-size.")
+        raise MLMError(f"Cannot draw {train} train + {test} test chunks from {n} chunks: lower `train_size` (`all` "
+                       "trains on every chunk not held out) or `test_size`, or use a larger corpus or a smaller "
+                       "`chunk_size`.")
     return train, test
 
 
-def parse_percent(text: str, flag: str) -> str:
-    """`text` ("5%", "0.5%") checked: a number in (0, 100) followed by %; raises MLMError naming `flag`."""
+def parse_percent(text: str, setting: str) -> str:
+    """`text` ("5%", "0.5%") checked: a number in (0, 100) followed by %; raises MLMError naming `setting`."""
     try:
         value = Fraction(text[:-1]) if text.endswith("%") else None
     except ValueError:
         value = None
     if value is None or not 0 < value < 100:
-        raise MLMError(f"{flag} {text!r}: give a number of chunks or a percentage strictly between 0% and 100%, "
+        raise MLMError(f"`{setting}` {text!r}: give a number of chunks or a percentage strictly between 0% and 100%, "
                        "e.g. 5%.")
     return text[:-1]
 
 
-def parse_size(text: str, flag: str = "--train-size") -> int | str:
-    """A --train-size or --test-size value: a positive int, a percentage ("5%"), or "all" (--train-size only)."""
+def parse_size(text: str, setting: str = "train_size") -> int | str:
+    """A train_size or test_size value: a positive int, a percentage ("5%"), or "all" (train_size only)."""
     text = str(text).strip()
-    if text == "all" and flag == "--train-size":
+    if text == "all" and setting == "train_size":
         return text
     if text.endswith("%"):
-        parse_percent(text, flag)
+        parse_percent(text, setting)
         return text
     try:
         value = int(text)
     except ValueError:
         value = 0
     if value < 1:
-        every = ", 'all' (every chunk not held out)" if flag == "--train-size" else ""
-        raise MLMError(f"{flag} {text!r}: give a positive number of chunks{every} or a percentage such as 5%.")
+        every = ", 'all' (every chunk not held out)" if setting == "train_size" else ""
+        raise MLMError(f"`{setting}` {text!r}: give a positive number of chunks{every} or a percentage such as 5%.")
     return value

@@ -1,25 +1,22 @@
 """A corpus of any size, tokenized and chunked once into a compact store on disk that training memory-maps.
 
-Preparation streams: the files are read in pieces of about PIECE_CHARS characters (mlm/files/corpus_files.py),
-tokenized on every core with encode_batch calls kept in flight along the whole stream (`_stream`; faster where
-mlm/speed/fast_encode.py shows its shortcuts exact for the tokenizer), cut into chunks
-exactly as the course's `group_texts` cuts the whole corpus (the tokens that do not fill a chunk are carried
-on), and appended to the store; a piece is the unit of resumption. Memory is bounded by a piece, not by the corpus; a
-document longer than SLICE_CHARS is tokenized in slices cut at whitespace.
+The store runs mlm/data.py's own functions on the corpus piece by piece: the files are read in pieces of about
+PIECE_CHARS characters (mlm/files/corpus_files.py), each piece goes through `tokenize`, and `cut_chunks` cuts the
+token stream exactly as `chunk` cuts a corpus held in memory: the tokens of a group that goes on past a piece are
+carried into the next one. The chunks are appended to the store; a piece is the unit of resumption. Memory is
+bounded by a piece, not by the corpus; a document longer than SLICE_CHARS is tokenized in slices cut at whitespace.
 
 The store is a folder:
 
     ids.bin       (N, L) token ids, uint16 when the vocabulary fits in 16 bits, else int32, little-endian
-    words.bin     (N, 2, ceil(L / 8)) uint8: two bit planes per chunk, np.packbits of
-                  in_word   the token belongs to a word (its word id is not None: not [CLS]/[SEP] of the template)
-                  new_word  in_word, and its word id differs from that of the previous in-word token of the stream
+    words.bin     (N, 2, ceil(L / 8)) uint8: two bit planes per chunk, np.packbits of `word_starts` (mlm/masking.py)
+                  in_word     the token belongs to a word (its word id is not -1: not [CLS]/[SEP] of the template)
+                  word_start  it starts a word, by the course's grouping rule, within its chunk
     header.json   what the store was built from (the cache key), its shape and dtype, the SHA-256 of both files,
                   and a SHA-256 over every other header field
 
-Word ids rebuilt as the running count of new_word along a chunk (-1 where not in_word) give exactly the word
-starts of the course's word ids in `mlm.masking.word_starts`, hence bit-identical whole-word masks: a chunk's
-first in-word token starts a word either way, and every later in-word token starts one exactly when its word id
-differs from the previous in-word token's, which is what new_word records, across [SEP] [CLS] too.
+Word ids rebuilt as the running count of word starts along a chunk (-1 outside words) are other numbers than the
+tokenizer's, but they start words at exactly the same tokens, so whole-word masks come out bit-identical.
 
 Interruption: while preparing, the store is `.{name}.partial/` with progress.json, rewritten atomically after each
 piece (pieces done, chunks written, the carried tokens). Run the same command again and it truncates the two
@@ -34,33 +31,29 @@ import json
 import os
 import shutil
 import warnings
-from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from mlm.data import check_filled, cut_chunks, tokenize
 from mlm.errors import MLMError
 from mlm.files.corpus_files import iter_texts
 from mlm.files.hashing import file_sha256, json_sha256
-from mlm.speed.fast_encode import fast_encoder
-from mlm.tokenizer import Tokenizer, encoded_arrays, template_ids
+from mlm.masking import word_starts
+from mlm.tokenizer import Tokenizer, template_ids
 
-STORE_FORMAT_VERSION = 1
+STORE_FORMAT_VERSION = 2
 PIECE_CHARS = 16 << 20  # characters of text per piece: bounds preparation's memory
 SLICE_CHARS = 1 << 20  # a longer document is tokenized in slices of about this many characters
-SLICES_PER_CALL = 8  # slices per encode_batch call: parallel, and still bounded
-# Documents per encode_batch call. The tokenizer parallelises inside a call, so a batch only has to be large enough
-# to keep its thread pool busy; 2,000 IMDb reviews (~630k tokens) do. The character bound keeps a batch of long
-# documents small.
-ENCODE_BATCH_DOCS, ENCODE_BATCH_CHARS = 2_000, 4 << 20
-ENCODES_IN_FLIGHT = 2  # encode_batch calls running at once (see `_stream`)
-IN_WORD, NEW_WORD = 1, 2  # the flag bits of a token while preparing
+SLICES_PER_STRETCH = 8  # a long document's slices tokenized (and held) at once
 
 
 def store_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest dtype that holds every id below vocab_size."""
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<i4")
 
 
@@ -68,31 +61,16 @@ def store_dtype(vocab_size: int) -> np.dtype:
 # Word boundaries as two bits per token
 
 
-def word_flags(word_ids: np.ndarray, last_word: int) -> tuple[np.ndarray, int]:
-    """(flags (T,) uint8 of IN_WORD | NEW_WORD, the last in-word token's word id) for a stretch of the stream.
-
-    word_ids: (T,) int32, -1 at template specials; last_word: the word id of the stream's last in-word token
-    before this stretch (-1 if none).
-    """
-    in_word = word_ids >= 0
-    words = word_ids[in_word]
-    previous = np.concatenate([[last_word], words[:-1]]).astype(words.dtype)
-    flags = in_word.astype(np.uint8)
-    flags[in_word] |= (words != previous).astype(np.uint8) * NEW_WORD
-    return flags, int(words[-1]) if len(words) else last_word
-
-
-def pack_flags(flags: np.ndarray) -> np.ndarray:
-    """(n, L) uint8 flags -> (n, 2, ceil(L / 8)) uint8 bit planes (in_word, new_word)."""
-    planes = np.stack([(flags & IN_WORD) != 0, (flags & NEW_WORD) != 0], axis=1)
-    return np.packbits(planes, axis=-1)
+def pack_words(word_ids: np.ndarray) -> np.ndarray:
+    """(n, L) int32 word ids -> (n, 2, ceil(L / 8)) uint8 bit planes (in_word, word_start)."""
+    starts, in_word = word_starts(torch.from_numpy(word_ids))
+    return np.packbits(np.stack([in_word.numpy(), starts.numpy()], axis=1), axis=-1)
 
 
 def word_ids_from_planes(planes: np.ndarray, chunk_size: int) -> np.ndarray:
     """(n, 2, ceil(L / 8)) uint8 bit planes -> (n, L) int32 word ids, -1 where not in a word."""
-    bits = np.unpackbits(planes, axis=-1, count=chunk_size).astype(bool)
-    in_word, new_word = bits[:, 0], bits[:, 1]
-    return np.where(in_word, np.cumsum(new_word, axis=1, dtype=np.int32), np.int32(-1)).astype(np.int32)
+    in_word, starts = np.unpackbits(planes, axis=-1, count=chunk_size).astype(bool).transpose(1, 0, 2)
+    return np.where(in_word, np.cumsum(starts, axis=1, dtype=np.int32), np.int32(-1)).astype(np.int32)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -186,13 +164,12 @@ def prepare_store(path: Path, key: dict, files: list[Path], tokenizer: Tokenizer
         for leftover in partial.glob("*.tmp"):
             leftover.unlink()
         writer = _Writer(partial, key_sha256, store_dtype(tokenizer.vocab_size), chunk_size, group_size)
-        pieces = _pieces(files, text_column, one_document_per_file)
         with _progress_bar(files, progress, path.name) as bar:
-            for stretch, bytes_read in _stream(pieces, tokenizer, skip=writer.state["pieces"]):
-                if stretch is None:
+            for index, (texts, bytes_read) in enumerate(_pieces(files, text_column, one_document_per_file)):
+                if index >= writer.state["pieces"]:  # the pieces before were done by an interrupted run
+                    for stretch in _stretches(texts, tokenizer):
+                        writer.add(*stretch)
                     writer.end_piece()
-                else:
-                    writer.add(*stretch)
                 bar.update(bytes_read - bar.n)
         header = writer.finish(key, files)
         if path.exists():  # a corrupt store, refused above
@@ -210,9 +187,9 @@ def _finished_meanwhile(path: Path, key_sha256: str) -> ChunkStore | None:
 
 
 def remove_leftovers(directory: Path) -> None:
-    """Remove the temporary files of writes killed half-way (those of older mlm versions' caches included)."""
+    """Remove the temporary files of writes killed half-way."""
     for file in directory.iterdir():
-        if file.is_file() and (file.name.startswith(".tmp") or file.name.endswith(".tmp")):
+        if file.is_file() and file.name.endswith(".tmp"):
             file.unlink(missing_ok=True)
 
 
@@ -266,109 +243,41 @@ def _pieces(files: list[Path], text_column: str, one_document_per_file: bool) ->
             yield piece
 
 
-def _stream(pieces, tokenizer: Tokenizer, *, skip: int = 0):
-    """Yield (stretch, bytes read) along the token stream of `pieces` ((texts, bytes read) in order), and
-    (None, bytes read) at the end of each piece; the first `skip` pieces are passed over (done before a kill).
-
-    A stretch is (input_ids (T,) int32, word_ids (T,) int32, doc_ends (D,) int64): doc_ends are the offsets just
-    past each document's last token in the stretch; a stretch may end inside a document (a long one).
-
-    encode_batch releases the GIL and runs on the tokenizer's thread pool. ENCODES_IN_FLIGHT calls stay in
-    flight along the whole stream, piece boundaries included, so the tokenizer keeps every core busy while the
-    caller cuts and writes chunks and the next piece is read; at most that many batches of Encodings, a
-    batch's arrays each, and the piece being read are alive.
-    """
-    doc_offset = 0  # word ids of a long document's slices count on from the previous slice's
-    with ThreadPoolExecutor(max_workers=ENCODES_IN_FLIGHT) as pool:
-        pending = deque()
-
-        def finished():
-            nonlocal doc_offset
-            future, bytes_read = pending.popleft()
-            if future is None:
-                return None, bytes_read
-            ids, words, doc_ends, continues = future.result()
-            if continues:  # a long document's slice, word ids counted from 0 by its job: offset here, in order
-                in_word = words >= 0
-                words[in_word] += doc_offset
-                doc_offset = int(words[in_word].max()) + 1 if in_word.any() else doc_offset
-            else:
-                doc_offset = 0
-            return (ids, words, doc_ends), bytes_read
-
-        for job, bytes_read in _jobs(pieces, tokenizer, skip):
-            pending.append((None if job is None else pool.submit(job), bytes_read))
-            while sum(future is not None for future, _ in pending) >= ENCODES_IN_FLIGHT:
-                yield finished()
-        while pending:
-            yield finished()
-
-
-def _jobs(pieces, tokenizer: Tokenizer, skip: int):
-    """Yield (job, bytes read): job() returns (input_ids, word_ids, doc_ends, continues) for the next stretch of
-    the stream, run on a worker thread; a job None marks the end of a piece. Documents up to SLICE_CHARS go
-    ENCODE_BATCH_DOCS (at most ENCODE_BATCH_CHARS characters) per encode_batch call; a longer one in slices."""
-    encode = fast_encoder(tokenizer) or plain_encoder(tokenizer)
-
-    def batch_job(texts):
-        def job():
-            ids, words, lengths = encode(texts, True)
-            return ids, words, np.cumsum(lengths), False
-        return job
-
-    for index, (texts, bytes_read) in enumerate(pieces):
-        if index < skip:
+def _stretches(texts: list[str], tokenizer: Tokenizer) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """A piece's token stream, in order, as stretches (input_ids (T,) int32, word_ids (T,) int32, doc_ends (D,)
+    int64): doc_ends are the offsets just past each document's last token in the stretch. Runs of documents go
+    through `tokenize` whole; a document longer than SLICE_CHARS in stretches of slices, which may end inside it."""
+    run = []
+    for text in texts:
+        if len(text) <= SLICE_CHARS:
+            run.append(text)
             continue
-        batch, chars = [], 0
-        for text in texts:
-            if len(text) > SLICE_CHARS or len(batch) == ENCODE_BATCH_DOCS or chars >= ENCODE_BATCH_CHARS:
-                if batch:
-                    yield batch_job(batch), bytes_read
-                batch, chars = [], 0
-            if len(text) > SLICE_CHARS:
-                yield from ((job, bytes_read) for job in _long_document_jobs(text, tokenizer, encode))
-            else:
-                batch.append(text)
-                chars += len(text)
-        if batch:
-            yield batch_job(batch), bytes_read
-        yield None, bytes_read
+        if run:
+            ids, words, lengths = tokenize(run, tokenizer)
+            yield ids, words, np.cumsum(lengths)
+            run = []
+        yield from _long_document(text, tokenizer)
+    if run:
+        ids, words, lengths = tokenize(run, tokenizer)
+        yield ids, words, np.cumsum(lengths)
 
 
-def plain_encoder(tokenizer: Tokenizer):
-    """(texts, add_special_tokens) -> (input_ids, word_ids, lengths) as mlm/tokenizer.py's encoded_arrays gives
-    them; mlm/speed/fast_encode.py's fast_encoder gives the same arrays faster where it can show that exact."""
-    backend = tokenizer.backend
-    return lambda texts, special: encoded_arrays(backend.encode_batch(texts, add_special_tokens=special))
-
-
-def _long_document_jobs(text: str, tokenizer: Tokenizer, encode):
-    """One long document as jobs (see `_jobs`): slices cut at whitespace tokenized without the template, which is
-    added around the whole. Exact for tokenizers that split words at whitespace (BERT's WordPiece among them)."""
-    prefix, suffix = template_ids(tokenizer)
-    yield lambda: (prefix, np.full(len(prefix), -1, np.int32), np.zeros(0, np.int64), False)
-    slices = list(_slices(text, SLICE_CHARS))
-
-    def slice_job(group):
-        def job():
-            ids, words, lengths = encode(group, False)
-            # Word ids count on through the document, as one encoding's would: each slice's from the end of the
-            # previous slice's (every token of a slice is in a word: there is no template).
-            ends = np.cumsum(lengths)
-            starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
-            offsets = np.concatenate([[0], np.cumsum(_word_counts(words, starts, ends))[:-1]])
-            words = np.where(words >= 0, words + np.repeat(offsets, lengths).astype(np.int32), words)
-            return ids, words, np.zeros(0, np.int64), True
-        return job
-
-    for start in range(0, len(slices), SLICES_PER_CALL):
-        yield slice_job(slices[start : start + SLICES_PER_CALL])
-    yield lambda: (suffix, np.full(len(suffix), -1, np.int32), np.array([len(suffix)], np.int64), False)
-
-
-def _word_counts(words: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """(R,) int64: one more than the largest word id of each encoding words[starts[r]:ends[r]], 0 if none."""
-    return np.array([int(words[a:b].max()) + 1 if b > a else 0 for a, b in zip(starts, ends)], np.int64)
+def _long_document(text: str, tokenizer: Tokenizer) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """One long document as stretches (see `_stretches`): slices cut at whitespace, tokenized without the template,
+    which is put around the whole. Exact for tokenizers that split words at whitespace (BERT's WordPiece among
+    them): no word spans two slices."""
+    before, after = template_ids(tokenizer)
+    yield before, np.full(len(before), -1, np.int32), np.zeros(0, np.int64)
+    slices, next_word = list(_slices(text, SLICE_CHARS)), 0
+    for start in range(0, len(slices), SLICES_PER_STRETCH):
+        ids, words, lengths = tokenize(slices[start : start + SLICES_PER_STRETCH], tokenizer, special_tokens=False)
+        # Word ids count on through the document, as one encoding's would: each slice's from the end of the last.
+        ends = np.cumsum(lengths)
+        counts = np.array([int(words[a:b].max()) + 1 if b > a else 0 for a, b in zip(ends - lengths, ends)])
+        offsets = next_word + np.concatenate([[0], np.cumsum(counts)[:-1]])
+        next_word += int(counts.sum())
+        yield ids, words + np.repeat(offsets, lengths).astype(np.int32), np.zeros(0, np.int64)
+    yield after, np.full(len(after), -1, np.int32), np.array([len(after)], np.int64)
 
 
 def _slices(text: str, size: int) -> Iterator[str]:
@@ -383,12 +292,12 @@ def _slices(text: str, size: int) -> Iterator[str]:
 
 
 class _Writer:
-    """Appends chunks to a partial store, cutting the stream as the course's group_texts does."""
+    """Appends the chunks of the token stream to a partial store, carrying what a stretch leaves into the next."""
 
     def __init__(self, partial: Path, key_sha256: str, dtype: np.dtype, chunk_size: int, group_size: int | None):
         self.partial, self.dtype, self.chunk_size, self.group_size = partial, dtype, chunk_size, group_size
         fresh = {"key_sha256": key_sha256, "pieces": 0, "chunks": 0, "documents": 0, "tokens": 0,
-                 "last_word": -1, "carry_ids": [], "carry_flags": []}
+                 "carry_ids": [], "carry_words": []}
         self.state = fresh
         progress = partial / "progress.json"
         if progress.is_file():
@@ -405,21 +314,27 @@ class _Writer:
         if any(_size(file) < self.state["chunks"] * size for file, size in zip(files, row_bytes)):
             self.state = fresh
         self.carry_ids = np.array(self.state["carry_ids"], np.int32)
-        self.carry_flags = np.array(self.state["carry_flags"], np.uint8)
+        self.carry_words = np.array(self.state["carry_words"], np.int32)
         # Drop whatever a killed run appended after its last completed piece.
         for file, size in zip(files, row_bytes):
             with open(file, "ab") as handle:
                 handle.truncate(self.state["chunks"] * size)
 
     def add(self, ids: np.ndarray, words: np.ndarray, doc_ends: np.ndarray) -> None:
-        """Append the chunks completed by a stretch of the stream (see `_stream`)."""
-        state = self.state
-        flags, state["last_word"] = word_flags(words, state["last_word"])
-        rows_ids, rows_flags = self._cut(ids, flags, doc_ends)
+        """Append the chunks completed by a stretch of the stream (see `_stretches`)."""
+        state, carried = self.state, len(self.carry_ids)
+        if self.group_size is None:
+            group_ends = np.zeros(0, np.int64)  # one group: the whole corpus, which ends in `finish`
+        else:
+            numbers = state["documents"] + np.arange(1, len(doc_ends) + 1)  # of the documents ending here
+            group_ends = carried + doc_ends[numbers % self.group_size == 0]
+        stream_ids, stream_words = np.concatenate([self.carry_ids, ids]), np.concatenate([self.carry_words, words])
+        chunk_ids, chunk_words, rest = cut_chunks(stream_ids, stream_words, group_ends, self.chunk_size)
+        self.carry_ids, self.carry_words = stream_ids[rest:], stream_words[rest:]
         with open(self.partial / "ids.bin", "ab") as ids_file, open(self.partial / "words.bin", "ab") as words_file:
-            ids_file.write(rows_ids.astype(self.dtype).tobytes())
-            words_file.write(pack_flags(rows_flags).tobytes())
-        state["chunks"] += len(rows_ids)
+            ids_file.write(chunk_ids.astype(self.dtype).tobytes())
+            words_file.write(pack_words(chunk_words).tobytes())
+        state["chunks"] += len(chunk_ids)
         state["documents"] += len(doc_ends)
         state["tokens"] += len(ids)
 
@@ -427,39 +342,17 @@ class _Writer:
         """Record a piece as done: a kill from now on resumes after it."""
         state = self.state
         state["pieces"] += 1
-        state["carry_ids"], state["carry_flags"] = self.carry_ids.tolist(), self.carry_flags.tolist()
+        state["carry_ids"], state["carry_words"] = self.carry_ids.tolist(), self.carry_words.tolist()
         _write_json(self.partial / "progress.json", state)
 
-    def _cut(self, ids: np.ndarray, flags: np.ndarray, doc_ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Full chunks of carry + this stretch, (n, L) int32 and uint8; the rest is carried or, at the end of a
-        group of group_size documents, dropped."""
-        length = self.chunk_size
-        stream_ids = np.concatenate([self.carry_ids, ids])
-        stream_flags = np.concatenate([self.carry_flags, flags])
-        cuts = []
-        if self.group_size is not None:
-            numbers = self.state["documents"] + np.arange(1, len(doc_ends) + 1)
-            cuts = (len(self.carry_ids) + doc_ends[numbers % self.group_size == 0]).tolist()
-        kept, start = [], 0
-        for end in [*cuts, len(stream_ids)]:
-            full = (end - start) // length * length
-            kept.append(np.arange(start, start + full))
-            start = end if end in cuts else start + full
-        keep = np.concatenate(kept)
-        self.carry_ids, self.carry_flags = stream_ids[start:], stream_flags[start:]
-        return stream_ids[keep].reshape(-1, length), stream_flags[keep].reshape(-1, length)
-
     def finish(self, key: dict, files: list[Path]) -> dict:
+        """The header of the finished store; the tokens still carried are the last group's partial chunk, dropped."""
         state = self.state
         if state["documents"] == 0:
             others = f" and {len(files) - 1} other file{'s' * (len(files) > 2)}" if len(files) > 1 else ""
             raise MLMError(f"No text in {files[0]}{others}: empty, or only blank lines. Check the path, or add text.")
-        if state["chunks"] == 0:
-            per_group = "" if self.group_size is None else f" in any group of {self.group_size} reviews"
-            raise MLMError(
-                f"The corpus has {state['tokens']} tokens in {state['documents']} reviews, not enough to fill one "
-                f"chunk of {self.chunk_size} tokens{per_group}. Use more text or a smaller --chunk-size"
-                + ("." if self.group_size is None else " or --group-size."))
+        check_filled(state["chunks"], tokens=state["tokens"], texts=state["documents"], chunk_size=self.chunk_size,
+                     group_size=self.group_size)
         fields = {"format_version": STORE_FORMAT_VERSION, "key": key, "key_sha256": state["key_sha256"],
                   "dtype": self.dtype.str, "chunk_size": self.chunk_size, "n_chunks": state["chunks"],
                   "n_reviews": state["documents"], "n_tokens": state["tokens"],

@@ -1,7 +1,8 @@
 """The one exception type for mistakes a user can fix.
 
-Every message says what was wrong and what to do about it. The scripts print such errors as a single line
-and exit with status 2 instead of showing a traceback; anything else that escapes is a bug in mlm.
+Every message says what was wrong and what to do about it, naming a setting in backquotes (`train_size`). The
+scripts print such errors as a single line, the setting named by its flag (--train-size), and exit with status 2
+instead of showing a traceback; anything else that escapes is a bug in mlm.
 """
 
 
@@ -28,19 +29,24 @@ class Interrupted(KeyboardInterrupt):
 USER_ERRNOS = {"ENOSPC", "EDQUOT", "EACCES", "EPERM", "EROFS", "EMFILE", "ENFILE", "EIO", "ENAMETOOLONG"}
 
 
-def run_cli(main) -> None:
+def run_cli(main, flag_of=lambda setting: None) -> None:
     """Run a script's main(); print an MLMError, a full disk or a permission problem as one 'error: …' line and
-    exit 2 instead of a traceback. Ctrl-C is one line too (exit 130)."""
+    exit 2 instead of a traceback, each `setting` the message names as flag_of(setting) when that is not None.
+    Ctrl-C is one line too (exit 130)."""
     import errno
+    import re
     import sys
     import warnings
 
+    def flags(message: str) -> str:
+        return re.sub(r"`(\w+)`", lambda match: flag_of(match.group(1)) or match.group(0), message)
+
     try:
         with warnings.catch_warnings():  # restores showwarning after main()
-            warnings.showwarning = _one_line_warnings(warnings.showwarning)
+            warnings.showwarning = _one_line_warnings(warnings.showwarning, flags)
             main()
     except MLMError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {flags(str(err))}", file=sys.stderr)
         sys.exit(2)
     except OSError as err:
         if errno.errorcode.get(err.errno) not in USER_ERRNOS:
@@ -58,7 +64,7 @@ def run_cli(main) -> None:
         sys.exit(stop.exit_code)
 
 
-def _one_line_warnings(show):
+def _one_line_warnings(show, flags):
     """mlm's own warnings (a corrupt chunk store rebuilt, an unwritable cache) as one 'warning: …' line, like its
     errors: the default format adds the warning's source file and a line of mlm's code."""
     import sys
@@ -69,6 +75,6 @@ def _one_line_warnings(show):
     def one_line(message, category, filename, lineno, file=None, line=None):
         if not Path(filename).resolve().is_relative_to(package):
             return show(message, category, filename, lineno, file, line)
-        print(f"warning: {message}", file=sys.stderr if file is None else file)
+        print(f"warning: {flags(str(message))}", file=sys.stderr if file is None else file)
 
     return one_line

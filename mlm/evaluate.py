@@ -7,17 +7,21 @@ Two averages of the per-token cross-entropy are reported (docs/reference.md#eval
 - `reference_loss`: what the reference Trainer reports, the mean of per-batch token means weighted by the
   number of sequences in each batch. It changes with the batch size and gives a slightly different figure; it is
   here so that numbers can be compared with the course's.
+
+`evaluate` is `score_batches` then `summarize`: the figures of each eval batch, then their sums in batch order. Under
+torchrun each process scores every world_size-th batch and the processes' rows are summed in the same order
+(mlm/train.py evaluate_on), so a run's figures do not depend on how many processes scored them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
+from mlm.errors import MLMError
 from mlm.model import IGNORE_INDEX, DistilBertForMaskedLM
 
 
@@ -32,68 +36,62 @@ class EvalResult:
     sequences: int
 
 
-@torch.no_grad()
-def evaluate(
-    model: DistilBertForMaskedLM,
-    input_ids: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    batch_size: int = 64,
-    autocast_dtype: torch.dtype | None = None,
-    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    forward: Callable[..., object] | None = None,
-    positions: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> EvalResult:
-    """Score the eval set `input_ids` (N, L) int64 with `labels` (N, L) int64 (-100 where unmasked).
+def evaluate(model: DistilBertForMaskedLM, input_ids: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 64,
+             autocast_dtype: torch.dtype | None = None) -> EvalResult:
+    """Score the eval set `input_ids` (N, L) int64 with `labels` (N, L) int64 (-100 where unmasked)."""
+    return summarize(score_batches(model, input_ids, labels, batch_size=batch_size, autocast_dtype=autocast_dtype))
 
-    Under DDP each process scores its shard and passes `all_reduce` (a sum over processes), so every process
-    returns the whole set's figures. The speed path (mlm/speed/compiled.py eval_path) passes `forward` (the model
-    compiled or graphed) and `positions` (a batch's (M,) bool labelled mask -> flat positions, padded).
-    """
+
+@torch.no_grad()
+def score_batches(model: DistilBertForMaskedLM, input_ids: torch.Tensor, labels: torch.Tensor, *, batch_size: int,
+                  autocast_dtype: torch.dtype | None = None, batches: range | None = None) -> torch.Tensor:
+    """(n, 4) float64 on the CPU, one row per eval batch of `batch_size` rows (those in `batches`, default all):
+    its mean loss, masked tokens, sequences and correct top-1 predictions. A batch without masked tokens has loss 0
+    (the reference drops its NaN loss)."""
     device = next(model.parameters()).device
+    batches = range(math.ceil(len(input_ids) / batch_size)) if batches is None else batches
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    figures, counts = [], []  # per batch: (loss, correct) on the device; (tokens, sequences) on the host
     was_training = model.training
     model.eval()
-    # Accumulate on the device and read back once at the end: no host synchronisation per batch.
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    reference_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    tokens = reference_sequences = 0
-    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     try:
-        for start in range(0, len(input_ids), batch_size):
-            batch_labels = labels[start : start + batch_size]
-            # Positions and targets are picked on the host, where labels live, so the GPU never reports a count.
-            labelled = batch_labels.reshape(-1) != IGNORE_INDEX
-            targets = batch_labels.reshape(-1)[labelled]  # (N,)
-            if targets.numel() == 0:
-                continue  # the reference drops such batches' NaN losses; they hold no tokens to score
-            flat = labelled.nonzero().squeeze(1) if positions is None else positions(labelled)  # (N [+ padding],)
+        for batch in batches:
+            part = slice(batch * batch_size, (batch + 1) * batch_size)
+            batch_labels = labels[part]
+            # Targets are picked on the host, where the labels live, so the GPU never has to report a count.
+            targets = batch_labels.reshape(-1)[batch_labels.reshape(-1) != IGNORE_INDEX]  # (N,)
+            counts.append((len(targets), len(batch_labels)))
+            if len(targets) == 0:
+                figures.append(torch.zeros(2, dtype=torch.float64, device=device))
+                continue
             with autocast:
-                out = (model if forward is None else forward)(
-                    input_ids[start : start + batch_size].to(device), labels=batch_labels.to(device),
-                    label_positions=flat.to(device))
-            loss_sum += out.loss.double() * targets.numel()
-            reference_sum += out.loss.double() * len(batch_labels)
-            correct += (out.logits[: targets.numel()].argmax(dim=-1) == targets.to(device)).sum()
-            tokens += targets.numel()
-            reference_sequences += len(batch_labels)
+                out = model(input_ids[part].to(device), labels=batch_labels.to(device))
+            correct = (out.logits[: len(targets)].argmax(dim=-1) == targets.to(device)).sum()  # logits in label order
+            figures.append(torch.stack([out.loss.double(), correct.double()]))  # read back once, at the end
     finally:
         model.train(was_training)
-    totals = torch.stack([loss_sum, reference_sum, correct.double(),
-                          torch.tensor(float(tokens), dtype=torch.float64, device=device),
-                          torch.tensor(float(reference_sequences), dtype=torch.float64, device=device)])
-    if all_reduce is not None:
-        totals = all_reduce(totals)
-    loss_sum, reference_sum, correct, tokens, reference_sequences = totals.tolist()
-    tokens, reference_sequences = int(tokens), int(reference_sequences)
-    loss = loss_sum / max(tokens, 1)
-    reference_loss = reference_sum / max(reference_sequences, 1)
-    return EvalResult(
-        loss=loss,
-        perplexity=math.exp(loss),
-        reference_loss=reference_loss,
-        reference_perplexity=math.exp(reference_loss),
-        accuracy=correct / max(tokens, 1),
-        tokens=tokens,
-        sequences=reference_sequences,
-    )
+    if not figures:
+        return torch.zeros((0, 4), dtype=torch.float64)
+    loss, correct = torch.stack(figures).cpu().unbind(1)
+    tokens, sequences = torch.tensor(counts, dtype=torch.float64).unbind(1)
+    return torch.stack([loss, tokens, sequences, correct], dim=1)
+
+
+def summarize(scores: torch.Tensor) -> EvalResult:
+    """The eval figures from `score_batches`' rows (n, 4), summed in row order."""
+    loss, tokens, sequences, correct = scores.unbind(1)
+    total_tokens = int(tokens.sum())
+    check_masked_tokens(total_tokens)
+    scored = tokens > 0  # the reference drops batches without a masked token (their loss is NaN there)
+    token_loss = float((loss * tokens).sum()) / total_tokens
+    reference_loss = float((loss * sequences)[scored].sum()) / float(sequences[scored].sum())
+    return EvalResult(loss=token_loss, perplexity=math.exp(token_loss), reference_loss=reference_loss,
+                      reference_perplexity=math.exp(reference_loss), accuracy=float(correct.sum()) / total_tokens,
+                      tokens=total_tokens, sequences=int(sequences[scored].sum()))
+
+
+def check_masked_tokens(count: int) -> None:
+    """Refuse an eval set without a masked token: it has no perplexity (exp of a mean over nothing)."""
+    if count == 0:
+        raise MLMError("The eval set has no masked token to score, so it has no perplexity: give it more chunks "
+                       "(`test_size`) or a higher `mlm_probability`.")

@@ -10,13 +10,14 @@ checkpoints move both ways:
 with exact (erf) GELU, LayerNorm eps 1e-12, no token types, no final LayerNorm and a vocabulary projector whose
 weight IS the word-embedding matrix (one Parameter) but which has its own bias.
 
-One deliberate difference: given labels, the vocabulary projection runs only at the labelled positions. Most
-tokens are unlabelled, and the (tokens x D) @ (D x V) projection is the largest matmul in the model, so this
-skips most of the head's work and never materialises (B, L, V) logits. The loss is the same.
+One deliberate difference: given labels, the last block and the head run only at the labelled positions. Most
+tokens are unlabelled, and nothing reads the last block's output elsewhere: its feed-forward, its attention's output
+projection and the (tokens x D) @ (D x V) vocabulary projection, the largest matmul in the model, are skipped there,
+and (B, L, V) logits are never materialised. The loss is the same.
 
-Every layer here is a stock PyTorch op. mlm/speed/lean.py swaps some modules for versions that keep less for backward
-(`make_lean`); they compute the same values. Reading, checking and writing config.json and the weights live in
-mlm/files/pretrained.py.
+Every layer here is a stock PyTorch op. Reading, checking and writing config.json and the weights live in
+mlm/files/pretrained.py; mlm/speed/ wraps this model from outside (lean modules swapped in, compiled, host-side
+positions) without changing what it computes.
 """
 
 from __future__ import annotations
@@ -74,19 +75,6 @@ class Embeddings(nn.Module):
         return self.dropout(self.LayerNorm(summed))
 
 
-def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
-                   dropout_p: float = 0.0) -> torch.Tensor:
-    """What F.scaled_dot_product_attention computes, written out (the model calls SDPA, which fuses these steps).
-
-    q, k, v (B, H, L, dh); key_mask (B, 1, 1, L) bool, True = attend, or None -> (B, H, L, dh).
-    """
-    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5  # (B, H, L, L): every query against every key
-    if key_mask is not None:
-        scores = scores.masked_fill(~key_mask, float("-inf"))  # padded keys get probability 0
-    probabilities = F.dropout(torch.softmax(scores, dim=-1), dropout_p)  # the reference drops probabilities
-    return probabilities @ v
-
-
 class MultiHeadSelfAttention(nn.Module):
     def __init__(self, config: DistilBertConfig):
         super().__init__()
@@ -101,14 +89,26 @@ class MultiHeadSelfAttention(nn.Module):
         batch, length, dim = x.shape
         return x.view(batch, length, self.n_heads, dim // self.n_heads).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        """x (B, L, D); key_mask (B, 1, 1, L) bool, True = attend, or None when nothing is padded -> (B, L, D)."""
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, L, D); key_mask (B, 1, 1, L) bool, True = attend, or None when nothing is padded -> (B, L, D); with
+        rows (N,) int64, flat positions b * L + l, the output at those positions only: (N, D)."""
         q, k, v = self.split_heads(self.q_lin(x)), self.split_heads(self.k_lin(x)), self.split_heads(self.v_lin(x))
-        dropout_p = self.dropout_p if self.training else 0.0
-        # = attention_math(q, k, v, key_mask, dropout_p). With no mask SDPA may pick the flash kernel on a GPU.
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)  # (B, H, L, dh)
+        context = self.attend(q, k, v, key_mask).transpose(1, 2).reshape(-1, x.shape[-1])  # (B * L, D), heads joined
+        if rows is not None:
+            context = context.index_select(0, rows)  # (N, D): every key and value took part, only these queries go on
         # No dropout after out_lin: the reference drops attention probabilities only.
-        return self.out_lin(context.transpose(1, 2).reshape(x.shape))
+        out = self.out_lin(context)
+        return out if rows is not None else out.view(x.shape)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """softmax(q kᵀ / √dh) v, each query over the keys key_mask lets through, with dropout on the probabilities
+        while training (as the reference drops them): q, k, v (B, H, L, dh) -> (B, H, L, dh).
+
+        F.scaled_dot_product_attention computes exactly that formula in one fused kernel; with no mask it may pick
+        the flash kernel on a GPU.
+        """
+        dropout_p = self.dropout_p if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)
 
 
 class FeedForward(nn.Module):
@@ -131,9 +131,13 @@ class TransformerBlock(nn.Module):
         self.ffn = FeedForward(config)
         self.output_layer_norm = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:  # (B, L, D) -> (B, L, D)
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, L, D) -> (B, L, D); with rows (N,) int64, flat positions, only those positions: (N, D)."""
+        attended = self.attention(x, key_mask, rows)
+        if rows is not None:
+            x = x.reshape(-1, x.shape[-1]).index_select(0, rows)  # the residual at the same positions
         # Post-LN: the residual sum is normalised (BERT style), not the sublayer input.
-        x = self.sa_layer_norm(self.attention(x, key_mask) + x)
+        x = self.sa_layer_norm(attended + x)
         return self.output_layer_norm(self.ffn(x) + x)
 
 
@@ -168,17 +172,18 @@ class DistilBertModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 output_positions: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, L) int64, attention_mask (B, L) 1 = token, 0 = padding -> hidden states (B, L, D); with
-        output_positions (N,) int64, flat positions b * L + l, only those rows: (N, D)."""
+        output_positions (N,) int64, flat positions b * L + l, only those rows, which the last block alone
+        computes: (N, D)."""
         key_mask = key_mask_from(attention_mask)
         x = self.embeddings(input_ids)
-        for block in self.transformer.layer:
+        last = len(self.transformer.layer) - 1
+        for index, block in enumerate(self.transformer.layer):
+            rows = output_positions if index == last else None  # earlier blocks: every position is a key of the next
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 # The RNG state is stashed and restored, so the rerun draws the same dropout masks.
-                x = checkpoint(block, x, key_mask, use_reentrant=False)
+                x = checkpoint(block, x, key_mask, rows, use_reentrant=False)
             else:
-                x = block(x, key_mask)
-        if output_positions is not None:
-            x = x.reshape(-1, x.shape[-1]).index_select(0, output_positions)  # (N, D)
+                x = block(x, key_mask, rows)
         return x
 
 
@@ -195,8 +200,6 @@ class DistilBertForMaskedLM(nn.Module):
         self.vocab_transform = nn.Linear(config.dim, config.dim)
         self.vocab_layer_norm = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)
         self.vocab_projector = nn.Linear(config.dim, config.vocab_size)
-        # Speed path: a module (no weights), not F.cross_entropy, only so that mlm/speed/lean.py can swap it.
-        self.loss_sum = nn.CrossEntropyLoss(reduction="sum")
         self.init_weights()
         self.tie_weights()
 
@@ -226,30 +229,32 @@ class DistilBertForMaskedLM(nn.Module):
         return self.vocab_projector(self.vocab_layer_norm(activation(self.vocab_transform(hidden))))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, label_positions: torch.Tensor | None = None) -> MLMOutput:
+                labels: torch.Tensor | None = None) -> MLMOutput:
         """input_ids (B, L) int64; attention_mask (B, L) 1/0 or None; labels (B, L) int64, -100 = no loss.
 
-        Without labels the logits are (B, L, V). With labels only the labelled positions are projected: the
-        logits are (N, V) for the N positions where labels != -100, in row-major order, and the loss is the
-        mean cross-entropy over them, exactly as projecting everything and ignoring -100 would give. A batch
-        with no labelled token has loss 0 (gradients all zero) instead of the reference's NaN.
-
-        label_positions (N,) int64, optional: the flat indices (row * L + column) of the labelled positions, in
-        increasing order; the training loop passes them from the CPU, as finding them here makes the host wait
-        for the GPU. Speed path: --cuda-graphs pads them with an unlabelled position (no loss, no gradient; the
-        logits then include its rows) so that N takes few values (mlm/speed/compiled.py `pad_positions`).
+        Without labels the logits are (B, L, V). With labels only the labelled positions are computed past the
+        last block's attention (`loss_at`): the logits are (N, V) for the N positions where labels != -100, in
+        row-major order, and the loss is the mean cross-entropy over them, exactly as projecting everything and
+        ignoring -100 would give.
         """
         if labels is None:
             return MLMOutput(loss=None, logits=self.head(self.distilbert(input_ids, attention_mask)))  # (B, L, V)
-        if label_positions is None:
-            label_positions = (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)  # (N,)
-        labelled_hidden = self.distilbert(input_ids, attention_mask, output_positions=label_positions)  # (N, D)
-        logits = self.head(labelled_hidden)  # (N, V)
-        targets = labels.reshape(-1).index_select(0, label_positions)  # (N,)
-        # The sum over labelled targets divided by their count (at least 1): the mean, and 0 instead of NaN for a
-        # batch without labels. In fp32 also under autocast, where the logits arrive in bf16/fp16.
+        positions = (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)  # (N,) flat positions b * L + l
+        return self.loss_at(positions, input_ids, attention_mask, labels)
+
+    def loss_at(self, positions: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                labels: torch.Tensor) -> MLMOutput:
+        """The MLM loss and the logits (N, V) at `positions` (N,) int64, flat positions b * L + l.
+
+        The loss is the sum of the cross-entropies of the labelled positions over their count (at least 1): the
+        mean, and 0 instead of the reference's NaN for a batch without labels. A position whose label is -100 adds
+        nothing to it (F.cross_entropy ignores -100), so `positions` may hold unlabelled ones too.
+        """
+        logits = self.head(self.distilbert(input_ids, attention_mask, output_positions=positions))  # (N, V)
+        targets = labels.reshape(-1).index_select(0, positions)  # (N,)
         labelled = (targets != IGNORE_INDEX).sum().clamp(min=1)  # on the device: no wait for the GPU
-        loss = self.loss_sum(logits.float(), targets) / labelled
+        # In fp32 also under autocast, where the logits arrive in bf16/fp16.
+        loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum") / labelled
         return MLMOutput(loss=loss, logits=logits)
 
     def num_parameters(self) -> int:

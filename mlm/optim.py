@@ -1,4 +1,4 @@
-"""AdamW with the reference Trainer's weight-decay groups, and its linear learning-rate schedule.
+"""AdamW with the reference Trainer's weight-decay groups, the run's step counts, and its linear learning-rate schedule.
 
 Reference (docs/reference.md#optimizer-schedule): decoupled weight decay on every weight matrix, the word
 and position embeddings included (the tied projector is the same Parameter, so it appears once), and no decay on
@@ -8,8 +8,14 @@ advances only on optimizer steps that really happened (an fp16 step skipped for 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+from mlm.errors import MLMError
 
 
 def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -40,6 +46,28 @@ def make_optimizer(
     )
 
 
+@dataclass
+class Schedule:
+    global_batch: int  # chunks per optimizer step, over all micro-batches and processes
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+    @classmethod
+    def of(cls, train_chunks: int, *, global_batch: int, epochs: int, max_steps: int | None,
+           warmup_steps: float) -> Schedule:
+        """The steps of a run: an epoch's last step may take a short batch (the reference keeps it); `warmup_steps`
+        is a count, or a fraction of all steps when below 1 (as the reference's warmup_ratio)."""
+        steps_per_epoch = math.ceil(train_chunks / global_batch)
+        total = epochs * steps_per_epoch if max_steps is None else min(epochs * steps_per_epoch, max_steps)
+        warmup = round(warmup_steps * total) if warmup_steps < 1 else int(warmup_steps)
+        if warmup >= total:
+            raise MLMError(f"`warmup_steps` {warmup_steps:g} gives {warmup} warmup steps, but the run has only "
+                           f"{total}: the learning rate would never reach `lr`. Use fewer warmup steps (or a fraction "
+                           "below 1).")
+        return cls(global_batch, steps_per_epoch, total, warmup)
+
+
 def linear_schedule(step: int, *, warmup_steps: int, total_steps: int) -> float:
     """Learning-rate factor for the `step`-th optimizer step (0-based), exactly as the reference computes it.
 
@@ -51,10 +79,12 @@ def linear_schedule(step: int, *, warmup_steps: int, total_steps: int) -> float:
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
+def lr_schedule(lr: float, *, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """step -> the learning rate of that optimizer step (0-based, counting the steps that ran): lr x linear_schedule,
+    the factor the reference's LambdaLR applies."""
+    return lambda step: lr * linear_schedule(step, warmup_steps=warmup_steps, total_steps=total_steps)
+
+
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        # Fused/capturable AdamW may hold lr as a tensor; fill it in place so a compiled step sees the change.
-        if isinstance(group["lr"], torch.Tensor):
-            group["lr"].fill_(lr)
-        else:
-            group["lr"] = lr
+        group["lr"] = lr

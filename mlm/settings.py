@@ -1,127 +1,189 @@
-"""The settings of a training run: `TrainConfig`, with the course's defaults, and which of them define a run.
+"""The settings of a training run: `TrainConfig`, each field with its default and its help, and which define a run.
 
-Both the training loop (mlm/train.py) and the run layer (mlm/run/) read these; keeping them in a module of their
-own lets the run layer record and compare settings without importing the loop.
+The help text, choices and flag of every setting stand next to its field, once: mlm-train's flags, the
+walkthrough's and mlm-evaluate's data flags are all made from these fields (mlm/cli/args.py). Both the loop
+(mlm/train.py) and the run layer (mlm/run/) read the settings; a module of their own lets the run layer record and
+compare them without importing the loop.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mlm.chunks import parse_size
 from mlm.errors import MLMError
 
-REPORT_TO = ("none", "tensorboard")
+MAX_SEED = 2**63 - 1  # seeds are offset by the epoch and fed to torch and numpy generators, which take 64 bits
+MODEL_AND_DATA, MASKING, OPTIMISATION, HARDWARE, OUTPUT = (
+    "model and data", "masking", "optimisation", "hardware", "output, logging and checkpoints")
+
+
+def setting(default, help: str, group: str, **argparse_options):
+    """A TrainConfig field: its default, and how its flag reads (`help`, the `group` of --help it is listed in, and
+    any argparse option: choices, type, action, flag, metavar)."""
+    return field(default=default, metadata={"help": help, "group": group, **argparse_options})
+
 
 @dataclass
 class TrainConfig:
-    """Every setting of a run; the defaults are the course's (scripts/train.py --help explains each)."""
+    """Every setting of a run. The defaults are the course's Trainer run, but for mixed precision, which is picked by
+    the device (--precision auto), and the group size (the course's chunk counts need --group-size 1000)."""
 
-    model: str = "distilbert-base-uncased"
-    tokenizer: str | None = None  # default: the model's own folder or repo
-    revision: str | None = None
-    init: str = "pretrained"  # "pretrained" weights, or "random" (the model's config, freshly initialised)
-    dataset: str = "stanfordnlp/imdb"
-    text_column: str = "text"
-    train_splits: tuple[str, ...] = ("train",)  # concatenated, e.g. ("train", "unsupervised")
-    eval_split: str | None = None  # eval chunks from this split (e.g. "test"), not held out of the train chunks
-    validation_file: str | None = None  # or from this file
-    chunk_size: int = 128
-    group_size: int | None = None
-    train_size: int | str = 10_000  # or "all": every chunk not held out
-    test_size: int | str = 1_000  # or a percentage such as "5%"
-    cache_dir: str | None = None
-    masking: str = "token"  # "token" (80/10/10) or "wwm" (whole words)
-    mlm_probability: float = 0.15
-    wwm_probability: float = 0.2
-    batch_size: int = 64  # per process and micro-batch; global batch = batch_size * grad_accum * processes
-    eval_batch_size: int = 64
-    grad_accum: int = 1
-    lr: float = 2e-5
-    weight_decay: float = 0.01
-    warmup_steps: float = 0  # steps, or a fraction of all steps when below 1 (as the reference)
-    epochs: int = 3
-    max_steps: int | None = None
-    max_grad_norm: float = 1.0
-    seed: int = 42  # init, shuffling, training masks, dropout
-    data_seed: int = 42  # the train/eval draw and the frozen eval masks: the same targets whatever --seed
-    precision: str = "auto"  # auto | fp32 | fp16 | bf16
-    device: str = "auto"
-    compile: bool = False
-    # off | on | auto: compile with CUDA graphs, so a step's kernels replay without per-kernel launches; auto: on one
-    # GPU for runs long enough to repay the compile (mlm/speed/compiled.py choose_path)
-    cuda_graphs: str = "auto"
-    gradient_checkpointing: bool = False  # rerun each block's forward in backward: less memory, slower steps
-    lean: str = "auto"  # mlm/speed/lean.py's techniques: auto (on the CPU only) | on | off
-    keep_freed_memory: bool = True  # CPU: glibc keeps freed memory for the next step (mlm/speed/host_memory.py)
-    num_workers: int = 0
-    output_dir: str = "distilbert-base-uncased-finetuned-imdb"
-    log_every: int = 10
-    eval_every: int | None = None  # steps; None = at the end of every epoch
-    save_every: int | None = 500
-    keep_checkpoints: int = 2
-    resume: str | None = None  # "latest" or a checkpoint folder
-    extend: bool = False  # with resume: --epochs / --max-steps may differ from the run's (the schedule follows)
-    overwrite: bool = False
-    prompts: tuple[str, ...] = ("This is a great [MASK].",)
-    top_k: int = 5
-    progress_bar: bool = True
-    report_to: str = "none"  # "tensorboard": also write the metrics as TensorBoard scalars (mlm/run/tensorboard_log.py)
-    push_to_hub: bool = False  # the CLI pushes the finished folder; train() only writes the model card
-    hub_model_id: str | None = None  # the repo the model card names (default: the output folder)
-    hub_private: bool | None = None
+    model: str = setting("distilbert-base-uncased", "Hub repo id or local folder with config.json (+ "
+                         "model.safetensors for --init pretrained) and tokenizer.json", MODEL_AND_DATA)
+    tokenizer: str | None = setting(None, "tokenizer repo id or folder, if not the model's own", MODEL_AND_DATA)
+    revision: str | None = setting(None, "Hub branch, tag or commit of --model", MODEL_AND_DATA)
+    init: str = setting("pretrained", "start from the pretrained weights, or from a random model of --model's config "
+                        "(for from-scratch runs and when no weights are at hand)", MODEL_AND_DATA,
+                        choices=("pretrained", "random"))
+    dataset: str = setting("stanfordnlp/imdb", "Hub dataset id, a local folder (the Hub layout, or data files at any "
+                           "depth), a quoted glob, or one file: .parquet, or .jsonl/.csv/.txt, plain or .gz/.zst "
+                           "(docs/corpora.md)", MODEL_AND_DATA)
+    text_column: str = setting("text", "column holding the text in parquet, JSON-lines and CSV files",
+                               MODEL_AND_DATA)
+    train_splits: tuple[str, ...] = setting(("train",), "splits of --dataset to train on, concatenated, e.g. "
+                                            "train,unsupervised for IMDb's 50,000 unlabelled reviews too (default: "
+                                            "train)", MODEL_AND_DATA, type="splits", metavar="SPLIT[,SPLIT...]")
+    eval_split: str | None = setting(None, "draw the eval chunks from this split of --dataset (e.g. test) instead of "
+                                     "holding them out of the train chunks as the course does", MODEL_AND_DATA)
+    validation_file: str | None = setting(None, "draw the eval chunks from this .parquet/.jsonl/.csv/.txt file "
+                                          "instead", MODEL_AND_DATA)
+    chunk_size: int = setting(128, "tokens per training example; reviews are concatenated and cut", MODEL_AND_DATA)
+    group_size: int | None = setting(None, "concatenate per group of this many reviews, as datasets.map(batched=True) "
+                                     "does with 1000, to reproduce the course's chunk counts exactly (default: the "
+                                     "whole split)", MODEL_AND_DATA, type=int)
+    train_size: int | str = setting(10_000, "training chunks drawn, or 'all': every chunk not held out",
+                                    MODEL_AND_DATA, type="size")
+    test_size: int | str = setting(1_000, "eval chunks drawn, or a percentage of the chunks such as 5%",
+                                   MODEL_AND_DATA, type="size")
+    cache_dir: str | None = setting(None, "where tokenized chunks are stored (default: $MLM_CACHE, else "
+                                    "$HF_HOME/mlm, else ~/.cache/mlm)", MODEL_AND_DATA)
+    fast_tokenize: str = setting("on", "tokenize with mlm/speed/fast_encode.py's exact shortcuts where its start-up "
+                                 "check shows them exact for the tokenizer (same chunks, faster); off: the plain "
+                                 "tokenizer call", MODEL_AND_DATA, choices=("on", "off"))
 
-    def __post_init__(self):
-        if isinstance(self.cuda_graphs, bool):  # the former on/off switch: True meant on
-            self.cuda_graphs = "on" if self.cuda_graphs else "off"
+    masking: str = setting("token", "token: 15% of tokens, 80% [MASK] / 10% random / 10% kept; wwm: whole words. "
+                           "Evaluation always uses the same frozen token-level masks", MASKING,
+                           choices=("token", "wwm"))
+    mlm_probability: float = setting(0.15, "share of tokens masked (token masking, and the eval masks)", MASKING)
+    wwm_probability: float = setting(0.2, "share of words masked (whole-word masking)", MASKING)
+
+    batch_size: int = setting(64, "chunks per micro-batch and process", OPTIMISATION)
+    grad_accum: int = setting(1, "micro-batches per optimizer step; global batch = batch size x grad accum x "
+                              "processes", OPTIMISATION)
+    eval_batch_size: int = setting(64, "eval chunks per forward pass; the reference-style perplexity depends on it, "
+                                   "the headline one does not", OPTIMISATION)
+    lr: float = setting(2e-5, "peak AdamW learning rate", OPTIMISATION)
+    weight_decay: float = setting(0.01, "decoupled weight decay, not applied to biases and LayerNorms", OPTIMISATION)
+    warmup_steps: float = setting(0, "linear warmup steps, or a fraction of all steps if below 1", OPTIMISATION)
+    epochs: int = setting(3, "passes over the training chunks", OPTIMISATION)
+    max_steps: int | None = setting(None, "stop after this many optimizer steps; the schedule decays over them "
+                                    "(default: all epochs)", OPTIMISATION, type=int)
+    max_grad_norm: float = setting(1.0, "clip the gradients' global L2 norm to this", OPTIMISATION)
+    seed: int = setting(42, "seeds init, shuffling, training masks and dropout", OPTIMISATION)
+    data_seed: int = setting(42, "seeds the train/eval draw and the frozen eval masks, so runs with different --seed "
+                             "are scored on the same targets (the course's 42)", OPTIMISATION)
+
+    precision: str = setting("auto", "auto: bf16 autocast on GPUs that run bf16 natively, else fp16 with loss "
+                             "scaling; fp32 on CPU. fp32 on a GPU is exact fp32 (TF32 matmuls stay off)", HARDWARE,
+                             choices=("auto", "fp32", "fp16", "bf16"))
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N", HARDWARE)
+    compile: bool = setting(False, "torch.compile the model (slow start, faster steps)", HARDWARE)
+    cuda_graphs: str = setting("auto", "compile with CUDA graphs, so each step replays its kernels without launching "
+                               "them one by one (label positions padded to a multiple of 256, which changes no value; "
+                               "one GPU, no --grad-accum). auto: on one GPU when the run has enough steps to repay "
+                               "the compile; --cuda-graphs alone means on; off: eager", HARDWARE,
+                               choices=("off", "on", "auto"), nargs="?", const="on")
+    gradient_checkpointing: bool = setting(False, "keep only each block's input for backward and recompute the rest: "
+                                           "activation memory down to about a sixth, slower steps (for batches that "
+                                           "do not fit otherwise; docs/performance.md has the cost)", HARDWARE)
+    lean: str = setting("auto", "the model variant that keeps less for backward (mlm/speed/lean.py: the same values "
+                        "up to rounding and the same dropout draws, less memory, faster on CPUs); auto: on the CPU, "
+                        "off on GPUs, where the plain model's fused kernels do that job", HARDWARE,
+                        choices=("auto", "on", "off"))
+    keep_freed_memory: bool = setting(True, "on the CPU, let glibc hand freed memory back to the kernel as it does by "
+                                      "default. By default a CPU run keeps it for the next step instead: no page "
+                                      "faults per step, more tokens/s, peak memory within a few percent "
+                                      "(docs/performance.md), but the resident memory does not shrink until the "
+                                      "process ends", HARDWARE, flag="--release-freed-memory")
+    num_workers: int = setting(0, "DataLoader worker processes preparing masked batches", HARDWARE)
+
+    output_dir: str = setting("distilbert-base-uncased-finetuned-imdb", "run folder: run.json (the run record), "
+                              "metrics.jsonl, checkpoints/, and the final model + tokenizer in the Hub layout; an "
+                              "empty or new folder, or one holding a run", OUTPUT)
+    log_every: int = setting(10, "steps between training log lines", OUTPUT)
+    eval_every: int | None = setting(None, "also evaluate every N steps (default: at the end of each epoch only)",
+                                     OUTPUT, type=int)
+    save_every: int | None = setting(500, "checkpoint every N steps, besides every epoch end", OUTPUT, type=int)
+    keep_checkpoints: int = setting(2, "how many of the newest checkpoints to keep", OUTPUT)
+    resume: str | None = setting(None, "continue a run: 'latest' (the default when given alone) or a checkpoint "
+                                 "folder. The run's settings come from its record (run.json): no other flag is "
+                                 "needed. Flags that change the run (data, model, masking, optimisation, schedule, "
+                                 "seeds) are refused; logging, workers, eval batch size, prompts and the like may "
+                                 "change", OUTPUT, nargs="?", const="latest")
+    extend: bool = setting(False, "with --resume: allow a new --epochs or --max-steps; the schedule is recomputed "
+                           "over the new total, from the step the run is at", OUTPUT)
+    overwrite: bool = setting(False, "replace the run already in --output-dir; it is kept aside until the new run "
+                              "has saved a checkpoint, and put back if the new run fails before", OUTPUT)
+    prompts: tuple[str, ...] = setting(("This is a great [MASK].",), "fill-mask prompt shown before and after "
+                                       "training; repeatable", OUTPUT, flag="--prompt", action="append")
+    top_k: int = setting(5, "fill-mask predictions shown", OUTPUT)
+    progress_bar: bool = setting(True, "no progress bars at all (training, tokenizing, Hub downloads)", OUTPUT,
+                                 flag="--no-progress")
+    report_to: str = setting("none", "tensorboard: also write loss, lr, grad norm, tokens/s and eval figures to "
+                             "OUTPUT_DIR/tensorboard (needs `pip install tensorboard`)", OUTPUT,
+                             choices=("none", "tensorboard"))
+    hub_model_id: str | None = setting(None, "the Hub repo the model card names and --push-to-hub uploads to: 'name' "
+                                       "(in your namespace) or 'namespace/name' (default: the --output-dir folder's "
+                                       "name)", OUTPUT)
+
+    def global_batch(self, world_size: int) -> int:
+        """Chunks per optimizer step, over every micro-batch and process."""
+        return self.batch_size * self.grad_accum * world_size
 
     def validate(self) -> None:
-        """Reject settings that would fail later or silently do nothing, with the flag to fix."""
+        """Reject settings that would fail later or silently do nothing, naming the setting."""
         def check(condition: bool, message: str) -> None:
             if not condition:
                 raise MLMError(message)
 
         for name in ("train_size", "test_size"):
-            parse_size(getattr(self, name), f"--{name.replace('_', '-')}")  # raises MLMError naming the flag
-        for name in ("batch_size", "eval_batch_size", "grad_accum", "epochs",
-                     "log_every", "keep_checkpoints"):
+            parse_size(getattr(self, name), name)  # raises MLMError naming the setting
+        for name in ("batch_size", "eval_batch_size", "grad_accum", "epochs", "log_every", "keep_checkpoints",
+                     "top_k", "chunk_size"):
             value = getattr(self, name)
-            check(isinstance(value, int) and value >= 1, f"--{name.replace('_', '-')} must be an integer >= 1, "
-                                                          f"got {value!r}.")
-        for name in ("max_steps", "eval_every", "save_every"):
+            check(_is_int(value) and value >= 1, f"`{name}` must be an integer >= 1, got {value!r}.")
+        for name in ("max_steps", "eval_every", "save_every", "group_size"):
             value = getattr(self, name)
-            check(value is None or value >= 1, f"--{name.replace('_', '-')} must be >= 1 (or left unset), got {value}.")
-        check(math.isfinite(self.lr) and 0 < self.lr < 1, f"--lr must be in (0, 1), got {self.lr}.")
-        check(0 <= self.weight_decay < 1, f"--weight-decay must be in [0, 1), got {self.weight_decay}.")
-        check(self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}.")
-        check(self.max_grad_norm > 0, f"--max-grad-norm must be > 0, got {self.max_grad_norm}.")
-        check(0 < self.mlm_probability <= 1, f"--mlm-probability must be in (0, 1], got {self.mlm_probability}.")
-        check(0 < self.wwm_probability <= 1, f"--wwm-probability must be in (0, 1], got {self.wwm_probability}.")
-        check(self.masking in ("token", "wwm"), f"--masking must be 'token' or 'wwm', got {self.masking!r}.")
-        check(self.init in ("pretrained", "random"), f"--init must be 'pretrained' or 'random', got {self.init!r}.")
-        check(self.precision in ("auto", "fp32", "fp16", "bf16"),
-              f"--precision must be auto, fp32, fp16 or bf16, got {self.precision!r}.")
-        check(self.lean in ("auto", "on", "off"), f"--lean must be auto, on or off, got {self.lean!r}.")
-        check(self.cuda_graphs in ("off", "on", "auto"),
-              f"--cuda-graphs must be off, on or auto, got {self.cuda_graphs!r}.")
-        # Where --cuda-graphs on cannot run is mlm/speed/compiled.py choose_path's to say (it knows the device too).
-        check(self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}.")
-        check(isinstance(self.top_k, int) and self.top_k >= 1, f"--top-k must be an integer >= 1, got {self.top_k!r}.")
+            check(value is None or (_is_int(value) and value >= 1),
+                  f"`{name}` must be an integer >= 1 (or left unset), got {value!r}.")
+        check(math.isfinite(self.lr) and 0 < self.lr < 1, f"`lr` must be in (0, 1), got {self.lr}.")
+        check(0 <= self.weight_decay < 1, f"`weight_decay` must be in [0, 1), got {self.weight_decay}.")
+        check(self.warmup_steps >= 0, f"`warmup_steps` must be >= 0, got {self.warmup_steps}.")
+        check(self.max_grad_norm > 0, f"`max_grad_norm` must be > 0, got {self.max_grad_norm}.")
+        for name in ("mlm_probability", "wwm_probability"):
+            check(0 < getattr(self, name) <= 1, f"`{name}` must be in (0, 1], got {getattr(self, name)}.")
+        for name, spec in self.__dataclass_fields__.items():
+            if (choices := spec.metadata.get("choices")) and getattr(self, name) not in choices:
+                raise MLMError(f"`{name}` must be {' or '.join(choices)}, got {getattr(self, name)!r}.")
+        check(self.num_workers >= 0, f"`num_workers` must be >= 0, got {self.num_workers}.")
         for name in ("seed", "data_seed"):
             value = getattr(self, name)
-            check(isinstance(value, int) and 0 <= value <= MAX_SEED,
-                  f"--{name.replace('_', '-')} must be an integer from 0 to 2**63 - 1, got {value!r}.")
-        check(not (self.resume and self.overwrite), "--resume continues a run and --overwrite deletes it: pick one.")
+            check(_is_int(value) and 0 <= value <= MAX_SEED,
+                  f"`{name}` must be an integer from 0 to 2**63 - 1, got {value!r}.")
+        check(not (self.resume and self.overwrite), "`resume` continues a run and `overwrite` replaces it: pick one.")
         check(not (self.eval_split and self.validation_file),
-              "--eval-split and --validation-file both name the eval data: pass one of them.")
-        check(self.eval_split not in self.train_splits, f"--eval-split {self.eval_split} is also a training split: "
-              "the eval chunks would be trained on. Pick another split, or leave --eval-split out.")
-        check(self.report_to in REPORT_TO, f"--report-to must be {' or '.join(REPORT_TO)}, got {self.report_to!r}.")
-        check(self.resume or not self.extend, "--extend only applies with --resume.")
+              "`eval_split` and `validation_file` both name the eval data: give one of them.")
+        check(self.eval_split not in self.train_splits, f"`eval_split` {self.eval_split} is also a training split: "
+              "the eval chunks would be trained on. Pick another split, or leave `eval_split` out.")
+        check(self.resume or not self.extend, "`extend` only applies with `resume`.")
 
 
-MAX_SEED = 2**63 - 1  # seeds are offset by the epoch and fed to torch and numpy generators, which take 64 bits
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 # What defines a run: a resume must keep these (--extend lets epochs and max_steps change). Everything else
 # (logging, checkpoints, workers, progress bar, eval batch size, prompts, top-k, device, precision, memory
 # techniques, cache) may change between segments. The global batch is compared, not its factors: splitting it

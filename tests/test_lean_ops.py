@@ -67,8 +67,8 @@ def test_attention_with_dropout_matches_the_plain_formula_with_the_same_mask():
     torch.manual_seed(123)
     lean = attention_with_dropout(q, k, v, key_mask, 0.25, 0.5)
     torch.manual_seed(123)  # the mask is one dropout_mask draw of the probabilities' shape
-    drop, keep_scale = dropout_mask((2, 3, 6, 6), 0.25, torch.device("cpu"))
-    assert 0 < drop.sum() < drop.numel() and keep_scale == 4 / 3
+    drop, keep_scale = dropout_mask(torch.empty(2, 3, 6, 6), 0.25), 4 / 3
+    assert 0 < drop.sum() < drop.numel()
     plain = plain_attention(q, k, v, key_mask, drop, keep_scale, 0.5)
     torch.testing.assert_close(lean, plain, rtol=1e-6, atol=1e-6)
     for got, want in zip(gradients(lean, [q, k, v]), gradients(plain, [q, k, v])):
@@ -104,35 +104,24 @@ def test_attention_with_dropout_keeps_the_expected_fraction_and_scale():
 @pytest.mark.parametrize("p", [0.1, 0.25, 0.5, 1e-6, 0.0])
 def test_dropout_mask_drops_with_probability_p(p):
     torch.manual_seed(0)
-    drop, keep_scale = dropout_mask((1000, 1000), p, torch.device("cpu"))
+    drop = dropout_mask(torch.empty(1000, 1000), p)
     assert drop.dtype == torch.bool and drop.shape == (1000, 1000)
-    assert keep_scale == 1 / (1 - p)
     # A binomial count: 5 standard deviations of 10^6 draws (the test cannot flake in practice).
     assert abs(drop.float().mean().item() - p) <= 5 * (p * (1 - p) / 1e6) ** 0.5
 
 
-def test_dropout_mask_uses_the_default_generator():
-    # Dropout must follow torch's global RNG, as F.dropout does: a fresh mask at every call, set by
-    # torch.manual_seed, and saved/restored by gradient checkpointing and by a resumed run's RNG state. A private
-    # or re-seeded generator would drop the same units at every step, whatever the run's seed.
-    shape, cpu = (4, 1001), torch.device("cpu")
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_dropout_mask_draws_as_f_dropout_does(p):
+    # Dropout must follow torch's global RNG as F.dropout (and SDPA's math path) do: set by torch.manual_seed,
+    # saved and restored by gradient checkpointing and by a resumed run's RNG state, and the same positions
+    # dropped as the plain model drops, leaving the generator where F.dropout leaves it.
+    shape = (4, 3, 16, 16)
     torch.manual_seed(7)
-    first, _ = dropout_mask(shape, 0.5, cpu)
-    after_first = torch.get_rng_state()
-    second, _ = dropout_mask(shape, 0.5, cpu)
-    assert not torch.equal(first, second)  # the next call draws a new mask
-    assert not torch.equal(after_first, torch.get_rng_state())  # ... and advances the global state again
+    dropped_by_torch, after_torch = F.dropout(torch.ones(shape), p) == 0, torch.get_rng_state()
     torch.manual_seed(7)
-    assert torch.equal(dropout_mask(shape, 0.5, cpu)[0], first)  # the same seed, the same mask
-    torch.manual_seed(8)
-    assert not torch.equal(dropout_mask(shape, 0.5, cpu)[0], first)  # another seed, another mask
-    # Exactly one uniform draw of the mask's shape from the global generator: the numbers that follow are those
-    # that follow torch.rand(shape), and the mask is those uniforms compared with p.
-    torch.manual_seed(7)
-    uniforms, following = torch.rand(shape), torch.rand(5)
-    torch.manual_seed(7)
-    mask, _ = dropout_mask(shape, 0.5, cpu)
-    assert torch.equal(mask, uniforms < 0.5) and torch.equal(torch.rand(5), following)
+    assert torch.equal(dropout_mask(torch.ones(shape), p), dropped_by_torch)
+    assert torch.equal(torch.get_rng_state(), after_torch)
+    assert not torch.equal(dropout_mask(torch.ones(shape), p), dropped_by_torch)  # the next call: a new mask
 
 
 def test_attention_dropout_follows_the_global_seed():
@@ -147,8 +136,3 @@ def test_attention_dropout_follows_the_global_seed():
         other = attention_with_dropout(q, k, v, None, 0.5, 0.5)
     assert torch.equal(first, again)
     assert not torch.equal(first, second) and not torch.equal(first, other)
-
-
-def test_dropout_mask_with_p_one_drops_everything():
-    drop, keep_scale = dropout_mask((3, 5), 1.0, torch.device("cpu"))
-    assert drop.all() and keep_scale == 0.0

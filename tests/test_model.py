@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from mlm.errors import MLMError
 from mlm.files.pretrained import config_from_dict, config_to_dict, load_pretrained, save_pretrained
 from mlm.model import DistilBertConfig, DistilBertForMaskedLM
-from mlm.speed.compiled import pad_positions
+from mlm.speed.compiled import label_positions
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY_DIR = FIXTURES / "tiny-distilbert"  # written by transformers' save_pretrained (scripts/reference/)
@@ -113,11 +113,11 @@ def test_label_positions_from_the_host_give_exactly_the_same_result():
     labels = torch.where(torch.rand(3, 12) < 0.3, ids, torch.full_like(ids, -100))
     positions = (labels.view(-1) != -100).nonzero().squeeze(1)
     found = model(ids, labels=labels)
-    given = model(ids, labels=labels, label_positions=positions)
+    given = model.loss_at(positions, ids, None, labels)  # what the GPU path calls (mlm/speed/compiled.py)
     assert given.logits.shape == (len(positions), 50)
     assert torch.equal(given.logits, found.logits) and torch.equal(given.loss, found.loss)
     # An empty position list is a batch without labels: loss 0, not NaN.
-    assert model(ids, labels=torch.full_like(ids, -100), label_positions=positions[:0]).loss.item() == 0.0
+    assert model.loss_at(positions[:0], ids, None, torch.full_like(ids, -100)).loss.item() == 0.0
 
 
 def test_padded_label_positions_change_neither_loss_nor_gradients():
@@ -126,14 +126,13 @@ def test_padded_label_positions_change_neither_loss_nor_gradients():
     model = DistilBertForMaskedLM(tiny_config(dropout=0.0, attention_dropout=0.0))
     ids = torch.randint(5, 50, (3, 12))
     labels = torch.where(torch.rand(3, 12) < 0.3, ids, torch.full_like(ids, -100))
-    labelled = labels.view(-1) != -100
-    exact, padded = pad_positions(labelled, 1), pad_positions(labelled, 16)
+    exact, padded = label_positions(labels, 1), label_positions(labels, 16)
     assert len(padded) == 16 and torch.equal(padded[: len(exact)], exact)
     assert (labels.view(-1)[padded[len(exact):]] == -100).all()
 
     def loss_and_grads(positions):
         model.zero_grad()
-        out = model(ids, labels=labels, label_positions=positions)
+        out = model.loss_at(positions, ids, None, labels)
         out.loss.backward()
         return out, [p.grad.clone() for p in model.parameters()]
 

@@ -1,30 +1,128 @@
-"""The argument parser every mlm command uses: a usage error is one `error:` line, like every other mistake."""
+"""The commands' flags, made from the settings' own fields, and their errors: one line each.
+
+`add_settings` turns TrainConfig fields (mlm/settings.py) into flags, so a setting's help, choices and default are
+declared once. Library errors name a setting in backquotes (`train_size`); the commands print them with its flag
+(--train-size). A flag argparse does not know gets a "did you mean", which also maps the names of Hugging Face's
+Trainer and run_mlm (--per_device_train_batch_size, --learning_rate, …) to mlm's; abbreviations are refused, so a
+typo never picks another flag.
+"""
 
 from __future__ import annotations
 
 import argparse
 import copy
+import difflib
 import os
+import re
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from mlm.chunks import parse_size
-from mlm.errors import MLMError
+from mlm.errors import MLMError, run_cli
+from mlm.settings import TrainConfig
+
+SETTINGS = {spec.name: spec for spec in fields(TrainConfig)}
+# Hugging Face's names (TrainingArguments, run_mlm's arguments) for mlm's flags.
+HUGGING_FACE_NAMES = {
+    "model_name_or_path": "--model", "tokenizer_name": "--tokenizer", "model_revision": "--revision",
+    "dataset_name": "--dataset", "train_file": "--dataset", "validation_file": "--validation-file",
+    "max_seq_length": "--chunk-size", "block_size": "--chunk-size", "per_device_train_batch_size": "--batch-size",
+    "per_device_eval_batch_size": "--eval-batch-size", "gradient_accumulation_steps": "--grad-accum",
+    "learning_rate": "--lr", "num_train_epochs": "--epochs", "warmup_ratio": "--warmup-steps (a fraction below 1)",
+    "logging_steps": "--log-every", "eval_steps": "--eval-every", "save_steps": "--save-every",
+    "save_total_limit": "--keep-checkpoints", "fp16": "--precision fp16", "bf16": "--precision bf16",
+    "overwrite_output_dir": "--overwrite", "resume_from_checkpoint": "--resume",
+    "dataloader_num_workers": "--num-workers", "hub_private_repo": "--hub-private", "torch_compile": "--compile",
+    "whole_word_mask": "--masking wwm", "lr_scheduler_type": "--lr-scheduler", "no_cuda": "--device cpu",
+    "use_cpu": "--device cpu", "preprocessing_num_workers": "(none: tokenizing uses every core)",
+}
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse.ArgumentParser whose errors are one line plus a pointer to --help, exit status 2.
-
-    argparse prints the whole usage block before its message; with dozens of flags that buries the one line
-    that says what was wrong. `--help` still prints everything.
-    """
+    """argparse.ArgumentParser whose errors are one line plus a pointer to --help, exit status 2, that refuses
+    abbreviations, and that suggests the flag meant for an unknown one."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        self.hints: dict[str, str] = {}  # an unknown flag -> what to say about it, for this command
 
     def error(self, message: str):
+        if message.startswith("unrecognized arguments:"):
+            hints = [hint for word in message.split(":", 1)[1].split() if (hint := self.suggestion(word))]
+            message += "".join(f" ({hint})" for hint in hints)
         self.exit(2, f"error: {message.rstrip('.')}. Run `{self.prog} --help` for every flag.\n")
+
+    def suggestion(self, word: str) -> str | None:
+        if not word.startswith("--"):
+            return None
+        name = word[2:].split("=", 1)[0]
+        if "--" + name in self.hints:
+            return self.hints["--" + name]
+        if name in HUGGING_FACE_NAMES:
+            return f"{word} is Hugging Face's name: mlm's is {HUGGING_FACE_NAMES[name]}"
+        known = [option for option in self._option_string_actions if option.startswith("--")]
+        dashed = "--" + name.replace("_", "-")
+        if dashed in known:
+            return f"did you mean {dashed}?"
+        close = difflib.get_close_matches(dashed, known, n=1, cutoff=0.75)
+        return f"did you mean {close[0]}?" if close else None
+
+
+def flag_of(setting: str) -> str | None:
+    """The flag of a TrainConfig setting (its metadata's, or --name-with-dashes); None for other words."""
+    if setting not in SETTINGS:
+        return None
+    return SETTINGS[setting].metadata.get("flag", "--" + setting.replace("_", "-"))
+
+
+def run_command(main) -> None:
+    """run_cli (mlm/errors.py) with the settings named by their flags."""
+    run_cli(main, flag_of=flag_of)
+
+
+def add_settings(parser: argparse.ArgumentParser, names: list[str] | None = None, **defaults) -> None:
+    """Add the flags of the TrainConfig settings `names` (default: all), each in its group of --help, from the
+    fields' metadata; `defaults` replace fields' defaults (e.g. another output folder)."""
+    groups = {}
+    for name in names or list(SETTINGS):
+        spec = SETTINGS[name]
+        options = dict(spec.metadata)
+        help_text, group = options.pop("help"), options.pop("group")
+        flag = options.pop("flag", "--" + name.replace("_", "-"))
+        default = defaults.get(name, spec.default)
+        kind = options.pop("type", None)
+        if isinstance(default, bool) and "action" not in options:
+            options["action"] = "store_false" if default else "store_true"
+        elif options.get("action") == "append":
+            options["default"] = None  # the values given, or the field's default when none is
+        elif kind == "size":
+            options["type"] = size_flag(name)
+        elif kind == "splits":
+            options["type"] = split_list
+        else:
+            options["type"] = kind or (type(default) if default is not None else str)
+        if "choices" in options:
+            options.pop("type")
+        shown = "" if isinstance(default, bool) or default is None or "(default" in help_text else \
+            f" (default: {default if not isinstance(default, tuple) else ','.join(default)})"
+        if group not in groups:
+            groups[group] = parser.add_argument_group(group)
+        groups[group].add_argument(flag, dest=name, help=help_text.replace("%", "%%") + shown,
+                                   **{"default": default, **options})
+
+
+def settings_given(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """The TrainConfig fields of parsed `args`, a repeatable flag given no value taking its field's default."""
+    values = {name: value for name, value in vars(args).items() if name in SETTINGS}
+    for name, value in values.items():
+        if value is None and SETTINGS[name].metadata.get("action") == "append":
+            values[name] = SETTINGS[name].default
+        elif isinstance(value, list):
+            values[name] = tuple(value)
+    return values
 
 
 def flags_given(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
@@ -34,7 +132,7 @@ def flags_given(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[
     default value still counts as given.
     """
     argv = sys.argv[1:] if argv is None else argv
-    quiet = argparse.ArgumentParser(add_help=False)
+    quiet = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     for action in parser._actions:  # the public API offers no copy of a parser's options
         if action.option_strings and not isinstance(action, argparse._HelpAction):
             quiet._add_action(_without_default(action))
@@ -49,15 +147,19 @@ def _without_default(action: argparse.Action) -> argparse.Action:
     return action
 
 
-def size_flag(flag: str):
+def size_flag(setting: str):
     """An argparse `type` for --train-size/--test-size: `parse_size` with its message as the usage error."""
     def size(text: str) -> int | str:
         try:
-            return parse_size(text, flag)
+            return parse_size(text, setting)
         except MLMError as err:
-            raise argparse.ArgumentTypeError(str(err).removeprefix(f"{flag} ")) from None  # argparse names it
+            raise argparse.ArgumentTypeError(re.sub(r"^`\w+` ", "", str(err))) from None  # argparse names the flag
 
     return size
+
+
+def split_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def absolute_if_local(value: str | None, *, always: bool = False) -> str | None:

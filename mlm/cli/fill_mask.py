@@ -12,8 +12,7 @@ import argparse
 import json
 from dataclasses import asdict
 
-from mlm.cli.args import ArgumentParser
-from mlm.errors import run_cli
+from mlm.cli.args import ArgumentParser, run_command
 from mlm.files.hub import set_progress_bars
 from mlm.files.pretrained import check_tokenizer_fits, load_pretrained
 from mlm.fill_mask import fill_mask
@@ -61,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def run() -> None:
     """The `mlm-fill-mask` console script."""
-    run_cli(main)
+    run_command(main)
 
 
 if __name__ == "__main__":

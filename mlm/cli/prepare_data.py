@@ -14,65 +14,32 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-from mlm.cli.args import ArgumentParser, size_flag
-from mlm.data import load_chunks, split_train_test
-from mlm.errors import Interrupted, MLMError, run_cli
-from mlm.files.data_cache import default_cache_dir
-from mlm.files.data_files import DEFAULT_DATASET, SPLITS
+from mlm.cli.args import ArgumentParser, add_settings, run_command
+from mlm.corpus import load_chunks
+from mlm.data import split_train_test
+from mlm.errors import Interrupted, MLMError
+from mlm.files.data_files import SPLITS
 from mlm.files.hub import resolve_repo, set_progress_bars
 from mlm.run.signals import Signals
+from mlm.speed.fast_encode import fast_tokenizer
 from mlm.tokenizer import TOKENIZER_FILES, tokenizer_from_folder
 
 
-class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
-    """No "(default: None)" where the help says what None means, nor "(default: True)" on --no-progress."""
-
-    def _get_help_string(self, action):
-        if action.default is None or isinstance(action.default, bool):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_Defaults)
-    parser.add_argument(
-        "--dataset", default=DEFAULT_DATASET,
-        help="Hub dataset repo id, a local folder with the Hub layout (plain_text/{split}-*.parquet) or of any "
-             "data files at any depth, a glob, or a single .parquet/.jsonl/.csv/.txt file, optionally .gz/.zst "
-             "(see docs/corpora.md).",
-    )
-    parser.add_argument(
-        "--tokenizer", default="distilbert-base-uncased",
-        help="Hub model repo id or local folder with tokenizer.json; its config.json, if present, bounds "
-             "--chunk-size by max_position_embeddings.",
-    )
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokenizer", default="distilbert-base-uncased",
+                        help="Hub model repo id or local folder with tokenizer.json; its config.json, if present, "
+                             "bounds --chunk-size by max_position_embeddings (default: %(default)s)")
     parser.add_argument("--splits", default="train",
-                        help=f"Comma-separated splits to prepare, from {', '.join(SPLITS)}.")
-    parser.add_argument("--text-column", default="text",
-                        help="Column holding the text in parquet, JSON-lines and CSV files (a .txt file is all text).")
-    parser.add_argument("--chunk-size", type=int, default=128, help="Tokens per chunk.")
-    parser.add_argument(
-        "--group-size", type=int, default=None,
-        help="Join reviews per group of this many before chunking, like datasets.map(batched=True) with "
-             "batch_size=N (1000 reproduces the course's chunk counts); default: join the whole split.",
-    )
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help=f"Where the chunk stores go (default: $MLM_CACHE or {default_cache_dir()}).")
-    parser.add_argument("--no-cache", action="store_true",
-                        help="Neither read nor write a store: tokenize the whole split in memory.")
+                        help=f"comma-separated splits to prepare, from {', '.join(SPLITS)} (default: %(default)s)")
     parser.add_argument("--revision", default=None,
-                        help="Git revision of the Hub dataset repo (branch, tag or commit); Hub ids only.")
-    parser.add_argument("--train-size", type=size_flag("--train-size"), default=10_000,
-                        help="Chunks drawn from the train split for training, or 'all' (shown, not stored).")
-    parser.add_argument("--test-size", type=size_flag("--test-size"), default=1_000,
-                        help="Chunks drawn from the train split for evaluation, disjoint from the above, or a "
-                             "percentage such as 5%%.")
-    parser.add_argument("--data-seed", "--seed", dest="seed", type=int, default=42,
-                        help="seed of the train/test draw, as mlm-train's --data-seed (default: %(default)s)")
-    parser.add_argument("--no-progress", dest="progress_bar", action="store_false",
-                        help="No progress bars (tokenizing, Hub downloads); by default they show on a terminal.")
+                        help="git revision of the Hub dataset repo (branch, tag or commit); Hub ids only")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="neither read nor write a store: tokenize the whole split in memory")
+    add_settings(parser, ["dataset", "text_column", "chunk_size", "group_size", "cache_dir", "fast_tokenize",
+                          "train_size", "test_size", "data_seed", "progress_bar"])
+    parser.hints["--model"] = "mlm-prepare-data needs the model's tokenizer only: --tokenizer MODEL"
     return parser.parse_args(argv)
 
 
@@ -97,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     if not splits:
         raise MLMError("--splits is empty; name at least one split, e.g. --splits train.")
     tokenizer, max_positions = load_tokenizer_and_limit(args.tokenizer)
+    if args.fast_tokenize == "on":
+        tokenizer = fast_tokenizer(tokenizer)
     rows = []
     for split in splits:
         start = time.perf_counter()
@@ -122,15 +91,15 @@ def main(argv: list[str] | None = None) -> None:
     for split, chunks, _ in rows:
         if split == "train":
             train, test = split_train_test(
-                chunks, train_size=args.train_size, test_size=args.test_size, seed=args.seed
+                chunks, train_size=args.train_size, test_size=args.test_size, seed=args.data_seed
             )
-            print(f"downsampled train split (seed {args.seed}): {len(train):,} train chunks, "
+            print(f"downsampled train split (seed {args.data_seed}): {len(train):,} train chunks, "
                   f"{len(test):,} test chunks of {chunks.chunk_size} tokens")
 
 
 def run() -> None:
     """The `mlm-prepare-data` console script."""
-    run_cli(main)
+    run_command(main)
 
 
 if __name__ == "__main__":

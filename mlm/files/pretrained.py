@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from mlm.errors import MLMError
 from mlm.files.hub import resolve_repo
+from mlm.files.writes import atomic_write, atomic_write_text
 from mlm.model import ACTIVATIONS, DistilBertConfig, DistilBertForMaskedLM
 
 CONFIG_FILE = "config.json"
@@ -59,6 +58,19 @@ def load_pretrained(name_or_path: str | Path, revision: str | None = None) -> Di
     config = read_config(config_path)
     state = read_safetensors(weights_path)
     return model_from_state_dict(config, state, source=weights_path)
+
+
+def load_model(name_or_path: str | Path, *, init: str = "pretrained", revision: str | None = None,
+               tokenizer=None) -> DistilBertForMaskedLM:
+    """The pretrained model, or (init="random") a freshly initialised one of its config.json, in float32 on the CPU;
+    with `tokenizer`, refused unless the model has an embedding row for every token id."""
+    if init == "pretrained":
+        model = load_pretrained(name_or_path, revision=revision)
+    else:
+        model = DistilBertForMaskedLM(load_config(name_or_path, revision=revision))
+    if tokenizer is not None:
+        check_tokenizer_fits(model, tokenizer.vocab_size, str(name_or_path))
+    return model
 
 
 def check_tokenizer_fits(model: DistilBertForMaskedLM, tokenizer_vocab_size: int, name: str) -> None:
@@ -174,31 +186,6 @@ def save_pretrained(model: DistilBertForMaskedLM, directory: str | Path, tokeniz
     atomic_write_text(directory / CONFIG_FILE, config_text)
     if tokenizer is not None:
         tokenizer.save(directory)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(temporary_path) for a file next to `path`, then rename it over `path` (atomic on POSIX)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        normal_permissions(Path(tmp))  # mkstemp makes the file private (0600); the final file should not be
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def normal_permissions(path: Path, *, directory: bool = False) -> None:
-    """Give `path` the permissions a plain open()/mkdir() would: 0666 (0777 for a folder) less the umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def load_config(name_or_path: str | Path, revision: str | None = None) -> DistilBertConfig:

@@ -12,7 +12,8 @@ A checkpoint is a folder `<output_dir>/checkpoints/step-000123/` holding
 Nothing is pickled: tensors go to safetensors, everything else to JSON. A checkpoint is first written to a
 hidden temporary folder and then renamed into place, so a crash or Ctrl-C mid-save never leaves a half-written
 checkpoint that --resume would pick up. The manifest catches what the rename cannot: a file damaged later (a bad
-copy, a disk error, a hand edit) still parses, but no longer matches its checksum, and --resume refuses it.
+copy, a disk error, a hand edit) still parses, but no longer matches its checksum, and --resume refuses it; a
+checkpoint without its manifest is refused too, since nothing could then vouch for its files.
 """
 
 from __future__ import annotations
@@ -33,20 +34,20 @@ from mlm.files.hashing import file_sha256
 from mlm.files.pretrained import (
     config_to_dict,
     model_from_state_dict,
-    normal_permissions,
     read_config,
     read_safetensors,
     save_pretrained,
 )
+from mlm.files.writes import normal_permissions
 from mlm.model import DistilBertForMaskedLM
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 MANIFEST_FILE = "manifest.json"
 RECORD_COPY = "run.json"  # mlm.run.record.RECORD_FILE
+REQUIRED_FILES = {"config.json", "model.safetensors", OPTIMIZER_FILE, STATE_FILE, RECORD_COPY}
 CHECKPOINT_NAME = re.compile(r"^step-(\d+)$")
 TMP_PREFIX = ".tmp-"
-LEGACY_PROGRESS_KEYS = {"train_seconds", "train_tokens", "before", "segment"}  # now in the run record
 
 
 @dataclass
@@ -56,7 +57,20 @@ class Progress:
     epoch: int = 0  # the epoch in progress, 0-based
     step_in_epoch: int = 0  # steps of `epoch` already done; resuming starts at this batch of its permutation
     global_step: int = 0  # steps done in the whole run
-    schedule_step: int = 0  # steps that updated the weights (fp16 steps skipped for inf gradients excluded)
+    # steps that updated the weights (fp16 steps skipped for inf gradients excluded); under fp16 a () device tensor
+    # once a step ran (mlm/speed/amp.py), read back for a checkpoint only
+    schedule_step: int | torch.Tensor = 0
+
+    def advance(self, *, ran: int | torch.Tensor, steps_in_epoch: int) -> None:
+        """One optimizer step done; `ran` (0 or 1) says whether it updated the weights."""
+        self.global_step += 1
+        self.schedule_step += ran
+        self.step_in_epoch += 1
+        if self.step_in_epoch == steps_in_epoch:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+
+    def as_json(self) -> dict:
+        return {**asdict(self), "schedule_step": int(self.schedule_step)}
 
 
 def checkpoint_dir(output_dir: Path) -> Path:
@@ -91,7 +105,7 @@ def save_training_checkpoint(
         save_file(tensors, tmp / OPTIMIZER_FILE)
         normal_permissions(tmp / OPTIMIZER_FILE)  # safetensors renames its own private (0600) temporary file
         state = {
-            "progress": asdict(progress),
+            "progress": progress.as_json(),
             "param_groups": groups,
             "grad_scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         }
@@ -156,9 +170,8 @@ def load_training_checkpoint(
     optimizer.load_state_dict(_optimizer_from_tensors(tensors, state["param_groups"]))
     if scaler is not None and state["grad_scaler"] is not None:
         scaler.load_state_dict(state["grad_scaler"])
-    known = {f.name for f in fields(Progress)}  # older checkpoints also kept time and tokens here
     rng = {name: tensor for name, tensor in tensors.items() if name.startswith("rng.")}
-    return Progress(**{k: v for k, v in state["progress"].items() if k in known}), rng
+    return Progress(**state["progress"]), rng
 
 
 class CheckpointError(MLMError):
@@ -174,15 +187,14 @@ def read_state(path: Path) -> dict:
         state = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{file} is unreadable ({err}).") from None
-    progress_keys = {f.name for f in fields(Progress)} | LEGACY_PROGRESS_KEYS
+    progress_keys = {f.name for f in fields(Progress)}
     shape_ok = (
         isinstance(state, dict)
-        and isinstance(state.get("progress"), dict) and set(state["progress"]) <= progress_keys
-        and all(isinstance(state["progress"].get(k, 0), int) and state["progress"].get(k, 0) >= 0
-                for k in ("epoch", "step_in_epoch", "global_step", "schedule_step"))
+        and isinstance(state.get("progress"), dict) and set(state["progress"]) == progress_keys
+        and all(isinstance(value, int) and not isinstance(value, bool) and value >= 0
+                for value in state["progress"].values())
         and isinstance(state.get("param_groups"), list) and all(isinstance(g, dict) for g in state["param_groups"])
         and (state.get("grad_scaler") is None or isinstance(state["grad_scaler"], dict))
-        and (state.get("settings") is None or isinstance(state["settings"], dict))
     )
     if not shape_ok:
         raise CheckpointError(f"{file} does not have the layout of an mlm trainer state (progress, param_groups, "
@@ -191,19 +203,22 @@ def read_state(path: Path) -> dict:
 
 
 def verify_checkpoint(path: Path) -> None:
-    """Raise CheckpointError unless every file listed in `path`'s manifest is there with its size and sha256.
-    A checkpoint from before manifests existed (no manifest.json) is accepted as it is."""
+    """Raise CheckpointError unless `path` has its manifest and every file it lists is there with its size and
+    sha256."""
     path = Path(path)
     manifest_file = path / MANIFEST_FILE
     if not manifest_file.is_file():
-        if not (path / STATE_FILE).is_file():
-            raise CheckpointError(f"{path} is not a complete checkpoint (no {STATE_FILE}).")
-        return
+        raise CheckpointError(f"{path} has no {MANIFEST_FILE}, so nothing vouches for its files (a checkpoint gets one "
+                              "when its save completes).")
     try:
         files = json.loads(manifest_file.read_text(encoding="utf-8"))["files"]
         entries = [(name, int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise CheckpointError(f"{manifest_file} is unreadable ({type(err).__name__}: {err}).") from None
+    listed = {name for name, _, _ in entries}
+    if not REQUIRED_FILES <= listed or any("/" in name or name.startswith(".") for name in listed):
+        raise CheckpointError(f"{manifest_file} does not list a checkpoint's files ({', '.join(sorted(REQUIRED_FILES))}"
+                              ", each by its plain name).")
     for name, size, digest in entries:
         file = path / name
         if not file.is_file():
@@ -265,13 +280,3 @@ def _optimizer_from_tensors(tensors: dict[str, torch.Tensor], groups: list[dict]
     # JSON turned the betas tuple into a list; AdamW expects a tuple.
     groups = [{**group, "betas": tuple(group["betas"])} if "betas" in group else group for group in groups]
     return {"state": state, "param_groups": groups}
-
-
-def restore_legacy_rng_states(tensors: dict[str, torch.Tensor]) -> None:
-    """Checkpoints written before per-process RNG states held rank 0's alone: "rng.cpu", "rng.cuda.<device>"."""
-    torch.set_rng_state(tensors["rng.cpu"])
-    # Numeric order of the device index: rng.cuda.10 comes after rng.cuda.2.
-    cuda_keys = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
-    cuda_states = [tensors[k] for k in cuda_keys]
-    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda_states)

@@ -1,13 +1,15 @@
-"""A run's output folder: one run at a time, and nothing lost or mixed.
+"""A run's output folder: one run at a time, written only where the run may write, and nothing lost.
 
-    lock         `.lock` names the run that holds the folder (pid, host, start time), from before setup to the
-                 end; a second run is refused at once. A lock left by a dead process on this host is taken over.
-    resume point --resume latest / a checkpoint folder, or a refusal to mix a new run into an old one; read-only.
-    start        only once setup has succeeded: --overwrite moves the old run aside into `.replaced-run/` (kept
-                 until the new run has written a checkpoint or finished, put back if it fails before), temporary
-                 folders of interrupted saves are removed.
-    abandon      a run that fails before its first checkpoint removes what it wrote and puts back what it
-                 replaced, so the folder is as it was before the run.
+    lock       `.lock` names the run that holds the folder (pid, host, start time), from before setup to the end;
+               a second run is refused at once. A lock left by a dead process on this host is taken over.
+    the rule   a new run starts only in a folder that is missing or empty. A folder holding a run (run.json) is
+               continued with --resume or replaced with --overwrite; any other folder is refused: its files are
+               not a run's to touch.
+    written    every name the run writes in the folder is noted (and kept in its record) before it is written: a
+               run that fails before its first checkpoint removes exactly those, nothing else.
+    overwrite  once setup has succeeded, the old run is moved aside in one rename of the whole folder, to
+               `.NAME.replaced-run` beside it. It is deleted once the new run has a checkpoint, and put back if the
+               new run fails before; a kill at any point is recovered by the next run in the folder.
 """
 
 from __future__ import annotations
@@ -21,68 +23,41 @@ import time
 from pathlib import Path
 
 from mlm.errors import MLMError
-from mlm.run.checkpoints import list_checkpoints, remove_stale_temporaries
-from mlm.run.record import read_record
+from mlm.run.checkpoints import CheckpointError, list_checkpoints, remove_stale_temporaries, verify_checkpoint
+from mlm.run.record import RECORD_FILE, read_record
 
 LOCK_FILE = ".lock"
-ASIDE_DIR = ".replaced-run"
-# What marks a folder as holding a run, and what a run writes (moved aside by --overwrite, removed by abandon).
-RUN_FILES = ("run.json", "metrics.jsonl", "checkpoints", "config.json", "model.safetensors",
-             "args.json", "summary.json")  # the last two: folders of mlm before run records
-OUTPUT_FILES = RUN_FILES + ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "README.md", "tensorboard")
+REPLACED = ".replaced-run.json"  # in the folder moved aside: whose run it holds, until the put-back begins
+RESTORING = ".restoring-run.json"  # the same, once the new run's files are gone and the old ones move back
+# What a run writes before its first checkpoint: all a failed --overwrite run can have left in the folder.
+EARLY_OUTPUTS = (RECORD_FILE, "metrics.jsonl", "tensorboard", "checkpoints")
 
 
 class RunFolder:
-    """The output folder of this run; rank 0 holds its lock, other processes only read it."""
+    """The output folder of this run; rank 0 holds its lock and writes, other processes only read it."""
 
     def __init__(self, path: Path, *, is_main: bool):
         self.path, self.is_main = path, is_main
         self.created = False  # this run created the folder
         self.locked = False
-        self.started = False  # start() ran: this run may have written files
         self.aside: Path | None = None  # the old run, moved aside by --overwrite and not yet dropped
-        self.committed = False  # the run wrote a checkpoint or finished: nothing left to undo
+        self.committed = False  # the run wrote a checkpoint or finished, or resumed one: nothing left to undo
+        self.written: dict[str, str | None] = {}  # names this run wrote here (README.md: the card's sha256)
 
     @classmethod
     def lock(cls, output_dir: str, *, is_main: bool) -> RunFolder:
         """Take the folder's lock (creating the folder if needed) or refuse at once, naming the holder."""
         folder = cls(Path(output_dir).expanduser(), is_main=is_main)
         if is_main:
-            folder._acquire()
-        return folder
-
-    def _acquire(self) -> None:
-        lock = self.path / LOCK_FILE
-        me = {"pid": os.getpid(), "host": socket.gethostname(),
-              "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
-        try:
-            self.created = not self.path.exists()
-            self.path.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f"{LOCK_FILE}.", suffix=".tmp")
+            folder.created = not folder.path.exists()
             try:
-                with os.fdopen(fd, "w") as handle:
-                    json.dump(me, handle)
-                for _ in range(3):
-                    try:
-                        os.link(tmp, lock)  # atomic: fails if the lock exists, and never leaves a half-written one
-                        self.locked = True
-                        return
-                    except FileExistsError:
-                        holder = _read_holder(lock)
-                        if not _is_stale(holder) or not _take_over(lock, holder):
-                            raise MLMError(
-                                f"{self.path} is in use by another run ({_describe(holder)}). Wait for it to end "
-                                f"or choose another --output-dir; if that process no longer runs, delete {lock}."
-                            ) from None
-                        print(f"note: took over the lock of {self.path} left by a process that no longer runs "
-                              f"({_describe(holder)}).", flush=True)
-                raise MLMError(f"Could not lock {self.path}: other runs keep taking it. Choose another --output-dir.")
-            finally:
-                Path(tmp).unlink(missing_ok=True)
-        except OSError as err:
-            self._remove_if_created()
-            raise MLMError(f"Cannot write to the output folder {self.path}: {err.strerror or err}. Choose a "
-                           "writable --output-dir (and check the free space).") from None
+                folder.path.mkdir(parents=True, exist_ok=True)
+                folder.locked = _take_lock(folder.path)
+            except OSError as err:
+                folder._remove_if_created()
+                raise MLMError(f"Cannot write to the output folder {folder.path}: {err.strerror or err}. Choose a "
+                               "writable output folder (and check the free space).") from None
+        return folder
 
     def release(self) -> None:
         if self.locked:
@@ -94,98 +69,245 @@ class RunFolder:
         if self.created and self.path.is_dir() and not any(self.path.iterdir()):
             self.path.rmdir()
 
-    # ----------------------------------------------------------------------------------------------------------
+    # -- before the run writes -----------------------------------------------------------------------------------
 
     def resume_point(self, resume: str | None, overwrite: bool) -> Path | None:
-        """The checkpoint to resume from (None: a new run), or an MLMError if the folder holds another run that
-        neither --resume nor --overwrite accounts for. Reads only."""
-        if self.is_main and (self.path / ASIDE_DIR).is_dir():
+        """The checkpoint to resume from (None: a new run), or an MLMError if the folder is not this run's to write
+        in. Reads only (but for putting back a run an interrupted --overwrite had moved aside)."""
+        if self.is_main:
             self._recover_interrupted_overwrite()
         if resume == "latest":
-            checkpoints = list_checkpoints(self.path)
-            if not checkpoints:
-                raise MLMError(f"--resume latest: no checkpoint in {self.path / 'checkpoints'}. Start a new run "
-                               "without --resume (with --overwrite if the folder holds files of a run).")
-            return checkpoints[-1]
+            return self._latest_checkpoint()
         if resume:
             path = Path(resume).expanduser()
             if not path.is_dir():
-                raise MLMError(f"--resume {resume}: no such checkpoint folder.")
+                raise MLMError(f"`resume` {resume}: no such checkpoint folder.")
             return path
-        existing = [name for name in RUN_FILES if (self.path / name).exists()]
-        if existing and not overwrite:
-            hint = ("It never saved a checkpoint, so it cannot be resumed: pass " if not list_checkpoints(self.path)
-                    else "It is finished: pass --resume latest --extend with more --epochs to train it further, "
-                    if _is_finished(self.path) else "Pass --resume latest to continue it, ")
-            raise MLMError(f"{self.path} already holds a run ({', '.join(existing)}). {hint}--overwrite to replace "
-                           "it, or choose another --output-dir.")
+        if (self.path / RECORD_FILE).is_file() or list_checkpoints(self.path):
+            if not overwrite:
+                raise MLMError(f"{self.path} already holds a run. {self._what_to_do()} Pass `overwrite` to replace "
+                               "it, or choose another output folder.")
+            if self.is_main and (others := self.files_not_of_the_run()):
+                raise MLMError(f"{self.path} holds files its run did not write ({_listed(others)}): `overwrite` "
+                               "replaces the whole folder, so move them out first, or choose another output folder.")
+        elif self.is_main and (others := self.files_not_of_the_run()):
+            raise MLMError(f"{self.path} is not empty and holds no run ({_listed(others)}): a run writes only into an "
+                           "empty or new folder, or one holding a run. Choose another output folder.")
         return None
 
-    def start(self, *, overwrite: bool, resume_from: Path | None) -> list[str]:
+    def _latest_checkpoint(self) -> Path:
+        checkpoints = list_checkpoints(self.path)
+        if checkpoints:
+            return checkpoints[-1]
+        if not self.path.is_dir() or self.created:
+            raise MLMError(f"`resume` latest: there is no run in {self.path} (no such folder). Check the output "
+                           "folder, or start a new run without `resume`.")
+        record = folder_record(self.path)
+        if record is not None and record.finished:
+            raise MLMError(f"`resume` latest: {self.path} holds a finished run whose checkpoints were deleted, so it "
+                           "cannot be trained further. Start a new run from its model: --model "
+                           f"{self.path} in another output folder.")
+        raise MLMError(f"`resume` latest: no checkpoint in {self.path / 'checkpoints'}: the run there never saved "
+                       "one (or this process cannot see it: with several nodes the output folder must be shared). "
+                       "Start a new run with `overwrite`.")
+
+    def _what_to_do(self) -> str:
+        record = folder_record(self.path)
+        if not list_checkpoints(self.path):
+            return "It never saved a checkpoint, so it cannot be resumed."
+        if record is not None and record.finished:
+            return "It is finished: resume it with `resume` latest and `extend` to train it for longer."
+        return "Continue it with `resume` latest."
+
+    def files_not_of_the_run(self) -> list[str]:
+        """The names in the folder that its run's record does not list as written (mlm's own lock and temporary
+        files aside); with no run there, every name."""
+        record = folder_record(self.path)
+        ours = set(record.written) | {RECORD_FILE} if record is not None else set()
+        return sorted(entry.name for entry in self.path.iterdir()
+                      if entry.name not in ours and not _mlm_internal(entry.name)) if self.path.is_dir() else []
+
+    # -- the run writes ------------------------------------------------------------------------------------------
+
+    def start(self, *, overwrite: bool, resuming: bool, run_id: str | None) -> list[str]:
         """Make the folder ready for writing, now that the run is known to start; return notes for the user."""
-        self.started = True
-        notes = []
+        self.committed = resuming  # a resumed run has its checkpoints already
         if not self.is_main:
-            return notes
-        stale = remove_stale_temporaries(self.path)
-        if stale:
+            return []
+        notes = []
+        if stale := remove_stale_temporaries(self.path):
             notes.append(f"removed {len(stale)} unfinished checkpoint folder(s) of an interrupted save.")
         for leftover in self.path.glob(".*.tmp"):  # atomic writes a crash interrupted
             if not leftover.name.startswith(f"{LOCK_FILE}."):  # another run trying the lock right now
                 leftover.unlink(missing_ok=True)
-        existing = [name for name in OUTPUT_FILES if (self.path / name).exists()]
-        if overwrite and resume_from is None and existing:
-            self.aside = self.path / ASIDE_DIR
-            self.aside.mkdir()
-            for name in existing:
-                os.replace(self.path / name, self.aside / name)
+        if overwrite and not resuming and ((self.path / RECORD_FILE).is_file() or list_checkpoints(self.path)):
+            self._move_aside(run_id)
             notes.append(f"moved the previous run aside to {self.aside}; it is deleted once this run has saved its "
                          "first checkpoint, and put back if this run fails before.")
-        self.committed = resume_from is not None  # a resumed run has its checkpoints already
         return notes
+
+    def writes(self, name: str, card_sha256: str | None = None) -> None:
+        """Note that the run writes `name` (a file or folder at the folder's top), before it writes it."""
+        self.written[name] = card_sha256
+
+    def may_replace(self, name: str, owned: dict) -> bool:
+        """Whether the run may write `name` over what is there: nothing is, or the run wrote it (README.md: the same
+        card it wrote, unedited since)."""
+        target = self.path / name
+        if not target.exists():
+            return True
+        if name not in owned:
+            return False
+        from mlm.files.hashing import file_sha256
+
+        return owned[name] is None or file_sha256(target) == owned[name]
 
     def commit(self) -> None:
         """The run has a checkpoint or its final model: the replaced run is no longer needed."""
         self.committed = True
         if self.aside is not None:
-            shutil.rmtree(self.aside, ignore_errors=True)
+            _delete(self.aside)
             self.aside = None
 
     def abandon(self) -> None:
         """The run failed. Before its first checkpoint: remove what it wrote and put back what it replaced."""
-        if not self.is_main or not self.started or self.committed:
+        if not self.is_main or self.committed:
             return
-        for name in OUTPUT_FILES:
-            target = self.path / name
-            if target.is_dir():
-                shutil.rmtree(target, ignore_errors=True)
-            elif target.exists():
-                target.unlink()
+        for name in self.written:
+            _remove(self.path / name)
         if self.aside is not None:
-            for entry in self.aside.iterdir():
-                os.replace(entry, self.path / entry.name)
-            self.aside.rmdir()
+            self._put_back(self.aside)
             self.aside = None
 
+    # -- --overwrite ---------------------------------------------------------------------------------------------
+
+    def _move_aside(self, run_id: str | None) -> None:
+        aside = _aside_of(self.path)
+        (self.path / REPLACED).write_text(json.dumps({"run_id": run_id}), encoding="utf-8")
+        os.replace(self.path, aside)  # the whole old run in one rename, our lock with it
+        self.aside = aside
+        try:
+            self.path.mkdir()
+            self.locked = _take_lock(self.path)
+        except (OSError, MLMError):
+            self.locked = False
+            raise MLMError(f"Another run took {self.path} while its old run was being moved aside; the old run is in "
+                           f"{aside}: move it back once that run has ended.") from None
+        (aside / LOCK_FILE).unlink(missing_ok=True)
+
     def _recover_interrupted_overwrite(self) -> None:
-        """An --overwrite run was killed before its first checkpoint: its files go, the run it replaced returns."""
-        aside = self.path / ASIDE_DIR
-        if list_checkpoints(self.path):  # the new run did save one (killed while deleting the old run)
-            shutil.rmtree(aside, ignore_errors=True)
+        """A run that replaced this folder's run (--overwrite) was killed: drop the old run if the new one had saved
+        a checkpoint, else put the old one back."""
+        aside = _aside_of(self.path)
+        deleting = aside.with_name(aside.name + ".deleting")
+        if deleting.is_dir():
+            shutil.rmtree(deleting, ignore_errors=True)
+        if not aside.is_dir():
+            (self.path / REPLACED).unlink(missing_ok=True)  # written just before a move aside that a kill prevented
             return
-        self.started, self.aside = True, aside
-        self.abandon()
-        self.started = False
-        print(f"note: {self.path}: an --overwrite run ended before its first checkpoint; the run it replaced is "
-              "back in place.", flush=True)
+        holder = _read_holder(aside / LOCK_FILE)
+        if holder and not _is_stale(holder):
+            raise MLMError(f"{aside} holds a run that a running process ({_describe(holder)}) moved aside; wait for it "
+                           "to end.")
+        marker = next((aside / name for name in (REPLACED, RESTORING) if (aside / name).is_file()), None)
+        old_run = json.loads(marker.read_text(encoding="utf-8")).get("run_id") if marker else None
+        if self._has_checkpoint_of_another_run(old_run):
+            _delete(aside)
+            return
+        self._put_back(aside)
+        print(f"note: {self.path}: an --overwrite run ended before its first checkpoint; the run it replaced is back "
+              "in place.", flush=True)
 
-
-def _is_finished(folder: Path) -> bool:
-    try:
-        record = read_record(folder)
-    except MLMError:
+    def _has_checkpoint_of_another_run(self, old_run: str | None) -> bool:
+        for checkpoint in reversed(list_checkpoints(self.path)):
+            try:
+                verify_checkpoint(checkpoint)
+                record = read_record(checkpoint)
+            except (CheckpointError, MLMError):
+                continue
+            return record is not None and record.run_id != old_run
         return False
-    return record is not None and record.finished
+
+    def _put_back(self, aside: Path) -> None:
+        """Remove what the new run wrote, then move the old run's files back; each phase is safe to redo after a kill:
+        the marker's rename between them says the first is done."""
+        if (aside / REPLACED).is_file():
+            for name in EARLY_OUTPUTS:
+                _remove(self.path / name)
+            os.replace(aside / REPLACED, aside / RESTORING)
+        for entry in aside.iterdir():
+            if entry.name not in (LOCK_FILE, RESTORING):
+                _remove(self.path / entry.name)
+                os.replace(entry, self.path / entry.name)
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def folder_record(path: Path):
+    """The record of the run in `path`: its run.json, else the copy in its newest intact checkpoint, else None."""
+    if (path / RECORD_FILE).is_file():
+        return read_record(path)
+    for checkpoint in reversed(list_checkpoints(path)):
+        try:
+            verify_checkpoint(checkpoint)
+            return read_record(checkpoint)
+        except (CheckpointError, MLMError):
+            continue
+    return None
+
+
+def _aside_of(path: Path) -> Path:
+    return path.parent / f".{path.name}.replaced-run"
+
+
+def _delete(aside: Path) -> None:
+    # Renamed first: a kill during the deletion leaves a folder whose name says it is being deleted.
+    deleting = aside.with_name(aside.name + ".deleting")
+    os.replace(aside, deleting)
+    shutil.rmtree(deleting, ignore_errors=True)
+
+
+def _remove(target: Path) -> None:
+    if target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target, ignore_errors=True)
+    elif target.exists() or target.is_symlink():
+        target.unlink()
+
+
+def _mlm_internal(name: str) -> bool:
+    """mlm's own lock, markers and the temporary files of its atomic writes: not files of the user's."""
+    return (name in (LOCK_FILE, REPLACED, RESTORING) or (name.startswith(".") and name.endswith(".tmp"))
+            or name.startswith(f"{LOCK_FILE}."))
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
+# -- the lock ------------------------------------------------------------------------------------------------------
+
+
+def _take_lock(path: Path) -> bool:
+    lock = path / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    fd, tmp = tempfile.mkstemp(dir=path, prefix=f"{LOCK_FILE}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(me, handle)
+        for _ in range(3):
+            try:
+                os.link(tmp, lock)  # atomic: fails if the lock exists, and never leaves a half-written one
+                return True
+            except FileExistsError:
+                holder = _read_holder(lock)
+                if not _is_stale(holder) or not _take_over(lock, holder):
+                    raise MLMError(f"{path} is in use by another run ({_describe(holder)}). Wait for it to end or "
+                                   f"choose another output folder; if that process no longer runs, delete {lock}."
+                                   ) from None
+                print(f"note: took over the lock of {path} left by a process that no longer runs "
+                      f"({_describe(holder)}).", flush=True)
+        raise MLMError(f"Could not lock {path}: other runs keep taking it. Choose another output folder.")
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def _read_holder(lock: Path) -> dict:

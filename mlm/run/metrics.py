@@ -37,22 +37,19 @@ class Meter:
 
     def __init__(self, device: torch.device, *, seconds: float = 0.0, tokens: int = 0):
         self.loss_sum = torch.zeros((), device=device)  # summed on the device: read back once per log interval
-        self.skipped_on_device = torch.zeros((), device=device)  # fp16's skipped steps, likewise
-        self.steps = self.tokens = self.skipped_on_host = 0
+        self.ran = torch.zeros((), dtype=torch.int64, device=device)  # steps that updated the weights, likewise
+        self.steps = self.tokens = 0
         self.seconds = 0.0
         self.train_seconds, self.total_tokens = seconds, tokens  # the run's, earlier segments included
         self.clock = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, tokens: int, skipped: bool | torch.Tensor = False) -> None:
+    def add(self, loss: torch.Tensor, tokens: int, ran: int | torch.Tensor = 1) -> None:
         now = time.perf_counter()
-        if isinstance(skipped, torch.Tensor):
-            self.skipped_on_device += skipped
-        else:
-            self.skipped_on_host += int(skipped)
         self.seconds += now - self.clock
         self.train_seconds += now - self.clock
         self.clock = now
         self.loss_sum += loss
+        self.ran += ran
         self.steps += 1
         self.tokens += tokens
         self.total_tokens += tokens
@@ -63,12 +60,12 @@ class Meter:
 
     def start_interval(self) -> None:
         self.loss_sum.zero_()
-        self.skipped_on_device.zero_()
-        self.steps, self.tokens, self.seconds, self.skipped_on_host = 0, 0, 0.0, 0
+        self.ran.zero_()
+        self.steps, self.tokens, self.seconds = 0, 0, 0.0
 
     def skipped(self) -> int:
-        """Steps of the interval whose update fp16's GradScaler skipped (a host read when counted on the device)."""
-        return self.skipped_on_host + int(self.skipped_on_device)
+        """Steps of the interval whose update fp16's GradScaler skipped (a host read)."""
+        return self.steps - int(self.ran)
 
     def interval_tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0

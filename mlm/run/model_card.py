@@ -21,7 +21,7 @@ from pathlib import Path
 
 from mlm.errors import MLMError
 from mlm.files.hub import names_a_local_path
-from mlm.files.pretrained import atomic_write_text
+from mlm.files.writes import atomic_write_text
 from mlm.run.record import RECORD_FILE, RunRecord, read_record
 
 CARD_FILE = "README.md"

@@ -1,10 +1,10 @@
-"""Processes and devices, precision, and each process's random state: what a run needs around the model.
+"""Processes and devices, and each process's random state: what a run needs around the model.
 None of it knows about DistilBERT or masking."""
 
 from __future__ import annotations
 
-import inspect
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -12,135 +12,123 @@ import torch.distributed as dist
 
 from mlm.errors import MLMError
 
-# ---------------------------------------------------------------------------------------------------------------
-# Processes and devices
-
 
 @dataclass
 class Processes:
+    """This process's place among the run's processes (torchrun's RANK, WORLD_SIZE, LOCAL_RANK), and its device.
+    Every collective below is a plain return value in a single process."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    device: torch.device = torch.device("cpu")
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """The sum over processes (in place)."""
+        if self.world_size > 1:
+            dist.all_reduce(values)
+        return values
 
-def start_processes(device_choice: str) -> tuple[Processes, torch.device]:
+    def agree_on_signal(self, received: str | None) -> str | None:
+        """The stop signal one of the processes received (the highest-numbered, if several did), or None: every
+        process then stops at this step, and the record names the signal. A host sync on a GPU: call it at the same
+        steps in every process, not at each one."""
+        if self.world_size == 1:
+            return received
+        number = torch.tensor([signal.Signals[received].value if received else 0], device=self.device)
+        dist.all_reduce(number, op=dist.ReduceOp.MAX)
+        return signal.Signals(int(number.item())).name if int(number.item()) else None
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def gather_interleaved(self, rows: torch.Tensor) -> torch.Tensor:
+        """Process r's `rows` (n_r, C) CPU float64 hold rows r, r + world_size, r + 2 world_size, … of a table:
+        every process gets the whole table back, in row order."""
+        if self.world_size == 1:
+            return rows
+        count = torch.tensor([len(rows)], device=self.device)
+        counts = [torch.zeros_like(count) for _ in range(self.world_size)]
+        dist.all_gather(counts, count)
+        longest = int(max(counts).item())
+        padded = torch.zeros((longest, rows.shape[1]), dtype=rows.dtype, device=self.device)
+        padded[: len(rows)] = rows.to(self.device)
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)  # NCCL moves GPU tensors only, hence the device
+        table = torch.empty((int(sum(counts).item()), rows.shape[1]), dtype=rows.dtype)
+        for rank, (part, n) in enumerate(zip(parts, counts)):
+            table[rank :: self.world_size] = part[: int(n.item())].cpu()
+        return table
+
+    def gather_rng_states(self) -> dict[str, torch.Tensor]:
+        """Every process's dropout generators, for rank 0 to store in a checkpoint: {"rng.rank{r}.cpu": (S,) uint8,
+        "rng.rank{r}.cuda": (S,) uint8 on a GPU}. Each process draws its own dropout masks, so a resume that
+        restored rank 0's state alone would give the other ranks new streams, and other weights."""
+        states = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self.device)
+        gathered = {}
+        for kind, state in sorted(states.items()):
+            if self.world_size == 1:
+                parts = [state]
+            else:  # the states are fixed-size byte tensors, the same size on every rank
+                local = state.to(self.device)
+                parts = [torch.empty_like(local) for _ in range(self.world_size)]
+                dist.all_gather(parts, local)
+            gathered.update({f"rng.rank{rank}.{kind}": part.cpu() for rank, part in enumerate(parts)})
+        return gathered
+
+    def restore_rng_state(self, tensors: dict[str, torch.Tensor]) -> bool:
+        """Set this process's dropout generators from a checkpoint's tensors; False if it holds none for this rank."""
+        cpu = tensors.get(f"rng.rank{self.rank}.cpu")
+        if cpu is None:
+            return False
+        torch.set_rng_state(cpu)
+        cuda = tensors.get(f"rng.rank{self.rank}.cuda")
+        if cuda is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(cuda, self.device)
+        return True
+
+
+def start_processes(device_choice: str) -> Processes:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1), and pick this process's device."""
-    procs = Processes(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                      int(os.environ.get("LOCAL_RANK", 0)))
-    if device_choice == "auto":
-        device_choice = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device_choice)
-    except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
-        raise MLMError(f"--device {device_choice!r} is not a device mlm trains on: use auto, cpu, cuda or cuda:N.")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MLMError(f"--device {device_choice} was asked for, but torch sees no CUDA GPU. Use --device cpu.")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise MLMError(f"--device {device_choice}: torch sees {torch.cuda.device_count()} GPU(s), numbered from 0.")
-    if device.type == "cuda" and procs.world_size > 1:
-        device = torch.device("cuda", procs.local_rank)
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = pick_device(device_choice)
+    if device.type == "cuda" and world_size > 1:
+        device = torch.device("cuda", local_rank)
     elif device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # set_device needs an index
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if procs.world_size > 1 and not dist.is_initialized():
+    if world_size > 1 and not dist.is_initialized():
         # NCCL between GPUs; gloo lets the same code run (and be tested) with CPU processes.
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return procs, device
+    return Processes(rank, world_size, local_rank, device)
+
+
+def pick_device(choice: str) -> torch.device:
+    """auto (a GPU when torch sees one), cpu, cuda or cuda:N, checked."""
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(choice)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
+        raise MLMError(f"`device` {choice!r} is not a device mlm runs on: use auto, cpu, cuda or cuda:N.")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MLMError(f"`device` {choice} was asked for, but torch sees no CUDA GPU. Use cpu.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise MLMError(f"`device` {choice}: torch sees {torch.cuda.device_count()} GPU(s), numbered from 0.")
+    return device
 
 
 def end_processes(procs: Processes) -> None:
     if procs.world_size > 1:
         dist.destroy_process_group()
-
-
-def all_reduce_sum(values: torch.Tensor, procs: Processes) -> torch.Tensor:
-    """The sum over processes (in place), or `values` itself in a single process."""
-    if procs.world_size > 1:
-        dist.all_reduce(values)
-    return values
-
-
-def any_process(flag: bool, procs: Processes, device: torch.device) -> bool:
-    """True if `flag` is set in any process. It reads the result back (a host sync on a GPU): call it at the same
-    steps in every process, not at each one."""
-    if procs.world_size == 1:
-        return flag
-    return bool(all_reduce_sum(torch.tensor([float(flag)], device=device), procs).item())
-
-
-def barrier(procs: Processes) -> None:
-    if procs.world_size > 1:
-        dist.barrier()
-
-
-def gather_rng_states(procs: Processes, device: torch.device) -> dict[str, torch.Tensor]:
-    """Every process's dropout generators, for rank 0 to store in a checkpoint: {"rng.rank{r}.cpu": (S,) uint8,
-    "rng.rank{r}.cuda": (S,) uint8 on a GPU}. Each process draws its own dropout masks, so a resume that
-    restored rank 0's state alone would give the other ranks new streams, and other weights."""
-    states = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
-    gathered = {}
-    for kind, state in sorted(states.items()):
-        if procs.world_size == 1:
-            parts = [state]
-        else:  # NCCL moves GPU tensors only; the states are fixed-size byte tensors, the same size on every rank
-            local = state.to(device)
-            parts = [torch.empty_like(local) for _ in range(procs.world_size)]
-            dist.all_gather(parts, local)
-        gathered.update({f"rng.rank{rank}.{kind}": part.cpu() for rank, part in enumerate(parts)})
-    return gathered
-
-
-def restore_rng_state(tensors: dict[str, torch.Tensor], procs: Processes, device: torch.device) -> bool:
-    """Set this process's dropout generators from a checkpoint's tensors; False if it holds none for this rank."""
-    cpu = tensors.get(f"rng.rank{procs.rank}.cpu")
-    if cpu is None:
-        return False
-    torch.set_rng_state(cpu)
-    cuda = tensors.get(f"rng.rank{procs.rank}.cuda")
-    if cuda is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(cuda, device)
-    return True
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Precision
-
-
-@dataclass
-class Precision:
-    name: str  # fp32 | bf16 | fp16
-    autocast_dtype: torch.dtype | None  # None: plain fp32
-    scaler: torch.amp.GradScaler | None  # fp16 only
-
-
-def pick_precision(choice: str, device: torch.device) -> Precision:
-    """The precision for `choice` (auto | fp32 | bf16 | fp16) on `device`.
-
-    auto: bf16 autocast on GPUs that run bf16 natively, else fp16 with loss scaling; fp32 on the CPU, where
-    autocast is slower than fp32 on most CPUs. fp32 on a GPU is real fp32: TF32 matmuls stay off (torch's
-    default), because --precision fp32 is the choice for exact results, and the fast choice is bf16.
-    """
-    if choice == "auto":
-        choice = "fp32" if device.type != "cuda" else ("bf16" if _native_bf16() else "fp16")
-    if choice == "fp32":
-        return Precision("fp32", None, None)
-    if choice == "bf16":
-        return Precision("bf16", torch.bfloat16, None)  # bf16 has fp32's range: no loss scaling needed
-    # fp16 overflows easily: scale the loss up and skip steps whose gradients overflow.
-    return Precision("fp16", torch.float16, torch.amp.GradScaler(device.type))
-
-
-def _native_bf16() -> bool:
-    # torch.cuda.is_bf16_supported() also says yes where bf16 is only emulated (pre-Ampere GPUs), and slow.
-    if "including_emulation" in inspect.signature(torch.cuda.is_bf16_supported).parameters:
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    return torch.cuda.is_bf16_supported()

@@ -13,6 +13,8 @@ a run needs retyping or guessing.
     results    "before", every eval, "after" once finished, and the fill-mask predictions before and after
     segments   one per process run of the run: start and end time, steps, device, precision, how it ended
     progress   steps done, training seconds and tokens over all segments
+    written    the names this run wrote in its folder, and the SHA-256 of the model card it wrote: the run removes
+               or replaces only these (mlm/run/folder.py)
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mlm.errors import MLMError
-from mlm.files.pretrained import atomic_write_text
+from mlm.files.writes import atomic_write_text
 
 RECORD_FILE = "run.json"
 FORMAT = 1
@@ -43,6 +45,7 @@ class RunRecord:
                                                    "fill_mask": {"before": [], "after": []}})
     segments: list = field(default_factory=list)
     progress: dict = field(default_factory=lambda: {"step": 0, "train_seconds": 0.0, "train_tokens": 0})
+    written: dict = field(default_factory=dict)  # {name in the folder: the sha256 of README.md, else None}
     format: int = FORMAT
 
     # -- what the run layer records ------------------------------------------------------------------------
@@ -102,12 +105,31 @@ def read_record(folder: Path) -> RunRecord | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise MLMError(f"{path} is unreadable ({err}): restore it from the newest checkpoint's copy "
                        f"({Path(folder) / 'checkpoints'}/step-*/{RECORD_FILE}).") from None
-    known = {f.name for f in fields(RunRecord)}
-    if (not isinstance(data, dict) or not isinstance(data.get("settings"), dict) or data.get("format") != FORMAT
-            or data.get("status") not in STATUSES or not set(data) <= known):
-        raise MLMError(f"{path} is not an mlm run record (format {FORMAT}): restore it from the newest checkpoint's "
-                       "copy, or start a new run in another --output-dir.")
+    if not _has_the_layout(data):
+        raise MLMError(f"{path} is not an mlm run record (format {FORMAT}), or it was edited into another shape: "
+                       f"restore it from the newest checkpoint's copy ({Path(folder) / 'checkpoints'}/step-*/"
+                       f"{RECORD_FILE}), or start a new run in another output folder.")
     return RunRecord(**data)
+
+
+def _has_the_layout(data) -> bool:
+    """Whether `data` has the fields, types and nested shapes the run layer reads: a hand-edited record is refused
+    here in one line, not by a traceback later."""
+    types = {"settings": dict, "data": dict, "world_size": int, "derived": dict, "run_id": str, "status": str,
+             "results": dict, "segments": list, "progress": dict, "written": dict, "format": int}
+    if not (isinstance(data, dict) and {"settings", "format", "status"} <= set(data) <= set(types)
+            and all(isinstance(data[name], kind) for name, kind in types.items() if name in data)):
+        return False
+    results, progress = data.get("results", {}), data.get("progress", {})
+    return (data["format"] == FORMAT and data["status"] in STATUSES and data.get("world_size", 1) >= 1
+            and all(isinstance(segment, dict) and isinstance(segment.get("end"), str) for segment in data.get(
+                "segments", []))
+            and all(isinstance(progress.get(key, 0), int | float) and progress.get(key, 0) >= 0
+                    for key in ("step", "train_seconds", "train_tokens"))
+            and (not results or (isinstance(results.get("evals"), list)
+                                 and all(isinstance(e, dict) and isinstance(e.get("step"), int) for e in
+                                         results["evals"])
+                                 and isinstance(results.get("fill_mask"), dict))))
 
 
 def _now() -> str:

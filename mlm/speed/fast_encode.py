@@ -1,10 +1,11 @@
-"""Exact shortcuts for tokenizing a corpus with a BERT-style WordPiece tokenizer (used by mlm/corpus_store.py).
+"""Exact shortcuts for tokenizing a corpus with a BERT-style WordPiece tokenizer, wrapped around the plain one.
 
-The plain way, `encoded_arrays(backend.encode_batch(texts))` of mlm/tokenizer.py, asks the tokenizer for the
-ids and the word ids. `fast_encoder` returns a function that gives the same arrays in less time, by two shortcuts.
-Each rests on the argument written above it, whose conditions are checked on the tokenizer; and before either is
-used, its result is compared with the plain way's on texts made of the hard cases (PROBE_TEXTS). A tokenizer
-that fails a condition or a comparison gets the plain way (or the first shortcut alone).
+The plain way, `Tokenizer.encode` of mlm/tokenizer.py, asks the tokenizer for the ids and the word ids.
+`fast_tokenizer(tokenizer)` returns a Tokenizer whose `encode` gives the same arrays in less time, by two shortcuts,
+the way mlm/speed/lean.py's modules wrap the model: mlm/data.py's `tokenize` calls it and does not know. Each
+shortcut rests on the argument written above it, whose conditions are checked on the tokenizer; and before either is
+used, its result is compared with the plain way's on texts made of the hard cases (PROBE_TEXTS). A tokenizer that
+fails a condition or a comparison keeps the plain way (or gets the first shortcut alone).
 
 1. Word ids derived from the token ids (`derived_word_ids`). Encoding.word_ids builds a Python list per
    document, and converting it costs about as much as the rest of the stream's work besides tokenizing; and
@@ -18,12 +19,14 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 
 import numpy as np
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import models, normalizers, pre_tokenizers, processors
 
-from mlm.tokenizer import Tokenizer, encoded_arrays, encoded_ids, template_ids
+from mlm.tokenizer import Tokenizer, encoded_ids, template_ids
 
 # The hard cases of both arguments: literal special tokens in any case, inside and beside words; "#" and "##" in
 # the text; [UNK] (an unknown character, a word over max_input_chars_per_word); what BertNormalizer removes,
@@ -35,9 +38,27 @@ PROBE_TEXTS = ["a [SEP] b[SEP]c [UNK] [MASK]x", "##s ## # #a a## ###", "x" * 150
                "X" * 101 + " Xy", "ÉTÉ Été été"]
 
 
+@dataclass
+class FastTokenizer(Tokenizer):
+    """A Tokenizer whose `encode` takes the shortcuts: the same arrays as the plain one's."""
+
+    shortcut: Callable | None = None  # (texts, special_tokens) -> (input_ids, word_ids, lengths)
+
+    def encode(self, texts: list[str], *, special_tokens: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.shortcut(texts, special_tokens)
+
+
+def fast_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
+    """`tokenizer` with the shortcuts that are exact for it, or `tokenizer` itself when none is."""
+    encode = fast_encoder(tokenizer)
+    if encode is None:
+        return tokenizer
+    return FastTokenizer(**{f.name: getattr(tokenizer, f.name) for f in fields(tokenizer)}, shortcut=encode)
+
+
 def fast_encoder(tokenizer: Tokenizer):
-    """A function (texts, add_special_tokens) -> (input_ids (T,) int32, word_ids (T,) int32 with -1 outside
-    words, lengths (R,) int64) equal to the plain way's for `tokenizer`, or None when no shortcut is exact."""
+    """A function (texts, special_tokens) -> (input_ids (T,) int32, word_ids (T,) int32 with -1 outside words,
+    lengths (R,) int64) equal to `tokenizer.encode`'s, or None when no shortcut is exact."""
     continuation = continuation_pieces(tokenizer)
     if continuation is None:
         return None
@@ -49,13 +70,11 @@ def fast_encoder(tokenizer: Tokenizer):
             encodings = _encode_batch(backend, texts, special, shortcut)
             ids, lengths = encoded_ids(encodings)
             return ids, derived_word_ids(ids, lengths, continuation, *(template if special else (0, 0))), lengths
-        encode.skips_normalizer = shortcut is not None  # for the tests to see
         return encode
 
     for shortcut in (_text_shortcut(tokenizer), None):
         encode = encode_with(shortcut)
-        if all(_equal(encode(PROBE_TEXTS, special),
-                      encoded_arrays(backend.encode_batch(PROBE_TEXTS, add_special_tokens=special)))
+        if all(_equal(encode(PROBE_TEXTS, special), tokenizer.encode(PROBE_TEXTS, special_tokens=special))
                for special in (True, False)):
             return encode
     return None

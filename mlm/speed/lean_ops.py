@@ -1,7 +1,7 @@
 """Autograd functions that keep fewer activations for backward than plain PyTorch ops would.
 
-Training memory is dominated by what autograd saves between forward and backward. Three places save more than
-the backward pass needs, and each can instead recompute or reuse something cheap:
+Training memory is dominated by what autograd saves between forward and backward. Two places save more than
+the backward pass needs, and each can instead recompute something cheap:
 
 - The feed-forward `lin2(gelu(h))`: autograd keeps both h (for gelu's derivative) and gelu(h) (for lin2's weight
   gradient), two (B, L, 4D) tensors. `activation_then_linear` keeps h only and recomputes gelu(h) in backward,
@@ -11,12 +11,10 @@ the backward pass needs, and each can instead recompute or reuse something cheap
   a reshaped copy for the matmul). `attention_with_dropout` keeps q, k, v and a 1-byte dropout mask and
   recomputes the probabilities in backward: the flash-attention idea, without the tiling. GPUs do not need it:
   their SDPA kernels (flash, memory-efficient) support dropout and already recompute.
-- The loss: `cross_entropy_sum` saves the (N, V) log-probabilities and turns that buffer into the logits'
-  gradient in place, where autograd would allocate two more (N, V) tensors in backward.
 
-Apart from the attention dropout mask (other random numbers than F.dropout's), the forward values are exactly
-those of the plain ops; the gradients equal plain autograd's up to fp32 rounding (tests/test_lean_ops.py).
-mlm/speed/lean.py puts these functions into the model's modules.
+The dropout mask is drawn as the math path draws it, so both drop the same positions; the forward values equal the
+plain ops' and the gradients plain autograd's up to fp32 rounding (tests/test_lean_ops.py). mlm/speed/lean.py puts
+these functions into the model's modules.
 """
 
 from __future__ import annotations
@@ -68,15 +66,11 @@ def activation_then_linear(
     return _ActivationThenLinear.apply(pre_activation, weight, bias, activation)
 
 
-def dropout_mask(shape: tuple[int, ...], p: float, device: torch.device) -> tuple[torch.Tensor, float]:
-    """A dropout mask and its inverted-dropout scale: (shape) bool, True = dropped, and 1 / (1 - p).
-
-    Each element is dropped with probability p, independently, from the default generator of `device` (so
-    torch.manual_seed and the RNG-state handling of gradient checkpointing apply).
-    """
-    if p >= 1:  # everything dropped, as F.dropout does
-        return torch.ones(shape, dtype=torch.bool, device=device), 0.0
-    return torch.rand(shape, device=device) < p, 1 / (1 - p)
+def dropout_mask(probabilities: torch.Tensor, p: float) -> torch.Tensor:
+    """(same shape) bool, True = dropped: each element with probability p, drawn from the default generator of the
+    tensor's device exactly as F.dropout and SDPA's math path draw (bernoulli(1 - p) over a tensor of this shape
+    and dtype), so a run draws the same masks with or without the lean modules. p < 1 (the config checks it)."""
+    return torch.empty_like(probabilities).bernoulli_(1 - p) == 0
 
 
 def _probabilities(q, k, key_mask, scale) -> torch.Tensor:  # (B, H, L, dh) x2 -> (B, H, L, L), fp32 or wider
@@ -91,7 +85,7 @@ class _AttentionWithDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_mask, dropout_p, scale):
         probabilities = _probabilities(q, k, key_mask, scale)
-        drop, keep_scale = dropout_mask(probabilities.shape, dropout_p, q.device)  # (B, H, L, L) bool
+        drop, keep_scale = dropout_mask(probabilities, dropout_p), 1 / (1 - dropout_p)  # (B, H, L, L) bool
         # Inverted dropout (kept values scaled by 1/(1-p), so expectations are unchanged), in place.
         dropped = probabilities.masked_fill_(drop, 0.0).mul_(keep_scale)
         ctx.keep_scale, ctx.scale = keep_scale, scale
@@ -126,34 +120,3 @@ def attention_with_dropout(
     The dropout mask is one `dropout_mask` draw of shape (B, H, L, L), from the default generator of q's device.
     """
     return _AttentionWithDropout.apply(q, k, v, key_mask, dropout_p, scale)
-
-
-class _CrossEntropySum(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, targets):
-        log_probabilities = torch.log_softmax(logits.float(), dim=-1)  # (N, V) fp32
-        ctx.save_for_backward(log_probabilities, targets)
-        ctx.logits_dtype, ctx.used = logits.dtype, False
-        return -log_probabilities.gather(1, targets[:, None]).sum()
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        if ctx.used:  # the saved buffer was consumed below; a retained graph cannot be differentiated twice
-            raise RuntimeError("cross_entropy_sum: backward ran twice through the same graph (retain_graph=True).")
-        ctx.used = True
-        log_probabilities, targets = ctx.saved_tensors
-        # d(-log p_t)/d logits = softmax - one_hot(t), written into the saved buffer itself: the (N, V) gradient
-        # needs no memory of its own.
-        grad_logits = log_probabilities.exp_()
-        grad_logits[torch.arange(len(targets), device=targets.device), targets] -= 1.0
-        grad_logits.mul_(grad_output)
-        return grad_logits.to(ctx.logits_dtype), None
-
-
-def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """F.cross_entropy(logits.float(), targets, reduction="sum") that keeps one (N, V) fp32 buffer for backward
-    and turns it into the gradient in place, instead of allocating two more (N, V) tensors there.
-
-    logits (N, V) float (any dtype; the softmax runs in fp32); targets (N,) int64, all valid -> () float32.
-    """
-    return _CrossEntropySum.apply(logits, targets)

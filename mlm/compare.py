@@ -1,8 +1,8 @@
 """Score any models on one frozen eval set: the base model, our runs and anyone's published fine-tune alike.
 
-The eval set is built exactly as a training run builds it from the same data flags (same chunks, same held-out
-draw, same seed), so `scripts/evaluate.py` reproduces a run's own perplexities and ranks models on identical
-masked tokens. Models must share a tokenizer: perplexities over different tokenizations are not comparable.
+The eval set is built exactly as a training run builds it from the same data settings (same chunks, same held-out
+draw, same seed), so mlm-evaluate (mlm/cli/evaluate.py) reproduces a run's own perplexities and ranks models on
+identical masked tokens. Models must share a tokenizer: perplexities over different tokenizations are not comparable.
 """
 
 from __future__ import annotations
@@ -12,13 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from mlm.data import load_train_eval_chunks
+from mlm.corpus import load_train_eval_chunks
 from mlm.errors import MLMError
 from mlm.evaluate import EvalResult, evaluate
-from mlm.files.pretrained import check_tokenizer_fits, load_pretrained
+from mlm.files.pretrained import load_model
 from mlm.fill_mask import Prediction, fill_mask
 from mlm.masking import freeze_eval_masks
-from mlm.speed.lean import make_lean
 from mlm.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -62,7 +61,7 @@ def build_eval_set(
     (`wwm_probability` of the words, all their tokens [MASK]), drawn the same frozen, seeded way.
     """
     if masking not in ("token", "wwm"):
-        raise MLMError(f"--eval-masking must be 'token' or 'wwm', got {masking!r}.")
+        raise MLMError(f"`eval_masking` must be 'token' or 'wwm', got {masking!r}.")
     _, test = load_train_eval_chunks(dataset, tokenizer, train_splits=train_splits, eval_split=eval_split,
                                      validation_file=validation_file, train_size=train_size, test_size=test_size,
                                      seed=seed, chunk_size=chunk_size, group_size=group_size, text_column=text_column,
@@ -100,21 +99,13 @@ def score_model(
     batch_size: int = 64,
     device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
-    lean: bool = False,
 ) -> ModelScore:
-    """Load model `name` (Hub id or folder), score it on `eval_set` and predict `prompts`' [MASK]s.
-
-    lean: score with mlm/speed/lean.py's modules, as a run that trained lean evaluated itself; the same values up
-    to rounding in the last bits, so its recorded perplexity is reproduced exactly.
-    """
-    model = load_pretrained(name)
-    if lean:
-        make_lean(model)
+    """Load model `name` (Hub id or folder), score it on `eval_set` and predict `prompts`' [MASK]s."""
+    model = load_model(name, tokenizer=tokenizer)
     limit = model.config.max_position_embeddings
     if eval_set.input_ids.shape[1] > limit:
         raise MLMError(f"{name} takes at most {limit} tokens, but the eval chunks have {eval_set.input_ids.shape[1]}: "
-                       f"lower --chunk-size to {limit} or less.")
-    check_tokenizer_fits(model, tokenizer.vocab_size, name)
+                       f"lower `chunk_size` to {limit} or less.")
     model.to(device)
     result = evaluate(model, eval_set.input_ids, eval_set.labels, batch_size=batch_size, autocast_dtype=autocast_dtype)
     predictions = fill_mask(model, tokenizer, list(prompts), top_k=top_k) if prompts else []
@@ -131,7 +122,6 @@ def compare_models(
     device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
-    lean_models: Sequence[str] = (),
     **eval_set_args,
 ) -> tuple[EvalSet, list[ModelScore]]:
     """Score every model in `names` on one eval set (`build_eval_set`'s keyword arguments), one model at a time.
@@ -147,6 +137,5 @@ def compare_models(
     scores = []
     for name, model_tokenizer in tokenizers:  # one model in memory at a time
         scores.append(score_model(name, eval_set, tokenizer=model_tokenizer, prompts=prompts, top_k=top_k,
-                                  batch_size=batch_size, device=device, autocast_dtype=autocast_dtype,
-                                  lean=name in lean_models))
+                                  batch_size=batch_size, device=device, autocast_dtype=autocast_dtype))
     return eval_set, scores

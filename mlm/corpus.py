@@ -1,0 +1,84 @@
+"""A corpus as a run's chunks: each split tokenized and chunked once by mlm/data.py's functions into the store of
+mlm/corpus_store.py (reused by later runs), and the train and eval draw of a run."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from mlm.chunks import Chunks
+from mlm.corpus_store import prepare_store
+from mlm.data import check_chunk_size, check_group_size, concatenate, draw, split_train_test, tokenize_and_chunk
+from mlm.errors import MLMError
+from mlm.files.data_cache import cache_key, default_cache_dir, store_path
+from mlm.files.data_files import check_validation_file, find_corpus, read_texts
+from mlm.tokenizer import Tokenizer
+
+
+def load_chunks(source: str | Path, split: str, tokenizer: Tokenizer, *, chunk_size: int = 128,
+                group_size: int | None = None, text_column: str = "text", revision: str | None = None,
+                cache_dir: str | Path | None = None, max_position_embeddings: int | None = None,
+                use_cache: bool = True, progress: bool = False) -> Chunks:
+    """The chunks of `split` of `source` (a Hub dataset id, a folder, a glob or a file: mlm/files/data_files.py).
+
+    From the store in `cache_dir` (default `default_cache_dir()`)/chunks when a valid one exists; else prepared into
+    it, streaming, in bounded memory (a truncated or corrupt store is warned about and rebuilt; an interrupted
+    preparation continues where it stopped). Returns Chunks of chunk_size tokens viewing the memory-mapped store,
+    `cache_path` set. use_cache=False neither reads nor writes a store: the whole split in memory, as the course.
+    """
+    check_chunk_size(chunk_size, max_position_embeddings)
+    check_group_size(group_size)
+    files, one_document_per_file = find_corpus(source, split, revision=revision)
+    reading = dict(text_column=text_column, one_document_per_file=one_document_per_file)
+    if use_cache:
+        key = cache_key(files, tokenizer, chunk_size=chunk_size, group_size=group_size, **reading)
+        directory = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        path = store_path(directory, split, chunk_size, key)
+        try:
+            store = prepare_store(path, key, files, tokenizer, chunk_size=chunk_size, group_size=group_size,
+                                  progress=progress, **reading)
+            return Chunks.view([store], None, store.n_reviews, store.n_tokens, cache_path=path)
+        except OSError as err:  # e.g. a read-only folder, a full disk
+            warnings.warn(f"Could not write the chunk store {path} ({err}); continuing without it. "
+                          "Give a writable `cache_dir` or set MLM_CACHE.", stacklevel=2)
+    return tokenize_and_chunk(read_texts(files, **reading), tokenizer, chunk_size=chunk_size, group_size=group_size)
+
+
+def run_sources(dataset: str | Path, *, train_splits: tuple[str, ...] = ("train",), eval_split: str | None = None,
+                validation_file: str | Path | None = None) -> tuple[list[tuple], tuple | None]:
+    """What a run reads, as (source, split) pairs: its training splits, and where its eval chunks come from (None:
+    held out of the training chunks, as the course does)."""
+    train_splits = list(train_splits)
+    if not train_splits or len(set(train_splits)) != len(train_splits):
+        raise MLMError(f"`train_splits` must name each split once, got {','.join(train_splits) or 'nothing'}.")
+    if eval_split is not None and validation_file is not None:
+        raise MLMError("`eval_split` and `validation_file` both name the eval data: give one of them.")
+    if eval_split is not None and eval_split in train_splits:
+        raise MLMError(f"`eval_split` {eval_split} is also a training split: the eval chunks would be trained on. "
+                       "Pick another split, or leave `eval_split` out to hold chunks out of the train split.")
+    if validation_file is not None:
+        check_validation_file(validation_file)
+        return [(dataset, split) for split in train_splits], (validation_file, "train")  # a single file's one split
+    return [(dataset, split) for split in train_splits], (dataset, eval_split) if eval_split is not None else None
+
+
+def load_train_eval_chunks(source: str | Path, tokenizer: Tokenizer, *, train_splits: tuple[str, ...] = ("train",),
+                           eval_split: str | None = None, validation_file: str | Path | None = None,
+                           train_size: int | str = 10_000, test_size: int | str = 1_000, seed: int = 42,
+                           **load_args) -> tuple[Chunks, Chunks]:
+    """(train chunks, eval chunks) of a run, (train_size, L) and (test_size, L); `load_args` go to `load_chunks`.
+
+    By default both are drawn from the chunks of `train_splits` with `split_train_test`, as the course draws
+    them from IMDb's train split. With `eval_split` (a split of `source`, e.g. "test") or `validation_file` (one
+    data file), the eval chunks are drawn from there instead and the train chunks from all of `train_splits`,
+    concatenated in the order given (e.g. train then unsupervised). Each split is stored on its own.
+    """
+    train_sources, held_out = run_sources(source, train_splits=train_splits, eval_split=eval_split,
+                                          validation_file=validation_file)
+    train = concatenate([load_chunks(path, split, tokenizer, **load_args) for path, split in train_sources])
+    if held_out is None:
+        return split_train_test(train, train_size=train_size, test_size=test_size, seed=seed)
+    name = str(validation_file) if validation_file is not None else f"the {eval_split} split"
+    return (draw(train, train_size, seed=seed, what="train"),
+            draw(load_chunks(*held_out, tokenizer, **load_args), test_size, seed=seed, what=f"eval ({name})",
+                 setting="test_size"))
