@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from mlm.cli import evaluate as evaluate_cli
-from mlm.compare import build_eval_set
 from mlm.cli.args import run_command
+from mlm.compare import build_eval_set
 from mlm.evaluate import evaluate
 from mlm.files.pretrained import load_pretrained, save_pretrained
 from mlm.model import DistilBertConfig, DistilBertForMaskedLM

@@ -4,7 +4,6 @@ compute on the same data, and the loop it writes out is mlm-train's: the same we
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import subprocess
