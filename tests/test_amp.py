@@ -257,3 +257,27 @@ def test_eval_through_the_compiled_module_equals_eager():
     assert (compiled.tokens, compiled.sequences, compiled.accuracy) == (eager.tokens, eager.sequences, eager.accuracy)
     assert compiled.loss == pytest.approx(eager.loss, rel=1e-5)  # fused kernels round differently
     assert compiled.reference_loss == pytest.approx(eager.reference_loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_the_gpu_step_with_host_positions_trains_like_the_plain_step(graphs):
+    """On a GPU the step calls AtPositions with positions found on the host (padded under CUDA graphs): run here on
+    the CPU, the same weights as the plain step, up to the rounding of matmuls over more rows."""
+    from functools import partial
+
+    from mlm.speed.compiled import with_host_positions
+
+    torch.manual_seed(0)
+    plain = DistilBertForMaskedLM(DistilBertConfig(**TINY))
+    wrapped = DistilBertForMaskedLM(DistilBertConfig(**TINY))
+    wrapped.load_state_dict(plain.state_dict())
+    optimizers = [make_optimizer(model, lr=1e-3, weight_decay=0.01) for model in (plain, wrapped)]
+    gpu_step = with_host_positions(partial(train_step, AtPositions(wrapped), optimizer=optimizers[1]), graphs=graphs)
+    for seed in range(3):
+        micro = [batch(seed)]
+        count = int((micro[0]["labels"] != -100).sum())
+        ours = train_step(plain, micro, optimizers[0], labelled_in_step=count)
+        theirs = gpu_step(micro, labelled_in_step=count)
+        assert float(theirs.loss) == pytest.approx(float(ours.loss), rel=1e-6)
+    for (name, a), b in zip(plain.named_parameters(), wrapped.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
