@@ -73,7 +73,8 @@ def fit(run: Run, setup: Setup, config: TrainConfig) -> bool:
             batches = StepBatches(setup.train_chunks, epoch_order(len(setup.train_chunks), config.seed, progress.epoch),
                                   setup.collator, batch_size=config.batch_size, grad_accum=config.grad_accum,
                                   rank=procs.rank, world_size=procs.world_size, seed=config.seed, epoch=progress.epoch)
-            for micro_batches, labelled, rows in make_loader(batches, progress.step_in_epoch, config):
+            steps_left = setup.schedule.total_steps - progress.global_step  # --max-steps may end a run mid-epoch
+            for micro_batches, labelled, rows in make_loader(batches, progress.step_in_epoch, steps_left, config):
                 lr = setup.learning_rate(progress.schedule_step)  # the schedule at the steps that ran (mlm/optim.py)
                 set_learning_rate(setup.optimizer, lr)
                 # DDP averages gradients over processes, so each process weighs its share by total / world_size.
@@ -213,10 +214,11 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
 
 
-def make_loader(batches: StepBatches, first_step: int, config: TrainConfig) -> torch.utils.data.DataLoader:
-    """The epoch's steps from `first_step` on, masked in `num_workers` worker processes."""
+def make_loader(batches: StepBatches, first_step: int, steps_left: int,
+                config: TrainConfig) -> torch.utils.data.DataLoader:
+    """The epoch's steps from `first_step` on (at most `steps_left`), masked in `num_workers` worker processes."""
     return torch.utils.data.DataLoader(
-        batches, batch_size=None, sampler=range(first_step, len(batches)),
+        batches, batch_size=None, sampler=range(first_step, min(len(batches), first_step + steps_left)),
         num_workers=config.num_workers, pin_memory=torch.cuda.is_available(),
         # Its own generator: creating an iterator must not draw from the global RNG (dropout's).
         generator=torch.Generator().manual_seed(config.seed),

@@ -134,7 +134,6 @@ class Run:
     def find_start(self) -> None:
         """A new run, or the checkpoint to resume and the record it continues; the data read. Reads only."""
         config = self.config
-        self.data = {"files": data_file_digests(config)}
         self.resume_from = self.folder.resume_point(config.resume, config.overwrite)
         if self.resume_from is None:
             return
@@ -158,6 +157,7 @@ class Run:
         else:  # the folder's record has the run's latest settings and history; the results are the checkpoint's
             theirs.settings, theirs.segments, theirs.written = here.settings, here.segments, here.written
         self.record = theirs
+        self.data = {"files": data_file_digests(config)}
         compare_data(self.record.data.get("files", {}), self.data["files"])  # before any tokenizing
         self.last_checkpoint = str(self.resume_from)
         newest = checkpoint_step(self.resume_from) == (here.progress["step"] if here else -1)
@@ -171,7 +171,8 @@ class Run:
         config, procs = self.config, self.procs
         self.total_steps, self.steps_per_epoch = facts["total_steps"], facts["steps_per_epoch"]
         settings = {**settings_as_json(config), "global_batch": facts["global_batch"]}
-        self.data["tokenizer_sha256"] = tokenizer_sha256(tokenizer)
+        self.data = {"files": self.data.get("files") or data_file_digests(config),
+                     "tokenizer_sha256": tokenizer_sha256(tokenizer)}
         if self.resume_from is None:
             self.record = RunRecord(settings=settings, data=self.data, world_size=procs.world_size)
         else:
