@@ -22,7 +22,7 @@ class Prediction:
 def check_prompts(tokenizer: Tokenizer, sentences: list[str], *, top_k: int, max_length: int) -> list:
     """The sentences' encodings, once each is known to hold a [MASK] and fit the model (and top_k >= 1)."""
     if top_k < 1:
-        raise MLMError(f"top_k must be at least 1, got {top_k}.")
+        raise MLMError(f"`top_k` must be at least 1, got {top_k}.")
     encodings = tokenizer.backend.encode_batch(sentences)
     for sentence, encoding in zip(sentences, encodings):
         if tokenizer.mask_token_id not in encoding.ids:

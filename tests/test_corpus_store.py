@@ -20,9 +20,9 @@ import torch
 import mlm.corpus_store as corpus_store
 from mlm.corpus import load_chunks
 from mlm.data import split_train_test, tokenize_and_chunk
-from mlm.files.data_files import load_texts
 from mlm.errors import MLMError
 from mlm.files.corpus_files import iter_texts
+from mlm.files.data_files import load_texts
 from mlm.masking import MaskingCollator
 from mlm.tokenizer import load_tokenizer
 

@@ -23,9 +23,9 @@ from mlm.chunks import Chunks
 from mlm.corpus import load_chunks
 from mlm.data import check_chunk_size, split_train_test, tokenize, tokenize_and_chunk
 from mlm.errors import MLMError
-from mlm.masking import word_starts
 from mlm.files.data_cache import default_cache_dir
 from mlm.files.data_files import find_data_files, load_texts
+from mlm.masking import word_starts
 from mlm.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,10 +129,9 @@ def test_chunks_equal_concatenate_and_slice(tokenizer, tmp_path, monkeypatch, pa
 
 def test_the_store_keeps_ids_beyond_16_bits(tmp_path, monkeypatch):
     """A vocabulary of more than 65,536 tokens (multilingual models) needs 32-bit ids in the store."""
+    from conftest import write_tiny_tokenizer
     from tokenizers import Tokenizer as Backend
     from tokenizers import models, pre_tokenizers, processors
-
-    from conftest import write_tiny_tokenizer
 
     folder = write_tiny_tokenizer(tmp_path / "tok")
     vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4, "low": 5, "high": 70_000}

@@ -65,6 +65,7 @@ METRICS_FILE = "metrics.jsonl"
 # Settings that name where the model and the data are: a resume compares what is there (the data's and tokenizer's
 # sha256, the model's config), not the path, so a moved folder still resumes; the record keeps the new place.
 WHERE_SETTINGS = {"model", "tokenizer", "revision", "dataset", "validation_file"}
+HOW_TO_RESUME = {"resume", "overwrite", "extend", "output_dir"}  # a resume's own flags: not changes to the run
 
 
 @dataclass
@@ -487,7 +488,7 @@ def compare_settings(stored: dict, current: dict, *, extend: bool, where: Path, 
         raise MLMError(f"`resume` would change the run in {where}: {listed}. Resume without these changes (the run "
                        f"record, run.json, has its settings), or start a new run in another output folder.{hint}")
     return {name: [stored[name], value] for name, value in current.items()
-            if name in stored and stored[name] != value and name not in compared}
+            if name in stored and stored[name] != value and name not in compared and name not in HOW_TO_RESUME}
 
 
 def _difference(name: str, stored: dict, current: dict, world_size: int) -> str:
