@@ -412,8 +412,8 @@ def test_bad_flags_are_one_line(tmp_path, monkeypatch, capsys, flag, value, mess
 # ---------------------------------------------------------------- strict inputs
 
 def test_another_architectures_config_is_refused():
-    with pytest.raises(MLMError, match="model_type is 'bert'.*DistilBERT only"):
-        config_from_dict({"model_type": "bert", "hidden_size": 64})
+    with pytest.raises(MLMError, match="AlbertForMaskedLM \\(model_type 'albert'\\) is not an encoder mlm builds"):
+        config_from_dict({"model_type": "albert", "architectures": ["AlbertForMaskedLM"], "hidden_size": 64})
     with pytest.raises(MLMError, match="hidden_size, num_hidden_layers belong to another architecture"):
         config_from_dict({"hidden_size": 64, "num_hidden_layers": 2})
     assert config_from_dict({"dim": 64, "n_heads": 2}).dim == 64  # DistilBERT keys, no model_type
