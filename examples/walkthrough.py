@@ -247,7 +247,7 @@ print(f"chunk() keeps {len(chunk_ids)} full chunks {tuple(chunk_ids.shape)} and 
 # %%
 progress = args.progress_bar
 common = dict(chunk_size=args.chunk_size, cache_dir=args.cache_dir,
-              max_position_embeddings=model.config.max_position_embeddings, progress=progress)
+              max_length=model.config.max_length, progress=progress)
 whole = load_chunks(args.dataset, "train", tokenizer, group_size=None, **common)
 grouped = load_chunks(args.dataset, "train", tokenizer, group_size=COURSE_GROUP_SIZE, **common)
 say(f"train: {whole.n_reviews:,} reviews, {whole.n_tokens:,} tokens")

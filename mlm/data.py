@@ -85,13 +85,13 @@ def _encode_ahead(tokenizer: Tokenizer, batches: list[list[str]], special_tokens
 # Chunking
 
 
-def check_chunk_size(chunk_size: int, max_position_embeddings: int | None = None) -> None:
-    """Raise MLMError unless 2 <= chunk_size <= max_position_embeddings (when given)."""
+def check_chunk_size(chunk_size: int, max_length: int | None = None) -> None:
+    """Raise MLMError unless 2 <= chunk_size <= max_length, the model's longest sequence (when given)."""
     if chunk_size < 2:
         raise MLMError(f"`chunk_size` must be at least 2 (got {chunk_size}); the course uses 128.")
-    if max_position_embeddings is not None and chunk_size > max_position_embeddings:
-        raise MLMError(f"`chunk_size` {chunk_size} is longer than the model's max_position_embeddings "
-                       f"({max_position_embeddings}): it has no position embedding beyond that. Use at most that.")
+    if max_length is not None and chunk_size > max_length:
+        raise MLMError(f"`chunk_size` {chunk_size} is longer than the model takes ({max_length} tokens: it has no "
+                       "position embedding beyond that). Use at most that.")
 
 
 def check_group_size(group_size: int | None) -> None:
@@ -141,13 +141,13 @@ def check_filled(n_chunks: int, *, tokens: int, texts: int, chunk_size: int, gro
 
 
 def tokenize_and_chunk(texts: list[str], tokenizer: Tokenizer, *, chunk_size: int = 128,
-                       group_size: int | None = None, max_position_embeddings: int | None = None) -> Chunks:
+                       group_size: int | None = None, max_length: int | None = None) -> Chunks:
     """Tokenize `texts` and cut them into chunks, in memory: `tokenize` then `chunk`.
 
     Returns Chunks with input_ids and word_ids of shape (N, chunk_size), int32. Raises MLMError for a bad
     chunk_size or a corpus too short to fill a single chunk.
     """
-    check_chunk_size(chunk_size, max_position_embeddings)
+    check_chunk_size(chunk_size, max_length)
     input_ids, word_ids, lengths = tokenize(texts, tokenizer)
     chunk_ids, chunk_words, _ = chunk(input_ids, word_ids, group_ends(lengths, group_size), chunk_size=chunk_size)
     check_filled(len(chunk_ids), tokens=len(input_ids), texts=len(texts), chunk_size=chunk_size, group_size=group_size)

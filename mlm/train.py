@@ -261,7 +261,7 @@ def set_up(config: TrainConfig, procs: Processes) -> Setup:
     model = load_model(config.model, init=config.init, revision=config.revision, tokenizer=tokenizer)
     model.distilbert.gradient_checkpointing = config.gradient_checkpointing
     check_prompts(tokenizer, list(config.prompts), top_k=config.top_k,
-                  max_length=model.config.max_position_embeddings)  # used at the end: checked now
+                  max_length=model.config.max_length)  # used at the end: checked now
     path = choose_path(config, procs)
     train_chunks, eval_set = load_data(config, path.tokenizer(tokenizer), model)
     collator = MaskingCollator.from_tokenizer(tokenizer, whole_word=config.masking == "wwm",
@@ -286,7 +286,7 @@ def load_data(config: TrainConfig, tokenizer: Tokenizer, model: nn.Module) -> tu
         validation_file=config.validation_file, train_size=config.train_size, test_size=config.test_size,
         seed=config.data_seed, chunk_size=config.chunk_size, group_size=config.group_size,
         text_column=config.text_column, cache_dir=config.cache_dir,
-        max_position_embeddings=model.config.max_position_embeddings, progress=config.progress_bar)
+        max_length=model.config.max_length, progress=config.progress_bar)
     # Token-level eval targets whatever the training masking, so every run is scored on the same tokens.
     eval_set = freeze_eval_masks(test_chunks.input_ids, mask_token_id=tokenizer.mask_token_id,
                                  vocab_size=tokenizer.vocab_size, special_token_ids=tokenizer.special_token_ids,

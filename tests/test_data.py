@@ -334,11 +334,11 @@ def test_corpus_shorter_than_one_chunk(tokenizer):
 def test_bad_chunk_and_group_sizes(tokenizer, tmp_path):
     with pytest.raises(MLMError, match="at least 2"):
         tokenize_and_chunk(["good movie"], tokenizer, chunk_size=1)
-    with pytest.raises(MLMError, match="max_position_embeddings \\(512\\)"):
+    with pytest.raises(MLMError, match="longer than the model takes \\(512 tokens"):
         check_chunk_size(513, 512)
     check_chunk_size(512, 512)
-    with pytest.raises(MLMError, match="max_position_embeddings"):
-        load_chunks(tmp_path / "nowhere", "train", tokenizer, chunk_size=600, max_position_embeddings=512)
+    with pytest.raises(MLMError, match="longer than the model takes"):
+        load_chunks(tmp_path / "nowhere", "train", tokenizer, chunk_size=600, max_length=512)
     with pytest.raises(MLMError, match="`group_size` must be a positive"):
         tokenize_and_chunk(["good movie"], tokenizer, chunk_size=2, group_size=0)
 
