@@ -1,0 +1,274 @@
+"""The run folder belongs to the run, and resume takes its identity from the run's record (issue 28): a run writes
+only into an empty folder or one holding a run, removes and replaces only what it wrote, moves a run aside in one
+rename that any kill leaves recoverable, and resumes from its own record whatever moved or was killed.
+
+Every run uses the tiny model and corpus of mlm/smoke through test_train's tiny_run (96 chunks, 6 steps an epoch).
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from test_run_safety import cli, on_call, snapshot
+from test_train import SMOKE, tiny_run
+
+import mlm.corpus_store
+import mlm.train
+from mlm.cli.train import SMOKE as SMOKE_SETTINGS
+from mlm.cli.train import replaces_smoke_run
+from mlm.errors import MLMError
+from mlm.evaluate import summarize
+from mlm.run.folder import REPLACED, RESTORING
+from mlm.run.processes import Processes
+from mlm.run.record import read_record
+from mlm.run.session import compare_settings, resume_command
+from mlm.train import train
+
+
+def fail_at_step(monkeypatch, n: int) -> None:
+    """The n-th optimizer step raises, as a crash of the step would (after it ran)."""
+    def crash():
+        raise RuntimeError("a crash in the step")
+
+    on_call(monkeypatch, mlm.train, "train_step", n, crash)
+
+
+def finished(tmp_path: Path, **overrides) -> Path:
+    run = tmp_path / "run"
+    train(tiny_run(run, epochs=1, **overrides))
+    return run
+
+
+# ---------------------------------------------------------------- what a run may write and remove
+
+
+def test_a_folder_holding_files_of_no_run_is_refused_untouched(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("README.md", "vocab.txt", "api_key.txt"):
+        (run / name).write_text("the user's")
+    before = snapshot(run)
+    for overwrite in (False, True):
+        with pytest.raises(MLMError, match="is not empty and holds no run \\(README.md, api_key.txt, vocab.txt\\)"):
+            train(tiny_run(run, overwrite=overwrite))
+        assert snapshot(run) == before and not (run / ".lock").exists()
+
+
+def test_a_stop_before_the_first_checkpoint_removes_only_what_the_run_wrote(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+
+    def add_a_users_file():
+        (run / "notes.txt").write_text("written while the run trained")
+
+    on_call(monkeypatch, mlm.train, "train_step", 1, add_a_users_file)
+    fail_at_step(monkeypatch, 2)
+    with pytest.raises(RuntimeError, match="a crash in the step"):
+        train(tiny_run(run, save_every=None))
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]  # the run's record and log gone, the note kept
+
+
+def test_a_model_card_the_user_edited_is_kept(tmp_path, capsys):
+    run = finished(tmp_path)
+    card = run / "README.md"
+    assert read_record(run).written["README.md"]  # the card's sha256, as written
+    card.write_text(card.read_text() + "\nMy notes on this model.\n")
+    edited = card.read_text()
+    train(tiny_run(run, epochs=2, resume="latest", extend=True))
+    assert card.read_text() == edited and "kept" in capsys.readouterr().out
+    card.unlink()  # gone: the next card is written again
+    train(tiny_run(run, epochs=3, resume="latest", extend=True))
+    assert "My notes" not in card.read_text() and "epochs | 3" in card.read_text()
+
+
+def test_overwrite_refuses_a_folder_with_files_its_run_did_not_write(tmp_path):
+    run = finished(tmp_path)
+    (run / "private_reviews.jsonl").write_text("{}")
+    before = snapshot(run)
+    with pytest.raises(MLMError, match="holds files its run did not write \\(private_reviews.jsonl\\)"):
+        train(tiny_run(run, overwrite=True))
+    assert snapshot(run) == before
+
+
+# ---------------------------------------------------------------- --overwrite: one rename, recovered after any kill
+
+
+def moved_aside(run: Path) -> Path:
+    """The state a kill right after --overwrite's rename leaves: the old run beside the folder, none in its place."""
+    record = read_record(run)
+    (run / REPLACED).write_text(json.dumps({"run_id": record.run_id}))
+    aside = run.parent / f".{run.name}.replaced-run"
+    os.replace(run, aside)
+    return aside
+
+
+def test_a_kill_right_after_the_rename_gives_the_old_run_back(tmp_path):
+    run = finished(tmp_path)
+    before = snapshot(run)
+    aside = moved_aside(run)
+    with pytest.raises(MLMError, match="already holds a run"):  # put back, and still protected
+        train(tiny_run(run, epochs=1))
+    assert snapshot(run) == before and not aside.exists()
+
+
+def test_a_kill_during_the_put_back_is_finished_by_the_next_run(tmp_path):
+    run = finished(tmp_path)
+    before = snapshot(run)
+    aside = moved_aside(run)
+    run.mkdir()
+    (run / "run.json").write_text('{"a new run": "that never saved a checkpoint"}')
+    # The put-back had removed the new run's files and begun moving the old one's back when it was killed.
+    (run / "run.json").unlink()
+    os.replace(aside / REPLACED, aside / RESTORING)
+    os.replace(aside / "checkpoints", run / "checkpoints")
+    os.replace(aside / "run.json", run / "run.json")
+    with pytest.raises(MLMError, match="already holds a run"):
+        train(tiny_run(run, epochs=1))
+    assert snapshot(run) == before and not aside.exists()
+
+
+def test_a_kill_after_the_new_runs_first_checkpoint_keeps_the_new_run(tmp_path):
+    run = finished(tmp_path)
+    old = {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    new = train(tiny_run(run, epochs=1, overwrite=True, seed=7))
+    # As if the kill came before the old run's deletion: it is still beside the folder.
+    aside = run.parent / f".{run.name}.replaced-run"
+    for name, data in old.items():
+        (aside / name).parent.mkdir(parents=True, exist_ok=True)
+        (aside / name).write_bytes(data)
+    (aside / REPLACED).write_text(json.dumps({"run_id": json.loads(old["run.json"])["run_id"]}))
+    summary = train(tiny_run(run, epochs=1, seed=7, resume="latest"))  # a finished run: nothing to do
+    assert summary.status == "finished" and not aside.exists()
+    assert read_record(run).settings["seed"] == 7 and summary.after == new.after
+
+
+def test_smoke_replaces_only_an_earlier_smoke_run(tmp_path):
+    folder = tmp_path / "smoke"
+    assert not replaces_smoke_run(folder)  # nothing there
+    train(tiny_run(folder, epochs=1, model=SMOKE_SETTINGS["model"], dataset=SMOKE_SETTINGS["dataset"]))
+    assert replaces_smoke_run(folder)
+    data = tmp_path / "reviews.jsonl"
+    shutil.copy(SMOKE / "reviews.jsonl", data)
+    other = tmp_path / "other"
+    train(tiny_run(other, epochs=1, dataset=str(data)))
+    with pytest.raises(MLMError, match="holds a run that --smoke did not make"):
+        replaces_smoke_run(other)
+
+
+# ---------------------------------------------------------------- resume: identity from the record
+
+
+def test_a_checkpoint_of_another_run_copied_into_the_folder_is_refused(tmp_path, monkeypatch):
+    a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    with monkeypatch.context() as patch:
+        on_call(patch, mlm.train, "train_step", 3, lambda: os.kill(os.getpid(), 2))
+        train(tiny_run(a))
+    train(tiny_run(b, seed=7))
+    shutil.copytree(b / "checkpoints" / "step-000012", a / "checkpoints" / "step-000012")
+    before = snapshot(a)
+    with pytest.raises(MLMError, match=f"is a checkpoint of run {read_record(b).run_id}, but .* holds run "
+                                       f"{read_record(a).run_id}"):
+        train(tiny_run(a, resume="latest"))
+    assert snapshot(a) == before
+
+
+def test_without_run_json_the_newest_checkpoints_record_resumes_the_run(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        on_call(patch, mlm.train, "train_step", 5, lambda: os.kill(os.getpid(), 2))
+        train(tiny_run(run, lr=1e-3))
+    (run / "run.json").unlink()
+    status, err = cli(monkeypatch, capsys, "--resume", "latest", "--output-dir", str(run), "--no-progress")
+    assert status == 0, err
+    assert read_record(run).status == "finished" and read_record(run).settings["lr"] == 1e-3  # its settings
+
+
+def test_a_killed_extend_resumes_with_the_length_it_asked_for(tmp_path, monkeypatch, capsys):
+    run = finished(tmp_path)
+    with monkeypatch.context() as patch:
+        fail_at_step(patch, 1)
+        with pytest.raises(RuntimeError):
+            train(tiny_run(run, epochs=2, resume="latest", extend=True))
+    assert read_record(run).settings["epochs"] == 2  # the extended length, recorded before its first step
+    status, err = cli(monkeypatch, capsys, "--resume", "latest", "--output-dir", str(run), "--no-progress")
+    assert status == 0, err
+    record = read_record(run)
+    assert record.progress["step"] == 12 and record.status == "finished"
+    assert record.segments[1]["changed"]["epochs"] == [1, 2]  # the extend says what it changed
+
+
+def test_a_moved_data_folder_resumes_and_the_record_keeps_the_new_place(tmp_path, monkeypatch):
+    data = tmp_path / "data" / "reviews.jsonl"
+    data.parent.mkdir()
+    shutil.copy(SMOKE / "reviews.jsonl", data)
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        on_call(patch, mlm.train, "train_step", 5, lambda: os.kill(os.getpid(), 2))
+        train(tiny_run(run, dataset=str(data)))
+    moved = tmp_path / "moved" / "reviews.jsonl"
+    data.parent.rename(moved.parent)
+    summary = train(tiny_run(run, dataset=str(moved), resume="latest"))
+    assert summary.status == "finished"
+    assert read_record(run).segments[-1]["changed"]["dataset"] == [str(data), str(moved)]
+    # Edited data is still refused, and before a single text is tokenized again.
+    moved.write_text(moved.read_text().replace("movie", "film", 1))
+    monkeypatch.setattr(mlm.corpus_store, "prepare_store", lambda *a, **k: pytest.fail("tokenized"))
+    with pytest.raises(MLMError, match="reviews.jsonl changed since the run started"):
+        train(tiny_run(run, dataset=str(moved), epochs=3, resume="latest", extend=True))
+
+
+def test_a_resume_with_fewer_processes_says_how_to_keep_the_global_batch():
+    stored = {"global_batch": 8, "batch_size": 4, "grad_accum": 1}
+    with pytest.raises(MLMError, match="global batch .* 8 -> 4 \\(4 x 1 x 1\\); keep 8 with `batch_size` 8 or "
+                                       "`grad_accum` 2"):
+        compare_settings(stored, {"global_batch": 4, "batch_size": 4, "grad_accum": 1}, extend=False,
+                         where=Path("run"), world_size=1)
+
+
+def test_a_checkpoint_given_alone_resumes_in_its_own_runs_folder(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        on_call(patch, mlm.train, "train_step", 7, lambda: os.kill(os.getpid(), 2))
+        train(tiny_run(run))
+    monkeypatch.chdir(tmp_path)
+    status, err = cli(monkeypatch, capsys, "--resume", str(run / "checkpoints" / "step-000006"), "--no-progress")
+    assert status == 0, err
+    assert read_record(run).status == "finished" and not (tmp_path / "distilbert-base-uncased-finetuned-imdb").exists()
+
+
+def test_messages_fit_the_situation(tmp_path, monkeypatch):
+    run = finished(tmp_path)
+    shutil.rmtree(run / "checkpoints")
+    with pytest.raises(MLMError, match="holds a finished run whose checkpoints were deleted"):
+        train(tiny_run(run, resume="latest"))
+    two_nodes = Processes(rank=0, world_size=4)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert resume_command(run, two_nodes).startswith("on each of the 2 nodes, torchrun --nnodes 2 --nproc_per_node 2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert resume_command(run, two_nodes).startswith("torchrun --nproc_per_node 4 -m mlm.cli.train --resume latest")
+
+
+# ---------------------------------------------------------------- an eval set with nothing to score
+
+
+def test_an_eval_set_without_a_masked_token_is_refused(tmp_path):
+    with pytest.raises(MLMError, match="no masked token to score"):
+        train(tiny_run(tmp_path / "run", test_size=1, chunk_size=8, mlm_probability=1e-9))
+    assert not (tmp_path / "run").exists()  # refused before the run wrote anything
+    import torch
+
+    with pytest.raises(MLMError, match="no masked token"):
+        summarize(torch.tensor([[0.0, 0.0, 4.0, 0.0]], dtype=torch.float64))
+
+
+def test_a_run_that_stopped_before_its_final_model_points_to_its_checkpoints(tmp_path, monkeypatch):
+    from mlm.cli import evaluate as evaluate_cli
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        on_call(patch, mlm.train, "train_step", 7, lambda: os.kill(os.getpid(), 2))
+        train(tiny_run(run))
+    with pytest.raises(MLMError, match="has no final model yet \\(interrupted\\): score one of its checkpoints"):
+        evaluate_cli.main(["--model", str(run), "--no-progress"])
