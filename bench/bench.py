@@ -55,6 +55,7 @@ from mlm.files.pretrained import load_config
 from mlm.masking import MaskingCollator, mask_tokens, special_tokens_mask
 from mlm.model import IGNORE_INDEX, DistilBertConfig, DistilBertForMaskedLM
 from mlm.optim import make_optimizer, set_learning_rate
+from mlm.run.metrics import flops_per_token
 from mlm.run.processes import Processes
 from mlm.settings import TrainConfig
 from mlm.speed.host_memory import keep_freed_memory
@@ -552,33 +553,13 @@ def train_probe_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def estimate_flops_per_token(
-    config: DistilBertConfig, seq_len: int, labelled_fraction: float = 1.0, *, last_block_at_labels: bool = True
-) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward, 2 FLOPs per multiply-add).
-
-    Counts the matmuls only: per layer 4·D² (q, k, v, out) + 2·D·F (FFN) weights and 2·L·D for the attention
-    scores and their application; plus the head's D² transform and D·V projection. labelled_fraction < 1
-    counts what the model computes given labels: the head at the labelled fraction of tokens only, and with
-    last_block_at_labels (mlm/model.py) the last block's output projection and feed-forward too.
-    labelled_fraction=1.0 counts the reference's full computation.
-    """
-    d, f, v = config.dim, config.hidden_dim, config.vocab_size
-    every_token = 3 * d * d + 2 * seq_len * d  # q, k, v and attention: every position, every layer
-    selectable = d * d + 2 * d * f  # output projection and feed-forward
-    last_block = labelled_fraction if last_block_at_labels else 1.0
-    layers = config.n_layers * every_token + (config.n_layers - 1 + last_block) * selectable
-    forward_macs = layers + labelled_fraction * (d * d + d * v)
-    return 3 * 2 * forward_macs
-
-
 def executed_flops_per_token(bench: Bench, which: str, labelled_fraction: float) -> float:
     """Model FLOPs per token that `which` executes: the reference runs the last block and the head at every
     position, ours at the labelled ones only. Counting the reference's FLOPs for both would credit our skipped work
     as utilisation."""
     if which == "reference":
-        return estimate_flops_per_token(bench.config, bench.args.seq_len, 1.0)
-    return estimate_flops_per_token(bench.config, bench.args.seq_len, labelled_fraction)
+        return flops_per_token(bench.config, bench.args.seq_len, 1.0)
+    return flops_per_token(bench.config, bench.args.seq_len, labelled_fraction)
 
 
 PROBE_TIMEOUT = 240  # seconds for one train configuration, compiling included

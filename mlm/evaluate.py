@@ -16,6 +16,7 @@ torchrun each process scores every world_size-th batch and the processes' rows a
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -44,10 +45,10 @@ def evaluate(model: DistilBertForMaskedLM, input_ids: torch.Tensor, labels: torc
 
 @torch.no_grad()
 def score_batches(model: DistilBertForMaskedLM, input_ids: torch.Tensor, labels: torch.Tensor, *, batch_size: int,
-                  autocast_dtype: torch.dtype | None = None, batches: range | None = None) -> torch.Tensor:
-    """(n, 4) float64 on the CPU, one row per eval batch of `batch_size` rows (those in `batches`, default all):
-    its mean loss, masked tokens, sequences and correct top-1 predictions. A batch without masked tokens has loss 0
-    (the reference drops its NaN loss)."""
+                  autocast_dtype: torch.dtype | None = None, batches: Iterable[int] | None = None) -> torch.Tensor:
+    """(n, 4) float64 on the CPU, one row per eval batch of `batch_size` rows (those numbered in `batches`, default
+    all): its mean loss, masked tokens, sequences and correct top-1 predictions. A batch without masked tokens has
+    loss 0 (the reference drops its NaN loss)."""
     device = next(model.parameters()).device
     batches = range(math.ceil(len(input_ids) / batch_size)) if batches is None else batches
     autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()

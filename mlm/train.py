@@ -54,12 +54,12 @@ def train(config: TrainConfig) -> RunSummary:
         run.start(setup.model, setup.optimizer, setup.path.precision.scaler, setup.tokenizer, path=setup.path.says,
                   precision=setup.path.precision.name, facts=setup.facts())
         if run.is_new:
-            run.record_eval("before", evaluate_on(setup, config, run.procs))
+            run.record_eval("before", evaluate_on(setup, config, run))
             run.record_fill_mask("before", *predict(setup, config, run.procs))
         if not fit(run, setup, config):
             return run.stopped()
         if run.eval_at_the_end_due():  # a resume --extend'ed to end where it stands has no eval at this step yet
-            run.record_eval("final", evaluate_on(setup, config, run.procs))
+            run.record_eval("final", evaluate_on(setup, config, run))
         run.record_fill_mask("after", *predict(setup, config, run.procs))
         return run.finish()
 
@@ -80,10 +80,10 @@ def fit(run: Run, setup: Setup, config: TrainConfig) -> bool:
                 # DDP averages gradients over processes, so each process weighs its share by total / world_size.
                 result = setup.step(micro_batches, labelled_in_step=labelled / procs.world_size)
                 progress.advance(ran=result.ran, steps_in_epoch=len(batches))
-                run.after_step(result.loss, result.grad_norm, ran=result.ran, lr=lr,
+                run.after_step(result.loss, result.grad_norm, ran=result.ran, lr=lr, labelled=labelled,
                                tokens=rows * setup.train_chunks.chunk_size)  # logs when due, notes a stop request
                 if label := run.eval_due():
-                    run.record_eval(label, evaluate_on(setup, config, procs))
+                    run.record_eval(label, evaluate_on(setup, config, run))
                 run.save_if_due()  # every --save-every steps, at each epoch's end, at the last step, on a stop
                 if run.stop_requested:
                     return False
@@ -299,11 +299,12 @@ def load_data(config: TrainConfig, tokenizer: Tokenizer, model: nn.Module) -> tu
 # Evaluation and fill-mask during the run
 
 
-def evaluate_on(setup: Setup, config: TrainConfig, procs: Processes) -> EvalResult:
+def evaluate_on(setup: Setup, config: TrainConfig, run: Run) -> EvalResult:
     """Perplexity on the frozen eval set. Under torchrun each process scores every world_size-th eval batch, and the
     batches' figures are summed in batch order, as one process sums them: the same figures for any process count."""
-    input_ids, labels = setup.eval_set["input_ids"], setup.eval_set["labels"]
-    batches = range(procs.rank, math.ceil(len(input_ids) / config.eval_batch_size), procs.world_size)
+    input_ids, labels, procs = setup.eval_set["input_ids"], setup.eval_set["labels"], run.procs
+    batches = run.console.over(range(procs.rank, math.ceil(len(input_ids) / config.eval_batch_size),
+                                     procs.world_size), "eval")
     scores = score_batches(setup.eval_model, input_ids, labels, batch_size=config.eval_batch_size,
                            autocast_dtype=setup.path.precision.autocast_dtype, batches=batches)
     return summarize(procs.gather_interleaved(scores))

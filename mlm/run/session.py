@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from tqdm.auto import tqdm
 
 from mlm.corpus import run_sources
 from mlm.errors import Interrupted, MLMError
@@ -50,7 +49,7 @@ from mlm.run.checkpoints import (
     verify_checkpoint,
 )
 from mlm.run.folder import RunFolder, folder_record
-from mlm.run.metrics import Meter, MetricsLog
+from mlm.run.metrics import Console, Meter, MetricsLog, flops_per_token, peak_flops
 from mlm.run.model_card import CARD_FILE, write_run_model_card
 from mlm.run.processes import Processes, end_processes, start_processes
 from mlm.run.record import RECORD_FILE, RunRecord, read_record, write_record
@@ -123,12 +122,13 @@ class Run:
         self.notes: list[str] = []
         self.stop_requested = False
         self.stopped_by: str | None = None  # the signal every process agreed to stop on
-        self.log: MetricsLog | None = None  # opened by start(), like the meter and the progress bar
+        self.log: MetricsLog | None = None  # opened by start(), like the meter
+        self.console = Console(procs.is_main, config.progress_bar, total=0, done=0)
         self.total_steps = self.steps_per_epoch = 0
+        self.peak_flops: float | None = None
 
     def say(self, message: str) -> None:
-        if self.procs.is_main:
-            tqdm.write(message)
+        self.console.say(message)
 
     # -- where the run starts --------------------------------------------------------------------------------
 
@@ -206,8 +206,8 @@ class Run:
                               listeners=listeners)
         self.meter = Meter(procs.device, seconds=record.progress["train_seconds"],
                            tokens=record.progress["train_tokens"])
-        self.bar = tqdm(total=self.total_steps, initial=self.progress.global_step, desc="train", unit="step",
-                        dynamic_ncols=True, disable=not (procs.is_main and config.progress_bar))
+        self.console.total, self.console.done = self.total_steps, self.progress.global_step
+        self.peak_flops = peak_flops(procs.device, precision)
         for note in self.notes:
             self.say(f"note: {note}")
         if self.resume_from is not None:
@@ -254,11 +254,11 @@ class Run:
             yield
 
     def after_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, *, ran: int | torch.Tensor,
-                   lr: float | torch.Tensor, tokens: int) -> None:
+                   lr: float | torch.Tensor, tokens: int, labelled: int) -> None:
         """Count the step; every --log-every steps (and at each epoch's end and the last step) log the mean loss.
         `ran` and `lr` may be device tensors (fp16): they are read back only when a line is written."""
-        self.meter.add(loss, tokens, ran)
-        self.bar.update(1)
+        self.meter.add(loss, tokens, ran, labelled)
+        self.console.step()
         progress = self.progress
         due = (self.meter.steps >= self.config.log_every or progress.step_in_epoch == 0
                or progress.global_step >= self.total_steps)
@@ -278,12 +278,14 @@ class Run:
         mean_loss = loss_sum.item() / meter.steps
         if not math.isfinite(mean_loss):
             raise self._non_finite(f"The training loss became {mean_loss}")
-        tokens_per_second, lr = meter.interval_tokens_per_second(), float(lr)
-        epoch = progress.epoch + progress.step_in_epoch / self.steps_per_epoch
+        tokens_per_second = meter.interval_tokens_per_second()
+        flops = flops_per_token(self.model.config, self.config.chunk_size, meter.labelled / max(meter.tokens, 1))
+        values = {"epoch": progress.epoch + progress.step_in_epoch / self.steps_per_epoch, "loss": mean_loss,
+                  "lr": float(lr), "grad_norm": float(grad_norm), "tokens_per_second": tokens_per_second,
+                  "mfu": flops * tokens_per_second / self.peak_flops if self.peak_flops else None}
         # skipped: the steps since the last line whose fp16 gradients overflowed (their update was skipped)
-        self.log.write("train", step=progress.global_step, epoch=epoch, loss=mean_loss, lr=lr,
-                       grad_norm=float(grad_norm), tokens_per_second=tokens_per_second, skipped=meter.skipped())
-        self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}")
+        self.log.write("train", step=progress.global_step, **values, skipped=meter.skipped())
+        self.console.log(progress.global_step, values)
         meter.start_interval()
 
     def eval_due(self) -> str | None:
@@ -353,7 +355,7 @@ class Run:
 
     def finish(self) -> RunSummary:
         """The final model in the Hub layout, the finished record and the model card."""
-        self.bar.close()
+        self.console.close()
         if self.procs.is_main:
             for name in (CONFIG_FILE, WEIGHTS_FILE, *TOKENIZER_FILES):
                 self.folder.writes(name)
@@ -381,7 +383,7 @@ class Run:
 
     def stopped(self) -> RunSummary:
         """The loop stopped on a signal, after saving a checkpoint."""
-        self.bar.close()
+        self.console.close()
         self._note_progress()
         self.record.end_segment(f"interrupted by {self.stopped_by}", step=self.progress.global_step)
         self._write_record()
