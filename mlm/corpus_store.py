@@ -292,12 +292,9 @@ def _slices(text: str, size: int) -> Iterator[str]:
 
 
 def _cut(text: str, start: int, end: int) -> int:
-    """The last position in (start, end) of a blank that ends a run of whitespace, or -1 if there is none.
-
-    Byte-level BPE's pre-tokenizer makes a run of whitespace a word of its own, but for its last character, which
-    begins the next word (" word" is "Ġword"). A slice beginning at that character, and the slice before ending
-    with the rest of the run, split both as the whole text does; a cut inside the run would not. BERT's
-    pre-tokenizer drops whitespace, so any cut would do."""
+    """The last position in (start, end) of a blank that ends a run of whitespace, or -1. Byte-level BPE makes the
+    run but its last character a word, that character beginning the next (" word" is "Ġword"): cut there, both
+    slices split as the whole text does; inside the run, not. (BERT's pre-tokenizer drops whitespace.)"""
     cut = end
     while (cut := max(text.rfind(space, start + 1, cut) for space in " \n\t\r")) > start and text[cut + 1].isspace():
         pass
