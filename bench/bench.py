@@ -48,16 +48,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlm.data import Chunks
+from mlm.chunks import Chunks
 from mlm.errors import MLMError
 from mlm.evaluate import evaluate
 from mlm.files.pretrained import load_config
 from mlm.masking import MaskingCollator, mask_tokens, special_tokens_mask
 from mlm.model import IGNORE_INDEX, DistilBertConfig, DistilBertForMaskedLM
 from mlm.optim import make_optimizer, set_learning_rate
-from mlm.speed.compiled import CUDA_GRAPH_PADDING, ExecutionPath, eval_path, move_to_device, wrap_for_training
+from mlm.run.processes import Processes
+from mlm.settings import TrainConfig
 from mlm.speed.host_memory import keep_freed_memory
-from mlm.speed.lean import make_lean
+from mlm.speed.path import ExecutionPath, choose_path
 from mlm.tokenizer import load_tokenizer
 from mlm.train import StepBatches, epoch_order, train_step
 
@@ -252,13 +253,20 @@ def maybe_compile(model: nn.Module, bench: Bench) -> nn.Module:
     return torch.compile(model) if bench.args.compile else model
 
 
-def build_ours(bench: Bench) -> DistilBertForMaskedLM:
-    """As train.py builds it: lean (mlm/speed/lean.py) on the CPU, plain on a GPU, unless --lean says otherwise."""
+def ours_path(bench: Bench, *, graphs: bool | None = None) -> ExecutionPath:
+    """The execution path train.py takes with these settings (mlm/speed/path.py): precision, lean modules (on the
+    CPU unless --lean says otherwise), compile or CUDA graphs."""
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[bench.ours_dtype]
+    graphs = bench.args.cuda_graphs if graphs is None else graphs
+    config = TrainConfig(device=str(bench.device), precision=precision, lean=bench.args.lean,
+                         compile=bench.args.compile, cuda_graphs="on" if graphs else "off", keep_freed_memory=False)
+    return choose_path(config, Processes(device=bench.device)).for_steps(10**6)
+
+
+def build_ours(bench: Bench, path: ExecutionPath | None = None) -> DistilBertForMaskedLM:
+    """As train.py builds it: the model of mlm/model.py through the execution path (lean modules on the CPU)."""
     torch.manual_seed(0)
-    model = DistilBertForMaskedLM(bench.config)
-    if bench.args.lean == "on" or (bench.args.lean == "auto" and bench.device.type == "cpu"):
-        make_lean(model)
-    return model.to(bench.device).train()
+    return (path or ours_path(bench)).model(DistilBertForMaskedLM(bench.config)).train()
 
 
 def build_reference(bench: Bench, transformers) -> nn.Module:
@@ -312,7 +320,6 @@ def section_model(bench: Bench, transformers) -> list[dict]:
     compiled = maybe_compile(model, bench)
     scaler = scaler_for(device, dtype)
     vocab = bench.config.vocab_size
-    positions = (bench.labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)  # once, outside the timing
 
     def backward(loss: torch.Tensor) -> None:
         (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -320,7 +327,7 @@ def section_model(bench: Bench, transformers) -> list[dict]:
 
     def sparse() -> None:
         with autocast(device, dtype):
-            loss = compiled(bench.input_ids, None, bench.labels, positions).loss
+            loss = compiled(bench.input_ids, labels=bench.labels).loss
         backward(loss)
 
     def full() -> None:
@@ -371,8 +378,7 @@ def training_batches(bench: Bench, steps: int) -> StepBatches:
     collator = MaskingCollator(mask_token_id=bench.mask_id, vocab_size=bench.config.vocab_size,
                                special_token_ids=bench.special_ids)
     return StepBatches(chunks, epoch_order(rows, 0, 0), collator, batch_size=bench.args.batch_size, grad_accum=1,
-                       rank=0, world_size=1, seed=0, epoch=0,
-                       pad_positions_to=CUDA_GRAPH_PADDING if bench.args.cuda_graphs else 1)
+                       rank=0, world_size=1, seed=0, epoch=0)
 
 
 def timed_windows(step, *, steps: int, warmup: int, windows: int, device: torch.device) -> float:
@@ -398,7 +404,8 @@ def _train_config(bench: Bench, which: str, transformers) -> tuple[float, PeakMe
     """(seconds per step, peak memory of building model + optimizer and training, labelled fraction seen).
 
     Ours runs the training loop's own per-step path: StepBatches through a DataLoader (masking on the host,
-    pinned memory), non-blocking copies, the learning-rate update and train_step with host-side label counts.
+    pinned memory), the learning-rate update and train_step as the execution path wraps it (mlm/speed/path.py: on a
+    GPU host-side label positions and non-blocking copies, compile or CUDA graphs).
     The reference gets the same masked batches, already collated and pinned (its collator's cost not counted),
     and runs the Trainer's step: autocast forward with an all-ones attention mask, GradScaler for fp16, unscale,
     clip to 1.0, fused AdamW, zero_grad.
@@ -413,23 +420,17 @@ def _train_config(bench: Bench, which: str, transformers) -> tuple[float, PeakMe
 
     with PeakMemory(device) as mem:
         if which in ("ours", "ours-checkpointed"):
-            model = build_ours(bench)
+            path = ours_path(bench)
+            model = build_ours(bench, path)
             model.distilbert.gradient_checkpointing = which == "ours-checkpointed"
             optimizer = make_optimizer(model, lr=LR, weight_decay=WEIGHT_DECAY)
-            compiled = torch.compile(model, mode="reduce-overhead") if args.cuda_graphs else maybe_compile(model, bench)
-            scaler = scaler_for(device, bench.ours_dtype)
+            run_step, _ = path.training(train_step, model, optimizer, max_grad_norm=MAX_GRAD_NORM)
 
             def step() -> None:
                 micro_cpu, labelled_in_step, _ = next(loader)
                 labelled.append(labelled_in_step)
-                micro = move_to_device(micro_cpu, device, compiled=args.compile and not args.cuda_graphs)
-                if args.cuda_graphs:  # as train.py --cuda-graphs
-                    torch.compiler.cudagraph_mark_step_begin()
                 set_learning_rate(optimizer, LR)
-                counts = [int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_cpu]
-                train_step(compiled, micro, optimizer, labelled_counts=counts,
-                           labelled_in_step=labelled_in_step, scaler=scaler, autocast_dtype=bench.ours_dtype,
-                           max_grad_norm=MAX_GRAD_NORM)
+                run_step(micro_cpu, labelled_in_step=labelled_in_step)
         else:
             model = build_reference(bench, transformers)
             optimizer = reference_optimizer(model, device)
@@ -559,8 +560,8 @@ def estimate_flops_per_token(
     Counts the matmuls only: per layer 4·D² (q, k, v, out) + 2·D·F (FFN) weights and 2·L·D for the attention
     scores and their application; plus the head's D² transform and D·V projection. labelled_fraction < 1
     counts what the model computes given labels: the head at the labelled fraction of tokens only, and with
-    last_block_at_labels (the lean model, mlm/speed/lean.py) the last block's output projection and feed-forward
-    too. labelled_fraction=1.0 counts the reference's full computation.
+    last_block_at_labels (mlm/model.py) the last block's output projection and feed-forward too.
+    labelled_fraction=1.0 counts the reference's full computation.
     """
     d, f, v = config.dim, config.hidden_dim, config.vocab_size
     every_token = 3 * d * d + 2 * seq_len * d  # q, k, v and attention: every position, every layer
@@ -571,13 +572,13 @@ def estimate_flops_per_token(
     return 3 * 2 * forward_macs
 
 
-def executed_flops_per_token(bench: Bench, which: str, labelled_fraction: float, lean: bool) -> float:
-    """Model FLOPs per token that `which` executes: the reference projects every position, ours the labelled
-    ones only (and, lean, runs the last block there too). Counting the reference's FLOPs for both would credit
-    our skipped work as utilisation."""
+def executed_flops_per_token(bench: Bench, which: str, labelled_fraction: float) -> float:
+    """Model FLOPs per token that `which` executes: the reference runs the last block and the head at every
+    position, ours at the labelled ones only. Counting the reference's FLOPs for both would credit our skipped work
+    as utilisation."""
     if which == "reference":
         return estimate_flops_per_token(bench.config, bench.args.seq_len, 1.0)
-    return estimate_flops_per_token(bench.config, bench.args.seq_len, labelled_fraction, last_block_at_labels=lean)
+    return estimate_flops_per_token(bench.config, bench.args.seq_len, labelled_fraction)
 
 
 PROBE_TIMEOUT = 240  # seconds for one train configuration, compiling included
@@ -619,7 +620,7 @@ def section_train_cuda(bench: Bench, transformers) -> list[dict]:
         if key not in tps:
             return None
         which = "reference" if key.startswith("reference") else "ours"
-        flops = executed_flops_per_token(bench, which, figures[key]["labelled_fraction"], key.endswith("lean"))
+        flops = executed_flops_per_token(bench, which, figures[key]["labelled_fraction"])
         return 100 * flops * tps[key] / ceiling
 
     def memory(key: str) -> float | None:
@@ -659,9 +660,8 @@ def section_train_cuda(bench: Bench, transformers) -> list[dict]:
         "a DataLoader, pinned memory, non-blocking copies, train_step); masks change every step. MFU = executed "
         "model FLOPs x "
         f"tokens/s / bf16 ceiling {ceiling / 1e12:.1f} TFLOP/s (best 8192^3 bf16 matmul of this run); FLOPs per "
-        f"token: ours {executed_flops_per_token(bench, 'ours', fraction, False) / 1e9:.3f} G (labelled fraction "
-        f"{fraction:.3f}), lean {executed_flops_per_token(bench, 'ours', fraction, True) / 1e9:.3f} G, reference "
-        f"{executed_flops_per_token(bench, 'reference', 1.0, False) / 1e9:.3f} G. Memory = "
+        f"token: ours {executed_flops_per_token(bench, 'ours', fraction) / 1e9:.3f} G (labelled fraction "
+        f"{fraction:.3f}), reference {executed_flops_per_token(bench, 'reference', 1.0) / 1e9:.3f} G. Memory = "
         "torch.cuda.max_memory_allocated growth over building model + optimizer and all steps.")
     bench.figures["train"] = {k: {**f, "tokens_per_second": tps.get(k), "mfu_percent": mfu(k)}
                               for k, f in figures.items() if f}
@@ -695,8 +695,8 @@ def section_train(bench: Bench, transformers) -> list[dict]:
     if ours_s is None:
         raise SystemExit("train: our training run failed: " + "; ".join(bench.notes))
     fraction = get("ours", "labelled_fraction")
-    ref_flops = executed_flops_per_token(bench, "reference", 1.0, False)
-    ours_flops = executed_flops_per_token(bench, "ours", fraction, args.lean != "off")  # lean on the CPU by default
+    ref_flops = executed_flops_per_token(bench, "reference", 1.0)
+    ours_flops = executed_flops_per_token(bench, "ours", fraction)
     tps = {key: bench.tokens / get(key, "seconds") if get(key, "seconds") else None for key in figures}
     ours_tps, ref_tps = tps["ours"], tps.get("reference")
     ceiling = matmul_ceiling(bench, bench.ours_dtype)
@@ -743,13 +743,14 @@ def section_eval(bench: Bench, transformers) -> list[dict]:
 
     def run(which: str) -> tuple[float, PeakMemory]:
         with PeakMemory(device) as mem:
-            if which == "ours-graphs":  # as train.py evaluates on its default GPU path (mlm/speed/compiled.py)
-                model = build_ours(bench)
-                path = ExecutionPath(graphs=True, compile=False, says="CUDA graphs")
-                fast = eval_path(wrap_for_training(model, path, 1, device), path, 1)
+            if which == "ours-graphs":  # as train.py evaluates on its default GPU path (mlm/speed/path.py)
+                path = ours_path(bench, graphs=True)
+                model = build_ours(bench, path)
+                _, eval_model = path.training(train_step, model, make_optimizer(model, lr=LR, weight_decay=0.0),
+                                              max_grad_norm=MAX_GRAD_NORM)
 
                 def score(ids, lab) -> None:
-                    evaluate(model, ids, lab, batch_size=args.batch_size, autocast_dtype=bench.ours_dtype, **fast)
+                    evaluate(eval_model, ids, lab, batch_size=args.batch_size, autocast_dtype=bench.ours_dtype)
             elif which == "ours":
                 model = build_ours(bench)
                 compiled = maybe_compile(model, bench)

@@ -194,7 +194,7 @@ def bench_targets(bench: dict) -> dict:
     def ratio(ours: str, reference: str) -> float | None:
         return tps[ours] / tps[reference] if ours in tps and reference in tps else None
 
-    # What a user gets with the default flags on one GPU for a course-length run: CUDA graphs (choose_path).
+    # What a user gets with the default flags on one GPU for a course-length run: CUDA graphs (graphs_choice).
     default = {"bf16_vs_reference_bf16": ratio("ours-bf16-cudagraphs", "reference-bf16"),
                "fp16_vs_reference_fp16": ratio("ours-fp16-cudagraphs", "reference-fp16"),
                "mfu_percent_bf16": train.get("ours-bf16-cudagraphs", {}).get("mfu_percent"),
@@ -329,7 +329,7 @@ def stage_course(out: Path, work: Path, assets: Path, cpu: bool, timeout: float)
 def break_even(graphs: dict, eager: dict, steps: int, tokens_per_step: int = 64 * 128) -> dict:
     """After how many steps CUDA graphs repay their compile: the extra seconds a graphs run spends beyond its
     steady state (compiling and recording, training and eval graphs both), over the seconds each step saves.
-    mlm/speed/compiled.py GRAPHS_MIN_STEPS should be set from `steps_wall`."""
+    mlm/speed/path.py GRAPHS_MIN_STEPS should be set from `steps_wall`."""
     if "steady_tokens_per_second" not in graphs or "steady_tokens_per_second" not in eager:
         return {}
     graph_step = tokens_per_step / graphs["steady_tokens_per_second"]

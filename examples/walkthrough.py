@@ -27,18 +27,21 @@ import pyarrow.json
 import pyarrow.parquet
 import torch
 
-from mlm.cli.args import ArgumentParser
-from mlm.data import chunk, load_chunks, load_texts, split_train_test, tokenize
-from mlm.errors import MLMError
+from mlm.cli.args import ArgumentParser, add_settings, flag_of
+from mlm.corpus import load_chunks
+from mlm.data import chunk, group_ends, split_train_test, tokenize
+from mlm.errors import MLMError, name_flags
 from mlm.evaluate import evaluate
-from mlm.files.data_files import find_data_files
-from mlm.files.pretrained import load_config, load_pretrained
+from mlm.files.data_files import find_data_files, load_texts
+from mlm.files.pretrained import load_config, load_pretrained, save_pretrained
 from mlm.fill_mask import fill_mask
 from mlm.masking import MaskingCollator, freeze_eval_masks
 from mlm.model import DistilBertForMaskedLM
-from mlm.run.processes import pick_precision, start_processes
+from mlm.optim import Schedule, lr_schedule, make_optimizer, set_learning_rate
+from mlm.run.processes import pick_device
+from mlm.speed.path import pick_precision
 from mlm.tokenizer import load_tokenizer
-from mlm.train import TrainConfig, train
+from mlm.train import StepBatches, epoch_order, train_step
 
 IN_NOTEBOOK = "ipykernel" in sys.modules
 TEXT = "This is a great [MASK]."
@@ -49,37 +52,12 @@ MARKER = ".mlm-walkthrough"  # written into the output folder: only a folder hol
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    d = TrainConfig()
-    p = ArgumentParser(description="The Hugging Face course's MLM chapter, step by step, with mlm. "
-                                            "The defaults are the course's.")
-    p.add_argument("--model", default=d.model, help="Hub id or local folder (default: %(default)s)")
-    p.add_argument("--init", choices=["pretrained", "random"], default=d.init,
-                   help="pretrained weights, or a random model of --model's config (default: %(default)s)")
-    p.add_argument("--dataset", default=d.dataset, help="Hub dataset id, a local folder with its layout, or one "
-                   ".parquet/.jsonl/.txt file (default: %(default)s)")
-    p.add_argument("--chunk-size", type=int, default=d.chunk_size, help="(default: %(default)s)")
-    p.add_argument("--group-size", type=int, default=d.group_size,
-                   help="train on chunks cut per group of this many reviews (1000 gives the course's chunks); "
-                        "default: the whole split joined, mlm's default")
-    p.add_argument("--train-size", type=int, default=d.train_size, help="(default: %(default)s)")
-    p.add_argument("--test-size", type=int, default=d.test_size, help="(default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="(default: %(default)s)")
-    p.add_argument("--max-steps", type=int, default=d.max_steps, help="stop training after this many steps")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
-    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="(default: %(default)s)")
-    p.add_argument("--lr", type=float, default=d.lr, help="(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seeds the init, the shown samples and the training "
-                   "masks (default: %(default)s)")
-    p.add_argument("--data-seed", type=int, default=d.data_seed, help="seeds the train/eval draw and the frozen "
-                   "eval masks, as in mlm-train (default: %(default)s)")
-    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1 … (default: %(default)s)")
-    p.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default=d.precision,
-                   help="(default: %(default)s)")
-    p.add_argument("--cache-dir", default=d.cache_dir, help="where tokenized chunks are cached")
-    p.add_argument("--output-dir", default=OUTPUT_DIR, help="where the fine-tuned model goes. An earlier "
-                   "walkthrough's output there is replaced (as the course's overwrite_output_dir=True); any other "
-                   "folder that is not empty is refused, so a training run is never lost (default: %(default)s)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p = ArgumentParser(description="The Hugging Face course's MLM chapter, step by step, with mlm. The defaults are "
+                                   "the course's.")
+    # The flags are mlm-train's (mlm/settings.py): the same names, helps and defaults, but for the output folder.
+    add_settings(p, ["model", "init", "dataset", "chunk_size", "group_size", "train_size", "test_size", "cache_dir",
+                     "batch_size", "eval_batch_size", "lr", "weight_decay", "warmup_steps", "epochs", "max_steps",
+                     "seed", "data_seed", "precision", "device", "output_dir", "progress_bar"], output_dir=OUTPUT_DIR)
     return p.parse_args(argv)
 
 
@@ -87,7 +65,7 @@ if not IN_NOTEBOOK:
     def one_line_errors(kind, error, traceback):
         """A mistake the user can fix (mlm.errors.MLMError) is one line, as in scripts/, not a traceback."""
         if issubclass(kind, MLMError):
-            print(f"error: {error}", file=sys.stderr)
+            print(f"error: {name_flags(str(error), flag_of)}", file=sys.stderr)
         else:
             sys.__excepthook__(kind, error, traceback)
 
@@ -99,15 +77,15 @@ def output_dir_state(folder: Path) -> str:
         return "new"
     if (folder / MARKER).is_file():
         return "ours"
-    raise MLMError(f"--output-dir {folder} holds files the walkthrough did not write (a training run?), and it "
-                   "replaces only its own earlier output: pass another --output-dir, or empty that folder yourself.")
+    raise MLMError(f"`output_dir` {folder} holds files the walkthrough did not write (a training run?), and it "
+                   "replaces only its own earlier output: give another `output_dir`, or empty that folder yourself.")
 
 
 args = parse_args([] if IN_NOTEBOOK else None)
 output_dir = Path(args.output_dir).expanduser()
-replaces_earlier_walkthrough = output_dir_state(output_dir) == "ours"  # checked now, before minutes of work
-procs, device = start_processes(args.device)  # mlm/run/processes.py: "auto" is the GPU when there is one
-precision = pick_precision(args.precision, device)  # mlm/run/processes.py: bf16/fp16 autocast on GPUs, fp32 on CPUs
+output_dir_state(output_dir)  # checked now, before minutes of work
+device = pick_device(args.device)  # mlm/run/processes.py: "auto" is the GPU when there is one
+precision = pick_precision(args.precision, device)  # mlm/speed/path.py: bf16/fp16 autocast on GPUs, fp32 on CPUs
 
 
 def say(*lines: str) -> None:
@@ -123,10 +101,10 @@ def say(*lines: str) -> None:
 # `num_parameters()` counts the tied embedding/projector matrix once, as transformers does.
 
 # %%
+torch.manual_seed(args.seed)  # the random init's and dropout's generator, seeded where mlm-train seeds it
 if args.init == "pretrained":
     model = load_pretrained(args.model)
 else:
-    torch.manual_seed(args.seed)  # train() seeds the same way, so the model it trains starts from these weights
     model = DistilBertForMaskedLM(load_config(args.model))
 model = model.to(device).eval()
 n_parameters = model.num_parameters()
@@ -251,7 +229,7 @@ total_length = len(ids)
 say(f"Concatenated reviews length: {total_length}")
 for offset in range(0, total_length, args.chunk_size):
     say(f"Chunk length: {len(ids[offset : offset + args.chunk_size])}")
-chunk_ids, _ = chunk(ids, word_ids, lengths, chunk_size=args.chunk_size)
+chunk_ids, _, _ = chunk(ids, word_ids, group_ends(lengths), chunk_size=args.chunk_size)
 print(f"chunk() keeps {len(chunk_ids)} full chunks {tuple(chunk_ids.shape)} and drops the last "
       f"{total_length - chunk_ids.size} tokens")
 
@@ -267,9 +245,9 @@ print(f"chunk() keeps {len(chunk_ids)} full chunks {tuple(chunk_ids.shape)} and 
 # copy whose rows are ordered differently can differ by a few chunks.
 
 # %%
-progress = not args.no_progress
+progress = args.progress_bar
 common = dict(chunk_size=args.chunk_size, cache_dir=args.cache_dir,
-              max_position_embeddings=model.config.max_position_embeddings, progress=progress)
+              max_length=model.config.max_length, progress=progress)
 whole = load_chunks(args.dataset, "train", tokenizer, group_size=None, **common)
 grouped = load_chunks(args.dataset, "train", tokenizer, group_size=COURSE_GROUP_SIZE, **common)
 say(f"train: {whole.n_reviews:,} reviews, {whole.n_tokens:,} tokens")
@@ -369,26 +347,43 @@ say(f"Perplexity: {before.perplexity:.2f}")
 print(f"(reference-style, as Trainer averages: {before.reference_perplexity:.2f})")
 
 # %% [markdown]
-# Course: `TrainingArguments(...)` and `Trainer(...).train()`: AdamW, lr 2e-5, weight decay 0.01, batch 64,
-# 3 epochs, mixed precision, evaluation every epoch. mlm: `TrainConfig` and `train` (mlm/train.py) with the same
-# defaults. `train` loads the model, the chunks (from the store) and the same frozen eval set again, reports
-# perplexity and fill-mask before and after, and writes the model in the Hub layout to `--output-dir`.
-# `--max-steps` or `--train-size` make the run shorter.
+# ## 5. Training
+#
+# Course: `TrainingArguments(...)` and `Trainer(...).train()` (or its Accelerate loop): AdamW, lr 2e-5, weight decay
+# 0.01, batch 64, 3 epochs, mixed precision, a perplexity after every epoch. mlm: the loop of `fit` (mlm/train.py),
+# written out here with the same functions. `StepBatches` (mlm/train.py) masks each step's batch on the CPU with
+# a generator of its own, seeded from (seed, epoch, step); `lr_schedule` (mlm/optim.py) is the linear decay, set
+# into AdamW (`make_optimizer`, the reference's decay groups) before each step; `train_step` (mlm/train.py) is the
+# forward, backward, gradient clipping and AdamW step. `mlm-train` runs exactly these steps, wrapped for speed and
+# scale and with a run folder around them: on this plain fp32 path its weights are these, bit for bit.
 
 # %%
-config = TrainConfig(model=args.model, init=args.init, dataset=args.dataset, chunk_size=args.chunk_size,
-                     group_size=args.group_size, train_size=args.train_size, test_size=args.test_size,
-                     cache_dir=args.cache_dir, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
-                     lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, seed=args.seed,
-                     data_seed=args.data_seed, precision=args.precision, device=args.device,
-                     output_dir=str(output_dir), overwrite=replaces_earlier_walkthrough, prompts=(TEXT,),
-                     progress_bar=progress, lean="off")  # train the model the cells above read, mlm/model.py
-summary = train(config)
+# Dropout draws from torch's global generator, seeded before the model was built (as mlm-train's set-up does) and
+# drawn from by nothing since: this loop draws mlm-train's dropout masks.
+optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
+schedule = Schedule.of(len(train_chunks), global_batch=args.batch_size, epochs=args.epochs, max_steps=args.max_steps,
+                       warmup_steps=args.warmup_steps)
+learning_rate = lr_schedule(args.lr, warmup_steps=schedule.warmup_steps, total_steps=schedule.total_steps)
+training_collator = MaskingCollator.from_tokenizer(tokenizer, mlm_probability=0.15)
+model.train()
+step = steps_that_ran = 0  # under fp16 a step whose gradients overflowed is skipped, and the schedule waits
+for epoch in range(args.epochs):
+    batches = StepBatches(train_chunks, epoch_order(len(train_chunks), args.seed, epoch), training_collator,
+                          batch_size=args.batch_size, grad_accum=1, rank=0, world_size=1, seed=args.seed, epoch=epoch)
+    for index in range(min(len(batches), schedule.total_steps - step)):
+        micro_batches, labelled, _ = batches[index]  # this step's batch, masked: {"input_ids", "labels"} (B, L)
+        set_learning_rate(optimizer, learning_rate(steps_that_ran))
+        result = train_step(model, micro_batches, optimizer, labelled_in_step=labelled, scaler=precision.scaler,
+                            autocast_dtype=precision.autocast_dtype)
+        step, steps_that_ran = step + 1, steps_that_ran + int(result.ran)
+    scores = evaluate(model, eval_set["input_ids"], eval_set["labels"], batch_size=args.eval_batch_size,
+                      autocast_dtype=precision.autocast_dtype)
+    say(f"Epoch {epoch}: Perplexity: {scores.perplexity:.2f}")
+    if step == schedule.total_steps:  # --max-steps may end the run inside an epoch
+        break
+save_pretrained(model, output_dir, tokenizer=tokenizer)  # the Hub layout: config.json, model.safetensors, tokenizer
 (output_dir / MARKER).write_text("written by examples/walkthrough.py, which may replace this folder\n")
-if summary.status != "finished":
-    print(f"Training was interrupted; the last checkpoint is {summary.checkpoint}.")
-    sys.exit(130)
-print(f"trained {summary.steps} steps in {summary.train_seconds:.1f} s; the model is in {summary.output_dir}")
+print(f"trained {step} steps; the model is in {output_dir}")
 
 # %% [markdown]
 # Course: the perplexity after training (11.32) and `pipeline("fill-mask", model=...)` on the fine-tuned model.
@@ -396,7 +391,7 @@ print(f"trained {summary.steps} steps in {summary.train_seconds:.1f} s; the mode
 # eval set, and `fill_mask` predicts.
 
 # %%
-finetuned = load_pretrained(summary.output_dir).to(device).eval()
+finetuned = load_pretrained(output_dir).to(device).eval()
 after = evaluate(finetuned, eval_set["input_ids"], eval_set["labels"], batch_size=args.eval_batch_size,
                  autocast_dtype=precision.autocast_dtype)
 say(f"Perplexity: {after.perplexity:.2f}")

@@ -102,7 +102,7 @@ def score_model(
 ) -> ModelScore:
     """Load model `name` (Hub id or folder), score it on `eval_set` and predict `prompts`' [MASK]s."""
     model = load_model(name, tokenizer=tokenizer)
-    limit = model.config.max_position_embeddings
+    limit = model.config.max_length
     if eval_set.input_ids.shape[1] > limit:
         raise MLMError(f"{name} takes at most {limit} tokens, but the eval chunks have {eval_set.input_ids.shape[1]}: "
                        f"lower `chunk_size` to {limit} or less.")

@@ -17,7 +17,7 @@ from mlm.tokenizer import Tokenizer
 
 def load_chunks(source: str | Path, split: str, tokenizer: Tokenizer, *, chunk_size: int = 128,
                 group_size: int | None = None, text_column: str = "text", revision: str | None = None,
-                cache_dir: str | Path | None = None, max_position_embeddings: int | None = None,
+                cache_dir: str | Path | None = None, max_length: int | None = None,
                 use_cache: bool = True, progress: bool = False) -> Chunks:
     """The chunks of `split` of `source` (a Hub dataset id, a folder, a glob or a file: mlm/files/data_files.py).
 
@@ -26,7 +26,7 @@ def load_chunks(source: str | Path, split: str, tokenizer: Tokenizer, *, chunk_s
     preparation continues where it stopped). Returns Chunks of chunk_size tokens viewing the memory-mapped store,
     `cache_path` set. use_cache=False neither reads nor writes a store: the whole split in memory, as the course.
     """
-    check_chunk_size(chunk_size, max_position_embeddings)
+    check_chunk_size(chunk_size, max_length)
     check_group_size(group_size)
     files, one_document_per_file = find_corpus(source, split, revision=revision)
     reading = dict(text_column=text_column, one_document_per_file=one_document_per_file)

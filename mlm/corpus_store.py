@@ -1,9 +1,9 @@
 """A corpus of any size, tokenized and chunked once into a compact store on disk that training memory-maps.
 
 The store runs mlm/data.py's own functions on the corpus piece by piece: the files are read in pieces of about
-PIECE_CHARS characters (mlm/files/corpus_files.py), each piece goes through `tokenize`, and `cut_chunks` cuts the
-token stream exactly as `chunk` cuts a corpus held in memory: the tokens of a group that goes on past a piece are
-carried into the next one. The chunks are appended to the store; a piece is the unit of resumption. Memory is
+PIECE_CHARS characters (mlm/files/corpus_files.py), each piece goes through `tokenize`, and `chunk` cuts the token
+stream as it cuts a corpus held in memory: the tokens of a group that goes on past a piece are carried into the
+next one. The chunks are appended to the store; a piece is the unit of resumption. Memory is
 bounded by a piece, not by the corpus; a document longer than SLICE_CHARS is tokenized in slices cut at whitespace.
 
 The store is a folder:
@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlm.data import check_filled, cut_chunks, tokenize
+from mlm.data import check_filled, chunk, tokenize
 from mlm.errors import MLMError
 from mlm.files.corpus_files import iter_texts
 from mlm.files.hashing import file_sha256, json_sha256
@@ -334,12 +334,12 @@ class _Writer:
         """Append the chunks completed by a stretch of the stream (see `_stretches`)."""
         state, carried = self.state, len(self.carry_ids)
         if self.group_size is None:
-            group_ends = np.zeros(0, np.int64)  # one group: the whole corpus, which ends in `finish`
+            ends = np.zeros(0, np.int64)  # one group: the whole corpus, which ends in `finish`
         else:
             numbers = state["documents"] + np.arange(1, len(doc_ends) + 1)  # of the documents ending here
-            group_ends = carried + doc_ends[numbers % self.group_size == 0]
+            ends = carried + doc_ends[numbers % self.group_size == 0]
         stream_ids, stream_words = np.concatenate([self.carry_ids, ids]), np.concatenate([self.carry_words, words])
-        chunk_ids, chunk_words, rest = cut_chunks(stream_ids, stream_words, group_ends, self.chunk_size)
+        chunk_ids, chunk_words, rest = chunk(stream_ids, stream_words, ends, chunk_size=self.chunk_size)
         self.carry_ids, self.carry_words = stream_ids[rest:], stream_words[rest:]
         with open(self.partial / "ids.bin", "ab") as ids_file, open(self.partial / "words.bin", "ab") as words_file:
             ids_file.write(chunk_ids.astype(self.dtype).tobytes())

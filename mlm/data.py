@@ -3,14 +3,14 @@
     tokenize            every review becomes [CLS] … [SEP], with each token's word id (-1 at special tokens):
                         what the course's `tokenizer(examples["text"])` plus `word_ids(i)` gives
     chunk               all reviews joined end to end and cut into `chunk_size` blocks, the last partial block
-                        dropped (the course's `group_texts`); with `group_size` the joining happens per group
-                        of reviews, as `datasets.map(batched=True, batch_size=group_size)` does, which
-                        reproduces the course's chunk counts
+                        dropped (the course's `group_texts`); `group_ends` says where the joining restarts:
+                        nowhere by default, or after every `group_size` reviews, as `datasets.map(batched=True,
+                        batch_size=group_size)` does, which reproduces the course's chunk counts
     split_train_test    the course's `train_test_split(train_size=10_000, test_size=1_000, seed=42)`
 
 These work on flat numpy arrays: no Python loop per token. A corpus of any size goes through the same functions
-piece by piece in mlm/corpus_store.py, which writes their output to disk (`cut_chunks` is the chunking both use);
-mlm/corpus.py gives a run its train and eval chunks.
+piece by piece in mlm/corpus_store.py, which writes their output to disk; mlm/corpus.py gives a run its train and
+eval chunks.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from mlm.chunks import Chunks, draw_size, draw_sizes
 from mlm.errors import MLMError
 from mlm.tokenizer import Tokenizer
 
-__all__ = ["Chunks", "check_chunk_size", "check_filled", "chunk", "concatenate", "cut_chunks", "draw",
+__all__ = ["Chunks", "check_chunk_size", "check_filled", "chunk", "concatenate", "draw", "group_ends",
            "split_train_test", "tokenize", "tokenize_and_chunk"]
 
 # Texts per tokenizer call. The tokenizer parallelises inside a call, so a batch only has to be large enough to keep
@@ -85,13 +85,13 @@ def _encode_ahead(tokenizer: Tokenizer, batches: list[list[str]], special_tokens
 # Chunking
 
 
-def check_chunk_size(chunk_size: int, max_position_embeddings: int | None = None) -> None:
-    """Raise MLMError unless 2 <= chunk_size <= max_position_embeddings (when given)."""
+def check_chunk_size(chunk_size: int, max_length: int | None = None) -> None:
+    """Raise MLMError unless 2 <= chunk_size <= max_length, the model's longest sequence (when given)."""
     if chunk_size < 2:
         raise MLMError(f"`chunk_size` must be at least 2 (got {chunk_size}); the course uses 128.")
-    if max_position_embeddings is not None and chunk_size > max_position_embeddings:
-        raise MLMError(f"`chunk_size` {chunk_size} is longer than the model's max_position_embeddings "
-                       f"({max_position_embeddings}): it has no position embedding beyond that. Use at most that.")
+    if max_length is not None and chunk_size > max_length:
+        raise MLMError(f"`chunk_size` {chunk_size} is longer than the model takes ({max_length} tokens: it has no "
+                       "position embedding beyond that). Use at most that.")
 
 
 def check_group_size(group_size: int | None) -> None:
@@ -100,33 +100,26 @@ def check_group_size(group_size: int | None) -> None:
         raise MLMError(f"`group_size` must be a positive number of reviews (got {group_size}).")
 
 
-def chunk(input_ids: np.ndarray, word_ids: np.ndarray, lengths: np.ndarray, *, chunk_size: int = 128,
-          group_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Cut the flat token stream of `tokenize` into (N, chunk_size) blocks, word ids alongside.
-
-    group_size=None joins all reviews and drops only the final partial block. group_size=g joins each run of g
-    reviews separately (the last run may be shorter) and drops each run's partial block, as the course's
-    `group_texts` under `datasets.map(batched=True, batch_size=g)` does.
-    Returns (input_ids, word_ids), both (N, chunk_size) int32.
-    """
+def group_ends(lengths: np.ndarray, group_size: int | None = None) -> np.ndarray:
+    """(G,) int64: where each group of reviews ends in the token stream of `tokenize` (lengths (R,) int64): after
+    every `group_size` reviews and at the end, or only at the end (one group: the whole corpus)."""
     check_group_size(group_size)
-    ends = np.cumsum(lengths)  # where each review ends in the stream
-    group_ends = ends[-1:] if group_size is None else ends[group_size - 1 :: group_size]
-    if group_size is not None and len(ends) % group_size:
-        group_ends = np.append(group_ends, ends[-1])  # the last, shorter group
-    chunk_ids, chunk_words, _ = cut_chunks(input_ids, word_ids, group_ends, chunk_size)
-    return chunk_ids, chunk_words
+    ends = np.cumsum(lengths)  # where each review ends
+    if group_size is None or len(ends) == 0:
+        return ends[-1:]
+    return np.unique(np.append(ends[group_size - 1 :: group_size], ends[-1]))  # the last group may be shorter
 
 
-def cut_chunks(input_ids: np.ndarray, word_ids: np.ndarray, group_ends: np.ndarray,
-               chunk_size: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """The chunking of `chunk`, on a stretch of the stream: (chunk ids, chunk word ids, rest).
+def chunk(input_ids: np.ndarray, word_ids: np.ndarray, group_ends: np.ndarray, *,
+          chunk_size: int = 128) -> tuple[np.ndarray, np.ndarray, int]:
+    """Cut the token stream of `tokenize` into (N, chunk_size) blocks, word ids alongside, group by group.
 
-    input_ids, word_ids (T,) int32; group_ends (G,) int, increasing offsets where a group of reviews ends. Each group
-    (from the previous end, or 0) is cut into chunk_size blocks from its start, its partial last block dropped. The
-    tokens after the last group end belong to a group that goes on past this stretch: they are cut as far as they
-    fill blocks, and `rest` is where the tokens left over begin (the next stretch continues that group there).
-    Returns (input_ids, word_ids) (N, chunk_size) int32 and rest, an int.
+    input_ids, word_ids (T,) int32; group_ends (G,) increasing offsets where a group of reviews ends (`group_ends`).
+    Each group's tokens are cut into blocks from its start, its last partial block dropped: the course's
+    `group_texts`. Tokens after the last group end belong to a group that goes on past this stretch of the stream
+    (mlm/corpus_store.py reads a corpus in pieces): they are cut as far as they fill blocks, and `rest` says where
+    the leftover begins (len(input_ids) when the stream ends with a group).
+    Returns (input_ids, word_ids) (N, chunk_size) int32, and rest.
     """
     starts = np.concatenate([[0], group_ends]).astype(np.int64)
     sizes = np.diff(np.append(starts, len(input_ids)))  # tokens of each group, the open one last
@@ -148,15 +141,15 @@ def check_filled(n_chunks: int, *, tokens: int, texts: int, chunk_size: int, gro
 
 
 def tokenize_and_chunk(texts: list[str], tokenizer: Tokenizer, *, chunk_size: int = 128,
-                       group_size: int | None = None, max_position_embeddings: int | None = None) -> Chunks:
+                       group_size: int | None = None, max_length: int | None = None) -> Chunks:
     """Tokenize `texts` and cut them into chunks, in memory: `tokenize` then `chunk`.
 
     Returns Chunks with input_ids and word_ids of shape (N, chunk_size), int32. Raises MLMError for a bad
     chunk_size or a corpus too short to fill a single chunk.
     """
-    check_chunk_size(chunk_size, max_position_embeddings)
+    check_chunk_size(chunk_size, max_length)
     input_ids, word_ids, lengths = tokenize(texts, tokenizer)
-    chunk_ids, chunk_words = chunk(input_ids, word_ids, lengths, chunk_size=chunk_size, group_size=group_size)
+    chunk_ids, chunk_words, _ = chunk(input_ids, word_ids, group_ends(lengths, group_size), chunk_size=chunk_size)
     check_filled(len(chunk_ids), tokens=len(input_ids), texts=len(texts), chunk_size=chunk_size, group_size=group_size)
     return Chunks(chunk_ids, chunk_words, n_reviews=len(texts), n_tokens=len(input_ids))
 

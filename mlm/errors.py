@@ -34,12 +34,11 @@ def run_cli(main, flag_of=lambda setting: None) -> None:
     exit 2 instead of a traceback, each `setting` the message names as flag_of(setting) when that is not None.
     Ctrl-C is one line too (exit 130)."""
     import errno
-    import re
     import sys
     import warnings
 
     def flags(message: str) -> str:
-        return re.sub(r"`(\w+)`", lambda match: flag_of(match.group(1)) or match.group(0), message)
+        return name_flags(message, flag_of)
 
     try:
         with warnings.catch_warnings():  # restores showwarning after main()
@@ -62,6 +61,13 @@ def run_cli(main, flag_of=lambda setting: None) -> None:
         name = "Ctrl-C" if stop.signal_name == "SIGINT" else stop.signal_name
         print(f"error: interrupted ({name}). {hint}", file=sys.stderr)
         sys.exit(stop.exit_code)
+
+
+def name_flags(message: str, flag_of) -> str:
+    """`message` with each `setting` named as flag_of(setting), where that is not None (a command's flag)."""
+    import re
+
+    return re.sub(r"`(\w+)`", lambda match: flag_of(match.group(1)) or match.group(0), message)
 
 
 def _one_line_warnings(show, flags):

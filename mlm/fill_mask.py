@@ -22,7 +22,7 @@ class Prediction:
 def check_prompts(tokenizer: Tokenizer, sentences: list[str], *, top_k: int, max_length: int) -> list:
     """The sentences' encodings, once each is known to hold a [MASK] and fit the model (and top_k >= 1)."""
     if top_k < 1:
-        raise MLMError(f"top_k must be at least 1, got {top_k}.")
+        raise MLMError(f"`top_k` must be at least 1, got {top_k}.")
     encodings = tokenizer.backend.encode_batch(sentences)
     for sentence, encoding in zip(sentences, encodings):
         if tokenizer.mask_token_id not in encoding.ids:
@@ -39,7 +39,7 @@ def fill_mask(
     model: DistilBertForMaskedLM, tokenizer: Tokenizer, sentences: list[str], top_k: int = 5
 ) -> list[list[list[Prediction]]]:
     """For each sentence, for each [MASK] in it (left to right), the top_k predictions, best first."""
-    encodings = check_prompts(tokenizer, sentences, top_k=top_k, max_length=model.config.max_position_embeddings)
+    encodings = check_prompts(tokenizer, sentences, top_k=top_k, max_length=model.config.max_length)
     device = next(model.parameters()).device
     length = max(len(e.ids) for e in encodings)
     # Right padding, as the reference tokenizer pads; the attention mask keeps padding out of every row.

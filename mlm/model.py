@@ -1,14 +1,20 @@
-"""DistilBERT for masked language modelling, in plain PyTorch.
+"""One encoder for masked language modelling, in plain PyTorch: DistilBERT, BERT and RoBERTa checkpoints.
 
-The architecture and the weight names follow the reference implementation (docs/reference.md#model-weights), so
-checkpoints move both ways:
+The three are one architecture. The module and weight names here are DistilBERT's (the course's model);
+mlm/files/families.py maps them to each family's own config keys and tensor names, so checkpoints move both ways
+(docs/reference.md#model-weights, docs/base-models.md):
 
-    embeddings:  LayerNorm(word + learned position) -> dropout
-    6 blocks:    h = LN(attention(x) + x);  x = LN(dropout(lin2(gelu(lin1(h)))) + h)     (post-LayerNorm)
+    embeddings:  LayerNorm(word + [token type 0] + learned position) -> dropout
+    N blocks:    h = LN(attention(x) + x);  x = LN(dropout(lin2(gelu(lin1(h)))) + h)     (post-LayerNorm)
     MLM head:    logits = vocab_projector(LN(gelu(vocab_transform(x))))
 
-with exact (erf) GELU, LayerNorm eps 1e-12, no token types, no final LayerNorm and a vocabulary projector whose
-weight IS the word-embedding matrix (one Parameter) but which has its own bias.
+with exact (erf) GELU, no final LayerNorm and a vocabulary projector whose weight IS the word-embedding matrix (one
+Parameter) but which has its own bias. The families differ in a few config fields:
+
+- DistilBERT (6 blocks): no token types, LayerNorm eps 1e-12, no dropout on the attention output.
+- BERT (12 blocks): token-type embeddings (MLM uses type 0 only), `layer_norm_eps`, dropout on the attention output.
+- RoBERTa: BERT whose positions count from pad_token_id + 1, skipping padding (so 514 position rows hold 512
+  tokens), and whose head applies gelu whatever `hidden_act` says.
 
 One deliberate difference: given labels, the last block and the head run only at the labelled positions. Most
 tokens are unlabelled, and nothing reads the last block's output elsewhere: its feed-forward, its attention's output
@@ -34,12 +40,11 @@ from mlm.constants import IGNORE_INDEX
 
 __all__ = ["IGNORE_INDEX", "DistilBertConfig", "DistilBertForMaskedLM", "MLMOutput"]
 
-LAYER_NORM_EPS = 1e-12  # the reference's value; torch's default 1e-5 changes the outputs visibly
-
 
 @dataclass
 class DistilBertConfig:
-    """The config.json keys that define the network (defaults: distilbert-base-uncased); values checked on reading."""
+    """The network's config.json values, in DistilBERT's key names (defaults: distilbert-base-uncased); values
+    checked on reading. mlm/files/families.py maps BERT's and RoBERTa's keys (hidden_size, ...) to these."""
 
     vocab_size: int = 30522
     dim: int = 768
@@ -53,8 +58,21 @@ class DistilBertConfig:
     pad_token_id: int = 0
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
+    family: str = "distilbert"  # the checkpoint layout: "distilbert", "bert" or "roberta"
+    type_vocab_size: int = 0  # token-type rows (BERT, RoBERTa); 0: none
+    layer_norm_eps: float = 1e-12  # the reference's value for DistilBERT and BERT; RoBERTa's configs say 1e-5
     # Keys we do not use (qa_dropout, seq_classif_dropout, ...) are kept so that a save writes them back.
     extra: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def position_offset(self) -> int:
+        """RoBERTa numbers token positions from pad_token_id + 1 (pad_token_id is padding's position); others from 0."""
+        return self.pad_token_id + 1 if self.family == "roberta" else 0
+
+    @property
+    def max_length(self) -> int:
+        """The longest sequence the position embeddings hold."""
+        return self.max_position_embeddings - self.position_offset
 
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}  # F.gelu is the exact erf form, as in the reference
@@ -64,15 +82,27 @@ class Embeddings(nn.Module):
     def __init__(self, config: DistilBertConfig):
         super().__init__()
         self.word_embeddings = nn.Embedding(config.vocab_size, config.dim, padding_idx=config.pad_token_id)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.dim)
-        self.LayerNorm = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)  # capitalised: the reference's name
+        self.pad_token_id, self.position_offset = config.pad_token_id, config.position_offset
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.dim,
+                                                padding_idx=config.pad_token_id if self.position_offset else None)
+        types = config.type_vocab_size
+        self.token_type_embeddings = nn.Embedding(types, config.dim) if types else None
+        self.LayerNorm = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)  # capitalised: the reference's name
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, L) int64 -> (B, L, D)
-        # Positions are 0..L-1 for every row, padded or not (the reference has no position offset for padding).
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        summed = self.word_embeddings(input_ids) + self.position_embeddings(positions)
-        return self.dropout(self.LayerNorm(summed))
+        x = self.word_embeddings(input_ids)
+        if self.token_type_embeddings is not None:
+            x = x + self.token_type_embeddings.weight[0]  # every token is of type 0 in MLM
+        return self.dropout(self.LayerNorm(x + self.position_embeddings(self.positions(input_ids))))
+
+    def positions(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, L) int64 -> (L,) or (B, L) int64
+        if not self.position_offset:  # 0..L-1 for every row, padded or not, as the reference numbers them
+            return torch.arange(input_ids.shape[1], device=input_ids.device)
+        # RoBERTa counts the tokens that are not pad_token_id from pad_token_id + 1; pad_token_id itself is at
+        # position pad_token_id, wherever it stands. The reference reads this from the ids, not the attention mask.
+        tokens = input_ids != self.pad_token_id
+        return tokens.cumsum(1) * tokens + self.pad_token_id
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -84,6 +114,8 @@ class MultiHeadSelfAttention(nn.Module):
         self.k_lin = nn.Linear(config.dim, config.dim)
         self.v_lin = nn.Linear(config.dim, config.dim)
         self.out_lin = nn.Linear(config.dim, config.dim)
+        # BERT and RoBERTa drop out the output projection too; DistilBERT drops the attention probabilities only.
+        self.dropout = nn.Identity() if config.family == "distilbert" else nn.Dropout(config.dropout)
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, H, L, dh)
         batch, length, dim = x.shape
@@ -96,8 +128,7 @@ class MultiHeadSelfAttention(nn.Module):
         context = self.attend(q, k, v, key_mask).transpose(1, 2).reshape(-1, x.shape[-1])  # (B * L, D), heads joined
         if rows is not None:
             context = context.index_select(0, rows)  # (N, D): every key and value took part, only these queries go on
-        # No dropout after out_lin: the reference drops attention probabilities only.
-        out = self.out_lin(context)
+        out = self.dropout(self.out_lin(context))
         return out if rows is not None else out.view(x.shape)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
@@ -127,9 +158,9 @@ class TransformerBlock(nn.Module):
     def __init__(self, config: DistilBertConfig):
         super().__init__()
         self.attention = MultiHeadSelfAttention(config)
-        self.sa_layer_norm = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)
+        self.sa_layer_norm = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
         self.ffn = FeedForward(config)
-        self.output_layer_norm = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)
+        self.output_layer_norm = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, L, D) -> (B, L, D); with rows (N,) int64, flat positions, only those positions: (N, D)."""
@@ -198,7 +229,7 @@ class DistilBertForMaskedLM(nn.Module):
         self.config = config
         self.distilbert = DistilBertModel(config)
         self.vocab_transform = nn.Linear(config.dim, config.dim)
-        self.vocab_layer_norm = nn.LayerNorm(config.dim, eps=LAYER_NORM_EPS)
+        self.vocab_layer_norm = nn.LayerNorm(config.dim, eps=config.layer_norm_eps)
         self.vocab_projector = nn.Linear(config.dim, config.vocab_size)
         self.init_weights()
         self.tie_weights()
@@ -225,7 +256,7 @@ class DistilBertForMaskedLM(nn.Module):
                 module.bias.zero_()
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:  # (..., D) -> (..., V)
-        activation = ACTIVATIONS[self.config.activation]
+        activation = ACTIVATIONS["gelu" if self.config.family == "roberta" else self.config.activation]
         return self.vocab_projector(self.vocab_layer_norm(activation(self.vocab_transform(hidden))))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

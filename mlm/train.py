@@ -74,7 +74,8 @@ def fit(run: Run, setup: Setup, config: TrainConfig) -> bool:
             batches = StepBatches(setup.train_chunks, epoch_order(len(setup.train_chunks), config.seed, progress.epoch),
                                   setup.collator, batch_size=config.batch_size, grad_accum=config.grad_accum,
                                   rank=procs.rank, world_size=procs.world_size, seed=config.seed, epoch=progress.epoch)
-            for micro_batches, labelled, rows in make_loader(batches, progress.step_in_epoch, config):
+            steps_left = setup.schedule.total_steps - progress.global_step  # --max-steps may end a run mid-epoch
+            for micro_batches, labelled, rows in make_loader(batches, progress.step_in_epoch, steps_left, config):
                 lr = setup.learning_rate(progress.schedule_step)  # the schedule at the steps that ran (mlm/optim.py)
                 set_learning_rate(setup.optimizer, lr)
                 # DDP averages gradients over processes, so each process weighs its share by total / world_size.
@@ -214,10 +215,11 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
 
 
-def make_loader(batches: StepBatches, first_step: int, config: TrainConfig) -> torch.utils.data.DataLoader:
-    """The epoch's steps from `first_step` on, masked in `num_workers` worker processes."""
+def make_loader(batches: StepBatches, first_step: int, steps_left: int,
+                config: TrainConfig) -> torch.utils.data.DataLoader:
+    """The epoch's steps from `first_step` on (at most `steps_left`), masked in `num_workers` worker processes."""
     return torch.utils.data.DataLoader(
-        batches, batch_size=None, sampler=range(first_step, len(batches)),
+        batches, batch_size=None, sampler=range(first_step, min(len(batches), first_step + steps_left)),
         num_workers=config.num_workers, pin_memory=torch.cuda.is_available(),
         # Its own generator: creating an iterator must not draw from the global RNG (dropout's).
         generator=torch.Generator().manual_seed(config.seed),
@@ -263,7 +265,7 @@ def set_up(config: TrainConfig, procs: Processes) -> Setup:
     tokenizer, model = extend_vocabulary(config, tokenizer, model)  # `add_tokens`: new tokens for split words
     model.distilbert.gradient_checkpointing = config.gradient_checkpointing
     check_prompts(tokenizer, list(config.prompts), top_k=config.top_k,
-                  max_length=model.config.max_position_embeddings)  # used at the end: checked now
+                  max_length=model.config.max_length)  # used at the end: checked now
     path = choose_path(config, procs)
     train_chunks, eval_set = load_data(config, path.tokenizer(tokenizer), model)
     collator = MaskingCollator.from_tokenizer(tokenizer, whole_word=config.masking == "wwm",
@@ -288,7 +290,7 @@ def load_data(config: TrainConfig, tokenizer: Tokenizer, model: nn.Module) -> tu
         validation_file=config.validation_file, train_size=config.train_size, test_size=config.test_size,
         seed=config.data_seed, chunk_size=config.chunk_size, group_size=config.group_size,
         text_column=config.text_column, cache_dir=config.cache_dir,
-        max_position_embeddings=model.config.max_position_embeddings, progress=config.progress_bar)
+        max_length=model.config.max_length, progress=config.progress_bar)
     # Token-level eval targets whatever the training masking, so every run is scored on the same tokens.
     eval_set = freeze_eval_masks(test_chunks.input_ids, mask_token_id=tokenizer.mask_token_id,
                                  vocab_size=tokenizer.vocab_size, special_token_ids=tokenizer.special_token_ids,

@@ -1,13 +1,12 @@
-"""fp16 without host reads (mlm/speed/amp.py), the execution path a run takes (mlm/speed/compiled.py choose_path),
-and evaluation through the compiled module. All on the CPU: a GradScaler("cpu") drives the same fused AdamW
-found_inf path as on a GPU, and overflows are forced by injecting inf gradients."""
+"""fp16 without host reads (mlm/speed/amp.py), the execution path a run takes (mlm/speed/path.py), and evaluation
+through the compiled module. All on the CPU: a GradScaler("cpu") drives the same fused AdamW found_inf path as on a
+GPU, and overflows are forced by injecting inf gradients."""
 
 from __future__ import annotations
 
 import json
-from functools import partial
+from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,10 +16,13 @@ from mlm.cli.train import build_parser
 from mlm.errors import MLMError
 from mlm.evaluate import evaluate
 from mlm.model import DistilBertConfig, DistilBertForMaskedLM
-from mlm.optim import linear_schedule, make_optimizer
+from mlm.optim import linear_schedule, lr_schedule, make_optimizer, set_learning_rate
+from mlm.run.checkpoints import Progress
+from mlm.run.processes import Processes
 from mlm.settings import TrainConfig
-from mlm.speed.amp import LearningRate
-from mlm.speed.compiled import CUDA_GRAPH_PADDING, GRAPHS_MIN_STEPS, choose_path, pad_positions
+from mlm.speed.amp import lr_on_device
+from mlm.speed.compiled import AtPositions, PositionsFromLabels
+from mlm.speed.path import GRAPHS_MIN_STEPS, choose_path
 from mlm.train import train, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,24 +75,24 @@ def reference_fp16_steps(model, batches, skip: set[int], *, warmup: int, total: 
 
 
 def mlm_fp16_steps(model, batches, skip: set[int], *, warmup: int, total: int):
-    """The same steps through mlm: train_step, with the schedule counted on the device (LearningRate)."""
+    """The same steps through mlm: the loop's lines, with the schedule counted and looked up on the device."""
     optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.01)
-    progress = SimpleNamespace(schedule_step=0)
-    rates = LearningRate(optimizer, progress, 1e-3, SimpleNamespace(warmup_steps=warmup, total_steps=total),
-                         on_device=True)
+    learning_rate = lr_on_device(lr_schedule(1e-3, warmup_steps=warmup, total_steps=total), total, torch.device("cpu"))
+    progress = Progress()
     scaler = torch.amp.GradScaler("cpu")
     poison = Poison(model, skip)
-    lrs, skipped = [], []
+    lrs, ran = [], []
     for step, b in enumerate(batches):
         poison.step = step
-        lr = rates.next()
-        result = train_step(model, [b], optimizer, scaler=scaler)
-        assert isinstance(result.skipped, torch.Tensor) and isinstance(lr, torch.Tensor)  # no host read
-        rates.done(result.skipped)
+        lr = learning_rate(progress.schedule_step)
+        set_learning_rate(optimizer, lr)
+        labelled = int((b["labels"] != -100).sum())
+        result = train_step(model, [b], optimizer, labelled_in_step=labelled, scaler=scaler)
+        assert isinstance(result.ran, torch.Tensor) and isinstance(lr, torch.Tensor)  # no host read
+        progress.advance(ran=result.ran, steps_in_epoch=len(batches))
         lrs.append(float(lr))
-        skipped.append(float(result.skipped))
-    rates.sync()
-    return optimizer, progress, scaler, lrs, skipped
+        ran.append(int(result.ran))
+    return optimizer, progress, scaler, lrs, ran
 
 
 def test_overflowing_fp16_steps_leave_weights_adamw_state_and_schedule_as_the_reference_does():
@@ -104,8 +106,8 @@ def test_overflowing_fp16_steps_leave_weights_adamw_state_and_schedule_as_the_re
     ref_opt, scheduler, ref_scaler, ref_lrs = reference_fp16_steps(reference_model, batches, skip, warmup=2, total=6)
     opt, progress, scaler, lrs, skipped = mlm_fp16_steps(mlm_model, batches, skip, warmup=2, total=6)
 
-    assert skipped == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
-    assert progress.schedule_step == scheduler.last_epoch == 4  # the two skipped steps did not count
+    assert skipped == [0, 1, 1, 0, 1, 1]  # whether each step ran
+    assert int(progress.schedule_step) == scheduler.last_epoch == 4  # the two skipped steps did not count
     assert lrs == ref_lrs == [0.0, 0.0, 5e-4, 1e-3, 1e-3, 1e-3 * 3 / 4]  # bit for bit, the lr of each step
     assert scaler.state_dict() == ref_scaler.state_dict()
     for (name, ours), theirs in zip(mlm_model.state_dict().items(), reference_model.state_dict().values()):
@@ -120,7 +122,7 @@ def test_a_skipped_fp16_step_changes_nothing():
     model = DistilBertForMaskedLM(DistilBertConfig(**TINY))
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     opt, progress, scaler, lrs, skipped = mlm_fp16_steps(model, [batch(0)], {0}, warmup=0, total=5)
-    assert skipped == [1.0] and progress.schedule_step == 0 and lrs == [1e-3]
+    assert skipped == [0] and int(progress.schedule_step) == 0 and lrs == [1e-3]
     assert scaler.get_scale() == 2.0**15  # halved from 2^16
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
     for state in opt.state.values():  # fused AdamW made its state, then undid the step: count 0, moments zero
@@ -129,17 +131,11 @@ def test_a_skipped_fp16_step_changes_nothing():
 
 @pytest.mark.parametrize("warmup, total", [(0, 10), (3, 10), (4, 471), (0, 471), (7, 9)])
 def test_the_device_schedule_gives_the_host_floats_bit_for_bit(warmup, total):
-    model = torch.nn.Linear(2, 2)
-    host_opt, device_opt = (torch.optim.AdamW(model.parameters(), lr=2e-5, fused=True) for _ in range(2))
-    schedule = SimpleNamespace(warmup_steps=warmup, total_steps=total)
-    host = LearningRate(host_opt, SimpleNamespace(schedule_step=0), 2e-5, schedule, on_device=False)
-    device = LearningRate(device_opt, SimpleNamespace(schedule_step=0), 2e-5, schedule, on_device=True)
-    for k in range(total + 2):
-        host_lr, device_lr = host.next(), device.next()
+    host = lr_schedule(2e-5, warmup_steps=warmup, total_steps=total)
+    device = lr_on_device(host, total, torch.device("cpu"))
+    for k in range(total + 1):
         expected = 2e-5 * linear_schedule(k, warmup_steps=warmup, total_steps=total)
-        assert host_lr == float(device_lr) == expected == float(device_opt.param_groups[0]["lr"])
-        host.done(False)
-        device.done(torch.zeros(()))
+        assert host(k) == float(device(k)) == float(device(torch.tensor(k))) == expected
 
 
 class PoisonedScaler(torch.amp.GradScaler):
@@ -181,38 +177,41 @@ def test_fp16_run_logs_and_checkpoints_the_schedule_of_the_steps_that_ran(tmp_pa
 # Which path the steps take
 
 
+def gpu_path(**overrides):
+    """The execution path a one-GPU run would take (built on the CPU: only the decision is tested)."""
+    path = choose_path(TrainConfig(device="cpu", lean="off"), Processes())
+    return replace(path, **{"device": torch.device("cuda"), **overrides})
+
+
 def test_cuda_graphs_auto_runs_graphs_on_one_gpu_for_long_runs_only():
     long, short = GRAPHS_MIN_STEPS, GRAPHS_MIN_STEPS - 1
-    path = choose_path("auto", device_type="cuda", world_size=1, total_steps=long)
-    assert path.graphs and not path.compile and path.padding == CUDA_GRAPH_PADDING and "CUDA graphs" in path.says
-    path = choose_path("auto", device_type="cuda", world_size=1, total_steps=short)
-    assert not path.graphs and path.padding == 1 and f"{short} steps are too few" in path.says
-    assert choose_path("on", device_type="cuda", world_size=1, total_steps=short).graphs  # on forces them
-    assert not choose_path("off", device_type="cuda", world_size=1, total_steps=long).graphs
+    path = gpu_path().for_steps(long)
+    assert path.graphs and not path.compile and "CUDA graphs" in path.says
+    path = gpu_path().for_steps(short)
+    assert not path.graphs and f"{short} steps are too few" in path.says
+    assert gpu_path(graphs_asked="on").for_steps(short).graphs  # on forces them
+    assert not gpu_path(graphs_asked="off").for_steps(long).graphs
 
 
 @pytest.mark.parametrize("where, says", [
-    (dict(device_type="cpu"), "need a CUDA GPU"),
+    (dict(device=torch.device("cpu")), "need a CUDA GPU"),
     (dict(world_size=2), "under torchrun"),
-    (dict(grad_accum=2), "--grad-accum"),
-    (dict(lean="on"), "--lean on"),
+    (dict(grad_accum=2), "`grad_accum`"),
 ])
 def test_cuda_graphs_auto_falls_back_in_one_stated_line_and_on_refuses(where, says):
-    settings = dict(device_type="cuda", world_size=1, total_steps=10 * GRAPHS_MIN_STEPS) | where
-    path = choose_path("auto", **settings)
+    path = gpu_path(**where).for_steps(10 * GRAPHS_MIN_STEPS)
     assert not path.graphs and not path.compile and says in path.says and "\n" not in path.says
-    assert choose_path("auto", **settings, compile=True).compile  # --compile still applies
+    assert gpu_path(compile=True, **where).for_steps(10 * GRAPHS_MIN_STEPS).compile  # --compile still applies
     with pytest.raises(MLMError, match=says):
-        choose_path("on", **settings)
+        gpu_path(graphs_asked="on", **where).for_steps(10)
 
 
 def test_the_cuda_graphs_flag(tmp_path):
     parse = build_parser().parse_args
     assert parse([]).cuda_graphs == "auto" == TrainConfig().cuda_graphs
-    assert parse(["--cuda-graphs"]).cuda_graphs == "on"  # the former switch keeps its meaning
+    assert parse(["--cuda-graphs"]).cuda_graphs == "on"  # the flag alone means on
     assert parse(["--cuda-graphs", "off"]).cuda_graphs == "off"
-    assert TrainConfig(cuda_graphs=True).cuda_graphs == "on" and TrainConfig(cuda_graphs=False).cuda_graphs == "off"
-    with pytest.raises(MLMError, match="--cuda-graphs must be"):
+    with pytest.raises(MLMError, match="`cuda_graphs` must be"):
         TrainConfig(cuda_graphs="sometimes").validate()
 
 
@@ -220,10 +219,9 @@ def test_the_run_says_which_path_its_steps_take(tmp_path):
     config = TrainConfig(model=str(SMOKE), init="random", dataset=str(SMOKE / "reviews.jsonl"), chunk_size=32,
                          train_size=32, test_size=16, batch_size=16, epochs=1, device="cpu", progress_bar=False,
                          output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), prompts=())
-    procs = mlm.train.Processes()
-    setup = mlm.train.set_up(config, procs, torch.device("cpu"))
-    assert setup.model_variant.endswith("steps run eager: CUDA graphs need a CUDA GPU (--cuda-graphs auto)")
-    assert setup.train_model is setup.model and not setup.path.graphs
+    setup = mlm.train.set_up(config, Processes())
+    assert setup.path.says.endswith("steps run eager: CUDA graphs need a CUDA GPU (--cuda-graphs auto)")
+    assert setup.eval_model is setup.model and not setup.path.graphs
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -242,18 +240,44 @@ def test_padded_label_positions_score_the_same_tokens():
     model = DistilBertForMaskedLM(DistilBertConfig(**TINY))
     ids, labels = eval_set()
     plain = evaluate(model, ids, labels, batch_size=4)
-    padded = evaluate(model, ids, labels, batch_size=4, positions=partial(pad_positions, multiple=CUDA_GRAPH_PADDING))
+    # What evaluation through CUDA graphs calls: the positions padded to a multiple of 256 (here uncompiled).
+    padded = evaluate(PositionsFromLabels(model, AtPositions(model), graphs=True), ids, labels, batch_size=4)
     assert (padded.tokens, padded.sequences, padded.accuracy) == (plain.tokens, plain.sequences, plain.accuracy)
     assert padded.loss == pytest.approx(plain.loss, rel=1e-6)  # the same terms, summed in another order
     assert padded.reference_loss == pytest.approx(plain.reference_loss, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_eval_through_the_compiled_module_equals_eager():
     torch.manual_seed(0)
     model = DistilBertForMaskedLM(DistilBertConfig(**TINY))
     ids, labels = eval_set()
     eager = evaluate(model, ids, labels, batch_size=5)
-    compiled = evaluate(model, ids, labels, batch_size=5, forward=torch.compile(model))
+    compiled = evaluate(torch.compile(model), ids, labels, batch_size=5)
     assert (compiled.tokens, compiled.sequences, compiled.accuracy) == (eager.tokens, eager.sequences, eager.accuracy)
     assert compiled.loss == pytest.approx(eager.loss, rel=1e-5)  # fused kernels round differently
     assert compiled.reference_loss == pytest.approx(eager.reference_loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_the_gpu_step_with_host_positions_trains_like_the_plain_step(graphs):
+    """On a GPU the step calls AtPositions with positions found on the host (padded under CUDA graphs): run here on
+    the CPU, the same weights as the plain step, up to the rounding of matmuls over more rows."""
+    from functools import partial
+
+    from mlm.speed.compiled import with_host_positions
+
+    torch.manual_seed(0)
+    plain = DistilBertForMaskedLM(DistilBertConfig(**TINY))
+    wrapped = DistilBertForMaskedLM(DistilBertConfig(**TINY))
+    wrapped.load_state_dict(plain.state_dict())
+    optimizers = [make_optimizer(model, lr=1e-3, weight_decay=0.01) for model in (plain, wrapped)]
+    gpu_step = with_host_positions(partial(train_step, AtPositions(wrapped), optimizer=optimizers[1]), graphs=graphs)
+    for seed in range(3):
+        micro = [batch(seed)]
+        count = int((micro[0]["labels"] != -100).sum())
+        ours = train_step(plain, micro, optimizers[0], labelled_in_step=count)
+        theirs = gpu_step(micro, labelled_in_step=count)
+        assert float(theirs.loss) == pytest.approx(float(ours.loss), rel=1e-6)
+    for (name, a), b in zip(plain.named_parameters(), wrapped.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)

@@ -18,9 +18,11 @@ import pytest
 import torch
 
 import mlm.corpus_store as corpus_store
-from mlm.data import load_chunks, load_texts, split_train_test, tokenize_and_chunk
+from mlm.corpus import load_chunks
+from mlm.data import split_train_test, tokenize_and_chunk
 from mlm.errors import MLMError
 from mlm.files.corpus_files import iter_texts
+from mlm.files.data_files import load_texts
 from mlm.masking import MaskingCollator
 from mlm.tokenizer import load_tokenizer
 
@@ -118,17 +120,15 @@ def test_dictionary_and_string_view_columns(tmp_path):
 
 def test_a_huge_document_is_tokenized_in_slices_as_a_whole(tokenizer, monkeypatch):
     monkeypatch.setattr(corpus_store, "SLICE_CHARS", 50)
+    monkeypatch.setattr(corpus_store, "SLICES_PER_STRETCH", 3)
     text = " ".join(["the plot", "was\nreally", "boring", "actor123"] * 40)
-    pieces = [([TEXTS[0], text], 10), ([TEXTS[1]], 20)]
-    stream = list(corpus_store._stream(iter(pieces), tokenizer))
-    assert [bytes_read for stretch, bytes_read in stream if stretch is None] == [10, 20]  # each piece's end
-    stretches = [stretch for stretch, _ in stream if stretch is not None]
+    stretches = list(corpus_store._stretches([TEXTS[0], text, TEXTS[1]], tokenizer))
     ids = np.concatenate([s[0] for s in stretches])
     words = np.concatenate([s[1] for s in stretches])
     expected = [tokenizer.backend.encode(t) for t in (TEXTS[0], text, TEXTS[1])]
     assert ids.tolist() == sum((e.ids for e in expected), [])
     assert words.tolist() == sum(([-1 if w is None else w for w in e.word_ids] for e in expected), [])
-    assert len(stretches) > 4 and sum(len(s[2]) for s in stretches) == 3
+    assert len(stretches) > 4 and sum(len(s[2]) for s in stretches) == 3  # three documents end
 
 
 @pytest.mark.parametrize("group_size", [None, 3])
@@ -149,7 +149,7 @@ def test_store_equals_the_course_chunks_and_their_whole_word_masks(tmp_path, mon
     for name in ("input_ids", "labels"):
         assert torch.equal(masks[0][name], masks[1][name])
     ids_file = stored.cache_path / "ids.bin"
-    assert ids_file.stat().st_size == len(stored) * 32 * 2  # uint16
+    assert ids_file.stat().st_size == len(stored) * 32 * 2  # uint16 for a vocabulary that fits 16 bits
     assert (stored.cache_path / "words.bin").stat().st_size == len(stored) * 2 * 4  # two bits per token
 
 
@@ -160,11 +160,11 @@ def test_train_all_and_test_percent(tmp_path, tokenizer):
     course_train, course_test = split_train_test(chunks, train_size=len(train), test_size=len(test), seed=42)
     np.testing.assert_array_equal(train.input_ids, course_train.input_ids)
     np.testing.assert_array_equal(test.word_ids, course_test.word_ids)
-    for bad, flag in (("0%", "test_size"), ("100%", "test_size"), ("all", "test_size"), ("x", "train_size")):
-        with pytest.raises(MLMError, match=f"--{flag.replace('_', '-')}"):
-            split_train_test(chunks, **{flag: bad})
+    for bad, setting in (("0%", "test_size"), ("100%", "test_size"), ("all", "test_size"), ("x", "train_size")):
+        with pytest.raises(MLMError, match=f"`{setting}`"):
+            split_train_test(chunks, **{setting: bad})
     from mlm.settings import TrainConfig
-    with pytest.raises(MLMError, match="--test-size"):
+    with pytest.raises(MLMError, match="`test_size`"):
         TrainConfig(test_size="105%").validate()
 
 
@@ -181,17 +181,17 @@ def test_prepare_data_flags_take_all_and_percent(tmp_path, tiny_tokenizer_dir, c
 KILLER = """
 import os, signal, sys
 import mlm.corpus_store as cs
-from mlm.data import load_chunks
+from mlm.corpus import load_chunks
 from mlm.tokenizer import load_tokenizer
 cs.PIECE_CHARS = 3000
 calls = []
-pack = cs.pack_flags
-def pack_then_die(flags):
+pack = cs.pack_words
+def pack_then_die(words):
     calls.append(1)
     if len(calls) == 5:  # mid-piece: this stretch's ids are written, its word bits are not
         os.kill(os.getpid(), signal.SIGKILL)
-    return pack(flags)
-cs.pack_flags = pack_then_die
+    return pack(words)
+cs.pack_words = pack_then_die
 load_chunks(sys.argv[1], "train", load_tokenizer(sys.argv[2]), chunk_size=32, group_size=3, cache_dir=sys.argv[3])
 """
 
@@ -221,7 +221,7 @@ def test_kill_9_then_the_same_command_resumes_byte_identical(tmp_path, monkeypat
 def test_leftover_temporary_files_are_removed_and_files_are_readable(tmp_path, tokenizer):
     chunks_dir = tmp_path / "chunks"
     chunks_dir.mkdir()
-    leftovers = [chunks_dir / ".tmpa1b2c3", chunks_dir / ".train-8-abc.safetensors.x1y2.tmp"]
+    leftovers = [chunks_dir / ".train-8-abc.json.tmp", chunks_dir / "progress.json.tmp"]
     for file in leftovers:
         file.write_bytes(b"half")
     old = os.umask(0o022)
@@ -391,7 +391,7 @@ def test_a_folder_without_data_files_or_split_names(tmp_path):
 
 def test_train_all_with_every_chunk_held_out(tmp_path, tokenizer):
     chunks = load_chunks(SMOKE / "reviews.jsonl", "train", tokenizer, chunk_size=16, cache_dir=tmp_path)
-    with pytest.raises(MLMError, match=f"--train-size all leaves no chunk.*--test-size {len(chunks)}"):
+    with pytest.raises(MLMError, match=f"`train_size` all leaves no chunk.*`test_size` {len(chunks)}"):
         split_train_test(chunks, train_size="all", test_size=len(chunks))
 
 
@@ -424,12 +424,12 @@ def test_prepare_data_help_is_true_to_the_flags(capsys):
         parse_args(["--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "(default: None)" not in out and "(default: True)" not in out and "(default: False)" not in out
-    assert "Column holding the text in parquet, JSON-lines and CSV files" in out
+    assert "column holding the text in parquet, JSON-lines and CSV files" in out
     assert "(default: 128)" in out and "(default: stanfordnlp/imdb)" in out
 
 
 def test_a_folder_as_validation_file_is_named_as_one(tmp_path, tokenizer):
-    from mlm.data import load_train_eval_chunks
+    from mlm.corpus import load_train_eval_chunks
     with pytest.raises(MLMError, match=r"--validation-file .* is a folder.*one file"):
         load_train_eval_chunks(SMOKE / "reviews.jsonl", tokenizer, validation_file=tmp_path, chunk_size=16,
                                cache_dir=tmp_path / "c", train_size="all", test_size=2)
@@ -526,7 +526,7 @@ def test_a_quote_inside_an_unquoted_field_does_not_shift_where_records_end(tmp_p
 WAITER = """
 import os, sys, time
 import mlm.corpus_store as cs
-from mlm.data import load_chunks
+from mlm.corpus import load_chunks
 from mlm.tokenizer import load_tokenizer
 cs.PIECE_CHARS = 3000
 add, log = cs._Writer.add, open(sys.argv[4], "a")

@@ -25,9 +25,11 @@ import mlm.train
 from mlm.evaluate import evaluate
 from mlm.masking import mask_tokens, special_tokens_mask
 from mlm.model import IGNORE_INDEX, DistilBertConfig, DistilBertForMaskedLM
-from mlm.optim import make_optimizer
-from mlm.speed.compiled import move_to_device
-from mlm.train import StepResult, TrainConfig, train, train_step
+from mlm.optim import lr_schedule, make_optimizer, set_learning_rate
+from mlm.run.checkpoints import Progress
+from mlm.run.processes import Processes
+from mlm.speed.path import choose_path
+from mlm.train import TrainConfig, train, train_step
 
 pytestmark = [
     pytest.mark.cuda,
@@ -48,15 +50,27 @@ SMALL = dict(vocab_size=1000, dim=64, n_layers=2, n_heads=4, hidden_dim=128)  # 
 
 
 def masked_batch(rows: int, length: int, vocab_size: int, seed: int) -> dict[str, torch.Tensor]:
-    """Host tensors as the training loop hands them over: input_ids, labels (B, L) int64, label_positions (N,)."""
+    """Host tensors as the training loop hands them over: input_ids, labels (B, L) int64."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(104, vocab_size, (rows, length), generator=generator)
     ids[:, 0] = 101
     ids[:, -1] = 102
     input_ids, labels = mask_tokens(ids, special_tokens_mask(ids, SPECIAL_IDS), mask_token_id=103,
                                     vocab_size=vocab_size, generator=generator)
-    label_positions = (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
-    return {"input_ids": input_ids, "labels": labels, "label_positions": label_positions}
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def labelled(batches: list[dict[str, torch.Tensor]]) -> int:
+    return sum(int((batch["labels"] != IGNORE_INDEX).sum()) for batch in batches)
+
+
+def run_step(model: nn.Module, optimizer, **settings):
+    """The step a run takes on this GPU with these settings: train_step wrapped by the execution path
+    (mlm/speed/path.py: host-side label positions, compile or CUDA graphs)."""
+    config = TrainConfig(device="cuda", lean="off", **settings)
+    path = choose_path(config, Processes(device=CUDA)).for_steps(1000)
+    step, _ = path.training(train_step, model, optimizer, max_grad_norm=1.0)
+    return step, path
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -67,7 +81,7 @@ def loss_and_grads(model: nn.Module, batch: dict, dtype: torch.dtype | None = No
     """fp32 loss and the flat gradient of the (unscaled) loss, under autocast `dtype` if given."""
     model.zero_grad(set_to_none=True)
     with torch.autocast(CUDA.type, dtype=dtype, enabled=dtype is not None):
-        loss = model(batch["input_ids"], labels=batch["labels"], label_positions=batch["label_positions"]).loss
+        loss = model(batch["input_ids"], labels=batch["labels"]).loss
     (loss * scale).backward()
     grads = torch.cat([p.grad.reshape(-1) / scale for p in model.parameters()])
     return loss.detach(), grads
@@ -168,8 +182,9 @@ def test_fp16_overflow_skips_the_step_on_cuda():
     # 2^60 times a gradient of ~1e-6 is far beyond fp16's 65504: the backward overflows, as a real overflow would.
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0**60)
     batch = to_device(masked_batch(4, 32, SMALL["vocab_size"], seed=3), CUDA)
-    result = train_step(model, [batch], optimizer, scaler=scaler, autocast_dtype=torch.float16)
-    assert result.skipped
+    result = train_step(model, [batch], optimizer, labelled_in_step=labelled([batch]), scaler=scaler,
+                        autocast_dtype=torch.float16)
+    assert int(result.ran) == 0
     assert scaler.get_scale() == 2.0**59  # halved by the default backoff factor
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     # Fused AdamW creates its state, then undoes the step for found-inf: step count 0, moments still zero.
@@ -188,7 +203,7 @@ def test_fp16_overflowing_steps_do_not_advance_the_schedule(tmp_path, monkeypatc
     run = tmp_path / "run"
     train(smoke_run(run, precision="fp16", max_steps=3, warmup_steps=2, save_every=3))
     steps = records(run, "train")
-    assert [r["skipped"] for r in steps] == [True, True, True]
+    assert [r["skipped"] for r in steps] == [1, 1, 1]  # one log line a step
     # With warmup 2 the factor would go 0, 1/2, 1: stuck at step 0 it stays 0 (lr 0) for every step.
     assert [r["lr"] for r in steps] == [0.0, 0.0, 0.0]
     state = json.loads((run / "checkpoints" / "step-000003" / "trainer_state.json").read_text())
@@ -200,12 +215,10 @@ def test_bf16_step_makes_no_host_sync_and_attention_runs_a_fused_kernel(record_p
     model = DistilBertForMaskedLM(DistilBertConfig()).to(CUDA).train()  # dropout on, as in training
     optimizer = make_optimizer(model, lr=2e-5, weight_decay=0.01)
     host_batches = [{k: v.pin_memory() for k, v in masked_batch(16, 128, 30522, seed=s).items()} for s in range(4)]
+    run_path_step, _ = run_step(model, optimizer, precision="bf16", cuda_graphs="off")
 
-    def step(batch: dict) -> StepResult:  # what the training loop does per step
-        micro = [{k: v.to(CUDA, non_blocking=True) for k, v in batch.items()}]
-        count = len(batch["label_positions"])
-        return train_step(model, micro, optimizer, labelled_counts=[count], labelled_in_step=count,
-                          autocast_dtype=torch.bfloat16)
+    def step(batch: dict):  # what the training loop does per step
+        return run_path_step([batch], labelled_in_step=labelled([batch]))
 
     step(host_batches[0])  # first call: cuBLAS handles, optimizer state, allocator growth
     torch.cuda.synchronize()
@@ -236,18 +249,14 @@ def test_bf16_step_makes_no_host_sync_and_attention_runs_a_fused_kernel(record_p
 
 
 def test_fp16_steps_make_no_host_sync_and_skip_on_the_device():
-    """The course's fp16: GradScaler + fused AdamW + the schedule counted on the device (mlm/speed/amp.py), with
-    no synchronising call in a step, a skipped one included."""
-    from types import SimpleNamespace
-
-    from mlm.speed.amp import LearningRate
-
+    """The course's fp16: GradScaler + fused AdamW + the schedule counted and looked up on the device
+    (mlm/speed/amp.py), the loop's own lines, with no synchronising call in a step, a skipped one included."""
     torch.manual_seed(0)
     model = DistilBertForMaskedLM(DistilBertConfig()).to(CUDA).train()
     optimizer = make_optimizer(model, lr=2e-5, weight_decay=0.01)
-    progress = SimpleNamespace(schedule_step=0)
-    rates = LearningRate(optimizer, progress, 2e-5, SimpleNamespace(warmup_steps=0, total_steps=10), on_device=True)
-    scaler = torch.amp.GradScaler("cuda")
+    step, path = run_step(model, optimizer, precision="fp16", cuda_graphs="off")
+    learning_rate = path.learning_rate(lr_schedule(2e-5, warmup_steps=0, total_steps=10), 10)
+    progress = Progress()
     host_batches = [{k: v.pin_memory() for k, v in masked_batch(16, 128, 30522, seed=s).items()} for s in range(4)]
     poison = {"on": False}
     model.distilbert.embeddings.word_embeddings.weight.register_hook(
@@ -255,29 +264,26 @@ def test_fp16_steps_make_no_host_sync_and_skip_on_the_device():
 
     lrs = []
 
-    def step(batch: dict) -> StepResult:  # what the training loop does per fp16 step
-        lrs.append(rates.next())
-        micro = [{k: v.to(CUDA, non_blocking=True) for k, v in batch.items()}]
-        count = len(batch["label_positions"])
-        result = train_step(model, micro, optimizer, labelled_counts=[count], labelled_in_step=count,
-                            scaler=scaler, autocast_dtype=torch.float16)
-        rates.done(result.skipped)
+    def loop_step(batch: dict):  # the lines of mlm/train.py fit for one fp16 step
+        lrs.append(learning_rate(progress.schedule_step))
+        set_learning_rate(optimizer, lrs[-1])
+        result = step([batch], labelled_in_step=labelled([batch]))
+        progress.advance(ran=result.ran, steps_in_epoch=10)
         return result
 
-    step(host_batches[0])  # first call: cuBLAS handles, optimizer state, the scaler's tensors
+    loop_step(host_batches[0])  # first call: cuBLAS handles, optimizer state, the scaler's tensors
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any synchronising call (.item(), get_scale(), D2H copy) raises
     try:
         poison["on"] = True
-        skipped = step(host_batches[1]).skipped
+        skipped = loop_step(host_batches[1]).ran
         poison["on"] = False
-        ran = step(host_batches[2]).skipped
+        ran = loop_step(host_batches[2]).ran
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    rates.sync()
-    assert float(skipped) == 1.0 and float(ran) == 0.0
-    assert progress.schedule_step == 2  # 3 steps, the poisoned one not counted
-    assert float(lrs[-1]) == 2e-5 * (9 / 10)  # the last step's lr: schedule step 1 of 10, computed on the device
+    assert int(skipped) == 0 and int(ran) == 1
+    assert int(progress.schedule_step) == 2  # 3 steps, the poisoned one not counted
+    assert float(lrs[-1]) == pytest.approx(2e-5 * (9 / 10), rel=1e-7)  # schedule step 1 of 10: the fp32 lr
 
 
 def test_compile_recompiles_at_most_once_as_the_labelled_count_changes(record_property):
@@ -288,18 +294,17 @@ def test_compile_recompiles_at_most_once_as_the_labelled_count_changes(record_pr
     torch.manual_seed(0)
     model = DistilBertForMaskedLM(DistilBertConfig(**SMALL)).to(CUDA).train()
     optimizer = make_optimizer(model, lr=1e-3, weight_decay=0.01)
-    compiled = torch.compile(model)
+    step, _ = run_step(model, optimizer, precision="bf16", compile=True, cuda_graphs="off")
     counts = []
     for seed in range(5):  # 15% of 8x64 tokens masked at random: a different labelled count almost every step
         host = masked_batch(8, 64, SMALL["vocab_size"], seed=10 + seed)
-        counts.append(len(host["label_positions"]))
-        micro = move_to_device([host], CUDA, compiled=True)  # as the training loop moves a compiled run's batches
-        result = train_step(compiled, micro, optimizer, labelled_counts=[counts[-1]], autocast_dtype=torch.bfloat16)
+        counts.append(labelled([host]))
+        result = step([host], labelled_in_step=counts[-1])
         assert torch.isfinite(result.loss)
     assert len(set(counts)) >= 3
     assert not counters["graph_break"], dict(counters["graph_break"])
-    # The labelled-count dimension is marked dynamic, so one graph serves every count; the bound allows one
-    # recompile for anything else a first step may specialise on.
+    # The first step compiles for its labelled count; at the second, dynamo's automatic dynamic shapes make that
+    # dimension dynamic: one recompile, then one graph serves every count.
     record_property("compiled_graphs", counters["stats"]["unique_graphs"])
     assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
     torch._dynamo.reset()
@@ -342,7 +347,7 @@ def test_checkpoint_written_on_cuda_resumes_the_same_loss_curve(tmp_path, monkey
     first = train(smoke_run(tmp_path / "resumed"))
     assert first.status == "interrupted" and first.steps == 5
     tensors = load_file(Path(first.checkpoint) / "optimizer.safetensors")
-    assert "rng.cuda.0" in tensors  # the CUDA generator (dropout) travels with the checkpoint
+    assert "rng.rank0.cuda" in tensors  # the CUDA generator (dropout) travels with the checkpoint
     monkeypatch.undo()
     second = train(smoke_run(tmp_path / "resumed", resume="latest"))
     assert second.status == "finished" and second.steps == 12
@@ -378,7 +383,7 @@ def test_ddp_over_nccl_trains_like_the_plain_model(monkeypatch):
             micro = [to_device(masked_batch(4, 32, SMALL["vocab_size"], seed=20 + 2 * step + i), CUDA)
                      for i in range(2)]
             for model, optimizer in zip((plain, wrapped), optimizers):
-                train_step(model, micro, optimizer)
+                train_step(model, micro, optimizer, labelled_in_step=labelled(micro))
         for (name, a), b in zip(plain.named_parameters(), wrapped.module.parameters()):
             # One process: the all-reduce averages a single copy, so only summation order can differ.
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), name
@@ -391,7 +396,7 @@ def test_cuda_graphs_run_trains_like_the_eager_run(tmp_path, no_dropout_smoke_mo
     # (graph replay vs eager launches, padded label rows in the matmuls): ~1e-6 per step, 1e-3 allowed.
     common = dict(model=str(no_dropout_smoke_model), log_every=1)
     eager = train(smoke_run(tmp_path / "eager", **common))
-    graphs = train(smoke_run(tmp_path / "graphs", cuda_graphs=True, **common))
+    graphs = train(smoke_run(tmp_path / "graphs", cuda_graphs="on", **common))
     assert eager.status == graphs.status == "finished"
     expected = [r["loss"] for r in records(tmp_path / "eager", "train")]
     got = [r["loss"] for r in records(tmp_path / "graphs", "train")]

@@ -1,4 +1,6 @@
-"""mlm.data: reading, tokenizing, chunking, caching and splitting, checked against plain Python references."""
+"""mlm.data and its store: reading, tokenizing, chunking, caching and splitting, checked against plain Python
+references. The store (mlm/corpus_store.py) runs data.py's own functions piece by piece: every chunking test here
+runs through both, so a bug planted in the chapter's chunker fails for both paths."""
 
 from __future__ import annotations
 
@@ -13,12 +15,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
+import mlm.corpus_store as corpus_store
 import mlm.data as data
-from mlm.data import Chunks, check_chunk_size, load_chunks, split_train_test, tokenize, tokenize_and_chunk
+from mlm.chunks import Chunks
+from mlm.corpus import load_chunks
+from mlm.data import check_chunk_size, split_train_test, tokenize, tokenize_and_chunk
 from mlm.errors import MLMError
 from mlm.files.data_cache import default_cache_dir
 from mlm.files.data_files import find_data_files, load_texts
+from mlm.masking import word_starts
 from mlm.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,29 +90,69 @@ def write_hub_layout(root: Path, splits: dict[str, list[str]], shards: int = 1) 
 # Chunking equals concatenate-and-slice
 
 
+def chunks_by(path: str, texts, tokenizer, tmp_path, monkeypatch, **sizes) -> Chunks:
+    """The chunks of `texts` in memory (tokenize_and_chunk) or through the store, cut into pieces of 60
+    characters, so that nearly every review's tokens cross a piece boundary (and long reviews are sliced)."""
+    if path == "memory":
+        return tokenize_and_chunk(texts, tokenizer, **sizes)
+    monkeypatch.setattr(corpus_store, "PIECE_CHARS", 60)
+    monkeypatch.setattr(corpus_store, "SLICE_CHARS", 50)
+    file = tmp_path / "corpus.jsonl"
+    file.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    return load_chunks(file, "train", tokenizer, cache_dir=tmp_path / "cache", **sizes)
+
+
+@pytest.mark.parametrize("path", ["memory", "store"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("chunk_size", [2, 5, 16, 37])
 @pytest.mark.parametrize("group_size", [None, 1, 3, 10, 1000])
-def test_chunks_equal_concatenate_and_slice(tokenizer, seed, chunk_size, group_size):
+def test_chunks_equal_concatenate_and_slice(tokenizer, tmp_path, monkeypatch, path, seed, chunk_size, group_size):
     texts = make_corpus(seed, n_reviews=45)
     expected_ids, expected_words = reference_chunks(texts, tokenizer, chunk_size, group_size)
+    sizes = dict(chunk_size=chunk_size, group_size=group_size)
     if len(expected_ids) == 0:
         with pytest.raises(MLMError, match="not enough to fill one chunk"):
-            tokenize_and_chunk(texts, tokenizer, chunk_size=chunk_size, group_size=group_size)
+            chunks_by(path, texts, tokenizer, tmp_path, monkeypatch, **sizes)
         return
-    chunks = tokenize_and_chunk(texts, tokenizer, chunk_size=chunk_size, group_size=group_size)
+    chunks = chunks_by(path, texts, tokenizer, tmp_path, monkeypatch, **sizes)
     assert chunks.input_ids.dtype == chunks.word_ids.dtype == np.int32
     assert chunks.input_ids.shape == chunks.word_ids.shape == (len(expected_ids), chunk_size)
     np.testing.assert_array_equal(chunks.input_ids, expected_ids)
-    np.testing.assert_array_equal(chunks.word_ids, expected_words)
+    if path == "memory":
+        np.testing.assert_array_equal(chunks.word_ids, expected_words)
+    # The store keeps word starts, not the tokenizer's numbers: the same words, hence the same whole-word masks.
+    for got, want in zip(word_starts(chunks.word_ids), word_starts(expected_words)):
+        assert torch.equal(got, want)
     assert chunks.n_reviews == len(texts)
     assert chunks.n_tokens == sum(len(tokenizer.backend.encode(t)) for t in texts)
 
 
-def test_small_tokenize_batches_change_nothing(tokenizer):
+def test_the_store_keeps_ids_beyond_16_bits(tmp_path, monkeypatch):
+    """A vocabulary of more than 65,536 tokens (multilingual models) needs 32-bit ids in the store."""
+    from conftest import write_tiny_tokenizer
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers, processors
+
+    folder = write_tiny_tokenizer(tmp_path / "tok")
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4, "low": 5, "high": 70_000}
+    vocab.update({f"w{i}": i for i in range(6, 70_000)})
+    backend = Backend(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                           special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    backend.save(str(folder / "tokenizer.json"))
+    big = load_tokenizer(folder)
+    texts = ["low high " * 20] * 5
+    store = chunks_by("store", texts, big, tmp_path, monkeypatch, chunk_size=8)
+    np.testing.assert_array_equal(store.input_ids, tokenize_and_chunk(texts, big, chunk_size=8).input_ids)
+    assert store.input_ids.max() == 70_000
+
+
+def test_small_tokenize_batches_change_nothing(tokenizer, monkeypatch):
     texts = make_corpus(3, n_reviews=50)
     whole = tokenize(texts, tokenizer)
-    batched = tokenize(texts, tokenizer, batch_size=7)
+    monkeypatch.setattr(data, "ENCODE_BATCH_TEXTS", 7)
+    batched = tokenize(texts, tokenizer)
     for a, b in zip(whole, batched, strict=True):
         np.testing.assert_array_equal(a, b)
     assert whole[2].sum() == len(whole[0]) and whole[2].dtype == np.int64
@@ -280,19 +327,19 @@ def test_missing_path(tmp_path):
 def test_corpus_shorter_than_one_chunk(tokenizer):
     with pytest.raises(MLMError, match="6 tokens in 2 reviews, not enough to fill one chunk of 128"):
         tokenize_and_chunk(["good", "bad"], tokenizer)
-    with pytest.raises(MLMError, match="in any group of 1 reviews.*--group-size"):
+    with pytest.raises(MLMError, match="in any group of 1 reviews.*`group_size`"):
         tokenize_and_chunk(["good", "bad"], tokenizer, chunk_size=4, group_size=1)
 
 
 def test_bad_chunk_and_group_sizes(tokenizer, tmp_path):
     with pytest.raises(MLMError, match="at least 2"):
         tokenize_and_chunk(["good movie"], tokenizer, chunk_size=1)
-    with pytest.raises(MLMError, match="max_position_embeddings \\(512\\)"):
+    with pytest.raises(MLMError, match="longer than the model takes \\(512 tokens"):
         check_chunk_size(513, 512)
     check_chunk_size(512, 512)
-    with pytest.raises(MLMError, match="max_position_embeddings"):
-        load_chunks(tmp_path / "nowhere", "train", tokenizer, chunk_size=600, max_position_embeddings=512)
-    with pytest.raises(MLMError, match="--group-size must be a positive"):
+    with pytest.raises(MLMError, match="longer than the model takes"):
+        load_chunks(tmp_path / "nowhere", "train", tokenizer, chunk_size=600, max_length=512)
+    with pytest.raises(MLMError, match="`group_size` must be a positive"):
         tokenize_and_chunk(["good movie"], tokenizer, chunk_size=2, group_size=0)
 
 

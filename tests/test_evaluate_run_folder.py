@@ -1,4 +1,4 @@
-"""mlm-evaluate --model RUN_DIR: a run folder brings its eval set (issue 19 item 5), rebuilt from its run.json."""
+"""mlm-evaluate --model RUN_DIR: a run folder brings its eval set, rebuilt from its run.json, and its prompts."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from mlm.cli import evaluate as evaluate_cli
-from mlm.cli.compare import build_eval_set
-from mlm.errors import run_cli
+from mlm.cli.args import run_command
+from mlm.compare import build_eval_set
 from mlm.evaluate import evaluate
 from mlm.files.pretrained import load_pretrained, save_pretrained
 from mlm.model import DistilBertConfig, DistilBertForMaskedLM
 from mlm.run.record import RunRecord, read_record, write_record
+from mlm.run.session import data_file_digests
 from mlm.settings import TrainConfig
 from mlm.tokenizer import load_tokenizer
 
@@ -46,7 +47,8 @@ def hand_made_run(folder: Path, settings: dict, seed: int = 0) -> float:
     after = evaluate(load_pretrained(folder), eval_set.input_ids, eval_set.labels,
                      batch_size=settings["eval_batch_size"])
     results = {"before": None, "evals": [], "after": asdict(after), "fill_mask": {"before": [], "after": []}}
-    write_record(folder, RunRecord(settings=settings, status="finished", results=results))
+    data = {"files": data_file_digests(TrainConfig(dataset=settings["dataset"]))}
+    write_record(folder, RunRecord(settings=settings, data=data, status="finished", results=results))
     return after.perplexity
 
 
@@ -57,7 +59,7 @@ def evaluate_json(capsys, *argv: str) -> dict:
 
 def one_line_error(capsys, *argv: str) -> str:
     with pytest.raises(SystemExit) as stop:
-        run_cli(lambda: evaluate_cli.main([*argv, "--device", "cpu", "--no-progress"]))
+        run_command(lambda: evaluate_cli.main([*argv, "--device", "cpu", "--no-progress"]))
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     return err
@@ -92,11 +94,24 @@ def test_a_plain_model_beside_a_run_folder_gets_the_runs_eval_set(tmp_path, caps
     assert report["models"][1]["perplexity"] == recorded and report["eval_set"]["from_run"] == str(run)
 
 
-def test_two_runs_with_different_eval_sets_are_refused_naming_the_setting(tmp_path, capsys, offline):
+def test_two_runs_with_different_eval_sets_are_refused_naming_every_setting_at_once(tmp_path, capsys, offline):
     hand_made_run(tmp_path / "a", run_settings(tmp_path))
-    hand_made_run(tmp_path / "b", run_settings(tmp_path, data_seed=4))
+    hand_made_run(tmp_path / "b", run_settings(tmp_path, data_seed=4, test_size=8, chunk_size=16))
     err = one_line_error(capsys, "--model", str(tmp_path / "a"), "--model", str(tmp_path / "b"))
-    assert "data_seed 3 vs 4" in err and "--data-seed" in err
+    for setting, a, b in (("--chunk-size", 32, 16), ("--test-size", 16, 8), ("--data-seed", 3, 4)):
+        assert f"{setting} {a} in {tmp_path / 'a'} vs {b} in {tmp_path / 'b'}" in err
+
+
+def test_a_run_whose_data_changed_since_is_refused(tmp_path, capsys, offline):
+    """Its eval set would be other chunks than those its recorded perplexity was measured on."""
+    data = tmp_path / "reviews.jsonl"
+    data.write_bytes(Path(REVIEWS).read_bytes())
+    run = tmp_path / "a"
+    hand_made_run(run, run_settings(tmp_path, dataset=str(data)))
+    assert evaluate_json(capsys, "--model", str(run))["eval_set"]["from_run"] == str(run)
+    data.write_text(data.read_text().replace("movie", "film", 1))
+    err = one_line_error(capsys, "--model", str(run))
+    assert "eval set of the run" in err and "reviews.jsonl changed since the run started" in err
 
 
 def test_data_flags_given_override_the_runs(tmp_path, capsys, offline):
@@ -126,8 +141,8 @@ def test_evaluate_reproduces_a_trained_runs_recorded_perplexity(tmp_path, capsys
 
     run = tmp_path / "run"
     settings = {k: v for k, v in run_settings(tmp_path).items() if k != "global_batch"}
-    # The CPU's default lean variant, and the plain model (--smoke's): mlm-evaluate scores with the variant the
-    # run finished with, so the figures agree to the last bit.
+    # The CPU's default lean variant, and the plain model (--smoke's): in eval mode the lean modules compute what
+    # the plain ones do, so the figures agree to the last bit.
     train(TrainConfig(**{**settings, "seed": 3, "batch_size": 16, "lr": 2e-3, "epochs": 1, "lean": lean,
                          "output_dir": str(run), "progress_bar": False}))
     capsys.readouterr()

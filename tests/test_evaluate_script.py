@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlm.cli.compare import build_eval_set
-from mlm.data import load_chunks, split_train_test
+from mlm.compare import build_eval_set
+from mlm.corpus import load_chunks
+from mlm.data import split_train_test
 from mlm.evaluate import evaluate
 from mlm.files.pretrained import load_pretrained, save_pretrained
 from mlm.fill_mask import fill_mask
@@ -45,7 +46,7 @@ def workspace(tmp_path_factory, tiny_tokenizer_dir) -> dict:
 
 def data_flags(workspace) -> list[str]:
     return ["--dataset", str(SMOKE / "reviews.jsonl"), "--chunk-size", "32", "--train-size", "50", "--test-size",
-            "24", "--seed", "7", "--cache-dir", str(workspace["cache"]), "--eval-batch-size", "5", "--top-k", "3",
+            "24", "--data-seed", "7", "--cache-dir", str(workspace["cache"]), "--eval-batch-size", "5", "--top-k", "3",
             "--device", "cpu", "--no-progress", *[x for p in PROMPTS for x in ("--prompt", p)]]
 
 
@@ -164,7 +165,7 @@ def test_unknown_models_are_one_line(workspace, monkeypatch, capsys, tmp_path):
 def test_bad_flags_are_one_line(workspace, monkeypatch, capsys):
     status, _, err = run_script(monkeypatch, capsys, "--model", str(workspace["a"]), *data_flags(workspace),
                                 "--top-k", "0")
-    assert status == 2 and err == "error: --top-k must be >= 1, got 0.\n"
+    assert status == 2 and err == "error: --top-k must be an integer >= 1, got 0.\n"
     status, _, err = run_script(monkeypatch, capsys, "--model", str(workspace["a"]), *data_flags(workspace),
                                 "--train-size", "100000")
     assert status == 2 and err.count("\n") == 1 and "Cannot draw 100000 train + 24 test chunks" in err

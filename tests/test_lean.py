@@ -15,6 +15,10 @@ from mlm.speed.lean import LeanAttention, LeanFeedForward, make_lean
 # sum over many more terms, hence a looser absolute bound.
 VALUES = dict(rtol=1e-5, atol=1e-6)
 GRADS = dict(rtol=1e-4, atol=1e-6)
+# The families' differences in the model (mlm/model.py): token types, RoBERTa's positions, BERT's attention output
+# dropout, which the lean attention must keep drawing after its own.
+FAMILIES = {"distilbert": {}, "bert": dict(family="bert", type_vocab_size=2),
+            "roberta": dict(family="roberta", type_vocab_size=1, pad_token_id=1, max_position_embeddings=18)}
 
 
 def tiny_config(**overrides) -> DistilBertConfig:
@@ -22,9 +26,9 @@ def tiny_config(**overrides) -> DistilBertConfig:
     return DistilBertConfig(**{**values, **overrides})
 
 
-def plain_and_lean(**overrides):
+def plain_and_lean(family="distilbert", **overrides):
     torch.manual_seed(0)
-    plain = DistilBertForMaskedLM(tiny_config(**overrides))
+    plain = DistilBertForMaskedLM(tiny_config(**FAMILIES[family], **overrides))
     return plain, make_lean(copy.deepcopy(plain))
 
 
@@ -37,8 +41,9 @@ def batch(seed=1, rows=3, length=16):
     return input_ids, attention_mask, labels.masked_fill(attention_mask == 0, -100)
 
 
-def test_make_lean_keeps_the_parameters_and_their_names():
-    plain, lean = plain_and_lean()
+@pytest.mark.parametrize("family", FAMILIES)
+def test_make_lean_keeps_the_parameters_and_their_names(family):
+    plain, lean = plain_and_lean(family)
     blocks = lean.distilbert.transformer.layer
     assert all(type(b.attention) is LeanAttention and type(b.ffn) is LeanFeedForward for b in blocks)
     assert list(lean.state_dict()) == list(plain.state_dict())
@@ -49,9 +54,10 @@ def test_make_lean_keeps_the_parameters_and_their_names():
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("padded", [False, True])
-def test_lean_forward_values_equal_the_plain_model(padded):
-    plain, lean = plain_and_lean()
+def test_lean_forward_values_equal_the_plain_model(padded, family):
+    plain, lean = plain_and_lean(family)
     plain.eval(), lean.eval()
     input_ids, attention_mask, labels = batch()
     mask = attention_mask if padded else None
@@ -61,9 +67,10 @@ def test_lean_forward_values_equal_the_plain_model(padded):
     torch.testing.assert_close(lean_out.loss, plain_out.loss, **VALUES)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_lean_loss_and_gradients_equal_the_plain_model_with_dropout_zero(checkpointing):
-    plain, lean = plain_and_lean(dropout=0.0, attention_dropout=0.0)
+def test_lean_loss_and_gradients_equal_the_plain_model_with_dropout_zero(checkpointing, family):
+    plain, lean = plain_and_lean(family, dropout=0.0, attention_dropout=0.0)
     input_ids, attention_mask, labels = batch()
     losses, grads = [], []
     for model in (plain, lean):
@@ -79,13 +86,14 @@ def test_lean_loss_and_gradients_equal_the_plain_model_with_dropout_zero(checkpo
         torch.testing.assert_close(grads[1][name], grad, **GRADS, msg=name)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("padded", [False, True])
-def test_lean_model_with_dropout_draws_the_plain_models_masks(padded):
+def test_lean_model_with_dropout_draws_the_plain_models_masks(padded, family):
     """With dropout on, the same seed gives the lean model the plain model's dropout masks, attention included (its
     CPU kernel draws as SDPA's math path does), hence the same loss and gradients up to rounding. A lean model that
     drew its masks otherwise would land ~0.1 away on this loss (checked below by reseeding)."""
     p = 0.3
-    plain, lean = plain_and_lean(dropout=p, attention_dropout=p)
+    plain, lean = plain_and_lean(family, dropout=p, attention_dropout=p)
     with torch.no_grad():  # weights of std 0.3 instead of 0.02: attention far from uniform, logits far from flat,
         for model in (plain, lean):  # so every dropout site moves the output
             torch.manual_seed(0)

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlm.data import concatenate, draw, load_chunks, load_train_eval_chunks, split_train_test
+from mlm.corpus import load_chunks, load_train_eval_chunks
+from mlm.data import concatenate, draw, split_train_test
 from mlm.errors import MLMError
 from mlm.files.data_files import find_data_files, load_texts
 from mlm.tokenizer import load_tokenizer
@@ -94,8 +95,8 @@ def test_eval_split_and_concatenated_train_splits(corpus, tokenizer, tmp_path):
     permutation = np.random.default_rng(1).permutation(len(chunks["test"]))
     np.testing.assert_array_equal(held_out.input_ids, chunks["test"].input_ids[permutation[:30]])
 
-    with pytest.raises(MLMError, match=f"Cannot draw {everything + 1} train chunks from {everything}: pass "
-                                       f"--train-size {everything} or less"):
+    with pytest.raises(MLMError, match=f"Cannot draw {everything + 1} train chunks from {everything}: give "
+                                       f"`train_size` {everything} or less"):
         load_train_eval_chunks(corpus, tokenizer, train_splits=("train", "unsupervised"), eval_split="test",
                                train_size=everything + 1, test_size=30, **args)
 
@@ -108,15 +109,15 @@ def test_validation_file_gives_the_eval_chunks(corpus, tokenizer, tmp_path):
     np.testing.assert_array_equal(held_out.input_ids,
                                   draw(load_chunks(validation, "train", tokenizer, **args), 10, seed=2).input_ids)
     available = len(load_chunks(validation, "train", tokenizer, **args))
-    with pytest.raises(MLMError, match=f"from {available}: pass --test-size {available} or less"):
+    with pytest.raises(MLMError, match=f"from {available}: give `test_size` {available} or less"):
         load_train_eval_chunks(corpus, tokenizer, validation_file=str(validation), train_size=50,
                                test_size=available + 1, **args)
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(eval_split="test", validation_file="x.csv"), "pass one of them"),
-    (dict(eval_split="train"), "--eval-split train is also a training split"),
-    (dict(train_splits=("train", "train")), "--train-splits must name each split once"),
+    (dict(eval_split="test", validation_file="x.csv"), "give one of them"),
+    (dict(eval_split="train"), "`eval_split` train is also a training split"),
+    (dict(train_splits=("train", "train")), "`train_splits` must name each split once"),
     (dict(validation_file="missing.csv"), "--validation-file missing.csv: no such file"),
     (dict(eval_split="validation"), "No files for split 'validation'"),
 ])
@@ -127,7 +128,7 @@ def test_bad_data_flags_are_refused(corpus, tokenizer, tmp_path, kwargs, message
 
 
 @pytest.mark.parametrize("fields, message", [
-    (dict(eval_split="test", validation_file="v.csv"), "pass one of them"),
+    (dict(eval_split="test", validation_file="v.csv"), "give one of them"),
     (dict(eval_split="unsupervised", train_splits=("train", "unsupervised")), "is also a training split"),
 ])
 def test_train_refuses_clashing_eval_data_before_touching_the_output_folder(tmp_path, fields, message):

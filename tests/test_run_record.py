@@ -96,9 +96,10 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, capsys):
     summary = train(tiny_run(run, epochs=1, resume="latest"))
     assert "holds a finished run: nothing to do" in capsys.readouterr().out
     assert summary.status == "finished" and summary.after is not None and snapshot(run) == before
-    with pytest.raises(MLMError, match="--lr 0.002 -> 0.001"):  # a changing flag is still refused
+    with pytest.raises(MLMError, match="`lr` 0.002 -> 0.001"):  # a changing flag is still refused
         train(tiny_run(run, epochs=1, lr=1e-3, resume="latest"))
-    with pytest.raises(MLMError, match="It is finished: pass --resume latest --extend"):  # a plain run: the way on
+    # A plain run in the folder: the way on is said.
+    with pytest.raises(MLMError, match="It is finished: resume it with `resume` latest and `extend`"):
         train(tiny_run(run, epochs=1))
     # After --extend, resuming again is again nothing to do, and keeps the results.
     train(tiny_run(run, epochs=2, resume="latest", extend=True))

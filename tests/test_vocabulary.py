@@ -19,7 +19,7 @@ import mlm.train
 from mlm.cli.prepare_data import main as prepare_data
 from mlm.data import tokenize
 from mlm.errors import MLMError
-from mlm.files.pretrained import load_pretrained, save_pretrained
+from mlm.files.pretrained import load_model, load_pretrained, save_pretrained
 from mlm.model import DistilBertConfig, DistilBertForMaskedLM
 from mlm.run.processes import start_processes
 from mlm.settings import TrainConfig
@@ -202,3 +202,30 @@ def test_the_tokenizing_shortcuts_stay_exact_and_fast_with_added_words(dense_tok
     blank = dataclasses.replace(extended, backend=BackendTokenizer.from_str(extended.backend.to_str()))
     blank.backend.add_tokens([AddedToken("good plot", normalized=True)])  # matched across a \t in the normalized text
     assert fast_encode._text_shortcut(blank) is None
+
+
+def test_a_roberta_run_adds_words_with_the_space_before_them(tmp_path):
+    # A random tiny RoBERTa (tests/fixtures/tiny-roberta's config) with the tiny byte-level BPE: the new row is the
+    # mean of the pieces of " cinematography" (Ġc i n e m at o g r a p h y), the word as it is met after a space.
+    folder = tmp_path / "roberta"
+    folder.mkdir()
+    config = json.loads((TINY_BPE.parent / "tiny-roberta" / "config.json").read_text()) | {"vocab_size": 577}
+    (folder / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((TINY_BPE / name).read_bytes())
+    corpus = jsonl(tmp_path / "train.jsonl", ["the cinematography was great , Cinematography aside ."] * 100)
+    (tmp_path / "words.txt").write_text("cinematography\n\n")
+    settings = run_config(folder, corpus, tmp_path / "run", init="random", add_tokens=str(tmp_path / "words.txt"),
+                          prompts=("the <mask> was great .",))
+    torch.manual_seed(settings.seed)
+    base = load_model(folder, init="random")
+    setup = mlm.train.set_up(settings, start_processes("cpu"))
+    pieces = load_tokenizer(TINY_BPE).backend.encode(" cinematography", add_special_tokens=False).ids
+    assert len(pieces) == 13 and setup.facts()["added_tokens"] == ["cinematography"]
+    assert setup.model.config.family == "roberta" and setup.model.config.vocab_size == 578
+    assert torch.equal(setup.model.distilbert.embeddings.word_embeddings.weight[577],
+                       base.distilbert.embeddings.word_embeddings.weight[pieces].mean(0))
+    # " cinematography" is one token; "Cinematography" (cased, no normalizer) keeps its pieces.
+    encode = setup.tokenizer.backend.encode
+    assert encode("the cinematography").ids[-2:] == [577, 2] and 577 not in encode("the Cinematography").ids
+    assert 577 in setup.train_chunks.input_ids

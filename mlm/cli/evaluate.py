@@ -18,7 +18,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from mlm.cli.args import ArgumentParser, absolute_if_local, add_settings, flags_given, run_command
+from mlm.cli.args import SETTINGS, ArgumentParser, absolute_if_local, add_settings, flags_given, run_command
 from mlm.compare import EvalSet, ModelScore, compare_models
 from mlm.errors import MLMError
 from mlm.files.hub import set_progress_bars
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     args.prompts = tuple(args.prompts or TrainConfig.prompts)
     runs = run_records(args.models)
     args.from_run = follow_runs(args, flags_given(parser, argv), runs)
+    TrainConfig(**{name: getattr(args, name) for name in SETTINGS if hasattr(args, name)}).validate()
     set_progress_bars(args.progress_bar)
     device = pick_device(args.device)
     eval_set, scores = compare_models(

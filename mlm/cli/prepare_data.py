@@ -11,7 +11,6 @@ Preparation streams in bounded memory; interrupted, the same command continues w
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
@@ -21,6 +20,7 @@ from mlm.data import split_train_test
 from mlm.errors import Interrupted, MLMError
 from mlm.files.data_files import SPLITS
 from mlm.files.hub import resolve_repo, set_progress_bars
+from mlm.files.pretrained import CONFIG_FILE, read_config
 from mlm.run.signals import Signals
 from mlm.speed.fast_encode import fast_tokenizer
 from mlm.tokenizer import TOKENIZER_FILES, tokenizer_from_folder
@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokenizer", default="distilbert-base-uncased",
                         help="Hub model repo id or local folder with tokenizer.json; its config.json, if present, "
-                             "bounds --chunk-size by max_position_embeddings (default: %(default)s)")
+                             "bounds --chunk-size by the model's longest sequence (default: %(default)s)")
     parser.add_argument("--splits", default="train",
                         help=f"comma-separated splits to prepare, from {', '.join(SPLITS)} (default: %(default)s)")
     parser.add_argument("--revision", default=None,
@@ -48,17 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_tokenizer_and_limit(name: str):
-    """The tokenizer, and max_position_embeddings from config.json next to it (None when absent)."""
-    folder = resolve_repo(name, allow_patterns=(*TOKENIZER_FILES, "config.json"))
+    """The tokenizer, and the longest sequence the model of config.json next to it takes (None without one)."""
+    folder = resolve_repo(name, allow_patterns=(*TOKENIZER_FILES, CONFIG_FILE))
     tokenizer = tokenizer_from_folder(folder)
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        return tokenizer, None
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MLMError(f"{config_file} is not valid JSON ({err}); re-download or fix the file.") from None
-    return tokenizer, config.get("max_position_embeddings")
+    config_file = folder / CONFIG_FILE
+    return tokenizer, read_config(config_file).max_length if config_file.is_file() else None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
                 chunks = load_chunks(
                     args.dataset, split, tokenizer,
                     chunk_size=args.chunk_size, group_size=args.group_size, text_column=args.text_column,
-                    revision=args.revision, cache_dir=args.cache_dir, max_position_embeddings=max_positions,
+                    revision=args.revision, cache_dir=args.cache_dir, max_length=max_positions,
                     use_cache=not args.no_cache, progress=args.progress_bar and sys.stderr.isatty(),
                 )
         except KeyboardInterrupt as err:  # run_cli's own hint is about training runs and their checkpoints

@@ -4,6 +4,7 @@ Weights are only ever read from safetensors, never unpickled: a pickle file can 
 strict: every tensor the model needs must be there with the right shape, and nothing unknown may be left over,
 because a silently re-initialised tensor ruins a fine-tuning run without any error.
 
+Each family (DistilBERT, BERT, RoBERTa) is read and written in its own keys and tensor names (mlm/files/families.py).
 The reference (docs/reference.md#save-layout) stores the tied vocab_projector.weight nowhere: it is
 the word-embedding matrix. Checkpoints written by other tools may still hold it, and old ones name the embedding
 LayerNorm's parameters gamma/beta; both are accepted here.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mlm.errors import MLMError
+from mlm.files.families import ARCHITECTURES, BIAS_ALIASES, CONFIG_KEYS, DEFAULTS, UNUSED, hub_name
 from mlm.files.hub import resolve_repo
 from mlm.files.writes import atomic_write, atomic_write_text
 from mlm.model import ACTIVATIONS, DistilBertConfig, DistilBertForMaskedLM
@@ -31,11 +33,11 @@ EMBEDDING_KEY = "distilbert.embeddings.word_embeddings.weight"
 PROJECTOR_KEY = "vocab_projector.weight"
 # Legacy names (TensorFlow-era checkpoints) that the reference loader still maps; it renames only these.
 LEGACY_RENAMES = {"LayerNorm.gamma": "LayerNorm.weight", "LayerNorm.beta": "LayerNorm.bias"}
-# Size keys of other architectures' config.json (BERT, RoBERTa, GPT-2, T5, …). DistilBERT names these dim,
-# n_layers, n_heads and hidden_dim, so a config holding them describes another model, whose sizes would otherwise
-# be silently replaced by DistilBERT's defaults.
-FOREIGN_SIZE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "n_embd",
-                     "n_layer", "n_head", "d_model", "num_layers", "d_ff")
+# Size keys of the families and of other architectures (GPT-2, T5, …). A config holding size keys its model_type
+# does not use describes another model, whose sizes would otherwise be silently replaced by the defaults.
+FOREIGN_SIZE_KEYS = ("dim", "n_layers", "n_heads", "hidden_dim", "hidden_size", "num_hidden_layers",
+                     "num_attention_heads", "intermediate_size", "n_embd", "n_layer", "n_head", "d_model", "num_layers",
+                     "d_ff")
 SIZE_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim", "max_position_embeddings")
 PROBABILITY_KEYS = ("dropout", "attention_dropout")
 
@@ -94,26 +96,31 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def model_from_state_dict(
     config: DistilBertConfig, state: dict[str, torch.Tensor], *, source: str | Path = "the checkpoint"
 ) -> DistilBertForMaskedLM:
-    """Check `state` against the model `config` describes and load it; every mismatch is named in the error."""
-    state = {_rename_legacy(name): tensor for name, tensor in state.items()}
+    """Check `state` (the family's tensor names) against the model `config` describes and load it; every mismatch
+    is named in the error."""
+    unused = UNUSED[config.family]
+    state = {_rename_legacy(name): tensor for name, tensor in state.items() if not name.startswith(unused)}
+    for alias, name in BIAS_ALIASES.items():
+        if alias in state:
+            state.setdefault(name, state.pop(alias))
     not_float = [f"{name} ({t.dtype})" for name, t in state.items() if not t.is_floating_point()]
     if not_float:  # an integer or bool tensor would be adopted as is and fail deep inside the first forward
         raise MLMError(f"{source} holds non-float weights: {_short_list(not_float)}. Model weights are floating "
-                       "point: this file does not hold a DistilBERT's weights, or it is damaged.")
+                       "point: this file does not hold a model's weights, or it is damaged.")
     # Building on the meta device allocates nothing; load_state_dict(assign=True) then adopts the tensors.
     with torch.device("meta"):
         model = DistilBertForMaskedLM(config)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    names = {name: hub_name(name, config.family) for name in model.state_dict()}  # ours -> the file's
+    expected = {names[name]: tuple(t.shape) for name, t in model.state_dict().items()}
 
     if config.tie_word_embeddings:
-        state = _merge_tied_projector(state, source)
+        state = _merge_tied_projector(state, names[EMBEDDING_KEY], names[PROJECTOR_KEY], source)
     problems = _describe_mismatches(expected, state)
     if problems:
         raise MLMError(f"{source} does not fit the model its config.json describes:\n  " + "\n  ".join(problems))
 
     # Checkpoints are sometimes stored in fp16/bf16; training keeps fp32 master weights.
-    state = {name: t.float() if t.is_floating_point() else t for name, t in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict({name: state[theirs].float() for name, theirs in names.items()}, strict=True, assign=True)
     model.tie_weights()  # assign=True replaced both Parameters; make them one again
     return model
 
@@ -125,22 +132,23 @@ def _rename_legacy(name: str) -> str:
     return name
 
 
-def _merge_tied_projector(state: dict[str, torch.Tensor], source) -> dict[str, torch.Tensor]:
+def _merge_tied_projector(state: dict[str, torch.Tensor], embedding_key: str, projector_key: str,
+                          source) -> dict[str, torch.Tensor]:
     """With tied weights, one of the embedding and the projector suffices; if both are there, they must agree."""
     state = dict(state)
-    embedding, projector = state.get(EMBEDDING_KEY), state.get(PROJECTOR_KEY)
+    embedding, projector = state.get(embedding_key), state.get(projector_key)
     if embedding is None and projector is not None:
-        state[EMBEDDING_KEY] = projector
+        state[embedding_key] = projector
     elif embedding is not None and projector is not None and not (
         embedding.shape == projector.shape and torch.equal(embedding, projector)
     ):
         raise MLMError(
-            f"{source}: config.json ties vocab_projector.weight to the word embeddings, but the checkpoint "
-            "holds a different vocab_projector.weight. Set \"tie_word_embeddings\": false in config.json to load "
+            f"{source}: config.json ties {projector_key} to the word embeddings, but the checkpoint "
+            f"holds a different {projector_key}. Set \"tie_word_embeddings\": false in config.json to load "
             "them as two matrices."
         )
-    if EMBEDDING_KEY in state:
-        state[PROJECTOR_KEY] = state[EMBEDDING_KEY]
+    if embedding_key in state:
+        state[projector_key] = state[embedding_key]
     return state
 
 
@@ -161,7 +169,7 @@ def _describe_mismatches(expected: dict[str, tuple], state: dict[str, torch.Tens
         problems.append(f"wrong shapes ({len(wrong_shape)}): " + "; ".join(wrong_shape[:5])
                         + (" …" if len(wrong_shape) > 5 else ""))
     if wrong_shape or missing:
-        problems.append("Does config.json (vocab_size, dim, n_layers, hidden_dim, …) belong to these weights?")
+        problems.append("Does config.json (its vocab_size and layer sizes) belong to these weights?")
     return problems
 
 
@@ -175,12 +183,13 @@ def save_pretrained(model: DistilBertForMaskedLM, directory: str | Path, tokeniz
     The tied projector weight is not stored (it is the embedding matrix); files appear atomically, so a crash
     mid-save leaves the previous files intact rather than a truncated model.
     """
+    check_config(model.config, "the model's config")  # never write a folder that does not load again
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
     if model.config.tie_word_embeddings:
         state.pop(PROJECTOR_KEY)
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
+    tensors = {hub_name(name, model.config.family): t.detach().to("cpu").contiguous() for name, t in state.items()}
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     config_text = json.dumps(config_to_dict(model.config), indent=2, sort_keys=True) + "\n"
     atomic_write_text(directory / CONFIG_FILE, config_text)
@@ -212,23 +221,27 @@ def read_config(path: str | Path) -> DistilBertConfig:
 
 
 def config_from_dict(values: dict, *, source: str | Path = "config") -> DistilBertConfig:
-    """A config.json's keys -> DistilBertConfig. Keys mlm does not use are kept in `extra` for the next save."""
+    """A config.json's keys (of model_type distilbert, bert or roberta; none: distilbert) -> DistilBertConfig. Keys
+    mlm does not use are kept in `extra` for the next save."""
     values = dict(values)
-    model_type = values.get("model_type")
-    if model_type is not None and model_type != "distilbert":
-        raise MLMError(f"{source}: model_type is {model_type!r}, but mlm builds DistilBERT only (model_type "
-                       "'distilbert'). Use a DistilBERT model, e.g. distilbert-base-uncased.")
-    foreign = [key for key in FOREIGN_SIZE_KEYS if key in values]
+    family = values.get("model_type") or "distilbert"
+    if family not in ARCHITECTURES:
+        architecture = (values.get("architectures") or [family])[0]
+        raise MLMError(f"{source}: {architecture} (model_type {family!r}) is not an encoder mlm builds: it builds "
+                       "DistilBERT, BERT and RoBERTa (model_type 'distilbert', 'bert', 'roberta').")
+    keys = CONFIG_KEYS[family]
+    foreign = [key for key in FOREIGN_SIZE_KEYS if key in values and key not in keys.values()]
     if foreign:
-        raise MLMError(f"{source}: {', '.join(foreign)} belong to another architecture's config.json; DistilBERT's "
-                       "are dim, n_layers, n_heads and hidden_dim. Use a DistilBERT config.")
+        raise MLMError(f"{source}: {', '.join(foreign)} belong to another architecture's config.json; {family}'s "
+                       f"are {', '.join(keys[size] for size in SIZE_KEYS[1:5])}. Use a {family} config, or set "
+                       "\"model_type\" to the config's own.")
     if values.get("sinusoidal_pos_embds"):
         raise MLMError(f"{source}: sinusoidal_pos_embds=true is not supported (distilbert uses learned positions).")
     # The Hub file predates tie_word_embeddings and spells it "tie_weights_".
     if "tie_word_embeddings" not in values and "tie_weights_" in values:
         values["tie_word_embeddings"] = values.pop("tie_weights_")
-    known = {f.name for f in fields(DistilBertConfig)} - {"extra"}
-    config = DistilBertConfig(**{key: values.pop(key) for key in list(values) if key in known}, extra=values)
+    given = {name: values.pop(key) for name, key in keys.items() if key in values}
+    config = DistilBertConfig(**{**DEFAULTS[family], **given}, family=family, extra=values)
     check_config(config, source)
     return config
 
@@ -239,27 +252,42 @@ def check_config(config: DistilBertConfig, source: str | Path = "config") -> Non
     JSON has no integer/float/bool distinction that Python keeps for us: 768.0, "768" and true are all refused
     where an integer is meant, and "no" where a boolean is (any non-empty string would read as true).
     """
-    def refuse(key: str, wanted: str) -> MLMError:
-        return MLMError(f"{source}: \"{key}\" must be {wanted}, got {getattr(config, key)!r}. Fix it in config.json.")
+    if config.family not in ARCHITECTURES:
+        raise MLMError(f"{source}: family {config.family!r} is not one of {list(ARCHITECTURES)}.")
+    keys = CONFIG_KEYS[config.family]
 
-    for key in SIZE_KEYS:
+    def refuse(key: str, wanted: str) -> MLMError:
+        return MLMError(f"{source}: \"{keys.get(key, key)}\" must be {wanted}, got {getattr(config, key)!r}. Fix it "
+                        "in config.json.")
+
+    for key in SIZE_KEYS + (("type_vocab_size",) if "type_vocab_size" in keys else ()):
         if not (_is_int(getattr(config, key)) and getattr(config, key) >= 1):
             raise refuse(key, "a positive integer")
+    dim, heads = keys["dim"], keys["n_heads"]
     if config.dim % config.n_heads:
-        raise MLMError(f"{source}: \"dim\" {config.dim} is not divisible by \"n_heads\" {config.n_heads}: each head "
-                       "takes dim / n_heads features. Fix them in config.json.")
+        raise MLMError(f"{source}: \"{dim}\" {config.dim} is not divisible by \"{heads}\" {config.n_heads}: each "
+                       f"head takes {dim} / {heads} features. Fix them in config.json.")
     for key in PROBABILITY_KEYS:
         value = getattr(config, key)
         if not (_is_number(value) and 0 <= value < 1):
             raise refuse(key, "a probability in [0, 1)")
     if not (_is_number(config.initializer_range) and config.initializer_range > 0):
         raise refuse("initializer_range", "a number > 0 (the standard deviation of the random init)")
+    if not (_is_number(config.layer_norm_eps) and config.layer_norm_eps > 0):
+        raise refuse("layer_norm_eps", "a number > 0")
     if not (_is_int(config.pad_token_id) and 0 <= config.pad_token_id < config.vocab_size):
         raise refuse("pad_token_id", f"a token id from 0 to vocab_size - 1 = {config.vocab_size - 1}")
     if not isinstance(config.tie_word_embeddings, bool):
         raise refuse("tie_word_embeddings", "true or false")
+    if config.family != "distilbert" and not config.tie_word_embeddings:  # its head then has two biases
+        raise refuse("tie_word_embeddings", f"true for {config.family} in mlm (an untied head is DistilBERT's only)")
+    if config.max_length < 1:
+        raise refuse("max_position_embeddings", f"more than pad_token_id + 1 = {config.position_offset} (RoBERTa's "
+                     "first token position)")
+    if config.extra.get("is_decoder"):
+        raise MLMError(f"{source}: \"is_decoder\" is true, a causal mask; mlm builds bidirectional encoders for MLM.")
     if config.activation not in ACTIVATIONS:
-        raise MLMError(f"{source}: activation {config.activation!r} is not supported (use one of "
+        raise MLMError(f"{source}: {keys['activation']} {config.activation!r} is not supported (use one of "
                        f"{list(ACTIVATIONS)}).")
 
 
@@ -278,9 +306,9 @@ def config_to_dict(config: DistilBertConfig) -> dict:
     extra.pop("tie_weights_", None)
     return {
         **extra,
-        **values,
-        "architectures": ["DistilBertForMaskedLM"],
-        "model_type": "distilbert",
-        "sinusoidal_pos_embds": False,
+        **{key: values[name] for name, key in CONFIG_KEYS[config.family].items()},
+        "architectures": [ARCHITECTURES[config.family]],
+        "model_type": config.family,
+        **({"sinusoidal_pos_embds": False} if config.family == "distilbert" else {}),
         "dtype": "float32",
     }

@@ -65,6 +65,7 @@ METRICS_FILE = "metrics.jsonl"
 # Settings that name where the model and the data are: a resume compares what is there (the data's and tokenizer's
 # sha256, the model's config), not the path, so a moved folder still resumes; the record keeps the new place.
 WHERE_SETTINGS = {"model", "tokenizer", "revision", "dataset", "validation_file"}
+HOW_TO_RESUME = {"resume", "overwrite", "extend", "output_dir"}  # a resume's own flags: not changes to the run
 
 
 @dataclass
@@ -134,7 +135,6 @@ class Run:
     def find_start(self) -> None:
         """A new run, or the checkpoint to resume and the record it continues; the data read. Reads only."""
         config = self.config
-        self.data = {"files": data_file_digests(config)}
         self.resume_from = self.folder.resume_point(config.resume, config.overwrite)
         if self.resume_from is None:
             return
@@ -158,6 +158,7 @@ class Run:
         else:  # the folder's record has the run's latest settings and history; the results are the checkpoint's
             theirs.settings, theirs.segments, theirs.written = here.settings, here.segments, here.written
         self.record = theirs
+        self.data = {"files": data_file_digests(config)}
         compare_data(self.record.data.get("files", {}), self.data["files"])  # before any tokenizing
         self.last_checkpoint = str(self.resume_from)
         newest = checkpoint_step(self.resume_from) == (here.progress["step"] if here else -1)
@@ -171,7 +172,8 @@ class Run:
         config, procs = self.config, self.procs
         self.total_steps, self.steps_per_epoch = facts["total_steps"], facts["steps_per_epoch"]
         settings = {**settings_as_json(config), "global_batch": facts["global_batch"]}
-        self.data["tokenizer_sha256"] = tokenizer_sha256(tokenizer)
+        self.data = {"files": self.data.get("files") or data_file_digests(config),
+                     "tokenizer_sha256": tokenizer_sha256(tokenizer)}
         if self.resume_from is None:
             self.record = RunRecord(settings=settings, data=self.data, world_size=procs.world_size)
         else:
@@ -486,7 +488,7 @@ def compare_settings(stored: dict, current: dict, *, extend: bool, where: Path, 
         raise MLMError(f"`resume` would change the run in {where}: {listed}. Resume without these changes (the run "
                        f"record, run.json, has its settings), or start a new run in another output folder.{hint}")
     return {name: [stored[name], value] for name, value in current.items()
-            if name in stored and stored[name] != value and name not in compared}
+            if name in stored and stored[name] != value and name not in compared and name not in HOW_TO_RESUME}
 
 
 def _difference(name: str, stored: dict, current: dict, world_size: int) -> str:

@@ -1,9 +1,10 @@
 """Check that a model whose vocabulary mlm extended (`--add-tokens`) loads in transformers and tokenizes the same.
 
 Developer-only (needs the reference extra). For each tokenizer family, BERT's WordPiece (--tokenizer, e.g.
-distilbert-base-uncased's files) and byte-level BPE laid out as RoBERTa's (tests/fixtures/tiny-bpe): add words to
-the tokenizer and a random model with mlm (mlm/vocabulary.py), save the folder as a run does, and load it with
-AutoTokenizer and AutoModelForMaskedLM. Checks that each added word is one token in transformers too, that the
+distilbert-base-uncased's files) with a random tiny BERT (tests/fixtures/tiny-bert's config), and byte-level BPE
+laid out as RoBERTa's (tests/fixtures/tiny-bpe) with a random tiny RoBERTa: add words to the tokenizer and the model
+with mlm (mlm/vocabulary.py), save the folder as a run does, and load it with AutoTokenizer and
+AutoModelForMaskedLM. Checks that each added word is one token in transformers too, that the
 ids and word ids of a few texts are mlm's, that the new rows are the mean of the pieces' rows, and that the
 logits agree.
 
@@ -11,14 +12,15 @@ logits agree.
 """
 
 import argparse
+import dataclasses
 import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-from mlm.files.pretrained import save_pretrained
-from mlm.model import DistilBertConfig, DistilBertForMaskedLM
+from mlm.files.pretrained import load_config, save_pretrained
+from mlm.model import DistilBertForMaskedLM
 from mlm.tokenizer import load_tokenizer
 from mlm.vocabulary import add_words
 
@@ -28,18 +30,19 @@ TEXTS = ["The plot was UNCONVINCING, cheesy and unbelievable.", "believable\n\n 
          "A naïve, believable, Cheesy cast."]
 
 
-def check(folder: str, name: str) -> None:
+def check(folder: str, name: str, family: str) -> None:
     tokenizer = load_tokenizer(folder)
     torch.manual_seed(0)
-    model = DistilBertForMaskedLM(DistilBertConfig(vocab_size=tokenizer.vocab_size, dim=32, n_layers=1, n_heads=2,
-                                                   hidden_dim=64, pad_token_id=tokenizer.pad_token_id)).eval()
+    config = load_config(ROOT / "tests" / "fixtures" / f"tiny-{family}")
+    model = DistilBertForMaskedLM(dataclasses.replace(config, vocab_size=tokenizer.vocab_size)).eval()
     with torch.no_grad():
         model.vocab_projector.bias.normal_()
     embeddings = model.distilbert.embeddings.word_embeddings.weight.detach().clone()
+    bias = model.vocab_projector.bias.detach().clone()
     extended, model = add_words(tokenizer, model, WORDS)
     with tempfile.TemporaryDirectory() as saved:
         save_pretrained(model, saved, tokenizer=extended)
-        print(f"{name}: mlm saved {sorted(p.name for p in Path(saved).iterdir())}")
+        print(f"{name} ({family}): mlm saved {sorted(p.name for p in Path(saved).iterdir())}")
         theirs = AutoTokenizer.from_pretrained(saved)
         added = [word for word, index in theirs.get_vocab().items() if index >= tokenizer.vocab_size]
         print(f"  transformers: {type(theirs).__name__}, len {len(theirs)} (was {tokenizer.vocab_size}); added {added}")
@@ -51,15 +54,17 @@ def check(folder: str, name: str) -> None:
         for word in added:
             assert len(theirs(word, add_special_tokens=False)["input_ids"]) == 1, word
         hf = AutoModelForMaskedLM.from_pretrained(saved).eval()
-        new = hf.get_input_embeddings().weight.detach()
+        new, new_bias = hf.get_input_embeddings().weight.detach(), hf.get_output_embeddings().bias.detach()
         for word in added:
             pieces = tokenizer.backend.encode((" " if name == "bpe" else "") + word, add_special_tokens=False).ids
-            assert torch.equal(new[theirs.convert_tokens_to_ids(word)], embeddings[pieces].mean(0)), word
+            index = theirs.convert_tokens_to_ids(word)
+            assert torch.equal(new[index], embeddings[pieces].mean(0)), word
+            assert torch.equal(new_bias[index], bias[pieces].mean(0)), word
         ids = torch.tensor([extended.backend.encode(TEXTS[0]).ids])
         with torch.no_grad():
             difference = (hf(input_ids=ids).logits - model(ids).logits).abs().max().item()
-        print(f"  AutoModelForMaskedLM: vocab_size {hf.config.vocab_size}, new rows = mean of pieces, "
-              f"max |logit difference| {difference:.2g}")
+        print(f"  AutoModelForMaskedLM: {type(hf).__name__}, vocab_size {hf.config.vocab_size}, new rows = mean of "
+              f"pieces, max |logit difference| {difference:.2g}")
         assert difference < 1e-5
 
 
@@ -67,8 +72,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", required=True, help="folder with a BERT WordPiece tokenizer.json")
     args = parser.parse_args()
-    check(args.tokenizer, "wordpiece")
-    check(str(ROOT / "tests" / "fixtures" / "tiny-bpe"), "bpe")
+    check(args.tokenizer, "wordpiece", "bert")
+    check(str(ROOT / "tests" / "fixtures" / "tiny-bpe"), "bpe", "roberta")
     print("OK: transformers loads the extended folders and splits each added word into one token, as mlm does")
 
 
