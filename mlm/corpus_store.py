@@ -264,8 +264,8 @@ def _stretches(texts: list[str], tokenizer: Tokenizer) -> Iterator[tuple[np.ndar
 
 def _long_document(text: str, tokenizer: Tokenizer) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """One long document as stretches (see `_stretches`): slices cut at whitespace, tokenized without the template,
-    which is put around the whole. Exact for tokenizers that split words at whitespace (BERT's WordPiece among
-    them): no word spans two slices."""
+    which is put around the whole. Exact for pre-tokenizers that split at whitespace, BERT's and byte-level BPE's
+    (RoBERTa's) among them: no word spans two slices (see `_cut`)."""
     before, after = template_ids(tokenizer)
     yield before, np.full(len(before), -1, np.int32), np.zeros(0, np.int64)
     slices, next_word = list(_slices(text, SLICE_CHARS)), 0
@@ -285,10 +285,20 @@ def _slices(text: str, size: int) -> Iterator[str]:
     while start < len(text):
         end = min(start + size, len(text))
         if end < len(text):
-            cut = max(text.rfind(space, start + 1, end) for space in (" ", "\n", "\t", "\r"))
+            cut = _cut(text, start, end)
             end = cut if cut > start else end  # no whitespace at all: cut anyway, inside a word
         yield text[start:end]
         start = end
+
+
+def _cut(text: str, start: int, end: int) -> int:
+    """The last position in (start, end) of a blank that ends a run of whitespace, or -1. Byte-level BPE makes the
+    run but its last character a word, that character beginning the next (" word" is "Ġword"): cut there, both
+    slices split as the whole text does; inside the run, not. (BERT's pre-tokenizer drops whitespace.)"""
+    cut = end
+    while (cut := max(text.rfind(space, start + 1, cut) for space in " \n\t\r")) > start and text[cut + 1].isspace():
+        pass
+    return cut
 
 
 class _Writer:

@@ -59,6 +59,11 @@ class TrainConfig:
                                    MODEL_AND_DATA, type="size")
     cache_dir: str | None = setting(None, "where tokenized chunks are stored (default: $MLM_CACHE, else "
                                     "$HF_HOME/mlm, else ~/.cache/mlm)", MODEL_AND_DATA)
+    add_tokens: int | str | None = setting(None, "add new tokens to the tokenizer, and rows to the model, for the N "
+                                           "words of letters of the training splits that it cuts in the most tokens "
+                                           "(occurrences x (pieces - 1); mlm-prepare-data --vocab-report lists them), "
+                                           "or for the words of FILE, one per line; each new row starts as the mean "
+                                           "of its pieces' (docs/base-models.md)", MODEL_AND_DATA, metavar="N|FILE")
     fast_tokenize: str = setting("on", "tokenize with mlm/speed/fast_encode.py's exact shortcuts where its start-up "
                                  "check shows them exact for the tokenizer (same chunks, faster); off: the plain "
                                  "tokenizer call", MODEL_AND_DATA, choices=("on", "off"))
@@ -191,5 +196,5 @@ def _is_int(value) -> bool:
 RUN_SETTINGS = ("model", "tokenizer", "revision", "init", "dataset", "text_column", "chunk_size", "group_size",
                 "train_size", "test_size", "train_splits", "eval_split", "validation_file", "data_seed", "masking",
                 "mlm_probability", "wwm_probability", "global_batch", "lr", "weight_decay", "warmup_steps", "epochs",
-                "max_steps", "max_grad_norm", "seed")
+                "max_steps", "max_grad_norm", "seed", "add_tokens")
 LENGTH_SETTINGS = ("epochs", "max_steps")

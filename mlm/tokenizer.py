@@ -1,8 +1,10 @@
-"""The WordPiece tokenizer, read from a Hub-layout folder's tokenizer.json with the `tokenizers` library.
+"""The model's tokenizer, read from a Hub-layout folder's tokenizer.json with the `tokenizers` library.
 
 Special-token ids are looked up in the tokenizer files (tokenizer_config.json names the tokens, tokenizer.json
-gives their ids), never hard-coded, so any BERT-style fast tokenizer works. `Tokenizer.encode` tokenizes a batch of
-texts into the flat arrays that chunking works on (mlm/speed/fast_encode.py gives the same arrays faster).
+gives their ids), never hard-coded: BERT's WordPiece ([CLS] [SEP] [MASK] [PAD], cased or not) and RoBERTa's
+byte-level BPE (<s> </s> <mask> <pad>) alike. A word is what the pre-tokenizer splits off (for byte-level BPE, a
+piece spelt with "Ġ", a space before it, starts one). `Tokenizer.encode` tokenizes a batch of texts into the flat
+arrays that chunking works on (mlm/speed/fast_encode.py gives the same arrays faster).
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import models
 
 from mlm.errors import MLMError
 from mlm.files.hub import resolve_repo
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
-# Names of the special tokens in tokenizer_config.json, with the strings BERT uses when a file omits them.
+# Names of the special tokens in tokenizer_config.json, with the strings BERT uses when a file omits them (a
+# RoBERTa tokenizer's files name its own).
 SPECIAL_TOKEN_DEFAULTS = {
     "cls_token": "[CLS]",
     "sep_token": "[SEP]",
@@ -55,21 +59,22 @@ class Tokenizer:
 
     @property
     def special_token_ids(self) -> tuple[int, ...]:
-        """[CLS], [SEP], [PAD], [MASK], [UNK]: the reference collator never masks these
-        (docs/reference.md#masking-draws)."""
+        """[CLS], [SEP], [PAD], [MASK], [UNK] (RoBERTa's <s>, </s>, <pad>, <mask>, <unk>): the reference collator
+        never masks these (docs/reference.md#masking-draws)."""
         return tuple(sorted({self.cls_token_id, self.sep_token_id, self.pad_token_id, self.mask_token_id,
                              self.unk_token_id}))
 
     def save(self, directory: str | Path) -> None:
-        """Write tokenizer.json and tokenizer_config.json (and vocab.txt) so the folder loads anywhere."""
+        """Write tokenizer.json and tokenizer_config.json (and a WordPiece model's vocab.txt) so the folder loads
+        anywhere: transformers' AutoTokenizer reads a byte-level BPE from tokenizer.json alone, added tokens too."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(directory / "tokenizer.json"))
         (directory / "tokenizer_config.json").write_text(json.dumps(self.config, indent=2) + "\n")
-        vocab_txt = directory / "vocab.txt"
-        # vocab.txt serves slow (non-`tokenizers`) loaders; its order is the id order of the WordPiece model.
-        vocab = sorted(self.backend.get_vocab(with_added_tokens=False).items(), key=lambda item: item[1])
-        vocab_txt.write_text("".join(token + "\n" for token, _ in vocab), encoding="utf-8")
+        if isinstance(self.backend.model, models.WordPiece):
+            # vocab.txt serves slow (non-`tokenizers`) loaders; its order is the id order of the WordPiece model.
+            vocab = sorted(self.backend.get_vocab(with_added_tokens=False).items(), key=lambda item: item[1])
+            (directory / "vocab.txt").write_text("".join(token + "\n" for token, _ in vocab), encoding="utf-8")
 
 
 def load_tokenizer(name_or_path: str | Path, revision: str | None = None) -> Tokenizer:

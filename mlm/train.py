@@ -40,6 +40,7 @@ from mlm.run.session import Processes, Run, RunSummary, open_run
 from mlm.settings import TrainConfig
 from mlm.speed.path import ExecutionPath, choose_path
 from mlm.tokenizer import Tokenizer, load_tokenizer
+from mlm.vocabulary import added_words, extend_vocabulary
 
 __all__ = ["RunSummary", "StepBatches", "StepResult", "TrainConfig", "train", "train_step"]
 
@@ -251,7 +252,9 @@ class Setup:
                 "eval_tokens": int((self.eval_set["labels"] != IGNORE_INDEX).sum()),
                 "global_batch": self.schedule.global_batch, "steps_per_epoch": self.schedule.steps_per_epoch,
                 "total_steps": self.schedule.total_steps, "warmup_steps": self.schedule.warmup_steps,
-                "parameters": sum(p.numel() for p in self.model.parameters())}
+                "parameters": sum(p.numel() for p in self.model.parameters()),
+                # With `add_tokens` every perplexity of the run is on this extended tokenization (docs/base-models.md)
+                **({"added_tokens": words} if (words := added_words(self.tokenizer)) else {})}
 
 
 def set_up(config: TrainConfig, procs: Processes) -> Setup:
@@ -259,6 +262,7 @@ def set_up(config: TrainConfig, procs: Processes) -> Setup:
     torch.manual_seed(config.seed)  # random init and dropout; masks and shuffling have their own generators
     tokenizer = load_tokenizer(config.tokenizer or config.model, revision=None if config.tokenizer else config.revision)
     model = load_model(config.model, init=config.init, revision=config.revision, tokenizer=tokenizer)
+    tokenizer, model = extend_vocabulary(config, tokenizer, model)  # `add_tokens`: new tokens for split words
     model.distilbert.gradient_checkpointing = config.gradient_checkpointing
     check_prompts(tokenizer, list(config.prompts), top_k=config.top_k,
                   max_length=model.config.max_length)  # used at the end: checked now

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny BERT-style WordPiece tokenizer that needs neither the Hub nor any downloaded file."""
+"""Shared fixtures: tiny tokenizers of each family (BERT-style WordPiece, uncased and cased; byte-level BPE laid out
+as RoBERTa's) that need neither the Hub nor any downloaded file."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 SHARED_IMDB = SHARED / "hub" / "datasets" / "stanfordnlp" / "imdb"
 SHARED_TOKENIZER = SHARED / "hub" / "models" / "distilbert-base-uncased"
+# A byte-level BPE tokenizer laid out as RoBERTa's (<s>=0 <pad>=1 </s>=2 <unk>=3 <mask>=576), trained on the smoke
+# corpus by scripts/reference/make_tiny_bpe.py.
+TINY_BPE = Path(__file__).parent / "fixtures" / "tiny-bpe"
 
 # Same special tokens and ids as distilbert-base-uncased's [PAD]=0 first, then the rest in a different order
 # from the real vocabulary ([UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4), so code that hard-codes 100-103 fails.
@@ -30,11 +34,17 @@ TINY_VOCAB = (
 )
 
 
-def build_tiny_tokenizer() -> Tokenizer:
-    """A lowercasing BERT WordPiece tokenizer over TINY_VOCAB that wraps every text in [CLS] … [SEP]."""
-    vocab = {token: index for index, token in enumerate(TINY_VOCAB)}
+# The cased variant: the words capitalised too, every letter in both cases, and the special tokens at the END of the
+# vocabulary ([PAD]=238 … [MASK]=242), so that no id of BERT's, nor the uncased tiny one's, can be assumed.
+CASED_VOCAB = [token for word in TINY_WORDS + TINY_CHARACTERS + ["##" + c for c in TINY_CHARACTERS]
+               for token in dict.fromkeys([word, word.capitalize(), word.upper()])] + TINY_PIECES + TINY_SPECIAL_TOKENS
+
+
+def build_tiny_tokenizer(vocabulary: list[str] = TINY_VOCAB, lowercase: bool = True) -> Tokenizer:
+    """A BERT WordPiece tokenizer over `vocabulary` (lowercasing or cased) that wraps every text in [CLS] … [SEP]."""
+    vocab = {token: index for index, token in enumerate(vocabulary)}
     tokenizer = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
@@ -47,13 +57,15 @@ def build_tiny_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def write_tiny_tokenizer(directory: Path) -> Path:
-    """Save the tiny tokenizer as tokenizer.json + tokenizer_config.json, loadable by mlm.tokenizer."""
+def write_tiny_tokenizer(directory: Path, cased: bool = False) -> Path:
+    """Save the tiny tokenizer (or its cased variant) as tokenizer.json + tokenizer_config.json, loadable by
+    mlm.tokenizer."""
     directory.mkdir(parents=True, exist_ok=True)
-    build_tiny_tokenizer().save(str(directory / "tokenizer.json"))
+    tokenizer = build_tiny_tokenizer(CASED_VOCAB, lowercase=False) if cased else build_tiny_tokenizer()
+    tokenizer.save(str(directory / "tokenizer.json"))
     config = {
-        "tokenizer_class": "DistilBertTokenizer",
-        "do_lower_case": True,
+        "tokenizer_class": "BertTokenizer" if cased else "DistilBertTokenizer",
+        "do_lower_case": not cased,
         "model_max_length": 512,
         "cls_token": "[CLS]",
         "sep_token": "[SEP]",
@@ -72,6 +84,13 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     Shared by the whole session: copy it before modifying it.
     """
     return write_tiny_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def cased_tokenizer_dir(tmp_path_factory) -> Path:
+    """A folder with the cased tiny WordPiece tokenizer (CASED_VOCAB: [PAD]=238 [UNK]=239 [CLS]=240 [SEP]=241
+    [MASK]=242). Shared by the whole session: copy it before modifying it."""
+    return write_tiny_tokenizer(tmp_path_factory.mktemp("cased-tokenizer"), cased=True)
 
 
 @pytest.fixture()

@@ -1,18 +1,24 @@
-"""mlm.masking against golden outputs of the reference collators (tests/fixtures/masking_golden.*, made by
-scripts/reference/make_masking_fixtures.py with transformers 5.24.0), plus properties and statistics."""
+"""mlm.masking against golden outputs of the reference collators, plus properties and statistics.
+
+The goldens come from scripts/reference/make_masking_fixtures.py with transformers, once per tokenizer family:
+tests/fixtures/masking_golden.* with BERT's WordPiece (distilbert-base-uncased) and masking_golden_bpe.* with a
+byte-level BPE laid out as RoBERTa's (tests/fixtures/tiny-bpe)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_BPE
 from safetensors.torch import load_file
 
+from mlm.data import tokenize
 from mlm.errors import MLMError
 from mlm.masking import (
     IGNORE_INDEX,
@@ -24,18 +30,44 @@ from mlm.masking import (
     special_tokens_mask,
     word_starts,
 )
+from mlm.tokenizer import load_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
-META = json.loads((FIXTURES / "masking_golden.json").read_text())
-GOLDEN = {k: (v.long() if v.dtype == torch.int32 else v)
-          for k, v in load_file(str(FIXTURES / "masking_golden.safetensors")).items()}
+
+
+@dataclass(frozen=True)
+class Golden:
+    """One fixture set: its cases, tensors and the ids of its tokenizer."""
+
+    meta: dict
+    tensors: dict[str, torch.Tensor]
+    mask_id: int
+    vocab: int
+    specials: list[int]
+
+    def __getitem__(self, key: str) -> torch.Tensor:  # golden["case.tensor"]
+        return self.tensors[key]
+
+
+def load_golden(name: str) -> Golden:
+    meta = json.loads((FIXTURES / f"{name}.json").read_text())
+    tensors = {k: (v.long() if v.dtype == torch.int32 else v)
+               for k, v in load_file(str(FIXTURES / f"{name}.safetensors")).items()}
+    return Golden(meta, tensors, meta["mask_token_id"], meta["vocab_size"], meta["special_token_ids"])
+
+
+GOLDENS = {"bert": load_golden("masking_golden"), "bpe": load_golden("masking_golden_bpe")}
+META, GOLDEN = GOLDENS["bert"].meta, GOLDENS["bert"].tensors  # the property tests below use BERT's ids
 MASK_ID = META["mask_token_id"]  # 103
 VOCAB = META["vocab_size"]  # 30522
 SPECIALS = META["special_token_ids"]  # [0, 100, 101, 102, 103]
 
 
-def cases(kind: str) -> list[str]:
-    return [name for name, case in META["cases"].items() if case["kind"] == kind]
+def cases(kind: str, **where) -> list:
+    """pytest params (golden set, case name) of every case of `kind` in both sets whose fields match `where`."""
+    return [pytest.param(golden, name, id=f"{family}:{name}") for family, golden in GOLDENS.items()
+            for name, case in golden.meta["cases"].items()
+            if case["kind"] == kind and all(case.get(k) == v for k, v in where.items())]
 
 
 def sha(state: torch.Tensor) -> bytes:
@@ -52,88 +84,97 @@ def _restore_global_rng():
 # Golden outputs of the reference collators.
 
 
-@pytest.mark.parametrize("name", [n for n in cases("token") if META["cases"][n]["generator"] == "global"])
-def test_mask_tokens_matches_reference_collator(name):
-    case = META["cases"][name]
-    ids = GOLDEN[f"{name}.input_ids"]
+@pytest.mark.parametrize(("golden", "name"), cases("token", generator="global"))
+def test_mask_tokens_matches_reference_collator(golden, name):
+    case = golden.meta["cases"][name]
+    ids = golden[f"{name}.input_ids"]
     if case["special_mask"] == "column":  # the tokenizer's own mask: [UNK] and literal [MASK] are maskable
-        no_mask = GOLDEN[f"{name}.special_mask"].bool()
+        no_mask = golden[f"{name}.special_mask"].bool()
     else:
-        no_mask = special_tokens_mask(ids, SPECIALS)
+        no_mask = special_tokens_mask(ids, golden.specials)
     torch.manual_seed(case["seed"])
-    out_ids, labels = mask_tokens(ids, no_mask, mask_token_id=MASK_ID, vocab_size=VOCAB,
+    out_ids, labels = mask_tokens(ids, no_mask, mask_token_id=golden.mask_id, vocab_size=golden.vocab,
                                   mlm_probability=case["mlm_probability"],
                                   mask_replace_prob=case["mask_replace_prob"],
                                   random_replace_prob=case["random_replace_prob"])
     assert out_ids.dtype == labels.dtype == torch.int64
-    assert torch.equal(out_ids, GOLDEN[f"{name}.expected_input_ids"])
-    assert torch.equal(labels, GOLDEN[f"{name}.expected_labels"])
-    assert sha(torch.get_rng_state()) == bytes(GOLDEN[f"{name}.rng_sha256"].tolist())
+    assert torch.equal(out_ids, golden[f"{name}.expected_input_ids"])
+    assert torch.equal(labels, golden[f"{name}.expected_labels"])
+    assert sha(torch.get_rng_state()) == bytes(golden[f"{name}.rng_sha256"].tolist())
 
 
-def test_fixtures_cover_the_hard_cases():
-    ids = torch.cat([GOLDEN[f"{n}.input_ids"].flatten() for n in cases("token")])
-    for special in SPECIALS:  # padding, [UNK], [CLS], [SEP] and a literal [MASK] all occur
+@pytest.mark.parametrize("family", GOLDENS)
+def test_fixtures_cover_the_hard_cases(family):
+    golden = GOLDENS[family]
+    names = [name for name, case in golden.meta["cases"].items() if case["kind"] == "token"]
+    ids = torch.cat([golden[f"{n}.input_ids"].flatten() for n in names])
+    for special in golden.specials:  # padding, unknown, the template's two and a literal mask token all occur
         assert (ids == special).any()
-    mid = GOLDEN["chunks_b4_l32_s0.input_ids"][:, 1:-1]
-    assert (mid == 101).any() and (mid == 102).any()  # [CLS]/[SEP] inside chunks
+    mid = golden["chunks_b4_l32_s0.input_ids"][:, 1:-1]
+    cls_sep = (101, 102) if family == "bert" else (0, 2)
+    assert (mid == cls_sep[0]).any() and (mid == cls_sep[1]).any()  # [CLS]/[SEP] (<s>/</s>) inside chunks
 
 
-def test_private_generator_matches_seeded_reference_collator_over_calls():
+@pytest.mark.parametrize("family", GOLDENS)
+def test_private_generator_matches_seeded_reference_collator_over_calls(family):
+    golden = GOLDENS[family]
     before = torch.get_rng_state()
     generator = torch.Generator().manual_seed(7)
     for call in range(2):
         name = f"private_seed7_call{call}"
-        ids = GOLDEN[f"{name}.input_ids"]
-        out_ids, labels = mask_tokens(ids, special_tokens_mask(ids, SPECIALS), mask_token_id=MASK_ID,
-                                      vocab_size=VOCAB, generator=generator)
-        assert torch.equal(out_ids, GOLDEN[f"{name}.expected_input_ids"])
-        assert torch.equal(labels, GOLDEN[f"{name}.expected_labels"])
-        assert sha(generator.get_state()) == bytes(GOLDEN[f"{name}.rng_sha256"].tolist())
+        ids = golden[f"{name}.input_ids"]
+        out_ids, labels = mask_tokens(ids, special_tokens_mask(ids, golden.specials), mask_token_id=golden.mask_id,
+                                      vocab_size=golden.vocab, generator=generator)
+        assert torch.equal(out_ids, golden[f"{name}.expected_input_ids"])
+        assert torch.equal(labels, golden[f"{name}.expected_labels"])
+        assert sha(generator.get_state()) == bytes(golden[f"{name}.rng_sha256"].tolist())
     assert torch.equal(torch.get_rng_state(), before)  # the global RNG is untouched
 
 
-def test_masking_collator_matches_seeded_reference_collator():
-    collator = MaskingCollator(mask_token_id=MASK_ID, vocab_size=VOCAB, special_token_ids=SPECIALS, seed=7)
+@pytest.mark.parametrize("family", GOLDENS)
+def test_masking_collator_matches_seeded_reference_collator(family):
+    golden = GOLDENS[family]
+    collator = MaskingCollator(mask_token_id=golden.mask_id, vocab_size=golden.vocab,
+                               special_token_ids=golden.specials, seed=7)
     for call in range(2):
         name = f"private_seed7_call{call}"
-        rows = [{"input_ids": row.numpy().astype(np.int32)} for row in GOLDEN[f"{name}.input_ids"]]
+        rows = [{"input_ids": row.numpy().astype(np.int32)} for row in golden[f"{name}.input_ids"]]
         batch = collator(rows)
         assert set(batch) == {"input_ids", "labels"}  # no padding, no attention_mask
-        assert torch.equal(batch["input_ids"], GOLDEN[f"{name}.expected_input_ids"])
-        assert torch.equal(batch["labels"], GOLDEN[f"{name}.expected_labels"])
+        assert torch.equal(batch["input_ids"], golden[f"{name}.expected_input_ids"])
+        assert torch.equal(batch["labels"], golden[f"{name}.expected_labels"])
 
 
-@pytest.mark.parametrize("name", cases("wwm524"))
-def test_mask_whole_words_matches_transformers_whole_word_mask(name):
-    case = META["cases"][name]
+@pytest.mark.parametrize(("golden", "name"), cases("wwm524"))
+def test_mask_whole_words_matches_transformers_whole_word_mask(golden, name):
+    case = golden.meta["cases"][name]
     torch.manual_seed(case["seed"])
-    out_ids, labels = mask_whole_words(GOLDEN[f"{name}.input_ids"], GOLDEN[f"{name}.word_ids"],
-                                       mask_token_id=MASK_ID, vocab_size=VOCAB,
+    out_ids, labels = mask_whole_words(golden[f"{name}.input_ids"], golden[f"{name}.word_ids"],
+                                       mask_token_id=golden.mask_id, vocab_size=golden.vocab,
                                        wwm_probability=case["wwm_probability"])
-    assert torch.equal(out_ids, GOLDEN[f"{name}.expected_input_ids"])
-    assert torch.equal(labels, GOLDEN[f"{name}.expected_labels"])
-    assert sha(torch.get_rng_state()) == bytes(GOLDEN[f"{name}.rng_sha256"].tolist())
+    assert torch.equal(out_ids, golden[f"{name}.expected_input_ids"])
+    assert torch.equal(labels, golden[f"{name}.expected_labels"])
+    assert sha(torch.get_rng_state()) == bytes(golden[f"{name}.rng_sha256"].tolist())
 
 
-@pytest.mark.parametrize("name", cases("wwm_split"))
-def test_mask_whole_words_80_10_10_per_word_matches_golden(name):
+@pytest.mark.parametrize(("golden", "name"), cases("wwm_split"))
+def test_mask_whole_words_80_10_10_per_word_matches_golden(golden, name):
     # The golden outputs come from the reference script's own per-word loop on the 5.24 collator's selection
     # (see its docstring): a bit-exact match pins the selection, each word's [MASK]/random/unchanged decision
     # (read at its first token), each random token's id, and the RNG use (four full-shape draws).
-    case = META["cases"][name]
+    case = golden.meta["cases"][name]
     torch.manual_seed(case["seed"])
-    out_ids, labels = mask_whole_words(GOLDEN[f"{name}.input_ids"], GOLDEN[f"{name}.word_ids"],
-                                       mask_token_id=MASK_ID, vocab_size=VOCAB,
+    out_ids, labels = mask_whole_words(golden[f"{name}.input_ids"], golden[f"{name}.word_ids"],
+                                       mask_token_id=golden.mask_id, vocab_size=golden.vocab,
                                        wwm_probability=case["wwm_probability"],
                                        mask_replace_prob=case["mask_replace_prob"],
                                        random_replace_prob=case["random_replace_prob"])
-    assert torch.equal(labels, GOLDEN[f"{name}.expected_labels"])
-    assert torch.equal(out_ids, GOLDEN[f"{name}.expected_input_ids"])
-    assert sha(torch.get_rng_state()) == bytes(GOLDEN[f"{name}.rng_sha256"].tolist())
+    assert torch.equal(labels, golden[f"{name}.expected_labels"])
+    assert torch.equal(out_ids, golden[f"{name}.expected_input_ids"])
+    assert sha(torch.get_rng_state()) == bytes(golden[f"{name}.rng_sha256"].tolist())
 
 
-def word_outcomes(ids, word_ids, out, labels) -> list[str]:
+def word_outcomes(ids, word_ids, out, labels, mask_id=MASK_ID) -> list[str]:
     """For each selected word of several tokens: "mask", "keep", "random", or "mixed" when its tokens disagree."""
     outcomes = []
     for row in range(ids.shape[0]):
@@ -142,33 +183,48 @@ def word_outcomes(ids, word_ids, out, labels) -> list[str]:
             if len(positions) < 2 or labels[row, positions[0]] == IGNORE_INDEX:
                 continue
             got, original = out[row, positions], ids[row, positions]
-            states = {"mask" if g == MASK_ID else "keep" if g == o else "random" for g, o in zip(got, original)}
+            states = {"mask" if g == mask_id else "keep" if g == o else "random" for g, o in zip(got, original)}
             outcomes.append(states.pop() if len(states) == 1 else "mixed")
     return outcomes
 
 
-def test_whole_word_golden_cases_cover_every_per_word_outcome():
+@pytest.mark.parametrize("family", GOLDENS)
+def test_whole_word_golden_cases_cover_every_per_word_outcome(family):
     # The golden cases are only worth their bits if multi-token words were selected and came out in each of the
     # three ways; and the reference itself must never split a word (the property the golden pins).
-    outcomes = []
-    for name in cases("wwm_split"):
-        outcomes += word_outcomes(*(GOLDEN[f"{name}.{t}"] for t in ("input_ids", "word_ids", "expected_input_ids",
-                                                                    "expected_labels")))
+    golden, outcomes = GOLDENS[family], []
+    for name in (name for name, case in golden.meta["cases"].items() if case["kind"] == "wwm_split"):
+        outcomes += word_outcomes(*(golden[f"{name}.{t}"] for t in ("input_ids", "word_ids", "expected_input_ids",
+                                                                    "expected_labels")), mask_id=golden.mask_id)
     assert "mixed" not in outcomes
     assert {k: outcomes.count(k) >= 3 for k in ("mask", "keep", "random")} == {"mask": True, "keep": True,
                                                                                "random": True}
 
 
-@pytest.mark.parametrize("name", cases("course"))
-def test_apply_word_selection_reproduces_course_collator(name):
-    out_ids, labels = apply_word_selection(GOLDEN[f"{name}.input_ids"], GOLDEN[f"{name}.word_ids"],
-                                           GOLDEN[f"{name}.selection"], mask_token_id=MASK_ID)
-    assert torch.equal(out_ids, GOLDEN[f"{name}.expected_input_ids"])
-    assert torch.equal(labels, GOLDEN[f"{name}.expected_labels"])
+@pytest.mark.parametrize(("golden", "name"), cases("course"))
+def test_apply_word_selection_reproduces_course_collator(golden, name):
+    out_ids, labels = apply_word_selection(golden[f"{name}.input_ids"], golden[f"{name}.word_ids"],
+                                           golden[f"{name}.selection"], mask_token_id=golden.mask_id)
+    assert torch.equal(out_ids, golden[f"{name}.expected_input_ids"])
+    assert torch.equal(labels, golden[f"{name}.expected_labels"])
+
+
+@pytest.mark.parametrize(("golden", "name"), [p for p in cases("course") if p.id.startswith("bpe:")])
+def test_mlm_tokenizes_the_reviews_as_transformers_did(golden, name):
+    # The course cases hold transformers' ids and word ids (`word_ids()`) of the reviews, concatenated from the
+    # case's offset and cut; mlm's tokenizer must give the same, so its whole-word masks are the course's.
+    batch, length = golden[f"{name}.input_ids"].shape
+    offset, reviews = golden.meta["cases"][name]["offset"], golden.meta["reviews"]
+    ids, words, _ = tokenize([reviews[(offset + k) % len(reviews)] for k in range(batch * length)],
+                             load_tokenizer(TINY_BPE))
+    assert torch.equal(torch.from_numpy(ids[: batch * length].astype(np.int64)).view(batch, length),
+                       golden[f"{name}.input_ids"])
+    assert torch.equal(torch.from_numpy(words[: batch * length].astype(np.int64)).view(batch, length),
+                       golden[f"{name}.word_ids"])
 
 
 def test_apply_word_selection_rejects_wrong_selection_length():
-    name = cases("course")[0]
+    name = next(name for name, case in META["cases"].items() if case["kind"] == "course")
     selection = GOLDEN[f"{name}.selection"]
     with pytest.raises(MLMError, match="words"):
         apply_word_selection(GOLDEN[f"{name}.input_ids"], GOLDEN[f"{name}.word_ids"], selection[:-1],

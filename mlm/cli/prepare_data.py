@@ -24,6 +24,7 @@ from mlm.files.pretrained import CONFIG_FILE, read_config
 from mlm.run.signals import Signals
 from mlm.speed.fast_encode import fast_tokenizer
 from mlm.tokenizer import TOKENIZER_FILES, tokenizer_from_folder
+from mlm.vocabulary import count_words, report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="git revision of the Hub dataset repo (branch, tag or commit); Hub ids only")
     parser.add_argument("--no-cache", action="store_true",
                         help="neither read nor write a store: tokenize the whole split in memory")
+    parser.add_argument("--vocab-report", nargs="?", type=int, const=20, metavar="N",
+                        help="instead of preparing, print the splits' fertility (tokens per word) and the N (20) "
+                             "words the tokenizer cuts in the most tokens, for --add-tokens (docs/base-models.md)")
     add_settings(parser, ["dataset", "text_column", "chunk_size", "group_size", "cache_dir", "fast_tokenize",
                           "train_size", "test_size", "data_seed", "progress_bar"])
     parser.hints["--model"] = "mlm-prepare-data needs the model's tokenizer only: --tokenizer MODEL"
@@ -58,6 +62,11 @@ def main(argv: list[str] | None = None) -> None:
     if not splits:
         raise MLMError("--splits is empty; name at least one split, e.g. --splits train.")
     tokenizer, max_positions = load_tokenizer_and_limit(args.tokenizer)
+    if args.vocab_report is not None:
+        counts = count_words(args.dataset, tuple(splits), tokenizer, text_column=args.text_column,
+                             revision=args.revision)
+        print(report(counts, tokenizer, top=args.vocab_report))
+        return
     if args.fast_tokenize == "on":
         tokenizer = fast_tokenizer(tokenizer)
     rows = []

@@ -169,8 +169,10 @@ def _bert_punctuation(char: str) -> bool:
 # text lowered in Python, makes the same splits and hence the same tokens, provided the added tokens match alike:
 # an added token marked normalized=False is matched in the raw text before any normalizing, and by the bare
 # tokenizer in the lowered text, so a text that contains one either way ("[SEP]", or "Good Movie" for an added
-# "good movie") keeps the normalizer; one marked normalized=True would be matched in the normalized text, which
-# the lowered text is not quite (its \t stays \t), so a tokenizer with such a token gets no shortcut.
+# "good movie") keeps the normalizer. One marked normalized=True is matched in the normalized text, which the
+# lowered text is not quite (its \t stays \t): alike only for a token without blanks (mlm/vocabulary.py's added
+# words, which a text that contains them, in any case, also keeps the normalizer for); a tokenizer with a token
+# with blanks marked so gets no shortcut.
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # ASCII control characters but \t \n \r
 
@@ -181,7 +183,8 @@ def _text_shortcut(tokenizer: Tokenizer):
     backend = tokenizer.backend
     normalizer = backend.normalizer
     added = list(backend.get_added_tokens_decoder().values())
-    if not isinstance(normalizer, normalizers.BertNormalizer) or any(token.normalized for token in added):
+    blank = [token for token in added if token.normalized and token.content.split() != [token.content]]
+    if not isinstance(normalizer, normalizers.BertNormalizer) or blank:
         return None
     bare = BackendTokenizer.from_str(backend.to_str())
     bare.normalizer = None

@@ -1,9 +1,16 @@
-"""Regenerate tests/fixtures/masking_golden.{safetensors,json} from the reference implementations.
+"""Regenerate tests/fixtures/masking_golden*.{safetensors,json} from the reference implementations.
 
-Developer-only: needs transformers (`pip install -e ".[reference]"`, fixtures made with 5.24.0) and the
-distilbert-base-uncased tokenizer files (tokenizer only, no weights):
+Developer-only: needs transformers (`pip install -e ".[reference]"`, fixtures made with 5.25.0). Once per tokenizer
+family: BERT's WordPiece (the distilbert-base-uncased tokenizer files, no weights) and byte-level BPE laid out as
+RoBERTa's (tests/fixtures/tiny-bpe, made by make_tiny_bpe.py; no real RoBERTa vocabulary is at hand offline, and
+the code path is the same):
 
     python scripts/reference/make_masking_fixtures.py --tokenizer path/to/distilbert-base-uncased
+    python scripts/reference/make_masking_fixtures.py --tokenizer tests/fixtures/tiny-bpe --fixture masking_golden_bpe
+
+The reviews are the same for both, but that the literal [MASK] is written as the tokenizer's mask token, and that a
+tokenizer without unknown characters (byte-level BPE has a piece for every byte) gets its unknown token written
+out where BERT's meets ☃. The JSON file keeps the reviews as tokenized, so the tests can tokenize them with mlm.
 
 Three kinds of cases, each a group of tensors named "<case>.<tensor>" plus an entry in the JSON file:
 
@@ -64,6 +71,13 @@ REVIEWS = [
     "Great",
     "A quiet, patient film about grief that rewards attention [MASK] and repeated viewings.",
 ]
+
+
+def for_tokenizer(tok, text: str) -> str:
+    """A review with the tokenizer's own special tokens where BERT's are meant (see the docstring)."""
+    text = text.replace("[MASK]", tok.mask_token)
+    return text if tok("☃", add_special_tokens=False)["input_ids"] == [tok.unk_token_id] else \
+        text.replace("☃", tok.unk_token)
 
 
 def sha(state: torch.Tensor) -> torch.Tensor:
@@ -241,15 +255,17 @@ def course_cases(tok, tensors: dict, meta: dict) -> None:
         tensors[f"{name}.selection"] = torch.from_numpy(np.concatenate(selections).astype(np.uint8))
         tensors[f"{name}.expected_input_ids"] = out["input_ids"].int()
         tensors[f"{name}.expected_labels"] = out["labels"].int()
-        meta[name] = {"kind": "course", "seed": seed, "wwm_probability": p}
+        meta[name] = {"kind": "course", "seed": seed, "wwm_probability": p, "offset": offset}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokenizer", required=True, help="folder (or Hub id) of the distilbert-base-uncased "
-                        "tokenizer")
+    parser.add_argument("--tokenizer", required=True, help="folder (or Hub id) of the tokenizer: "
+                        "distilbert-base-uncased's, or tests/fixtures/tiny-bpe")
+    parser.add_argument("--fixture", default="masking_golden", help="file name, without suffix, in tests/fixtures")
     args = parser.parse_args()
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    REVIEWS[:] = [for_tokenizer(tok, text) for text in REVIEWS]  # what every case below tokenizes
     assert torch.get_default_dtype() == torch.float32
     tensors: dict = {}
     cases: dict = {}
@@ -259,17 +275,18 @@ def main() -> None:
     course_cases(tok, tensors, cases)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     OUT.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(OUT / "masking_golden.safetensors"))
+    save_file(tensors, str(OUT / f"{args.fixture}.safetensors"))
     meta = {
         "generated_with": {"transformers": transformers.__version__, "torch": torch.__version__,
                            "numpy": np.__version__, "tokenizer": Path(args.tokenizer).name},
         "mask_token_id": tok.mask_token_id,
         "vocab_size": len(tok),
         "special_token_ids": sorted(tok.all_special_ids),
+        "reviews": REVIEWS,
         "cases": cases,
     }
-    (OUT / "masking_golden.json").write_text(json.dumps(meta, indent=1) + "\n")
-    size = (OUT / "masking_golden.safetensors").stat().st_size
+    (OUT / f"{args.fixture}.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+    size = (OUT / f"{args.fixture}.safetensors").stat().st_size
     print(f"wrote {len(cases)} cases, {size} bytes, to {OUT}")
 
 

@@ -1,0 +1,159 @@
+"""A domain vocabulary: how finely the tokenizer cuts a corpus's words, and new tokens for the words it cuts most.
+
+    count_words   every word of the corpus, as the tokenizer's own normalizer and pre-tokenizer split them (the
+                  words its word ids number; for byte-level BPE "Ġword", the space before it included), counted
+                  while the texts stream by: memory grows with the distinct words, not the corpus
+    split_words   fertility (tokens per word) and the words of letters the model cuts in pieces, those that would
+                  save the most tokens as one token (occurrences x (pieces - 1)) first
+    add_words     the words as new tokens: each matches a whole word only, its embedding row and output bias the
+                  mean of its pieces' (the model then starts from what the pieces said)
+
+A run with `add_tokens` is scored before and after training on the same extended tokenization, so its two
+perplexities compare; runs on other tokenizations predict other tokens and do not (docs/base-models.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken
+from tokenizers import Tokenizer as BackendTokenizer
+from torch import nn
+
+from mlm.errors import MLMError
+from mlm.files.corpus_files import iter_texts
+from mlm.files.data_files import find_corpus
+from mlm.settings import TrainConfig
+from mlm.tokenizer import Tokenizer
+
+
+def count_words(source: str | Path, splits: tuple[str, ...], tokenizer: Tokenizer, *, text_column: str = "text",
+                revision: str | None = None) -> Counter:
+    """{word as the pre-tokenizer gives it: occurrences} over `splits` of `source` (a dataset, folder or file)."""
+    backend = tokenizer.backend
+    if backend.pre_tokenizer is None:
+        raise MLMError("The tokenizer has no pre-tokenizer, so it defines no words to count or add.")
+    normalize = backend.normalizer.normalize_str if backend.normalizer is not None else str
+    counts = Counter()
+    for split in splits:
+        files, one_document_per_file = find_corpus(source, split, revision=revision)
+        for texts, _ in iter_texts(files, text_column=text_column, one_document_per_file=one_document_per_file):
+            for text in texts:
+                counts.update(word for word, _ in backend.pre_tokenizer.pre_tokenize_str(normalize(text)))
+    return counts
+
+
+def split_words(counts: Counter, tokenizer: Tokenizer) -> tuple[int, int, list[tuple[str, int, list[str]]]]:
+    """(the occurrences of all words, the tokens they make (no template's), the words of letters cut in pieces as
+    (word as written, occurrences, pieces), most tokens saved first). A word is as the pre-tokenizer spells it, so
+    for byte-level BPE " word" and "word" (a text's first word) are two, as they are to the model."""
+    model, decoder = tokenizer.backend.model, tokenizer.backend.decoder
+    tokens, split = 0, []
+    for word, count in counts.items():
+        pieces = [token.value for token in model.tokenize(word)]
+        tokens += count * len(pieces)
+        written = decoder.decode([word]) if decoder is not None else word  # "Ġword" -> " word"
+        if len(pieces) > 1 and written.strip().isalpha():
+            split.append((written, count, pieces))
+    split.sort(key=lambda entry: (-entry[1] * (len(entry[2]) - 1), entry[0]))  # ties in a fixed order
+    return sum(counts.values()), tokens, split
+
+
+def report(counts: Counter, tokenizer: Tokenizer, top: int = 20) -> str:
+    """The lines mlm-prepare-data --vocab-report prints."""
+    words, tokens, split = split_words(counts, tokenizer)
+    in_pieces = sum(count for _, count, _ in split)
+    lines = [f"{words:,} words ({len(counts):,} distinct) make {tokens:,} tokens: {tokens / max(words, 1):.3f} "
+             "tokens per word (the template's special tokens not counted)",
+             f"{in_pieces:,} occurrences ({in_pieces / max(words, 1):.1%}) are of words of letters cut in pieces; "
+             "those that cost the most tokens (occurrences x (pieces - 1)):",
+             f"{'word':<22} {'count':>9} {'pieces':>6}  as tokens"]
+    lines += [f"{word.strip():<22} {count:>9,} {len(pieces):>6}  {' '.join(pieces)}"
+              for word, count, pieces in split[:top]]
+    return "\n".join(lines)
+
+
+def extend_vocabulary(config: TrainConfig, tokenizer: Tokenizer, model: nn.Module) -> tuple[Tokenizer, nn.Module]:
+    """(tokenizer, model) with the run's `add_tokens` added (`add_words`): None adds nothing; a count N, the N words
+    of the training splits that save the most tokens (`split_words`); a file, its words, one per line. A resume
+    finds the same words again (same data, checked by the run record), so the same tokenizer, whose sha256 it checks.
+    """
+    add = config.add_tokens
+    if add is None:
+        return tokenizer, model
+    if isinstance(add, int) or str(add).isdigit():
+        if int(add) < 1:
+            raise MLMError(f"`add_tokens` must be a count >= 1 or a file of words, got {add!r}.")
+        counts = count_words(config.dataset, config.train_splits, tokenizer, text_column=config.text_column)
+        words = list(dict.fromkeys(word.strip() for word, _, _ in split_words(counts, tokenizer)[2]))[: int(add)]
+    elif Path(add).expanduser().is_file():
+        words = [line.strip() for line in Path(add).expanduser().read_text(encoding="utf-8").splitlines()]
+    else:
+        raise MLMError(f"`add_tokens` {add} is neither a count nor a file of words (one per line).")
+    return add_words(tokenizer, model, [word for word in words if word])
+
+
+def add_words(tokenizer: Tokenizer, model: nn.Module, words: list[str]) -> tuple[Tokenizer, nn.Module]:
+    """`tokenizer` with `words` as new tokens, and `model` with a row for each (its embedding and output weights and
+    output bias the mean of the word's pieces' rows). The model is grown in place; the tokenizer is a new one.
+
+    A token matches a whole word only (never "movie" inside "movies"), in the normalized text (so an uncased
+    tokenizer's matches "Movie"). Where the tokenizer makes the space before a word part of it (byte-level BPE's
+    "Ġ"), the token takes the whitespace before it too, as RoBERTa's <mask> does: " word" is one token, not "Ġ" +
+    "word"; decoding then drops that space.
+    """
+    backend = BackendTokenizer.from_str(tokenizer.backend.to_str())
+    bare = lambda text: backend.encode(text, add_special_tokens=False).ids  # noqa: E731
+    normalize = backend.normalizer.normalize_str if backend.normalizer is not None else str
+    spaced = bare(" a") != bare("a")
+    words = list(dict.fromkeys(normalize(word).strip() for word in words))
+    if not words:
+        raise MLMError("`add_tokens` gives no word to add: the corpus has no word cut in pieces, or the file none.")
+    pieces = [bare(" " + word if spaced else word) for word in words]  # as the word is met in a text
+    for word, ids in zip(words, pieces):
+        if not ids or any(char.isspace() for char in word):
+            raise MLMError(f"`add_tokens`: {word!r} is not one word; give one word per line.")
+        if len(ids) == 1 and ids[0] != tokenizer.unk_token_id:
+            raise MLMError(f"`add_tokens`: {word!r} is one token already; give words the tokenizer cuts in pieces.")
+    taken = set(backend.get_vocab(with_added_tokens=True).values())
+    backend.add_tokens([AddedToken(word, single_word=True, lstrip=spaced, normalized=True) for word in words])
+    ids = [backend.token_to_id(word) for word in words]
+    if taken & set(ids):  # `tokenizers` numbers new tokens from the count of tokens, not past the largest id
+        raise MLMError(f"The tokenizer's {len(taken):,} token ids have gaps (up to {max(taken):,}), so new tokens "
+                       "would reuse ids: renumber its vocabulary without gaps, or leave `add_tokens` out.")
+    _grow(model, max(model.config.vocab_size, max(ids) + 1), ids, pieces)
+    return dataclasses.replace(tokenizer, backend=backend), model
+
+
+def added_words(tokenizer: Tokenizer) -> list[str]:
+    """The tokenizer's added tokens that are not special: the words `add_words` added (for the run record)."""
+    return [token.content for _, token in sorted(tokenizer.backend.get_added_tokens_decoder().items())
+            if not token.special]
+
+
+@torch.no_grad()
+def _grow(model: nn.Module, size: int, ids: list[int], pieces: list[list[int]]) -> None:
+    """Give every vocabulary-sized embedding and output layer `size` rows, row ids[k] the mean of rows pieces[k]."""
+    def grown(old: torch.Tensor) -> nn.Parameter:
+        new = torch.cat([old, old.new_zeros((size - len(old), *old.shape[1:]))])
+        for index, rows in zip(ids, pieces):
+            new[index] = old[rows].mean(0)
+        return nn.Parameter(new, requires_grad=old.requires_grad)
+
+    vocab = model.config.vocab_size
+    replaced = {}  # id of an old embedding matrix -> the new one: an output layer tied to it stays tied
+    for module in model.modules():
+        if isinstance(module, nn.Embedding) and module.num_embeddings == vocab:
+            old = module.weight
+            replaced[id(old)] = module.weight = grown(old)
+            module.num_embeddings = size
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.out_features == vocab:
+            tied = replaced.get(id(module.weight))
+            module.weight = tied if tied is not None else grown(module.weight)
+            module.bias = grown(module.bias) if module.bias is not None else None
+            module.out_features = size
+    model.config.vocab_size = size
