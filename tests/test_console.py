@@ -60,7 +60,7 @@ def test_on_a_terminal_the_bar_carries_the_figures_within_80_columns(monkeypatch
     monkeypatch.setattr("sys.stderr", terminal)
     monkeypatch.setenv("COLUMNS", "80")
     console = Console(True, True, total=1000, done=0)
-    for step in range(1, 4):
+    for _ in range(3):
         console.step()
     console.log(3, {**VALUES, "mfu": 0.4123})
     console.close()

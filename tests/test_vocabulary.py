@@ -229,3 +229,17 @@ def test_a_roberta_run_adds_words_with_the_space_before_them(tmp_path):
     encode = setup.tokenizer.backend.encode
     assert encode("the cinematography").ids[-2:] == [577, 2] and 577 not in encode("the Cinematography").ids
     assert 577 in setup.train_chunks.input_ids
+
+
+def test_a_words_file_is_recorded_by_its_absolute_path_and_a_count_as_given(tmp_path, monkeypatch):
+    """A resume or mlm-evaluate reads run.json from other directories, where a relative path names nothing."""
+    import mlm.cli.train
+
+    given = []
+    monkeypatch.setattr(mlm.cli.train, "train", lambda config: given.append(config) or exit(0))
+    monkeypatch.chdir(tmp_path)
+    Path("words.txt").write_text("cinematography\n")
+    for add, recorded in (("words.txt", str(tmp_path / "words.txt")), ("12", "12")):
+        with pytest.raises(SystemExit):
+            mlm.cli.train.main(["--add-tokens", add, "--model", "m", "--dataset", "d", "--output-dir", "o"])
+        assert given.pop().add_tokens == recorded

@@ -41,7 +41,7 @@ SMOKE = dict(
     # A learner's first run executes the code they read: mlm/model.py and mlm/data.py's tokenizer call.
     lean="off", fast_tokenize="off",
 )
-LOCAL_SETTINGS = ("model", "tokenizer", "dataset", "validation_file", "cache_dir")
+LOCAL_SETTINGS = ("model", "tokenizer", "dataset", "validation_file", "cache_dir", "add_tokens")
 
 
 def build_parser() -> ArgumentParser:
@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = settings_given(parser, args)
     for name in LOCAL_SETTINGS:  # run.json is read from other directories too
-        settings[name] = absolute_if_local(settings[name], always=name == "cache_dir")
+        if not str(settings[name]).isdigit():  # `add_tokens` N is a count, not a file
+            settings[name] = absolute_if_local(settings[name], always=name == "cache_dir")
     if settings["resume"]:
         settings = resumed_settings(settings, flags_given(parser, argv))
     elif smoke and settings["output_dir"] == SMOKE["output_dir"]:
