@@ -1,9 +1,10 @@
-"""AdamW with the reference Trainer's weight-decay groups, the run's step counts, and its linear learning-rate schedule.
+"""AdamW with the reference Trainer's weight-decay groups, the run's step counts, and its learning-rate schedule.
 
 Reference (docs/reference.md#optimizer-schedule): decoupled weight decay on every weight matrix, the word
 and position embeddings included (the tied projector is the same Parameter, so it appears once), and no decay on
-biases or LayerNorm parameters. The learning rate decays linearly to 0 after an optional linear warmup, and it
-advances only on optimizer steps that really happened (an fp16 step skipped for inf gradients does not count).
+biases or LayerNorm parameters. The learning rate decays linearly to 0 after an optional linear warmup (the
+course's; `lr_scheduler` picks another of transformers' schedules), and it advances only on optimizer steps that
+really happened (an fp16 step skipped for inf gradients does not count).
 """
 
 from __future__ import annotations
@@ -68,21 +69,31 @@ class Schedule:
         return cls(global_batch, steps_per_epoch, total, warmup)
 
 
-def linear_schedule(step: int, *, warmup_steps: int, total_steps: int) -> float:
-    """Learning-rate factor for the `step`-th optimizer step (0-based), exactly as the reference computes it.
+SCHEDULES = ("linear", "cosine", "constant", "constant-with-warmup")  # transformers' names, with dashes
 
-    step < warmup: step / warmup; afterwards (total - step) / (total - warmup), never below 0. The first
-    step after warmup uses the full learning rate and the last one lr / (total - warmup).
+
+def schedule_factor(step: int, *, warmup_steps: int, total_steps: int, kind: str = "linear") -> float:
+    """Learning-rate factor for the `step`-th optimizer step (0-based), as transformers' schedule of that name
+    computes it (the arithmetic too, so the floats are equal).
+
+    step < warmup: step / warmup (constant has no warmup). Then linear: (total - step) / (total - warmup), never
+    below 0, so the first step after warmup uses the full learning rate and the last one lr / (total - warmup);
+    cosine: half a cosine period from 1 towards 0 over the same steps; constant and constant-with-warmup: 1.
     """
-    if step < warmup_steps:
+    if step < warmup_steps and kind != "constant":
         return step / max(1, warmup_steps)
-    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    if kind == "linear":
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    if kind == "cosine":
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return 1.0
 
 
-def lr_schedule(lr: float, *, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """step -> the learning rate of that optimizer step (0-based, counting the steps that ran): lr x linear_schedule,
+def lr_schedule(lr: float, *, warmup_steps: int, total_steps: int, kind: str = "linear") -> Callable[[int], float]:
+    """step -> the learning rate of that optimizer step (0-based, counting the steps that ran): lr x schedule_factor,
     the factor the reference's LambdaLR applies."""
-    return lambda step: lr * linear_schedule(step, warmup_steps=warmup_steps, total_steps=total_steps)
+    return lambda step: lr * schedule_factor(step, warmup_steps=warmup_steps, total_steps=total_steps, kind=kind)
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from mlm.chunks import parse_size
 from mlm.errors import MLMError
+from mlm.optim import SCHEDULES
 
 MAX_SEED = 2**63 - 1  # seeds are offset by the epoch and fed to torch and numpy generators, which take 64 bits
 MODEL_AND_DATA, MASKING, OPTIMISATION, HARDWARE, OUTPUT = (
@@ -37,6 +38,9 @@ class TrainConfig:
     init: str = setting("pretrained", "start from the pretrained weights, or from a random model of --model's config "
                         "(for from-scratch runs and when no weights are at hand)", MODEL_AND_DATA,
                         choices=("pretrained", "random"))
+    config_overrides: str | None = setting(None, "with --init random: change keys of --model's config.json, e.g. "
+                                           "n_layers=4,dim=256 (run_mlm's --config_overrides)", MODEL_AND_DATA,
+                                           metavar="KEY=VALUE[,...]")
     dataset: str = setting("stanfordnlp/imdb", "Hub dataset id, a local folder (the Hub layout, or data files at any "
                            "depth), a quoted glob, or one file: .parquet, or .jsonl/.csv/.txt, plain or .gz/.zst "
                            "(docs/corpora.md)", MODEL_AND_DATA)
@@ -82,6 +86,12 @@ class TrainConfig:
     lr: float = setting(2e-5, "peak AdamW learning rate", OPTIMISATION)
     weight_decay: float = setting(0.01, "decoupled weight decay, not applied to biases and LayerNorms", OPTIMISATION)
     warmup_steps: float = setting(0, "linear warmup steps, or a fraction of all steps if below 1", OPTIMISATION)
+    lr_scheduler: str = setting("linear", "the learning rate after the warmup, as transformers' schedule of that "
+                                "name: linear or cosine decay to 0, or constant (constant has no warmup)",
+                                OPTIMISATION, choices=SCHEDULES)
+    adam_beta1: float = setting(0.9, "AdamW's beta1 (decay of the gradients' running mean)", OPTIMISATION)
+    adam_beta2: float = setting(0.999, "AdamW's beta2 (decay of the squared gradients' running mean)", OPTIMISATION)
+    adam_epsilon: float = setting(1e-8, "AdamW's epsilon, added to the denominator", OPTIMISATION)
     epochs: int = setting(3, "passes over the training chunks", OPTIMISATION)
     max_steps: int | None = setting(None, "stop after this many optimizer steps; the schedule decays over them "
                                     "(default: all epochs)", OPTIMISATION, type=int)
@@ -166,6 +176,13 @@ class TrainConfig:
         check(math.isfinite(self.lr) and 0 < self.lr < 1, f"`lr` must be in (0, 1), got {self.lr}.")
         check(0 <= self.weight_decay < 1, f"`weight_decay` must be in [0, 1), got {self.weight_decay}.")
         check(self.warmup_steps >= 0, f"`warmup_steps` must be >= 0, got {self.warmup_steps}.")
+        check(not (self.lr_scheduler == "constant" and self.warmup_steps), "`lr_scheduler` constant has no warmup, "
+              "but `warmup_steps` is set: use constant-with-warmup, or leave `warmup_steps` out.")
+        for name in ("adam_beta1", "adam_beta2"):
+            check(0 <= getattr(self, name) < 1, f"`{name}` must be in [0, 1), got {getattr(self, name)}.")
+        check(self.adam_epsilon > 0, f"`adam_epsilon` must be > 0, got {self.adam_epsilon}.")
+        check(self.init == "random" or not self.config_overrides, "`config_overrides` changes a randomly initialised "
+              "model's config; pretrained weights fix theirs. Add `init` random, or leave the overrides out.")
         check(self.max_grad_norm > 0, f"`max_grad_norm` must be > 0, got {self.max_grad_norm}.")
         for name in ("mlm_probability", "wwm_probability"):
             check(0 < getattr(self, name) <= 1, f"`{name}` must be in (0, 1], got {getattr(self, name)}.")
@@ -196,5 +213,6 @@ def _is_int(value) -> bool:
 RUN_SETTINGS = ("model", "tokenizer", "revision", "init", "dataset", "text_column", "chunk_size", "group_size",
                 "train_size", "test_size", "train_splits", "eval_split", "validation_file", "data_seed", "masking",
                 "mlm_probability", "wwm_probability", "global_batch", "lr", "weight_decay", "warmup_steps", "epochs",
-                "max_steps", "max_grad_norm", "seed", "add_tokens")
+                "max_steps", "max_grad_norm", "seed", "add_tokens", "lr_scheduler", "adam_beta1", "adam_beta2",
+                "adam_epsilon", "config_overrides")
 LENGTH_SETTINGS = ("epochs", "max_steps")

@@ -261,7 +261,8 @@ def set_up(config: TrainConfig, procs: Processes) -> Setup:
     """Tokenizer, model, data and frozen eval masks, optimizer and schedule, wrapped by the execution path."""
     torch.manual_seed(config.seed)  # random init and dropout; masks and shuffling have their own generators
     tokenizer = load_tokenizer(config.tokenizer or config.model, revision=None if config.tokenizer else config.revision)
-    model = load_model(config.model, init=config.init, revision=config.revision, tokenizer=tokenizer)
+    model = load_model(config.model, init=config.init, revision=config.revision, tokenizer=tokenizer,
+                       config_overrides=config.config_overrides)
     tokenizer, model = extend_vocabulary(config, tokenizer, model)  # `add_tokens`: new tokens for split words
     model.distilbert.gradient_checkpointing = config.gradient_checkpointing
     check_prompts(tokenizer, list(config.prompts), top_k=config.top_k,
@@ -275,9 +276,11 @@ def set_up(config: TrainConfig, procs: Processes) -> Setup:
                            max_steps=config.max_steps, warmup_steps=config.warmup_steps)
     path = path.for_steps(schedule.total_steps)  # CUDA graphs only pay for themselves over a long enough run
     model = path.model(model)  # on the device; lean modules on the CPU
-    optimizer = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay,
+                               betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
     learning_rate = path.learning_rate(lr_schedule(config.lr, warmup_steps=schedule.warmup_steps,
-                                                   total_steps=schedule.total_steps), schedule.total_steps)
+                                                   total_steps=schedule.total_steps, kind=config.lr_scheduler),
+                                       schedule.total_steps)
     step, eval_model = path.training(train_step, model, optimizer, max_grad_norm=config.max_grad_norm)
     return Setup(path, tokenizer, model, train_chunks, eval_set, eval_model, collator, optimizer, schedule,
                  learning_rate, step)

@@ -16,7 +16,7 @@ from mlm.cli.train import build_parser
 from mlm.errors import MLMError
 from mlm.evaluate import evaluate
 from mlm.model import DistilBertConfig, DistilBertForMaskedLM
-from mlm.optim import linear_schedule, lr_schedule, make_optimizer, set_learning_rate
+from mlm.optim import lr_schedule, make_optimizer, schedule_factor, set_learning_rate
 from mlm.run.checkpoints import Progress
 from mlm.run.processes import Processes
 from mlm.settings import TrainConfig
@@ -134,7 +134,7 @@ def test_the_device_schedule_gives_the_host_floats_bit_for_bit(warmup, total):
     host = lr_schedule(2e-5, warmup_steps=warmup, total_steps=total)
     device = lr_on_device(host, total, torch.device("cpu"))
     for k in range(total + 1):
-        expected = 2e-5 * linear_schedule(k, warmup_steps=warmup, total_steps=total)
+        expected = 2e-5 * schedule_factor(k, warmup_steps=warmup, total_steps=total)
         assert host(k) == float(device(k)) == float(device(torch.tensor(k))) == expected
 
 

@@ -147,7 +147,7 @@ def test_card_of_a_local_random_run_names_no_hub_repos(tmp_path):
     meta = card_metadata(text)
     assert str(tmp_path) not in text  # a public card does not show the trainer's directories
     assert f"| configuration of (random init) | {tmp_path.name} (local) |" in text
-    assert "| dataset | reviews.jsonl (local) |" in text
+    assert "| dataset | reviews (local) |" in text
     assert "whole-word" not in text  # a token-masking run does not use it
     # The Hub rejects base_model/datasets that are not repos, and a random init has no base model.
     assert "base_model" not in meta and "datasets" not in meta
@@ -156,10 +156,15 @@ def test_card_of_a_local_random_run_names_no_hub_repos(tmp_path):
     assert "model-index" not in meta and "| perplexity | – | 11.590 |" in text
 
 
-def run_card(tmp_path: Path, **settings) -> tuple[str, dict]:
+def run_card(tmp_path: Path, *, derived: dict | None = None, config: dict | None = None,
+             **settings) -> tuple[str, dict]:
     folder = tmp_path / "run"
     folder.mkdir(parents=True)
-    write_record(folder, finished_record(**settings))
+    record = finished_record(**settings)
+    record.derived = {**record.derived, **(derived or {})}
+    if config:
+        (folder / "config.json").write_text(json.dumps(config))
+    write_record(folder, record)
     text = write_run_model_card(folder, model_id="me/run").read_text()
     return text, card_metadata(text)
 
@@ -191,7 +196,26 @@ def test_card_of_a_local_dataset_run_names_it_in_the_prose_only(tmp_path):
     assert str(tmp_path) not in text and "held-out imdb chunks" in text and "| dataset | imdb (local) |" in text
     # A Hub dataset with a local --validation-file: the dataset is listed, the results (local data) are not.
     text, meta = run_card(tmp_path / "b", validation_file=str(tmp_path / "val.jsonl"))
-    assert meta["datasets"] == ["stanfordnlp/imdb"] and "model-index" not in meta and "chunks of val.jsonl" in text
+    assert meta["datasets"] == ["stanfordnlp/imdb"] and "model-index" not in meta and "chunks of val " in text
+
+
+def test_card_names_local_data_by_folder_or_stem_and_the_runs_stop_rule(tmp_path):
+    text, _ = run_card(tmp_path / "a", dataset=str(tmp_path / "docs" / "**" / "*.txt"))
+    assert "held-out docs chunks" in text and "| dataset | docs (local) |" in text and "*.txt" not in text
+    assert "| trained for | 3 epochs |" in text
+    text, _ = run_card(tmp_path / "b", dataset=str(tmp_path / "reviews.jsonl.gz"), max_steps=40,
+                       derived={"total_steps": 40})
+    assert "held-out reviews chunks" in text and "| trained for | 40 steps (max_steps; 0.25 epochs) |" in text
+
+
+def test_card_gives_the_schedule_the_optimizer_and_the_family(tmp_path):
+    text, meta = run_card(tmp_path / "a", lr_scheduler="cosine", adam_beta2=0.98, adam_epsilon=1e-6)
+    assert "| learning-rate schedule | cosine |" in text and "| AdamW betas, epsilon | 0.9, 0.98, 1e-06 |" in text
+    assert "cosine decay after warmup" in text and meta["tags"][2] == "distilbert"
+    text, meta = run_card(tmp_path / "b", init="random", config_overrides="num_hidden_layers=4",
+                          config={"model_type": "bert"})
+    assert meta["tags"][2] == "bert" and "| config overrides | num_hidden_layers=4 |" in text
+    assert "a randomly initialised BERT with the configuration of distilbert-base-uncased (num_hidden_layers=4)" in text
 
 
 def test_card_of_an_eval_split_run_names_that_split(tmp_path):
@@ -466,16 +490,3 @@ def test_unreachable_hub_is_one_line(hub, run_dir):
     with pytest.raises(MLMError) as err:
         push_run(run_dir, "me/tiny-imdb", endpoint=endpoint)
     assert_one_line_and_intact(err, run_dir, before, f"Could not reach the Hub at {endpoint}", "ConnectError")
-
-
-def test_a_folder_written_before_run_json_still_gets_its_card(tmp_path):
-    folder = tmp_path / "old"
-    folder.mkdir()
-    (folder / "args.json").write_text(json.dumps({**ARGS, "masking": "wwm", "wwm_probability": 0.2}))
-    (folder / "summary.json").write_text(json.dumps({"status": "finished", "before": None, "after": AFTER}))
-    lines = [{"kind": "eval", "label": "before", **BEFORE}, *({"kind": "fill_mask", "label": "after", **r}
-                                                              for r in FILL_AFTER)]
-    (folder / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines) + '{"cut')
-    text = write_run_model_card(folder).read_text()
-    assert "| perplexity | 21.760 | 11.590 |" in text and "whole-word masking of 20% of the words" in text
-    assert "| film 0.152, movie 0.099 |" in text

@@ -28,7 +28,7 @@ import mlm.train
 from mlm.errors import MLMError, run_cli
 from mlm.files.hub import resolve_repo
 from mlm.files.pretrained import config_from_dict
-from mlm.optim import linear_schedule
+from mlm.optim import schedule_factor
 from mlm.run.checkpoints import MANIFEST_FILE, _write_manifest
 from mlm.run.folder import RunFolder
 from mlm.run.session import compare_settings, settings_as_json
@@ -222,7 +222,7 @@ def test_extend_recomputes_the_schedule_and_records_stay_complete(tmp_path):
     second = train(tiny_run(run, epochs=2, warmup_steps=2, resume="latest", extend=True))
     assert second.status == "finished" and second.steps == 12
     lrs = [r["lr"] for r in records(run, "train")]
-    assert lrs[6:] == [2e-3 * linear_schedule(k, warmup_steps=2, total_steps=12) for k in range(6, 12)]
+    assert lrs[6:] == [2e-3 * schedule_factor(k, warmup_steps=2, total_steps=12) for k in range(6, 12)]
     assert [r["segment"] for r in records(run, "train")] == [0] * 6 + [1] * 6
     # The record covers the whole run: the first segment's `before`, both segments' time.
     record = json.loads((run / "run.json").read_text())

@@ -4,6 +4,7 @@ Every run here uses the tiny random model, tokenizer and synthetic corpus of mlm
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -22,7 +23,7 @@ from mlm.evaluate import evaluate, score_batches
 from mlm.files.pretrained import load_pretrained
 from mlm.masking import MaskingCollator
 from mlm.model import DistilBertConfig, DistilBertForMaskedLM
-from mlm.optim import linear_schedule, weight_decay_groups
+from mlm.optim import schedule_factor, weight_decay_groups
 from mlm.run.processes import Processes
 from mlm.speed.lean import LeanAttention
 from mlm.speed.path import choose_path
@@ -107,25 +108,35 @@ def test_tiny_model_learns_and_writes_a_complete_run(tmp_path, monkeypatch):
         assert asdict(reloaded) == {name: last[name] for name in asdict(reloaded)}
 
 
-def test_learning_rate_follows_the_linear_schedule_in_a_run(tmp_path):
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_learning_rate_follows_the_schedule_in_a_run(tmp_path, kind):
     run = tmp_path / "run"
-    train(tiny_run(run, epochs=1, warmup_steps=2))
+    train(tiny_run(run, epochs=1, warmup_steps=2, lr_scheduler=kind, adam_beta2=0.98, adam_epsilon=1e-6))
     lrs = [r["lr"] for r in records(run, "train")]
-    assert lrs == [2e-3 * linear_schedule(k, warmup_steps=2, total_steps=6) for k in range(6)]
+    assert lrs == [2e-3 * schedule_factor(k, warmup_steps=2, total_steps=6, kind=kind) for k in range(6)]
+    groups = json.loads((run / "checkpoints" / "step-000006" / "trainer_state.json").read_text())["param_groups"]
+    assert {(tuple(g["betas"]), g["eps"]) for g in groups} == {((0.9, 0.98), 1e-6)}
 
 
-def test_resume_after_sigint_is_bit_exact(tmp_path, monkeypatch):
-    train(tiny_run(tmp_path / "straight"))
+KNOBS = {"lr_scheduler": "cosine", "warmup_steps": 2, "adam_beta1": 0.8, "adam_epsilon": 1e-7,
+         "config_overrides": "n_layers=1,hidden_dim=48"}
+
+
+@pytest.mark.parametrize("knobs", [{}, KNOBS], ids=["defaults", "knobs"])
+def test_resume_after_sigint_is_bit_exact(tmp_path, monkeypatch, knobs):
+    train(tiny_run(tmp_path / "straight", **knobs))
 
     interrupt_after(monkeypatch, steps=7)
-    first = train(tiny_run(tmp_path / "resumed"))
+    first = train(tiny_run(tmp_path / "resumed", **knobs))
     assert first.status == "interrupted" and first.steps == 7
     assert first.checkpoint.endswith("step-000007")
     assert not (tmp_path / "resumed" / "model.safetensors").exists()  # no final model from an unfinished run
     monkeypatch.undo()
 
-    second = train(tiny_run(tmp_path / "resumed", resume="latest"))
+    second = train(tiny_run(tmp_path / "resumed", resume="latest", **knobs))
     assert second.status == "finished" and second.steps == 12
+    config = json.loads((tmp_path / "resumed" / "config.json").read_text())
+    assert (config["n_layers"], config["hidden_dim"]) == ((1, 48) if knobs else (2, 256))
     straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
@@ -219,11 +230,31 @@ def test_fp16_overflow_skips_the_step():
 
 # ---------------------------------------------------------------- schedule and decay groups
 
-def test_linear_schedule_matches_the_reference_values():
-    assert 2e-5 * linear_schedule(2, warmup_steps=0, total_steps=10) == 1.6000000000000003e-05
-    assert linear_schedule(0, warmup_steps=0, total_steps=10) == 1.0
-    assert linear_schedule(9, warmup_steps=0, total_steps=10) == 0.1
-    assert [linear_schedule(k, warmup_steps=4, total_steps=10) for k in (0, 2, 4, 7, 10, 12)] == [
+def test_each_schedule_is_transformers_formula_at_every_step():
+    """The formulas of transformers' get_linear/cosine/constant(_with_warmup)_schedule(_with_warmup), written out
+    independently: warmup w, total n, step s."""
+    w, n = 4, 23
+    formulas = {
+        "linear": lambda s: s / w if s < w else max(0.0, (n - s) / (n - w)),
+        # num_cycles 0.5: cos(pi * 0.5 * 2.0 * progress)
+        "cosine": lambda s: s / w if s < w else max(
+            0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * ((s - w) / (n - w))))),
+        "constant-with-warmup": lambda s: s / w if s < w else 1.0,
+    }
+    for kind, formula in formulas.items():
+        assert [schedule_factor(s, warmup_steps=w, total_steps=n, kind=kind) for s in range(n + 2)] == [
+            formula(s) for s in range(n + 2)], kind
+    assert {schedule_factor(s, warmup_steps=0, total_steps=n, kind="constant") for s in range(n)} == {1.0}
+    # Landmarks: cosine is half-way at the middle of the decay and 0 at its end
+    assert schedule_factor(4 + 19 / 2, warmup_steps=4, total_steps=23, kind="cosine") == pytest.approx(0.5, abs=1e-15)
+    assert schedule_factor(23, warmup_steps=4, total_steps=23, kind="cosine") == 0.0
+
+
+def test_schedule_factor_matches_the_reference_values():
+    assert 2e-5 * schedule_factor(2, warmup_steps=0, total_steps=10) == 1.6000000000000003e-05
+    assert schedule_factor(0, warmup_steps=0, total_steps=10) == 1.0
+    assert schedule_factor(9, warmup_steps=0, total_steps=10) == 0.1
+    assert [schedule_factor(k, warmup_steps=4, total_steps=10) for k in (0, 2, 4, 7, 10, 12)] == [
         0.0, 0.5, 1.0, 0.5, 0.0, 0.0]
 
 
@@ -254,10 +285,25 @@ def test_weight_decay_groups_are_the_references():
     ("masking", "span", "`masking`"),
     ("precision", "fp8", "`precision`"),
     ("lean", "yes", "`lean`"),
+    ("lr_scheduler", "polynomial", "`lr_scheduler` must be linear or cosine or constant or constant-with-warmup"),
+    ({"lr_scheduler": "constant", "warmup_steps": 10}, None, "use constant-with-warmup"),
+    ("adam_beta2", 1.0, r"`adam_beta2` must be in \[0, 1\)"),
+    ("adam_epsilon", 0.0, "`adam_epsilon` must be > 0"),
+    ({"init": "pretrained", "config_overrides": "n_layers=1"}, None, "Add `init` random"),
 ])
 def test_invalid_settings_are_refused(tmp_path, field, value, message):
     with pytest.raises(MLMError, match=message):
-        tiny_run(tmp_path / "run", **{field: value}).validate()
+        tiny_run(tmp_path / "run", **(field if isinstance(field, dict) else {field: value})).validate()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ("n_layers", "'n_layers' is not KEY=VALUE"),
+    ("num_hidden_layers=2", "'num_hidden_layers=2' is not KEY=VALUE with KEY a config.json key mlm reads: activation"),
+    ("dim=30", "config.json with `config_overrides` dim=30: \"dim\" 30 is not divisible by \"n_heads\" 4"),
+])
+def test_bad_config_overrides_are_one_line(tmp_path, overrides, message):
+    with pytest.raises(MLMError, match=message):
+        train(tiny_run(tmp_path / "run", config_overrides=overrides))
 
 
 @pytest.mark.parametrize("lean, expected", [("auto", True), ("on", True), ("off", False)])

@@ -63,13 +63,14 @@ def load_pretrained(name_or_path: str | Path, revision: str | None = None) -> Di
 
 
 def load_model(name_or_path: str | Path, *, init: str = "pretrained", revision: str | None = None,
-               tokenizer=None) -> DistilBertForMaskedLM:
-    """The pretrained model, or (init="random") a freshly initialised one of its config.json, in float32 on the CPU;
-    with `tokenizer`, refused unless the model has an embedding row for every token id."""
+               tokenizer=None, config_overrides: str | None = None) -> DistilBertForMaskedLM:
+    """The pretrained model, or (init="random") a freshly initialised one of its config.json with
+    `config_overrides` applied, in float32 on the CPU; with `tokenizer`, refused unless the model has an embedding
+    row for every token id."""
     if init == "pretrained":
         model = load_pretrained(name_or_path, revision=revision)
     else:
-        model = DistilBertForMaskedLM(load_config(name_or_path, revision=revision))
+        model = DistilBertForMaskedLM(load_config(name_or_path, revision=revision, overrides=config_overrides))
     if tokenizer is not None:
         check_tokenizer_fits(model, tokenizer.vocab_size, str(name_or_path))
     return model
@@ -197,27 +198,40 @@ def save_pretrained(model: DistilBertForMaskedLM, directory: str | Path, tokeniz
         tokenizer.save(directory)
 
 
-def load_config(name_or_path: str | Path, revision: str | None = None) -> DistilBertConfig:
-    """Only the config.json of a model folder or Hub repo: enough to build a randomly initialised model."""
+def load_config(name_or_path: str | Path, revision: str | None = None, overrides: str | None = None
+                ) -> DistilBertConfig:
+    """Only the config.json of a model folder or Hub repo (`overrides` applied): enough to build a randomly
+    initialised model."""
     folder = resolve_repo(name_or_path, revision=revision, allow_patterns=[CONFIG_FILE])
     if not (folder / CONFIG_FILE).is_file():
         raise MLMError(f"No {CONFIG_FILE} in {folder}: a model folder needs config.json.")
-    return read_config(folder / CONFIG_FILE)
+    return read_config(folder / CONFIG_FILE, overrides)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # config.json: read, checked key by key, written back as the reference writes it.
 
 
-def read_config(path: str | Path) -> DistilBertConfig:
-    """The DistilBertConfig in the config.json at `path`; any unreadable or invalid value is one MLMError."""
+def read_config(path: str | Path, overrides: str | None = None) -> DistilBertConfig:
+    """The DistilBertConfig in the config.json at `path`, with `overrides` ("key=value,...", config.json's keys)
+    applied; any unreadable or invalid value is one MLMError."""
     try:
         values = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise MLMError(f"Cannot read the model config {path}: {err}") from None
     if not isinstance(values, dict):
         raise MLMError(f"{path} does not hold a JSON object, so it is not a model config.")
-    return config_from_dict(values, source=path)
+    for item in filter(None, (overrides or "").split(",")):
+        key, equals, value = (part.strip() for part in item.partition("="))
+        known = CONFIG_KEYS[values.get("model_type") or "distilbert"]
+        if not equals or key not in known.values():
+            raise MLMError(f"`config_overrides` {item!r} is not KEY=VALUE with KEY a config.json key mlm reads: "
+                           f"{', '.join(sorted(known.values()))}.")
+        try:
+            values[key] = json.loads(value)  # 4, 0.1, true, "gelu"
+        except json.JSONDecodeError:
+            values[key] = value  # gelu unquoted
+    return config_from_dict(values, source=f"{path} with `config_overrides` {overrides}" if overrides else path)
 
 
 def config_from_dict(values: dict, *, source: str | Path = "config") -> DistilBertConfig:

@@ -21,15 +21,16 @@ from pathlib import Path
 
 from mlm.errors import MLMError
 from mlm.files.hub import names_a_local_path
+from mlm.files.pretrained import CONFIG_FILE
 from mlm.files.writes import atomic_write_text
 from mlm.run.record import RECORD_FILE, RunRecord, read_record
 
 CARD_FILE = "README.md"
-LEGACY_ARGS = "args.json"  # the settings of a run folder written before run.json existed
 # Every DistilBERT checkpoint Hugging Face publishes (distilbert-base-uncased, -cased, …) is Apache-2.0, and a
 # fine-tune inherits its base model's licence. For any other base we cannot know it, and the Hub's "other" says so.
 DISTILBERT_LICENSE = "apache-2.0"
 TASK_NAME = "Masked language modelling"
+FAMILY_NAMES = {"distilbert": "DistilBERT", "bert": "BERT", "roberta": "RoBERTa"}
 
 # (row label, `card_values` key) in the order the hyperparameter table shows them; absent keys are skipped.
 HYPERPARAMETERS = (
@@ -43,9 +44,11 @@ HYPERPARAMETERS = (
     ("gradient accumulation", "grad_accum"),
     ("processes", "world_size"),
     ("learning rate (peak)", "lr"),
+    ("learning-rate schedule", "lr_scheduler"),
+    ("AdamW betas, epsilon", "adam"),
     ("weight decay", "weight_decay"),
     ("warmup steps", "warmup_steps_used"),
-    ("epochs", "epochs"),
+    ("trained for", "length"),
     ("optimizer steps", "total_steps"),
     ("max gradient norm", "max_grad_norm"),
     ("seed", "seed"),
@@ -94,7 +97,7 @@ def render_model_card(
     if base_model is None and args.get("init", "pretrained") == "pretrained" and is_hub_id(args.get("model")):
         base_model = str(args["model"])
     dataset_id = dataset if is_hub_id(dataset) else None
-    dataset_label = _local_name(dataset, suffix="") if dataset else "local data"
+    dataset_label = _data_name(dataset) if dataset else "local data"
     # The eval chunks are held out of the train split (as the course does), or come from --eval-split of the same
     # dataset or from --validation-file. The Hub's model-index needs a Hub dataset: local eval data stays in prose.
     split = args.get("eval_split") or "train"
@@ -113,7 +116,7 @@ def render_model_card(
     if before and eval_dataset_id:
         eval_results.append(result("perplexity", before["perplexity"], "Perplexity before fine-tuning"))
     name = model_id.rstrip("/").split("/")[-1]
-    tags = ["fill-mask", "masked-lm", "distilbert", "mlm"]
+    tags = ["fill-mask", "masked-lm", args.get("family", "distilbert"), "mlm"]
     card_data = ModelCardData(
         base_model=base_model,
         datasets=[dataset_id] if dataset_id else None,
@@ -154,36 +157,15 @@ def write_run_model_card(output_dir: str | Path, *, model_id: str | None = None,
     """
     output_dir = Path(output_dir)
     record = read_record(output_dir)
-    if record is not None:
-        args, results = card_values(record), record.results
-    elif (output_dir / LEGACY_ARGS).is_file():
-        args, results = _legacy_view(output_dir)
-    else:
+    if record is None:
         raise MLMError(f"No {RECORD_FILE} in {output_dir}: the model card is written from a run's folder.")
+    args, results = card_values(record), record.results
+    args["family"] = _read_json(output_dir / CONFIG_FILE).get("model_type") or "distilbert"
     fill_mask = results.get("fill_mask") or {}
     return write_model_card(output_dir, model_id=model_id or str(output_dir), args=args,
                             before=results.get("before"), after=results.get("after"),
                             fill_mask_before=fill_mask.get("before", []), fill_mask_after=fill_mask.get("after", []),
                             **overrides)
-
-
-def _legacy_view(output_dir: Path) -> tuple[dict, dict]:
-    """(args, results) of a folder written before run.json: args.json is already flat, summary.json holds the
-    figures, metrics.jsonl the first "before" (lost from summary.json by a resume) and the fill-mask lines."""
-    args, summary = _read_json(output_dir / LEGACY_ARGS), _read_json(output_dir / "summary.json")
-    results = {"before": summary.get("before"), "after": summary.get("after"), "fill_mask": {"before": {}, "after": {}}}
-    metrics = output_dir / "metrics.jsonl"
-    for line in metrics.read_text(encoding="utf-8").splitlines() if metrics.is_file() else []:
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash: the card is still worth writing
-        if entry.get("kind") == "eval" and entry.get("label") == "before":
-            results["before"] = results["before"] or entry
-        elif entry.get("kind") == "fill_mask" and entry.get("label") in results["fill_mask"]:
-            results["fill_mask"][entry["label"]][entry.get("prompt", "")] = entry
-    results["fill_mask"] = {label: list(by_prompt.values()) for label, by_prompt in results["fill_mask"].items()}
-    return args, results
 
 
 def _read_json(path: Path) -> dict:
@@ -202,6 +184,12 @@ def card_values(record: RunRecord) -> dict:
               "world_size": record.world_size}
     if "warmup_steps" in record.derived:  # the steps the schedule used; settings hold the flag (maybe a fraction)
         values["warmup_steps_used"] = record.derived["warmup_steps"]
+    if "adam_beta1" in values:
+        values["adam"] = f"{values['adam_beta1']:g}, {values['adam_beta2']:g}, {values['adam_epsilon']:g}"
+    if "total_steps" in values and "steps_per_epoch" in values:  # the stop rule: all epochs, or --max-steps
+        epochs = values["total_steps"] / values["steps_per_epoch"]
+        values["length"] = (f"{values['epochs']} epochs" if epochs == values["epochs"] else
+                            f"{values['total_steps']} steps (max_steps; {epochs:.2f} epochs)")
     if record.segments:
         values["precision_used"] = record.segments[-1].get("precision")
         values["device_used"] = record.segments[-1].get("device")
@@ -215,8 +203,9 @@ def card_values(record: RunRecord) -> dict:
 def _summary(name: str, base_model: str | None, args: dict, dataset_label: str, before, after) -> str:
     model = _local_name(args.get("model", "?"))
     if args.get("init") == "random":
-        start = (f"a randomly initialised DistilBERT with the configuration of {model} (none of its weights), trained "
-                 "from scratch")
+        overrides = f" ({args['config_overrides']})" if args.get("config_overrides") else ""
+        start = (f"a randomly initialised {FAMILY_NAMES.get(args.get('family'), 'DistilBERT')} with the "
+                 f"configuration of {model}{overrides} (none of its weights), trained from scratch")
     else:
         start = (f"[{base_model}](https://huggingface.co/{base_model})" if base_model else model) + " trained further"
     text = (f"# {name}\n\nThis model is {start} with the masked-language-model objective ({_masking(args)}) on "
@@ -247,7 +236,7 @@ def _percent(value) -> str:
 
 def _eval_data(args: dict, dataset_label: str) -> str:
     if args.get("validation_file"):
-        return f"chunks of {_local_name(args['validation_file'], suffix='')}"
+        return f"chunks of {_data_name(args['validation_file'])}"
     if args.get("eval_split"):
         return f"chunks of {dataset_label}'s {args['eval_split']} split"
     return f"held-out {dataset_label} chunks"
@@ -306,7 +295,7 @@ def _cell(text: str) -> str:
 
 
 def _hyperparameters(args: dict) -> str:
-    rows = [(label, _local_name(args[key]) if key == "dataset" else args[key])
+    rows = [(label, _data_name(args[key], " (local)") if key == "dataset" else args[key])
             for label, key in HYPERPARAMETERS if args.get(key) is not None]
     if not rows:
         return ""
@@ -314,15 +303,31 @@ def _hyperparameters(args: dict) -> str:
         random = args.get("init") == "random"
         rows[:0] = [("configuration of (random init)" if random else "base model", _local_name(args["model"])),
                     ("initial weights", "random" if random else "pretrained")]
+        if args.get("config_overrides"):
+            rows.insert(1, ("config overrides", args["config_overrides"]))
     if args.get("masking"):
         rows += [("training masking", _masking(args)), ("eval masking", _eval_masking(args))]
     if all(key in args for key in ("batch_size", "grad_accum", "world_size")):
         rows.append(("global batch (chunks per step)", args["batch_size"] * args["grad_accum"] * args["world_size"]))
     lines = ["## Training hyperparameters", "", "| setting | value |", "|---|---|"]
     lines += [f"| {label} | {_cell(_value(value))} |" for label, value in rows]
-    lines += ["", "AdamW (no weight decay on biases and LayerNorms), linear decay after warmup, gradient clipping. "
+    schedule = {"linear": "linear decay", "cosine": "cosine decay"}.get(args.get("lr_scheduler", "linear"),
+                                                                          "a constant learning rate")
+    lines += ["", f"AdamW (no weight decay on biases and LayerNorms), {schedule} after warmup, gradient clipping. "
               f"Every setting of the run is in `{RECORD_FILE}` next to the model."]
     return "\n".join(lines)
+
+
+def _data_name(name, suffix: str = "") -> str:
+    """A Hub id as it is; local data by its folder (that of a glob's matches) or its file's stem, and `suffix`: a
+    card is public, and a path would show the trainer's directory layout."""
+    if is_hub_id(str(name)):
+        return str(name)
+    path = Path(str(name))
+    folders = [part for part in path.parts if not any(char in part for char in "*?[")]
+    if len(folders) < len(path.parts):  # a glob: the folder its patterns search
+        return (Path(*folders).name or "local data") + suffix
+    return (path.name.split(".")[0] if path.suffix else path.name) + suffix
 
 
 def _local_name(name, suffix: str = " (local)") -> str:
