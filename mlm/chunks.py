@@ -81,6 +81,11 @@ class Chunks:
                 ids[mine], words[mine] = part.rows(positions[mine] - starts[number])
         return ids, words
 
+    @property
+    def drawn_from(self) -> int:
+        """The number of chunks this subset was drawn from by `select` (its own length if it was not)."""
+        return sum(len(part) for part in self._parts)
+
     def select(self, indices: np.ndarray) -> Chunks:
         """The chunks at `indices` (1-D int array), in that order, like `datasets.Dataset.select`: a view."""
         indices = np.asarray(indices, dtype=np.int64)

@@ -148,34 +148,40 @@ def prepare_store(path: Path, key: dict, files: list[Path], tokenizer: Tokenizer
                   progress: bool = False) -> ChunkStore:
     """The store at `path` for `key`, built from `files` unless a valid one is there (see the module docstring).
 
-    Raises MLMError for bad input (after which the same command resumes) and OSError when the folder is not
-    writable.
+    Raises MLMError for bad input, leaving nothing behind, and OSError when the folder is not writable.
     """
     key_sha256 = json_sha256(key)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(path.parent)
     if (store := open_store(path, key_sha256)) is not None:
         return store
-    with _locked(path.parent / f".{path.name}.lock"):
-        if (store := _finished_meanwhile(path, key_sha256)) is not None:
-            return store
-        partial = path.parent / f".{path.name}.partial"
-        partial.mkdir(exist_ok=True)
-        for leftover in partial.glob("*.tmp"):
-            leftover.unlink()
-        writer = _Writer(partial, key_sha256, store_dtype(tokenizer.vocab_size), chunk_size, group_size)
-        with _progress_bar(files, progress, path.name) as bar:
-            for index, (texts, bytes_read) in enumerate(_pieces(files, text_column, one_document_per_file)):
-                if index >= writer.state["pieces"]:  # the pieces before were done by an interrupted run
-                    for stretch in _stretches(texts, tokenizer):
-                        writer.add(*stretch)
-                    writer.end_piece()
-                bar.update(bytes_read - bar.n)
-        header = writer.finish(key, files)
-        if path.exists():  # a corrupt store, refused above
-            shutil.rmtree(path)
-        os.replace(partial, path)
-    (path.parent / f".{path.name}.lock").unlink(missing_ok=True)
+    partial, lock = path.parent / f".{path.name}.partial", path.parent / f".{path.name}.lock"
+    try:
+        with _locked(lock):
+            if (store := _finished_meanwhile(path, key_sha256)) is not None:
+                return store
+            partial.mkdir(exist_ok=True)
+            for leftover in partial.glob("*.tmp"):
+                leftover.unlink()
+            writer = _Writer(partial, key_sha256, store_dtype(tokenizer.vocab_size), chunk_size, group_size)
+            with _progress_bar(files, progress, path.name) as bar:
+                for index, (texts, bytes_read) in enumerate(_pieces(files, text_column, one_document_per_file)):
+                    if index >= writer.state["pieces"]:  # the pieces before were done by an interrupted run
+                        for stretch in _stretches(texts, tokenizer):
+                            writer.add(*stretch)
+                        writer.end_piece()
+                    bar.update(bytes_read - bar.n)
+            header = writer.finish(key, files)
+            if path.exists():  # a corrupt store, refused above
+                shutil.rmtree(path)
+            os.replace(partial, path)
+    except MLMError:
+        # Bad input (a wrong column, an unreadable file): once it is fixed the key differs, so what was prepared
+        # would never be used. An interruption, by contrast, keeps it for the same command to continue.
+        shutil.rmtree(partial, ignore_errors=True)
+        lock.unlink(missing_ok=True)
+        raise
+    lock.unlink(missing_ok=True)
     return ChunkStore(path, header)
 
 

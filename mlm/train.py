@@ -53,7 +53,7 @@ def train(config: TrainConfig) -> RunSummary:
             return run.nothing_to_do()
         setup = set_up(config, run.procs)  # every input built and checked; nothing written yet
         run.start(setup.model, setup.optimizer, setup.path.precision.scaler, setup.tokenizer, path=setup.path.says,
-                  precision=setup.path.precision.name, facts=setup.facts())
+                  precision=setup.path.precision.name, facts=setup.facts(), notes=setup.notes(config))
         if run.is_new:
             run.record_eval("before", evaluate_on(setup, config, run))
             run.record_fill_mask("before", *predict(setup, config, run.procs))
@@ -245,6 +245,19 @@ class Setup:
     schedule: Schedule
     learning_rate: Callable  # schedule step -> lr; under fp16 looked up on the device (mlm/speed/path.py)
     step: Callable[..., StepResult]  # train_step on this run's model (DDP, compiled or graphed) and optimizer
+
+    def notes(self, config: TrainConfig) -> list[str]:
+        """What the user should know before the run spends its time: a default draw that leaves most of their corpus
+        unused, a precision that is slow on their device."""
+        notes = list(self.path.notes)
+        drawn, available = len(self.train_chunks), self.train_chunks.drawn_from
+        if config.eval_split is None and config.validation_file is None:
+            available -= len(self.eval_set["input_ids"])  # held out of the same chunks, as the course does
+        if drawn < available / 2:
+            notes.append(f"training on {drawn:,} of the {available:,} chunks the eval set leaves "
+                         f"({drawn / available:.0%}, --train-size {config.train_size}); --train-size all trains on "
+                         "all of them.")
+        return notes
 
     def facts(self) -> dict:
         """What the settings gave, for the run record."""

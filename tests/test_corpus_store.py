@@ -178,6 +178,26 @@ def test_prepare_data_flags_take_all_and_percent(tmp_path, tiny_tokenizer_dir, c
     assert f"{chunks - test:,} train chunks, {test:,} test chunks" in out
 
 
+
+def test_a_corpus_too_small_for_the_draw_keeps_its_store_and_says_so(tmp_path, tiny_tokenizer_dir, capsys):
+    from mlm.cli.prepare_data import main
+    with pytest.raises(MLMError, match=r"Cannot draw 10000 train \+ 1000 test chunks from .* `train_size` \(`all` "
+                                       r".* The chunks are stored all the same, and training reuses them \("):
+        main(["--dataset", str(SMOKE / "reviews.jsonl"), "--tokenizer", str(tiny_tokenizer_dir), "--cache-dir",
+              str(tmp_path)])
+    assert len(list((tmp_path / "chunks").glob("train-*"))) == 1
+    main(["--dataset", str(SMOKE / "reviews.jsonl"), "--tokenizer", str(tiny_tokenizer_dir), "--cache-dir",
+          str(tmp_path), "--train-size", "50", "--test-size", "50"])
+    assert "% of the chunks left to train on (--train-size all takes them all)" in capsys.readouterr().out
+
+
+def test_a_failed_preparation_leaves_the_cache_clean(tmp_path, tokenizer):
+    data = compress(tmp_path / "data" / "train.jsonl", encoded("jsonl", TEXTS * 50))
+    with pytest.raises(MLMError, match="column"):
+        load_chunks(data, "train", tokenizer, chunk_size=16, text_column="body", cache_dir=tmp_path / "cache")
+    assert [path.name for path in (tmp_path / "cache").rglob("*")] == ["chunks"]
+
+
 KILLER = """
 import os, signal, sys
 import mlm.corpus_store as cs

@@ -80,7 +80,7 @@ def test_a_model_card_the_user_edited_is_kept(tmp_path, capsys):
     assert card.read_text() == edited and "kept" in capsys.readouterr().out
     card.unlink()  # gone: the next card is written again
     train(tiny_run(run, epochs=3, resume="latest", extend=True))
-    assert "My notes" not in card.read_text() and "epochs | 3" in card.read_text()
+    assert "My notes" not in card.read_text() and "| trained for | 3 epochs |" in card.read_text()
 
 
 def test_overwrite_refuses_a_folder_with_files_its_run_did_not_write(tmp_path):

@@ -191,9 +191,11 @@ def test_a_signal_during_the_before_evaluation_leaves_the_folder_as_it_was(tmp_p
     train(tiny_run(run, epochs=1))
     before = snapshot(run)
     on_call(monkeypatch, mlm.train, "evaluate_on", 1, lambda: os.kill(os.getpid(), signal.SIGTERM))
-    with pytest.raises(Interrupted, match="SIGTERM"):
+    with pytest.raises(Interrupted, match="SIGTERM") as stopped:
         train(tiny_run(run, epochs=1, overwrite=True, seed=5))
     assert snapshot(run) == before and not (run / ".lock").exists()
+    # Its data was prepared: the hint says the run stopped before its first checkpoint, not mid-preparation.
+    assert "stopped before its first checkpoint" in stopped.value.hint and "preparation" not in stopped.value.hint
 
 
 # ---------------------------------------------------------------- resume with no flags

@@ -20,13 +20,14 @@ import mlm.train
 from mlm.chunks import Chunks
 from mlm.errors import MLMError
 from mlm.evaluate import evaluate, score_batches
-from mlm.files.pretrained import load_pretrained
+from mlm.files.pretrained import load_config, load_pretrained
 from mlm.masking import MaskingCollator
 from mlm.model import DistilBertConfig, DistilBertForMaskedLM
 from mlm.optim import schedule_factor, weight_decay_groups
 from mlm.run.processes import Processes
 from mlm.speed.lean import LeanAttention
 from mlm.speed.path import choose_path
+from mlm.tokenizer import load_tokenizer
 from mlm.train import StepBatches, StepResult, TrainConfig, train, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -365,3 +366,16 @@ def test_periodic_evals_and_the_last_step_is_evaluated_once(tmp_path):
     train(tiny_run(run, eval_every=4, max_steps=8))  # 6 steps an epoch
     evals = [(r["label"], r["step"]) for r in records(run, "eval")]
     assert evals == [("before", 0), ("step 4", 4), ("epoch 1", 6), ("final", 8)]
+
+
+def test_a_draw_of_under_half_the_corpus_and_fp16_on_a_cpu_are_said_before_the_run(tmp_path, capsys):
+    train(tiny_run(tmp_path / "few", train_size=16, epochs=1, max_steps=1, precision="fp16", prompts=()))
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    available = len(mlm.train.load_data(tiny_run(tmp_path / "x", train_size="all"), load_tokenizer(SMOKE),
+                                        DistilBertForMaskedLM(load_config(SMOKE)))[0])
+    assert notes == ["note: fp16 on a CPU has no fast kernels: its steps run several times slower than fp32's "
+                     "(--precision bf16 or fp32 is faster there; fp16 is for GPUs without bf16).",
+                     f"note: training on 16 of the {available:,} chunks the eval set leaves "
+                     f"({16 / available:.0%}, --train-size 16); --train-size all trains on all of them."]
+    train(tiny_run(tmp_path / "most", train_size=(available + 1) // 2, epochs=1, max_steps=1, prompts=()))
+    assert "note: " not in capsys.readouterr().out

@@ -93,11 +93,17 @@ def main(argv: list[str] | None = None) -> None:
               f"{seconds:>7.2f}  {where}")
     for split, chunks, _ in rows:
         if split == "train":
-            train, test = split_train_test(
-                chunks, train_size=args.train_size, test_size=args.test_size, seed=args.data_seed
-            )
+            try:
+                train, test = split_train_test(chunks, train_size=args.train_size, test_size=args.test_size,
+                                               seed=args.data_seed)
+            except MLMError as err:
+                kept = f" The chunks are stored all the same, and training reuses them ({chunks.cache_path})."
+                raise MLMError(f"{err}{kept if chunks.cache_path else ''}") from None
+            share = len(train) / (len(chunks) - len(test))
             print(f"downsampled train split (seed {args.data_seed}): {len(train):,} train chunks, "
-                  f"{len(test):,} test chunks of {chunks.chunk_size} tokens")
+                  f"{len(test):,} test chunks of {chunks.chunk_size} tokens"
+                  + (f"; {share:.0%} of the chunks left to train on (--train-size all takes them all)"
+                     if share < 0.5 else ""))
 
 
 def run() -> None:

@@ -165,7 +165,7 @@ class Run:
         self.already_finished = bool(here and here.finished and newest and not config.extend)
 
     def start(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler, tokenizer, *, path: str,
-              precision: str, facts: dict) -> None:
+              precision: str, facts: dict, notes: list[str] = ()) -> None:
         """Step 0 of a new run or the checkpoint's state on resume (settings and tokenizer checked against the
         record); then the folder made ready, the record written, the metrics log opened and the run announced."""
         self.model, self.optimizer, self.scaler, self.tokenizer = model, optimizer, scaler, tokenizer
@@ -208,7 +208,7 @@ class Run:
                            tokens=record.progress["train_tokens"])
         self.console.total, self.console.done = self.total_steps, self.progress.global_step
         self.peak_flops = peak_flops(procs.device, precision)
-        for note in self.notes:
+        for note in [*self.notes, *notes]:
             self.say(f"note: {note}")
         if self.resume_from is not None:
             self.log.write("resume", step=self.progress.global_step, checkpoint=str(self.resume_from),
@@ -430,10 +430,13 @@ class Run:
         self.folder.abandon()  # before the first checkpoint: the folder goes back to how it was
 
     def continue_hint(self) -> str:
-        if self.last_checkpoint is None and not list_checkpoints(self.output_dir):
-            # A chunk store cut short keeps its completed pieces (mlm/corpus_store.py): say so, or users redo it.
-            return ("Nothing was saved: the output folder is as it was; data prepared so far is kept, and the "
-                    "same command continues its preparation.")
+        if self.last_checkpoint is None:  # this run saved none, and resumes none: the folder is as it was
+            if self.log is None:  # stopped while setting up
+                # A chunk store cut short keeps its completed pieces (mlm/corpus_store.py): say so, or users redo it.
+                return ("Nothing was saved: the output folder is as it was; data prepared so far is kept, and the "
+                        "same command continues its preparation.")
+            return ("Nothing was saved: the run stopped before its first checkpoint (--save-every), and the output "
+                    "folder is as it was. The same command starts it again, on the data already prepared.")
         return f"Continue with: {resume_command(self.output_dir, self.procs)}"
 
     def _note_progress(self) -> None:

@@ -77,6 +77,14 @@ class ExecutionPath:
     says: str  # which model and path, and why, for the run's first lines and its record
     graphs: bool = False  # torch.compile mode="reduce-overhead": the step replayed as CUDA graphs
 
+    @property
+    def notes(self) -> list[str]:
+        """Choices that work but cost the user time, said before the run starts."""
+        if self.precision.name == "fp16" and self.device.type == "cpu":
+            return ["fp16 on a CPU has no fast kernels: its steps run several times slower than fp32's "
+                    "(--precision bf16 or fp32 is faster there; fp16 is for GPUs without bf16)."]
+        return []
+
     def tokenizer(self, tokenizer):
         if not self.fast_tokenize:
             return tokenizer
