@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from mlm.chunks import parse_size
 from mlm.errors import MLMError
+from mlm.files.hub import short_name
 from mlm.optim import SCHEDULES
 
 MAX_SEED = 2**63 - 1  # seeds are offset by the epoch and fed to torch and numpy generators, which take 64 bits
@@ -124,9 +125,11 @@ class TrainConfig:
                                       "process ends", HARDWARE, flag="--release-freed-memory")
     num_workers: int = setting(0, "DataLoader worker processes preparing masked batches", HARDWARE)
 
-    output_dir: str = setting("distilbert-base-uncased-finetuned-imdb", "run folder: run.json (the run record), "
-                              "metrics.jsonl, checkpoints/, and the final model + tokenizer in the Hub layout; an "
-                              "empty or new folder, or one holding a run", OUTPUT)
+    output_dir: str | None = setting(None, "run folder: run.json (the run record), metrics.jsonl, checkpoints/, and "
+                                     "the final model + tokenizer in the Hub layout; an empty or new folder, or one "
+                                     "holding a run (default: MODEL-finetuned-DATA after the names of --model and "
+                                     "--dataset, as the course's distilbert-base-uncased-finetuned-imdb; "
+                                     "MODEL-scratch-DATA with --init random)", OUTPUT)
     log_every: int = setting(10, "steps between training log lines", OUTPUT)
     eval_every: int | None = setting(None, "also evaluate every N steps (default: at the end of each epoch only)",
                                      OUTPUT, type=int)
@@ -152,6 +155,10 @@ class TrainConfig:
     hub_model_id: str | None = setting(None, "the Hub repo the model card names and --push-to-hub uploads to: 'name' "
                                        "(in your namespace) or 'namespace/name' (default: the --output-dir folder's "
                                        "name)", OUTPUT)
+
+    def __post_init__(self):
+        if self.output_dir is None:
+            self.output_dir = default_output_dir(self.model, self.dataset, self.init)
 
     def global_batch(self, world_size: int) -> int:
         """Chunks per optimizer step, over every micro-batch and process."""
@@ -200,6 +207,11 @@ class TrainConfig:
         check(self.eval_split not in self.train_splits, f"`eval_split` {self.eval_split} is also a training split: "
               "the eval chunks would be trained on. Pick another split, or leave `eval_split` out.")
         check(self.resume or not self.extend, "`extend` only applies with `resume`.")
+
+
+def default_output_dir(model: str, dataset: str, init: str) -> str:
+    """The run folder named after the model and the data, as the course names its own."""
+    return f"{short_name(model)}-{'scratch' if init == 'random' else 'finetuned'}-{short_name(dataset)}"
 
 
 def _is_int(value) -> bool:

@@ -180,3 +180,22 @@ def test_smoke_reruns_as_is_and_no_progress_silences_every_bar(tmp_path, monkeyp
     main([*TINY_SMOKE, *other])
     with pytest.raises(MLMError, match="already holds a run"):
         main([*TINY_SMOKE, *other])
+
+
+def test_the_default_output_folder_is_named_after_the_model_and_the_data(tmp_path, monkeypatch):
+    import mlm.cli.train
+    from mlm.settings import TrainConfig
+
+    assert TrainConfig().output_dir == "distilbert-base-uncased-finetuned-imdb"  # the course's
+    given = []
+    monkeypatch.setattr(mlm.cli.train, "train", lambda config: given.append(config) or exit(0))
+    (tmp_path / "man-pages").mkdir()
+    (tmp_path / "bert-base-cased").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for flags, folder in ((["--dataset", "man-pages/**/*.txt"], "distilbert-base-uncased-finetuned-man-pages"),
+                          (["--dataset", "notes.jsonl.gz", "--init", "random", "--model", "bert-base-cased"],
+                           "bert-base-cased-scratch-notes"),
+                          (["--dataset", "x", "--output-dir", "mine"], "mine")):
+        with pytest.raises(SystemExit):
+            mlm.cli.train.main(flags)
+        assert given.pop().output_dir == folder

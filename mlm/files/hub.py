@@ -31,6 +31,19 @@ def names_a_local_path(name: str) -> bool:
     return looks_like_path(name) or name.count("/") > 1 or (len(path.parts) > 1 and path.parent.is_dir())
 
 
+def short_name(name: str) -> str:
+    """What a model or dataset is called: a Hub id's name (imdb for stanfordnlp/imdb), a folder's name, a file's
+    stem (reviews for reviews.jsonl.gz), the folder a glob searches (docs for docs/**/*.txt)."""
+    parts = [part for part in Path(str(name)).expanduser().parts if part not in ("/", ".", "..")]
+    if any(char in part for part in parts for char in "*?["):  # a glob: the folder it searches
+        parts = parts[:next(i for i, part in enumerate(parts) if any(char in part for char in "*?["))]
+        return parts[-1] if parts else "data"
+    last = Path(parts[-1] if parts else "data")
+    while last.suffix in (".parquet", ".jsonl", ".json", ".csv", ".txt", ".gz", ".zst"):
+        last = last.with_suffix("")
+    return last.name
+
+
 def resolve_repo(
     name_or_path: str | Path,
     *,

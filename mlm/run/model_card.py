@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mlm.errors import MLMError
-from mlm.files.hub import names_a_local_path
+from mlm.files.hub import names_a_local_path, short_name
 from mlm.files.pretrained import CONFIG_FILE
 from mlm.files.writes import atomic_write_text
 from mlm.run.record import RECORD_FILE, RunRecord, read_record
@@ -319,15 +319,8 @@ def _hyperparameters(args: dict) -> str:
 
 
 def _data_name(name, suffix: str = "") -> str:
-    """A Hub id as it is; local data by its folder (that of a glob's matches) or its file's stem, and `suffix`: a
-    card is public, and a path would show the trainer's directory layout."""
-    if is_hub_id(str(name)):
-        return str(name)
-    path = Path(str(name))
-    folders = [part for part in path.parts if not any(char in part for char in "*?[")]
-    if len(folders) < len(path.parts):  # a glob: the folder its patterns search
-        return (Path(*folders).name or "local data") + suffix
-    return (path.name.split(".")[0] if path.suffix else path.name) + suffix
+    # A Hub id as it is; local data by its folder or file stem (a card is public: no path), and `suffix`.
+    return str(name) if is_hub_id(str(name)) else short_name(name) + suffix
 
 
 def _local_name(name, suffix: str = " (local)") -> str:
