@@ -29,9 +29,11 @@ def run(launcher: list[str], tmp_path: Path, model: Path, name: str, *extra: str
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, no_dropout_smoke_model):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    two = run(torchrun, tmp_path, no_dropout_smoke_model, "two", "--batch-size", "8")
+    # 36 eval chunks in batches of 8, the last one short: process 0 scores three, process 1 two.
+    evals = ("--test-size", "36", "--eval-batch-size", "8")
+    two = run(torchrun, tmp_path, no_dropout_smoke_model, "two", "--batch-size", "8", *evals)
     assert two.returncode == 0, two.stderr[-3000:]
-    one = run([sys.executable], tmp_path, no_dropout_smoke_model, "one", "--batch-size", "16")
+    one = run([sys.executable], tmp_path, no_dropout_smoke_model, "one", "--batch-size", "16", *evals)
     assert one.returncode == 0, one.stderr[-3000:]
 
     single = load_file(tmp_path / "one" / "model.safetensors")
@@ -48,9 +50,20 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
                         if r["kind"] == "eval"][-1] for name in ("one", "two")}
     assert last_eval["one"]["tokens"] == last_eval["two"]["tokens"]
     assert abs(last_eval["one"]["loss"] - last_eval["two"]["loss"]) < 1e-4
+    # mlm-evaluate on the 2-process run's folder, in one process, reproduces every recorded figure to the last bit:
+    # the processes' per-batch figures are summed in batch order, as one process sums them.
+    scored = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--model", str(tmp_path / "two"),
+                             "--json", "--no-progress", "--device", "cpu"], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    figures = json.loads(scored.stdout)["models"][0]
+    recorded = json.loads((tmp_path / "two" / "run.json").read_text())["results"]["after"]
+    assert {key: figures[key] for key in recorded if key in figures} == {
+        key: value for key, value in recorded.items() if key in figures}
+    assert {"perplexity", "reference_perplexity", "loss", "accuracy"} <= figures.keys()
 
     # Resume under DDP: continue from the step-8 checkpoint and finish at the same weights.
-    resumed = run(torchrun, tmp_path, no_dropout_smoke_model, "two", "--batch-size", "8", "--resume",
+    resumed = run(torchrun, tmp_path, no_dropout_smoke_model, "two", "--batch-size", "8", *evals, "--resume",
                   str(tmp_path / "two" / "checkpoints" / "step-000008"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     again = load_file(tmp_path / "two" / "model.safetensors")
@@ -75,6 +88,40 @@ def test_a_last_batch_that_leaves_a_process_without_rows_trains_like_one_process
     assert [r["step"] for r in records if r["kind"] == "train"][-1] == 21  # 3 epochs of 7 steps
     # Tokens count the rows of the global batch: the short steps' 4 rows, not 2 x process 0's share.
     assert json.loads((tmp_path / "two" / "run.json").read_text())["progress"]["train_tokens"] == 3 * 100 * 32
+
+
+SIGNAL_RANK_1 = """
+import os, signal
+import mlm.train
+from mlm.cli.train import run
+real, calls = mlm.train.train_step, [0]
+def train_step_then_signal(*args, **kwargs):
+    result = real(*args, **kwargs)
+    calls[0] += 1
+    if calls[0] == 3 and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGTERM)
+    return result
+mlm.train.train_step = train_step_then_signal
+run()
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_every_process_at_one_checkpoint(tmp_path, monkeypatch):
+    """A cluster may signal one process only: it tells the others at the next step, every process stops after the
+    same step's checkpoint, the record names the signal, and only process 0 prints."""
+    driver = tmp_path / "signal_rank_1.py"
+    driver.write_text(SIGNAL_RANK_1)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    stopped = subprocess.run([*torchrun, str(driver), *args_of(tmp_path, SMOKE, "run", "--batch-size", "8")],
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert stopped.returncode != 0, stopped.stderr[-3000:]
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    step = record["progress"]["step"]
+    assert record["segments"][-1]["end"] == "interrupted by SIGTERM" and step in (3, 4)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())[-1] == f"step-{step:06d}"
+    assert stopped.stdout.count("Continue with:") == 1 and "checkpoint None" not in stopped.stdout
 
 
 KILL_AT_STEP = """
