@@ -397,45 +397,15 @@ class MaskingCollator:
 # with whole-word masking); a whole-word frozen set can be reported as well, labelled as such.
 
 
-def freeze_eval_masks(
-    input_ids,
-    word_ids=None,
-    *,
-    mask_token_id: int,
-    vocab_size: int,
-    special_token_ids: Sequence[int],
-    seed: int,
-    whole_word: bool = False,
-    mlm_probability: float = 0.15,
-    wwm_probability: float = 0.2,
-    mask_replace_prob: float | None = None,
-    random_replace_prob: float | None = None,
-) -> dict[str, torch.Tensor]:
+def freeze_eval_masks(input_ids, word_ids=None, *, seed: int, **masking) -> dict[str, torch.Tensor]:
     """Mask the eval chunks once, deterministically: {"input_ids": (N, L) int64, "labels": (N, L) int64}.
 
-    input_ids: (N, L) integer ids of all eval chunks; word_ids: (N, L), needed only with whole_word=True.
-    Token-level by default (`mask_tokens` excluding `special_token_ids`); `whole_word=True` uses
-    `mask_whole_words`. Replacement probabilities default to each mode's values (0.8/0.1, resp. 1.0/0.0).
-    Uses `torch.Generator().manual_seed(seed)`; the global torch RNG is neither read nor advanced. Slice the
-    returned tensors into eval batches in any size: the masks do not depend on it.
+    input_ids: (N, L) integer ids of all eval chunks; word_ids: (N, L), needed only for whole-word masking.
+    masking: `MaskingCollator`'s fields (mask_token_id, vocab_size, special_token_ids, whole_word, probabilities).
+    Draws from `torch.Generator().manual_seed(seed)`: the global torch RNG is neither read nor advanced. Slice the
+    returned tensors into eval batches of any size: the masks do not depend on it.
     """
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise MLMError(f"seed must be an integer, got {seed!r}.")
-    generator = torch.Generator().manual_seed(int(seed))
-    if whole_word:
-        if word_ids is None:
-            raise MLMError("freeze_eval_masks(whole_word=True) needs word_ids.")
-        ids, labels = mask_whole_words(
-            input_ids, word_ids, mask_token_id=mask_token_id, vocab_size=vocab_size,
-            wwm_probability=wwm_probability,
-            mask_replace_prob=1.0 if mask_replace_prob is None else mask_replace_prob,
-            random_replace_prob=0.0 if random_replace_prob is None else random_replace_prob,
-            generator=generator)
-    else:
-        ids, labels = mask_tokens(
-            input_ids, special_tokens_mask(input_ids, special_token_ids), mask_token_id=mask_token_id,
-            vocab_size=vocab_size, mlm_probability=mlm_probability,
-            mask_replace_prob=0.8 if mask_replace_prob is None else mask_replace_prob,
-            random_replace_prob=0.1 if random_replace_prob is None else random_replace_prob,
-            generator=generator)
-    return {"input_ids": ids, "labels": labels}
+    return MaskingCollator(**masking).mask(torch.as_tensor(input_ids), word_ids,
+                                           generator=torch.Generator().manual_seed(int(seed)))
