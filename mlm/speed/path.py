@@ -29,7 +29,7 @@ from mlm.settings import TrainConfig
 
 # --cuda-graphs auto records graphs only for runs of at least this many optimizer steps: below it, the compile's
 # fixed cost is not repaid by the faster steps. scripts/gpu_check.sh measures the break-even (compile seconds over
-# the per-step saving, its "graphs_break_even" figure); no GPU has measured it for this version yet (issue 31).
+# the per-step saving, its "graphs_break_even" figure) to check this value against.
 GRAPHS_MIN_STEPS = 300
 
 
