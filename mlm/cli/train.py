@@ -1,4 +1,5 @@
-"""Fine-tune DistilBERT with the masked-language-model objective on IMDb reviews (the Hugging Face course run).
+"""Train a DistilBERT, BERT or RoBERTa model further with the masked-language-model objective on your domain's
+text; by default the Hugging Face course run, DistilBERT on IMDb reviews.
 
 The defaults are the course's: distilbert-base-uncased, stanfordnlp/imdb, 128-token chunks, 10,000 train / 1,000
 eval chunks, 15% token masking (80/10/10), batch 64, AdamW lr 2e-5 with weight decay 0.01, linear decay, 3 epochs,
