@@ -51,7 +51,8 @@ from torch import nn
 from mlm.chunks import Chunks
 from mlm.errors import MLMError
 from mlm.evaluate import evaluate
-from mlm.files.pretrained import load_config
+from mlm.files.families import CONFIG_KEYS
+from mlm.files.pretrained import config_from_dict, load_config
 from mlm.masking import MaskingCollator, mask_tokens, special_tokens_mask
 from mlm.model import IGNORE_INDEX, DistilBertConfig, DistilBertForMaskedLM
 from mlm.optim import make_optimizer, set_learning_rate
@@ -271,15 +272,13 @@ def build_ours(bench: Bench, path: ExecutionPath | None = None) -> DistilBertFor
 
 
 def build_reference(bench: Bench, transformers) -> nn.Module:
-    """transformers' DistilBertForMaskedLM with the same config values, random init, default (sdpa) attention."""
+    """transformers' *ForMaskedLM of the config's family with the same config values, random init, default (sdpa)
+    attention."""
     c = bench.config
-    config = transformers.DistilBertConfig(
-        vocab_size=c.vocab_size, dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads, hidden_dim=c.hidden_dim,
-        max_position_embeddings=c.max_position_embeddings, dropout=c.dropout, attention_dropout=c.attention_dropout,
-        activation=c.activation, pad_token_id=c.pad_token_id, initializer_range=c.initializer_range,
-    )
+    config = transformers.AutoConfig.for_model(
+        c.family, **{key: getattr(c, name) for name, key in CONFIG_KEYS[c.family].items()})
     torch.manual_seed(0)
-    return transformers.DistilBertForMaskedLM(config).to(bench.device).train()
+    return transformers.AutoModelForMaskedLM.from_config(config).to(bench.device).train()
 
 
 def reference_optimizer(model: nn.Module, device: torch.device) -> torch.optim.AdamW:
@@ -523,6 +522,7 @@ def train_probe(bench: Bench, which: str, malloc: str, *, steps: int, warmup: in
     compile = args.compile if compile is None else compile
     command = [sys.executable, str(Path(__file__).resolve()), "--train-probe", which, "--malloc", malloc,
                "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--model-dir", args.model_dir,
+               "--family", args.family,
                "--steps", str(steps), "--warmup", str(warmup + (2 if compile and not args.compile else 0)),
                "--device", args.device]
     command += ["--precision", precision] if precision else []
@@ -885,6 +885,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "--compile)")
     parser.add_argument("--eval-batches", type=int, default=8, help="batches in the timed eval pass (default 8)")
     parser.add_argument("--masking-repeats", type=int, default=200, help="calls per masking figure (default 200)")
+    parser.add_argument("--family", choices=("distilbert", *BASE_CONFIGS), default="distilbert",
+                        help="distilbert: --model-dir's config; bert, roberta: the sizes of bert-base-uncased or "
+                             "roberta-base, random init")
     parser.add_argument("--model-dir", default=str(DEFAULT_MODEL_DIR),
                         help="folder with config.json (model size) and the tokenizer; if missing, the built-in "
                              "distilbert-base-uncased config is used (default: %(default)s)")
@@ -926,14 +929,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# --family: the base sizes of bert-base-uncased and roberta-base (their config.json), random init. The token ids
+# come from --model-dir's tokenizer, which both vocabularies cover.
+BASE_CONFIGS = {
+    "bert": {"model_type": "bert", "vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12,
+             "num_attention_heads": 12, "intermediate_size": 3072, "max_position_embeddings": 512},
+    "roberta": {"model_type": "roberta", "vocab_size": 50265, "hidden_size": 768, "num_hidden_layers": 12,
+                "num_attention_heads": 12, "intermediate_size": 3072, "max_position_embeddings": 514,
+                "type_vocab_size": 1, "pad_token_id": 1, "layer_norm_eps": 1e-5},
+}
+
+
 def make_bench(args: argparse.Namespace) -> Bench:
     try:
-        config = load_config(args.model_dir)
+        config = load_config(args.model_dir) if args.family == "distilbert" else config_from_dict(
+            BASE_CONFIGS[args.family])
         tokenizer = load_tokenizer(args.model_dir)
     except MLMError as err:
         raise SystemExit(f"error: --model-dir {args.model_dir}: {err}") from None
-    if args.seq_len > config.max_position_embeddings:
-        raise SystemExit(f"--seq-len {args.seq_len} exceeds max_position_embeddings={config.max_position_embeddings}")
+    if args.seq_len > config.max_length:
+        raise SystemExit(f"--seq-len {args.seq_len} exceeds the longest sequence the model takes, {config.max_length}")
     device = torch.device(args.device)
     if args.precision is not None:
         ours_dtype = reference_dtype = DTYPES[args.precision]
