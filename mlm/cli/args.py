@@ -93,6 +93,8 @@ def add_settings(parser: argparse.ArgumentParser, names: list[str] | None = None
         help_text, group = options.pop("help"), options.pop("group")
         flag = options.pop("flag", "--" + name.replace("_", "-"))
         default = defaults.get(name, spec.default)
+        if name in defaults:  # the command's own default replaces the one the help describes
+            help_text = re.sub(r" \(default: [^)]*\)", "", help_text)
         kind = options.pop("type", None)
         if isinstance(default, bool) and "action" not in options:
             options["action"] = "store_false" if default else "store_true"
