@@ -19,7 +19,7 @@ from mlm.errors import MLMError
 from mlm.files.pretrained import save_pretrained
 from mlm.model import DistilBertConfig, DistilBertForMaskedLM
 from mlm.run.hub_push import full_repo_id, push_run
-from mlm.run.model_card import render_model_card, write_model_card, write_run_model_card
+from mlm.run.model_card import write_run_model_card
 from mlm.run.record import RunRecord, write_record
 from mlm.settings import TrainConfig
 from mlm.tokenizer import load_tokenizer
@@ -32,11 +32,6 @@ BEFORE = {"loss": 3.08, "perplexity": 21.76, "reference_loss": 3.09, "reference_
           "accuracy": 0.41, "tokens": 18000, "sequences": 1000}
 AFTER = {"loss": 2.45, "perplexity": 11.59, "reference_loss": 2.46, "reference_perplexity": 11.70,
          "accuracy": 0.52, "tokens": 18000, "sequences": 1000}
-ARGS = {"model": "distilbert-base-uncased", "init": "pretrained", "dataset": "stanfordnlp/imdb", "text_column": "text",
-        "chunk_size": 128, "train_size": 10000, "test_size": 1000, "masking": "token", "mlm_probability": 0.15,
-        "batch_size": 64, "grad_accum": 1, "world_size": 1, "lr": 2e-05, "weight_decay": 0.01, "epochs": 3,
-        "seed": 42, "precision_used": "bf16", "device_used": "cuda", "train_chunks": 10000, "eval_chunks": 1000,
-        "total_steps": 471, "warmup_steps_used": 0, "parameters": 66985530, "prompts": ["This is a great [MASK]."]}
 SETTINGS = {**asdict(TrainConfig()), "global_batch": 64}
 DERIVED = {"train_chunks": 10000, "eval_chunks": 1000, "eval_tokens": 18000, "steps_per_epoch": 157,
            "total_steps": 471, "warmup_steps": 0, "parameters": 66985530}
@@ -100,10 +95,25 @@ def card_metadata(text: str) -> dict:
     return yaml.safe_load(text.split("---\n")[1])
 
 
+def run_card(tmp_path: Path, *, derived: dict | None = None, config: dict | None = None, results: dict | None = None,
+             model_id: str = "me/run", **settings) -> tuple[str, dict]:
+    """The card write_run_model_card writes from a finished run's record with these settings (and derived figures,
+    results, config.json), and its metadata."""
+    folder = tmp_path / "run"
+    folder.mkdir(parents=True)
+    record = finished_record(**settings)
+    record.derived = {**record.derived, **(derived or {})}
+    record.results = {**record.results, **(results or {})}
+    if config:
+        (folder / "config.json").write_text(json.dumps(config))
+    write_record(folder, record)
+    text = write_run_model_card(folder, model_id=model_id).read_text()
+    return text, card_metadata(text)
+
+
 def test_card_metadata_is_what_the_hub_reads(tmp_path):
-    path = write_model_card(tmp_path, model_id="me/tiny-imdb", args=ARGS, before=BEFORE, after=AFTER,
-                            fill_mask_before=FILL_BEFORE, fill_mask_after=FILL_AFTER)
-    meta = card_metadata(path.read_text())
+    _, meta = run_card(tmp_path, model_id="me/tiny-imdb")
+    path = tmp_path / "run" / "README.md"
     assert meta["base_model"] == "distilbert-base-uncased"
     assert meta["datasets"] == ["stanfordnlp/imdb"]
     assert "fill-mask" in meta["tags"] and meta["pipeline_tag"] == "fill-mask"
@@ -126,8 +136,7 @@ def test_card_metadata_is_what_the_hub_reads(tmp_path):
 
 
 def test_card_body_holds_hyperparameters_results_predictions_and_usage(tmp_path):
-    text = render_model_card(model_id="me/tiny-imdb", args=ARGS, before=BEFORE, after=AFTER,
-                             fill_mask_before=FILL_BEFORE, fill_mask_after=FILL_AFTER)
+    text, _ = run_card(tmp_path, model_id="me/tiny-imdb")
     assert "| perplexity | 21.760 | 11.590 |" in text
     assert "| perplexity, reference-style | 21.980 | 11.700 |" in text
     assert "| masked-token accuracy | 41.00% | 52.00% |" in text
@@ -137,14 +146,14 @@ def test_card_body_holds_hyperparameters_results_predictions_and_usage(tmp_path)
     assert 'pipeline("fill-mask", model="me/tiny-imdb")' in text
     assert "AutoModelForMaskedLM.from_pretrained(\"me/tiny-imdb\")" in text
     assert "python scripts/fill_mask.py --model me/tiny-imdb" in text
+    assert "python scripts/evaluate.py --model distilbert-base-uncased --model me/tiny-imdb" in text
 
 
 def test_card_of_a_local_random_run_names_no_hub_repos(tmp_path):
     data = tmp_path / "reviews.jsonl"
     data.write_text('{"text": "a"}\n')
-    args = {**ARGS, "model": str(tmp_path), "init": "random", "dataset": str(data)}
-    text = render_model_card(model_id="me/out", args=args, after=AFTER)
-    meta = card_metadata(text)
+    text, meta = run_card(tmp_path, model_id="me/out", model=str(tmp_path), init="random", dataset=str(data),
+                          results={"before": None})
     assert str(tmp_path) not in text  # a public card does not show the trainer's directories
     assert f"| configuration of (random init) | {tmp_path.name} (local) |" in text
     assert "| dataset | reviews (local) |" in text
@@ -154,19 +163,7 @@ def test_card_of_a_local_random_run_names_no_hub_repos(tmp_path):
     assert meta["license"] == "other"
     assert "reviews.jsonl" not in text.split("---\n")[1]  # local data: prose only, never in the metadata
     assert "model-index" not in meta and "| perplexity | – | 11.590 |" in text
-
-
-def run_card(tmp_path: Path, *, derived: dict | None = None, config: dict | None = None,
-             **settings) -> tuple[str, dict]:
-    folder = tmp_path / "run"
-    folder.mkdir(parents=True)
-    record = finished_record(**settings)
-    record.derived = {**record.derived, **(derived or {})}
-    if config:
-        (folder / "config.json").write_text(json.dumps(config))
-    write_record(folder, record)
-    text = write_run_model_card(folder, model_id="me/run").read_text()
-    return text, card_metadata(text)
+    assert "python scripts/evaluate.py --model me/out " in text  # no base model to compare with
 
 
 def test_card_of_a_whole_word_masking_run_gives_the_masking_as_run(tmp_path):

@@ -1,11 +1,8 @@
-"""`--report-to tensorboard`: the figures of metrics.jsonl as TensorBoard scalars, for curves to look at.
-
-torch.utils.tensorboard writes the event files but needs the `tensorboard` package, an optional extra
-(`pip install "mlm[tensorboard]"`): `require_tensorboard` checks for it before a run does any work, and
-`TensorBoardLog` receives every record runtime.MetricsLog writes.
-
-    train  train/loss, train/lr, train/grad_norm, train/tokens_per_second   at the optimizer step
-    eval   eval/perplexity, eval/reference_perplexity, eval/loss, eval/accuracy   at the step it was measured
+"""`--report-to tensorboard`: the figures of metrics.jsonl as TensorBoard scalars in `tensorboard/` of the output
+folder, for curves to look at. `TensorBoardLog` is a listener of mlm.run.metrics.MetricsLog: it gets every record
+the log writes, and keeps the figures of SCALARS, at the record's optimizer step. torch.utils.tensorboard writes the
+event files but needs the `tensorboard` package, an optional extra (`pip install "mlm[tensorboard]"`), which
+`require_tensorboard` checks for before a run does any work.
 """
 
 from __future__ import annotations
@@ -14,13 +11,10 @@ from pathlib import Path
 
 from mlm.errors import MLMError
 
-LOG_DIR = "tensorboard"  # in the output folder, beside metrics.jsonl
-
-# The figures of each kind of record that become curves; the rest (labels, prompts, times) are not numbers to plot.
-SCALARS = {
-    "train": ("loss", "lr", "grad_norm", "tokens_per_second"),
-    "eval": ("perplexity", "reference_perplexity", "loss", "accuracy"),
-}
+LOG_DIR = "tensorboard"
+# The figures of each kind of record that become curves, as "kind/name"; the rest (labels, prompts, times) are not.
+SCALARS = {"train": ("loss", "lr", "grad_norm", "tokens_per_second"),
+           "eval": ("perplexity", "reference_perplexity", "loss", "accuracy")}
 
 
 def require_tensorboard():
@@ -34,20 +28,15 @@ def require_tensorboard():
 
 
 class TensorBoardLog:
-    """Writes the train and eval records of a run as scalars to `output_dir`/tensorboard."""
-
     def __init__(self, output_dir: str | Path):
-        self.log_dir = Path(output_dir) / LOG_DIR
-        self.writer = require_tensorboard()(log_dir=str(self.log_dir))
+        self.writer = require_tensorboard()(log_dir=str(Path(output_dir) / LOG_DIR))
 
     def write(self, kind: str, **values) -> None:
-        names = SCALARS.get(kind)
-        if names is None or "step" not in values:
-            return
-        for name in names:
-            if isinstance(values.get(name), int | float):
-                self.writer.add_scalar(f"{kind}/{name}", values[name], global_step=values["step"])
-        self.writer.flush()  # as metrics.jsonl: a crash or a live TensorBoard sees every record at once
+        if kind in SCALARS and "step" in values:
+            for name in SCALARS[kind]:
+                if isinstance(values.get(name), int | float):
+                    self.writer.add_scalar(f"{kind}/{name}", values[name], global_step=values["step"])
+            self.writer.flush()  # as metrics.jsonl: a crash or a live TensorBoard sees every record at once
 
     def close(self) -> None:
         self.writer.close()
