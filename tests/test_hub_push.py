@@ -16,11 +16,12 @@ from hub_server import TOKEN, HubServer, Repo
 from huggingface_hub import ModelCard, metadata_load
 
 from mlm.errors import MLMError
+from mlm.files.hashing import file_sha256
 from mlm.files.pretrained import save_pretrained
 from mlm.model import DistilBertConfig, DistilBertForMaskedLM
 from mlm.run.hub_push import full_repo_id, push_run
 from mlm.run.model_card import write_run_model_card
-from mlm.run.record import RunRecord, write_record
+from mlm.run.record import RunRecord, read_record, write_record
 from mlm.settings import TrainConfig
 from mlm.tokenizer import load_tokenizer
 
@@ -434,6 +435,25 @@ def test_no_token_is_one_line(hub, run_dir, monkeypatch, tmp_path):
     assert "\n" not in message and "No Hugging Face token" in message and "HF_TOKEN" in message
     assert hub.url in message and "hf auth login" in message
     assert hub.requests == [] and local_files(run_dir) == before
+    # mlm-train --push-to-hub asks for the repo's full id before training: a missing token is refused then, also
+    # for a namespace/name that needs no whoami.
+    for repo in ("tiny-imdb", "me/tiny-imdb"):
+        with pytest.raises(MLMError, match="No Hugging Face token"):
+            full_repo_id(repo, endpoint=hub.url)
+
+
+def test_the_pushed_card_names_the_repo_and_an_edited_card_goes_as_it_is(hub, run_dir):
+    write_run_model_card(run_dir)  # a run trained without --push-to-hub: its card names the local folder
+    record = read_record(run_dir)
+    record.written = {**record.written, "README.md": file_sha256(run_dir / "README.md")}
+    write_record(run_dir, record)
+    assert str(run_dir) in (run_dir / "README.md").read_text()
+    push_run(run_dir, "me/tiny-imdb", endpoint=hub.url)
+    pushed = hub.repos["me/tiny-imdb"].files["README.md"].decode()
+    assert str(run_dir) not in pushed and "--model me/tiny-imdb" in pushed
+    (run_dir / "README.md").write_text("# My own card\n")
+    push_run(run_dir, "me/tiny-imdb", endpoint=hub.url)
+    assert hub.repos["me/tiny-imdb"].files["README.md"] == b"# My own card\n"
 
 
 def test_repo_of_someone_else_is_refused_at_create(hub, run_dir):

@@ -14,9 +14,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from mlm.errors import MLMError
+from mlm.files.hashing import file_sha256
 from mlm.files.hub import exception_chain
 from mlm.files.pretrained import CONFIG_FILE, WEIGHTS_FILE
-from mlm.run.model_card import CARD_FILE, is_hub_id
+from mlm.run.model_card import CARD_FILE, is_hub_id, run_model_card
 from mlm.run.record import RECORD_FILE, RunRecord, read_record
 from mlm.run.tensorboard_log import LOG_DIR
 
@@ -72,11 +73,11 @@ def push_run(folder: str | Path, repo_id: str, *, private: bool | None = None,
     if missing := [name for name in MODEL_FILES if not (folder / name).is_file()]:
         raise MLMError(f"Cannot push {folder} to {endpoint}: it holds no {' and no '.join(missing)}, so it is not "
                        "a finished run's folder. Push the --output-dir of a finished run.")
-    uploads = run_files(folder)
     api = _hub_api(repo_id, endpoint, token, f" The model is intact in {folder}.")
     try:
         # A bare name ("my-model") is created in the token owner's namespace; the Hub answers with the full id.
         repo_id = getattr(api.create_repo(repo_id, private=private, exist_ok=True), "repo_id", None) or repo_id
+        uploads = run_files(folder, repo_id)
         commit = api.create_commit(repo_id=repo_id, commit_message=commit_message, operations=[
             CommitOperationAdd(path_in_repo=name, path_or_fileobj=content) for name, content in uploads.items()])
     except Exception as err:  # classified below; anything unforeseen is still one line, not a traceback
@@ -87,13 +88,13 @@ def push_run(folder: str | Path, repo_id: str, *, private: bool | None = None,
 
 def full_repo_id(repo_id: str, *, endpoint: str | None = None, token: str | None = None) -> str:
     """"namespace/name" for `repo_id`; a bare name gets the token owner's namespace (one whoami request), so that
-    the model card can name the repo before the push creates it."""
-    if "/" in repo_id:
-        return repo_id
+    the model card can name the repo before the push creates it. A missing token is refused now, before training."""
     from huggingface_hub import constants
 
     endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
     api = _hub_api(repo_id, endpoint, token)
+    if "/" in repo_id:
+        return repo_id
     try:
         return f"{api.whoami()['name']}/{repo_id}"
     except Exception as err:  # classified below; anything unforeseen is still one line, not a traceback
@@ -109,14 +110,19 @@ def _hub_api(repo_id: str, endpoint: str, token: str | None, kept: str = ""):
     return HfApi(endpoint=endpoint, token=token)
 
 
-def run_files(folder: Path) -> dict[str, Path | bytes]:
-    """What a push of `folder` uploads: name in the repo -> the local file, or the bytes of a public copy."""
+def run_files(folder: Path, repo_id: str) -> dict[str, Path | bytes]:
+    """What a push of `folder` to `repo_id` uploads: name in the repo -> the local file, or the bytes of a public
+    copy."""
     files: dict[str, Path | bytes] = {name: folder / name for name in PUSHED_FILES if (folder / name).is_file()}
     if METRICS_FILE in files:
         files[METRICS_FILE] = public_metrics(files[METRICS_FILE].read_bytes())
     if (record := read_record(folder)) is None:  # no run.json: pushed without it
         return files
     files[RECORD_FILE] = RunRecord(**public_record(asdict(record))).to_json().encode()
+    # The card mlm wrote names the repo it was written for, perhaps the local folder: the pushed one names this repo.
+    # A card the user edited goes as it is.
+    if CARD_FILE in files and record.written.get(CARD_FILE) == file_sha256(files[CARD_FILE]):
+        files[CARD_FILE] = run_model_card(folder, model_id=repo_id).encode()
     # tensorboard/ when some segment wrote it: the settings say so now, or did before a resume changed them (a
     # segment's `changed` holds [before, now]). Dot files are temporary files of a write in progress, not logs.
     if record.settings.get("report_to") == "tensorboard" or any(

@@ -51,6 +51,13 @@ def write_run_model_card(output_dir: str | Path, *, model_id: str | None = None)
     `model_id`: the Hub repo id the card names, by default the folder's path. The record keeps the first
     segment's "before" across resumes and the last fill-mask predictions of each label.
     """
+    path = Path(output_dir) / CARD_FILE
+    atomic_write_text(path, run_model_card(output_dir, model_id=model_id))
+    return path
+
+
+def run_model_card(output_dir: str | Path, *, model_id: str | None = None) -> str:
+    """The text of the model card of the run in `output_dir` (see `write_run_model_card`)."""
     output_dir = Path(output_dir)
     record = read_record(output_dir)
     if record is None:
@@ -61,9 +68,7 @@ def write_run_model_card(output_dir: str | Path, *, model_id: str | None = None)
     except json.JSONDecodeError as err:
         raise MLMError(f"{config} is not valid JSON ({err}); the model card cannot be written from it.") from None
     args = {**card_values(record), "family": family or "distilbert"}
-    path = output_dir / CARD_FILE
-    atomic_write_text(path, _render(model_id or str(output_dir), args, record.results))
-    return path
+    return _render(model_id or str(output_dir), args, record.results)
 
 
 def card_values(record: RunRecord) -> dict:
