@@ -199,3 +199,20 @@ def test_the_default_output_folder_is_named_after_the_model_and_the_data(tmp_pat
         with pytest.raises(SystemExit):
             mlm.cli.train.main(flags)
         assert given.pop().output_dir == folder
+
+
+def test_an_older_checkpoint_of_an_extended_run_resumes_as_run_json_defines_the_run(tmp_path, monkeypatch, capsys):
+    """--resume CHECKPOINT takes the run's settings from its run.json, not from the checkpoint's older copy: after
+    an --extend, a checkpoint from before it continues the extended run instead of being refused."""
+    from mlm.cli.train import main
+
+    monkeypatch.chdir(tmp_path)
+    flags = ["--model", str(SMOKE), "--init", "random", "--dataset", str(SMOKE / "reviews.jsonl"), "--chunk-size",
+             "32", "--train-size", "96", "--test-size", "32", "--batch-size", "16", "--save-every", "2",
+             "--keep-checkpoints", "10", "--no-progress", "--prompt", "a [MASK] .", "--output-dir", "run"]
+    main([*flags, "--epochs", "1"])
+    main(["--resume", "latest", "--extend", "--epochs", "2", "--output-dir", "run"])
+    main(["--resume", "run/checkpoints/step-000004"])
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["status"] == "finished" and record["progress"]["step"] == 12
+    assert [segment["from_step"] for segment in record["segments"]] == [0, 6, 4]

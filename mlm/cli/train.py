@@ -92,14 +92,15 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def resumed_settings(settings: dict, given: set[str]) -> dict:
-    """The settings of a resume: the run's recorded ones (its run.json, else its newest checkpoint's copy), the
-    flags typed now on top (a run-defining one that differs is refused later, listing the differences). A
-    checkpoint given without --output-dir continues in its own run's folder."""
+    """The settings of a resume: the run's recorded ones (its run.json, else its newest checkpoint's copy; into a
+    folder without a run, the given checkpoint's copy), the flags typed now on top (a run-defining one that differs
+    is refused later, listing the differences). A checkpoint given without --output-dir continues in its own run's
+    folder, and an older checkpoint of the run continues the run as run.json defines it now (--extend included)."""
     checkpoint = None if settings["resume"] == "latest" else Path(settings["resume"]).expanduser()
     if checkpoint is not None and "output_dir" not in given and checkpoint.parent.name == "checkpoints":
         settings["output_dir"] = str(checkpoint.parent.parent)
-    source = Path(settings["output_dir"]).expanduser() if checkpoint is None else checkpoint
-    record = folder_record(source) if source.is_dir() else None
+    record = next((found for source in (Path(settings["output_dir"]).expanduser(), checkpoint)
+                   if source is not None and source.is_dir() and (found := folder_record(source)) is not None), None)
     if record is None:
         return settings
     kept = ("output_dir", "resume", "overwrite", "extend")
