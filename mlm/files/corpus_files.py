@@ -204,8 +204,7 @@ def _parquet_batches(file: Path, text_column: str) -> Iterator[tuple[list[str], 
         total_rows, rows, size = max(parquet.metadata.num_rows, 1), 0, file.stat().st_size
         for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_column]):
             rows += batch.num_rows
-            texts = texts_of(batch.column(0), file, text_column)
-            if texts:
+            if texts := texts_of(batch.column(0), file, text_column):
                 yield texts, size * rows // total_rows
 
 

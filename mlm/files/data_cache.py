@@ -22,10 +22,8 @@ def default_cache_dir() -> Path:
     return Path(constants.HF_HOME).expanduser() / "mlm"
 
 
-def cache_key(
-    files: list[Path], tokenizer: Tokenizer, *, chunk_size: int, group_size: int | None, text_column: str,
-    one_document_per_file: bool = False,
-) -> dict:
+def cache_key(files: list[Path], tokenizer: Tokenizer, *, chunk_size: int, group_size: int | None, text_column: str,
+              one_document_per_file: bool = False) -> dict:
     """Everything the chunks depend on, as a JSON-able dict; its hash names the store.
 
     Data files are identified by the SHA-256 of their content, not by path + size + mtime: hashing IMDb's corpus

@@ -225,9 +225,8 @@ def _stem(name: str) -> str:
     return name.split(".", 1)[0]
 
 
-def load_texts(
-    source: str | Path, split: str = "train", *, text_column: str = "text", revision: str | None = None
-) -> list[str]:
+def load_texts(source: str | Path, split: str = "train", *, text_column: str = "text",
+               revision: str | None = None) -> list[str]:
     """The reviews of one split of `source` (see `find_corpus`), as a list of str in file order; `text_column` names
     the column in parquet, JSON lines and CSV files."""
     files, one_document_per_file = find_corpus(source, split, revision=revision)

@@ -55,9 +55,8 @@ def load_pretrained(name_or_path: str | Path, revision: str | None = None) -> Di
 
 def load_model(name_or_path: str | Path, *, init: str = "pretrained", revision: str | None = None,
                tokenizer=None, config_overrides: str | None = None) -> DistilBertForMaskedLM:
-    """The pretrained model, or (init="random") a freshly initialised one of its config.json with
-    `config_overrides` applied, in float32 on the CPU; with `tokenizer`, refused unless the model has an embedding
-    row for every token id."""
+    """The pretrained model, or (init="random") a fresh one of its config.json with `config_overrides` applied, in
+    float32 on the CPU; with `tokenizer`, refused unless the model has an embedding row for every token id."""
     if init == "pretrained":
         model = load_pretrained(name_or_path, revision=revision)
     else:
@@ -83,9 +82,8 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
                        "download or copy: delete it and fetch or save it again.") from None
 
 
-def model_from_state_dict(
-    config: DistilBertConfig, state: dict[str, torch.Tensor], *, source: str | Path = "the checkpoint"
-) -> DistilBertForMaskedLM:
+def model_from_state_dict(config: DistilBertConfig, state: dict[str, torch.Tensor], *,
+                          source: str | Path = "the checkpoint") -> DistilBertForMaskedLM:
     """Check `state` (the family's tensor names) against the model `config` describes and load it; every mismatch
     is named in the error."""
     state = {name: tensor for name, tensor in state.items() if not name.startswith(UNUSED[config.family])}
