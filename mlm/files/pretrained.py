@@ -35,7 +35,6 @@ LEGACY_RENAMES = {"LayerNorm.gamma": "LayerNorm.weight", "LayerNorm.beta": "Laye
 SIZE_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim", "max_position_embeddings")
 FOREIGN_SIZE_KEYS = (*SIZE_KEYS[1:5], "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                      "n_embd", "n_layer", "n_head", "d_model", "num_layers", "d_ff")
-PROBABILITY_KEYS = ("dropout", "attention_dropout")
 
 
 def load_pretrained(name_or_path: str | Path, revision: str | None = None) -> DistilBertForMaskedLM:
@@ -214,11 +213,8 @@ def config_from_dict(values: dict, *, source: str | Path = "config") -> DistilBe
 
 
 def check_config(config: DistilBertConfig, source: str | Path = "config") -> None:
-    """Refuse values that would fail deep inside the model (or be misread), naming the file and the key.
-
-    JSON has no integer/float/bool distinction that Python keeps for us: 768.0, "768" and true are all refused
-    where an integer is meant, and "no" where a boolean is (any non-empty string would read as true).
-    """
+    """Refuse values that would fail deep inside the model (or be misread), naming the file and the key: 768.0,
+    "768" and true where an integer is meant, "no" where a boolean is (any non-empty string would read as true)."""
     if config.family not in ARCHITECTURES:
         raise MLMError(f"{source}: family {config.family!r} is not one of {list(ARCHITECTURES)}.")
     keys = CONFIG_KEYS[config.family]
@@ -234,7 +230,7 @@ def check_config(config: DistilBertConfig, source: str | Path = "config") -> Non
     if config.dim % config.n_heads:
         raise MLMError(f"{source}: \"{dim}\" {config.dim} is not divisible by \"{heads}\" {config.n_heads}: each "
                        f"head takes {dim} / {heads} features. Fix them in config.json.")
-    for key in PROBABILITY_KEYS:
+    for key in ("dropout", "attention_dropout"):
         if not (_is_number(getattr(config, key)) and 0 <= getattr(config, key) < 1):
             raise refuse(key, "a probability in [0, 1)")
     for key, what in (("initializer_range", " (the standard deviation of the random init)"), ("layer_norm_eps", "")):
