@@ -28,7 +28,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 EMBEDDING_KEY = "distilbert.embeddings.word_embeddings.weight"
 PROJECTOR_KEY = "vocab_projector.weight"
-# TensorFlow-era names, still in some Hub files (bert-base-uncased's); the reference renames only these.
+# TensorFlow-era names, which older Hub checkpoints still use; the reference renames only these.
 LEGACY_RENAMES = {"LayerNorm.gamma": "LayerNorm.weight", "LayerNorm.beta": "LayerNorm.bias"}
 # Size keys of the families and of other architectures (GPT-2, T5, …). A config holding size keys its model_type
 # does not use describes another model, whose sizes would otherwise be silently replaced by the defaults.
