@@ -286,6 +286,13 @@ def test_a_csv_with_carriage_return_line_endings_is_read(tmp_path):
     assert load_texts(mixed) == ["one", "two", "three"]
 
 
+def test_a_csv_whose_last_quoted_field_ends_the_file_is_read(tmp_path):
+    """A closing quote that was the file's last byte (no final line end) was called never closed."""
+    file = tmp_path / "last.csv"
+    file.write_bytes(b'label,text\n1,"the end"')
+    assert load_texts(file) == ["the end"]
+
+
 def test_a_carriage_return_csv_error_names_the_right_line(tmp_path):
     file = tmp_path / "mac.csv"
     file.write_bytes(b"label,text\r1,fine\r0,caf\xe9\r")

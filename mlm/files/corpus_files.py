@@ -1,13 +1,6 @@
 """Reading a corpus's texts in bounded pieces, whatever its files: parquet shards, JSON lines, CSV and text files,
-plain or compressed (.gz, .zst).
-
-`iter_texts` yields the texts of a list of files batch by batch, never holding more than one batch (about
-`block_bytes` of raw text, or one document when a document is larger) plus pyarrow's read-ahead. mlm/corpus_store.py
-tokenizes the batches as they come; `read_texts` in mlm/files/data_files.py reads a whole corpus into a list.
-
-Every problem with a file (missing column, nulls, non-text column, bad UTF-8, a broken record) is one MLMError
-line naming the file.
-"""
+plain or compressed (.gz, .zst). Every problem with a file (missing column, nulls, non-text column, bad UTF-8, a
+broken record) is one MLMError line naming the file."""
 
 from __future__ import annotations
 
@@ -38,33 +31,16 @@ def file_format(file: Path) -> tuple[str, str | None] | None:
     return suffixes[-1], compression
 
 
-def check_one_format(files: list[Path]) -> None:
-    """Refuse a corpus whose files are of different formats (compression aside), naming the odd file."""
-    first = file_format(files[0])
-    for file in files[1:]:
-        found = file_format(file)
-        # .json and .jsonl are both read as JSON lines: one format.
-        if found is None or found[0].removesuffix("l") != first[0].removesuffix("l"):
-            raise MLMError(f"{file} is a {(found or ('unknown',))[0].lstrip('.')} file but {files[0]} is "
-                           f"{first[0].lstrip('.')}: a corpus is one format. Move the odd files out or pass one "
-                           "folder or glob per format.")
-
-
 def iter_texts(files: list[Path], *, text_column: str = "text", one_document_per_file: bool = False,
                block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[list[str], int]]:
-    """Yield (texts, bytes_read) batch by batch through `files` in order.
-
-    bytes_read counts the files' bytes on disk (compressed, when they are) consumed so far, for a progress bar.
-    A .txt file holds one document per line, or the whole file is one document with `one_document_per_file`.
-    Batch boundaries depend only on the files' bytes, so two reads of the same files yield the same batches.
-    """
+    """Yield (texts, bytes_read) batch by batch through `files` (corpus files: mlm/files/data_files.py) in order,
+    never holding more than one batch (about `block_bytes` of raw text, or one document when longer) plus pyarrow's
+    read-ahead. bytes_read counts the files' bytes on disk (compressed, when they are) consumed so far. A .txt file
+    holds one document per line, or is one document with `one_document_per_file`. Batch boundaries depend only on
+    the files' bytes, so two reads of the same files yield the same batches."""
     done = 0
     for file in files:
-        found = file_format(file)
-        if found is None:
-            raise MLMError(f"{file} is not a corpus file (.parquet, .jsonl, .json, .csv or .txt, optionally .gz "
-                           "or .zst).")
-        suffix, compression = found
+        suffix, compression = file_format(file)
         try:
             if suffix == ".parquet":
                 batches = _parquet_batches(file, text_column)
@@ -90,12 +66,9 @@ def _open(file: Path, compression: str | None):
 
 
 def _record_blocks(file: Path, compression: str | None, block_bytes: int, quoted: bool) -> Iterator[tuple[bytes, int]]:
-    """Yield (bytes of whole records, raw position): blocks cut after a newline that ends a record.
-
-    With `quoted` (CSV), a line end inside a quoted field does not end a record, and a lone "\\r" does
-    (`_record_ends`). A record longer than `block_bytes` makes the block grow until it ends; nothing in pyarrow's
-    reader limits its size.
-    """
+    """Yield (bytes of whole records, raw position): blocks cut after a newline that ends a record. With `quoted`
+    (CSV), a line end inside a quoted field does not end a record, and a lone "\\r" does (`_record_ends`). A record
+    longer than `block_bytes` makes the block grow until it ends; nothing in pyarrow's reader limits its size."""
     raw, stream = _open(file, compression)
     with raw:
         pending = b""
@@ -114,9 +87,15 @@ def _record_blocks(file: Path, compression: str | None, block_bytes: int, quoted
 
 
 def _record_ends(data: bytes) -> np.ndarray:
-    """(K,) int64: the offsets just past each line end of `data` outside quoted fields; `data` starts a CSV record."""
+    """(K,) int64: the offsets just past each line end of `data` outside quoted fields; `data` starts a CSV record.
+
+    A CSV line ends at each "\\n" and each "\\r" not followed by one. pyarrow reads old Mac files, whose lines end in
+    "\\r" alone; cutting only at "\\n" made such a file one header line and an empty corpus. A "\\r" that ends
+    `data` may be half of a "\\r\\n" that the next block completes, so it is left for that block."""
+    array = np.frombuffer(data, np.uint8)
+    lone = np.flatnonzero(array[:-1] == CARRIAGE_RETURN)
+    newlines = np.union1d(np.flatnonzero(array == NEWLINE), lone[array[lone + 1] != NEWLINE])
     starts, ends, _ = _quoted_fields(data)
-    newlines = _csv_line_ends(data)
     if not len(starts):
         return newlines + 1
     field = np.searchsorted(starts, newlines, side="right") - 1  # the last quoted field opened before each newline
@@ -124,41 +103,22 @@ def _record_ends(data: bytes) -> np.ndarray:
     return newlines[~inside] + 1
 
 
-def _csv_line_ends(data: bytes) -> np.ndarray:
-    """(K,) int64, sorted: the offsets of the bytes that end a CSV line, each "\\n" and each "\\r" not followed by
-    one. pyarrow reads old Mac files, whose lines end in "\\r" alone; cutting only at "\\n" made such a file one
-    header line and an empty corpus. A "\\r" that ends `data` may be half of a "\\r\\n" that the next block
-    completes, so it is left for that block."""
-    array = np.frombuffer(data, np.uint8)
-    lone = np.flatnonzero(array[:-1] == CARRIAGE_RETURN)
-    lone = lone[array[lone + 1] != NEWLINE]
-    return np.union1d(np.flatnonzero(array == NEWLINE), lone)
-
-
 def _line_breaks(data: bytes, csv: bool) -> int:
-    """The lines that `data` ends: its "\\n", and in CSV also each "\\r" not before a "\\n" (`_csv_line_ends`)."""
+    """The lines that `data` ends: its "\\n", and in CSV also each "\\r" not before a "\\n" (`_record_ends`)."""
     return data.count(b"\n") + (data.count(b"\r") - data.count(b"\r\n") if csv else 0)
-
-
-def _never_closed_quote(data: bytes) -> int | None:
-    """The offset of the quote that opens a quoted field of `data` (CSV that starts a record) and is not closed at
-    the field's end, as pyarrow reads it; None if every one is."""
-    starts, ends, closed_early = _quoted_fields(data)
-    if closed_early is not None:
-        return closed_early
-    return int(starts[-1]) if len(ends) and ends[-1] == len(data) else None
 
 
 def _quoted_fields(data: bytes) -> tuple[np.ndarray, np.ndarray, int | None]:
     """(starts (Q,), ends (Q,)) int64: the offsets of the opening and just past the closing quote of each quoted
     field of `data` (CSV that starts a record), ends len(data) for one still open at the end; and the start of the
-    first field closed before more text (pyarrow joins the text to it: a stray quote merged records), or None.
+    first field not closed where it ends, None if every one is: one closed before more text (pyarrow joins the text
+    to it: a stray quote merged records), else one never closed.
 
     Read as pyarrow reads CSV: a quote opens a field only as its first character (elsewhere, as in 6'2", it is
     text, so counting quotes is not enough), and "" inside a quoted field is one quote. A loop over the quotes
     only: a block has few of them next to its bytes.
     """
-    starts, ends, closed_early, opened, escaped = [], [], None, None, False
+    starts, ends, unclosed, opened, escaped = [], [], None, None, False
     for at in np.flatnonzero(np.frombuffer(data, np.uint8) == QUOTE).tolist():
         if escaped:
             escaped = False
@@ -168,15 +128,15 @@ def _quoted_fields(data: bytes) -> tuple[np.ndarray, np.ndarray, int | None]:
         elif data[at + 1 : at + 2] == b'"':
             escaped = True
         else:
-            if data[at + 1 : at + 2] not in (b"", b",", b"\r", b"\n") and closed_early is None:
-                closed_early = opened
+            if data[at + 1 : at + 2] not in (b"", b",", b"\r", b"\n") and unclosed is None:
+                unclosed = opened
             starts.append(opened)
             ends.append(at + 1)
             opened = None
     if opened is not None:
         starts.append(opened)
         ends.append(len(data))
-    return np.array(starts, np.int64), np.array(ends, np.int64), closed_early
+    return np.array(starts, np.int64), np.array(ends, np.int64), opened if unclosed is None else unclosed
 
 
 def _record_batches(file: Path, suffix: str, compression: str | None, text_column: str,
@@ -184,17 +144,17 @@ def _record_batches(file: Path, suffix: str, compression: str | None, text_colum
     header, csv = b"", suffix == ".csv"
     line, offset = 1, 0
     for data, position in _record_blocks(file, compression, block_bytes, quoted=csv):
-        _check_utf8(data, file, line, offset, csv=csv)
+        text = _decode(data, file, line, offset, csv=csv)
         # Counted before a CSV's header is taken off the block, so that later lines and bytes keep their numbers.
         line, offset, first_line = line + _line_breaks(data, csv), offset + len(data), line
         if suffix == ".txt":
             # One document per "\n"-ended line ("\r\n" too), not str.splitlines(), which also splits at form
             # feeds and Unicode line separators inside a text. Blank lines would each be a bare [CLS] [SEP].
-            texts = [t.removesuffix("\r") for t in data.decode("utf-8").split("\n") if t.strip()]
+            texts = [t.removesuffix("\r") for t in text.split("\n") if t.strip()]
         elif suffix == ".csv":
             # pyarrow accepts a quote left open at the end of the file (only the last block can end inside one),
             # and text after a closing quote: either would silently merge the records after a stray quote.
-            if (opened := _never_closed_quote(data)) is not None:
+            if (opened := _quoted_fields(data)[2]) is not None:
                 opened_line = first_line + _line_breaks(data[:opened], csv=True)
                 raise MLMError(f"{file} has a quoted field that is never closed, opened on line {opened_line}. "
                                'Close it, or double a quote inside a quoted field ("").')
@@ -204,41 +164,35 @@ def _record_batches(file: Path, suffix: str, compression: str | None, text_colum
                 header, data = data[:end], data[end:]
                 if not header.strip():
                     raise MLMError(f"{file} has no header line naming its columns; add one (e.g. {text_column}).")
-            texts = _csv_texts(header, data, file, text_column) if data.strip() else []
+            texts = _table_texts(header + data, csv, file, text_column) if data.strip() else []
         else:
             if data.lstrip()[:1] == b"[":  # pyarrow's own message ("changed from object to array") does not say so
                 raise MLMError(f"{file} holds a JSON array, not JSON lines: .json and .jsonl files are read as one "
                                f"JSON object per line. Convert it, e.g. with `jq -c '.[]' {file} > "
                                f"{file.name.split('.')[0]}.jsonl`.")
-            texts = _json_texts(data, file, text_column) if data.strip() else []
+            texts = _table_texts(data, csv, file, text_column) if data.strip() else []
         if texts:
             yield texts, position
 
 
-def _csv_texts(header: bytes, data: bytes, file: Path, text_column: str) -> list[str]:
+def _table_texts(data: bytes, csv: bool, file: Path, text_column: str) -> list[str]:
+    """The texts of whole CSV records (the header first) or JSON lines, parsed as one pyarrow block: pyarrow refuses
+    a record that straddles two of its blocks."""
     import pyarrow.csv
-
-    body = header + data
-    table = pyarrow.csv.read_csv(
-        pa.BufferReader(body),
-        read_options=pyarrow.csv.ReadOptions(block_size=len(body) + 1),
-        parse_options=pyarrow.csv.ParseOptions(newlines_in_values=True),
-        # Read as text whatever it looks like: a column of numbers is still a column of texts here.
-        convert_options=pyarrow.csv.ConvertOptions(column_types={text_column: pa.string()}),
-    )
-    if text_column not in table.column_names:
-        raise _missing_column(file, text_column, table.column_names)
-    return texts_of(table.column(text_column), file, text_column)
-
-
-def _json_texts(data: bytes, file: Path, text_column: str) -> list[str]:
     import pyarrow.json
 
-    # One block holding every line of `data`: pyarrow refuses a record that straddles two of its blocks.
-    table = pyarrow.json.read_json(pa.BufferReader(data),
-                                   read_options=pyarrow.json.ReadOptions(block_size=len(data) + 1))
-    if text_column not in table.column_names:
-        raise _missing_column(file, text_column, table.column_names)
+    if csv:
+        table = pyarrow.csv.read_csv(
+            pa.BufferReader(data),
+            read_options=pyarrow.csv.ReadOptions(block_size=len(data) + 1),
+            parse_options=pyarrow.csv.ParseOptions(newlines_in_values=True),
+            # Read as text whatever it looks like: a column of numbers is still a column of texts here.
+            convert_options=pyarrow.csv.ConvertOptions(column_types={text_column: pa.string()}),
+        )
+    else:
+        table = pyarrow.json.read_json(pa.BufferReader(data),
+                                       read_options=pyarrow.json.ReadOptions(block_size=len(data) + 1))
+    _check_column(file, text_column, table.column_names)
     return texts_of(table.column(text_column), file, text_column)
 
 
@@ -246,14 +200,11 @@ def _parquet_batches(file: Path, text_column: str) -> Iterator[tuple[list[str], 
     import pyarrow.parquet
 
     with pyarrow.parquet.ParquetFile(file) as parquet:
-        names = parquet.schema_arrow.names
-        if text_column not in names:
-            raise _missing_column(file, text_column, names)
+        _check_column(file, text_column, parquet.schema_arrow.names)
         total_rows, rows, size = max(parquet.metadata.num_rows, 1), 0, file.stat().st_size
         for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_column]):
             rows += batch.num_rows
-            texts = texts_of(batch.column(0), file, text_column)
-            if texts:
+            if texts := texts_of(batch.column(0), file, text_column):
                 yield texts, size * rows // total_rows
 
 
@@ -262,9 +213,8 @@ def _document_file(file: Path, compression: str | None) -> Iterator[tuple[list[s
     with raw:
         data = stream.read()
         position = raw.tell()
-    _check_utf8(data, file, 1, 0)
     # The file as it is: its lines stay joined by their newlines, which the tokenizer reads as spaces.
-    text = data.decode("utf-8")
+    text = _decode(data, file, 1, 0)
     if text.strip():
         yield [text], position
 
@@ -290,20 +240,19 @@ def texts_of(column, file: Path, text_column: str) -> list[str]:
     return column.to_pylist()
 
 
-def _missing_column(file: Path, text_column: str, names: list[str]) -> MLMError:
-    return MLMError(f"{file} has no column {text_column!r} (it has: {', '.join(names) or 'none'}); "
-                    "pass the right one with --text-column.")
+def _check_column(file: Path, text_column: str, names: list[str]) -> None:
+    if text_column not in names:
+        raise MLMError(f"{file} has no column {text_column!r} (it has: {', '.join(names) or 'none'}); "
+                       "pass the right one with --text-column.")
 
 
-def _check_utf8(data: bytes, file: Path, first_line: int, offset: int, *, csv: bool = False) -> None:
+def _decode(data: bytes, file: Path, first_line: int, offset: int, *, csv: bool = False) -> str:
     try:
-        data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as err:
         if offset == 0 and data[:2] in (b"\xff\xfe", b"\xfe\xff"):  # converted as latin1, it would be garbage
             raise MLMError(f"{file} is UTF-16 (it starts with its byte-order mark), not UTF-8. Re-encode it, e.g. "
                            "with `iconv -f utf-16 -t utf-8`.") from None
         line = first_line + _line_breaks(data[:err.start], csv)
-        raise MLMError(
-            f"{file} is not UTF-8: byte {offset + err.start} (line {line}) cannot be decoded ({err.reason}). "
-            "Re-encode it as UTF-8, e.g. with `iconv -f latin1 -t utf-8`."
-        ) from None
+        raise MLMError(f"{file} is not UTF-8: byte {offset + err.start} (line {line}) cannot be decoded "
+                       f"({err.reason}). Re-encode it as UTF-8, e.g. with `iconv -f latin1 -t utf-8`.") from None

@@ -1,12 +1,12 @@
-"""Where the prepared chunks live: one store (mlm/corpus_store.py) per (data, tokenizer, chunking) combination.
-
-`cache_key` names everything the chunks depend on; its hash names the store. mlm/data.py's `load_chunks` uses it.
-"""
+"""Where the prepared chunks live: one store (mlm/corpus_store.py) per (data, tokenizer, chunking) combination,
+named by the hash of `cache_key`, everything the chunks depend on."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from huggingface_hub import constants
 
 from mlm.files.hashing import file_sha256, json_sha256, tokenizer_sha256
 from mlm.tokenizer import Tokenizer
@@ -16,28 +16,19 @@ CACHE_FORMAT_VERSION = 2
 
 
 def default_cache_dir() -> Path:
-    """$MLM_CACHE if set, else <HF_HOME>/mlm (HF_HOME defaults to ~/.cache/huggingface), else ~/.cache/mlm."""
+    """$MLM_CACHE if set, else <HF_HOME>/mlm (HF_HOME defaults to ~/.cache/huggingface)."""
     if os.environ.get("MLM_CACHE"):
         return Path(os.environ["MLM_CACHE"]).expanduser()
-    try:
-        from huggingface_hub import constants
-    except ImportError:
-        return Path("~/.cache/mlm").expanduser()
     return Path(constants.HF_HOME).expanduser() / "mlm"
 
 
-def cache_key(
-    files: list[Path], tokenizer: Tokenizer, *, chunk_size: int, group_size: int | None, text_column: str,
-    one_document_per_file: bool = False,
-) -> dict:
-    """Everything the chunks depend on, as a JSON-able dict; its hash names the cache file.
+def cache_key(files: list[Path], tokenizer: Tokenizer, *, chunk_size: int, group_size: int | None, text_column: str,
+              one_document_per_file: bool = False) -> dict:
+    """Everything the chunks depend on, as a JSON-able dict; its hash names the store.
 
-    Data files are identified by the SHA-256 of their content, not by path + size + mtime: hashing IMDb's
-    corpus takes a small fraction of tokenizing it, and buys exactness. A copied
-    or re-downloaded but identical file still hits the cache, and a file edited in place always misses it,
-    even when its size and mtime survive (e.g. `cp -p`, or an edit within the file system's mtime granularity).
-    Each file is hashed once per process (mlm/files/hashing.py): the run record's data identity reuses it.
-    The tokenizer is identified by its serialized JSON, which covers vocabulary, normalizer and template.
+    Data files are identified by the SHA-256 of their content, not by path + size + mtime: hashing IMDb's corpus
+    takes a small fraction of tokenizing it, and buys exactness. A copied or re-downloaded but identical file still
+    hits the cache, and a file edited in place always misses it, even when its size and mtime survive (`cp -p`).
     """
     return {
         "format_version": CACHE_FORMAT_VERSION,

@@ -1,11 +1,5 @@
 """Finding and reading the texts of a corpus: a Hub dataset repo, a local folder (the Hub layout, or any files at
-any depth), a glob, or one file.
-
-`find_corpus` locates the files of a split (`plain_text/{split}-*.parquet` in the Hub's IMDb repo) and
-`read_texts` reads their text column through mlm/files/corpus_files.py, which checks what a corpus file can get
-wrong (missing column, nulls, bad UTF-8) with a one-line error. mlm/data.py and mlm/corpus_store.py turn the texts
-into chunks.
-"""
+any depth), a glob, or one file. The files are read by mlm/files/corpus_files.py."""
 
 from __future__ import annotations
 
@@ -18,15 +12,13 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from mlm.errors import MLMError
-from mlm.files.corpus_files import check_one_format, file_format, iter_texts
+from mlm.files.corpus_files import FORMATS, file_format, iter_texts
 from mlm.files.hub import resolve_repo
 
-DEFAULT_DATASET = "stanfordnlp/imdb"
 SPLITS = ("train", "test", "unsupervised")
 # The names that make a folder a split layout where they lie: the Hub's usual splits and IMDb's unsupervised. Once
 # a folder is one, a split of any other name is read too (`--eval-split dev` reads dev.jsonl).
 SPLIT_NAMES = ("train", "validation", "test", "unsupervised")
-DATA_EXTENSIONS = (".parquet", ".jsonl", ".json", ".csv", ".txt")
 NAMED = 3  # files named in a warning or an error before "and N more"
 
 
@@ -40,27 +32,22 @@ def find_corpus(source: str | Path, split: str = "train", *,
     """(the files that hold `split` of `source` in shard order, whether each .txt file is one document).
 
     `source` is a single data file, a glob, a local folder, or a Hub dataset repo id. Folders and globs are walked
-    alike (`_walk`): symlinks followed, a loop entered once, a file reached by two paths read once, hidden files
-    and folders skipped. A folder (or a downloaded snapshot) is laid out by split when split files lie where the
-    Hub puts them (`_split_places`): then the files of a split are those named `{split}-*.{ext}` or
-    `{split}.{ext}` there, e.g. the Hub's `plain_text/train-00000-of-00001.parquet`, and a data file the layout
-    leaves out is named in a warning. Any other folder, and a glob, is one corpus, the 'train' split: every data
-    file at any depth, and there a .txt file is one document (its lines joined by their newlines); elsewhere a
-    .txt file holds one document per line. A single file has one split, "train", as
-    `datasets.load_dataset("parquet", data_files=path)` names it. Data files may be compressed (.gz, .zst; not
-    parquet, which compresses inside). Raises MLMError for a split asked of a one-split corpus, for a split with
-    files in two folders, and for files of mixed formats.
+    alike (`_walk`). A folder (or a downloaded snapshot) is laid out by split when split files lie where the Hub
+    puts them (`_split_places`): then the files of a split are those named `{split}-*.{ext}` or `{split}.{ext}`
+    there, as the Hub's `plain_text/train-00000-of-00001.parquet`. Any other folder, and a glob, is one corpus, the
+    'train' split: every data file at any depth, and there a .txt file is one document (its lines joined by their
+    newlines); elsewhere a .txt file holds one document per line. A single file has one split, "train", as
+    `datasets.load_dataset("parquet", data_files=path)` names it.
     """
     path = Path(source).expanduser()
     if not path.exists() and glob.has_magic(str(source)):
         return _only_train(_globbed(path), split, str(source)), True
     if path.is_file():
-        _only_train([path], split, str(path))
-        return _checked([path]), False
+        return _only_train([path], split, str(path)), False
     downloaded = not path.is_dir()
     # Download only this split's files. In huggingface_hub's patterns `*` also matches "/", so "*/train-*"
     # finds plain_text/train-00000-of-00001.parquet at any depth; those below a split's place are left out here.
-    patterns = [f"{prefix}{split}{rest}{zipped}" for prefix in ("", "*/") for ext in DATA_EXTENSIONS
+    patterns = [f"{prefix}{split}{rest}{zipped}" for prefix in ("", "*/") for ext in FORMATS
                 for rest in (f"-*{ext}", ext) for zipped in ("", ".gz", ".zst")]
     folder = resolve_repo(source, repo_type="dataset", revision=revision, allow_patterns=patterns)
     every = _walk(folder, lambda parts: file_format(Path(parts[-1])) is not None)
@@ -86,13 +73,13 @@ def check_validation_file(path: str | Path) -> None:
 
 
 def _walk(root: Path, wanted: Callable[[tuple[str, ...]], bool], max_depth: int | None = None) -> list[Path]:
-    """The files below `root` whose path parts (relative to `root`) are `wanted`, sorted by relative path.
+    """The files below `root` whose path parts (relative to `root`) are `wanted`, sorted by relative path, at most
+    `max_depth` folders deep.
 
     Symlinks are followed, to files and folders alike, but a folder link that leads back to a folder above it
     (`sub/loop -> ..`) is not entered: glob's `**` went round such a loop until the OS refused the path, reading
     each file 41 times. A file reached by two paths is listed under both; `_read_once` keeps one. Names starting
-    with "." are skipped, as glob and the Hub's own data-file patterns skip them. `max_depth` limits how many
-    folders deep a file may lie.
+    with "." are skipped, as glob and the Hub's own data-file patterns skip them.
     """
     found: list[tuple[str, Path]] = []
 
@@ -179,15 +166,13 @@ def _split_places(folder: Path, every: list[Path]) -> list[Path] | None:
 
 def _split_files(folder: Path, places: list[Path], every: list[Path], split: str) -> list[Path]:
     """The files of `split` among `places`, checked to lie in one folder; a warning names the files left out."""
-    files = [file for file in places if _names_split(file.name, split)]
+    files = [file for file in places if file.name.startswith(split + "-") or _stem(file.name) == split]
     if not files:
         known = sorted({name for file in places if (name := _split_of(file.name)) in SPLIT_NAMES})
         others = sorted({_split_of(file.name) for file in places} - set(known))
-        raise MLMError(
-            f"No files for split {split!r} in {folder} (looked for {split}-*.parquet and {split}.parquet, .jsonl, "
-            f".csv, .txt at its top level and in folders like plain_text/). Splits found there: "
-            f"{_some(known + others, 2 * NAMED) or 'none'}."
-        )
+        raise MLMError(f"No files for split {split!r} in {folder} (looked for {split}-*.parquet and {split}.parquet, "
+                       ".jsonl, .csv, .txt at its top level and in folders like plain_text/). Splits found there: "
+                       f"{_some(known + others, 2 * NAMED) or 'none'}.")
     parents = list(dict.fromkeys(file.parent for file in files))
     if len(parents) > 1:
         # A repo with several configurations (e.g. plain_text/ and another/) would otherwise be silently mixed.
@@ -214,24 +199,22 @@ def _some(names: list[str], most: int = NAMED) -> str:
 
 def _only_train(files: list[Path], split: str, what: str) -> list[Path]:
     if split != "train":
-        raise MLMError(
-            f"{what} is a single corpus, which holds only the 'train' split, but split {split!r} was asked "
-            "for. Pass a folder with one file per split to use other splits."
-        )
+        raise MLMError(f"{what} is a single corpus, which holds only the 'train' split, but split {split!r} was asked "
+                       "for. Pass a folder with one file per split to use other splits.")
     return _checked(files)
 
 
 def _checked(files: list[Path]) -> list[Path]:
+    """`files`, refused unless each is a corpus file, all of one format (compression aside) as a corpus is."""
     for file in files:
-        if file_format(file) is None:
+        if (found := file_format(file)) is None:
             raise MLMError(f"{file} is not a corpus file: use .parquet, .jsonl, .json, .csv or .txt files, "
                            "optionally compressed as .gz or .zst.")
-    check_one_format(files)
+        # .json and .jsonl are both read as JSON lines: one format.
+        if (first := file_format(files[0])[0]).removesuffix("l") != found[0].removesuffix("l"):
+            raise MLMError(f"{file} is a {found[0][1:]} file but {files[0]} is {first[1:]}: a corpus is one format. "
+                           "Move the odd files out or pass one folder or glob per format.")
     return files
-
-
-def _names_split(name: str, split: str) -> bool:
-    return file_format(Path(name)) is not None and (name.startswith(split + "-") or _stem(name) == split)
 
 
 def _split_of(name: str) -> str:
@@ -242,16 +225,10 @@ def _stem(name: str) -> str:
     return name.split(".", 1)[0]
 
 
-def load_texts(
-    source: str | Path, split: str = "train", *, text_column: str = "text", revision: str | None = None
-) -> list[str]:
-    """The reviews of one split, as a list of str in file order.
-
-    `source`: a Hub dataset repo id (default layout `plain_text/{split}-*.parquet`), a local folder with the
-    same layout, or a single .parquet / .jsonl / .csv / .txt file (see `find_data_files` for what `split`
-    means then). `text_column` names the column in parquet, JSON lines and CSV files; a text file has one
-    review per line. Raises MLMError for a missing column, an empty split, or an unreadable or non-UTF-8 file.
-    """
+def load_texts(source: str | Path, split: str = "train", *, text_column: str = "text",
+               revision: str | None = None) -> list[str]:
+    """The reviews of one split of `source` (see `find_corpus`), as a list of str in file order; `text_column` names
+    the column in parquet, JSON lines and CSV files."""
     files, one_document_per_file = find_corpus(source, split, revision=revision)
     return read_texts(files, text_column=text_column, one_document_per_file=one_document_per_file)
 

@@ -1,8 +1,6 @@
-"""The checkpoint families of mlm's one encoder (mlm/model.py): each one's config.json keys and tensor names.
-
-The model's fields and parameters carry DistilBERT's names; these tables give BERT's and RoBERTa's for the same
-things, so a checkpoint is read and written in its own family's Hub layout (docs/base-models.md#model-families).
-"""
+"""The checkpoint families of mlm's one encoder (mlm/model.py): each one's config.json keys and tensor names. The
+model carries DistilBERT's names; these tables give BERT's and RoBERTa's for the same things, so a checkpoint is
+read and written in its own family's Hub layout (docs/base-models.md#model-families)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,6 @@
-"""Find a model or dataset: a local folder, or a Hugging Face Hub repository downloaded into the HF cache.
-
-Both paths end in the same place, a folder laid out like the Hub repository, so everything downstream reads
-plain files. Downloads go through huggingface_hub, which honours HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE and
-HF_TOKEN; an already downloaded snapshot is reused without touching the network.
-"""
+"""Find a model or dataset: a local folder, or a Hugging Face Hub repository downloaded into the HF cache, so that
+everything downstream reads plain files. Downloads go through huggingface_hub, which honours HF_HOME, HF_HUB_CACHE,
+HF_HUB_OFFLINE and HF_TOKEN; an already downloaded snapshot is reused without touching the network."""
 
 from __future__ import annotations
 
@@ -18,17 +15,13 @@ OFFLINE_HINT = (
 )
 
 
-def looks_like_path(name: str) -> bool:
-    """True for strings a user means as a path ('./x', '../x', '/x', '~/x', 'x.parquet'), not a repo id."""
-    return name.startswith((".", "/", "~")) or name.endswith((".parquet", ".jsonl", ".json", ".csv", ".txt"))
-
-
 def names_a_local_path(name: str) -> bool:
-    """True when `name` can only mean a local path: it looks like one, has more parts than a repo id, or lies in a
-    folder that exists here (`runs/a` with `runs/` present). Such a name that is missing is a typo or a run not
-    made yet, which a Hub error would only hide."""
+    """True when `name` can only mean a local path: it looks like one ('./x', '../x', '/x', '~/x', 'x.parquet'), has
+    more parts than a repo id, or lies in a folder that exists here (`runs/a` with `runs/` present). Such a name that
+    is missing is a typo or a run not made yet, which a Hub error would only hide."""
     path = Path(name).expanduser()
-    return looks_like_path(name) or name.count("/") > 1 or (len(path.parts) > 1 and path.parent.is_dir())
+    looks_like_path = name.startswith((".", "/", "~")) or name.endswith((".parquet", ".jsonl", ".json", ".csv", ".txt"))
+    return looks_like_path or name.count("/") > 1 or (len(path.parts) > 1 and path.parent.is_dir())
 
 
 def short_name(name: str) -> str:
@@ -44,19 +37,11 @@ def short_name(name: str) -> str:
     return last.name
 
 
-def resolve_repo(
-    name_or_path: str | Path,
-    *,
-    repo_type: str = "model",
-    revision: str | None = None,
-    allow_patterns: Sequence[str] | None = None,
-) -> Path:
-    """Return a local folder holding the repository `name_or_path`.
-
-    A folder that exists is used as it is (`revision` must then be None). Anything else is taken as a Hub repo
-    id ("distilbert-base-uncased", "stanfordnlp/imdb") and fetched with huggingface_hub.snapshot_download,
-    limited to `allow_patterns` so that we never download files we do not read (e.g. pickled weights).
-    """
+def resolve_repo(name_or_path: str | Path, *, repo_type: str = "model", revision: str | None = None,
+                 allow_patterns: Sequence[str] | None = None) -> Path:
+    """A local folder holding the repository `name_or_path`: a folder that exists as it is, else the Hub repo id
+    ("distilbert-base-uncased", "stanfordnlp/imdb") fetched with huggingface_hub.snapshot_download, limited to
+    `allow_patterns` so that we never download files we do not read (e.g. pickled weights)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if revision is not None:
@@ -69,39 +54,26 @@ def resolve_repo(
         what = "file or folder" if Path(str(name_or_path)).suffix else "folder"
         raise MLMError(f"No such {what}: {name_or_path}. Check the path (it names a local {what}, not a Hub repo id "
                        "such as 'org/name').")
-    name = str(name_or_path)
-    return _download(name, repo_type=repo_type, revision=revision, allow_patterns=allow_patterns)
+    return _download(str(name_or_path), repo_type=repo_type, revision=revision, allow_patterns=allow_patterns)
 
 
 def _download(repo_id: str, *, repo_type: str, revision: str | None, allow_patterns) -> Path:
     # Imported here so that the local-folder path never pays for importing huggingface_hub's HTTP stack.
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HFValidationError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub import constants, errors, snapshot_download
 
     where = f"{repo_type} repository {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
     endpoint = constants.ENDPOINT
     try:
-        folder = snapshot_download(
-            repo_id=repo_id,
-            repo_type=repo_type,
-            revision=revision,
-            allow_patterns=list(allow_patterns) if allow_patterns else None,
-        )
-    except HFValidationError as err:
+        folder = snapshot_download(repo_id=repo_id, repo_type=repo_type, revision=revision,
+                                   allow_patterns=list(allow_patterns) if allow_patterns else None)
+    except errors.HFValidationError as err:
         raise MLMError(f"{repo_id!r} is neither an existing folder nor a valid Hub repo id ({err}).") from None
-    except GatedRepoError:
+    except errors.GatedRepoError:
         raise MLMError(f"The {where} on {endpoint} is gated: accept its terms on the Hub and set HF_TOKEN.") from None
-    except RepositoryNotFoundError:
-        raise MLMError(
-            f"No local folder named {repo_id!r}, and the Hub at {endpoint} has no {where} (or it is private: set "
-            "HF_TOKEN)."
-        ) from None
-    except RevisionNotFoundError:
+    except errors.RepositoryNotFoundError:
+        raise MLMError(f"No local folder named {repo_id!r}, and the Hub at {endpoint} has no {where} (or it is "
+                       "private: set HF_TOKEN).") from None
+    except errors.RevisionNotFoundError:
         raise MLMError(f"The Hub at {endpoint} has no {where}: check --revision.") from None
     except Exception as err:  # classified by its cause below: every failure is one line naming the endpoint
         raise MLMError(describe_download_error(err, where, endpoint, offline=constants.HF_HUB_OFFLINE)) from None
@@ -114,6 +86,7 @@ def set_progress_bars(enabled: bool) -> None:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
+
 
 def describe_download_error(err: BaseException, where: str, endpoint: str, *, offline: bool) -> str:
     """One line for a failed download, keeping its real cause: offline, unreachable, an error answer, a

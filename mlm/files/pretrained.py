@@ -2,12 +2,9 @@
 
 Weights are only ever read from safetensors, never unpickled: a pickle file can run code when loaded. Loading is
 strict: every tensor the model needs must be there with the right shape, and nothing unknown may be left over,
-because a silently re-initialised tensor ruins a fine-tuning run without any error.
-
-Each family (DistilBERT, BERT, RoBERTa) is read and written in its own keys and tensor names (mlm/files/families.py).
-The reference (docs/reference.md#save-layout) stores the tied vocab_projector.weight nowhere: it is
-the word-embedding matrix. Checkpoints written by other tools may still hold it, and old ones name the embedding
-LayerNorm's parameters gamma/beta; both are accepted here.
+because a silently re-initialised tensor ruins a fine-tuning run without any error. Each family is read and written
+in its own keys and tensor names (mlm/files/families.py). The tied vocab_projector.weight is stored nowhere
+(docs/reference.md#save-layout): it is the word-embedding matrix, though files written by other tools may hold it.
 """
 
 from __future__ import annotations
@@ -31,15 +28,13 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 EMBEDDING_KEY = "distilbert.embeddings.word_embeddings.weight"
 PROJECTOR_KEY = "vocab_projector.weight"
-# Legacy names (TensorFlow-era checkpoints) that the reference loader still maps; it renames only these.
+# TensorFlow-era names, which older Hub checkpoints still use; the reference renames only these.
 LEGACY_RENAMES = {"LayerNorm.gamma": "LayerNorm.weight", "LayerNorm.beta": "LayerNorm.bias"}
 # Size keys of the families and of other architectures (GPT-2, T5, …). A config holding size keys its model_type
 # does not use describes another model, whose sizes would otherwise be silently replaced by the defaults.
-FOREIGN_SIZE_KEYS = ("dim", "n_layers", "n_heads", "hidden_dim", "hidden_size", "num_hidden_layers",
-                     "num_attention_heads", "intermediate_size", "n_embd", "n_layer", "n_head", "d_model", "num_layers",
-                     "d_ff")
 SIZE_KEYS = ("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim", "max_position_embeddings")
-PROBABILITY_KEYS = ("dropout", "attention_dropout")
+FOREIGN_SIZE_KEYS = (*SIZE_KEYS[1:5], "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                     "n_embd", "n_layer", "n_head", "d_model", "num_layers", "d_ff")
 
 
 def load_pretrained(name_or_path: str | Path, revision: str | None = None) -> DistilBertForMaskedLM:
@@ -50,23 +45,17 @@ def load_pretrained(name_or_path: str | Path, revision: str | None = None) -> Di
         raise MLMError(f"No {CONFIG_FILE} in {folder}: a model folder needs config.json and model.safetensors.")
     if not weights_path.is_file():
         pickled = [name for name in ("pytorch_model.bin", "model.pt", "model.pth") if (folder / name).exists()]
-        hint = (
-            f" It has {pickled[0]}, a pickle file, which mlm never loads (unpickling can run arbitrary code): "
-            "convert it to safetensors with a trusted tool first."
-            if pickled
-            else " Without pretrained weights, start from a random model with --init random (training only)."
-        )
-        raise MLMError(f"No {WEIGHTS_FILE} in {folder}.{hint}")
-    config = read_config(config_path)
-    state = read_safetensors(weights_path)
-    return model_from_state_dict(config, state, source=weights_path)
+        hint = (f"It has {pickled[0]}, a pickle file, which mlm never loads (unpickling can run arbitrary code): "
+                "convert it to safetensors with a trusted tool first." if pickled else
+                "Without pretrained weights, start from a random model with --init random (training only).")
+        raise MLMError(f"No {WEIGHTS_FILE} in {folder}. {hint}")
+    return model_from_state_dict(read_config(config_path), read_safetensors(weights_path), source=weights_path)
 
 
 def load_model(name_or_path: str | Path, *, init: str = "pretrained", revision: str | None = None,
                tokenizer=None, config_overrides: str | None = None) -> DistilBertForMaskedLM:
-    """The pretrained model, or (init="random") a freshly initialised one of its config.json with
-    `config_overrides` applied, in float32 on the CPU; with `tokenizer`, refused unless the model has an embedding
-    row for every token id."""
+    """The pretrained model, or (init="random") a fresh one of its config.json with `config_overrides` applied, in
+    float32 on the CPU; with `tokenizer`, refused unless the model has an embedding row for every token id."""
     if init == "pretrained":
         model = load_pretrained(name_or_path, revision=revision)
     else:
@@ -88,19 +77,17 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except (SafetensorError, OSError) as err:
-        raise MLMError(
-            f"{path} is not a readable safetensors file ({err}). It may be truncated by an interrupted "
-            "download or copy: delete it and fetch or save it again."
-        ) from None
+        raise MLMError(f"{path} is not a readable safetensors file ({err}). It may be truncated by an interrupted "
+                       "download or copy: delete it and fetch or save it again.") from None
 
 
-def model_from_state_dict(
-    config: DistilBertConfig, state: dict[str, torch.Tensor], *, source: str | Path = "the checkpoint"
-) -> DistilBertForMaskedLM:
+def model_from_state_dict(config: DistilBertConfig, state: dict[str, torch.Tensor], *,
+                          source: str | Path = "the checkpoint") -> DistilBertForMaskedLM:
     """Check `state` (the family's tensor names) against the model `config` describes and load it; every mismatch
     is named in the error."""
-    unused = UNUSED[config.family]
-    state = {_rename_legacy(name): tensor for name, tensor in state.items() if not name.startswith(unused)}
+    state = {name: tensor for name, tensor in state.items() if not name.startswith(UNUSED[config.family])}
+    for old, new in LEGACY_RENAMES.items():
+        state = {name.removesuffix(old) + new if name.endswith(old) else name: t for name, t in state.items()}
     for alias, name in BIAS_ALIASES.items():
         if alias in state:
             state.setdefault(name, state.pop(alias))
@@ -114,9 +101,25 @@ def model_from_state_dict(
     names = {name: hub_name(name, config.family) for name in model.state_dict()}  # ours -> the file's
     expected = {names[name]: tuple(t.shape) for name, t in model.state_dict().items()}
 
-    if config.tie_word_embeddings:
-        state = _merge_tied_projector(state, names[EMBEDDING_KEY], names[PROJECTOR_KEY], source)
-    problems = _describe_mismatches(expected, state)
+    if config.tie_word_embeddings:  # one of the two suffices; if both are there, they must agree
+        embedding_key, projector_key = names[EMBEDDING_KEY], names[PROJECTOR_KEY]
+        embedding, projector = state.get(embedding_key), state.get(projector_key)
+        if embedding is not None and projector is not None and not (
+            embedding.shape == projector.shape and torch.equal(embedding, projector)
+        ):
+            raise MLMError(f"{source}: config.json ties {projector_key} to the word embeddings, but the checkpoint "
+                           f"holds a different {projector_key}. Set \"tie_word_embeddings\": false in config.json "
+                           "to load them as two matrices.")
+        if (tied := embedding if embedding is not None else projector) is not None:
+            state[embedding_key] = state[projector_key] = tied
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong_shape = [f"{name}: checkpoint {tuple(state[name].shape)} vs model {shape}"
+                   for name, shape in expected.items() if name in state and tuple(state[name].shape) != shape]
+    problems = [f"missing tensors ({len(missing)}): {_short_list(missing)}"] if missing else []
+    problems += [f"unexpected tensors ({len(unexpected)}): {_short_list(unexpected)}"] if unexpected else []
+    problems += [f"wrong shapes ({len(wrong_shape)}): {_short_list(wrong_shape, '; ')}"] if wrong_shape else []
+    if wrong_shape or missing:
+        problems.append("Does config.json (its vocab_size and layer sizes) belong to these weights?")
     if problems:
         raise MLMError(f"{source} does not fit the model its config.json describes:\n  " + "\n  ".join(problems))
 
@@ -126,64 +129,13 @@ def model_from_state_dict(
     return model
 
 
-def _rename_legacy(name: str) -> str:
-    for old, new in LEGACY_RENAMES.items():
-        if name.endswith(old):
-            return name[: -len(old)] + new
-    return name
-
-
-def _merge_tied_projector(state: dict[str, torch.Tensor], embedding_key: str, projector_key: str,
-                          source) -> dict[str, torch.Tensor]:
-    """With tied weights, one of the embedding and the projector suffices; if both are there, they must agree."""
-    state = dict(state)
-    embedding, projector = state.get(embedding_key), state.get(projector_key)
-    if embedding is None and projector is not None:
-        state[embedding_key] = projector
-    elif embedding is not None and projector is not None and not (
-        embedding.shape == projector.shape and torch.equal(embedding, projector)
-    ):
-        raise MLMError(
-            f"{source}: config.json ties {projector_key} to the word embeddings, but the checkpoint "
-            f"holds a different {projector_key}. Set \"tie_word_embeddings\": false in config.json to load "
-            "them as two matrices."
-        )
-    if embedding_key in state:
-        state[projector_key] = state[embedding_key]
-    return state
-
-
-def _describe_mismatches(expected: dict[str, tuple], state: dict[str, torch.Tensor]) -> list[str]:
-    problems = []
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing:
-        problems.append(f"missing tensors ({len(missing)}): {_short_list(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors ({len(unexpected)}): {_short_list(unexpected)}")
-    wrong_shape = [
-        f"{name}: checkpoint {tuple(state[name].shape)} vs model {shape}"
-        for name, shape in expected.items()
-        if name in state and tuple(state[name].shape) != shape
-    ]
-    if wrong_shape:
-        problems.append(f"wrong shapes ({len(wrong_shape)}): " + "; ".join(wrong_shape[:5])
-                        + (" …" if len(wrong_shape) > 5 else ""))
-    if wrong_shape or missing:
-        problems.append("Does config.json (its vocab_size and layer sizes) belong to these weights?")
-    return problems
-
-
-def _short_list(names: list[str], limit: int = 6) -> str:
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+def _short_list(names: list[str], separator: str = ", ", limit: int = 6) -> str:
+    return separator.join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def save_pretrained(model: DistilBertForMaskedLM, directory: str | Path, tokenizer=None) -> None:
-    """Write config.json and model.safetensors like the reference's save_pretrained (and the tokenizer if given).
-
-    The tied projector weight is not stored (it is the embedding matrix); files appear atomically, so a crash
-    mid-save leaves the previous files intact rather than a truncated model.
-    """
+    """Write config.json and model.safetensors like the reference's save_pretrained (and the tokenizer if given),
+    each atomically: a crash mid-save leaves the previous files intact rather than a truncated model."""
     check_config(model.config, "the model's config")  # never write a folder that does not load again
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -261,11 +213,8 @@ def config_from_dict(values: dict, *, source: str | Path = "config") -> DistilBe
 
 
 def check_config(config: DistilBertConfig, source: str | Path = "config") -> None:
-    """Refuse values that would fail deep inside the model (or be misread), naming the file and the key.
-
-    JSON has no integer/float/bool distinction that Python keeps for us: 768.0, "768" and true are all refused
-    where an integer is meant, and "no" where a boolean is (any non-empty string would read as true).
-    """
+    """Refuse values that would fail deep inside the model (or be misread), naming the file and the key: 768.0,
+    "768" and true where an integer is meant, "no" where a boolean is (any non-empty string would read as true)."""
     if config.family not in ARCHITECTURES:
         raise MLMError(f"{source}: family {config.family!r} is not one of {list(ARCHITECTURES)}.")
     keys = CONFIG_KEYS[config.family]
@@ -281,14 +230,12 @@ def check_config(config: DistilBertConfig, source: str | Path = "config") -> Non
     if config.dim % config.n_heads:
         raise MLMError(f"{source}: \"{dim}\" {config.dim} is not divisible by \"{heads}\" {config.n_heads}: each "
                        f"head takes {dim} / {heads} features. Fix them in config.json.")
-    for key in PROBABILITY_KEYS:
-        value = getattr(config, key)
-        if not (_is_number(value) and 0 <= value < 1):
+    for key in ("dropout", "attention_dropout"):
+        if not (_is_number(getattr(config, key)) and 0 <= getattr(config, key) < 1):
             raise refuse(key, "a probability in [0, 1)")
-    if not (_is_number(config.initializer_range) and config.initializer_range > 0):
-        raise refuse("initializer_range", "a number > 0 (the standard deviation of the random init)")
-    if not (_is_number(config.layer_norm_eps) and config.layer_norm_eps > 0):
-        raise refuse("layer_norm_eps", "a number > 0")
+    for key, what in (("initializer_range", " (the standard deviation of the random init)"), ("layer_norm_eps", "")):
+        if not (_is_number(getattr(config, key)) and getattr(config, key) > 0):
+            raise refuse(key, f"a number > 0{what}")
     if not (_is_int(config.pad_token_id) and 0 <= config.pad_token_id < config.vocab_size):
         raise refuse("pad_token_id", f"a token id from 0 to vocab_size - 1 = {config.vocab_size - 1}")
     if not isinstance(config.tie_word_embeddings, bool):
