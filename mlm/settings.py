@@ -63,7 +63,7 @@ class TrainConfig:
     test_size: int | str = setting(1_000, "eval chunks drawn, or a percentage of the chunks such as 5%",
                                    MODEL_AND_DATA, type="size")
     cache_dir: str | None = setting(None, "where tokenized chunks are stored (default: $MLM_CACHE, else "
-                                    "$HF_HOME/mlm, else ~/.cache/mlm)", MODEL_AND_DATA)
+                                    "$HF_HOME/mlm, ~/.cache/huggingface/mlm unless HF_HOME is set)", MODEL_AND_DATA)
     add_tokens: int | str | None = setting(None, "add new tokens to the tokenizer, and rows to the model, for the N "
                                            "words of letters of the training splits that it cuts in the most tokens "
                                            "(occurrences x (pieces - 1); mlm-prepare-data --vocab-report lists them), "
