@@ -1,5 +1,1 @@
-"""The run machinery behind the training loop: the run record, the output folder and its lock, training
-checkpoints, processes, precision and signals, the metrics log, the model card, the Hub push, TensorBoard.
-
-The loop (mlm/train.py) calls into this package; nothing here imports the loop.
-"""
+"""The run machinery behind the training loop (mlm/train.py), which calls into it; nothing here imports the loop."""

@@ -2,9 +2,8 @@
 
     lock       `.lock` names the run that holds the folder (pid, host, start time), from before setup to the end;
                a second run is refused at once. A lock left by a dead process on this host is taken over.
-    the rule   a new run starts only in a folder that is missing or empty. A folder holding a run (run.json) is
-               continued with --resume or replaced with --overwrite; any other folder is refused: its files are
-               not a run's to touch.
+    the rule   a new run starts only in a missing or empty folder. A folder holding a run (run.json) is continued
+               with --resume or replaced with --overwrite; any other is refused: its files are not a run's to touch.
     written    every name the run writes in the folder is noted (and kept in its record) before it is written: a
                run that fails before its first checkpoint removes exactly those, nothing else.
     overwrite  once setup has succeeded, the old run is moved aside in one rename of the whole folder, to
@@ -20,10 +19,12 @@ import shutil
 import socket
 import tempfile
 import time
+from contextlib import suppress
 from pathlib import Path
 
 from mlm.errors import MLMError
-from mlm.run.checkpoints import CheckpointError, list_checkpoints, remove_stale_temporaries, verify_checkpoint
+from mlm.files.hashing import file_sha256
+from mlm.run.checkpoints import TMP_PREFIX, list_checkpoints, verify_checkpoint
 from mlm.run.record import RECORD_FILE, read_record
 
 LOCK_FILE = ".lock"
@@ -38,8 +39,7 @@ class RunFolder:
 
     def __init__(self, path: Path, *, is_main: bool):
         self.path, self.is_main = path, is_main
-        self.created = False  # this run created the folder
-        self.locked = False
+        self.created = self.locked = False  # this run created the folder; holds its lock
         self.aside: Path | None = None  # the old run, moved aside by --overwrite and not yet dropped
         self.committed = False  # the run wrote a checkpoint or finished, or resumed one: nothing left to undo
         self.written: dict[str, str | None] = {}  # names this run wrote here (README.md: the card's sha256)
@@ -54,7 +54,7 @@ class RunFolder:
                 folder.path.mkdir(parents=True, exist_ok=True)
                 folder.locked = _take_lock(folder.path)
             except OSError as err:
-                folder._remove_if_created()
+                folder.release()
                 raise MLMError(f"Cannot write to the output folder {folder.path}: {err.strerror or err}. Choose a "
                                "writable output folder (and check the free space).") from None
         return folder
@@ -63,69 +63,62 @@ class RunFolder:
         if self.locked:
             (self.path / LOCK_FILE).unlink(missing_ok=True)
             self.locked = False
-        self._remove_if_created()
-
-    def _remove_if_created(self) -> None:
         if self.created and self.path.is_dir() and not any(self.path.iterdir()):
             self.path.rmdir()
+
+    def holds_run(self) -> bool:
+        return (self.path / RECORD_FILE).is_file() or bool(list_checkpoints(self.path))
 
     # -- before the run writes -----------------------------------------------------------------------------------
 
     def resume_point(self, resume: str | None, overwrite: bool) -> Path | None:
-        """The checkpoint to resume from (None: a new run), or an MLMError if the folder is not this run's to write
-        in. Reads only (but for putting back a run an interrupted --overwrite had moved aside)."""
+        """The checkpoint to resume from (None: a new run), or MLMError if the folder is not this run's to write in.
+        Reads only, but for putting back a run that an interrupted --overwrite had moved aside."""
         if self.is_main:
             self._recover_interrupted_overwrite()
         if resume == "latest":
-            return self._latest_checkpoint()
+            if checkpoints := list_checkpoints(self.path):
+                return checkpoints[-1]
+            if not self.path.is_dir() or self.created:
+                raise MLMError(f"`resume` latest: there is no run in {self.path} (no such folder). Check the output "
+                               "folder, or start a new run without `resume`.")
+            if (record := folder_record(self.path)) is not None and record.finished:
+                raise MLMError(f"`resume` latest: {self.path} holds a finished run whose checkpoints were deleted, so "
+                               f"it cannot be trained further. Start a new run from its model: --model {self.path} in "
+                               "another output folder.")
+            raise MLMError(f"`resume` latest: no checkpoint in {self.path / 'checkpoints'}: the run there never saved "
+                           "one (or this process cannot see it: with several nodes the output folder must be shared). "
+                           "Start a new run with `overwrite`.")
         if resume:
-            path = Path(resume).expanduser()
-            if not path.is_dir():
+            if not (path := Path(resume).expanduser()).is_dir():
                 raise MLMError(f"`resume` {resume}: no such checkpoint folder.")
             return path
-        if (self.path / RECORD_FILE).is_file() or list_checkpoints(self.path):
+        others = self.files_not_of_the_run() if self.is_main else []
+        if self.holds_run():
             if not overwrite:
-                raise MLMError(f"{self.path} already holds a run. {self._what_to_do()} Pass `overwrite` to replace "
-                               "it, or choose another output folder.")
-            if self.is_main and (others := self.files_not_of_the_run()):
+                record = folder_record(self.path)
+                what = ("It never saved a checkpoint, so it cannot be resumed." if not list_checkpoints(self.path) else
+                        "It is finished: resume it with `resume` latest and `extend` to train it for longer."
+                        if record is not None and record.finished else "Continue it with `resume` latest.")
+                raise MLMError(f"{self.path} already holds a run. {what} Pass `overwrite` to replace it, or choose "
+                               "another output folder.")
+            if others:
                 raise MLMError(f"{self.path} holds files its run did not write ({_listed(others)}): `overwrite` "
                                "replaces the whole folder, so move them out first, or choose another output folder.")
-        elif self.is_main and (others := self.files_not_of_the_run()):
+        elif others:
             raise MLMError(f"{self.path} is not empty and holds no run ({_listed(others)}): a run writes only into an "
                            "empty or new folder, or one holding a run. Choose another output folder.")
         return None
 
-    def _latest_checkpoint(self) -> Path:
-        checkpoints = list_checkpoints(self.path)
-        if checkpoints:
-            return checkpoints[-1]
-        if not self.path.is_dir() or self.created:
-            raise MLMError(f"`resume` latest: there is no run in {self.path} (no such folder). Check the output "
-                           "folder, or start a new run without `resume`.")
-        record = folder_record(self.path)
-        if record is not None and record.finished:
-            raise MLMError(f"`resume` latest: {self.path} holds a finished run whose checkpoints were deleted, so it "
-                           "cannot be trained further. Start a new run from its model: --model "
-                           f"{self.path} in another output folder.")
-        raise MLMError(f"`resume` latest: no checkpoint in {self.path / 'checkpoints'}: the run there never saved "
-                       "one (or this process cannot see it: with several nodes the output folder must be shared). "
-                       "Start a new run with `overwrite`.")
-
-    def _what_to_do(self) -> str:
-        record = folder_record(self.path)
-        if not list_checkpoints(self.path):
-            return "It never saved a checkpoint, so it cannot be resumed."
-        if record is not None and record.finished:
-            return "It is finished: resume it with `resume` latest and `extend` to train it for longer."
-        return "Continue it with `resume` latest."
-
     def files_not_of_the_run(self) -> list[str]:
-        """The names in the folder that its run's record does not list as written (mlm's own lock and temporary
-        files aside); with no run there, every name."""
+        """The names in the folder its run's record does not list as written (mlm's own files aside); with no run,
+        every name."""
+        if not self.path.is_dir():
+            return []
         record = folder_record(self.path)
         ours = set(record.written) | {RECORD_FILE} if record is not None else set()
         return sorted(entry.name for entry in self.path.iterdir()
-                      if entry.name not in ours and not _mlm_internal(entry.name)) if self.path.is_dir() else []
+                      if entry.name not in ours and not _mlm_internal(entry.name))
 
     # -- the run writes ------------------------------------------------------------------------------------------
 
@@ -135,12 +128,14 @@ class RunFolder:
         if not self.is_main:
             return []
         notes = []
-        if stale := remove_stale_temporaries(self.path):
+        if stale := sorted((self.path / "checkpoints").glob(f"{TMP_PREFIX}*")):  # saves a crash interrupted
+            for path in stale:
+                shutil.rmtree(path, ignore_errors=True)
             notes.append(f"removed {len(stale)} unfinished checkpoint folder(s) of an interrupted save.")
         for leftover in self.path.glob(".*.tmp"):  # atomic writes a crash interrupted
             if not leftover.name.startswith(f"{LOCK_FILE}."):  # another run trying the lock right now
                 leftover.unlink(missing_ok=True)
-        if overwrite and not resuming and ((self.path / RECORD_FILE).is_file() or list_checkpoints(self.path)):
+        if overwrite and not resuming and self.holds_run():
             self._move_aside(run_id)
             notes.append(f"moved the previous run aside to {self.aside}; it is deleted once this run has saved its "
                          "first checkpoint, and put back if this run fails before.")
@@ -150,17 +145,11 @@ class RunFolder:
         """Note that the run writes `name` (a file or folder at the folder's top), before it writes it."""
         self.written[name] = card_sha256
 
-    def may_replace(self, name: str, owned: dict) -> bool:
-        """Whether the run may write `name` over what is there: nothing is, or the run wrote it (README.md: the same
-        card it wrote, unedited since)."""
-        target = self.path / name
-        if not target.exists():
+    def may_replace(self, name: str) -> bool:
+        """Nothing is at `name`, or the run wrote it (README.md: the card it wrote, unedited since)."""
+        if not (target := self.path / name).exists():
             return True
-        if name not in owned:
-            return False
-        from mlm.files.hashing import file_sha256
-
-        return owned[name] is None or file_sha256(target) == owned[name]
+        return name in self.written and self.written[name] in (None, file_sha256(target))
 
     def commit(self) -> None:
         """The run has a checkpoint or its final model: the replaced run is no longer needed."""
@@ -171,13 +160,12 @@ class RunFolder:
 
     def abandon(self) -> None:
         """The run failed. Before its first checkpoint: remove what it wrote and put back what it replaced."""
-        if not self.is_main or self.committed:
-            return
-        for name in self.written:
-            _remove(self.path / name)
-        if self.aside is not None:
-            self._put_back(self.aside)
-            self.aside = None
+        if self.is_main and not self.committed:
+            for name in self.written:
+                _remove(self.path / name)
+            if self.aside is not None:
+                self._put_back(self.aside)
+                self.aside = None
 
     # -- --overwrite ---------------------------------------------------------------------------------------------
 
@@ -185,23 +173,19 @@ class RunFolder:
         aside = _aside_of(self.path)
         (self.path / REPLACED).write_text(json.dumps({"run_id": run_id}), encoding="utf-8")
         os.replace(self.path, aside)  # the whole old run in one rename, our lock with it
-        self.aside = aside
+        self.aside, self.locked = aside, False
         try:
             self.path.mkdir()
             self.locked = _take_lock(self.path)
         except (OSError, MLMError):
-            self.locked = False
             raise MLMError(f"Another run took {self.path} while its old run was being moved aside; the old run is in "
                            f"{aside}: move it back once that run has ended.") from None
         (aside / LOCK_FILE).unlink(missing_ok=True)
 
     def _recover_interrupted_overwrite(self) -> None:
-        """A run that replaced this folder's run (--overwrite) was killed: drop the old run if the new one had saved
-        a checkpoint, else put the old one back."""
+        """An --overwrite run was killed: drop the run it replaced if it had saved a checkpoint, else put it back."""
         aside = _aside_of(self.path)
-        deleting = aside.with_name(aside.name + ".deleting")
-        if deleting.is_dir():
-            shutil.rmtree(deleting, ignore_errors=True)
+        shutil.rmtree(_deleting(aside), ignore_errors=True)
         if not aside.is_dir():
             (self.path / REPLACED).unlink(missing_ok=True)  # written just before a move aside that a kill prevented
             return
@@ -211,22 +195,11 @@ class RunFolder:
                            "to end.")
         marker = next((aside / name for name in (REPLACED, RESTORING) if (aside / name).is_file()), None)
         old_run = json.loads(marker.read_text(encoding="utf-8")).get("run_id") if marker else None
-        if self._has_checkpoint_of_another_run(old_run):
-            _delete(aside)
-            return
+        if (new := _checkpoint_record(self.path)) is not None and new.run_id != old_run:
+            return _delete(aside)
         self._put_back(aside)
         print(f"note: {self.path}: an --overwrite run ended before its first checkpoint; the run it replaced is back "
               "in place.", flush=True)
-
-    def _has_checkpoint_of_another_run(self, old_run: str | None) -> bool:
-        for checkpoint in reversed(list_checkpoints(self.path)):
-            try:
-                verify_checkpoint(checkpoint)
-                record = read_record(checkpoint)
-            except (CheckpointError, MLMError):
-                continue
-            return record is not None and record.run_id != old_run
-        return False
 
     def _put_back(self, aside: Path) -> None:
         """Remove what the new run wrote, then move the old run's files back; each phase is safe to redo after a kill:
@@ -244,13 +217,15 @@ class RunFolder:
 
 def folder_record(path: Path):
     """The record of the run in `path`: its run.json, else the copy in its newest intact checkpoint, else None."""
-    if (path / RECORD_FILE).is_file():
-        return read_record(path)
+    return read_record(path) if (path / RECORD_FILE).is_file() else _checkpoint_record(path)
+
+
+def _checkpoint_record(path: Path):
     for checkpoint in reversed(list_checkpoints(path)):
         try:
             verify_checkpoint(checkpoint)
             return read_record(checkpoint)
-        except (CheckpointError, MLMError):
+        except MLMError:
             continue
     return None
 
@@ -259,11 +234,13 @@ def _aside_of(path: Path) -> Path:
     return path.parent / f".{path.name}.replaced-run"
 
 
+def _deleting(aside: Path) -> Path:
+    return aside.with_name(aside.name + ".deleting")
+
+
 def _delete(aside: Path) -> None:
-    # Renamed first: a kill during the deletion leaves a folder whose name says it is being deleted.
-    deleting = aside.with_name(aside.name + ".deleting")
-    os.replace(aside, deleting)
-    shutil.rmtree(deleting, ignore_errors=True)
+    os.replace(aside, _deleting(aside))  # first: a kill mid-deletion leaves a name that says it is being deleted
+    shutil.rmtree(_deleting(aside), ignore_errors=True)
 
 
 def _remove(target: Path) -> None:
@@ -288,40 +265,36 @@ def _listed(names: list[str]) -> str:
 
 def _take_lock(path: Path) -> bool:
     lock = path / LOCK_FILE
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
     fd, tmp = tempfile.mkstemp(dir=path, prefix=f"{LOCK_FILE}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as handle:
-            json.dump(me, handle)
+            json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+                       "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}, handle)
         for _ in range(3):
-            try:
+            with suppress(FileExistsError):
                 os.link(tmp, lock)  # atomic: fails if the lock exists, and never leaves a half-written one
                 return True
-            except FileExistsError:
-                holder = _read_holder(lock)
-                if not _is_stale(holder) or not _take_over(lock, holder):
-                    raise MLMError(f"{path} is in use by another run ({_describe(holder)}). Wait for it to end or "
-                                   f"choose another output folder; if that process no longer runs, delete {lock}."
-                                   ) from None
-                print(f"note: took over the lock of {path} left by a process that no longer runs "
-                      f"({_describe(holder)}).", flush=True)
+            holder = _read_holder(lock)
+            if not _is_stale(holder) or not _take_over(lock, holder):
+                raise MLMError(f"{path} is in use by another run ({_describe(holder)}). Wait for it to end or choose "
+                               f"another output folder; if that process no longer runs, delete {lock}.")
+            print(f"note: took over the lock of {path} left by a process that no longer runs ({_describe(holder)}).",
+                  flush=True)
         raise MLMError(f"Could not lock {path}: other runs keep taking it. Choose another output folder.")
     finally:
         Path(tmp).unlink(missing_ok=True)
 
 
 def _read_holder(lock: Path) -> dict:
-    try:
+    with suppress(OSError, UnicodeDecodeError, json.JSONDecodeError):
         holder = json.loads(lock.read_text(encoding="utf-8"))
         return holder if isinstance(holder, dict) else {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
+    return {}
 
 
 def _describe(holder: dict) -> str:
-    if not holder:
-        return "unreadable lock file"
-    return f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
+    return (f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}" if holder
+            else "unreadable lock file")
 
 
 def _is_stale(holder: dict) -> bool:
@@ -331,11 +304,9 @@ def _is_stale(holder: dict) -> bool:
         return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # EPERM: it runs under another user
         return False
-    return False
+    except OSError as err:  # EPERM: it runs under another user
+        return isinstance(err, ProcessLookupError)
 
 
 def _take_over(lock: Path, holder: dict) -> bool:
@@ -346,12 +317,10 @@ def _take_over(lock: Path, holder: dict) -> bool:
     except FileNotFoundError:  # another run took it over first; the next attempt sees its lock
         return True
     try:
-        if _read_holder(moved) != holder:  # not the lock we judged stale: give it back
-            try:
-                os.link(moved, lock)
-            except FileExistsError:
-                pass
-            return False
-        return True
+        if _read_holder(moved) == holder:
+            return True
+        with suppress(FileExistsError):  # not the lock we judged stale: give it back
+            os.link(moved, lock)
+        return False
     finally:
         moved.unlink(missing_ok=True)

@@ -22,12 +22,10 @@ PEAK_FLOPS = {"H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
 
 class MetricsLog:
     """metrics.jsonl: one JSON object per line, flushed at once so that `tail -f` and crashes see every line.
-
-    `listeners` (objects with write(kind, **values) and close()) get every record too, e.g. TensorBoard's.
-    """
+    `listeners` (objects with write(kind, **values) and close(), e.g. TensorBoard's) get every record too;
+    `segment` is 0 for a run's first process, k for its k-th resume."""
 
     def __init__(self, path: Path, enabled: bool, segment: int = 0, listeners: tuple = ()):
-        # segment: 0 for a run's first process, k for its k-th resume; a `resume` line opens each new segment.
         self.path, self.enabled, self.segment, self.listeners = path, enabled, segment, listeners
 
     def write(self, kind: str, **values) -> None:
@@ -44,30 +42,26 @@ class MetricsLog:
 
 
 class Meter:
-    """Loss, tokens and time since the last log, and the whole run's training time and tokens."""
+    """Loss, tokens and time since the last log (the interval), and the whole run's training time and tokens."""
 
     def __init__(self, device: torch.device, *, seconds: float = 0.0, tokens: int = 0):
         self.loss_sum = torch.zeros((), device=device)  # summed on the device: read back once per log interval
         self.ran = torch.zeros((), dtype=torch.int64, device=device)  # steps that updated the weights, likewise
-        self.steps = self.tokens = self.labelled = 0
-        self.seconds = 0.0
         self.train_seconds, self.total_tokens = seconds, tokens  # the run's, earlier segments included
-        self.clock = time.perf_counter()
+        self.start_interval()
+        self.restart_clock()
 
     def add(self, loss: torch.Tensor, tokens: int, ran: int | torch.Tensor = 1, labelled: int = 0) -> None:
         now = time.perf_counter()
-        self.seconds += now - self.clock
-        self.train_seconds += now - self.clock
-        self.clock = now
+        elapsed, self.clock = now - self.clock, now
+        self.seconds, self.train_seconds = self.seconds + elapsed, self.train_seconds + elapsed
         self.loss_sum += loss
-        self.ran += ran
-        self.steps += 1
-        self.tokens += tokens
-        self.labelled += labelled
+        self.ran += ran  # under fp16 0 for a step whose update the GradScaler skipped
+        self.steps, self.tokens, self.labelled = self.steps + 1, self.tokens + tokens, self.labelled + labelled
         self.total_tokens += tokens
 
     def restart_clock(self) -> None:
-        """Start timing anew, so that what ran since the last step (eval, checkpoint) is not counted."""
+        """Time anew: what ran since the last step (eval, checkpoint) is not training."""
         self.clock = time.perf_counter()
 
     def start_interval(self) -> None:
@@ -75,25 +69,12 @@ class Meter:
         self.ran.zero_()
         self.steps, self.tokens, self.labelled, self.seconds = 0, 0, 0, 0.0
 
-    def skipped(self) -> int:
-        """Steps of the interval whose update fp16's GradScaler skipped (a host read)."""
-        return self.steps - int(self.ran)
-
-    def interval_tokens_per_second(self) -> float:
-        return self.tokens / self.seconds if self.seconds else 0.0
-
-    def tokens_per_second(self) -> float:
-        return self.total_tokens / self.train_seconds if self.train_seconds else 0.0
-
 
 def flops_per_token(config, seq_len: int, labelled_fraction: float = 1.0) -> float:
-    """Training FLOPs per token of mlm/model.py (forward + backward = 3x forward, 2 FLOPs per multiply-add).
-
-    Counts the matmuls only: per layer 4·D² (q, k, v, out) + 2·D·F (FFN) weights and 2·L·D for the attention scores
-    and their application; plus the head's D² transform and D·V projection. Given labels the model runs the last
-    block's output projection and feed-forward, and the head, at the labelled fraction of the tokens only;
-    labelled_fraction=1.0 counts the reference's full computation.
-    """
+    """Training FLOPs per token of mlm/model.py (forward + backward = 3x forward, 2 FLOPs per multiply-add), matmuls
+    only: per layer 4·D² (q, k, v, out) + 2·D·F (FFN) weights and 2·L·D for the attention scores and their
+    application; plus the head's D² transform and D·V projection. Given labels the model runs the last block's output
+    projection and feed-forward, and the head, at the labelled fraction of the tokens only (1.0: the reference's)."""
     d, f, v = config.dim, config.hidden_dim, config.vocab_size
     every_token = 3 * d * d + 2 * seq_len * d  # q, k, v and attention: every position, every layer
     selectable = d * d + 2 * d * f  # output projection and feed-forward
@@ -120,8 +101,7 @@ class Console:
         self.bar = None
 
     def step(self) -> None:
-        if self.bars and self.bar is None:
-            # No bar graphic: at 80 columns it would squeeze out the figures.
+        if self.bars and self.bar is None:  # no bar graphic: at 80 columns it would squeeze out the figures
             self.bar = tqdm(total=self.total, initial=self.done, desc="train", unit="step", dynamic_ncols=True,
                             bar_format="{desc} {n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}")
         if self.bar is not None:
@@ -133,17 +113,14 @@ class Console:
             return
         mfu = f", mfu {values['mfu']:.1%}" if values["mfu"] is not None else ""
         if self.bar is not None:
-            self.bar.set_postfix_str(f"loss {values['loss']:.4f}, lr {values['lr']:.2e}{mfu}")
-            return
+            return self.bar.set_postfix_str(f"loss {values['loss']:.4f}, lr {values['lr']:.2e}{mfu}")
         print(f"step {step}/{self.total}: epoch {values['epoch']:.2f}, loss {values['loss']:.4f}, "
               f"lr {values['lr']:.2e}, grad norm {values['grad_norm']:.3f}, "
               f"{values['tokens_per_second']:,.0f} tokens/s{mfu}", flush=True)
 
     def over(self, iterable, desc: str):
         """`iterable`, with a bar of its own on a terminal (evaluation's)."""
-        if not self.bars:
-            return iterable
-        return tqdm(iterable, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+        return tqdm(iterable, desc=desc, unit="batch", leave=False, dynamic_ncols=True) if self.bars else iterable
 
     def say(self, message: str) -> None:
         if self.enabled:

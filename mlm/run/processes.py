@@ -33,15 +33,19 @@ class Processes:
             dist.all_reduce(values)
         return values
 
-    def agree_on_signal(self, received: str | None) -> str | None:
-        """The stop signal one of the processes received (the highest-numbered, if several did), or None: every
-        process then stops at this step, and the record names the signal. A host sync on a GPU: call it at the same
-        steps in every process, not at each one."""
+    def _gather(self, value) -> list:
+        """Every process's `value` (picklable: tensors on the CPU), by rank."""
         if self.world_size == 1:
-            return received
-        number = torch.tensor([signal.Signals[received].value if received else 0], device=self.device)
-        dist.all_reduce(number, op=dist.ReduceOp.MAX)
-        return signal.Signals(int(number.item())).name if int(number.item()) else None
+            return [value]
+        values = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
+    def agree_on_signal(self, received: str | None) -> str | None:
+        """The stop signal a process received (the highest-numbered, if several did), or None: every process then
+        stops at this step, and the record names the signal. A host sync on a GPU: call it at the same steps in every
+        process, not at each one."""
+        return max(filter(None, self._gather(received)), key=lambda name: signal.Signals[name].value, default=None)
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -50,19 +54,10 @@ class Processes:
     def gather_interleaved(self, rows: torch.Tensor) -> torch.Tensor:
         """Process r's `rows` (n_r, C) CPU float64 hold rows r, r + world_size, r + 2 world_size, … of a table:
         every process gets the whole table back, in row order."""
-        if self.world_size == 1:
-            return rows
-        count = torch.tensor([len(rows)], device=self.device)
-        counts = [torch.zeros_like(count) for _ in range(self.world_size)]
-        dist.all_gather(counts, count)
-        longest = int(max(counts).item())
-        padded = torch.zeros((longest, rows.shape[1]), dtype=rows.dtype, device=self.device)
-        padded[: len(rows)] = rows.to(self.device)
-        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(parts, padded)  # NCCL moves GPU tensors only, hence the device
-        table = torch.empty((int(sum(counts).item()), rows.shape[1]), dtype=rows.dtype)
-        for rank, (part, n) in enumerate(zip(parts, counts)):
-            table[rank :: self.world_size] = part[: int(n.item())].cpu()
+        parts = self._gather(rows)
+        table = torch.empty((sum(map(len, parts)), rows.shape[1]), dtype=rows.dtype)
+        for rank, part in enumerate(parts):
+            table[rank :: self.world_size] = part
         return table
 
     def gather_rng_states(self) -> dict[str, torch.Tensor]:
@@ -72,24 +67,15 @@ class Processes:
         states = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             states["cuda"] = torch.cuda.get_rng_state(self.device)
-        gathered = {}
-        for kind, state in sorted(states.items()):
-            if self.world_size == 1:
-                parts = [state]
-            else:  # the states are fixed-size byte tensors, the same size on every rank
-                local = state.to(self.device)
-                parts = [torch.empty_like(local) for _ in range(self.world_size)]
-                dist.all_gather(parts, local)
-            gathered.update({f"rng.rank{rank}.{kind}": part.cpu() for rank, part in enumerate(parts)})
-        return gathered
+        return {f"rng.rank{rank}.{kind}": state for rank, theirs in enumerate(self._gather(states))
+                for kind, state in sorted(theirs.items())}
 
     def restore_rng_state(self, tensors: dict[str, torch.Tensor]) -> bool:
         """Set this process's dropout generators from a checkpoint's tensors; False if it holds none for this rank."""
-        cpu = tensors.get(f"rng.rank{self.rank}.cpu")
+        cpu, cuda = tensors.get(f"rng.rank{self.rank}.cpu"), tensors.get(f"rng.rank{self.rank}.cuda")
         if cpu is None:
             return False
         torch.set_rng_state(cpu)
-        cuda = tensors.get(f"rng.rank{self.rank}.cuda")
         if cuda is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(cuda, self.device)
         return True
@@ -100,11 +86,9 @@ def start_processes(device_choice: str) -> Processes:
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = pick_device(device_choice)
-    if device.type == "cuda" and world_size > 1:
-        device = torch.device("cuda", local_rank)
-    elif device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())  # set_device needs an index
     if device.type == "cuda":
+        index = local_rank if world_size > 1 else device.index
+        device = torch.device("cuda", torch.cuda.current_device() if index is None else index)  # set_device: an index
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         # NCCL between GPUs; gloo lets the same code run (and be tested) with CPU processes.

@@ -1,21 +1,6 @@
-"""The run record: `run.json`, one file that says everything about a run.
-
-It sits in the output folder, rewritten atomically at every change, and a copy as of that step goes into every
-checkpoint. Resume, `mlm-evaluate --model RUN_DIR`, the model card and the Hub push read it; nothing else about
-a run needs retyping or guessing.
-
-    run_id     a random id, kept by every resume: a checkpoint of another run is told apart
-    status     running | interrupted | finished | failed
-    settings   every TrainConfig field (and the global batch): what a resume continues with
-    data       the sha256 of each data file and of the tokenizer: a resume refuses data edited since
-    world_size processes; a resume with another count trains the same masks but other dropout streams
-    derived    what the settings gave: chunks, steps, warmup steps, parameters
-    results    "before", every eval, "after" once finished, and the fill-mask predictions before and after
-    segments   one per process run of the run: start and end time, steps, device, precision, how it ended
-    progress   steps done, training seconds and tokens over all segments
-    written    the names this run wrote in its folder, and the SHA-256 of the model card it wrote: the run removes
-               or replaces only these (mlm/run/folder.py)
-"""
+"""The run record, `run.json`: one file that says everything about a run. It sits in the output folder, rewritten
+atomically at every change, and a copy as of its step goes into every checkpoint. Resume, `mlm-evaluate --model
+RUN_DIR`, the model card and the Hub push read it: nothing about a run needs retyping or guessing."""
 
 from __future__ import annotations
 
@@ -35,28 +20,32 @@ STATUSES = ("running", "interrupted", "finished", "failed")
 
 @dataclass
 class RunRecord:
-    settings: dict
-    data: dict = field(default_factory=dict)  # {"files": {path: sha256}, "tokenizer_sha256": str}
-    world_size: int = 1
-    derived: dict = field(default_factory=dict)
-    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    status: str = "running"
+    settings: dict  # every TrainConfig field (and the global batch): what a resume continues with
+    data: dict = field(default_factory=dict)  # {"files": {path: sha256}, "tokenizer_sha256": str}: edits refused
+    world_size: int = 1  # a resume with another count trains the same masks but other dropout streams
+    derived: dict = field(default_factory=dict)  # what the settings gave: chunks, steps, warmup steps, parameters
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # kept by every resume: tells checkpoints apart
+    status: str = "running"  # one of STATUSES
+    # "before", every eval, "after" once finished, and the fill-mask predictions before and after
     results: dict = field(default_factory=lambda: {"before": None, "evals": [], "after": None,
                                                    "fill_mask": {"before": [], "after": []}})
-    segments: list = field(default_factory=list)
+    segments: list = field(default_factory=list)  # one per process run: times, steps, device, precision, its end
     progress: dict = field(default_factory=lambda: {"step": 0, "train_seconds": 0.0, "train_tokens": 0})
-    written: dict = field(default_factory=dict)  # {name in the folder: the sha256 of README.md, else None}
+    # {name this run wrote in its folder: None, or README.md's sha256}: all the run removes or replaces (folder.py)
+    written: dict = field(default_factory=dict)
     format: int = FORMAT
 
-    # -- what the run layer records ------------------------------------------------------------------------
-
-    def start_segment(self, *, step: int, device: str, precision: str, model_variant: str, world_size: int,
-                      changed: dict | None = None) -> None:
-        self.status = "running"
-        self.world_size = world_size
-        self.segments.append({"started": _now(), "ended": None, "from_step": step, "to_step": None,
-                              "end": "running", "device": device, "precision": precision,
-                              "model_variant": model_variant, "world_size": world_size, "changed": changed or {}})
+    def start_segment(self, *, step: int, **facts) -> None:
+        """A process run of the run starts at `step`. facts: device, precision, model_variant, world_size, changed.
+        Resuming from an earlier checkpoint redoes the later steps: their evals belong to the abandoned course."""
+        for segment in self.segments:
+            if segment["end"] == "running":  # its process was killed before it could say so
+                segment["end"] = "killed"
+        self.results["evals"] = [e for e in self.results["evals"] if e["label"] == "before" or e["step"] <= step]
+        self.results["after"], self.results["fill_mask"]["after"] = None, []
+        self.status, self.world_size = "running", facts["world_size"]
+        self.segments.append({"started": _now(), "ended": None, "from_step": step, "to_step": None, "end": "running",
+                              **facts})
 
     def end_segment(self, end: str, *, step: int) -> None:
         """end: finished | interrupted | failed, or the signal that stopped it (e.g. "interrupted by SIGTERM")."""
@@ -71,16 +60,8 @@ class RunRecord:
 
     def last_eval_at(self, step: int) -> dict | None:
         """The last eval recorded at `step` (without its label, step and epoch), or None."""
-        for entry in reversed(self.results["evals"]):
-            if entry["step"] == step and entry["label"] != "before":
-                return {k: v for k, v in entry.items() if k not in ("label", "step", "epoch")}
-        return None
-
-    def keep_results_up_to(self, step: int) -> None:
-        """Resuming from an earlier checkpoint redoes the later steps: their evals belong to the abandoned course."""
-        self.results["evals"] = [e for e in self.results["evals"] if e["label"] == "before" or e["step"] <= step]
-        self.results["after"] = None
-        self.results["fill_mask"]["after"] = []
+        return next(({k: v for k, v in e.items() if k not in ("label", "step", "epoch")}
+                     for e in reversed(self.results["evals"]) if e["step"] == step and e["label"] != "before"), None)
 
     @property
     def finished(self) -> bool:
@@ -91,7 +72,7 @@ class RunRecord:
 
 
 def write_record(folder: Path, record: RunRecord) -> None:
-    """Write `folder`/run.json atomically: a crash leaves the old record or the new one, never half of one."""
+    """`folder`/run.json, atomically: a crash leaves the old record or the new one, never half of one."""
     atomic_write_text(Path(folder) / RECORD_FILE, record.to_json())
 
 
@@ -100,36 +81,31 @@ def read_record(folder: Path) -> RunRecord | None:
     path = Path(folder) / RECORD_FILE
     if not path.is_file():
         return None
+    restore = f"restore it from the newest checkpoint's copy ({Path(folder) / 'checkpoints'}/step-*/{RECORD_FILE})"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise MLMError(f"{path} is unreadable ({err}): restore it from the newest checkpoint's copy "
-                       f"({Path(folder) / 'checkpoints'}/step-*/{RECORD_FILE}).") from None
+        raise MLMError(f"{path} is unreadable ({err}): {restore}.") from None
     if not _has_the_layout(data):
         raise MLMError(f"{path} is not an mlm run record (format {FORMAT}), or it was edited into another shape: "
-                       f"restore it from the newest checkpoint's copy ({Path(folder) / 'checkpoints'}/step-*/"
-                       f"{RECORD_FILE}), or start a new run in another output folder.")
+                       f"{restore}, or start a new run in another output folder.")
     return RunRecord(**data)
 
 
 def _has_the_layout(data) -> bool:
-    """Whether `data` has the fields, types and nested shapes the run layer reads: a hand-edited record is refused
-    here in one line, not by a traceback later."""
+    """The fields, types and nested shapes the run layer reads: a hand-edited record is refused in one line."""
     types = {"settings": dict, "data": dict, "world_size": int, "derived": dict, "run_id": str, "status": str,
              "results": dict, "segments": list, "progress": dict, "written": dict, "format": int}
     if not (isinstance(data, dict) and {"settings", "format", "status"} <= set(data) <= set(types)
             and all(isinstance(data[name], kind) for name, kind in types.items() if name in data)):
         return False
-    results, progress = data.get("results", {}), data.get("progress", {})
+    results, progress, evals = data.get("results", {}), data.get("progress", {}), data.get("results", {}).get("evals")
     return (data["format"] == FORMAT and data["status"] in STATUSES and data.get("world_size", 1) >= 1
-            and all(isinstance(segment, dict) and isinstance(segment.get("end"), str) for segment in data.get(
-                "segments", []))
+            and all(isinstance(s, dict) and isinstance(s.get("end"), str) for s in data.get("segments", []))
             and all(isinstance(progress.get(key, 0), int | float) and progress.get(key, 0) >= 0
                     for key in ("step", "train_seconds", "train_tokens"))
-            and (not results or (isinstance(results.get("evals"), list)
-                                 and all(isinstance(e, dict) and isinstance(e.get("step"), int) for e in
-                                         results["evals"])
-                                 and isinstance(results.get("fill_mask"), dict))))
+            and (not results or (isinstance(evals, list) and isinstance(results.get("fill_mask"), dict)
+                                 and all(isinstance(e, dict) and isinstance(e.get("step"), int) for e in evals))))
 
 
 def _now() -> str:

@@ -1,20 +1,10 @@
 """The run layer: a run's processes, folder, record, logs, checkpoints and signals, behind the calls the loop makes.
 
-mlm/train.py calls, in this order:
-
-    open_run(config)                 start the processes, lock the output folder, let Ctrl-C, SIGTERM and SIGHUP
-                                     stop cleanly, and find where the run starts: a new run, or the checkpoint to
-                                     resume, whose record and data are checked now, before any work
-    run.start(model, ...)            on resume, refuse changed settings and load the checkpoint; write the record
-    run.after_step(...)              after every optimizer step: counts, logs every --log-every steps, agrees on a stop
-    run.eval_due()                   the label of the evaluation due now (epoch end, --eval-every, last step), or None
-    run.record_eval / record_fill_mask
-    run.save_if_due()                the checkpointer: every --save-every steps, each epoch's end, the last step, a stop
-    run.finish() or run.stopped()    the final model and the finished record, or the record of a stop
-
-If anything fails or a signal arrives before the first checkpoint, the folder is left as it was (mlm/run/folder.py);
-after it, the folder resumes with `--resume latest`. This package never imports the loop: it gets the settings as
-data (mlm/settings.py) and the objects it saves.
+mlm/train.py calls open_run(config) (processes started, the folder locked, signals handled, and the start found: a new
+run, or a checkpoint whose record and data are checked before any work), then run.start(model, ...) (a resume's
+settings checked and its checkpoint loaded; the record written), per step run.after_step, run.eval_due,
+run.record_eval and run.save_if_due, and at the end run.finish() or, after a signal, run.stopped(). If anything fails
+before the first checkpoint the folder is left as it was (mlm/run/folder.py); after it, `--resume latest` continues.
 """
 
 from __future__ import annotations
@@ -23,7 +13,7 @@ import math
 import os
 import shlex
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,9 +31,9 @@ from mlm.run.checkpoints import (
     CheckpointError,
     Progress,
     checkpoint_step,
+    damaged,
     list_checkpoints,
     load_training_checkpoint,
-    newest_good_checkpoint,
     read_state,
     save_training_checkpoint,
     verify_checkpoint,
@@ -85,8 +75,7 @@ class RunSummary:
 
 @contextmanager
 def open_run(config: TrainConfig):
-    """The run on `config.output_dir`: processes started, the folder locked for this run alone, signals handled,
-    until the block ends."""
+    """The run on `config.output_dir`: processes started, the folder locked, signals handled, until the block ends."""
     if config.report_to == "tensorboard":
         require_tensorboard()  # a missing package stops the run here, before the output folder is touched
     procs = start_processes(config.device)
@@ -111,70 +100,61 @@ class Run:
 
     def __init__(self, config: TrainConfig, procs: Processes, folder: RunFolder, signals: Signals):
         self.config, self.procs, self.folder, self.signals = config, procs, folder, signals
-        self.output_dir = folder.path
+        self.output_dir, self.progress = folder.path, Progress()
         self.resume_from: Path | None = None
         self.record: RunRecord | None = None
-        self.data: dict = {}  # the sha256 of the data files, found at find_start
-        self.progress = Progress()
-        self.already_finished = False  # --resume of a finished run: nothing to do
         self.last_checkpoint: str | None = None
-        self.changed: dict = {}  # settings a resume changed: {name: [before, now]}
-        self.notes: list[str] = []
-        self.stop_requested = False
-        self.stopped_by: str | None = None  # the signal every process agreed to stop on
         self.log: MetricsLog | None = None  # opened by start(), like the meter
+        self.data, self.changed, self.notes = {}, {}, []  # the data files' sha256; what a resume changed: [before, now]
+        self.already_finished = self.stop_requested = False  # already_finished: --resume of a finished run
+        self.stopped_by: str | None = None  # the signal every process agreed to stop on
         self.console = Console(procs.is_main, config.progress_bar, total=0, done=0)
-        self.total_steps = self.steps_per_epoch = 0
-        self.peak_flops: float | None = None
-
-    def say(self, message: str) -> None:
-        self.console.say(message)
+        self.say = self.console.say
 
     # -- where the run starts --------------------------------------------------------------------------------
 
     def find_start(self) -> None:
         """A new run, or the checkpoint to resume and the record it continues; the data read. Reads only."""
-        config = self.config
-        self.resume_from = self.folder.resume_point(config.resume, config.overwrite)
-        if self.resume_from is None:
+        config, out = self.config, self.output_dir
+        self.resume_from = checkpoint = self.folder.resume_point(config.resume, config.overwrite)
+        if checkpoint is None:
             return
         try:
-            verify_checkpoint(self.resume_from)
-            read_state(self.resume_from)
-            theirs = read_record(self.resume_from)
-        except (CheckpointError, MLMError) as err:
-            raise bad_checkpoint(self.resume_from, err) from None
-        here = folder_record(self.output_dir) if self.output_dir.is_dir() else None
+            verify_checkpoint(checkpoint)
+            read_state(checkpoint)
+            theirs = read_record(checkpoint)
+        except MLMError as err:
+            raise damaged(checkpoint, err) from None
+        here = folder_record(out)
         if here is not None and here.run_id != theirs.run_id:
-            raise MLMError(f"{self.resume_from} is a checkpoint of run {theirs.run_id}, but {self.output_dir} holds "
-                           f"run {here.run_id}; nothing was changed. To continue run {theirs.run_id}, give it an "
-                           "empty output folder; to continue this folder's run, resume its own checkpoints.")
+            raise MLMError(f"{checkpoint} is a checkpoint of run {theirs.run_id}, but {out} holds run {here.run_id}; "
+                           f"nothing was changed. To continue run {theirs.run_id}, give it an empty output folder; to "
+                           "continue this folder's run, resume its own checkpoints.")
         if here is None:
             if others := self.folder.files_not_of_the_run():
-                raise MLMError(f"`resume` {self.resume_from}: {self.output_dir} holds files of no run ({others[0]}…): "
-                               "continue the run in an empty or new output folder.")
-            self.notes.append(f"continuing run {theirs.run_id} from {self.resume_from} in {self.output_dir}: its "
-                              "record is copied here and its new checkpoints are written here.")
+                raise MLMError(f"`resume` {checkpoint}: {out} holds files of no run ({others[0]}…): continue the run "
+                               "in an empty or new output folder.")
+            self.notes.append(f"continuing run {theirs.run_id} from {checkpoint} in {out}: its record is copied here "
+                              "and its new checkpoints are written here.")
         else:  # the folder's record has the run's latest settings and history; the results are the checkpoint's
             theirs.settings, theirs.segments, theirs.written = here.settings, here.segments, here.written
-        self.record = theirs
-        self.data = {"files": data_file_digests(config)}
-        compare_data(self.record.data.get("files", {}), self.data["files"])  # before any tokenizing
-        self.last_checkpoint = str(self.resume_from)
-        newest = checkpoint_step(self.resume_from) == (here.progress["step"] if here else -1)
+        self.record, self.data = theirs, {"files": data_file_digests(config)}
+        compare_data(theirs.data.get("files", {}), self.data["files"])  # before any tokenizing
+        self.last_checkpoint = str(checkpoint)
+        newest = checkpoint_step(checkpoint) == (here.progress["step"] if here else -1)
         self.already_finished = bool(here and here.finished and newest and not config.extend)
 
     def start(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler, tokenizer, *, path: str,
               precision: str, facts: dict, notes: list[str] = ()) -> None:
-        """Step 0 of a new run or the checkpoint's state on resume (settings and tokenizer checked against the
-        record); then the folder made ready, the record written, the metrics log opened and the run announced."""
+        """Step 0, or the checkpoint's state once the settings and tokenizer match the record; then the folder made
+        ready, the record written, the metrics log opened and the run announced."""
         self.model, self.optimizer, self.scaler, self.tokenizer = model, optimizer, scaler, tokenizer
-        config, procs = self.config, self.procs
+        config, procs, resuming = self.config, self.procs, self.resume_from is not None
         self.total_steps, self.steps_per_epoch = facts["total_steps"], facts["steps_per_epoch"]
         settings = {**settings_as_json(config), "global_batch": facts["global_batch"]}
         self.data = {"files": self.data.get("files") or data_file_digests(config),
                      "tokenizer_sha256": tokenizer_sha256(tokenizer)}
-        if self.resume_from is None:
+        if not resuming:
             self.record = RunRecord(settings=settings, data=self.data, world_size=procs.world_size)
         else:
             self.changed = compare_settings(self.record.settings, settings, extend=config.extend,
@@ -183,53 +163,50 @@ class Run:
                 raise MLMError("The tokenizer differs from the one the run started with (its sha256 changed): resume "
                                "with the run's tokenizer, or start a new run in another output folder.")
             self._restore(model, optimizer, scaler)
-        self.notes += self.folder.start(overwrite=config.overwrite, resuming=self.resume_from is not None,
-                                        run_id=self._old_run_id())
-        if self.resume_from is not None and procs.is_main:
-            self.notes += discard_later_checkpoints(self.output_dir, self.resume_from)
+        old = folder_record(self.output_dir)
+        self.notes += self.folder.start(overwrite=config.overwrite, resuming=resuming, run_id=old and old.run_id)
+        # Resuming from an older checkpoint of this folder redoes the steps after it: the checkpoints of those steps
+        # belong to the abandoned course, and would pass as the new one's.
+        ours = (self.output_dir / "checkpoints").resolve()
+        if resuming and procs.is_main and self.resume_from.resolve().parent == ours:
+            for later in list_checkpoints(self.output_dir):
+                if checkpoint_step(later) > checkpoint_step(self.resume_from):
+                    shutil.rmtree(later)
+                    self.notes.append(f"removed {later.name}: it follows {self.resume_from.name}, whose later steps "
+                                      "run again now.")
         procs.barrier()  # nobody writes before rank 0 has made the folder ready
-        record = self.record
-        for segment in record.segments:
-            if segment["end"] == "running":  # its process was killed before it could say so
-                segment["end"] = "killed"
-        record.keep_results_up_to(self.progress.global_step)
+        record, step = self.record, self.progress.global_step
         record.settings, record.derived, record.data = settings, facts, self.data
-        record.start_segment(step=self.progress.global_step, device=str(procs.device), precision=precision,
-                             model_variant=path, world_size=procs.world_size, changed=self.changed)
-        self.folder.written = dict(record.written)
-        self.folder.writes(METRICS_FILE)
-        if config.report_to == "tensorboard":
-            self.folder.writes(LOG_DIR)
+        record.start_segment(step=step, device=str(procs.device), precision=precision, model_variant=path,
+                             world_size=procs.world_size, changed=self.changed)
+        tensorboard = config.report_to == "tensorboard"
+        record.written.update({METRICS_FILE: None, **({LOG_DIR: None} if tensorboard else {})})
+        self.folder.written = record.written  # one dict: the record lists every name the run writes, as it writes
         self._write_record()
-        listeners = (TensorBoardLog(self.output_dir),) if config.report_to == "tensorboard" and procs.is_main else ()
+        listeners = (TensorBoardLog(self.output_dir),) if tensorboard and procs.is_main else ()
         self.log = MetricsLog(self.output_dir / METRICS_FILE, enabled=procs.is_main, segment=len(record.segments) - 1,
                               listeners=listeners)
         self.meter = Meter(procs.device, seconds=record.progress["train_seconds"],
                            tokens=record.progress["train_tokens"])
-        self.console.total, self.console.done = self.total_steps, self.progress.global_step
+        self.console.total, self.console.done = self.total_steps, step
         self.peak_flops = peak_flops(procs.device, precision)
         for note in [*self.notes, *notes]:
             self.say(f"note: {note}")
-        if self.resume_from is not None:
-            self.log.write("resume", step=self.progress.global_step, checkpoint=str(self.resume_from),
-                           changed=self.changed)
+        if resuming:
+            self.log.write("resume", step=step, checkpoint=str(self.resume_from), changed=self.changed)
             self.say(f"Resuming run {record.run_id} from {self.resume_from} (epoch {self.progress.epoch + 1}, step "
-                     f"{self.progress.global_step}/{self.total_steps}).")
+                     f"{step}/{self.total_steps}).")
         self.say(f"Model: {path}.")
         self.say(f"{facts['parameters']:,} parameters on {procs.device} ({precision}); {facts['train_chunks']:,} train "
                  f"/ {facts['eval_chunks']:,} eval chunks of {config.chunk_size}; {self.total_steps} steps of "
                  f"{facts['global_batch']} chunks. Record: {self.output_dir / RECORD_FILE}")
-
-    def _old_run_id(self) -> str | None:
-        record = folder_record(self.output_dir) if self.output_dir.is_dir() else None
-        return record.run_id if record is not None else None
 
     def _restore(self, model, optimizer, scaler) -> None:
         try:
             self.progress, rng = load_training_checkpoint(self.resume_from, model=model, optimizer=optimizer,
                                                           scaler=scaler)
         except CheckpointError as err:  # e.g. non-finite weights, which no checksum catches
-            raise bad_checkpoint(self.resume_from, err) from None
+            raise damaged(self.resume_from, err) from None
         if self.progress.global_step > self.total_steps:
             raise MLMError(f"{self.resume_from} is at step {self.progress.global_step}, past the {self.total_steps} "
                            "steps of `epochs`/`max_steps`: with `extend`, give at least as many.")
@@ -247,68 +224,65 @@ class Run:
 
     # -- during the run --------------------------------------------------------------------------------------
 
-    @contextmanager
     def signals_wait_for_the_step(self):
         """Within this block a first signal lets the step finish and the checkpoint be written."""
-        with self.signals.deferred():
-            yield
+        return self.signals.deferred()
 
     def after_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, *, ran: int | torch.Tensor,
                    lr: float | torch.Tensor, tokens: int, labelled: int) -> None:
-        """Count the step; every --log-every steps (and at each epoch's end and the last step) log the mean loss.
-        `ran` and `lr` may be device tensors (fp16): they are read back only when a line is written."""
-        self.meter.add(loss, tokens, ran, labelled)
+        """Count the step; every --log-every steps (and at each epoch's end and the last step) log the mean loss over
+        the processes, the only read-back of the loss: a NaN or infinite one stops the run. `ran` and `lr` may be
+        device tensors (fp16): they are read back only when a line is written."""
+        meter, progress, procs = self.meter, self.progress, self.procs
+        meter.add(loss, tokens, ran, labelled)
         self.console.step()
-        progress = self.progress
-        due = (self.meter.steps >= self.config.log_every or progress.step_in_epoch == 0
+        due = (meter.steps >= self.config.log_every or progress.step_in_epoch == 0
                or progress.global_step >= self.total_steps)
         # Every process reaches the same log steps, so they agree there on a stop request (a host sync under DDP,
         # hence not at every step) and all stop, and checkpoint, at the same step.
-        if due or self.procs.world_size == 1:
-            self.stopped_by = self.procs.agree_on_signal(self.signals.received)
+        if due or procs.world_size == 1:
+            self.stopped_by = procs.agree_on_signal(self.signals.received)
             self.stop_requested = self.stopped_by is not None
-        if due or self.stop_requested:
-            self._log_training(lr=lr, grad_norm=grad_norm)
-
-    def _log_training(self, *, lr: float | torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """The mean loss since the last log (averaged over processes: the only read-back of the loss); a NaN or
-        infinite loss stops the run."""
-        meter, progress = self.meter, self.progress
-        loss_sum = self.procs.all_reduce_sum(meter.loss_sum.detach().clone()) / self.procs.world_size
-        mean_loss = loss_sum.item() / meter.steps
+        if not (due or self.stop_requested):
+            return
+        mean_loss = (procs.all_reduce_sum(meter.loss_sum.detach().clone()) / procs.world_size).item() / meter.steps
         if not math.isfinite(mean_loss):
             raise self._non_finite(f"The training loss became {mean_loss}")
-        tokens_per_second = meter.interval_tokens_per_second()
+        tokens_per_second = meter.tokens / meter.seconds if meter.seconds else 0.0
         flops = flops_per_token(self.model.config, self.config.chunk_size, meter.labelled / max(meter.tokens, 1))
         values = {"epoch": progress.epoch + progress.step_in_epoch / self.steps_per_epoch, "loss": mean_loss,
                   "lr": float(lr), "grad_norm": float(grad_norm), "tokens_per_second": tokens_per_second,
                   "mfu": flops * tokens_per_second / self.peak_flops if self.peak_flops else None}
         # skipped: the steps since the last line whose fp16 gradients overflowed (their update was skipped)
-        self.log.write("train", step=progress.global_step, **values, skipped=meter.skipped())
+        self.log.write("train", step=progress.global_step, **values, skipped=meter.steps - int(meter.ran))
         self.console.log(progress.global_step, values)
         meter.start_interval()
 
-    def eval_due(self) -> str | None:
-        """The label of the evaluation due after this step: each epoch's end, every --eval-every steps, the last."""
-        progress, every = self.progress, self.config.eval_every
+    def _due(self, every: int | None) -> str | None:
+        """What is due after this step, if anything: each epoch's end, the last step, every `every` steps."""
+        progress = self.progress
         if progress.step_in_epoch == 0:
             return f"epoch {progress.epoch}"
         if progress.global_step >= self.total_steps:
             return "final"
         return f"step {progress.global_step}" if every and progress.global_step % every == 0 else None
 
+    def eval_due(self) -> str | None:
+        """The label of the evaluation due after this step, or None."""
+        return self._due(self.config.eval_every)
+
     def eval_at_the_end_due(self) -> bool:
         """A resume --extend'ed to end where it stands has no eval at this step yet."""
         return self.record.last_eval_at(self.progress.global_step) is None
 
     def record_eval(self, label: str, result: EvalResult) -> EvalResult:
-        self.log.write("eval", label=label, step=self.progress.global_step, epoch=self.progress.epoch,
-                       **asdict(result))
-        self.record.add_eval(label, self.progress.global_step, self.progress.epoch, asdict(result))
+        step, epoch = self.progress.global_step, self.progress.epoch
+        self.log.write("eval", label=label, step=step, epoch=epoch, **asdict(result))
+        self.record.add_eval(label, step, epoch, asdict(result))
         self._write_record()
-        self.say(f"[{label}] step {self.progress.global_step}: perplexity {result.perplexity:.3f} "
-                 f"(reference-style {result.reference_perplexity:.3f}), loss {result.loss:.4f}, "
-                 f"masked-token accuracy {result.accuracy:.2%}")
+        self.say(f"[{label}] step {step}: perplexity {result.perplexity:.3f} (reference-style "
+                 f"{result.reference_perplexity:.3f}), loss {result.loss:.4f}, masked-token accuracy "
+                 f"{result.accuracy:.2%}")
         self.meter.restart_clock()  # tokens/s counts training only
         return result
 
@@ -323,15 +297,10 @@ class Run:
         self.meter.restart_clock()
 
     def save_if_due(self) -> None:
-        """The checkpointer: a resumable checkpoint every --save-every steps, at each epoch's end, at the last step
-        and when the processes agreed to stop."""
-        progress, every = self.progress, self.config.save_every
-        if (progress.step_in_epoch == 0 or progress.global_step >= self.total_steps or self.stop_requested
-                or (every and progress.global_step % every == 0)):
-            self.save_checkpoint()
-
-    def save_checkpoint(self) -> None:
-        """A resumable checkpoint (main process) of finite weights, then every process waits for it."""
+        """The checkpointer: a resumable checkpoint of finite weights every --save-every steps, at each epoch's end,
+        at the last step and when the processes agreed to stop (written by the main process; every one waits)."""
+        if not (self._due(self.config.save_every) or self.stop_requested):
+            return
         # Logs check the loss only every --log-every steps: a save in between must not keep NaN weights.
         if not math.isfinite(float(self.meter.loss_sum)):
             raise self._non_finite("The training loss became non-finite")
@@ -345,7 +314,7 @@ class Run:
                 self.last_checkpoint = str(save_training_checkpoint(
                     self.output_dir, model=self.model, optimizer=self.optimizer, scaler=self.scaler,
                     progress=self.progress, tokenizer=self.tokenizer, keep_last=self.config.keep_checkpoints,
-                    rng_states=rng_states, record_json=self._record_with_written().to_json()))
+                    rng_states=rng_states, record_json=self.record.to_json()))
             self.folder.commit()
             self._write_record()
         self.procs.barrier()
@@ -356,7 +325,8 @@ class Run:
     def finish(self) -> RunSummary:
         """The final model in the Hub layout, the finished record and the model card."""
         self.console.close()
-        if self.procs.is_main:
+        main = self.procs.is_main
+        if main:
             for name in (CONFIG_FILE, WEIGHTS_FILE, *TOKENIZER_FILES):
                 self.folder.writes(name)
             self._write_record()  # the names first: a kill while saving leaves no file the record does not list
@@ -365,93 +335,80 @@ class Run:
             share_final_weights(self.output_dir, self.last_checkpoint)
             self.folder.commit()
         self.record.results["after"] = self.record.last_eval_at(self.progress.global_step)
-        self._note_progress()
-        self.record.end_segment("finished", step=self.progress.global_step)
-        self._write_record()
-        if self.procs.is_main:  # README.md, pushed or not: the Hub shows it as the model's page
-            self._write_card()
-        return self._close()
-
-    def _write_card(self) -> None:
-        if not self.folder.may_replace(CARD_FILE, self.record.written):
+        self._end("finished")
+        if main and not self.folder.may_replace(CARD_FILE):
             self.say(f"note: kept {self.output_dir / CARD_FILE}, which this run did not write; its model card was not "
                      "written (mlm.run.model_card.write_run_model_card(folder) writes it where you want).")
-            return
-        card = write_run_model_card(self.output_dir, model_id=self.config.hub_model_id or str(self.output_dir))
-        self.folder.writes(CARD_FILE, file_sha256(card))
-        self._write_record()
+        elif main:  # README.md, pushed or not: the Hub shows it as the model's page
+            card = write_run_model_card(self.output_dir, model_id=self.config.hub_model_id or str(self.output_dir))
+            self.folder.writes(CARD_FILE, file_sha256(card))
+            self._write_record()
+        return self._close()
 
     def stopped(self) -> RunSummary:
         """The loop stopped on a signal, after saving a checkpoint."""
         self.console.close()
-        self._note_progress()
-        self.record.end_segment(f"interrupted by {self.stopped_by}", step=self.progress.global_step)
-        self._write_record()
+        self._end(f"interrupted by {self.stopped_by}")
         return self._close()
 
-    def summary(self) -> RunSummary:
-        record = self.record
-        results, progress = record.results, record.progress
-        return RunSummary(
-            status=record.status if record.status == "finished" else "interrupted", output_dir=str(self.output_dir),
-            steps=progress["step"], before=EvalResult(**results["before"]) if results["before"] else None,
-            after=EvalResult(**results["after"]) if results["after"] else None,
-            train_seconds=progress["train_seconds"],
-            train_tokens_per_second=progress["train_tokens"] / max(progress["train_seconds"], 1e-9),
-            checkpoint=self.last_checkpoint, stopped_by=self.stopped_by, is_main=self.procs.is_main)
+    def _end(self, how: str) -> None:
+        self._note_progress()
+        self.record.end_segment(how, step=self.progress.global_step)
+        self._write_record()
 
     def nothing_to_do(self) -> RunSummary:
         """--resume of a finished run: a flag that would change the run is refused all the same."""
-        config = self.config
-        compare_settings(self.record.settings, {**settings_as_json(config),
-                                                "global_batch": config.global_batch(self.procs.world_size)},
-                         extend=False, where=self.output_dir, world_size=self.procs.world_size)
-        hint = ("with `extend` and more `max_steps`" if self.record.settings.get("max_steps") is not None
-                else "with `extend` and more `epochs`")
-        self.say(f"{self.output_dir} holds a finished run: nothing to do (to train it for longer, resume it {hint}).")
+        settings = {**settings_as_json(self.config), "global_batch": self.config.global_batch(self.procs.world_size)}
+        compare_settings(self.record.settings, settings, extend=False, where=self.output_dir,
+                         world_size=self.procs.world_size)
+        hint = "`max_steps`" if self.record.settings.get("max_steps") is not None else "`epochs`"
+        self.say(f"{self.output_dir} holds a finished run: nothing to do (to train it for longer, resume it with "
+                 f"`extend` and more {hint}).")
         self.record = read_record(self.output_dir)
         return self._close()
 
     def _close(self) -> RunSummary:
         if self.log is not None:
             self.log.close()
-        return self.summary()
+        record = self.record
+        results, progress = record.results, record.progress
+        return RunSummary(
+            status=record.status if record.finished else "interrupted", output_dir=str(self.output_dir),
+            steps=progress["step"], before=EvalResult(**results["before"]) if results["before"] else None,
+            after=EvalResult(**results["after"]) if results["after"] else None, train_seconds=progress["train_seconds"],
+            train_tokens_per_second=progress["train_tokens"] / max(progress["train_seconds"], 1e-9),
+            checkpoint=self.last_checkpoint, stopped_by=self.stopped_by, is_main=self.procs.is_main)
 
     def end_with(self, err: BaseException) -> None:
         """The run ends on an exception: record how (once it has a checkpoint), or undo what it wrote."""
         if self.log is not None and self.procs.is_main and self.folder.committed:
-            how = f"interrupted by {getattr(err, 'signal_name', 'SIGINT')}" if isinstance(err, KeyboardInterrupt) \
-                else "failed"
+            how = (f"interrupted by {getattr(err, 'signal_name', 'SIGINT')}" if isinstance(err, KeyboardInterrupt)
+                   else "failed")
             self.record.end_segment(how, step=self.progress.global_step)
-            try:
+            with suppress(MLMError):  # the error being raised says more than this one
                 self._write_record()
-            except OSError:
-                pass  # the error being raised says more than this one
         self.folder.abandon()  # before the first checkpoint: the folder goes back to how it was
 
     def continue_hint(self) -> str:
-        if self.last_checkpoint is None:  # this run saved none, and resumes none: the folder is as it was
-            if self.log is None:  # stopped while setting up
-                # A chunk store cut short keeps its completed pieces (mlm/corpus_store.py): say so, or users redo it.
-                return ("Nothing was saved: the output folder is as it was; data prepared so far is kept, and the "
-                        "same command continues its preparation.")
-            return ("Nothing was saved: the run stopped before its first checkpoint (--save-every), and the output "
-                    "folder is as it was. The same command starts it again, on the data already prepared.")
-        return f"Continue with: {resume_command(self.output_dir, self.procs)}"
+        if self.last_checkpoint is not None:
+            return f"Continue with: {resume_command(self.output_dir, self.procs)}"
+        # This run saved no checkpoint and resumes none: the folder is as it was. A chunk store cut short keeps its
+        # completed pieces (mlm/corpus_store.py): say so, or users redo it.
+        if self.log is None:  # stopped while setting up
+            return ("Nothing was saved: the output folder is as it was; data prepared so far is kept, and the same "
+                    "command continues its preparation.")
+        return ("Nothing was saved: the run stopped before its first checkpoint (--save-every), and the output folder "
+                "is as it was. The same command starts it again, on the data already prepared.")
 
     def _note_progress(self) -> None:
         self.record.progress = {"step": self.progress.global_step, "train_seconds": self.meter.train_seconds,
                                 "train_tokens": self.meter.total_tokens}
 
-    def _record_with_written(self) -> RunRecord:
-        self.record.written = dict(self.folder.written)
-        return self.record
-
     def _write_record(self) -> None:
         if self.procs.is_main:
             self.folder.writes(RECORD_FILE)
             with self._writing("the run record"):
-                write_record(self.output_dir, self._record_with_written())
+                write_record(self.output_dir, self.record)
 
     @contextmanager
     def _writing(self, what: str):
@@ -472,10 +429,6 @@ class Run:
                         f"({where}). Try a lower `lr`, `precision` bf16 or fp32, or warmup.")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Settings and data against the record
-
-
 def settings_as_json(config: TrainConfig) -> dict:
     """Every field of `config`, JSON-able (tuples become lists, as they come back from run.json)."""
     return {name: list(value) if isinstance(value, tuple) else value for name, value in asdict(config).items()}
@@ -484,10 +437,9 @@ def settings_as_json(config: TrainConfig) -> dict:
 def compare_settings(stored: dict, current: dict, *, extend: bool, where: Path, world_size: int) -> dict:
     """Refuse a resume whose settings change the run (RUN_SETTINGS), listing every difference; return the changes
     allowed (how to run, where the model and data are, the length with `extend`) as {name: [before, now]}."""
-    compared = [name for name in RUN_SETTINGS if name not in WHERE_SETTINGS and (name not in LENGTH_SETTINGS or
-                                                                                  not extend)]
-    differ = [name for name in compared if name in stored and stored[name] != current.get(name)]
-    if differ:
+    compared = [name for name in RUN_SETTINGS
+                if name not in WHERE_SETTINGS and (name not in LENGTH_SETTINGS or not extend)]
+    if differ := [name for name in compared if name in stored and stored[name] != current.get(name)]:
         listed = "; ".join(_difference(name, stored, current, world_size) for name in differ)
         hint = " To train for longer (or shorter), add `extend`." if set(differ) & set(LENGTH_SETTINGS) else ""
         raise MLMError(f"`resume` would change the run in {where}: {listed}. Resume without these changes (the run "
@@ -509,8 +461,8 @@ def _difference(name: str, stored: dict, current: dict, world_size: int) -> str:
 
 
 def data_file_digests(config: TrainConfig) -> dict:
-    """{name relative to the data's common folder: sha256} of every file the run reads: edited data changes what the
-    run trains and scores on, so a resume must see the same bytes (wherever the folder is now)."""
+    """{name relative to the data's common folder: sha256} of every file the run reads: a resume must see the same
+    bytes (wherever the folder is now), or it would train and score on other text."""
     train, held_out = run_sources(config.dataset, train_splits=config.train_splits, eval_split=config.eval_split,
                                   validation_file=config.validation_file)
     files = [file for source, split in train + ([held_out] if held_out else [])
@@ -521,8 +473,7 @@ def data_file_digests(config: TrainConfig) -> dict:
 
 def compare_data(stored: dict, current: dict) -> None:
     for name, digest in stored.items():
-        now = current.get(name)
-        if now != digest:
+        if (now := current.get(name)) != digest:
             what = "is missing" if now is None else "changed since the run started (its sha256 differs)"
             raise MLMError(f"The data file {name} {what}: the run would train and score on other text. Restore it, "
                            "or start a new run in another output folder.")
@@ -531,46 +482,17 @@ def compare_data(stored: dict, current: dict) -> None:
                        "run in another output folder.")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Checkpoints of the folder
-
-
-def bad_checkpoint(checkpoint: Path, err: Exception) -> MLMError:
-    good = newest_good_checkpoint(checkpoint.parent.parent, before_step=checkpoint_step(checkpoint))
-    fix = (f"the newest good checkpoint is {good}: resume with `resume` {good}" if good
-           else "no older checkpoint of the run is intact: start again with `overwrite`")
-    return MLMError(f"Not resuming from a damaged checkpoint: {err} {fix}, or restore {checkpoint.name} from a copy.")
-
-
-def discard_later_checkpoints(output_dir: Path, resume_from: Path) -> list[str]:
-    """Resuming from an older checkpoint of this folder redoes the steps after it: the checkpoints of those steps
-    belong to the abandoned course, and would pass as the new one's. Return a note for each removed."""
-    step = checkpoint_step(resume_from)
-    if resume_from.resolve().parent != (output_dir / "checkpoints").resolve():
-        return []
-    notes = []
-    for later in list_checkpoints(output_dir):
-        if checkpoint_step(later) > step:
-            shutil.rmtree(later)
-            notes.append(f"removed {later.name}: it follows {resume_from.name}, whose later steps run again now.")
-    return notes
-
-
 def share_final_weights(output_dir: Path, checkpoint: str | None) -> None:
     """The last checkpoint holds the same weights as the final model: make its model.safetensors a hard link to
     the final one, so a finished folder stores them once. The bytes, hence the manifest, are unchanged."""
     if checkpoint is None:
         return
     final, saved = output_dir / WEIGHTS_FILE, Path(checkpoint) / WEIGHTS_FILE
-    try:
-        if saved.stat().st_size != final.stat().st_size or file_sha256(saved) != file_sha256(final):
-            return
-        link = saved.with_name(".model.safetensors.link")
-        link.unlink(missing_ok=True)
-        os.link(final, link)
-        os.replace(link, saved)
-    except OSError:  # a file system without hard links: two copies
-        pass
+    with suppress(OSError):  # a file system without hard links: two copies
+        if saved.stat().st_size == final.stat().st_size and file_sha256(saved) == file_sha256(final):
+            (link := saved.with_name(".model.safetensors.link")).unlink(missing_ok=True)
+            os.link(final, link)
+            os.replace(link, saved)
 
 
 def resume_command(output_dir: Path, procs: Processes) -> str:
@@ -584,4 +506,3 @@ def resume_command(output_dir: Path, procs: Processes) -> str:
               f"on each of the {nodes} nodes, torchrun --nnodes {nodes} --nproc_per_node {per_node} with your "
               "--rdzv-endpoint")
     return f"{launch} -m mlm.cli.train --resume latest --output-dir {folder}"
-

@@ -1,9 +1,9 @@
 """Ctrl-C, SIGTERM and SIGHUP stop a run cleanly, from its setup to its last write.
 
-Outside the training loop a signal raises `Interrupted` at once: setup has written nothing yet, and the final
-phase writes each file atomically, so the run layer can leave the folder as it was (before the first
-checkpoint) or resumable (after it). Inside the loop (`deferred()`) the first signal only sets a flag: the step
-finishes, a checkpoint is saved and the run stops. A second signal raises at once, for when that is too slow.
+Outside the loop a signal raises `Interrupted` at once: setup has written nothing yet and the final phase writes each
+file atomically, so the folder stays as it was (before the first checkpoint) or resumable (after it). Inside the loop
+(`deferred()`) a first signal only sets `received`: the step finishes, a checkpoint is saved and the run stops. A
+second signal raises at once, for when that is too slow.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 class Signals:
     def __init__(self):
         self.received: str | None = None  # the signal that asked the loop to stop
-        self._defer = False
-        self._previous = {}
+        self._defer, self._previous = False, {}
 
     def __enter__(self) -> Signals:
         if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread
@@ -32,13 +31,11 @@ class Signals:
         return self
 
     def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
+        while self._previous:
+            signal.signal(*self._previous.popitem())
 
     @contextmanager
     def deferred(self):
-        """Within this block a first signal sets `received` instead of raising."""
         self._defer = True
         try:
             yield self
