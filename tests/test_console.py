@@ -26,8 +26,13 @@ def test_peak_flops_is_known_for_named_gpus_only(monkeypatch):
     assert peak_flops(torch.device("cpu"), "fp32") is None
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H100 80GB HBM3")
     assert peak_flops(torch.device("cuda"), "bf16") == metrics.PEAK_FLOPS["H100"]["bf16"]
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Some Future GPU")
-    assert peak_flops(torch.device("cuda"), "bf16") is None
+    for name, gpu in (("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA L40S", "L40S"), ("NVIDIA L4", "L4"),
+                      ("NVIDIA A100-SXM4-80GB", "A100")):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert peak_flops(torch.device("cuda"), "fp16") == metrics.PEAK_FLOPS[gpu]["fp16"], name
+    for name in ("Some Future GPU", "NVIDIA A10G"):  # no word-for-word match: no guess
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert peak_flops(torch.device("cuda"), "bf16") is None
 
 
 def test_off_a_terminal_each_log_is_one_plain_line(capsys):
@@ -72,3 +77,22 @@ def test_on_a_terminal_the_bar_carries_the_figures_within_80_columns(monkeypatch
     console = Console(True, False, total=10, done=0)
     console.step()
     assert console.bar is None
+
+
+def test_a_repeated_sigterm_keeps_the_checkpoint_and_a_second_ctrl_c_stops_at_once():
+    """Schedulers send SIGTERM more than once (SLURM to every process and to torchrun, which forwards it): the save
+    the first one asked for must still happen. Ctrl-C twice is the user asking to stop now."""
+    import os
+    import signal
+
+    import pytest
+
+    from mlm.errors import Interrupted
+    from mlm.run.signals import Signals
+
+    with Signals() as signals, signals.deferred():
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.received == "SIGTERM"
+        with pytest.raises(Interrupted):
+            os.kill(os.getpid(), signal.SIGINT)

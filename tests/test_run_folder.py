@@ -245,7 +245,10 @@ def test_messages_fit_the_situation(tmp_path, monkeypatch):
         train(tiny_run(run, resume="latest"))
     two_nodes = Processes(rank=0, world_size=4)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    assert resume_command(run, two_nodes).startswith("on each of the 2 nodes, torchrun --nnodes 2 --nproc_per_node 2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "4821")
+    assert resume_command(run, two_nodes).startswith(  # c10d's rendezvous: the static default makes every node 0
+        "on each of the 2 nodes, torchrun --nnodes 2 --nproc_per_node 2 --rdzv_backend c10d --rdzv_endpoint "
+        "HOST:PORT --rdzv_id 4821 -m mlm.cli.train --resume latest")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert resume_command(run, two_nodes).startswith("torchrun --nproc_per_node 4 -m mlm.cli.train --resume latest")
 

@@ -4,6 +4,7 @@ tokens/s, model-FLOPs utilisation) and the console (a progress bar on a terminal
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -13,9 +14,12 @@ from tqdm.auto import tqdm
 
 # Dense matmul peaks, FLOP/s, of the GPUs a run is likely on (their spec sheets, without sparsity): the MFU
 # denominator, as nanoGPT and torchtitan compute it. Other devices (CPUs among them) report no MFU.
-PEAK_FLOPS = {"H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+# A GPU's name must hold every word of a key ("NVIDIA H100 PCIe" is the PCIe card, not L4's "L40S"); first match.
+PEAK_FLOPS = {"H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12},
+              "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
               "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
               "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
+              "L40S": {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12},
               "L4": {"bf16": 121e12, "fp16": 121e12, "fp32": 30e12},
               "A10": {"bf16": 125e12, "fp16": 125e12, "fp32": 31e12}}
 
@@ -86,8 +90,8 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
     """The dense matmul peak of `device` at `precision` (PEAK_FLOPS), or None where it is not known."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peaks[precision] for gpu, peaks in PEAK_FLOPS.items() if gpu in name), None)
+    words = set(re.split(r"[\s_-]+", torch.cuda.get_device_name(device)))
+    return next((peaks[precision] for gpu, peaks in PEAK_FLOPS.items() if set(gpu.split()) <= words), None)
 
 
 class Console:

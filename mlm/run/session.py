@@ -502,7 +502,9 @@ def resume_command(output_dir: Path, procs: Processes) -> str:
         return f"mlm-train --resume latest --output-dir {folder}"
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", procs.world_size))
     nodes = procs.world_size // max(per_node, 1)
+    # torchrun's default rendezvous is static, where every node would be node 0: name c10d's, with the first node's
+    # address (HOST:PORT) and the run's id (torchrun tells its processes the id, not the endpoint).
     launch = (f"torchrun --nproc_per_node {per_node}" if nodes == 1 else
-              f"on each of the {nodes} nodes, torchrun --nnodes {nodes} --nproc_per_node {per_node} with your "
-              "--rdzv-endpoint")
+              f"on each of the {nodes} nodes, torchrun --nnodes {nodes} --nproc_per_node {per_node} --rdzv_backend "
+              f"c10d --rdzv_endpoint HOST:PORT --rdzv_id {os.environ.get('TORCHELASTIC_RUN_ID', 'JOB')}")
     return f"{launch} -m mlm.cli.train --resume latest --output-dir {folder}"

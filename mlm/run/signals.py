@@ -3,11 +3,13 @@
 Outside the loop a signal raises `Interrupted` at once: setup has written nothing yet and the final phase writes each
 file atomically, so the folder stays as it was (before the first checkpoint) or resumable (after it). Inside the loop
 (`deferred()`) a first signal only sets `received`: the step finishes, a checkpoint is saved and the run stops. A
-second signal raises at once, for when that is too slow.
+second Ctrl-C raises at once, for when that is too slow; a repeated SIGTERM or SIGHUP does not, because schedulers
+send them more than once (SLURM to the job's every process and to torchrun, which forwards it again).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from contextlib import contextmanager
@@ -44,8 +46,11 @@ class Signals:
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
-        if not self._defer or self.received is not None:
+        if not self._defer or (self.received is not None and signum == signal.SIGINT):
             raise Interrupted(name)
+        if self.received is not None:
+            return  # the checkpoint is on its way
         self.received = name
-        tqdm.write(f"{name} received: finishing this step (with several processes: up to the next log step), "
-                   "then saving a checkpoint (Ctrl-C again to stop at once, without saving).")
+        if int(os.environ.get("RANK", 0)) == 0:  # one line, not one per process
+            tqdm.write(f"{name} received: finishing this step (with several processes: up to the next log step), "
+                       "then saving a checkpoint (Ctrl-C again to stop at once, without saving).")
