@@ -44,7 +44,7 @@ TOKENIZER: Path
 
 CASES = {
     "store": """
-from mlm.data import load_chunks
+from mlm.corpus import load_chunks
 from mlm.tokenizer import load_tokenizer
 tokenizer = load_tokenizer(TOKENIZER)
 start = time.perf_counter()
@@ -55,15 +55,13 @@ result = dict(seconds=seconds, tokens=chunks.n_tokens, chunks=len(chunks), disk=
     # bare and fast: the same loop over encode_batch and encode_batch_fast (see BARE below)
     "encoder": """
 import pyarrow.json
-from mlm.corpus_store import plain_encoder
-from mlm.speed.fast_encode import fast_encoder
+from mlm.speed.fast_encode import fast_tokenizer
 from mlm.tokenizer import load_tokenizer
-tokenizer = load_tokenizer(TOKENIZER)
+tokenizer = fast_tokenizer(load_tokenizer(TOKENIZER))
 texts = pyarrow.json.read_json(CORPUS).column("text").to_pylist()
-encode = fast_encoder(tokenizer) or plain_encoder(tokenizer)
 start, tokens = time.perf_counter(), 0
 for first in range(0, len(texts), 2000):
-    tokens += len(encode(texts[first : first + 2000], True)[0])
+    tokens += len(tokenizer.encode(texts[first : first + 2000])[0])
 result = dict(seconds=time.perf_counter() - start, tokens=tokens, chunks=None, disk=None)
 """,
     "read": """

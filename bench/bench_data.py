@@ -20,8 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mlm.data import load_chunks, load_texts, tokenize_and_chunk
+from mlm.corpus import load_chunks
+from mlm.data import tokenize_and_chunk
 from mlm.errors import run_cli
+from mlm.files.data_files import load_texts
 from mlm.tokenizer import load_tokenizer
 
 CHUNK_SIZE = 128

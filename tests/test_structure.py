@@ -1,9 +1,12 @@
 """The library's shape: no import cycles in mlm/, and a model that depends on nothing but small shared definitions."""
 
 import ast
+import importlib.util
+import re
 from pathlib import Path
 
-MLM = Path(__file__).resolve().parents[1] / "mlm"
+ROOT = Path(__file__).resolve().parents[1]
+MLM = ROOT / "mlm"
 
 
 def module_name(path: Path) -> str:
@@ -95,3 +98,18 @@ def test_the_readme_module_map_lists_every_module():
                if path.name != "__init__.py"]
     missing = [module for module in modules if f"| `{module}` |" not in readme]
     assert not missing, f"README.md's module map lacks {missing}"
+
+
+def test_every_mlm_name_the_benches_scripts_and_examples_import_exists():
+    """bench/ and scripts/reference/ are run by hand, their cases partly as code strings for subprocesses: a name
+    moved or renamed in mlm/ would only fail there, at the next measurement."""
+    statement = re.compile(r"^\s*from (mlm[\w.]*) import \(?([\w, \n]+?)\)?\s*(?:#.*)?$", re.M)
+    missing = []
+    for file in sorted([*(ROOT / "bench").glob("*.py"), *(ROOT / "scripts").rglob("*.py"),
+                        *(ROOT / "examples").rglob("*.py")]):
+        for module, names in statement.findall(file.read_text(encoding="utf-8")):
+            imported = importlib.import_module(module)
+            for name in (part.split(" as ")[0].strip() for part in names.replace("\n", " ").split(",")):
+                if name and not hasattr(imported, name) and importlib.util.find_spec(f"{module}.{name}") is None:
+                    missing.append(f"{file.relative_to(ROOT)}: {module}.{name}")
+    assert not missing, missing
