@@ -47,7 +47,7 @@ from mlm.masking import word_starts
 from mlm.tokenizer import Tokenizer, template_ids
 
 STORE_FORMAT_VERSION = 2
-PIECE_CHARS = 16 << 20  # characters of text per piece: bounds preparation's memory
+PIECE_CHARS = 2 << 20  # characters of text per piece: bounds preparation's memory (docs/corpora.md measures it)
 SLICE_CHARS = 1 << 20  # a longer document is tokenized in slices of about this many characters
 SLICES_PER_STRETCH = 8  # a long document's slices tokenized (and held) at once
 
