@@ -20,7 +20,7 @@ from mlm.cli.train import SMOKE as SMOKE_SETTINGS
 from mlm.cli.train import replaces_smoke_run
 from mlm.errors import MLMError
 from mlm.evaluate import summarize
-from mlm.run.folder import REPLACED, RESTORING
+from mlm.run.folder import REPLACED, RESTORING, RunFolder
 from mlm.run.processes import Processes
 from mlm.run.record import read_record
 from mlm.run.session import compare_settings, resume_command
@@ -251,6 +251,10 @@ def test_messages_fit_the_situation(tmp_path, monkeypatch):
         "HOST:PORT --rdzv_id 4821 -m mlm.cli.train --resume latest")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert resume_command(run, two_nodes).startswith("torchrun --nproc_per_node 4 -m mlm.cli.train --resume latest")
+    # A node that does not share the output folder: the process there finds no folder, and must not be told to
+    # start a new run (the main process resumes one).
+    with pytest.raises(MLMError, match="with several nodes the output folder must be one every node shares"):
+        RunFolder(tmp_path / "not-on-this-node", is_main=False).resume_point("latest", overwrite=False)
 
 
 # ---------------------------------------------------------------- an eval set with nothing to score

@@ -79,6 +79,9 @@ class RunFolder:
         if resume == "latest":
             if checkpoints := list_checkpoints(self.path):
                 return checkpoints[-1]
+            if not self.path.is_dir() and not self.is_main:  # the run may be on the main process's node only
+                raise MLMError(f"`resume` latest: there is no folder {self.path} on this node: with several nodes the "
+                               "output folder must be one every node shares. Otherwise check the output folder.")
             if not self.path.is_dir() or self.created:
                 raise MLMError(f"`resume` latest: there is no run in {self.path} (no such folder). Check the output "
                                "folder, or start a new run without `resume`.")
