@@ -8,10 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_train import SMOKE, tiny_run
 
 from mlm.errors import MLMError
 from mlm.files.pretrained import config_from_dict, load_config, load_pretrained, save_pretrained
 from mlm.model import DistilBertConfig, DistilBertForMaskedLM
+from mlm.tokenizer import load_tokenizer
+from mlm.train import train
 
 FIXTURES = Path(__file__).parent / "fixtures"  # written by scripts/reference/make_model_fixtures.py
 PAD = {"bert": 0, "roberta": 1}
@@ -209,3 +212,31 @@ def test_a_model_whose_config_would_not_load_again_is_not_saved(tmp_path):
     with pytest.raises(MLMError, match='"type_vocab_size" must be a positive integer'):
         save_pretrained(model, tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- a run per family
+
+
+@pytest.mark.parametrize("family, tokenizer, prompt", [("bert", SMOKE, "a great [MASK] ."),
+                                                      ("roberta", FIXTURES / "tiny-bpe", "a great <mask> .")])
+def test_a_smoke_sized_run_of_each_family_learns_and_saves_its_layout(tmp_path, family, tokenizer, prompt):
+    # The fixture's config (random init) with a tokenizer of the family: WordPiece for BERT, byte-level BPE for
+    # RoBERTa. The run takes the default CPU path, lean modules included.
+    folder = tmp_path / family
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer / name, folder / name)
+    config = json.loads((tiny_dir(family) / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": load_tokenizer(folder).vocab_size}))
+    run = tmp_path / "run"
+    summary = train(tiny_run(run, model=str(folder), init="random", epochs=3, prompts=(prompt,)))
+
+    # A random init starts near the vocabulary size (uniform predictions); 18 steps must get well below it.
+    assert summary.status == "finished" and summary.after.perplexity < 0.6 * summary.before.perplexity
+    record = json.loads((run / "run.json").read_text())
+    assert "lean" in record["segments"][0]["model_variant"]
+    assert json.loads((run / "config.json").read_text())["model_type"] == family
+    saved = load_file(run / "model.safetensors")
+    assert all(name.startswith((f"{family}.", "lm_head.", "cls.")) for name in saved)
+    assert torch.equal(load_pretrained(run).distilbert.embeddings.word_embeddings.weight,
+                       saved[f"{family}.embeddings.word_embeddings.weight"])
