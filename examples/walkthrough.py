@@ -145,9 +145,9 @@ for prediction in fill_mask(model, tokenizer, [TEXT], top_k=5)[0][0]:
 # %% [markdown]
 # ## 2. The data
 #
-# Course: `load_dataset("imdb")`. mlm: `load_texts` (mlm/files/data_files.py, also importable from mlm.data) reads
-# one split's text column from a Hub dataset id, a local folder with the Hub's layout
-# (`plain_text/{split}-*.parquet`) or a single .parquet/.jsonl/.txt file, which holds only a "train" split.
+# Course: `load_dataset("imdb")`. mlm: `load_texts` (mlm/files/data_files.py) reads one split's text column from a
+# Hub dataset id, a local folder with the Hub's layout (`plain_text/{split}-*.parquet`) or a single
+# .parquet/.jsonl/.txt file, which holds only a "train" split.
 # mlm reads text only; the labels are shown here with pyarrow from the same files (`find_data_files`,
 # mlm/files/data_files.py), since training never needs them.
 
@@ -237,7 +237,7 @@ print(f"chunk() keeps {len(chunk_ids)} full chunks {tuple(chunk_ids.shape)} and 
 # Course: `lm_datasets = tokenized_datasets.map(group_texts, batched=True)`. Because `datasets` hands
 # `group_texts` 1,000 reviews at a time, the course joins and cuts each group of 1,000 reviews separately, and
 # drops each group's short tail. mlm joins the whole split by default (one tail dropped); `group_size=1000`
-# reproduces the course's count. `load_chunks` (mlm/data.py) tokenizes and chunks a split once, streaming, into a
+# reproduces the course's count. `load_chunks` (mlm/corpus.py) tokenizes and chunks a split once, streaming, into a
 # memory-mapped chunk store (mlm/corpus_store.py, named in mlm/files/data_cache.py); later runs open the store.
 #
 # On the Hub's IMDb the course's notebook reports 61,289 train chunks. The whole-split count depends only on
