@@ -102,6 +102,14 @@ def test_two_runs_with_different_eval_sets_are_refused_naming_every_setting_at_o
         assert f"{setting} {a} in {tmp_path / 'a'} vs {b} in {tmp_path / 'b'}" in err
 
 
+def test_runs_that_differ_only_in_train_size_share_their_eval_set(tmp_path, capsys, offline):
+    # The eval chunks are drawn first (the course's train_test_split), so the train draw's size moves none of them.
+    a = hand_made_run(tmp_path / "a", run_settings(tmp_path))
+    b = hand_made_run(tmp_path / "b", run_settings(tmp_path, train_size=32), seed=1)
+    report = evaluate_json(capsys, "--model", str(tmp_path / "a"), "--model", str(tmp_path / "b"))
+    assert [m["perplexity"] for m in report["models"]] == [a, b]  # each run's own recorded figure, bit for bit
+
+
 def test_a_run_whose_data_changed_since_is_refused(tmp_path, capsys, offline):
     """Its eval set would be other chunks than those its recorded perplexity was measured on."""
     data = tmp_path / "reviews.jsonl"

@@ -31,10 +31,11 @@ from mlm.speed.path import pick_precision
 
 # The settings that decide the eval set: a run folder's own values fill those not given, and two runs must agree.
 EVAL_SET_SETTINGS = ("dataset", "text_column", "train_splits", "eval_split", "validation_file", "chunk_size",
-                     "group_size", "train_size", "test_size", "data_seed", "mlm_probability")
+                     "group_size", "test_size", "data_seed", "mlm_probability")
 # Taken from the first run when not given; they change no target. The eval batch size does change how the
-# per-token losses are summed, so the run's own keeps its perplexity exact to the last bit.
-RUN_DEFAULTS = ("cache_dir", "eval_batch_size", "prompts", "top_k")
+# per-token losses are summed, so the run's own keeps its perplexity exact to the last bit. The eval chunks are
+# drawn before the train chunks, so `train_size` moves none of them; the run's own only keeps the draw's checks.
+RUN_DEFAULTS = ("cache_dir", "eval_batch_size", "prompts", "top_k", "train_size")
 
 
 def build_parser() -> argparse.ArgumentParser:
