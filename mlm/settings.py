@@ -86,7 +86,8 @@ class TrainConfig:
                                    "the headline one does not", OPTIMISATION)
     lr: float = setting(2e-5, "peak AdamW learning rate", OPTIMISATION)
     weight_decay: float = setting(0.01, "decoupled weight decay, not applied to biases and LayerNorms", OPTIMISATION)
-    warmup_steps: float = setting(0, "linear warmup steps, or a fraction of all steps if below 1", OPTIMISATION)
+    warmup_steps: float = setting(0, "linear warmup steps, or a fraction of all steps if below 1", OPTIMISATION,
+                                  type="count_or_fraction")
     lr_scheduler: str = setting("linear", "the learning rate after the warmup, as transformers' schedule of that "
                                 "name: linear or cosine decay to 0, or constant (constant has no warmup)",
                                 OPTIMISATION, choices=SCHEDULES)
@@ -182,12 +183,16 @@ class TrainConfig:
                   f"`{name}` must be an integer >= 1 (or left unset), got {value!r}.")
         check(math.isfinite(self.lr) and 0 < self.lr < 1, f"`lr` must be in (0, 1), got {self.lr}.")
         check(0 <= self.weight_decay < 1, f"`weight_decay` must be in [0, 1), got {self.weight_decay}.")
-        check(self.warmup_steps >= 0, f"`warmup_steps` must be >= 0, got {self.warmup_steps}.")
+        check(math.isfinite(self.warmup_steps) and self.warmup_steps >= 0
+              and (self.warmup_steps < 1 or float(self.warmup_steps).is_integer()),
+              f"`warmup_steps` must be a whole number of steps or a fraction below 1, got {self.warmup_steps}.")
         check(not (self.lr_scheduler == "constant" and self.warmup_steps), "`lr_scheduler` constant has no warmup, "
               "but `warmup_steps` is set: use constant-with-warmup, or leave `warmup_steps` out.")
         for name in ("adam_beta1", "adam_beta2"):
             check(0 <= getattr(self, name) < 1, f"`{name}` must be in [0, 1), got {getattr(self, name)}.")
-        check(self.adam_epsilon > 0, f"`adam_epsilon` must be > 0, got {self.adam_epsilon}.")
+        # An infinite epsilon divides every update to 0: the run would "train" without changing a weight.
+        check(math.isfinite(self.adam_epsilon) and self.adam_epsilon > 0,
+              f"`adam_epsilon` must be a finite number > 0, got {self.adam_epsilon}.")
         check(self.init == "random" or not self.config_overrides, "`config_overrides` changes a randomly initialised "
               "model's config; pretrained weights fix theirs. Add `init` random, or leave the overrides out.")
         check(self.max_grad_norm > 0, f"`max_grad_norm` must be > 0, got {self.max_grad_norm}.")
