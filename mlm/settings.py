@@ -9,6 +9,8 @@ compare them without importing the loop.
 from __future__ import annotations
 
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 
 from mlm.chunks import parse_size
@@ -221,6 +223,27 @@ def default_output_dir(model: str, dataset: str, init: str) -> str:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def misread_settings(settings: dict) -> list[str]:
+    """The names of recorded `settings` (run.json's, as JSON gives them back) whose value is not of its field's
+    type: a hand-edited "lr": "2e-5" would otherwise fail deep inside a resume or mlm-evaluate."""
+    hints = {**typing.get_type_hints(TrainConfig), "global_batch": int}
+    return [name for name, value in settings.items() if name in hints and not _is_a(value, hints[name])]
+
+
+def _is_a(value, hint) -> bool:
+    """Whether the JSON `value` is of the type `hint`: a member of a union, an int for a float too, a list for a
+    tuple (JSON has no tuples)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_is_a(value, member) for member in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return isinstance(value, list | tuple) and all(_is_a(item, typing.get_args(hint)[0]) for item in value)
+    if hint is float:
+        return _is_int(value) or isinstance(value, float)
+    if hint is int:
+        return _is_int(value)
+    return isinstance(value, hint)
 
 
 # What defines a run: a resume must keep these (--extend lets epochs and max_steps change). Everything else
