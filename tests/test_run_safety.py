@@ -264,6 +264,19 @@ def test_damaged_checkpoints_are_refused_naming_the_newest_good_one(tmp_path, mo
     with pytest.raises(MLMError, match=f"(?s)non-finite weights.*newest good.*{good}"):
         train(tiny_run(run, resume="latest"))
 
+    # A position past its epoch's end (resuming looped forever, never reaching a step), AdamW groups that do not fit
+    # the model (a ValueError in torch) or whose betas are not the run's: refused as damaged, each one line.
+    save_file(weights, newest / "model.safetensors", metadata={"format": "pt"})
+    state = json.loads((newest / "trainer_state.json").read_text())
+    for broken in ({**state, "progress": {**state["progress"], "step_in_epoch": 10**6}},
+                   {**state, "param_groups": state["param_groups"][:1]},
+                   {**state, "param_groups": [{**group, "betas": [0.9]} for group in state["param_groups"]]}):
+        (newest / "trainer_state.json").write_text(json.dumps(broken))
+        (newest / MANIFEST_FILE).unlink()
+        _write_manifest(newest)
+        with pytest.raises(MLMError, match="(?s)damaged checkpoint.*trainer_state.json.*newest good"):
+            train(tiny_run(run, resume="latest"))
+
     # A trainer_state.json of the wrong shape: one line, no KeyError.
     (newest / "trainer_state.json").write_text("[1, 2]")
     (newest / MANIFEST_FILE).unlink()
