@@ -194,7 +194,7 @@ class TrainConfig:
             check(0 <= getattr(self, name) < 1, f"`{name}` must be in [0, 1), got {getattr(self, name)}.")
         # An infinite epsilon divides every update to 0: the run would "train" without changing a weight.
         check(math.isfinite(self.adam_epsilon) and self.adam_epsilon > 0,
-              f"`adam_epsilon` must be a finite number > 0, got {self.adam_epsilon}.")
+              f"`adam_epsilon` must be > 0 and finite, got {self.adam_epsilon}.")
         check(self.init == "random" or not self.config_overrides, "`config_overrides` changes a randomly initialised "
               "model's config; pretrained weights fix theirs. Add `init` random, or leave the overrides out.")
         check(self.max_grad_norm > 0, f"`max_grad_norm` must be > 0, got {self.max_grad_norm}.")

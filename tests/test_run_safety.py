@@ -415,7 +415,7 @@ def test_os_errors_and_ctrl_c_are_one_line(capsys):
     ("--device", "foo", "error: --device 'foo' is not a device mlm runs on"),
     ("--top-k", "0", "error: --top-k must be an integer >= 1"),
     ("--extend", None, "error: --extend only applies with --resume."),
-    ("--adam-epsilon", "inf", "error: --adam-epsilon must be a finite number > 0, got inf."),
+    ("--adam-epsilon", "inf", "error: --adam-epsilon must be > 0 and finite, got inf."),
     ("--warmup-steps", "inf", "error: --warmup-steps must be a whole number of steps or a fraction below 1, got inf."),
     ("--warmup-steps", "2.5", "error: --warmup-steps must be a whole number of steps or a fraction below 1, got 2.5."),
 ])
