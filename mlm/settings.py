@@ -9,6 +9,8 @@ compare them without importing the loop.
 from __future__ import annotations
 
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 
 from mlm.chunks import parse_size
@@ -86,7 +88,8 @@ class TrainConfig:
                                    "the headline one does not", OPTIMISATION)
     lr: float = setting(2e-5, "peak AdamW learning rate", OPTIMISATION)
     weight_decay: float = setting(0.01, "decoupled weight decay, not applied to biases and LayerNorms", OPTIMISATION)
-    warmup_steps: float = setting(0, "linear warmup steps, or a fraction of all steps if below 1", OPTIMISATION)
+    warmup_steps: float = setting(0, "linear warmup steps, or a fraction of all steps if below 1", OPTIMISATION,
+                                  type="count_or_fraction")
     lr_scheduler: str = setting("linear", "the learning rate after the warmup, as transformers' schedule of that "
                                 "name: linear or cosine decay to 0, or constant (constant has no warmup)",
                                 OPTIMISATION, choices=SCHEDULES)
@@ -182,12 +185,16 @@ class TrainConfig:
                   f"`{name}` must be an integer >= 1 (or left unset), got {value!r}.")
         check(math.isfinite(self.lr) and 0 < self.lr < 1, f"`lr` must be in (0, 1), got {self.lr}.")
         check(0 <= self.weight_decay < 1, f"`weight_decay` must be in [0, 1), got {self.weight_decay}.")
-        check(self.warmup_steps >= 0, f"`warmup_steps` must be >= 0, got {self.warmup_steps}.")
+        check(math.isfinite(self.warmup_steps) and self.warmup_steps >= 0
+              and (self.warmup_steps < 1 or float(self.warmup_steps).is_integer()),
+              f"`warmup_steps` must be a whole number of steps or a fraction below 1, got {self.warmup_steps}.")
         check(not (self.lr_scheduler == "constant" and self.warmup_steps), "`lr_scheduler` constant has no warmup, "
               "but `warmup_steps` is set: use constant-with-warmup, or leave `warmup_steps` out.")
         for name in ("adam_beta1", "adam_beta2"):
             check(0 <= getattr(self, name) < 1, f"`{name}` must be in [0, 1), got {getattr(self, name)}.")
-        check(self.adam_epsilon > 0, f"`adam_epsilon` must be > 0, got {self.adam_epsilon}.")
+        # An infinite epsilon divides every update to 0: the run would "train" without changing a weight.
+        check(math.isfinite(self.adam_epsilon) and self.adam_epsilon > 0,
+              f"`adam_epsilon` must be > 0 and finite, got {self.adam_epsilon}.")
         check(self.init == "random" or not self.config_overrides, "`config_overrides` changes a randomly initialised "
               "model's config; pretrained weights fix theirs. Add `init` random, or leave the overrides out.")
         check(self.max_grad_norm > 0, f"`max_grad_norm` must be > 0, got {self.max_grad_norm}.")
@@ -216,6 +223,27 @@ def default_output_dir(model: str, dataset: str, init: str) -> str:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def misread_settings(settings: dict) -> list[str]:
+    """The names of recorded `settings` (run.json's, as JSON gives them back) whose value is not of its field's
+    type: a hand-edited "lr": "2e-5" would otherwise fail deep inside a resume or mlm-evaluate."""
+    hints = {**typing.get_type_hints(TrainConfig), "global_batch": int}
+    return [name for name, value in settings.items() if name in hints and not _is_a(value, hints[name])]
+
+
+def _is_a(value, hint) -> bool:
+    """Whether the JSON `value` is of the type `hint`: a member of a union, an int for a float too, a list for a
+    tuple (JSON has no tuples)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_is_a(value, member) for member in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return isinstance(value, list | tuple) and all(_is_a(item, typing.get_args(hint)[0]) for item in value)
+    if hint is float:
+        return _is_int(value) or isinstance(value, float)
+    if hint is int:
+        return _is_int(value)
+    return isinstance(value, hint)
 
 
 # What defines a run: a resume must keep these (--extend lets epochs and max_steps change). Everything else

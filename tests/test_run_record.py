@@ -234,3 +234,29 @@ def test_smoke_runs_resume_from_their_record(tmp_path, monkeypatch, capsys):
     assert code == 0, err
     record = record_of(tmp_path / "runs" / "smoke")
     assert record["status"] == "finished" and record["settings"]["epochs"] == 1 and record["settings"]["lean"] == "off"
+
+
+@pytest.mark.parametrize("edit, named", [
+    (lambda r: r["settings"].update(lr="0.002"), "lr"),
+    (lambda r: r["settings"].update(train_splits="train"), "train_splits"),
+    (lambda r: r["settings"].update(dataset=None), "dataset"),
+    (lambda r: r["settings"].update(prompts=[1, 2]), "prompts"),
+    (lambda r: r["settings"].update(config_overrides=5), "config_overrides"),
+    (lambda r: r["settings"].update(global_batch="8"), "global_batch"),
+    (lambda r: r["data"].update(files=["reviews.jsonl"]), "another shape"),
+])
+def test_a_record_edited_to_the_wrong_types_is_refused_naming_the_field(tmp_path, edit, named):
+    """A hand-edited run.json failed deep in resume or mlm-evaluate (TypeError, AttributeError) instead."""
+    from dataclasses import asdict
+
+    from mlm.run.record import RunRecord, write_record
+    from mlm.settings import TrainConfig
+
+    settings = {**asdict(TrainConfig(output_dir=str(tmp_path))), "global_batch": 64}
+    write_record(tmp_path, RunRecord(settings=settings, data={"files": {"reviews.jsonl": "0" * 64}}))
+    assert read_record(tmp_path).settings["lr"] == 2e-5  # as written, it reads
+    record = record_of(tmp_path)
+    edit(record)
+    (tmp_path / "run.json").write_text(json.dumps(record))
+    with pytest.raises(MLMError, match=rf"run.json\b.*\b{named}\b"):
+        read_record(tmp_path)

@@ -25,6 +25,7 @@ from test_train import ROOT, SMOKE, final_weights, records, tiny_run
 
 import mlm.run.checkpoints
 import mlm.train
+from mlm.cli import train as train_cli
 from mlm.errors import MLMError, run_cli
 from mlm.files.hub import resolve_repo
 from mlm.files.pretrained import config_from_dict
@@ -263,6 +264,19 @@ def test_damaged_checkpoints_are_refused_naming_the_newest_good_one(tmp_path, mo
     with pytest.raises(MLMError, match=f"(?s)non-finite weights.*newest good.*{good}"):
         train(tiny_run(run, resume="latest"))
 
+    # A position past its epoch's end (resuming looped forever, never reaching a step), AdamW groups that do not fit
+    # the model (a ValueError in torch) or whose betas are not the run's: refused as damaged, each one line.
+    save_file(weights, newest / "model.safetensors", metadata={"format": "pt"})
+    state = json.loads((newest / "trainer_state.json").read_text())
+    for broken in ({**state, "progress": {**state["progress"], "step_in_epoch": 10**6}},
+                   {**state, "param_groups": state["param_groups"][:1]},
+                   {**state, "param_groups": [{**group, "betas": [0.9]} for group in state["param_groups"]]}):
+        (newest / "trainer_state.json").write_text(json.dumps(broken))
+        (newest / MANIFEST_FILE).unlink()
+        _write_manifest(newest)
+        with pytest.raises(MLMError, match="(?s)damaged checkpoint.*trainer_state.json.*newest good"):
+            train(tiny_run(run, resume="latest"))
+
     # A trainer_state.json of the wrong shape: one line, no KeyError.
     (newest / "trainer_state.json").write_text("[1, 2]")
     (newest / MANIFEST_FILE).unlink()
@@ -401,12 +415,21 @@ def test_os_errors_and_ctrl_c_are_one_line(capsys):
     ("--device", "foo", "error: --device 'foo' is not a device mlm runs on"),
     ("--top-k", "0", "error: --top-k must be an integer >= 1"),
     ("--extend", None, "error: --extend only applies with --resume."),
+    ("--adam-epsilon", "inf", "error: --adam-epsilon must be > 0 and finite, got inf."),
+    ("--warmup-steps", "inf", "error: --warmup-steps must be a whole number of steps or a fraction below 1, got inf."),
+    ("--warmup-steps", "2.5", "error: --warmup-steps must be a whole number of steps or a fraction below 1, got 2.5."),
 ])
 def test_bad_flags_are_one_line(tmp_path, monkeypatch, capsys, flag, value, message):
     args = [flag] + ([value] if value is not None else [])
     status, err = cli(monkeypatch, capsys, "--smoke", "--output-dir", str(tmp_path / "run"), *args)
     assert status == 2 and err.startswith(message) and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def test_warmup_steps_takes_a_fraction_on_the_command_line():
+    parse = train_cli.build_parser().parse_args
+    assert parse(["--warmup-steps", "0.06"]).warmup_steps == 0.06  # the help's "a fraction of all steps if below 1"
+    assert type(parse(["--warmup-steps", "50"]).warmup_steps) is int  # a count stays a count in run.json
 
 
 # ---------------------------------------------------------------- strict inputs

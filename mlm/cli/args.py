@@ -104,6 +104,8 @@ def add_settings(parser: argparse.ArgumentParser, names: list[str] | None = None
             options["type"] = size_flag(name)
         elif kind == "splits":
             options["type"] = split_list
+        elif kind == "count_or_fraction":
+            options["type"] = number
         else:
             options["type"] = kind or (type(default) if default is not None else str)
         if "choices" in options:
@@ -158,6 +160,15 @@ def size_flag(setting: str):
             raise argparse.ArgumentTypeError(re.sub(r"^`\w+` ", "", str(err))) from None  # argparse names the flag
 
     return size
+
+
+def number(text: str) -> int | float:
+    """An argparse `type` for a count that may also be a fraction (--warmup-steps 50 or 0.06): a whole number stays
+    an int, so run.json records 50, not 50.0."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
 def split_list(text: str) -> tuple[str, ...]:

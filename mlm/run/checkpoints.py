@@ -113,15 +113,23 @@ def load_training_checkpoint(path: Path, *, model, optimizer: torch.optim.Optimi
         for target, source in zip(model.state_dict().values(), weights.values()):
             target.copy_(source)
     tensors = read_safetensors(path / OPTIMIZER_FILE)
-    moments = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            moments.setdefault(int(index), {})[name] = value
-    # JSON turned the betas tuple into a list; AdamW expects a tuple.
-    groups = [{**group, "betas": tuple(group["betas"])} if "betas" in group else group
-              for group in state["param_groups"]]
-    optimizer.load_state_dict({"state": moments, "param_groups": groups})
+    run_settings = [(group["betas"], group["eps"], group["weight_decay"]) for group in optimizer.param_groups]
+    try:
+        moments = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                moments.setdefault(int(index), {})[name] = value
+        # JSON turned the betas tuple into a list; AdamW expects a tuple.
+        groups = [{**group, "betas": tuple(group["betas"])} if "betas" in group else group
+                  for group in state["param_groups"]]
+        optimizer.load_state_dict({"state": moments, "param_groups": groups})
+    except (ValueError, KeyError, TypeError) as err:  # torch's own checks: groups or moments of another model
+        raise CheckpointError(f"{path / STATE_FILE} and {OPTIMIZER_FILE} do not fit this model's AdamW "
+                              f"({err}).") from None
+    # The groups' AdamW settings replace the run's own: any other than the record's would change the run silently.
+    if [(group["betas"], group["eps"], group["weight_decay"]) for group in optimizer.param_groups] != run_settings:
+        raise CheckpointError(f"{path / STATE_FILE} holds AdamW betas, epsilon or weight decay other than its run's.")
     if scaler is not None and state["grad_scaler"] is not None:
         scaler.load_state_dict(state["grad_scaler"])
     return Progress(**state["progress"]), {name: t for name, t in tensors.items() if name.startswith("rng.")}

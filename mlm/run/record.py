@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mlm.errors import MLMError
 from mlm.files.writes import atomic_write_text
+from mlm.settings import misread_settings
 
 RECORD_FILE = "run.json"
 FORMAT = 1
@@ -89,6 +90,9 @@ def read_record(folder: Path) -> RunRecord | None:
     if not _has_the_layout(data):
         raise MLMError(f"{path} is not an mlm run record (format {FORMAT}), or it was edited into another shape: "
                        f"{restore}, or start a new run in another output folder.")
+    if misread := misread_settings(data["settings"]):
+        raise MLMError(f"{path}: the value of {', '.join(misread)} in its settings is of the wrong type (edited by "
+                       f"hand? a number written as a string, a list as text, a null): {restore}, or correct it.")
     return RunRecord(**data)
 
 
@@ -100,7 +104,9 @@ def _has_the_layout(data) -> bool:
             and all(isinstance(data[name], kind) for name, kind in types.items() if name in data)):
         return False
     results, progress, evals = data.get("results", {}), data.get("progress", {}), data.get("results", {}).get("evals")
+    files = data.get("data", {}).get("files", {})
     return (data["format"] == FORMAT and data["status"] in STATUSES and data.get("world_size", 1) >= 1
+            and isinstance(files, dict) and all(isinstance(digest, str) for digest in files.values())
             and all(isinstance(s, dict) and isinstance(s.get("end"), str) for s in data.get("segments", []))
             and all(isinstance(progress.get(key, 0), int | float) and progress.get(key, 0) >= 0
                     for key in ("step", "train_seconds", "train_tokens"))

@@ -28,6 +28,7 @@ from mlm.files.data_files import find_data_files
 from mlm.files.hashing import file_sha256, tokenizer_sha256
 from mlm.files.pretrained import CONFIG_FILE, WEIGHTS_FILE, save_pretrained
 from mlm.run.checkpoints import (
+    STATE_FILE,
     CheckpointError,
     Progress,
     checkpoint_step,
@@ -207,6 +208,14 @@ class Run:
                                                           scaler=scaler)
         except CheckpointError as err:  # e.g. non-finite weights, which no checksum catches
             raise damaged(self.resume_from, err) from None
+        position = self.progress
+        if (position.step_in_epoch >= self.steps_per_epoch or position.schedule_step > position.global_step
+                or position.epoch * self.steps_per_epoch + position.step_in_epoch != position.global_step):
+            # No run gets there; resuming would loop forever over an epoch it is already past.
+            raise damaged(self.resume_from, CheckpointError(
+                f"{self.resume_from / STATE_FILE} says its step {position.global_step} is step "
+                f"{position.step_in_epoch} of epoch {position.epoch + 1}, but an epoch of the run has "
+                f"{self.steps_per_epoch} steps: no run gets there."))
         if self.progress.global_step > self.total_steps:
             raise MLMError(f"{self.resume_from} is at step {self.progress.global_step}, past the {self.total_steps} "
                            "steps of `epochs`/`max_steps`: with `extend`, give at least as many.")
