@@ -33,7 +33,7 @@ import shutil
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from itertools import groupby
 from pathlib import Path
 
 import numpy as np
@@ -50,11 +50,6 @@ STORE_FORMAT_VERSION = 2
 PIECE_CHARS = 2 << 20  # characters of text per piece: bounds preparation's memory (docs/corpora.md measures it)
 SLICE_CHARS = 1 << 20  # a longer document is tokenized in slices of about this many characters
 SLICES_PER_STRETCH = 8  # a long document's slices tokenized (and held) at once
-
-
-def store_dtype(vocab_size: int) -> np.dtype:
-    """The narrowest dtype that holds every id below vocab_size."""
-    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<i4")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -155,16 +150,24 @@ def prepare_store(path: Path, key: dict, files: list[Path], tokenizer: Tokenizer
     remove_leftovers(path.parent)
     if (store := open_store(path, key_sha256)) is not None:
         return store
+    from tqdm import tqdm
+
     partial, lock = path.parent / f".{path.name}.partial", path.parent / f".{path.name}.lock"
     try:
-        with _locked(lock):
-            if (store := _finished_meanwhile(path, key_sha256)) is not None:
-                return store
+        # Blocks while another process prepares this store; closing the file releases the lock.
+        with open(lock, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            # Another process held the lock and finished the store while this one waited: use it, quietly.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if (store := open_store(path, key_sha256)) is not None:
+                    return store
             partial.mkdir(exist_ok=True)
-            for leftover in partial.glob("*.tmp"):
-                leftover.unlink()
-            writer = _Writer(partial, key_sha256, store_dtype(tokenizer.vocab_size), chunk_size, group_size)
-            with _progress_bar(files, progress, path.name) as bar:
+            remove_leftovers(partial)
+            dtype = np.dtype("<u2") if tokenizer.vocab_size <= 1 << 16 else np.dtype("<i4")  # the narrowest
+            writer = _Writer(partial, key_sha256, dtype, chunk_size, group_size)
+            with tqdm(total=sum(file.stat().st_size for file in files), unit="B", unit_scale=True, unit_divisor=1024,
+                      desc=f"preparing {path.name}", disable=not progress, leave=False) as bar:
                 for index, (texts, bytes_read) in enumerate(_pieces(files, text_column, one_document_per_file)):
                     if index >= writer.state["pieces"]:  # the pieces before were done by an interrupted run
                         for stretch in _stretches(texts, tokenizer):
@@ -185,41 +188,11 @@ def prepare_store(path: Path, key: dict, files: list[Path], tokenizer: Tokenizer
     return ChunkStore(path, header)
 
 
-def _finished_meanwhile(path: Path, key_sha256: str) -> ChunkStore | None:
-    # Another process held the lock and finished the store while this one waited: use it, quietly.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return open_store(path, key_sha256)
-
-
 def remove_leftovers(directory: Path) -> None:
     """Remove the temporary files of writes killed half-way."""
     for file in directory.iterdir():
         if file.is_file() and file.name.endswith(".tmp"):
             file.unlink(missing_ok=True)
-
-
-@contextmanager
-def _locked(lock_file: Path):
-    with open(lock_file, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # blocks while another process prepares this store
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@contextmanager
-def _progress_bar(files: list[Path], show: bool, name: str):
-    from tqdm import tqdm
-
-    total = sum(file.stat().st_size for file in files)
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"preparing {name}",
-               disable=not show, leave=False)
-    try:
-        yield bar
-    finally:
-        bar.close()
 
 
 def _pieces(files: list[Path], text_column: str, one_document_per_file: bool) -> Iterator[tuple[list[str], int]]:
@@ -253,28 +226,22 @@ def _stretches(texts: list[str], tokenizer: Tokenizer) -> Iterator[tuple[np.ndar
     """A piece's token stream, in order, as stretches (input_ids (T,) int32, word_ids (T,) int32, doc_ends (D,)
     int64): doc_ends are the offsets just past each document's last token in the stretch. Runs of documents go
     through `tokenize` whole; a document longer than SLICE_CHARS in stretches of slices, which may end inside it."""
-    run = []
-    for text in texts:
-        if len(text) <= SLICE_CHARS:
-            run.append(text)
-            continue
-        if run:
-            ids, words, lengths = tokenize(run, tokenizer)
+    for short, run in groupby(texts, key=lambda text: len(text) <= SLICE_CHARS):
+        if short:
+            ids, words, lengths = tokenize(list(run), tokenizer)
             yield ids, words, np.cumsum(lengths)
-            run = []
-        yield from _long_document(text, tokenizer)
-    if run:
-        ids, words, lengths = tokenize(run, tokenizer)
-        yield ids, words, np.cumsum(lengths)
+        else:
+            for text in run:
+                yield from _long_document(text, tokenizer)
 
 
 def _long_document(text: str, tokenizer: Tokenizer) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """One long document as stretches (see `_stretches`): slices cut at whitespace, tokenized without the template,
     which is put around the whole. Exact for pre-tokenizers that split at whitespace, BERT's and byte-level BPE's
-    (RoBERTa's) among them: no word spans two slices (see `_cut`)."""
+    (RoBERTa's) among them: no word spans two slices (see `_slices`)."""
     before, after = template_ids(tokenizer)
     yield before, np.full(len(before), -1, np.int32), np.zeros(0, np.int64)
-    slices, next_word = list(_slices(text, SLICE_CHARS)), 0
+    slices, next_word = list(_slices(text)), 0
     for start in range(0, len(slices), SLICES_PER_STRETCH):
         ids, words, lengths = tokenize(slices[start : start + SLICES_PER_STRETCH], tokenizer, special_tokens=False)
         # Word ids count on through the document, as one encoding's would: each slice's from the end of the last.
@@ -286,25 +253,21 @@ def _long_document(text: str, tokenizer: Tokenizer) -> Iterator[tuple[np.ndarray
     yield after, np.full(len(after), -1, np.int32), np.array([len(after)], np.int64)
 
 
-def _slices(text: str, size: int) -> Iterator[str]:
+def _slices(text: str) -> Iterator[str]:
+    """`text` in slices of at most SLICE_CHARS characters, each cut before the last blank that ends a run of
+    whitespace. Byte-level BPE makes the run but its last character a word, that character beginning the next
+    (" word" is "Ġword"): cut there, both slices split as the whole text does; inside the run, not. (BERT's
+    pre-tokenizer drops whitespace.)"""
     start = 0
     while start < len(text):
-        end = min(start + size, len(text))
-        if end < len(text):
-            cut = _cut(text, start, end)
-            end = cut if cut > start else end  # no whitespace at all: cut anyway, inside a word
+        end = cut = min(start + SLICE_CHARS, len(text))
+        # Back to the last blank that ends a run (none at all: cut anyway, inside a word).
+        while end < len(text) and (cut := max(text.rfind(c, start + 1, cut) for c in " \n\t\r")) > start:
+            if not text[cut + 1].isspace():
+                end = cut
+                break
         yield text[start:end]
         start = end
-
-
-def _cut(text: str, start: int, end: int) -> int:
-    """The last position in (start, end) of a blank that ends a run of whitespace, or -1. Byte-level BPE makes the
-    run but its last character a word, that character beginning the next (" word" is "Ġword"): cut there, both
-    slices split as the whole text does; inside the run, not. (BERT's pre-tokenizer drops whitespace.)"""
-    cut = end
-    while (cut := max(text.rfind(space, start + 1, cut) for space in " \n\t\r")) > start and text[cut + 1].isspace():
-        pass
-    return cut
 
 
 class _Writer:
@@ -312,23 +275,19 @@ class _Writer:
 
     def __init__(self, partial: Path, key_sha256: str, dtype: np.dtype, chunk_size: int, group_size: int | None):
         self.partial, self.dtype, self.chunk_size, self.group_size = partial, dtype, chunk_size, group_size
-        fresh = {"key_sha256": key_sha256, "pieces": 0, "chunks": 0, "documents": 0, "tokens": 0,
-                 "carry_ids": [], "carry_words": []}
-        self.state = fresh
-        progress = partial / "progress.json"
-        if progress.is_file():
-            try:
-                stored = json.loads(progress.read_text(encoding="utf-8"))
-                if stored.get("key_sha256") == key_sha256 and set(stored) == set(fresh):
-                    self.state = stored
-            except (OSError, ValueError):
-                pass  # an unreadable progress file: start over
+        self.state = {"key_sha256": key_sha256, "pieces": 0, "chunks": 0, "documents": 0, "tokens": 0,
+                      "carry_ids": [], "carry_words": []}
+        files = (partial / "ids.bin", partial / "words.bin")
         row_bytes = (chunk_size * dtype.itemsize, 2 * ((chunk_size + 7) // 8))
+        try:
+            stored = json.loads((partial / "progress.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            stored = {}  # no progress file, or an unreadable one: start over
         # A crash can lose appended bytes that progress.json counts (it is renamed into place, the data is not
         # synced): truncate() would fill the gap with zeros, a store of [PAD] rows that passes its checksums.
-        files = (partial / "ids.bin", partial / "words.bin")
-        if any(_size(file) < self.state["chunks"] * size for file, size in zip(files, row_bytes)):
-            self.state = fresh
+        if (stored.get("key_sha256") == key_sha256 and set(stored) == set(self.state)
+                and all(_size(file) >= stored["chunks"] * size for file, size in zip(files, row_bytes))):
+            self.state = stored
         self.carry_ids = np.array(self.state["carry_ids"], np.int32)
         self.carry_words = np.array(self.state["carry_words"], np.int32)
         # Drop whatever a killed run appended after its last completed piece.
