@@ -1,6 +1,4 @@
-"""`Chunks`, the data the loop trains on: (N, L) blocks of token ids with each token's word id, held in memory
-or viewed by index over the memory-mapped store of mlm/corpus_store.py; and what a --train-size or --test-size
-value means ("all", "5%", a count).
+"""`Chunks`, the data the loop trains on, and what a --train-size or --test-size value means ("all", "5%", a count).
 
 Drawing, selecting and concatenating make views, never copies, so a corpus larger than memory trains as a
 small one does: the loop reads each step's rows with `rows()`.
@@ -119,8 +117,8 @@ def draw_size(size: int | str, n: int, setting: str) -> int:
         size = parse_size(size, setting)
     if size == "all":
         return n
-    if isinstance(size, str) and size.endswith("%"):
-        return math.ceil(Fraction(parse_percent(size, setting)) * n / 100)
+    if isinstance(size, str):  # a percentage, checked by parse_size
+        return math.ceil(Fraction(size[:-1]) * n / 100)
     return size
 
 
@@ -141,31 +139,21 @@ def draw_sizes(train_size: int | str, test_size: int | str, n: int) -> tuple[int
     return train, test
 
 
-def parse_percent(text: str, setting: str) -> str:
-    """`text` ("5%", "0.5%") checked: a number in (0, 100) followed by %; raises MLMError naming `setting`."""
-    try:
-        value = Fraction(text[:-1]) if text.endswith("%") else None
-    except ValueError:
-        value = None
-    if value is None or not 0 < value < 100:
-        raise MLMError(f"`{setting}` {text!r}: give a number of chunks or a percentage strictly between 0% and 100%, "
-                       "e.g. 5%.")
-    return text[:-1]
-
-
 def parse_size(text: str, setting: str = "train_size") -> int | str:
-    """A train_size or test_size value: a positive int, a percentage ("5%"), or "all" (train_size only)."""
+    """A train_size or test_size value: a positive int, a percentage ("5%", "0.5%") strictly between 0% and 100%,
+    or "all" (train_size only); raises MLMError naming `setting`."""
     text = str(text).strip()
     if text == "all" and setting == "train_size":
         return text
-    if text.endswith("%"):
-        parse_percent(text, setting)
-        return text
+    percent = text.endswith("%")
     try:
-        value = int(text)
+        value = Fraction(text[:-1]) if percent else int(text)
     except ValueError:
         value = 0
-    if value < 1:
+    if percent and not 0 < value < 100:
+        raise MLMError(f"`{setting}` {text!r}: give a number of chunks or a percentage strictly between 0% and 100%, "
+                       "e.g. 5%.")
+    if not percent and value < 1:
         every = ", 'all' (every chunk not held out)" if setting == "train_size" else ""
         raise MLMError(f"`{setting}` {text!r}: give a positive number of chunks{every} or a percentage such as 5%.")
-    return value
+    return text if percent else value
