@@ -5,6 +5,14 @@ scripts print such errors as a single line, the setting named by its flag (--tra
 instead of showing a traceback; anything else that escapes is a bug in mlm.
 """
 
+import errno
+import re
+import signal
+import sys
+import warnings
+from functools import partial
+from pathlib import Path
+
 
 class MLMError(ValueError):
     """Bad input, a missing or corrupt file, an unreachable Hub: something the user can act on."""
@@ -20,8 +28,6 @@ class Interrupted(KeyboardInterrupt):
 
     @property
     def exit_code(self) -> int:
-        import signal
-
         return 128 + signal.Signals[self.signal_name].value
 
 
@@ -33,13 +39,7 @@ def run_cli(main, flag_of=lambda setting: None) -> None:
     """Run a script's main(); print an MLMError, a full disk or a permission problem as one 'error: …' line and
     exit 2 instead of a traceback, each `setting` the message names as flag_of(setting) when that is not None.
     Ctrl-C is one line too (exit 130)."""
-    import errno
-    import sys
-    import warnings
-
-    def flags(message: str) -> str:
-        return name_flags(message, flag_of)
-
+    flags = partial(name_flags, flag_of=flag_of)
     try:
         with warnings.catch_warnings():  # restores showwarning after main()
             warnings.showwarning = _one_line_warnings(warnings.showwarning, flags)
@@ -65,17 +65,12 @@ def run_cli(main, flag_of=lambda setting: None) -> None:
 
 def name_flags(message: str, flag_of) -> str:
     """`message` with each `setting` named as flag_of(setting), where that is not None (a command's flag)."""
-    import re
-
     return re.sub(r"`(\w+)`", lambda match: flag_of(match.group(1)) or match.group(0), message)
 
 
 def _one_line_warnings(show, flags):
     """mlm's own warnings (a corrupt chunk store rebuilt, an unwritable cache) as one 'warning: …' line, like its
     errors: the default format adds the warning's source file and a line of mlm's code."""
-    import sys
-    from pathlib import Path
-
     package = Path(__file__).resolve().parent
 
     def one_line(message, category, filename, lineno, file=None, line=None):

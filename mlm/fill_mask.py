@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from mlm.errors import MLMError
+from mlm.masking_inputs import stack_rows
 from mlm.model import DistilBertForMaskedLM
 from mlm.tokenizer import Tokenizer
 
@@ -41,36 +42,26 @@ def fill_mask(
     """For each sentence, for each [MASK] in it (left to right), the top_k predictions, best first."""
     encodings = check_prompts(tokenizer, sentences, top_k=top_k, max_length=model.config.max_length)
     device = next(model.parameters()).device
-    length = max(len(e.ids) for e in encodings)
     # Right padding, as the reference tokenizer pads; the attention mask keeps padding out of every row.
-    input_ids = torch.full((len(sentences), length), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, encoding in enumerate(encodings):
-        input_ids[row, : len(encoding.ids)] = torch.tensor(encoding.ids)
-        attention_mask[row, : len(encoding.ids)] = 1
+    input_ids, _, attention_mask = stack_rows([e.ids for e in encodings], None, pad_token_id=tokenizer.pad_token_id)
 
     was_training = model.training
     model.eval()
     try:
-        logits = model(input_ids.to(device), attention_mask.to(device)).logits.float()  # (B, L, V)
+        mask = attention_mask.to(device) if attention_mask is not None else None  # None: no row is padded
+        logits = model(input_ids.to(device), mask).logits.float()  # (B, L, V)
     finally:
         model.train(was_training)
     probabilities = logits.softmax(dim=-1)
     top_scores, top_ids = probabilities.topk(min(top_k, probabilities.shape[-1]), dim=-1)  # (B, L, k)
 
-    results = []
-    for row, encoding in enumerate(encodings):
-        ids = list(encoding.ids)
-        per_mask = []
-        for position in (i for i, token in enumerate(ids) if token == tokenizer.mask_token_id):
-            predictions = []
-            for score, token_id in zip(top_scores[row, position].tolist(), top_ids[row, position].tolist()):
-                filled = ids[:position] + [token_id] + ids[position + 1:]
-                predictions.append(Prediction(token_id, tokenizer.backend.id_to_token(token_id), score,
-                                              _decode(tokenizer, filled)))
-            per_mask.append(predictions)
-        results.append(per_mask)
-    return results
+    def per_mask(row: int, ids: list[int]) -> list[list[Prediction]]:  # [MASK]s left to right, top_k each
+        return [[Prediction(token_id, tokenizer.backend.id_to_token(token_id), score,
+                            _decode(tokenizer, ids[:at] + [token_id] + ids[at + 1:]))
+                 for score, token_id in zip(top_scores[row, at].tolist(), top_ids[row, at].tolist())]
+                for at, token in enumerate(ids) if token == tokenizer.mask_token_id]
+
+    return [per_mask(row, encoding.ids) for row, encoding in enumerate(encodings)]
 
 
 def _decode(tokenizer: Tokenizer, ids: list[int]) -> str:

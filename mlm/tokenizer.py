@@ -149,8 +149,7 @@ def encoded_ids(encodings) -> tuple[np.ndarray, np.ndarray]:
 
 
 def encoded_arrays(encodings) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(input_ids (T,) int32, word_ids (T,) int32 with -1 where the word id is None, lengths (R,) int64) of R
-    tokenizers Encodings laid end to end: a few C-level conversions, no Python loop per token."""
+    """`Tokenizer.encode`'s arrays of R tokenizers Encodings: a few C-level conversions, no Python loop per token."""
     ids, lengths = encoded_ids(encodings)
     # word_ids holds None at special tokens, which numpy cannot read as an integer; pyarrow turns None into null
     # while converting in C, and fill_null(-1) gives the -1 stored.

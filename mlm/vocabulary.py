@@ -1,13 +1,5 @@
 """A domain vocabulary: how finely the tokenizer cuts a corpus's words, and new tokens for the words it cuts most.
 
-    count_words   every word of the corpus, as the tokenizer's own normalizer and pre-tokenizer split them (the
-                  words its word ids number; for byte-level BPE "Ġword", the space before it included), counted
-                  while the texts stream by: memory grows with the distinct words, not the corpus
-    split_words   fertility (tokens per word) and the words of letters the model cuts in pieces, those that would
-                  save the most tokens as one token (occurrences x (pieces - 1)) first
-    add_words     the words as new tokens: each matches a whole word only, its embedding row and output bias the
-                  mean of its pieces' (the model then starts from what the pieces said)
-
 A run with `add_tokens` is scored before and after training on the same extended tokenization, so its two
 perplexities compare; runs on other tokenizations predict other tokens and do not (docs/base-models.md).
 """
@@ -32,7 +24,9 @@ from mlm.tokenizer import Tokenizer
 
 def count_words(source: str | Path, splits: tuple[str, ...], tokenizer: Tokenizer, *, text_column: str = "text",
                 revision: str | None = None) -> Counter:
-    """{word as the pre-tokenizer gives it: occurrences} over `splits` of `source` (a dataset, folder or file)."""
+    """{word as the tokenizer's own normalizer and pre-tokenizer split it (the words its word ids number; for
+    byte-level BPE "Ġword", the space before it included): occurrences} over `splits` of `source` (a dataset,
+    folder or file), counted while the texts stream by: memory grows with the distinct words, not the corpus."""
     backend = tokenizer.backend
     if backend.pre_tokenizer is None:
         raise MLMError("The tokenizer has no pre-tokenizer, so it defines no words to count or add.")
@@ -98,7 +92,8 @@ def extend_vocabulary(config: TrainConfig, tokenizer: Tokenizer, model: nn.Modul
 
 def add_words(tokenizer: Tokenizer, model: nn.Module, words: list[str]) -> tuple[Tokenizer, nn.Module]:
     """`tokenizer` with `words` as new tokens, and `model` with a row for each (its embedding and output weights and
-    output bias the mean of the word's pieces' rows). The model is grown in place; the tokenizer is a new one.
+    output bias the mean of the word's pieces' rows: the model starts from what the pieces said). The model is grown
+    in place; the tokenizer is a new one.
 
     A token matches a whole word only (never "movie" inside "movies"), in the normalized text (so an uncased
     tokenizer's matches "Movie"). Where the tokenizer makes the space before a word part of it (byte-level BPE's
