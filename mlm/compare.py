@@ -36,36 +36,18 @@ class ModelScore:
     fill_mask: list[list[list[Prediction]]]  # per prompt, per [MASK], top-k best first
 
 
-def build_eval_set(
-    tokenizer: Tokenizer,
-    *,
-    dataset: str,
-    text_column: str = "text",
-    train_splits: Sequence[str] = ("train",),
-    eval_split: str | None = None,
-    validation_file: str | None = None,
-    chunk_size: int = 128,
-    group_size: int | None = None,
-    train_size: int = 10_000,
-    test_size: int = 1_000,
-    cache_dir: str | None = None,
-    seed: int = 42,
-    masking: str = "token",
-    mlm_probability: float = 0.15,
-    wwm_probability: float = 0.2,
-    progress: bool = False,
-) -> EvalSet:
-    """The held-out chunks a training run with these flags evaluates on, masked once with `seed`.
+def build_eval_set(tokenizer: Tokenizer, *, dataset: str, seed: int = 42, masking: str = "token",
+                   mlm_probability: float = 0.15, wwm_probability: float = 0.2, **data_args) -> EvalSet:
+    """The held-out chunks a training run with these settings evaluates on, masked once with `seed`; `data_args`
+    are `load_train_eval_chunks`' (train_splits, eval_split, validation_file, train_size, test_size, chunk_size,
+    group_size, text_column, cache_dir, progress), with its defaults, which are a run's.
 
     masking "token" gives the run's own eval set (15% of tokens, 80/10/10); "wwm" masks whole words instead
     (`wwm_probability` of the words, all their tokens [MASK]), drawn the same frozen, seeded way.
     """
     if masking not in ("token", "wwm"):
         raise MLMError(f"`eval_masking` must be 'token' or 'wwm', got {masking!r}.")
-    _, test = load_train_eval_chunks(dataset, tokenizer, train_splits=train_splits, eval_split=eval_split,
-                                     validation_file=validation_file, train_size=train_size, test_size=test_size,
-                                     seed=seed, chunk_size=chunk_size, group_size=group_size, text_column=text_column,
-                                     cache_dir=cache_dir, progress=progress)
+    _, test = load_train_eval_chunks(dataset, tokenizer, seed=seed, **data_args)
     whole_word = masking == "wwm"
     masked = freeze_eval_masks(test.input_ids, test.word_ids if whole_word else None,
                                mask_token_id=tokenizer.mask_token_id, vocab_size=tokenizer.vocab_size,
@@ -89,29 +71,6 @@ def check_same_tokenizer(tokenizers: Sequence[tuple[str, Tokenizer]]) -> None:
                        "tokenizations are not comparable. Compare models that share a tokenizer.")
 
 
-def score_model(
-    name: str,
-    eval_set: EvalSet,
-    *,
-    tokenizer: Tokenizer,
-    prompts: Sequence[str] = (),
-    top_k: int = 5,
-    batch_size: int = 64,
-    device: torch.device | str = "cpu",
-    autocast_dtype: torch.dtype | None = None,
-) -> ModelScore:
-    """Load model `name` (Hub id or folder), score it on `eval_set` and predict `prompts`' [MASK]s."""
-    model = load_model(name, tokenizer=tokenizer)
-    limit = model.config.max_length
-    if eval_set.input_ids.shape[1] > limit:
-        raise MLMError(f"{name} takes at most {limit} tokens, but the eval chunks have {eval_set.input_ids.shape[1]}: "
-                       f"lower `chunk_size` to {limit} or less.")
-    model.to(device)
-    result = evaluate(model, eval_set.input_ids, eval_set.labels, batch_size=batch_size, autocast_dtype=autocast_dtype)
-    predictions = fill_mask(model, tokenizer, list(prompts), top_k=top_k) if prompts else []
-    return ModelScore(name, result, predictions)
-
-
 def compare_models(
     names: Sequence[str],
     *,
@@ -121,10 +80,10 @@ def compare_models(
     batch_size: int = 64,
     device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
-    progress: bool = False,
     **eval_set_args,
 ) -> tuple[EvalSet, list[ModelScore]]:
-    """Score every model in `names` on one eval set (`build_eval_set`'s keyword arguments), one model at a time.
+    """Score every model in `names` (Hub ids or folders) on one eval set (`build_eval_set`'s keyword arguments), one
+    model at a time, and predict `prompts`' [MASK]s with each.
 
     Tokenizers are loaded and compared first, so a mismatch is reported before any weights are read;
     `tokenizer` replaces every model's own (for model folders without one).
@@ -133,9 +92,16 @@ def compare_models(
         raise MLMError("No model to evaluate: pass --model NAME (a Hub id or a folder) at least once.")
     tokenizers = [(name, load_tokenizer(tokenizer or name)) for name in names]
     check_same_tokenizer(tokenizers)
-    eval_set = build_eval_set(tokenizers[0][1], progress=progress, **eval_set_args)
-    scores = []
-    for name, model_tokenizer in tokenizers:  # one model in memory at a time
-        scores.append(score_model(name, eval_set, tokenizer=model_tokenizer, prompts=prompts, top_k=top_k,
-                                  batch_size=batch_size, device=device, autocast_dtype=autocast_dtype))
+    eval_set = build_eval_set(tokenizers[0][1], **eval_set_args)
+    scores, length = [], eval_set.input_ids.shape[1]
+    for name, model_tokenizer in tokenizers:
+        model = load_model(name, tokenizer=model_tokenizer)
+        if length > (limit := model.config.max_length):
+            raise MLMError(f"{name} takes at most {limit} tokens, but the eval chunks have {length}: "
+                           f"lower `chunk_size` to {limit} or less.")
+        result = evaluate(model.to(device), eval_set.input_ids, eval_set.labels, batch_size=batch_size,
+                          autocast_dtype=autocast_dtype)
+        predictions = fill_mask(model, model_tokenizer, list(prompts), top_k=top_k) if prompts else []
+        scores.append(ModelScore(name, result, predictions))
+        del model  # one model in memory at a time
     return eval_set, scores

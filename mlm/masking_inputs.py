@@ -67,23 +67,18 @@ def row_field(row, key: str, position: int) -> np.ndarray:
     return np.asarray(value)
 
 def stack_rows(ids: list, words: list | None, *, pad_token_id: int):
-    """(input_ids, word_ids or None, attention_mask or None), each (B, L) int64: rows of one length are stacked
-    as they are; rows of several lengths are right-padded (pad id, word id -1) and get an attention mask."""
+    """(input_ids, word_ids or None, attention_mask or None), each (B, L) int64: rows right-padded to the longest
+    (pad id, word id -1); an attention mask only where some row is padded (full-length chunks, the main workflow,
+    need none)."""
     lengths = [len(row) for row in ids]
     if words is not None and [len(row) for row in words] != lengths:
         raise MLMError("Each row's word_ids must have the same length as its input_ids.")
-    if min(lengths) == max(lengths):  # the main workflow: full-length chunks, one copy via np.stack
-        input_ids = torch.from_numpy(np.stack(ids).astype(np.int64))
-        word_ids = torch.from_numpy(np.stack(words).astype(np.int64)) if words is not None else None
-        return input_ids, word_ids, None
-    batch, length = len(ids), max(lengths)
-    input_ids = np.full((batch, length), pad_token_id, dtype=np.int64)
-    word_ids = np.full((batch, length), -1, dtype=np.int64)
-    attention_mask = np.zeros((batch, length), dtype=np.int64)
-    for i, n in enumerate(lengths):
-        input_ids[i, :n] = ids[i]
-        attention_mask[i, :n] = 1
-        if words is not None:
-            word_ids[i, :n] = words[i]
-    return (torch.from_numpy(input_ids), torch.from_numpy(word_ids) if words is not None else None,
-            torch.from_numpy(attention_mask))
+
+    def padded(rows: list, value: int) -> torch.Tensor:
+        out = np.full((len(rows), max(lengths)), value, dtype=np.int64)
+        for row, values in zip(out, rows):
+            row[: len(values)] = values
+        return torch.from_numpy(out)
+
+    mask = None if min(lengths) == max(lengths) else padded([np.ones(n) for n in lengths], 0)
+    return padded(ids, pad_token_id), padded(words, -1) if words is not None else None, mask

@@ -74,14 +74,10 @@ def fast_encoder(tokenizer: Tokenizer):
 
     for shortcut in (_text_shortcut(tokenizer), None):
         encode = encode_with(shortcut)
-        if all(_equal(encode(PROBE_TEXTS, special), tokenizer.encode(PROBE_TEXTS, special_tokens=special))
-               for special in (True, False)):
+        if all(np.array_equal(a, b) for special in (True, False)
+               for a, b in zip(encode(PROBE_TEXTS, special), tokenizer.encode(PROBE_TEXTS, special_tokens=special))):
             return encode
     return None
-
-
-def _equal(got, want) -> bool:
-    return all(np.array_equal(a, b) for a, b in zip(got, want))
 
 
 def _encode_batch(backend: BackendTokenizer, texts: list[str], special: bool, shortcut):

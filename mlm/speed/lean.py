@@ -1,14 +1,10 @@
 """Less memory for backward, layered on the plain model: `make_lean(model)` turns some of its modules into lean ones.
 
-mlm/model.py is the architecture in stock PyTorch ops. `make_lean` changes the class of two kinds of its modules, in
-place, to subclasses below that keep less for backward. Nothing else changes: the parameters (so the weight names,
-the optimizer and the checkpoints), the dropout draws and the values computed, up to fp32 rounding
-(tests/test_lean.py compares them with the plain model's).
-
-- The feed-forward keeps lin1's output only and recomputes GELU in backward: one (B, L, 4D) tensor less per layer.
-- CPU attention with dropout keeps q, k, v and the dropout mask instead of the (B, H, L, L) probabilities (several
-  float copies, on the math path SDPA takes on a CPU when dropout is on), recomputing them in backward. It draws
-  its mask exactly as that path does, so the same positions are dropped.
+mlm/model.py is the architecture in stock PyTorch ops. `make_lean` changes the class of its attention and
+feed-forward modules, in place, to the subclasses below, which call mlm/speed/lean_ops.py's functions: they keep
+less for backward and recompute the rest. Nothing else changes: the parameters (so the weight names, the optimizer
+and the checkpoints), the dropout draws and the values computed, up to fp32 rounding (tests/test_lean.py compares
+them with the plain model's).
 
 Where they pay off: `train()` applies them on the CPU (`--lean auto`). On a GPU the plain model runs SDPA's flash
 and memory-efficient kernels, which recompute attention in backward themselves, so `--lean on` there changes only
