@@ -53,22 +53,6 @@ SLICES_PER_STRETCH = 8  # a long document's slices tokenized (and held) at once
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Word boundaries as two bits per token
-
-
-def pack_words(word_ids: np.ndarray) -> np.ndarray:
-    """(n, L) int32 word ids -> (n, 2, ceil(L / 8)) uint8 bit planes (in_word, word_start)."""
-    starts, in_word = word_starts(torch.from_numpy(word_ids))
-    return np.packbits(np.stack([in_word.numpy(), starts.numpy()], axis=1), axis=-1)
-
-
-def word_ids_from_planes(planes: np.ndarray, chunk_size: int) -> np.ndarray:
-    """(n, 2, ceil(L / 8)) uint8 bit planes -> (n, L) int32 word ids, -1 where not in a word."""
-    in_word, starts = np.unpackbits(planes, axis=-1, count=chunk_size).astype(bool).transpose(1, 0, 2)
-    return np.where(in_word, np.cumsum(starts, axis=1, dtype=np.int32), np.int32(-1)).astype(np.int32)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Reading a store
 
 
@@ -87,18 +71,18 @@ class ChunkStore:
     def __getstate__(self) -> dict:  # DataLoader workers reopen the files instead of receiving copies
         return {**self.__dict__, "_maps": None}
 
-    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+    def rows(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, word_ids), both (n, L) int32, of the chunks at `positions` (n,) int, in that order; the word
+        ids rebuilt from the bit planes as the running count of word starts, -1 where not in a word."""
         if self._maps is None:
             n, length = len(self), self.chunk_size
             ids = np.memmap(self.path / "ids.bin", np.dtype(self.header["dtype"]), "r", shape=(n, length))
             planes = np.memmap(self.path / "words.bin", np.uint8, "r", shape=(n, 2, (length + 7) // 8))
             self._maps = ids, planes
-        return self._maps
-
-    def rows(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(input_ids, word_ids), both (n, L) int32, of the chunks at `positions` (n,) int, in that order."""
-        ids, planes = self._arrays()
-        return ids[positions].astype(np.int32), word_ids_from_planes(planes[positions], self.chunk_size)
+        ids, planes = self._maps
+        in_word, starts = np.unpackbits(planes[positions], axis=-1, count=self.chunk_size).astype(bool).swapaxes(0, 1)
+        words = np.where(in_word, np.cumsum(starts, axis=1, dtype=np.int32), np.int32(-1)).astype(np.int32)
+        return ids[positions].astype(np.int32), words
 
 
 def open_store(path: Path, key_sha256: str) -> ChunkStore | None:
@@ -268,6 +252,12 @@ def _slices(text: str) -> Iterator[str]:
                 break
         yield text[start:end]
         start = end
+
+
+def pack_words(word_ids: np.ndarray) -> np.ndarray:
+    """(n, L) int32 word ids -> (n, 2, ceil(L / 8)) uint8 bit planes (in_word, word_start), as words.bin holds them."""
+    starts, in_word = word_starts(torch.from_numpy(word_ids))
+    return np.packbits(np.stack([in_word.numpy(), starts.numpy()], axis=1), axis=-1)
 
 
 class _Writer:

@@ -23,15 +23,9 @@ from mlm.errors import MLMError
 from mlm.files.hub import resolve_repo
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
-# Names of the special tokens in tokenizer_config.json, with the strings BERT uses when a file omits them (a
-# RoBERTa tokenizer's files name its own).
-SPECIAL_TOKEN_DEFAULTS = {
-    "cls_token": "[CLS]",
-    "sep_token": "[SEP]",
-    "pad_token": "[PAD]",
-    "mask_token": "[MASK]",
-    "unk_token": "[UNK]",
-}
+# Names of the special tokens in tokenizer_config.json ("cls_token"), with the strings BERT uses when a file omits
+# them ("[CLS]"; a RoBERTa tokenizer's files name its own).
+SPECIAL_TOKEN_DEFAULTS = {f"{name}_token": f"[{name.upper()}]" for name in ("cls", "sep", "pad", "mask", "unk")}
 
 
 @dataclass

@@ -128,8 +128,7 @@ def continuation_pieces(tokenizer: Tokenizer) -> np.ndarray | None:
     if len(set(vocab.values())) < len(vocab):  # an added token given an id the vocabulary already uses
         return None
     continuation = np.zeros(max(vocab.values()) + 1, bool)
-    for token, index in vocab.items():
-        continuation[index] = token.startswith(prefix)
+    continuation[[index for token, index in vocab.items() if token.startswith(prefix)]] = True
     return continuation
 
 

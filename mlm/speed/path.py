@@ -49,12 +49,10 @@ def pick_precision(choice: str, device: torch.device) -> Precision:
     """
     if choice == "auto":
         choice = "fp32" if device.type != "cuda" else ("bf16" if _native_bf16() else "fp16")
-    if choice == "fp32":
-        return Precision("fp32", None, None)
-    if choice == "bf16":
-        return Precision("bf16", torch.bfloat16, None)  # bf16 has fp32's range: no loss scaling needed
-    # fp16 overflows easily: scale the loss up and skip steps whose gradients overflow.
-    return Precision("fp16", torch.float16, torch.amp.GradScaler(device.type))
+    # fp16 overflows easily: scale the loss up and skip steps whose gradients overflow. bf16 has fp32's range: no
+    # loss scaling needed.
+    scaler = torch.amp.GradScaler(device.type) if choice == "fp16" else None
+    return Precision(choice, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice], scaler)
 
 
 def _native_bf16() -> bool:
