@@ -72,8 +72,7 @@ class ChunkStore:
         return {**self.__dict__, "_maps": None}
 
     def rows(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(input_ids, word_ids), both (n, L) int32, of the chunks at `positions` (n,) int, in that order; the word
-        ids rebuilt from the bit planes as the running count of word starts, -1 where not in a word."""
+        """(input_ids, word_ids), both (n, L) int32, of the chunks at `positions` (n,) int, in that order."""
         if self._maps is None:
             n, length = len(self), self.chunk_size
             ids = np.memmap(self.path / "ids.bin", np.dtype(self.header["dtype"]), "r", shape=(n, length))

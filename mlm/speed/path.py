@@ -16,7 +16,6 @@ walkthrough) executes no line of them. `says` is the line a run prints first: wh
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -48,18 +47,13 @@ def pick_precision(choice: str, device: torch.device) -> Precision:
     default), because --precision fp32 is the choice for exact results, and the fast choice is bf16.
     """
     if choice == "auto":
-        choice = "fp32" if device.type != "cuda" else ("bf16" if _native_bf16() else "fp16")
+        # torch.cuda.is_bf16_supported() alone also says yes where bf16 is only emulated (pre-Ampere GPUs), and slow.
+        native_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        choice = "fp32" if device.type != "cuda" else "bf16" if native_bf16 else "fp16"
     # fp16 overflows easily: scale the loss up and skip steps whose gradients overflow. bf16 has fp32's range: no
     # loss scaling needed.
     scaler = torch.amp.GradScaler(device.type) if choice == "fp16" else None
     return Precision(choice, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice], scaler)
-
-
-def _native_bf16() -> bool:
-    # torch.cuda.is_bf16_supported() also says yes where bf16 is only emulated (pre-Ampere GPUs), and slow.
-    if "including_emulation" in inspect.signature(torch.cuda.is_bf16_supported).parameters:
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    return torch.cuda.is_bf16_supported()
 
 
 @dataclass(frozen=True)
