@@ -71,17 +71,9 @@ def check_same_tokenizer(tokenizers: Sequence[tuple[str, Tokenizer]]) -> None:
                        "tokenizations are not comparable. Compare models that share a tokenizer.")
 
 
-def compare_models(
-    names: Sequence[str],
-    *,
-    tokenizer: str | None = None,
-    prompts: Sequence[str] = (),
-    top_k: int = 5,
-    batch_size: int = 64,
-    device: torch.device | str = "cpu",
-    autocast_dtype: torch.dtype | None = None,
-    **eval_set_args,
-) -> tuple[EvalSet, list[ModelScore]]:
+def compare_models(names: Sequence[str], *, tokenizer: str | None = None, prompts: Sequence[str] = (), top_k: int = 5,
+                   batch_size: int = 64, device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
+                   **eval_set_args) -> tuple[EvalSet, list[ModelScore]]:
     """Score every model in `names` (Hub ids or folders) on one eval set (`build_eval_set`'s keyword arguments), one
     model at a time, and predict `prompts`' [MASK]s with each.
 

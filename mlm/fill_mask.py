@@ -36,9 +36,8 @@ def check_prompts(tokenizer: Tokenizer, sentences: list[str], *, top_k: int, max
 
 
 @torch.no_grad()
-def fill_mask(
-    model: DistilBertForMaskedLM, tokenizer: Tokenizer, sentences: list[str], top_k: int = 5
-) -> list[list[list[Prediction]]]:
+def fill_mask(model: DistilBertForMaskedLM, tokenizer: Tokenizer, sentences: list[str],
+              top_k: int = 5) -> list[list[list[Prediction]]]:
     """For each sentence, for each [MASK] in it (left to right), the top_k predictions, best first."""
     encodings = check_prompts(tokenizer, sentences, top_k=top_k, max_length=model.config.max_length)
     device = next(model.parameters()).device

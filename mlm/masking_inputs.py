@@ -26,10 +26,8 @@ def check_replace_probs(mask_replace_prob: float, random_replace_prob: float) ->
     random_replace_prob = check_probability("random_replace_prob", random_replace_prob)
     # Same test as the reference's __post_init__ (a plain float sum, so 0.9 + 0.1 passes).
     if mask_replace_prob + random_replace_prob > 1:
-        raise MLMError(
-            f"mask_replace_prob + random_replace_prob must not exceed 1 (got {mask_replace_prob} + "
-            f"{random_replace_prob}); the rest of the selected tokens are left unchanged."
-        )
+        raise MLMError(f"mask_replace_prob + random_replace_prob must not exceed 1 (got {mask_replace_prob} + "
+                       f"{random_replace_prob}); the rest of the selected tokens are left unchanged.")
     return mask_replace_prob, random_replace_prob
 
 
@@ -60,11 +58,11 @@ def row_field(row, key: str, position: int) -> np.ndarray:
     try:
         value = row[key] if isinstance(row, Mapping) else row[position]
     except (KeyError, IndexError, TypeError):
-        raise MLMError(
-            f"MaskingCollator rows must be dicts with {key!r} or tuples (input_ids, word_ids); got "
-            f"{type(row).__name__}" + (" (whole-word masking needs word_ids)" if key == "word_ids" else "")
-        ) from None
+        raise MLMError(f"MaskingCollator rows must be dicts with {key!r} or tuples (input_ids, word_ids); got "
+                       f"{type(row).__name__}" + (" (whole-word masking needs word_ids)" if key == "word_ids" else "")
+                       ) from None
     return np.asarray(value)
+
 
 def stack_rows(ids: list, words: list | None, *, pad_token_id: int):
     """(input_ids, word_ids or None, attention_mask or None), each (B, L) int64: rows right-padded to the longest

@@ -80,11 +80,9 @@ def load_tokenizer(name_or_path: str | Path, revision: str | None = None) -> Tok
 def tokenizer_from_folder(folder: Path) -> Tokenizer:
     tokenizer_file = folder / "tokenizer.json"
     if not tokenizer_file.is_file():
-        raise MLMError(
-            f"No tokenizer.json in {folder}. Point to the folder that has the model's tokenizer (the scripts' "
-            "--tokenizer flag), or create one with transformers' "
-            "AutoTokenizer.from_pretrained(...).save_pretrained(folder) on a machine that has it."
-        )
+        raise MLMError(f"No tokenizer.json in {folder}. Point to the folder that has the model's tokenizer (the "
+                       "scripts' --tokenizer flag), or create one with transformers' "
+                       "AutoTokenizer.from_pretrained(...).save_pretrained(folder) on a machine that has it.")
     try:
         backend = BackendTokenizer.from_file(str(tokenizer_file))
     except Exception as err:  # tokenizers raises a bare Exception on malformed JSON

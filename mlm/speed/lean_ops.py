@@ -55,9 +55,8 @@ class _ActivationThenLinear(torch.autograd.Function):
         return grad_pre, grad_weight.to(weight.dtype), grad_bias.to(weight.dtype), None
 
 
-def activation_then_linear(
-    pre_activation: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str
-) -> torch.Tensor:
+def activation_then_linear(pre_activation: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                           activation: str) -> torch.Tensor:
     """F.linear(act(pre_activation), weight, bias), keeping only pre_activation for backward.
 
     pre_activation (..., F); weight (D, F); bias (D,); activation "gelu" (exact erf form) or "relu"
@@ -111,9 +110,8 @@ class _AttentionWithDropout(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None, None, None
 
 
-def attention_with_dropout(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, dropout_p: float, scale: float
-) -> torch.Tensor:
+def attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+                           dropout_p: float, scale: float) -> torch.Tensor:
     """softmax(q kᵀ · scale, masked) with dropout, times v; saves q, k, v and a bool dropout mask for backward.
 
     q, k, v (B, H, L, dh) float; key_mask (B, 1, 1, L) bool, True = attend, or None -> (B, H, L, dh).
