@@ -21,6 +21,7 @@ import re
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from functools import partial
 
 import numpy as np
 from tokenizers import Tokenizer as BackendTokenizer
@@ -65,15 +66,12 @@ def fast_encoder(tokenizer: Tokenizer):
     template = tuple(map(len, template_ids(tokenizer)))
     backend = tokenizer.backend
 
-    def encode_with(shortcut):
-        def encode(texts: list[str], special: bool):
-            encodings = _encode_batch(backend, texts, special, shortcut)
-            ids, lengths = encoded_ids(encodings)
-            return ids, derived_word_ids(ids, lengths, continuation, *(template if special else (0, 0))), lengths
-        return encode
+    def encode_with(shortcut, texts: list[str], special: bool):
+        ids, lengths = encoded_ids(_encode_batch(backend, texts, special, shortcut))
+        return ids, derived_word_ids(ids, lengths, continuation, *(template if special else (0, 0))), lengths
 
     for shortcut in (_text_shortcut(tokenizer), None):
-        encode = encode_with(shortcut)
+        encode = partial(encode_with, shortcut)
         if all(np.array_equal(a, b) for special in (True, False)
                for a, b in zip(encode(PROBE_TEXTS, special), tokenizer.encode(PROBE_TEXTS, special_tokens=special))):
             return encode
