@@ -25,10 +25,7 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signal_name: str = "SIGINT", hint: str = ""):
         super().__init__(signal_name)
         self.signal_name, self.hint = signal_name, hint
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + signal.Signals[self.signal_name].value
+        self.exit_code = 128 + signal.Signals[signal_name].value
 
 
 # What the machine says when it cannot write or read what a run needs: the user's to fix, not a bug.

@@ -3,8 +3,8 @@
 Special-token ids are looked up in the tokenizer files (tokenizer_config.json names the tokens, tokenizer.json
 gives their ids), never hard-coded: BERT's WordPiece ([CLS] [SEP] [MASK] [PAD], cased or not) and RoBERTa's
 byte-level BPE (<s> </s> <mask> <pad>) alike. A word is what the pre-tokenizer splits off (for byte-level BPE, a
-piece spelt with "Ġ", a space before it, starts one). `Tokenizer.encode` tokenizes a batch of texts into the flat
-arrays that chunking works on (mlm/speed/fast_encode.py gives the same arrays faster).
+piece spelt with "Ġ", a space before it, starts one). mlm/speed/fast_encode.py gives `Tokenizer.encode`'s arrays
+faster.
 """
 
 from __future__ import annotations
@@ -73,8 +73,7 @@ class Tokenizer:
 
 def load_tokenizer(name_or_path: str | Path, revision: str | None = None) -> Tokenizer:
     """Load the tokenizer of a local Hub-layout folder or a Hub repo id (tokenizer.json is required)."""
-    folder = resolve_repo(name_or_path, revision=revision, allow_patterns=TOKENIZER_FILES)
-    return tokenizer_from_folder(folder)
+    return tokenizer_from_folder(resolve_repo(name_or_path, revision=revision, allow_patterns=TOKENIZER_FILES))
 
 
 def tokenizer_from_folder(folder: Path) -> Tokenizer:

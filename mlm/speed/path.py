@@ -147,11 +147,8 @@ def choose_path(config: TrainConfig, procs: Processes) -> ExecutionPath:
 
 
 def graphs_choice(path: ExecutionPath, total_steps: int) -> tuple[bool, str]:
-    """(record CUDA graphs?, how the steps run and why) for --cuda-graphs off | on | auto.
-
-    on: CUDA graphs, or an MLMError where they cannot run. auto: CUDA graphs on one GPU for runs of GRAPHS_MIN_STEPS
-    steps or more, else the eager (or --compile) path, saying why.
-    """
+    """(record CUDA graphs?, how the steps run and why) for --cuda-graphs off | on | auto: on where they cannot run
+    is an MLMError; auto records them on one GPU for runs of GRAPHS_MIN_STEPS steps or more."""
     plain = "torch.compile (--compile)" if path.compile else "eager"
     if path.graphs_asked == "off":
         return False, f"{plain} (--cuda-graphs off)"
