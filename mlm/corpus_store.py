@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from mlm.data import check_filled, chunk, tokenize
 from mlm.errors import MLMError
@@ -61,8 +62,7 @@ class ChunkStore:
 
     def __init__(self, path: Path, header: dict):
         self.path, self.header = path, header
-        self.chunk_size = header["chunk_size"]
-        self.n_reviews, self.n_tokens = header["n_reviews"], header["n_tokens"]
+        self.chunk_size, self.n_reviews, self.n_tokens = header["chunk_size"], header["n_reviews"], header["n_tokens"]
         self._maps = None
 
     def __len__(self) -> int:
@@ -133,8 +133,6 @@ def prepare_store(path: Path, key: dict, files: list[Path], tokenizer: Tokenizer
     remove_leftovers(path.parent)
     if (store := open_store(path, key_sha256)) is not None:
         return store
-    from tqdm import tqdm
-
     partial, lock = path.parent / f".{path.name}.partial", path.parent / f".{path.name}.lock"
     try:
         # Blocks while another process prepares this store; closing the file releases the lock.

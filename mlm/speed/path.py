@@ -97,7 +97,6 @@ class ExecutionPath:
         return model.to(self.device)
 
     def learning_rate(self, learning_rate, total_steps: int):
-        """Under fp16 the count of steps that ran stays on the device, and so does the lr looked up from it."""
         if self.precision.scaler is None:
             return learning_rate
         from mlm.speed.amp import lr_on_device
