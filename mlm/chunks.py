@@ -64,9 +64,7 @@ class Chunks:
 
     def rows(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, word_ids), both (n, L) int32, of the chunks at `positions` (n,) int, in that order."""
-        positions = np.asarray(positions, dtype=np.int64)
-        if self._indices is not None:
-            positions = self._indices[positions]
+        positions = self._in_parts(positions)
         if len(self._parts) == 1:
             return self._parts[0].rows(positions)
         starts = np.cumsum([0] + [len(part) for part in self._parts])
@@ -86,10 +84,11 @@ class Chunks:
 
     def select(self, indices: np.ndarray) -> Chunks:
         """The chunks at `indices` (1-D int array), in that order, like `datasets.Dataset.select`: a view."""
-        indices = np.asarray(indices, dtype=np.int64)
-        if self._indices is not None:
-            indices = self._indices[indices]
-        return Chunks.view(self._parts, indices, self.n_reviews, self.n_tokens)
+        return Chunks.view(self._parts, self._in_parts(indices), self.n_reviews, self.n_tokens)
+
+    def _in_parts(self, positions: np.ndarray) -> np.ndarray:  # int64 positions in the parts laid end to end
+        positions = np.asarray(positions, dtype=np.int64)
+        return positions if self._indices is None else self._indices[positions]
 
 
 class _ArrayRows:
