@@ -4,6 +4,7 @@ None of it knows about DistilBERT or masking."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 from dataclasses import dataclass
 
@@ -15,12 +16,11 @@ from mlm.errors import MLMError
 
 @dataclass
 class Processes:
-    """This process's place among the run's processes (torchrun's RANK, WORLD_SIZE, LOCAL_RANK), and its device.
+    """This process's place among the run's processes (torchrun's RANK and WORLD_SIZE), and its device.
     Every collective below is a plain return value in a single process."""
 
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     device: torch.device = torch.device("cpu")
 
     @property
@@ -84,28 +84,24 @@ class Processes:
 def start_processes(device_choice: str) -> Processes:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1), and pick this process's device."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = pick_device(device_choice)
     if device.type == "cuda":
-        index = local_rank if world_size > 1 else device.index
+        index = int(os.environ.get("LOCAL_RANK", 0)) if world_size > 1 else device.index
         device = torch.device("cuda", torch.cuda.current_device() if index is None else index)  # set_device: an index
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         # NCCL between GPUs; gloo lets the same code run (and be tested) with CPU processes.
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Processes(rank, world_size, local_rank, device)
+    return Processes(rank, world_size, device)
 
 
 def pick_device(choice: str) -> torch.device:
     """auto (a GPU when torch sees one), cpu, cuda or cuda:N, checked."""
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(choice)
-    except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
+    if not re.fullmatch(r"cpu(:0)?|cuda(:(0|[1-9][0-9]*))?", choice):
         raise MLMError(f"`device` {choice!r} is not a device mlm runs on: use auto, cpu, cuda or cuda:N.")
+    device = torch.device(choice)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MLMError(f"`device` {choice} was asked for, but torch sees no CUDA GPU. Use cpu.")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
