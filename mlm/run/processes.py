@@ -27,13 +27,7 @@ class Processes:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
-        """The sum over processes (in place)."""
-        if self.world_size > 1:
-            dist.all_reduce(values)
-        return values
-
-    def _gather(self, value) -> list:
+    def gather(self, value) -> list:
         """Every process's `value` (picklable: tensors on the CPU), by rank."""
         if self.world_size == 1:
             return [value]
@@ -45,7 +39,7 @@ class Processes:
         """The stop signal a process received (the highest-numbered, if several did), or None: every process then
         stops at this step, and the record names the signal. A host sync on a GPU: call it at the same steps in every
         process, not at each one."""
-        return max(filter(None, self._gather(received)), key=lambda name: signal.Signals[name].value, default=None)
+        return max(filter(None, self.gather(received)), key=lambda name: signal.Signals[name].value, default=None)
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -54,7 +48,7 @@ class Processes:
     def gather_interleaved(self, rows: torch.Tensor) -> torch.Tensor:
         """Process r's `rows` (n_r, C) CPU float64 hold rows r, r + world_size, r + 2 world_size, … of a table:
         every process gets the whole table back, in row order."""
-        parts = self._gather(rows)
+        parts = self.gather(rows)
         table = torch.empty((sum(map(len, parts)), rows.shape[1]), dtype=rows.dtype)
         for rank, part in enumerate(parts):
             table[rank :: self.world_size] = part
@@ -67,7 +61,7 @@ class Processes:
         states = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             states["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {f"rng.rank{rank}.{kind}": state for rank, theirs in enumerate(self._gather(states))
+        return {f"rng.rank{rank}.{kind}": state for rank, theirs in enumerate(self.gather(states))
                 for kind, state in sorted(theirs.items())}
 
     def restore_rng_state(self, tensors: dict[str, torch.Tensor]) -> bool:

@@ -242,7 +242,7 @@ class Run:
             self.stop_requested = self.stopped_by is not None
         if not (due or self.stop_requested):
             return
-        mean_loss = (procs.all_reduce_sum(meter.loss_sum.detach().clone()) / procs.world_size).item() / meter.steps
+        mean_loss = sum(procs.gather(float(meter.loss_sum))) / procs.world_size / meter.steps
         if not math.isfinite(mean_loss):
             raise self._non_finite(f"The training loss became {mean_loss}")
         tokens_per_second = meter.tokens / meter.seconds if meter.seconds else 0.0
