@@ -1,5 +1,4 @@
-"""Processes and devices, and each process's random state: what a run needs around the model.
-None of it knows about DistilBERT or masking."""
+"""Processes and devices, and each process's random state: what a run needs around the model, not knowing it."""
 
 from __future__ import annotations
 

@@ -223,7 +223,6 @@ class Run:
     # -- during the run --------------------------------------------------------------------------------------
 
     def signals_wait_for_the_step(self):
-        """Within this block a first signal lets the step finish and the checkpoint be written."""
         return self.signals.deferred()
 
     def after_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, *, ran: int | torch.Tensor,
