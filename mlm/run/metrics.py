@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+METRICS_FILE = "metrics.jsonl"
 # Dense matmul peaks, FLOP/s, of the GPUs a run is likely on (their spec sheets, without sparsity): the MFU
 # denominator, as nanoGPT and torchtitan compute it. Other devices (CPUs among them) report no MFU.
 # A GPU's name must hold every word of a key ("NVIDIA H100 PCIe" is the PCIe card, not L4's "L40S"); first match.

@@ -35,7 +35,7 @@ from mlm.run.checkpoints import (
     verify_checkpoint,
 )
 from mlm.run.folder import RunFolder, folder_record
-from mlm.run.metrics import Console, Meter, MetricsLog, flops_per_token, peak_flops
+from mlm.run.metrics import METRICS_FILE, Console, Meter, MetricsLog, flops_per_token, peak_flops
 from mlm.run.model_card import CARD_FILE, write_run_model_card
 from mlm.run.processes import Processes, end_processes, start_processes
 from mlm.run.record import RECORD_FILE, RunRecord, read_record, write_record
@@ -46,7 +46,6 @@ from mlm.tokenizer import TOKENIZER_FILES
 
 __all__ = ["Processes", "Run", "RunSummary", "open_run"]
 
-METRICS_FILE = "metrics.jsonl"
 # Settings that name where the model and the data are: a resume compares what is there (the data's and tokenizer's
 # sha256, the model's config), not the path, so a moved folder still resumes; the record keeps the new place.
 WHERE_SETTINGS = {"model", "tokenizer", "revision", "dataset", "validation_file"}
