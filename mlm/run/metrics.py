@@ -1,5 +1,4 @@
-"""What a run reports while it trains: the metrics log (metrics.jsonl), the meter behind its training lines (loss,
-tokens/s, model-FLOPs utilisation) and the console (a progress bar on a terminal, plain lines anywhere else)."""
+"""What a run reports while it trains: metrics.jsonl, the meter (loss, tokens/s, MFU), the console."""
 
 from __future__ import annotations
 
@@ -12,6 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+METRICS_FILE = "metrics.jsonl"
 # Dense matmul peaks, FLOP/s, of the GPUs a run is likely on (their spec sheets, without sparsity): the MFU
 # denominator, as nanoGPT and torchtitan compute it. Other devices (CPUs among them) report no MFU.
 # A GPU's name must hold every word of a key ("NVIDIA H100 PCIe" is the PCIe card, not L4's "L40S"); first match.
@@ -87,7 +87,6 @@ def flops_per_token(config, seq_len: int, labelled_fraction: float = 1.0) -> flo
 
 
 def peak_flops(device: torch.device, precision: str) -> float | None:
-    """The dense matmul peak of `device` at `precision` (PEAK_FLOPS), or None where it is not known."""
     if device.type != "cuda":
         return None
     words = set(re.split(r"[\s_-]+", torch.cuda.get_device_name(device)))

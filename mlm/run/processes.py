@@ -1,9 +1,9 @@
-"""Processes and devices, and each process's random state: what a run needs around the model.
-None of it knows about DistilBERT or masking."""
+"""Processes and devices, and each process's random state: what a run needs around the model, not knowing it."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 from dataclasses import dataclass
 
@@ -15,25 +15,18 @@ from mlm.errors import MLMError
 
 @dataclass
 class Processes:
-    """This process's place among the run's processes (torchrun's RANK, WORLD_SIZE, LOCAL_RANK), and its device.
+    """This process's place among the run's processes (torchrun's RANK and WORLD_SIZE), and its device.
     Every collective below is a plain return value in a single process."""
 
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     device: torch.device = torch.device("cpu")
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
-        """The sum over processes (in place)."""
-        if self.world_size > 1:
-            dist.all_reduce(values)
-        return values
-
-    def _gather(self, value) -> list:
+    def gather(self, value) -> list:
         """Every process's `value` (picklable: tensors on the CPU), by rank."""
         if self.world_size == 1:
             return [value]
@@ -45,7 +38,7 @@ class Processes:
         """The stop signal a process received (the highest-numbered, if several did), or None: every process then
         stops at this step, and the record names the signal. A host sync on a GPU: call it at the same steps in every
         process, not at each one."""
-        return max(filter(None, self._gather(received)), key=lambda name: signal.Signals[name].value, default=None)
+        return max(filter(None, self.gather(received)), key=lambda name: signal.Signals[name].value, default=None)
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -54,7 +47,7 @@ class Processes:
     def gather_interleaved(self, rows: torch.Tensor) -> torch.Tensor:
         """Process r's `rows` (n_r, C) CPU float64 hold rows r, r + world_size, r + 2 world_size, … of a table:
         every process gets the whole table back, in row order."""
-        parts = self._gather(rows)
+        parts = self.gather(rows)
         table = torch.empty((sum(map(len, parts)), rows.shape[1]), dtype=rows.dtype)
         for rank, part in enumerate(parts):
             table[rank :: self.world_size] = part
@@ -67,7 +60,7 @@ class Processes:
         states = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             states["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {f"rng.rank{rank}.{kind}": state for rank, theirs in enumerate(self._gather(states))
+        return {f"rng.rank{rank}.{kind}": state for rank, theirs in enumerate(self.gather(states))
                 for kind, state in sorted(theirs.items())}
 
     def restore_rng_state(self, tensors: dict[str, torch.Tensor]) -> bool:
@@ -84,28 +77,24 @@ class Processes:
 def start_processes(device_choice: str) -> Processes:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1), and pick this process's device."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = pick_device(device_choice)
     if device.type == "cuda":
-        index = local_rank if world_size > 1 else device.index
+        index = int(os.environ.get("LOCAL_RANK", 0)) if world_size > 1 else device.index
         device = torch.device("cuda", torch.cuda.current_device() if index is None else index)  # set_device: an index
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         # NCCL between GPUs; gloo lets the same code run (and be tested) with CPU processes.
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Processes(rank, world_size, local_rank, device)
+    return Processes(rank, world_size, device)
 
 
 def pick_device(choice: str) -> torch.device:
     """auto (a GPU when torch sees one), cpu, cuda or cuda:N, checked."""
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(choice)
-    except (RuntimeError, ValueError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
+    if not re.fullmatch(r"cpu(:0)?|cuda(:(0|[1-9][0-9]*))?", choice):
         raise MLMError(f"`device` {choice!r} is not a device mlm runs on: use auto, cpu, cuda or cuda:N.")
+    device = torch.device(choice)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MLMError(f"`device` {choice} was asked for, but torch sees no CUDA GPU. Use cpu.")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():

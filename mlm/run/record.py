@@ -9,6 +9,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import get_type_hints
 
 from mlm.errors import MLMError
 from mlm.files.writes import atomic_write_text
@@ -98,8 +99,7 @@ def read_record(folder: Path) -> RunRecord | None:
 
 def _has_the_layout(data) -> bool:
     """The fields, types and nested shapes the run layer reads: a hand-edited record is refused in one line."""
-    types = {"settings": dict, "data": dict, "world_size": int, "derived": dict, "run_id": str, "status": str,
-             "results": dict, "segments": list, "progress": dict, "written": dict, "format": int}
+    types = get_type_hints(RunRecord)
     if not (isinstance(data, dict) and {"settings", "format", "status"} <= set(data) <= set(types)
             and all(isinstance(data[name], kind) for name, kind in types.items() if name in data)):
         return False

@@ -1,11 +1,6 @@
-"""The run layer: a run's processes, folder, record, logs, checkpoints and signals, behind the calls the loop makes.
-
-mlm/train.py calls open_run(config) (processes started, the folder locked, signals handled, and the start found: a new
-run, or a checkpoint whose record and data are checked before any work), then run.start(model, ...) (a resume's
-settings checked and its checkpoint loaded; the record written), per step run.after_step, run.eval_due,
-run.record_eval and run.save_if_due, and at the end run.finish() or, after a signal, run.stopped(). If anything fails
-before the first checkpoint the folder is left as it was (mlm/run/folder.py); after it, `--resume latest` continues.
-"""
+"""The run layer behind the calls the loop (mlm/train.py) makes on a run: its processes, folder, record, logs,
+checkpoints and signals. If anything fails before the first checkpoint the folder is left as it was
+(mlm/run/folder.py); after it, `--resume latest` continues."""
 
 from __future__ import annotations
 
@@ -40,7 +35,7 @@ from mlm.run.checkpoints import (
     verify_checkpoint,
 )
 from mlm.run.folder import RunFolder, folder_record
-from mlm.run.metrics import Console, Meter, MetricsLog, flops_per_token, peak_flops
+from mlm.run.metrics import METRICS_FILE, Console, Meter, MetricsLog, flops_per_token, peak_flops
 from mlm.run.model_card import CARD_FILE, write_run_model_card
 from mlm.run.processes import Processes, end_processes, start_processes
 from mlm.run.record import RECORD_FILE, RunRecord, read_record, write_record
@@ -51,7 +46,6 @@ from mlm.tokenizer import TOKENIZER_FILES
 
 __all__ = ["Processes", "Run", "RunSummary", "open_run"]
 
-METRICS_FILE = "metrics.jsonl"
 # Settings that name where the model and the data are: a resume compares what is there (the data's and tokenizer's
 # sha256, the model's config), not the path, so a moved folder still resumes; the record keeps the new place.
 WHERE_SETTINGS = {"model", "tokenizer", "revision", "dataset", "validation_file"}
@@ -101,12 +95,9 @@ class Run:
 
     def __init__(self, config: TrainConfig, procs: Processes, folder: RunFolder, signals: Signals):
         self.config, self.procs, self.folder, self.signals = config, procs, folder, signals
-        self.output_dir, self.progress = folder.path, Progress()
-        self.resume_from: Path | None = None
-        self.record: RunRecord | None = None
+        self.output_dir, self.progress, self.notes = folder.path, Progress(), []
         self.last_checkpoint: str | None = None
         self.log: MetricsLog | None = None  # opened by start(), like the meter
-        self.data, self.changed, self.notes = {}, {}, []  # the data files' sha256; what a resume changed: [before, now]
         self.already_finished = self.stop_requested = False  # already_finished: --resume of a finished run
         self.stopped_by: str | None = None  # the signal every process agreed to stop on
         self.console = Console(procs.is_main, config.progress_bar, total=0, done=0)
@@ -118,7 +109,8 @@ class Run:
         """A new run, or the checkpoint to resume and the record it continues; the data read. Reads only."""
         config, out = self.config, self.output_dir
         self.resume_from = checkpoint = self.folder.resume_point(config.resume, config.overwrite)
-        if checkpoint is None:
+        self.is_new = checkpoint is None
+        if self.is_new:
             return
         try:
             verify_checkpoint(checkpoint)
@@ -139,31 +131,31 @@ class Run:
                               "and its new checkpoints are written here.")
         else:  # the folder's record has the run's latest settings and history; the results are the checkpoint's
             theirs.settings, theirs.segments, theirs.written = here.settings, here.segments, here.written
-        self.record, self.data = theirs, {"files": data_file_digests(config)}
-        compare_data(theirs.data.get("files", {}), self.data["files"])  # before any tokenizing
+        self.record = theirs  # its data files are the run's from here on: the same bytes, checked before any tokenizing
+        compare_data(theirs.data.get("files", {}), data_file_digests(config))
         self.last_checkpoint = str(checkpoint)
-        newest = checkpoint_step(checkpoint) == (here.progress["step"] if here else -1)
-        self.already_finished = bool(here and here.finished and newest and not config.extend)
+        self.already_finished = bool(here and here.finished and not config.extend
+                                     and checkpoint_step(checkpoint) == here.progress["step"])
 
     def start(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler, tokenizer, *, path: str,
               precision: str, facts: dict, notes: list[str] = ()) -> None:
         """Step 0, or the checkpoint's state once the settings and tokenizer match the record; then the folder made
         ready, the record written, the metrics log opened and the run announced."""
         self.model, self.optimizer, self.scaler, self.tokenizer = model, optimizer, scaler, tokenizer
-        config, procs, resuming = self.config, self.procs, self.resume_from is not None
+        config, procs, resuming = self.config, self.procs, not self.is_new
         self.total_steps, self.steps_per_epoch = facts["total_steps"], facts["steps_per_epoch"]
         settings = {**settings_as_json(config), "global_batch": facts["global_batch"]}
-        self.data = {"files": self.data.get("files") or data_file_digests(config),
-                     "tokenizer_sha256": tokenizer_sha256(tokenizer)}
-        if not resuming:
-            self.record = RunRecord(settings=settings, data=self.data, world_size=procs.world_size)
-        else:
-            self.changed = compare_settings(self.record.settings, settings, extend=config.extend,
-                                            where=self.output_dir, world_size=procs.world_size)
-            if self.record.data.get("tokenizer_sha256") != self.data["tokenizer_sha256"]:
+        data = {"files": self.record.data.get("files", {}) if resuming else data_file_digests(config),
+                "tokenizer_sha256": tokenizer_sha256(tokenizer)}
+        if resuming:
+            changed = compare_settings(self.record.settings, settings, extend=config.extend, where=self.output_dir,
+                                       world_size=procs.world_size)  # {name: [before, now]}
+            if self.record.data.get("tokenizer_sha256") != data["tokenizer_sha256"]:
                 raise MLMError("The tokenizer differs from the one the run started with (its sha256 changed): resume "
                                "with the run's tokenizer, or start a new run in another output folder.")
             self._restore(model, optimizer, scaler)
+        else:
+            changed, self.record = {}, RunRecord(settings=settings)
         old = folder_record(self.output_dir)
         self.notes += self.folder.start(overwrite=config.overwrite, resuming=resuming, run_id=old and old.run_id)
         # Resuming from an older checkpoint of this folder redoes the steps after it: the checkpoints of those steps
@@ -177,9 +169,9 @@ class Run:
                                       "run again now.")
         procs.barrier()  # nobody writes before rank 0 has made the folder ready
         record, step = self.record, self.progress.global_step
-        record.settings, record.derived, record.data = settings, facts, self.data
+        record.settings, record.derived, record.data = settings, facts, data
         record.start_segment(step=step, device=str(procs.device), precision=precision, model_variant=path,
-                             world_size=procs.world_size, changed=self.changed)
+                             world_size=procs.world_size, changed=changed)
         tensorboard = config.report_to == "tensorboard"
         record.written.update({METRICS_FILE: None, **({LOG_DIR: None} if tensorboard else {})})
         self.folder.written = record.written  # one dict: the record lists every name the run writes, as it writes
@@ -194,7 +186,7 @@ class Run:
         for note in [*self.notes, *notes]:
             self.say(f"note: {note}")
         if resuming:
-            self.log.write("resume", step=step, checkpoint=str(self.resume_from), changed=self.changed)
+            self.log.write("resume", step=step, checkpoint=str(self.resume_from), changed=changed)
             self.say(f"Resuming run {record.run_id} from {self.resume_from} (epoch {self.progress.epoch + 1}, step "
                      f"{step}/{self.total_steps}).")
         self.say(f"Model: {path}.")
@@ -227,14 +219,9 @@ class Run:
             seed = np.random.SeedSequence([self.config.seed, self.procs.rank, self.progress.global_step])
             torch.manual_seed(int(seed.generate_state(1, dtype=np.uint64)[0] >> 1))
 
-    @property
-    def is_new(self) -> bool:
-        return self.resume_from is None
-
     # -- during the run --------------------------------------------------------------------------------------
 
     def signals_wait_for_the_step(self):
-        """Within this block a first signal lets the step finish and the checkpoint be written."""
         return self.signals.deferred()
 
     def after_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, *, ran: int | torch.Tensor,
@@ -245,8 +232,7 @@ class Run:
         meter, progress, procs = self.meter, self.progress, self.procs
         meter.add(loss, tokens, ran, labelled)
         self.console.step()
-        due = (meter.steps >= self.config.log_every or progress.step_in_epoch == 0
-               or progress.global_step >= self.total_steps)
+        due = meter.steps >= self.config.log_every or self._due(None)  # or an epoch's end, or the last step
         # Every process reaches the same log steps, so they agree there on a stop request (a host sync under DDP,
         # hence not at every step) and all stop, and checkpoint, at the same step.
         if due or procs.world_size == 1:
@@ -254,7 +240,7 @@ class Run:
             self.stop_requested = self.stopped_by is not None
         if not (due or self.stop_requested):
             return
-        mean_loss = (procs.all_reduce_sum(meter.loss_sum.detach().clone()) / procs.world_size).item() / meter.steps
+        mean_loss = sum(procs.gather(float(meter.loss_sum))) / procs.world_size / meter.steps
         if not math.isfinite(mean_loss):
             raise self._non_finite(f"The training loss became {mean_loss}")
         tokens_per_second = meter.tokens / meter.seconds if meter.seconds else 0.0
@@ -277,11 +263,9 @@ class Run:
         return f"step {progress.global_step}" if every and progress.global_step % every == 0 else None
 
     def eval_due(self) -> str | None:
-        """The label of the evaluation due after this step, or None."""
         return self._due(self.config.eval_every)
 
-    def eval_at_the_end_due(self) -> bool:
-        """A resume --extend'ed to end where it stands has no eval at this step yet."""
+    def eval_at_the_end_due(self) -> bool:  # a resume --extend'ed to end where it stands has no eval here yet
         return self.record.last_eval_at(self.progress.global_step) is None
 
     def record_eval(self, label: str, result: EvalResult) -> EvalResult:
@@ -379,10 +363,9 @@ class Run:
     def _close(self) -> RunSummary:
         if self.log is not None:
             self.log.close()
-        record = self.record
-        results, progress = record.results, record.progress
+        results, progress = self.record.results, self.record.progress
         return RunSummary(
-            status=record.status if record.finished else "interrupted", output_dir=str(self.output_dir),
+            status="finished" if self.record.finished else "interrupted", output_dir=str(self.output_dir),
             steps=progress["step"], before=EvalResult(**results["before"]) if results["before"] else None,
             after=EvalResult(**results["after"]) if results["after"] else None, train_seconds=progress["train_seconds"],
             train_tokens_per_second=progress["train_tokens"] / max(progress["train_seconds"], 1e-9),

@@ -1,9 +1,6 @@
-"""`--report-to tensorboard`: the figures of metrics.jsonl as TensorBoard scalars in `tensorboard/` of the output
-folder, for curves to look at. `TensorBoardLog` is a listener of mlm.run.metrics.MetricsLog: it gets every record
-the log writes, and keeps the figures of SCALARS, at the record's optimizer step. torch.utils.tensorboard writes the
-event files but needs the `tensorboard` package, an optional extra (`pip install "mlm[tensorboard]"`), which
-`require_tensorboard` checks for before a run does any work.
-"""
+"""`--report-to tensorboard`: the figures of metrics.jsonl (SCALARS) as TensorBoard scalars in `tensorboard/` of the
+output folder, at each record's optimizer step. torch.utils.tensorboard writes them but needs the `tensorboard`
+package, an optional extra, which `require_tensorboard` checks for before a run does any work."""
 
 from __future__ import annotations
 
