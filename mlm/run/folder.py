@@ -46,7 +46,6 @@ class RunFolder:
 
     @classmethod
     def lock(cls, output_dir: str, *, is_main: bool) -> RunFolder:
-        """Take the folder's lock (creating the folder if needed) or refuse at once, naming the holder."""
         folder = cls(Path(output_dir).expanduser(), is_main=is_main)
         if is_main:
             folder.created = not folder.path.exists()
@@ -145,24 +144,20 @@ class RunFolder:
         return notes
 
     def writes(self, name: str, card_sha256: str | None = None) -> None:
-        """Note that the run writes `name` (a file or folder at the folder's top), before it writes it."""
-        self.written[name] = card_sha256
+        self.written[name] = card_sha256  # a file or folder at the folder's top, noted before the run writes it
 
     def may_replace(self, name: str) -> bool:
         """Nothing is at `name`, or the run wrote it (README.md: the card it wrote, unedited since)."""
-        if not (target := self.path / name).exists():
-            return True
-        return name in self.written and self.written[name] in (None, file_sha256(target))
+        target = self.path / name
+        return not target.exists() or name in self.written and self.written[name] in (None, file_sha256(target))
 
     def commit(self) -> None:
-        """The run has a checkpoint or its final model: the replaced run is no longer needed."""
-        self.committed = True
+        self.committed = True  # the run has a checkpoint or its final model: the replaced run is no longer needed
         if self.aside is not None:
             _delete(self.aside)
             self.aside = None
 
     def abandon(self) -> None:
-        """The run failed. Before its first checkpoint: remove what it wrote and put back what it replaced."""
         if self.is_main and not self.committed:
             for name in self.written:
                 _remove(self.path / name)
