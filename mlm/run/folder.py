@@ -113,14 +113,14 @@ class RunFolder:
         return None
 
     def files_not_of_the_run(self) -> list[str]:
-        """The names in the folder its run's record does not list as written (mlm's own files aside); with no run,
-        every name."""
+        """The names in the folder its run's record does not list as written; with no run, every name. mlm's own lock,
+        markers and the temporary files of its atomic writes are not files of the user's."""
         if not self.path.is_dir():
             return []
         record = folder_record(self.path)
-        ours = set(record.written) | {RECORD_FILE} if record is not None else set()
-        return sorted(entry.name for entry in self.path.iterdir()
-                      if entry.name not in ours and not _mlm_internal(entry.name))
+        ours = {LOCK_FILE, REPLACED, RESTORING, *([RECORD_FILE, *record.written] if record is not None else ())}
+        return sorted(name for name in os.listdir(self.path) if name not in ours
+                      and not (name.startswith(".") and name.endswith(".tmp") or name.startswith(f"{LOCK_FILE}.")))
 
     # -- the run writes ------------------------------------------------------------------------------------------
 
@@ -248,12 +248,6 @@ def _remove(target: Path) -> None:
         target.unlink()
 
 
-def _mlm_internal(name: str) -> bool:
-    """mlm's own lock, markers and the temporary files of its atomic writes: not files of the user's."""
-    return (name in (LOCK_FILE, REPLACED, RESTORING) or (name.startswith(".") and name.endswith(".tmp"))
-            or name.startswith(f"{LOCK_FILE}."))
-
-
 def _listed(names: list[str]) -> str:
     return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
@@ -315,10 +309,9 @@ def _take_over(lock: Path, holder: dict) -> bool:
     except FileNotFoundError:  # another run took it over first; the next attempt sees its lock
         return True
     try:
-        if _read_holder(moved) == holder:
-            return True
-        with suppress(FileExistsError):  # not the lock we judged stale: give it back
-            os.link(moved, lock)
-        return False
+        if not (stale := _read_holder(moved) == holder):
+            with suppress(FileExistsError):  # not the lock we judged stale: give it back
+                os.link(moved, lock)
+        return stale
     finally:
         moved.unlink(missing_ok=True)
