@@ -40,7 +40,9 @@ class RunFolder:
     def __init__(self, path: Path, *, is_main: bool):
         self.path, self.is_main = path, is_main
         self.created = self.locked = False  # this run created the folder; holds its lock
-        self.aside: Path | None = None  # the old run, moved aside by --overwrite and not yet dropped
+        self.aside = path.parent / f".{path.name}.replaced-run"  # where --overwrite moves the old run
+        self.deleting = self.aside.with_name(self.aside.name + ".deleting")  # the old run while it is deleted
+        self.moved_aside = False  # this run moved the old run aside, and has not yet dropped it
         self.committed = False  # the run wrote a checkpoint or finished, or resumed one: nothing left to undo
         self.written: dict[str, str | None] = {}  # names this run wrote here (README.md: the card's sha256)
 
@@ -153,64 +155,66 @@ class RunFolder:
 
     def commit(self) -> None:
         self.committed = True  # the run has a checkpoint or its final model: the replaced run is no longer needed
-        if self.aside is not None:
-            _delete(self.aside)
-            self.aside = None
+        if self.moved_aside:
+            self._drop_aside()
+            self.moved_aside = False
 
     def abandon(self) -> None:
         if self.is_main and not self.committed:
             for name in self.written:
                 _remove(self.path / name)
-            if self.aside is not None:
-                self._put_back(self.aside)
-                self.aside = None
+            if self.moved_aside:
+                self._put_back()
+                self.moved_aside = False
 
     # -- --overwrite ---------------------------------------------------------------------------------------------
 
     def _move_aside(self, run_id: str | None) -> None:
-        aside = _aside_of(self.path)
         (self.path / REPLACED).write_text(json.dumps({"run_id": run_id}), encoding="utf-8")
-        os.replace(self.path, aside)  # the whole old run in one rename, our lock with it
-        self.aside, self.locked = aside, False
+        os.replace(self.path, self.aside)  # the whole old run in one rename, our lock with it
+        self.moved_aside, self.locked = True, False
         try:
             self.path.mkdir()
             self.locked = _take_lock(self.path)
         except (OSError, MLMError):
             raise MLMError(f"Another run took {self.path} while its old run was being moved aside; the old run is in "
-                           f"{aside}: move it back once that run has ended.") from None
-        (aside / LOCK_FILE).unlink(missing_ok=True)
+                           f"{self.aside}: move it back once that run has ended.") from None
+        (self.aside / LOCK_FILE).unlink(missing_ok=True)
 
     def _recover_interrupted_overwrite(self) -> None:
         """An --overwrite run was killed: drop the run it replaced if it had saved a checkpoint, else put it back."""
-        aside = _aside_of(self.path)
-        shutil.rmtree(_deleting(aside), ignore_errors=True)
-        if not aside.is_dir():
+        shutil.rmtree(self.deleting, ignore_errors=True)
+        if not self.aside.is_dir():
             (self.path / REPLACED).unlink(missing_ok=True)  # written just before a move aside that a kill prevented
             return
-        holder = _read_holder(aside / LOCK_FILE)
+        holder = _read_holder(self.aside / LOCK_FILE)
         if holder and not _is_stale(holder):
-            raise MLMError(f"{aside} holds a run that a running process ({_describe(holder)}) moved aside; wait for it "
-                           "to end.")
-        marker = next((aside / name for name in (REPLACED, RESTORING) if (aside / name).is_file()), None)
+            raise MLMError(f"{self.aside} holds a run that a running process ({_describe(holder)}) moved aside; wait "
+                           "for it to end.")
+        marker = next((self.aside / name for name in (REPLACED, RESTORING) if (self.aside / name).is_file()), None)
         old_run = json.loads(marker.read_text(encoding="utf-8")).get("run_id") if marker else None
         if (new := _checkpoint_record(self.path)) is not None and new.run_id != old_run:
-            return _delete(aside)
-        self._put_back(aside)
+            return self._drop_aside()
+        self._put_back()
         print(f"note: {self.path}: an --overwrite run ended before its first checkpoint; the run it replaced is back "
               "in place.", flush=True)
 
-    def _put_back(self, aside: Path) -> None:
+    def _put_back(self) -> None:
         """Remove what the new run wrote, then move the old run's files back; each phase is safe to redo after a kill:
         the marker's rename between them says the first is done."""
-        if (aside / REPLACED).is_file():
+        if (self.aside / REPLACED).is_file():
             for name in EARLY_OUTPUTS:
                 _remove(self.path / name)
-            os.replace(aside / REPLACED, aside / RESTORING)
-        for entry in aside.iterdir():
+            os.replace(self.aside / REPLACED, self.aside / RESTORING)
+        for entry in self.aside.iterdir():
             if entry.name not in (LOCK_FILE, RESTORING):
                 _remove(self.path / entry.name)
                 os.replace(entry, self.path / entry.name)
-        shutil.rmtree(aside, ignore_errors=True)
+        shutil.rmtree(self.aside, ignore_errors=True)
+
+    def _drop_aside(self) -> None:
+        os.replace(self.aside, self.deleting)  # first: a kill mid-deletion leaves a name that says it is being deleted
+        shutil.rmtree(self.deleting, ignore_errors=True)
 
 
 def folder_record(path: Path):
@@ -226,19 +230,6 @@ def _checkpoint_record(path: Path):
         except MLMError:
             continue
     return None
-
-
-def _aside_of(path: Path) -> Path:
-    return path.parent / f".{path.name}.replaced-run"
-
-
-def _deleting(aside: Path) -> Path:
-    return aside.with_name(aside.name + ".deleting")
-
-
-def _delete(aside: Path) -> None:
-    os.replace(aside, _deleting(aside))  # first: a kill mid-deletion leaves a name that says it is being deleted
-    shutil.rmtree(_deleting(aside), ignore_errors=True)
 
 
 def _remove(target: Path) -> None:
