@@ -195,8 +195,7 @@ def _intact(checkpoint: Path) -> bool:
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first (temporary folders of an interrupted save are ignored)."""
-    root = Path(output_dir) / "checkpoints"
-    found = root.iterdir() if root.is_dir() else ()
+    found = (Path(output_dir) / "checkpoints").glob("step-*")  # nothing when there is no such folder
     return sorted((p for p in found if CHECKPOINT_NAME.match(p.name) and (p / STATE_FILE).is_file()),
                   key=checkpoint_step)
 

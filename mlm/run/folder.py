@@ -40,13 +40,14 @@ class RunFolder:
     def __init__(self, path: Path, *, is_main: bool):
         self.path, self.is_main = path, is_main
         self.created = self.locked = False  # this run created the folder; holds its lock
-        self.aside: Path | None = None  # the old run, moved aside by --overwrite and not yet dropped
+        self.aside = path.parent / f".{path.name}.replaced-run"  # where --overwrite moves the old run
+        self.deleting = self.aside.with_name(self.aside.name + ".deleting")  # the old run while it is deleted
+        self.moved_aside = False  # this run moved the old run aside, and has not yet dropped it
         self.committed = False  # the run wrote a checkpoint or finished, or resumed one: nothing left to undo
         self.written: dict[str, str | None] = {}  # names this run wrote here (README.md: the card's sha256)
 
     @classmethod
     def lock(cls, output_dir: str, *, is_main: bool) -> RunFolder:
-        """Take the folder's lock (creating the folder if needed) or refuse at once, naming the holder."""
         folder = cls(Path(output_dir).expanduser(), is_main=is_main)
         if is_main:
             folder.created = not folder.path.exists()
@@ -114,14 +115,14 @@ class RunFolder:
         return None
 
     def files_not_of_the_run(self) -> list[str]:
-        """The names in the folder its run's record does not list as written (mlm's own files aside); with no run,
-        every name."""
+        """The names in the folder its run's record does not list as written; with no run, every name. mlm's own lock,
+        markers and the temporary files of its atomic writes are not files of the user's."""
         if not self.path.is_dir():
             return []
         record = folder_record(self.path)
-        ours = set(record.written) | {RECORD_FILE} if record is not None else set()
-        return sorted(entry.name for entry in self.path.iterdir()
-                      if entry.name not in ours and not _mlm_internal(entry.name))
+        ours = {LOCK_FILE, REPLACED, RESTORING, *([RECORD_FILE, *record.written] if record is not None else ())}
+        return sorted(name for name in os.listdir(self.path) if name not in ours
+                      and not (name.startswith(".") and name.endswith(".tmp") or name.startswith(f"{LOCK_FILE}.")))
 
     # -- the run writes ------------------------------------------------------------------------------------------
 
@@ -145,77 +146,75 @@ class RunFolder:
         return notes
 
     def writes(self, name: str, card_sha256: str | None = None) -> None:
-        """Note that the run writes `name` (a file or folder at the folder's top), before it writes it."""
-        self.written[name] = card_sha256
+        self.written[name] = card_sha256  # a file or folder at the folder's top, noted before the run writes it
 
     def may_replace(self, name: str) -> bool:
         """Nothing is at `name`, or the run wrote it (README.md: the card it wrote, unedited since)."""
-        if not (target := self.path / name).exists():
-            return True
-        return name in self.written and self.written[name] in (None, file_sha256(target))
+        target = self.path / name
+        return not target.exists() or name in self.written and self.written[name] in (None, file_sha256(target))
 
     def commit(self) -> None:
-        """The run has a checkpoint or its final model: the replaced run is no longer needed."""
-        self.committed = True
-        if self.aside is not None:
-            _delete(self.aside)
-            self.aside = None
+        self.committed = True  # the run has a checkpoint or its final model: the replaced run is no longer needed
+        if self.moved_aside:
+            self._drop_aside()
+            self.moved_aside = False
 
     def abandon(self) -> None:
-        """The run failed. Before its first checkpoint: remove what it wrote and put back what it replaced."""
         if self.is_main and not self.committed:
             for name in self.written:
                 _remove(self.path / name)
-            if self.aside is not None:
-                self._put_back(self.aside)
-                self.aside = None
+            if self.moved_aside:
+                self._put_back()
+                self.moved_aside = False
 
     # -- --overwrite ---------------------------------------------------------------------------------------------
 
     def _move_aside(self, run_id: str | None) -> None:
-        aside = _aside_of(self.path)
         (self.path / REPLACED).write_text(json.dumps({"run_id": run_id}), encoding="utf-8")
-        os.replace(self.path, aside)  # the whole old run in one rename, our lock with it
-        self.aside, self.locked = aside, False
+        os.replace(self.path, self.aside)  # the whole old run in one rename, our lock with it
+        self.moved_aside, self.locked = True, False
         try:
             self.path.mkdir()
             self.locked = _take_lock(self.path)
         except (OSError, MLMError):
             raise MLMError(f"Another run took {self.path} while its old run was being moved aside; the old run is in "
-                           f"{aside}: move it back once that run has ended.") from None
-        (aside / LOCK_FILE).unlink(missing_ok=True)
+                           f"{self.aside}: move it back once that run has ended.") from None
+        (self.aside / LOCK_FILE).unlink(missing_ok=True)
 
     def _recover_interrupted_overwrite(self) -> None:
         """An --overwrite run was killed: drop the run it replaced if it had saved a checkpoint, else put it back."""
-        aside = _aside_of(self.path)
-        shutil.rmtree(_deleting(aside), ignore_errors=True)
-        if not aside.is_dir():
+        shutil.rmtree(self.deleting, ignore_errors=True)
+        if not self.aside.is_dir():
             (self.path / REPLACED).unlink(missing_ok=True)  # written just before a move aside that a kill prevented
             return
-        holder = _read_holder(aside / LOCK_FILE)
+        holder = _read_holder(self.aside / LOCK_FILE)
         if holder and not _is_stale(holder):
-            raise MLMError(f"{aside} holds a run that a running process ({_describe(holder)}) moved aside; wait for it "
-                           "to end.")
-        marker = next((aside / name for name in (REPLACED, RESTORING) if (aside / name).is_file()), None)
+            raise MLMError(f"{self.aside} holds a run that a running process ({_describe(holder)}) moved aside; wait "
+                           "for it to end.")
+        marker = next((self.aside / name for name in (REPLACED, RESTORING) if (self.aside / name).is_file()), None)
         old_run = json.loads(marker.read_text(encoding="utf-8")).get("run_id") if marker else None
         if (new := _checkpoint_record(self.path)) is not None and new.run_id != old_run:
-            return _delete(aside)
-        self._put_back(aside)
+            return self._drop_aside()
+        self._put_back()
         print(f"note: {self.path}: an --overwrite run ended before its first checkpoint; the run it replaced is back "
               "in place.", flush=True)
 
-    def _put_back(self, aside: Path) -> None:
+    def _put_back(self) -> None:
         """Remove what the new run wrote, then move the old run's files back; each phase is safe to redo after a kill:
         the marker's rename between them says the first is done."""
-        if (aside / REPLACED).is_file():
+        if (self.aside / REPLACED).is_file():
             for name in EARLY_OUTPUTS:
                 _remove(self.path / name)
-            os.replace(aside / REPLACED, aside / RESTORING)
-        for entry in aside.iterdir():
+            os.replace(self.aside / REPLACED, self.aside / RESTORING)
+        for entry in self.aside.iterdir():
             if entry.name not in (LOCK_FILE, RESTORING):
                 _remove(self.path / entry.name)
                 os.replace(entry, self.path / entry.name)
-        shutil.rmtree(aside, ignore_errors=True)
+        shutil.rmtree(self.aside, ignore_errors=True)
+
+    def _drop_aside(self) -> None:
+        os.replace(self.aside, self.deleting)  # first: a kill mid-deletion leaves a name that says it is being deleted
+        shutil.rmtree(self.deleting, ignore_errors=True)
 
 
 def folder_record(path: Path):
@@ -233,30 +232,11 @@ def _checkpoint_record(path: Path):
     return None
 
 
-def _aside_of(path: Path) -> Path:
-    return path.parent / f".{path.name}.replaced-run"
-
-
-def _deleting(aside: Path) -> Path:
-    return aside.with_name(aside.name + ".deleting")
-
-
-def _delete(aside: Path) -> None:
-    os.replace(aside, _deleting(aside))  # first: a kill mid-deletion leaves a name that says it is being deleted
-    shutil.rmtree(_deleting(aside), ignore_errors=True)
-
-
 def _remove(target: Path) -> None:
     if target.is_dir() and not target.is_symlink():
         shutil.rmtree(target, ignore_errors=True)
     elif target.exists() or target.is_symlink():
         target.unlink()
-
-
-def _mlm_internal(name: str) -> bool:
-    """mlm's own lock, markers and the temporary files of its atomic writes: not files of the user's."""
-    return (name in (LOCK_FILE, REPLACED, RESTORING) or (name.startswith(".") and name.endswith(".tmp"))
-            or name.startswith(f"{LOCK_FILE}."))
 
 
 def _listed(names: list[str]) -> str:
@@ -320,10 +300,9 @@ def _take_over(lock: Path, holder: dict) -> bool:
     except FileNotFoundError:  # another run took it over first; the next attempt sees its lock
         return True
     try:
-        if _read_holder(moved) == holder:
-            return True
-        with suppress(FileExistsError):  # not the lock we judged stale: give it back
-            os.link(moved, lock)
-        return False
+        if not (stale := _read_holder(moved) == holder):
+            with suppress(FileExistsError):  # not the lock we judged stale: give it back
+                os.link(moved, lock)
+        return stale
     finally:
         moved.unlink(missing_ok=True)

@@ -1,9 +1,8 @@
-"""Push a finished run folder to the Hugging Face Hub with huggingface_hub's own calls (`create_repo`, then one
-`create_commit`): the files of PUSHED_FILES the folder holds, and `tensorboard/` when the run wrote it. Nothing else
-in the folder goes, whatever a user keeps there (checkpoints, data, notes, keys); run.json and metrics.jsonl go as
-copies without local paths, and the files on disk keep them for a resume. The token and endpoint are the ones
-huggingface_hub finds (HF_TOKEN or the saved `hf auth login`; HF_ENDPOINT). Pushing only reads the folder, and every
-failure is one MLMError line naming the endpoint and keeping the Hub's own reason.
+"""Push a finished run folder to the Hugging Face Hub with huggingface_hub's own calls: the files of PUSHED_FILES the
+folder holds, and `tensorboard/` when the run wrote it. Nothing else in the folder goes, whatever a user keeps there
+(checkpoints, data, notes, keys); run.json and metrics.jsonl go as copies without local paths, and the files on disk
+keep them for a resume. Pushing only reads the folder, and every failure is one MLMError line naming the endpoint
+and keeping the Hub's own reason.
 """
 
 from __future__ import annotations
@@ -56,29 +55,22 @@ PUSH_ERRORS = {
 NETWORK_ERRORS = {"TransportError", "ConnectError", "ConnectionError", "TimeoutException", "NetworkError"}
 
 
-def push_run(folder: str | Path, repo_id: str, *, private: bool | None = None,
-             commit_message: str = "Upload model trained with mlm", endpoint: str | None = None,
-             token: str | None = None) -> str:
-    """Create `repo_id` (a model repo; a bare name goes to the token owner's namespace) if it does not exist and
-    upload the run in `folder` to it in one commit; return the commit's URL.
-
-    private: None leaves the Hub's default; an existing repo keeps its visibility. endpoint/token: None means
-    huggingface_hub's own resolution (HF_ENDPOINT; HF_TOKEN or the saved login).
-    """
+def push_run(folder: str | Path, repo_id: str, *, private: bool | None = None, endpoint: str | None = None) -> str:
+    """Create `repo_id` (a model repo) if it does not exist and upload the run in `folder` to it in one commit;
+    return the commit's URL. private: None leaves the Hub's default; an existing repo keeps its visibility. The
+    token is huggingface_hub's (HF_TOKEN or the saved `hf auth login`), and so is the endpoint, unless given."""
     from huggingface_hub import CommitOperationAdd, constants
 
     folder, endpoint = Path(folder), (endpoint or constants.ENDPOINT).rstrip("/")
-    if not folder.is_dir():
-        raise MLMError(f"Cannot push {folder} to {endpoint}: it is not a folder.")
-    if missing := [name for name in MODEL_FILES if not (folder / name).is_file()]:
-        raise MLMError(f"Cannot push {folder} to {endpoint}: it holds no {' and no '.join(missing)}, so it is not "
-                       "a finished run's folder. Push the --output-dir of a finished run.")
-    api = _hub_api(repo_id, endpoint, token, f" The model is intact in {folder}.")
+    if missing := [name for name in MODEL_FILES if not (folder / name).is_file()]:  # or no folder at all
+        raise MLMError(f"Cannot push {folder} to {endpoint}: it is not a finished run's folder (no "
+                       f"{' and no '.join(missing)} there). Push the --output-dir of a finished run.")
+    api = _hub_api(repo_id, endpoint, f" The model is intact in {folder}.")
     try:
         # A bare name ("my-model") is created in the token owner's namespace; the Hub answers with the full id.
         repo_id = getattr(api.create_repo(repo_id, private=private, exist_ok=True), "repo_id", None) or repo_id
         uploads = run_files(folder, repo_id)
-        commit = api.create_commit(repo_id=repo_id, commit_message=commit_message, operations=[
+        commit = api.create_commit(repo_id=repo_id, commit_message="Upload model trained with mlm", operations=[
             CommitOperationAdd(path_in_repo=name, path_or_fileobj=content) for name, content in uploads.items()])
     except Exception as err:  # classified below; anything unforeseen is still one line, not a traceback
         raise MLMError(f"{describe_push_error(err, repo_id, endpoint)} The model is intact in {folder}; push it "
@@ -86,25 +78,23 @@ def push_run(folder: str | Path, repo_id: str, *, private: bool | None = None,
     return str(getattr(commit, "commit_url", commit))
 
 
-def full_repo_id(repo_id: str, *, endpoint: str | None = None, token: str | None = None) -> str:
+def full_repo_id(repo_id: str, *, endpoint: str | None = None) -> str:
     """"namespace/name" for `repo_id`; a bare name gets the token owner's namespace (one whoami request), so that
     the model card can name the repo before the push creates it. A missing token is refused now, before training."""
-    from huggingface_hub import constants
-
-    endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
-    api = _hub_api(repo_id, endpoint, token)
+    api = _hub_api(repo_id, endpoint)
     if "/" in repo_id:
         return repo_id
     try:
         return f"{api.whoami()['name']}/{repo_id}"
     except Exception as err:  # classified below; anything unforeseen is still one line, not a traceback
-        raise MLMError(describe_push_error(err, repo_id, endpoint)) from err
+        raise MLMError(describe_push_error(err, repo_id, api.endpoint)) from err
 
 
-def _hub_api(repo_id: str, endpoint: str, token: str | None, kept: str = ""):
-    from huggingface_hub import HfApi, get_token
+def _hub_api(repo_id: str, endpoint: str | None, kept: str = ""):
+    from huggingface_hub import HfApi, constants, get_token
 
-    if not (token := token or get_token()):
+    endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
+    if not (token := get_token()):
         raise MLMError(f"No Hugging Face token to push {repo_id!r} to {endpoint}: set HF_TOKEN to a token with write "
                        f"access, or run `hf auth login` once.{kept}")
     return HfApi(endpoint=endpoint, token=token)
@@ -134,10 +124,9 @@ def run_files(folder: Path, repo_id: str) -> dict[str, Path | bytes]:
 
 def public_record(data: dict) -> dict:
     """A run record (run.json as a dict) without local paths, for a public repo: each replaced by its last part
-    ("/home/me/data/reviews.jsonl" -> "reviews.jsonl"), as the model card names local things. That is the settings
-    model, tokenizer and dataset when they are not Hub ids, the LOCAL_SETTINGS always, and every other string at any
-    depth, dict keys too, that is an absolute or home path ("/…", "~…"): the checkpoint a resume started from, the
-    folders a resume changed. Prompts and predictions (TEXT_KEYS) are text and stay: the card shows them anyway."""
+    ("/home/me/data/reviews.jsonl" -> "reviews.jsonl"), as the model card names local things: the settings above that
+    name one, and any other string at any depth, dict keys too, that is an absolute or home path ("/…", "~…"): the
+    checkpoint a resume started from, the folders a resume changed. The TEXT_KEYS stay: the card shows them anyway."""
     settings = dict(data.get("settings") or {})
     for name in (*HUB_OR_LOCAL_SETTINGS, *LOCAL_SETTINGS):
         if isinstance(value := settings.get(name), str) and (name in LOCAL_SETTINGS or not is_hub_id(value)):

@@ -3,28 +3,29 @@
 It opens with the YAML metadata the Hub reads, written by huggingface_hub's own `ModelCardData` (base model,
 datasets, tags, license, and a `model-index` of the perplexities, which the Hub lists as evaluation results), then
 the run in words: summary, results and fill-mask predictions before and after, hyperparameters, how to load it.
-It says what the run did, no more: the masking as run, a random init as such, and local data by its folder or file
-stem and a local model by its folder's name, in the prose only (a card is public: no path; the metadata names Hub
-repos only, as the Hub links and checks them).
+It says what the run did, no more: the masking as run, a random init as such, and a local model or data by its
+folder or file stem, in the prose only (a card is public: no path; the metadata names Hub repos only, as the Hub
+links and checks them).
 """
 
 from __future__ import annotations
 
 import json
+from itertools import zip_longest
 from pathlib import Path
 
 from mlm.errors import MLMError
 from mlm.files.hub import names_a_local_path, short_name
 from mlm.files.pretrained import CONFIG_FILE
 from mlm.files.writes import atomic_write_text
-from mlm.run.record import RECORD_FILE, RunRecord, read_record
+from mlm.run.record import RECORD_FILE, read_record
 
 CARD_FILE = "README.md"
 # Every DistilBERT checkpoint Hugging Face publishes (distilbert-base-uncased, -cased, …) is Apache-2.0, and a
 # fine-tune inherits its base model's licence. For any other base we cannot know it, and the Hub's "other" says so.
 DISTILBERT_LICENSE = "apache-2.0"
 FAMILY_NAMES = {"distilbert": "DistilBERT", "bert": "BERT", "roberta": "RoBERTa"}
-# (row label, `card_values` key) in the order the hyperparameter table shows them; absent keys are skipped.
+# (row label, key of the card's values) in the order the hyperparameter table shows them; absent keys are skipped.
 HYPERPARAMETERS = (
     ("dataset", "dataset"), ("text column", "text_column"), ("chunk size (tokens)", "chunk_size"),
     ("train chunks", "train_chunks"), ("eval chunks", "eval_chunks"), ("masked eval tokens", "eval_tokens"),
@@ -47,17 +48,13 @@ def is_hub_id(name: str | None) -> bool:
 
 def write_run_model_card(output_dir: str | Path, *, model_id: str | None = None) -> Path:
     """Write README.md (atomically) into the run folder `output_dir` from its run.json; return its path.
-
-    `model_id`: the Hub repo id the card names, by default the folder's path. The record keeps the first
-    segment's "before" across resumes and the last fill-mask predictions of each label.
-    """
+    `model_id`: the Hub repo id the card names, by default the folder's path."""
     path = Path(output_dir) / CARD_FILE
     atomic_write_text(path, run_model_card(output_dir, model_id=model_id))
     return path
 
 
 def run_model_card(output_dir: str | Path, *, model_id: str | None = None) -> str:
-    """The text of the model card of the run in `output_dir` (see `write_run_model_card`)."""
     output_dir = Path(output_dir)
     record = read_record(output_dir)
     if record is None:
@@ -67,15 +64,9 @@ def run_model_card(output_dir: str | Path, *, model_id: str | None = None) -> st
         family = json.loads(config.read_text(encoding="utf-8")).get("model_type") if config.is_file() else None
     except json.JSONDecodeError as err:
         raise MLMError(f"{config} is not valid JSON ({err}); the model card cannot be written from it.") from None
-    args = {**card_values(record), "family": family or "distilbert"}
-    return _render(model_id or str(output_dir), args, record.results)
-
-
-def card_values(record: RunRecord) -> dict:
-    """The record as one flat dict: its settings, what they gave (derived), the world size, and the device and
-    precision of the last segment (the one that finished the run)."""
+    # The record as one flat dict; the device and precision are the last segment's, the one that finished the run.
     values = {**record.settings, **{k: v for k, v in record.derived.items() if k != "warmup_steps"},
-              "world_size": record.world_size}
+              "world_size": record.world_size, "family": family or "distilbert"}
     if "warmup_steps" in record.derived:  # the steps the schedule used; settings hold the flag (maybe a fraction)
         values["warmup_steps_used"] = record.derived["warmup_steps"]
     if "adam_beta1" in values:
@@ -87,7 +78,7 @@ def card_values(record: RunRecord) -> dict:
     if record.segments:
         values["precision_used"] = record.segments[-1].get("precision")
         values["device_used"] = record.segments[-1].get("device")
-    return values
+    return _render(model_id or str(output_dir), values, record.results)
 
 
 def _render(model_id: str, args: dict, results: dict) -> str:
@@ -95,7 +86,7 @@ def _render(model_id: str, args: dict, results: dict) -> str:
 
     before, after, fill_mask = results.get("before"), results.get("after"), results.get("fill_mask") or {}
     name = model_id.rstrip("/").split("/")[-1]
-    random_init, model = args.get("init") == "random", _local_name(args.get("model", "?"))
+    random_init, model = args.get("init") == "random", _data_name(args.get("model", "?"), " (local)")
     # A --init random run has no base model; a local one is left out (the Hub only links repos).
     base_model = str(args["model"]) if not random_init and is_hub_id(args.get("model")) else None
     dataset = str(args.get("dataset") or "")
@@ -162,9 +153,8 @@ def _render(model_id: str, args: dict, results: dict) -> str:
     for prompt in dict.fromkeys([*predictions[0], *predictions[1]]):
         cells = [by_prompt.get(prompt, []) for by_prompt in predictions]
         masks = max(map(len, cells))
-        for index in range(masks):
-            row = [_cell(prompt) + (f" (mask {index + 1})" if masks > 1 else ""),
-                   *(_cell(column[index]) if index < len(column) else "–" for column in cells)]
+        for index, per_stage in enumerate(zip_longest(*cells, fillvalue="–")):
+            row = [_cell(prompt) + (f" (mask {index + 1})" if masks > 1 else ""), *map(_cell, per_stage)]
             predicted.append(f"| {' | '.join(row)} |")
     if predicted:
         predicted[:0] = ["## Fill-mask predictions", "", "Top predictions for each `[MASK]`, with their "
@@ -201,13 +191,7 @@ def _cell(text) -> str:
 
 
 def _data_name(name, suffix: str = "") -> str:
-    # A Hub id as it is; local data by its folder or file stem (a card is public: no path), and `suffix`.
     return str(name) if is_hub_id(str(name)) else short_name(name) + suffix
-
-
-def _local_name(name) -> str:
-    # A local model by the last part of its path: the rest would show the trainer's directory layout.
-    return str(name) if is_hub_id(str(name)) else f"{Path(str(name)).name} (local)"
 
 
 def _value(value) -> str:
