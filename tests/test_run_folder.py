@@ -15,6 +15,7 @@ from test_run_safety import cli, on_call, snapshot
 from test_train import SMOKE, tiny_run
 
 import mlm.corpus_store
+import mlm.run.folder
 import mlm.train
 from mlm.cli.train import SMOKE as SMOKE_SETTINGS
 from mlm.cli.train import replaces_smoke_run
@@ -127,6 +128,26 @@ def test_a_kill_during_the_put_back_is_finished_by_the_next_run(tmp_path):
     with pytest.raises(MLMError, match="already holds a run"):
         train(tiny_run(run, epochs=1))
     assert snapshot(run) == before and not aside.exists()
+
+
+def test_a_run_that_takes_the_folder_during_the_move_aside_is_left_alone(tmp_path, monkeypatch):
+    run = finished(tmp_path)
+    before = snapshot(run)
+    aside = run.parent / f".{run.name}.replaced-run"
+    replace = os.replace
+
+    def another_run_comes_in(src, dst):  # between the rename and the new folder: another run makes it its own
+        replace(src, dst)
+        if Path(dst) == aside:
+            run.mkdir()
+            (run / "run.json").write_text('{"another run": "its record"}')
+
+    monkeypatch.setattr(mlm.run.folder.os, "replace", another_run_comes_in)
+    with pytest.raises(MLMError, match="move it back once that run has ended"):
+        train(tiny_run(run, epochs=1, overwrite=True))
+    assert (run / "run.json").read_text() == '{"another run": "its record"}'  # the other run's files, untouched
+    [kept] = tmp_path.glob(".run.replaced-run-*")  # the old run, whole, where no later run's recovery touches it
+    assert snapshot(kept) == before and not aside.exists()
 
 
 def test_a_kill_after_the_new_runs_first_checkpoint_keeps_the_new_run(tmp_path):

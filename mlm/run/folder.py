@@ -177,8 +177,15 @@ class RunFolder:
             self.path.mkdir()
             self.locked = _take_lock(self.path)
         except (OSError, MLMError):
+            # The folder is another run's now: a put-back, or a later run's recovery of the aside, would replace its
+            # files. The old run goes under a name no run looks for.
+            self.moved_aside = False
+            for name in (LOCK_FILE, REPLACED):
+                (self.aside / name).unlink(missing_ok=True)
+            kept = self.aside.with_name(f"{self.aside.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(self.aside, kept)
             raise MLMError(f"Another run took {self.path} while its old run was being moved aside; the old run is in "
-                           f"{self.aside}: move it back once that run has ended.") from None
+                           f"{kept}: move it back once that run has ended.") from None
         (self.aside / LOCK_FILE).unlink(missing_ok=True)
 
     def _recover_interrupted_overwrite(self) -> None:
