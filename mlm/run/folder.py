@@ -25,13 +25,15 @@ from pathlib import Path
 from mlm.errors import MLMError
 from mlm.files.hashing import file_sha256
 from mlm.run.checkpoints import TMP_PREFIX, list_checkpoints, verify_checkpoint
+from mlm.run.metrics import METRICS_FILE
 from mlm.run.record import RECORD_FILE, read_record
+from mlm.run.tensorboard_log import LOG_DIR
 
 LOCK_FILE = ".lock"
 REPLACED = ".replaced-run.json"  # in the folder moved aside: whose run it holds, until the put-back begins
 RESTORING = ".restoring-run.json"  # the same, once the new run's files are gone and the old ones move back
 # What a run writes before its first checkpoint: all a failed --overwrite run can have left in the folder.
-EARLY_OUTPUTS = (RECORD_FILE, "metrics.jsonl", "tensorboard", "checkpoints")
+EARLY_OUTPUTS = (RECORD_FILE, METRICS_FILE, LOG_DIR, "checkpoints")
 
 
 class RunFolder:

@@ -16,11 +16,11 @@ from mlm.errors import MLMError
 from mlm.files.hashing import file_sha256
 from mlm.files.hub import exception_chain
 from mlm.files.pretrained import CONFIG_FILE, WEIGHTS_FILE
+from mlm.run.metrics import METRICS_FILE
 from mlm.run.model_card import CARD_FILE, is_hub_id, run_model_card
 from mlm.run.record import RECORD_FILE, RunRecord, read_record
 from mlm.run.tensorboard_log import LOG_DIR
 
-METRICS_FILE = "metrics.jsonl"
 MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE)  # what from_pretrained loads: a folder without both is refused
 # What a push uploads, each when the folder holds it: the model; the tokenizer, so the repo loads on its own
 # (tokenizer.json when fast, vocab.txt for WordPiece, vocab.json and merges.txt for byte-level BPE); the model card,
