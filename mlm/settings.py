@@ -175,39 +175,31 @@ class TrainConfig:
 
         for name in ("train_size", "test_size"):
             parse_size(getattr(self, name), name)  # raises MLMError naming the setting
-        for name in ("batch_size", "eval_batch_size", "grad_accum", "epochs", "log_every", "keep_checkpoints",
-                     "top_k", "chunk_size"):
-            value = getattr(self, name)
-            check(_is_int(value) and value >= 1, f"`{name}` must be an integer >= 1, got {value!r}.")
-        for name in ("max_steps", "eval_every", "save_every", "group_size"):
-            value = getattr(self, name)
-            check(value is None or (_is_int(value) and value >= 1),
-                  f"`{name}` must be an integer >= 1 (or left unset), got {value!r}.")
-        check(math.isfinite(self.lr) and 0 < self.lr < 1, f"`lr` must be in (0, 1), got {self.lr}.")
-        check(0 <= self.weight_decay < 1, f"`weight_decay` must be in [0, 1), got {self.weight_decay}.")
-        check(math.isfinite(self.warmup_steps) and self.warmup_steps >= 0
-              and (self.warmup_steps < 1 or float(self.warmup_steps).is_integer()),
-              f"`warmup_steps` must be a whole number of steps or a fraction below 1, got {self.warmup_steps}.")
-        check(not (self.lr_scheduler == "constant" and self.warmup_steps), "`lr_scheduler` constant has no warmup, "
-              "but `warmup_steps` is set: use constant-with-warmup, or leave `warmup_steps` out.")
-        for name in ("adam_beta1", "adam_beta2"):
-            check(0 <= getattr(self, name) < 1, f"`{name}` must be in [0, 1), got {getattr(self, name)}.")
-        # An infinite epsilon divides every update to 0: the run would "train" without changing a weight.
-        check(math.isfinite(self.adam_epsilon) and self.adam_epsilon > 0,
-              f"`adam_epsilon` must be > 0 and finite, got {self.adam_epsilon}.")
-        check(self.init == "random" or not self.config_overrides, "`config_overrides` changes a randomly initialised "
-              "model's config; pretrained weights fix theirs. Add `init` random, or leave the overrides out.")
-        check(self.max_grad_norm > 0, f"`max_grad_norm` must be > 0, got {self.max_grad_norm}.")
-        for name in ("mlm_probability", "wwm_probability"):
-            check(0 < getattr(self, name) <= 1, f"`{name}` must be in (0, 1], got {getattr(self, name)}.")
+        for names, valid, wanted in (  # the value `v` of each setting of `names` must be `wanted`
+            (("batch_size", "eval_batch_size", "grad_accum", "epochs", "log_every", "keep_checkpoints", "top_k",
+              "chunk_size"), lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+            (("max_steps", "eval_every", "save_every", "group_size"), lambda v: v is None or (_is_int(v) and v >= 1),
+             "an integer >= 1 (or left unset)"),
+            (("lr",), lambda v: math.isfinite(v) and 0 < v < 1, "in (0, 1)"),
+            (("weight_decay", "adam_beta1", "adam_beta2"), lambda v: 0 <= v < 1, "in [0, 1)"),
+            (("warmup_steps",), lambda v: math.isfinite(v) and v >= 0 and (v < 1 or float(v).is_integer()),
+             "a whole number of steps or a fraction below 1"),
+            # An infinite epsilon divides every update to 0: the run would "train" without changing a weight.
+            (("adam_epsilon",), lambda v: math.isfinite(v) and v > 0, "> 0 and finite"),
+            (("max_grad_norm",), lambda v: v > 0, "> 0"),
+            (("mlm_probability", "wwm_probability"), lambda v: 0 < v <= 1, "in (0, 1]"),
+            (("num_workers",), lambda v: v >= 0, ">= 0"),
+            (("seed", "data_seed"), lambda v: _is_int(v) and 0 <= v <= MAX_SEED, "an integer from 0 to 2**63 - 1"),
+        ):
+            for name in names:
+                check(valid(getattr(self, name)), f"`{name}` must be {wanted}, got {getattr(self, name)!r}.")
         for name, spec in self.__dataclass_fields__.items():
             if (choices := spec.metadata.get("choices")) and getattr(self, name) not in choices:
                 raise MLMError(f"`{name}` must be {' or '.join(choices)}, got {getattr(self, name)!r}.")
-        check(self.num_workers >= 0, f"`num_workers` must be >= 0, got {self.num_workers}.")
-        for name in ("seed", "data_seed"):
-            value = getattr(self, name)
-            check(_is_int(value) and 0 <= value <= MAX_SEED,
-                  f"`{name}` must be an integer from 0 to 2**63 - 1, got {value!r}.")
+        check(not (self.lr_scheduler == "constant" and self.warmup_steps), "`lr_scheduler` constant has no warmup, "
+              "but `warmup_steps` is set: use constant-with-warmup, or leave `warmup_steps` out.")
+        check(self.init == "random" or not self.config_overrides, "`config_overrides` changes a randomly initialised "
+              "model's config; pretrained weights fix theirs. Add `init` random, or leave the overrides out.")
         check(not (self.resume and self.overwrite), "`resume` continues a run and `overwrite` replaces it: pick one.")
         check(not (self.eval_split and self.validation_file),
               "`eval_split` and `validation_file` both name the eval data: give one of them.")

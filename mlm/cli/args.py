@@ -100,16 +100,9 @@ def add_settings(parser: argparse.ArgumentParser, names: list[str] | None = None
             options["action"] = "store_false" if default else "store_true"
         elif options.get("action") == "append":
             options["default"] = None  # the values given, or the field's default when none is
-        elif kind == "size":
-            options["type"] = size_flag(name)
-        elif kind == "splits":
-            options["type"] = split_list
-        elif kind == "count_or_fraction":
-            options["type"] = number
-        else:
-            options["type"] = kind or (type(default) if default is not None else str)
-        if "choices" in options:
-            options.pop("type")
+        elif "choices" not in options:
+            types = {"size": size_flag(name), "splits": split_list, "count_or_fraction": number}
+            options["type"] = types.get(kind, kind) or (type(default) if default is not None else str)
         shown = "" if isinstance(default, bool) or default is None or "(default" in help_text else \
             f" (default: {default if not isinstance(default, tuple) else ','.join(default)})"
         if group not in groups:
@@ -118,7 +111,7 @@ def add_settings(parser: argparse.ArgumentParser, names: list[str] | None = None
                                    **{"default": default, **options})
 
 
-def settings_given(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+def settings_given(args: argparse.Namespace) -> dict:
     """The TrainConfig fields of parsed `args`, a repeatable flag given no value taking its field's default."""
     values = {name: value for name, value in vars(args).items() if name in SETTINGS}
     for name, value in values.items():
@@ -139,16 +132,11 @@ def flags_given(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[
     quiet = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     for action in parser._actions:  # the public API offers no copy of a parser's options
         if action.option_strings and not isinstance(action, argparse._HelpAction):
-            quiet._add_action(_without_default(action))
+            action = copy.copy(action)
+            action.default, action.required = argparse.SUPPRESS, False
+            quiet._add_action(action)
     known, _ = quiet.parse_known_args(argv)
     return set(vars(known))
-
-
-def _without_default(action: argparse.Action) -> argparse.Action:
-    action = copy.copy(action)
-    action.default = argparse.SUPPRESS
-    action.required = False
-    return action
 
 
 def size_flag(setting: str):

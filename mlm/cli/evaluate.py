@@ -18,7 +18,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from mlm.cli.args import SETTINGS, ArgumentParser, absolute_if_local, add_settings, flags_given, run_command
+from mlm.cli.args import ArgumentParser, absolute_if_local, add_settings, flags_given, run_command, settings_given
 from mlm.compare import EvalSet, ModelScore, compare_models
 from mlm.errors import MLMError
 from mlm.files.hub import set_progress_bars
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     args.prompts = tuple(args.prompts or TrainConfig.prompts)
     runs = run_records(args.models)
     args.from_run = follow_runs(args, flags_given(parser, argv), runs)
-    TrainConfig(**{name: getattr(args, name) for name in SETTINGS if hasattr(args, name)}).validate()
+    TrainConfig(**settings_given(args)).validate()
     set_progress_bars(args.progress_bar)
     device = pick_device(args.device)
     eval_set, scores = compare_models(
@@ -156,24 +156,19 @@ def as_table(args, eval_set: EvalSet, scores: list[ModelScore]) -> str:
             ("loss", [f"{s.result.loss:.4f}" for s in scores]),
             ("masked-token accuracy", [f"{s.result.accuracy:.2%}" for s in scores])]
     for index, prompt in enumerate(args.prompts):
-        rows.append((prompt, [""] * len(scores)))
+        rows.append((prompt, None))  # a prompt heads its predictions, on a line of its own
         masks = len(scores[0].fill_mask[index])
         for mask in range(masks):
+            predictions = [s.fill_mask[index][mask] for s in scores]
             for rank in range(args.top_k):
                 label = f"  {'[MASK] #' + str(mask + 1) + ' ' if masks > 1 else ''}{rank + 1}"
-                cells = []
-                for s in scores:
-                    predictions = s.fill_mask[index][mask]
-                    cells.append(f"{predictions[rank].token} {predictions[rank].score:.3f}"
-                                 if rank < len(predictions) else "")
-                rows.append((label, cells))
-    label_width = max(len(label) for label, _ in rows if label not in args.prompts)
-    widths = [max(len(cells[i]) for _, cells in rows) for i in range(len(scores))]
+                rows.append((label, [f"{p[rank].token} {p[rank].score:.3f}" if rank < len(p) else ""
+                                     for p in predictions]))
+    label_width = max(len(label) for label, cells in rows if cells is not None)
+    widths = [max(len(cells[i]) for _, cells in rows if cells is not None) for i in range(len(scores))]
     for label, cells in rows:
-        if label in args.prompts and not any(cells):
-            lines.append(label)  # a prompt heads its predictions, on a line of its own
-            continue
-        lines.append(f"{label:<{label_width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, widths)).rstrip())
+        lines.append(label if cells is None else
+                     f"{label:<{label_width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, widths)).rstrip())
     return "\n".join(lines)
 
 

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     if smoke:
         parser.set_defaults(**SMOKE)
     args = parser.parse_args(argv)
-    settings = settings_given(parser, args)
+    settings = settings_given(args)
     for name in LOCAL_SETTINGS:  # run.json is read from other directories too
         if not str(settings[name]).isdigit():  # `add_tokens` N is a count, not a file
             settings[name] = absolute_if_local(settings[name], always=name == "cache_dir")
@@ -124,12 +124,9 @@ def print_summary(summary) -> None:
     rows = [("status", summary.status), ("optimizer steps", f"{summary.steps}"),
             ("training time", f"{summary.train_seconds:.1f} s"),
             ("training tokens/s", f"{summary.train_tokens_per_second:,.0f}")]
-    if summary.before:
-        rows.append(("perplexity before", f"{summary.before.perplexity:.3f} (reference-style "
-                                          f"{summary.before.reference_perplexity:.3f})"))
+    rows += [(f"perplexity {when}", f"{result.perplexity:.3f} (reference-style {result.reference_perplexity:.3f})")
+             for when, result in (("before", summary.before), ("after", summary.after)) if result]
     if summary.after:
-        rows.append(("perplexity after", f"{summary.after.perplexity:.3f} (reference-style "
-                                         f"{summary.after.reference_perplexity:.3f})"))
         rows.append(("masked-token accuracy", f"{summary.after.accuracy:.2%}"))
     rows.append(("output", summary.output_dir if summary.status == "finished" else f"checkpoint {summary.checkpoint}"))
     width = max(len(name) for name, _ in rows)
