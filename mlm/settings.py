@@ -160,8 +160,9 @@ class TrainConfig:
                                        "name)", OUTPUT)
 
     def __post_init__(self):
-        if self.output_dir is None:
-            self.output_dir = default_output_dir(self.model, self.dataset, self.init)
+        if self.output_dir is None:  # named after the model and the data, as the course names its own
+            kind = "scratch" if self.init == "random" else "finetuned"
+            self.output_dir = f"{short_name(self.model)}-{kind}-{short_name(self.dataset)}"
 
     def global_batch(self, world_size: int) -> int:
         """Chunks per optimizer step, over every micro-batch and process."""
@@ -206,11 +207,6 @@ class TrainConfig:
         check(self.eval_split not in self.train_splits, f"`eval_split` {self.eval_split} is also a training split: "
               "the eval chunks would be trained on. Pick another split, or leave `eval_split` out.")
         check(self.resume or not self.extend, "`extend` only applies with `resume`.")
-
-
-def default_output_dir(model: str, dataset: str, init: str) -> str:
-    """The run folder named after the model and the data, as the course names its own."""
-    return f"{short_name(model)}-{'scratch' if init == 'random' else 'finetuned'}-{short_name(dataset)}"
 
 
 def _is_int(value) -> bool:

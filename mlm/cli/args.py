@@ -1,10 +1,6 @@
-"""The commands' flags, made from the settings' own fields, and their errors: one line each.
-
-`add_settings` turns TrainConfig fields (mlm/settings.py) into flags, so a setting's help, choices and default are
-declared once. Library errors name a setting in backquotes (`train_size`); the commands print them with its flag
-(--train-size). A flag argparse does not know gets a "did you mean", which also maps the names of Hugging Face's
-Trainer and run_mlm (--per_device_train_batch_size, --learning_rate, …) to mlm's; abbreviations are refused, so a
-typo never picks another flag.
+"""The commands' flags, made from TrainConfig's fields (mlm/settings.py) so that a setting's help, choices and
+default are declared once, and their errors: one line each, a setting the library names in backquotes
+(`train_size`) printed as its flag (--train-size).
 """
 
 from __future__ import annotations
@@ -41,7 +37,8 @@ HUGGING_FACE_NAMES = {
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse.ArgumentParser whose errors are one line plus a pointer to --help, exit status 2, that refuses
-    abbreviations, and that suggests the flag meant for an unknown one."""
+    abbreviations (so a typo never picks another flag), and that suggests the flag meant for an unknown one, mapping
+    the names of Hugging Face's Trainer and run_mlm (--per_device_train_batch_size, --learning_rate, …) to mlm's."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
@@ -64,10 +61,7 @@ class ArgumentParser(argparse.ArgumentParser):
         if name in HUGGING_FACE_NAMES:
             return f"{word} is Hugging Face's name: mlm's is {HUGGING_FACE_NAMES[name]}"
         known = [option for option in self._option_string_actions if option.startswith("--")]
-        dashed = "--" + name.replace("_", "-")
-        if dashed in known:
-            return f"did you mean {dashed}?"
-        close = difflib.get_close_matches(dashed, known, n=1, cutoff=0.75)
+        close = difflib.get_close_matches("--" + name.replace("_", "-"), known, n=1, cutoff=0.75)  # exact first
         return f"did you mean {close[0]}?" if close else None
 
 
@@ -87,15 +81,13 @@ def add_settings(parser: argparse.ArgumentParser, names: list[str] | None = None
     """Add the flags of the TrainConfig settings `names` (default: all), each in its group of --help, from the
     fields' metadata; `defaults` replace fields' defaults (e.g. another output folder)."""
     groups = {}
-    for name in names or list(SETTINGS):
+    for name in names or SETTINGS:
         spec = SETTINGS[name]
-        options = dict(spec.metadata)
-        help_text, group = options.pop("help"), options.pop("group")
-        flag = options.pop("flag", "--" + name.replace("_", "-"))
+        options = {key: value for key, value in spec.metadata.items() if key not in ("help", "group", "flag", "type")}
+        help_text, group, kind = spec.metadata["help"], spec.metadata["group"], spec.metadata.get("type")
         default = defaults.get(name, spec.default)
         if name in defaults:  # the command's own default replaces the one the help describes
             help_text = re.sub(r" \(default: [^)]*\)", "", help_text)
-        kind = options.pop("type", None)
         if isinstance(default, bool) and "action" not in options:
             options["action"] = "store_false" if default else "store_true"
         elif options.get("action") == "append":
@@ -107,7 +99,7 @@ def add_settings(parser: argparse.ArgumentParser, names: list[str] | None = None
             f" (default: {default if not isinstance(default, tuple) else ','.join(default)})"
         if group not in groups:
             groups[group] = parser.add_argument_group(group)
-        groups[group].add_argument(flag, dest=name, help=help_text.replace("%", "%%") + shown,
+        groups[group].add_argument(flag_of(name), dest=name, help=help_text.replace("%", "%%") + shown,
                                    **{"default": default, **options})
 
 

@@ -96,13 +96,12 @@ def follow_runs(args, given: set[str], runs: dict[str, RunRecord]) -> str | None
     if not runs:
         return None
     (first, record), *others = runs.items()
-    differ = [(name, other, record.settings.get(name), theirs.settings.get(name)) for name in EVAL_SET_SETTINGS
-              if name not in given for other, theirs in others
+    differ = [f"`{name}` {record.settings.get(name)!r} in {first} vs {theirs.settings.get(name)!r} in {other}"
+              for name in EVAL_SET_SETTINGS if name not in given for other, theirs in others
               if not _same(record.settings.get(name), theirs.settings.get(name))]
     if differ:
-        listed = "; ".join(f"`{name}` {a!r} in {first} vs {b!r} in {other}" for name, other, a, b in differ)
-        raise MLMError(f"The runs were trained with different eval sets ({listed}): give those flags to score every "
-                       "model on one eval set.")
+        raise MLMError(f"The runs were trained with different eval sets ({'; '.join(differ)}): give those flags to "
+                       "score every model on one eval set.")
     for name in (*EVAL_SET_SETTINGS, *RUN_DEFAULTS):
         if name not in given and name in record.settings:
             value = record.settings[name]

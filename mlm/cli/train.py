@@ -30,7 +30,7 @@ from mlm.run.folder import folder_record
 from mlm.run.hub_push import full_repo_id, push_run
 from mlm.run.processes import Processes
 from mlm.run.session import resume_command
-from mlm.settings import TrainConfig, default_output_dir
+from mlm.settings import TrainConfig
 from mlm.train import train
 
 SMOKE_DIR = Path(__file__).resolve().parents[1] / "smoke"
@@ -71,8 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in LOCAL_SETTINGS:  # run.json is read from other directories too
         if not str(settings[name]).isdigit():  # `add_tokens` N is a count, not a file
             settings[name] = absolute_if_local(settings[name], always=name == "cache_dir")
-    settings["output_dir"] = settings["output_dir"] or default_output_dir(settings["model"], settings["dataset"],
-                                                                          settings["init"])
+    settings["output_dir"] = TrainConfig(**settings).output_dir  # the default one is named after the model and data
     if settings["resume"]:
         settings = resumed_settings(settings, flags_given(parser, argv))
     elif smoke and settings["output_dir"] == SMOKE["output_dir"]:

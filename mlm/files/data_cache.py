@@ -42,5 +42,4 @@ def cache_key(files: list[Path], tokenizer: Tokenizer, *, chunk_size: int, group
 
 
 def store_path(directory: Path, split: str, chunk_size: int, key: dict) -> Path:
-    """The store folder for `key` (mlm/corpus_store.py), named by the key's SHA-256."""
     return directory / "chunks" / f"{split}-{chunk_size}-{json_sha256(key)[:20]}"

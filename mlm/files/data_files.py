@@ -116,12 +116,10 @@ def _identity(info: os.stat_result) -> tuple[int, int]:
 
 def _read_once(files: list[Path]) -> list[Path]:
     """`files` without those that are a file listed before them (a symlink or a hard link to it)."""
-    seen, once = set(), []
+    once = {}
     for file in files:
-        if (file_id := _identity(file.stat())) not in seen:
-            seen.add(file_id)
-            once.append(file)
-    return once
+        once.setdefault(_identity(file.stat()), file)
+    return list(once.values())
 
 
 def _globbed(pattern: Path) -> list[Path]:

@@ -102,9 +102,7 @@ def model_from_state_dict(config: DistilBertConfig, state: dict[str, torch.Tenso
     if config.tie_word_embeddings:  # one of the two suffices; if both are there, they must agree
         embedding_key, projector_key = names[EMBEDDING_KEY], names[PROJECTOR_KEY]
         embedding, projector = state.get(embedding_key), state.get(projector_key)
-        if embedding is not None and projector is not None and not (
-            embedding.shape == projector.shape and torch.equal(embedding, projector)
-        ):
+        if embedding is not None and projector is not None and not torch.equal(embedding, projector):
             raise MLMError(f"{source}: config.json ties {projector_key} to the word embeddings, but the checkpoint "
                            f"holds a different {projector_key}. Set \"tie_word_embeddings\": false in config.json "
                            "to load them as two matrices.")
