@@ -227,10 +227,8 @@ def _is_a(value, hint) -> bool:
         return any(_is_a(value, member) for member in typing.get_args(hint))
     if typing.get_origin(hint) is tuple:
         return isinstance(value, list | tuple) and all(_is_a(item, typing.get_args(hint)[0]) for item in value)
-    if hint is float:
-        return _is_int(value) or isinstance(value, float)
-    if hint is int:
-        return _is_int(value)
+    if hint in (int, float):
+        return _is_int(value) or (hint is float and isinstance(value, float))
     return isinstance(value, hint)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import copy
 import difflib
+import glob
 import os
 import re
 import sys
@@ -67,9 +68,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def flag_of(setting: str) -> str | None:
     """The flag of a TrainConfig setting (its metadata's, or --name-with-dashes); None for other words."""
-    if setting not in SETTINGS:
-        return None
-    return SETTINGS[setting].metadata.get("flag", "--" + setting.replace("_", "-"))
+    return SETTINGS[setting].metadata.get("flag", "--" + setting.replace("_", "-")) if setting in SETTINGS else None
 
 
 def run_command(main) -> None:
@@ -106,11 +105,8 @@ def add_settings(parser: argparse.ArgumentParser, names: list[str] | None = None
 def settings_given(args: argparse.Namespace) -> dict:
     """The TrainConfig fields of parsed `args`, a repeatable flag given no value taking its field's default."""
     values = {name: value for name, value in vars(args).items() if name in SETTINGS}
-    for name, value in values.items():
-        if value is None and SETTINGS[name].metadata.get("action") == "append":
-            values[name] = SETTINGS[name].default
-        elif isinstance(value, list):
-            values[name] = tuple(value)
+    for name in [name for name in values if SETTINGS[name].metadata.get("action") == "append"]:
+        values[name] = tuple(values[name] or SETTINGS[name].default)
     return values
 
 
@@ -162,8 +158,6 @@ def absolute_if_local(value: str | None, *, always: bool = False) -> str | None:
     A run record is read again from other directories (--resume, mlm-evaluate, the model card), where a relative
     path would name nothing, or a Hub repo of that name.
     """
-    if value is None:
-        return None
-    if always or Path(value).expanduser().exists() or any(char in str(value) for char in "*?["):
+    if value is not None and (always or Path(value).expanduser().exists() or glob.has_magic(value)):
         return os.path.abspath(Path(value).expanduser())
     return value

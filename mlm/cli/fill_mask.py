@@ -42,12 +42,10 @@ def main(argv: list[str] | None = None) -> None:
     check_tokenizer_fits(model, tokenizer.vocab_size, args.model)
     results = fill_mask(model, tokenizer, args.sentences, top_k=args.top_k)
 
-    if args.json:
-        for sentence, per_mask in zip(args.sentences, results):
-            masks = [[asdict(p) for p in predictions] for predictions in per_mask]
-            print(json.dumps({"sentence": sentence, "masks": masks}))
-        return
     for sentence, per_mask in zip(args.sentences, results):
+        if args.json:
+            print(json.dumps({"sentence": sentence, "masks": [[asdict(p) for p in masks] for masks in per_mask]}))
+            continue
         print(sentence)
         for index, predictions in enumerate(per_mask):
             if len(per_mask) > 1:

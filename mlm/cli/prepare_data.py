@@ -81,22 +81,20 @@ def main(argv: list[str] | None = None) -> None:
         rows.append((split, chunks, time.perf_counter() - start))
     print(f"{'split':<13} {'reviews':>9} {'tokens':>12} {'chunks':>9} {'load s':>7}  cache")
     for split, chunks, seconds in rows:
-        where = chunks.cache_path or "(not cached)"
-        print(f"{split:<13} {chunks.n_reviews:>9,} {chunks.n_tokens:>12,} {len(chunks):>9,} "
-              f"{seconds:>7.2f}  {where}")
-    for split, chunks, _ in rows:
-        if split == "train":
-            try:
-                train, test = split_train_test(chunks, train_size=args.train_size, test_size=args.test_size,
-                                               seed=args.data_seed)
-            except MLMError as err:
-                kept = f" The chunks are stored all the same, and training reuses them ({chunks.cache_path})."
-                raise MLMError(f"{err}{kept if chunks.cache_path else ''}") from None
-            share = len(train) / (len(chunks) - len(test))
-            print(f"downsampled train split (seed {args.data_seed}): {len(train):,} train chunks, "
-                  f"{len(test):,} test chunks of {chunks.chunk_size} tokens"
-                  + (f"; {share:.0%} of the chunks left to train on (--train-size all takes them all)"
-                     if share < 0.5 else ""))
+        print(f"{split:<13} {chunks.n_reviews:>9,} {chunks.n_tokens:>12,} {len(chunks):>9,} {seconds:>7.2f}  "
+              f"{chunks.cache_path or '(not cached)'}")
+    for chunks in [chunks for split, chunks, _ in rows if split == "train"]:
+        try:
+            train, test = split_train_test(chunks, train_size=args.train_size, test_size=args.test_size,
+                                           seed=args.data_seed)
+        except MLMError as err:
+            kept = f" The chunks are stored all the same, and training reuses them ({chunks.cache_path})."
+            raise MLMError(f"{err}{kept if chunks.cache_path else ''}") from None
+        share = len(train) / (len(chunks) - len(test))
+        print(f"downsampled train split (seed {args.data_seed}): {len(train):,} train chunks, "
+              f"{len(test):,} test chunks of {chunks.chunk_size} tokens"
+              + (f"; {share:.0%} of the chunks left to train on (--train-size all takes them all)"
+                 if share < 0.5 else ""))
 
 
 def run() -> None:

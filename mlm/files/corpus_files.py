@@ -151,7 +151,7 @@ def _record_batches(file: Path, suffix: str, compression: str | None, text_colum
             # One document per "\n"-ended line ("\r\n" too), not str.splitlines(), which also splits at form
             # feeds and Unicode line separators inside a text. Blank lines would each be a bare [CLS] [SEP].
             texts = [t.removesuffix("\r") for t in text.split("\n") if t.strip()]
-        elif suffix == ".csv":
+        elif csv:
             # pyarrow accepts a quote left open at the end of the file (only the last block can end inside one),
             # and text after a closing quote: either would silently merge the records after a stray quote.
             if (opened := _quoted_fields(data)[2]) is not None:
@@ -164,13 +164,12 @@ def _record_batches(file: Path, suffix: str, compression: str | None, text_colum
                 header, data = data[:end], data[end:]
                 if not header.strip():
                     raise MLMError(f"{file} has no header line naming its columns; add one (e.g. {text_column}).")
+        elif data.lstrip()[:1] == b"[":  # pyarrow's own message ("changed from object to array") does not say so
+            raise MLMError(f"{file} holds a JSON array, not JSON lines: .json and .jsonl files are read as one JSON "
+                           f"object per line. Convert it, e.g. with `jq -c '.[]' {file} > "
+                           f"{file.name.split('.')[0]}.jsonl`.")
+        if suffix != ".txt":  # CSV records under their header, or JSON lines
             texts = _table_texts(header + data, csv, file, text_column) if data.strip() else []
-        else:
-            if data.lstrip()[:1] == b"[":  # pyarrow's own message ("changed from object to array") does not say so
-                raise MLMError(f"{file} holds a JSON array, not JSON lines: .json and .jsonl files are read as one "
-                               f"JSON object per line. Convert it, e.g. with `jq -c '.[]' {file} > "
-                               f"{file.name.split('.')[0]}.jsonl`.")
-            texts = _table_texts(data, csv, file, text_column) if data.strip() else []
         if texts:
             yield texts, position
 
