@@ -13,7 +13,6 @@ Examples:
   mlm-evaluate --model runs/a --model runs/b --eval-masking wwm --json
 """
 
-import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -38,7 +37,7 @@ EVAL_SET_SETTINGS = ("dataset", "text_column", "train_splits", "eval_split", "va
 RUN_DEFAULTS = ("cache_dir", "eval_batch_size", "prompts", "top_k", "train_size")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__)
     p.add_argument("--model", dest="models", action="append", required=True,
                    help="Hub repo id or local model folder; repeat to compare several")
@@ -78,14 +77,12 @@ def run_records(names: list[str]) -> dict[str, RunRecord]:
     records = {}
     for name in names:
         folder = Path(name).expanduser()
-        record = read_record(folder) if folder.is_dir() else None
-        if record is None:
-            continue
-        if not (folder / WEIGHTS_FILE).is_file():
-            raise MLMError(f"{folder} holds a run that has no final model yet ({record.status}): score one of its "
-                           f"checkpoints (--model {folder / 'checkpoints'}/step-…), or finish it with mlm-train "
-                           f"--resume latest --output-dir {folder}.")
-        records[name] = record
+        if folder.is_dir() and (record := read_record(folder)) is not None:
+            if not (folder / WEIGHTS_FILE).is_file():
+                raise MLMError(f"{folder} holds a run that has no final model yet ({record.status}): score one of "
+                               f"its checkpoints (--model {folder / 'checkpoints'}/step-…), or finish it with "
+                               f"mlm-train --resume latest --output-dir {folder}.")
+            records[name] = record
     return records
 
 

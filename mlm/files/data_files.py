@@ -12,7 +12,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from mlm.errors import MLMError
-from mlm.files.corpus_files import FORMATS, file_format, iter_texts
+from mlm.files.corpus_files import COMPRESSIONS, FORMATS, file_format, iter_texts
 from mlm.files.hub import resolve_repo
 
 SPLITS = ("train", "test", "unsupervised")
@@ -48,7 +48,7 @@ def find_corpus(source: str | Path, split: str = "train", *,
     # Download only this split's files. In huggingface_hub's patterns `*` also matches "/", so "*/train-*"
     # finds plain_text/train-00000-of-00001.parquet at any depth; those below a split's place are left out here.
     patterns = [f"{prefix}{split}{rest}{zipped}" for prefix in ("", "*/") for ext in FORMATS
-                for rest in (f"-*{ext}", ext) for zipped in ("", ".gz", ".zst")]
+                for rest in (f"-*{ext}", ext) for zipped in ("", *COMPRESSIONS)]
     folder = resolve_repo(source, repo_type="dataset", revision=revision, allow_patterns=patterns)
     every = _walk(folder, lambda parts: file_format(Path(parts[-1])) is not None)
     places = _split_places(folder, every)
@@ -101,9 +101,8 @@ def _walk(root: Path, wanted: Callable[[tuple[str, ...]], bool], max_depth: int 
                 elif wanted(inside) and stat.S_ISREG(entry.stat().st_mode):
                     found.append(("/".join(inside), Path(entry.path)))
             except OSError:
-                if not entry.is_symlink():
+                if not entry.is_symlink():  # a link to nothing, or to itself, is skipped
                     raise
-                continue  # a link to nothing, or to itself
 
     if root.is_dir():
         visit(root, (), {_identity(root.stat())})
