@@ -1,9 +1,8 @@
 """The settings of a training run: `TrainConfig`, each field with its default and its help, and which define a run.
 
-The help text, choices and flag of every setting stand next to its field, once: mlm-train's flags, the
-walkthrough's and mlm-evaluate's data flags are all made from these fields (mlm/cli/args.py). Both the loop
-(mlm/train.py) and the run layer (mlm/run/) read the settings; a module of their own lets the run layer record and
-compare them without importing the loop.
+mlm-train's flags, the walkthrough's and mlm-evaluate's data flags are all made from these fields (mlm/cli/args.py).
+Both the loop (mlm/train.py) and the run layer (mlm/run/) read the settings; a module of their own lets the run
+layer record and compare them without importing the loop.
 """
 
 from __future__ import annotations

@@ -165,11 +165,10 @@ def _split_files(folder: Path, places: list[Path], every: list[Path], split: str
     """The files of `split` among `places`, checked to lie in one folder; a warning names the files left out."""
     files = [file for file in places if file.name.startswith(split + "-") or _stem(file.name) == split]
     if not files:
-        known = sorted({name for file in places if (name := _split_of(file.name)) in SPLIT_NAMES})
-        others = sorted({_split_of(file.name) for file in places} - set(known))
+        found = sorted({_split_of(file.name) for file in places}, key=lambda name: (name not in SPLIT_NAMES, name))
         raise MLMError(f"No files for split {split!r} in {folder} (looked for {split}-*.parquet and {split}.parquet, "
                        ".jsonl, .csv, .txt at its top level and in folders like plain_text/). Splits found there: "
-                       f"{_some(known + others, 2 * NAMED) or 'none'}.")
+                       f"{_some(found, 2 * NAMED) or 'none'}.")
     parents = list(dict.fromkeys(file.parent for file in files))
     if len(parents) > 1:
         # A repo with several configurations (e.g. plain_text/ and another/) would otherwise be silently mixed.
