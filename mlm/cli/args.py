@@ -11,7 +11,6 @@ import difflib
 import glob
 import os
 import re
-import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -111,12 +110,11 @@ def settings_given(args: argparse.Namespace) -> dict:
 
 
 def flags_given(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
-    """The `dest` names of the options given on the command line `argv`, whatever their values.
+    """The `dest` names of the options given on the command line `argv` (None: sys.argv's), whatever their values.
 
     Parsing once more with every default suppressed leaves only what the user typed, so a flag given with its
     default value still counts as given.
     """
-    argv = sys.argv[1:] if argv is None else argv
     quiet = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     for action in parser._actions:  # the public API offers no copy of a parser's options
         if action.option_strings and not isinstance(action, argparse._HelpAction):
