@@ -22,13 +22,10 @@ QUOTE, NEWLINE, CARRIAGE_RETURN = ord('"'), ord("\n"), ord("\r")
 
 def file_format(file: Path) -> tuple[str, str | None] | None:
     """(format suffix, compression codec or None) of a corpus file, e.g. ('.jsonl', 'zstd'); None if not one."""
-    suffixes = [s.lower() for s in file.suffixes[-2:]]
-    compression = COMPRESSIONS.get(suffixes[-1]) if suffixes else None
-    if compression is not None:
-        suffixes = suffixes[:-1]
-    if not suffixes or suffixes[-1] not in FORMATS or (compression and suffixes[-1] == ".parquet"):
-        return None
-    return suffixes[-1], compression
+    suffixes = ["", *(suffix.lower() for suffix in file.suffixes[-2:])]
+    compression = COMPRESSIONS.get(suffixes[-1])
+    suffix = suffixes[-2] if compression else suffixes[-1]
+    return (suffix, compression) if suffix in FORMATS and not (compression and suffix == ".parquet") else None
 
 
 def iter_texts(files: list[Path], *, text_column: str = "text", one_document_per_file: bool = False,
