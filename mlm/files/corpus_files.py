@@ -57,9 +57,7 @@ def iter_texts(files: list[Path], *, text_column: str = "text", one_document_per
 def _open(file: Path, compression: str | None):
     """(raw file, stream to read): the raw file's tell() is the progress through the file on disk."""
     raw = open(file, "rb")  # noqa: SIM115 - closed by the caller
-    if compression is None:
-        return raw, raw
-    return raw, pa.CompressedInputStream(pa.PythonFile(raw, mode="r"), compression)
+    return raw, pa.CompressedInputStream(pa.PythonFile(raw, mode="r"), compression) if compression else raw
 
 
 def _record_blocks(file: Path, compression: str | None, block_bytes: int, quoted: bool) -> Iterator[tuple[bytes, int]]:
