@@ -121,9 +121,7 @@ def _same(a, b) -> bool:
 
 def eval_source(args) -> str:
     """The split the eval chunks come from: held out of the training splits unless --eval-split/--validation-file."""
-    if args.validation_file:
-        return "train"  # a single file's one split
-    return args.eval_split or "+".join(args.train_splits)
+    return "train" if args.validation_file else args.eval_split or "+".join(args.train_splits)  # a file: its one split
 
 
 def as_json(args, eval_set: EvalSet, scores: list[ModelScore]) -> dict:
