@@ -1,9 +1,8 @@
 """The settings of a training run: `TrainConfig`, each field with its default and its help, and which define a run.
 
-The help text, choices and flag of every setting stand next to its field, once: mlm-train's flags, the
-walkthrough's and mlm-evaluate's data flags are all made from these fields (mlm/cli/args.py). Both the loop
-(mlm/train.py) and the run layer (mlm/run/) read the settings; a module of their own lets the run layer record and
-compare them without importing the loop.
+mlm-train's flags, the walkthrough's and mlm-evaluate's data flags are all made from these fields (mlm/cli/args.py).
+Both the loop (mlm/train.py) and the run layer (mlm/run/) read the settings; a module of their own lets the run
+layer record and compare them without importing the loop.
 """
 
 from __future__ import annotations
@@ -160,8 +159,9 @@ class TrainConfig:
                                        "name)", OUTPUT)
 
     def __post_init__(self):
-        if self.output_dir is None:
-            self.output_dir = default_output_dir(self.model, self.dataset, self.init)
+        if self.output_dir is None:  # named after the model and the data, as the course names its own
+            kind = "scratch" if self.init == "random" else "finetuned"
+            self.output_dir = f"{short_name(self.model)}-{kind}-{short_name(self.dataset)}"
 
     def global_batch(self, world_size: int) -> int:
         """Chunks per optimizer step, over every micro-batch and process."""
@@ -175,50 +175,37 @@ class TrainConfig:
 
         for name in ("train_size", "test_size"):
             parse_size(getattr(self, name), name)  # raises MLMError naming the setting
-        for name in ("batch_size", "eval_batch_size", "grad_accum", "epochs", "log_every", "keep_checkpoints",
-                     "top_k", "chunk_size"):
-            value = getattr(self, name)
-            check(_is_int(value) and value >= 1, f"`{name}` must be an integer >= 1, got {value!r}.")
-        for name in ("max_steps", "eval_every", "save_every", "group_size"):
-            value = getattr(self, name)
-            check(value is None or (_is_int(value) and value >= 1),
-                  f"`{name}` must be an integer >= 1 (or left unset), got {value!r}.")
-        check(math.isfinite(self.lr) and 0 < self.lr < 1, f"`lr` must be in (0, 1), got {self.lr}.")
-        check(0 <= self.weight_decay < 1, f"`weight_decay` must be in [0, 1), got {self.weight_decay}.")
-        check(math.isfinite(self.warmup_steps) and self.warmup_steps >= 0
-              and (self.warmup_steps < 1 or float(self.warmup_steps).is_integer()),
-              f"`warmup_steps` must be a whole number of steps or a fraction below 1, got {self.warmup_steps}.")
-        check(not (self.lr_scheduler == "constant" and self.warmup_steps), "`lr_scheduler` constant has no warmup, "
-              "but `warmup_steps` is set: use constant-with-warmup, or leave `warmup_steps` out.")
-        for name in ("adam_beta1", "adam_beta2"):
-            check(0 <= getattr(self, name) < 1, f"`{name}` must be in [0, 1), got {getattr(self, name)}.")
-        # An infinite epsilon divides every update to 0: the run would "train" without changing a weight.
-        check(math.isfinite(self.adam_epsilon) and self.adam_epsilon > 0,
-              f"`adam_epsilon` must be > 0 and finite, got {self.adam_epsilon}.")
-        check(self.init == "random" or not self.config_overrides, "`config_overrides` changes a randomly initialised "
-              "model's config; pretrained weights fix theirs. Add `init` random, or leave the overrides out.")
-        check(self.max_grad_norm > 0, f"`max_grad_norm` must be > 0, got {self.max_grad_norm}.")
-        for name in ("mlm_probability", "wwm_probability"):
-            check(0 < getattr(self, name) <= 1, f"`{name}` must be in (0, 1], got {getattr(self, name)}.")
+        for names, valid, wanted in (  # the value `v` of each setting of `names` must be `wanted`
+            (("batch_size", "eval_batch_size", "grad_accum", "epochs", "log_every", "keep_checkpoints", "top_k",
+              "chunk_size"), lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+            (("max_steps", "eval_every", "save_every", "group_size"), lambda v: v is None or (_is_int(v) and v >= 1),
+             "an integer >= 1 (or left unset)"),
+            (("lr",), lambda v: math.isfinite(v) and 0 < v < 1, "in (0, 1)"),
+            (("weight_decay", "adam_beta1", "adam_beta2"), lambda v: 0 <= v < 1, "in [0, 1)"),
+            (("warmup_steps",), lambda v: math.isfinite(v) and v >= 0 and (v < 1 or float(v).is_integer()),
+             "a whole number of steps or a fraction below 1"),
+            # An infinite epsilon divides every update to 0: the run would "train" without changing a weight.
+            (("adam_epsilon",), lambda v: math.isfinite(v) and v > 0, "> 0 and finite"),
+            (("max_grad_norm",), lambda v: v > 0, "> 0"),
+            (("mlm_probability", "wwm_probability"), lambda v: 0 < v <= 1, "in (0, 1]"),
+            (("num_workers",), lambda v: v >= 0, ">= 0"),
+            (("seed", "data_seed"), lambda v: _is_int(v) and 0 <= v <= MAX_SEED, "an integer from 0 to 2**63 - 1"),
+        ):
+            for name in names:
+                check(valid(getattr(self, name)), f"`{name}` must be {wanted}, got {getattr(self, name)!r}.")
         for name, spec in self.__dataclass_fields__.items():
             if (choices := spec.metadata.get("choices")) and getattr(self, name) not in choices:
                 raise MLMError(f"`{name}` must be {' or '.join(choices)}, got {getattr(self, name)!r}.")
-        check(self.num_workers >= 0, f"`num_workers` must be >= 0, got {self.num_workers}.")
-        for name in ("seed", "data_seed"):
-            value = getattr(self, name)
-            check(_is_int(value) and 0 <= value <= MAX_SEED,
-                  f"`{name}` must be an integer from 0 to 2**63 - 1, got {value!r}.")
+        check(not (self.lr_scheduler == "constant" and self.warmup_steps), "`lr_scheduler` constant has no warmup, "
+              "but `warmup_steps` is set: use constant-with-warmup, or leave `warmup_steps` out.")
+        check(self.init == "random" or not self.config_overrides, "`config_overrides` changes a randomly initialised "
+              "model's config; pretrained weights fix theirs. Add `init` random, or leave the overrides out.")
         check(not (self.resume and self.overwrite), "`resume` continues a run and `overwrite` replaces it: pick one.")
         check(not (self.eval_split and self.validation_file),
               "`eval_split` and `validation_file` both name the eval data: give one of them.")
         check(self.eval_split not in self.train_splits, f"`eval_split` {self.eval_split} is also a training split: "
               "the eval chunks would be trained on. Pick another split, or leave `eval_split` out.")
         check(self.resume or not self.extend, "`extend` only applies with `resume`.")
-
-
-def default_output_dir(model: str, dataset: str, init: str) -> str:
-    """The run folder named after the model and the data, as the course names its own."""
-    return f"{short_name(model)}-{'scratch' if init == 'random' else 'finetuned'}-{short_name(dataset)}"
 
 
 def _is_int(value) -> bool:
@@ -239,10 +226,8 @@ def _is_a(value, hint) -> bool:
         return any(_is_a(value, member) for member in typing.get_args(hint))
     if typing.get_origin(hint) is tuple:
         return isinstance(value, list | tuple) and all(_is_a(item, typing.get_args(hint)[0]) for item in value)
-    if hint is float:
-        return _is_int(value) or isinstance(value, float)
-    if hint is int:
-        return _is_int(value)
+    if hint in (int, float):
+        return _is_int(value) or (hint is float and isinstance(value, float))
     return isinstance(value, hint)
 
 

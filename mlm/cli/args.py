@@ -1,10 +1,6 @@
-"""The commands' flags, made from the settings' own fields, and their errors: one line each.
-
-`add_settings` turns TrainConfig fields (mlm/settings.py) into flags, so a setting's help, choices and default are
-declared once. Library errors name a setting in backquotes (`train_size`); the commands print them with its flag
-(--train-size). A flag argparse does not know gets a "did you mean", which also maps the names of Hugging Face's
-Trainer and run_mlm (--per_device_train_batch_size, --learning_rate, …) to mlm's; abbreviations are refused, so a
-typo never picks another flag.
+"""The commands' flags, made from TrainConfig's fields (mlm/settings.py) so that a setting's help, choices and
+default are declared once, and their errors: one line each, a setting the library names in backquotes
+(`train_size`) printed as its flag (--train-size).
 """
 
 from __future__ import annotations
@@ -12,9 +8,9 @@ from __future__ import annotations
 import argparse
 import copy
 import difflib
+import glob
 import os
 import re
-import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -41,7 +37,8 @@ HUGGING_FACE_NAMES = {
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse.ArgumentParser whose errors are one line plus a pointer to --help, exit status 2, that refuses
-    abbreviations, and that suggests the flag meant for an unknown one."""
+    abbreviations (so a typo never picks another flag), and that suggests the flag meant for an unknown one, mapping
+    the names of Hugging Face's Trainer and run_mlm (--per_device_train_batch_size, --learning_rate, …) to mlm's."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
@@ -64,18 +61,13 @@ class ArgumentParser(argparse.ArgumentParser):
         if name in HUGGING_FACE_NAMES:
             return f"{word} is Hugging Face's name: mlm's is {HUGGING_FACE_NAMES[name]}"
         known = [option for option in self._option_string_actions if option.startswith("--")]
-        dashed = "--" + name.replace("_", "-")
-        if dashed in known:
-            return f"did you mean {dashed}?"
-        close = difflib.get_close_matches(dashed, known, n=1, cutoff=0.75)
+        close = difflib.get_close_matches("--" + name.replace("_", "-"), known, n=1, cutoff=0.75)  # exact first
         return f"did you mean {close[0]}?" if close else None
 
 
 def flag_of(setting: str) -> str | None:
     """The flag of a TrainConfig setting (its metadata's, or --name-with-dashes); None for other words."""
-    if setting not in SETTINGS:
-        return None
-    return SETTINGS[setting].metadata.get("flag", "--" + setting.replace("_", "-"))
+    return SETTINGS[setting].metadata.get("flag", "--" + setting.replace("_", "-")) if setting in SETTINGS else None
 
 
 def run_command(main) -> None:
@@ -87,68 +79,50 @@ def add_settings(parser: argparse.ArgumentParser, names: list[str] | None = None
     """Add the flags of the TrainConfig settings `names` (default: all), each in its group of --help, from the
     fields' metadata; `defaults` replace fields' defaults (e.g. another output folder)."""
     groups = {}
-    for name in names or list(SETTINGS):
+    for name in names or SETTINGS:
         spec = SETTINGS[name]
-        options = dict(spec.metadata)
-        help_text, group = options.pop("help"), options.pop("group")
-        flag = options.pop("flag", "--" + name.replace("_", "-"))
+        options = {key: value for key, value in spec.metadata.items() if key not in ("help", "group", "flag", "type")}
+        help_text, group, kind = spec.metadata["help"], spec.metadata["group"], spec.metadata.get("type")
         default = defaults.get(name, spec.default)
         if name in defaults:  # the command's own default replaces the one the help describes
             help_text = re.sub(r" \(default: [^)]*\)", "", help_text)
-        kind = options.pop("type", None)
         if isinstance(default, bool) and "action" not in options:
             options["action"] = "store_false" if default else "store_true"
         elif options.get("action") == "append":
             options["default"] = None  # the values given, or the field's default when none is
-        elif kind == "size":
-            options["type"] = size_flag(name)
-        elif kind == "splits":
-            options["type"] = split_list
-        elif kind == "count_or_fraction":
-            options["type"] = number
-        else:
-            options["type"] = kind or (type(default) if default is not None else str)
-        if "choices" in options:
-            options.pop("type")
+        elif "choices" not in options:
+            types = {"size": size_flag(name), "splits": split_list, "count_or_fraction": number}
+            options["type"] = types.get(kind, kind) or (type(default) if default is not None else str)
         shown = "" if isinstance(default, bool) or default is None or "(default" in help_text else \
             f" (default: {default if not isinstance(default, tuple) else ','.join(default)})"
         if group not in groups:
             groups[group] = parser.add_argument_group(group)
-        groups[group].add_argument(flag, dest=name, help=help_text.replace("%", "%%") + shown,
+        groups[group].add_argument(flag_of(name), dest=name, help=help_text.replace("%", "%%") + shown,
                                    **{"default": default, **options})
 
 
-def settings_given(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+def settings_given(args: argparse.Namespace) -> dict:
     """The TrainConfig fields of parsed `args`, a repeatable flag given no value taking its field's default."""
     values = {name: value for name, value in vars(args).items() if name in SETTINGS}
-    for name, value in values.items():
-        if value is None and SETTINGS[name].metadata.get("action") == "append":
-            values[name] = SETTINGS[name].default
-        elif isinstance(value, list):
-            values[name] = tuple(value)
+    for name in [name for name in values if SETTINGS[name].metadata.get("action") == "append"]:
+        values[name] = tuple(values[name] or SETTINGS[name].default)
     return values
 
 
 def flags_given(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
-    """The `dest` names of the options given on the command line `argv`, whatever their values.
+    """The `dest` names of the options given on the command line `argv` (None: sys.argv's), whatever their values.
 
     Parsing once more with every default suppressed leaves only what the user typed, so a flag given with its
     default value still counts as given.
     """
-    argv = sys.argv[1:] if argv is None else argv
     quiet = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     for action in parser._actions:  # the public API offers no copy of a parser's options
         if action.option_strings and not isinstance(action, argparse._HelpAction):
-            quiet._add_action(_without_default(action))
+            action = copy.copy(action)
+            action.default, action.required = argparse.SUPPRESS, False
+            quiet._add_action(action)
     known, _ = quiet.parse_known_args(argv)
     return set(vars(known))
-
-
-def _without_default(action: argparse.Action) -> argparse.Action:
-    action = copy.copy(action)
-    action.default = argparse.SUPPRESS
-    action.required = False
-    return action
 
 
 def size_flag(setting: str):
@@ -182,8 +156,6 @@ def absolute_if_local(value: str | None, *, always: bool = False) -> str | None:
     A run record is read again from other directories (--resume, mlm-evaluate, the model card), where a relative
     path would name nothing, or a Hub repo of that name.
     """
-    if value is None:
-        return None
-    if always or Path(value).expanduser().exists() or any(char in str(value) for char in "*?["):
+    if value is not None and (always or Path(value).expanduser().exists() or glob.has_magic(value)):
         return os.path.abspath(Path(value).expanduser())
     return value

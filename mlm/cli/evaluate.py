@@ -13,12 +13,11 @@ Examples:
   mlm-evaluate --model runs/a --model runs/b --eval-masking wwm --json
 """
 
-import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
 
-from mlm.cli.args import SETTINGS, ArgumentParser, absolute_if_local, add_settings, flags_given, run_command
+from mlm.cli.args import ArgumentParser, absolute_if_local, add_settings, flags_given, run_command, settings_given
 from mlm.compare import EvalSet, ModelScore, compare_models
 from mlm.errors import MLMError
 from mlm.files.hub import set_progress_bars
@@ -38,7 +37,7 @@ EVAL_SET_SETTINGS = ("dataset", "text_column", "train_splits", "eval_split", "va
 RUN_DEFAULTS = ("cache_dir", "eval_batch_size", "prompts", "top_k", "train_size")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__)
     p.add_argument("--model", dest="models", action="append", required=True,
                    help="Hub repo id or local model folder; repeat to compare several")
@@ -56,9 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.dataset, args.validation_file = absolute_if_local(args.dataset), absolute_if_local(args.validation_file)
     args.prompts = tuple(args.prompts or TrainConfig.prompts)
-    runs = run_records(args.models)
-    args.from_run = follow_runs(args, flags_given(parser, argv), runs)
-    TrainConfig(**{name: getattr(args, name) for name in SETTINGS if hasattr(args, name)}).validate()
+    args.from_run = follow_runs(args, flags_given(parser, argv), run_records(args.models))
+    TrainConfig(**settings_given(args)).validate()
     set_progress_bars(args.progress_bar)
     device = pick_device(args.device)
     eval_set, scores = compare_models(
@@ -78,14 +76,12 @@ def run_records(names: list[str]) -> dict[str, RunRecord]:
     records = {}
     for name in names:
         folder = Path(name).expanduser()
-        record = read_record(folder) if folder.is_dir() else None
-        if record is None:
-            continue
-        if not (folder / WEIGHTS_FILE).is_file():
-            raise MLMError(f"{folder} holds a run that has no final model yet ({record.status}): score one of its "
-                           f"checkpoints (--model {folder / 'checkpoints'}/step-…), or finish it with mlm-train "
-                           f"--resume latest --output-dir {folder}.")
-        records[name] = record
+        if folder.is_dir() and (record := read_record(folder)) is not None:
+            if not (folder / WEIGHTS_FILE).is_file():
+                raise MLMError(f"{folder} holds a run that has no final model yet ({record.status}): score one of "
+                               f"its checkpoints (--model {folder / 'checkpoints'}/step-…), or finish it with "
+                               f"mlm-train --resume latest --output-dir {folder}.")
+            records[name] = record
     return records
 
 
@@ -96,13 +92,12 @@ def follow_runs(args, given: set[str], runs: dict[str, RunRecord]) -> str | None
     if not runs:
         return None
     (first, record), *others = runs.items()
-    differ = [(name, other, record.settings.get(name), theirs.settings.get(name)) for name in EVAL_SET_SETTINGS
-              if name not in given for other, theirs in others
+    differ = [f"`{name}` {record.settings.get(name)!r} in {first} vs {theirs.settings.get(name)!r} in {other}"
+              for name in EVAL_SET_SETTINGS if name not in given for other, theirs in others
               if not _same(record.settings.get(name), theirs.settings.get(name))]
     if differ:
-        listed = "; ".join(f"`{name}` {a!r} in {first} vs {b!r} in {other}" for name, other, a, b in differ)
-        raise MLMError(f"The runs were trained with different eval sets ({listed}): give those flags to score every "
-                       "model on one eval set.")
+        raise MLMError(f"The runs were trained with different eval sets ({'; '.join(differ)}): give those flags to "
+                       "score every model on one eval set.")
     for name in (*EVAL_SET_SETTINGS, *RUN_DEFAULTS):
         if name not in given and name in record.settings:
             value = record.settings[name]
@@ -126,9 +121,7 @@ def _same(a, b) -> bool:
 
 def eval_source(args) -> str:
     """The split the eval chunks come from: held out of the training splits unless --eval-split/--validation-file."""
-    if args.validation_file:
-        return "train"  # a single file's one split
-    return args.eval_split or "+".join(args.train_splits)
+    return "train" if args.validation_file else args.eval_split or "+".join(args.train_splits)  # a file: its one split
 
 
 def as_json(args, eval_set: EvalSet, scores: list[ModelScore]) -> dict:
@@ -156,24 +149,19 @@ def as_table(args, eval_set: EvalSet, scores: list[ModelScore]) -> str:
             ("loss", [f"{s.result.loss:.4f}" for s in scores]),
             ("masked-token accuracy", [f"{s.result.accuracy:.2%}" for s in scores])]
     for index, prompt in enumerate(args.prompts):
-        rows.append((prompt, [""] * len(scores)))
+        rows.append((prompt, None))  # a prompt heads its predictions, on a line of its own
         masks = len(scores[0].fill_mask[index])
         for mask in range(masks):
+            predictions = [s.fill_mask[index][mask] for s in scores]
             for rank in range(args.top_k):
                 label = f"  {'[MASK] #' + str(mask + 1) + ' ' if masks > 1 else ''}{rank + 1}"
-                cells = []
-                for s in scores:
-                    predictions = s.fill_mask[index][mask]
-                    cells.append(f"{predictions[rank].token} {predictions[rank].score:.3f}"
-                                 if rank < len(predictions) else "")
-                rows.append((label, cells))
-    label_width = max(len(label) for label, _ in rows if label not in args.prompts)
-    widths = [max(len(cells[i]) for _, cells in rows) for i in range(len(scores))]
+                rows.append((label, [f"{p[rank].token} {p[rank].score:.3f}" if rank < len(p) else ""
+                                     for p in predictions]))
+    label_width = max(len(label) for label, cells in rows if cells is not None)
+    widths = [max(len(cells[i]) for _, cells in rows if cells is not None) for i in range(len(scores))]
     for label, cells in rows:
-        if label in args.prompts and not any(cells):
-            lines.append(label)  # a prompt heads its predictions, on a line of its own
-            continue
-        lines.append(f"{label:<{label_width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, widths)).rstrip())
+        lines.append(label if cells is None else
+                     f"{label:<{label_width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, widths)).rstrip())
     return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ from mlm.tokenizer import load_tokenizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("sentences", nargs="+", help="sentences containing at least one [MASK]")
     parser.add_argument("--model", default="distilbert-base-uncased",
                         help="Hub repo id or local model folder (default: %(default)s)")
@@ -38,17 +38,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     set_progress_bars(args.progress_bar)
     model = load_pretrained(args.model, revision=args.revision).to(args.device)
-    tokenizer_source = args.tokenizer or args.model
-    tokenizer = load_tokenizer(tokenizer_source, revision=None if args.tokenizer else args.revision)
+    tokenizer = load_tokenizer(args.tokenizer or args.model, revision=None if args.tokenizer else args.revision)
     check_tokenizer_fits(model, tokenizer.vocab_size, args.model)
     results = fill_mask(model, tokenizer, args.sentences, top_k=args.top_k)
 
-    if args.json:
-        for sentence, per_mask in zip(args.sentences, results):
-            masks = [[asdict(p) for p in predictions] for predictions in per_mask]
-            print(json.dumps({"sentence": sentence, "masks": masks}))
-        return
     for sentence, per_mask in zip(args.sentences, results):
+        if args.json:
+            print(json.dumps({"sentence": sentence, "masks": [[asdict(p) for p in masks] for masks in per_mask]}))
+            continue
         print(sentence)
         for index, predictions in enumerate(per_mask):
             if len(per_mask) > 1:

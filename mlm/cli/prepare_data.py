@@ -14,7 +14,7 @@ import argparse
 import sys
 import time
 
-from mlm.cli.args import ArgumentParser, add_settings, run_command
+from mlm.cli.args import ArgumentParser, add_settings, run_command, split_list
 from mlm.corpus import load_chunks
 from mlm.data import split_train_test
 from mlm.errors import Interrupted, MLMError
@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokenizer", default="distilbert-base-uncased",
                         help="Hub model repo id or local folder with tokenizer.json; its config.json, if present, "
                              "bounds --chunk-size by the model's longest sequence (default: %(default)s)")
-    parser.add_argument("--splits", default="train",
+    parser.add_argument("--splits", type=split_list, default="train",
                         help=f"comma-separated splits to prepare, from {', '.join(SPLITS)} (default: %(default)s)")
     parser.add_argument("--revision", default=None,
                         help="git revision of the Hub dataset repo (branch, tag or commit); Hub ids only")
@@ -47,30 +47,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_tokenizer_and_limit(name: str):
-    """The tokenizer, and the longest sequence the model of config.json next to it takes (None without one)."""
-    folder = resolve_repo(name, allow_patterns=(*TOKENIZER_FILES, CONFIG_FILE))
-    tokenizer = tokenizer_from_folder(folder)
-    config_file = folder / CONFIG_FILE
-    return tokenizer, read_config(config_file).max_length if config_file.is_file() else None
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     set_progress_bars(args.progress_bar)
-    splits = [split.strip() for split in args.splits.split(",") if split.strip()]
-    if not splits:
+    if not args.splits:
         raise MLMError("--splits is empty; name at least one split, e.g. --splits train.")
-    tokenizer, max_positions = load_tokenizer_and_limit(args.tokenizer)
+    folder = resolve_repo(args.tokenizer, allow_patterns=(*TOKENIZER_FILES, CONFIG_FILE))
+    tokenizer = tokenizer_from_folder(folder)
+    # The longest sequence the model of the config.json beside the tokenizer takes bounds the chunk size.
+    max_positions = read_config(folder / CONFIG_FILE).max_length if (folder / CONFIG_FILE).is_file() else None
     if args.vocab_report is not None:
-        counts = count_words(args.dataset, tuple(splits), tokenizer, text_column=args.text_column,
-                             revision=args.revision)
+        counts = count_words(args.dataset, args.splits, tokenizer, text_column=args.text_column, revision=args.revision)
         print(report(counts, tokenizer, top=args.vocab_report))
         return
     if args.fast_tokenize == "on":
         tokenizer = fast_tokenizer(tokenizer)
     rows = []
-    for split in splits:
+    for split in args.splits:
         start = time.perf_counter()
         try:
             with Signals():  # SIGTERM and SIGHUP stop it as Ctrl-C does: one line, the work so far kept
@@ -88,22 +81,20 @@ def main(argv: list[str] | None = None) -> None:
         rows.append((split, chunks, time.perf_counter() - start))
     print(f"{'split':<13} {'reviews':>9} {'tokens':>12} {'chunks':>9} {'load s':>7}  cache")
     for split, chunks, seconds in rows:
-        where = chunks.cache_path or "(not cached)"
-        print(f"{split:<13} {chunks.n_reviews:>9,} {chunks.n_tokens:>12,} {len(chunks):>9,} "
-              f"{seconds:>7.2f}  {where}")
-    for split, chunks, _ in rows:
-        if split == "train":
-            try:
-                train, test = split_train_test(chunks, train_size=args.train_size, test_size=args.test_size,
-                                               seed=args.data_seed)
-            except MLMError as err:
-                kept = f" The chunks are stored all the same, and training reuses them ({chunks.cache_path})."
-                raise MLMError(f"{err}{kept if chunks.cache_path else ''}") from None
-            share = len(train) / (len(chunks) - len(test))
-            print(f"downsampled train split (seed {args.data_seed}): {len(train):,} train chunks, "
-                  f"{len(test):,} test chunks of {chunks.chunk_size} tokens"
-                  + (f"; {share:.0%} of the chunks left to train on (--train-size all takes them all)"
-                     if share < 0.5 else ""))
+        print(f"{split:<13} {chunks.n_reviews:>9,} {chunks.n_tokens:>12,} {len(chunks):>9,} {seconds:>7.2f}  "
+              f"{chunks.cache_path or '(not cached)'}")
+    for chunks in [chunks for split, chunks, _ in rows if split == "train"]:
+        try:
+            train, test = split_train_test(chunks, train_size=args.train_size, test_size=args.test_size,
+                                           seed=args.data_seed)
+        except MLMError as err:
+            kept = f" The chunks are stored all the same, and training reuses them ({chunks.cache_path})."
+            raise MLMError(f"{err}{kept if chunks.cache_path else ''}") from None
+        share = len(train) / (len(chunks) - len(test))
+        print(f"downsampled train split (seed {args.data_seed}): {len(train):,} train chunks, "
+              f"{len(test):,} test chunks of {chunks.chunk_size} tokens"
+              + (f"; {share:.0%} of the chunks left to train on (--train-size all takes them all)"
+                 if share < 0.5 else ""))
 
 
 def run() -> None:

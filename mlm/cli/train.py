@@ -30,7 +30,7 @@ from mlm.run.folder import folder_record
 from mlm.run.hub_push import full_repo_id, push_run
 from mlm.run.processes import Processes
 from mlm.run.session import resume_command
-from mlm.settings import TrainConfig, default_output_dir
+from mlm.settings import TrainConfig
 from mlm.train import train
 
 SMOKE_DIR = Path(__file__).resolve().parents[1] / "smoke"
@@ -67,12 +67,11 @@ def main(argv: list[str] | None = None) -> None:
     if smoke:
         parser.set_defaults(**SMOKE)
     args = parser.parse_args(argv)
-    settings = settings_given(parser, args)
+    settings = settings_given(args)
     for name in LOCAL_SETTINGS:  # run.json is read from other directories too
         if not str(settings[name]).isdigit():  # `add_tokens` N is a count, not a file
             settings[name] = absolute_if_local(settings[name], always=name == "cache_dir")
-    settings["output_dir"] = settings["output_dir"] or default_output_dir(settings["model"], settings["dataset"],
-                                                                          settings["init"])
+    settings["output_dir"] = TrainConfig(**settings).output_dir  # the default one is named after the model and data
     if settings["resume"]:
         settings = resumed_settings(settings, flags_given(parser, argv))
     elif smoke and settings["output_dir"] == SMOKE["output_dir"]:
@@ -124,12 +123,9 @@ def print_summary(summary) -> None:
     rows = [("status", summary.status), ("optimizer steps", f"{summary.steps}"),
             ("training time", f"{summary.train_seconds:.1f} s"),
             ("training tokens/s", f"{summary.train_tokens_per_second:,.0f}")]
-    if summary.before:
-        rows.append(("perplexity before", f"{summary.before.perplexity:.3f} (reference-style "
-                                          f"{summary.before.reference_perplexity:.3f})"))
+    rows += [(f"perplexity {when}", f"{result.perplexity:.3f} (reference-style {result.reference_perplexity:.3f})")
+             for when, result in (("before", summary.before), ("after", summary.after)) if result]
     if summary.after:
-        rows.append(("perplexity after", f"{summary.after.perplexity:.3f} (reference-style "
-                                         f"{summary.after.reference_perplexity:.3f})"))
         rows.append(("masked-token accuracy", f"{summary.after.accuracy:.2%}"))
     rows.append(("output", summary.output_dir if summary.status == "finished" else f"checkpoint {summary.checkpoint}"))
     width = max(len(name) for name, _ in rows)

@@ -22,13 +22,10 @@ QUOTE, NEWLINE, CARRIAGE_RETURN = ord('"'), ord("\n"), ord("\r")
 
 def file_format(file: Path) -> tuple[str, str | None] | None:
     """(format suffix, compression codec or None) of a corpus file, e.g. ('.jsonl', 'zstd'); None if not one."""
-    suffixes = [s.lower() for s in file.suffixes[-2:]]
-    compression = COMPRESSIONS.get(suffixes[-1]) if suffixes else None
-    if compression is not None:
-        suffixes = suffixes[:-1]
-    if not suffixes or suffixes[-1] not in FORMATS or (compression and suffixes[-1] == ".parquet"):
-        return None
-    return suffixes[-1], compression
+    suffixes = ["", *(suffix.lower() for suffix in file.suffixes[-2:])]
+    compression = COMPRESSIONS.get(suffixes[-1])
+    suffix = suffixes[-2] if compression else suffixes[-1]
+    return (suffix, compression) if suffix in FORMATS and not (compression and suffix == ".parquet") else None
 
 
 def iter_texts(files: list[Path], *, text_column: str = "text", one_document_per_file: bool = False,
@@ -60,9 +57,7 @@ def iter_texts(files: list[Path], *, text_column: str = "text", one_document_per
 def _open(file: Path, compression: str | None):
     """(raw file, stream to read): the raw file's tell() is the progress through the file on disk."""
     raw = open(file, "rb")  # noqa: SIM115 - closed by the caller
-    if compression is None:
-        return raw, raw
-    return raw, pa.CompressedInputStream(pa.PythonFile(raw, mode="r"), compression)
+    return raw, pa.CompressedInputStream(pa.PythonFile(raw, mode="r"), compression) if compression else raw
 
 
 def _record_blocks(file: Path, compression: str | None, block_bytes: int, quoted: bool) -> Iterator[tuple[bytes, int]]:
@@ -151,7 +146,7 @@ def _record_batches(file: Path, suffix: str, compression: str | None, text_colum
             # One document per "\n"-ended line ("\r\n" too), not str.splitlines(), which also splits at form
             # feeds and Unicode line separators inside a text. Blank lines would each be a bare [CLS] [SEP].
             texts = [t.removesuffix("\r") for t in text.split("\n") if t.strip()]
-        elif suffix == ".csv":
+        elif csv:
             # pyarrow accepts a quote left open at the end of the file (only the last block can end inside one),
             # and text after a closing quote: either would silently merge the records after a stray quote.
             if (opened := _quoted_fields(data)[2]) is not None:
@@ -164,13 +159,12 @@ def _record_batches(file: Path, suffix: str, compression: str | None, text_colum
                 header, data = data[:end], data[end:]
                 if not header.strip():
                     raise MLMError(f"{file} has no header line naming its columns; add one (e.g. {text_column}).")
+        elif data.lstrip()[:1] == b"[":  # pyarrow's own message ("changed from object to array") does not say so
+            raise MLMError(f"{file} holds a JSON array, not JSON lines: .json and .jsonl files are read as one JSON "
+                           f"object per line. Convert it, e.g. with `jq -c '.[]' {file} > "
+                           f"{file.name.split('.')[0]}.jsonl`.")
+        if suffix != ".txt":  # CSV records under their header, or JSON lines
             texts = _table_texts(header + data, csv, file, text_column) if data.strip() else []
-        else:
-            if data.lstrip()[:1] == b"[":  # pyarrow's own message ("changed from object to array") does not say so
-                raise MLMError(f"{file} holds a JSON array, not JSON lines: .json and .jsonl files are read as one "
-                               f"JSON object per line. Convert it, e.g. with `jq -c '.[]' {file} > "
-                               f"{file.name.split('.')[0]}.jsonl`.")
-            texts = _table_texts(data, csv, file, text_column) if data.strip() else []
         if texts:
             yield texts, position
 

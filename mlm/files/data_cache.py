@@ -17,9 +17,7 @@ CACHE_FORMAT_VERSION = 2
 
 def default_cache_dir() -> Path:
     """$MLM_CACHE if set, else <HF_HOME>/mlm (HF_HOME defaults to ~/.cache/huggingface)."""
-    if os.environ.get("MLM_CACHE"):
-        return Path(os.environ["MLM_CACHE"]).expanduser()
-    return Path(constants.HF_HOME).expanduser() / "mlm"
+    return Path(os.environ.get("MLM_CACHE") or Path(constants.HF_HOME) / "mlm").expanduser()
 
 
 def cache_key(files: list[Path], tokenizer: Tokenizer, *, chunk_size: int, group_size: int | None, text_column: str,
@@ -42,5 +40,4 @@ def cache_key(files: list[Path], tokenizer: Tokenizer, *, chunk_size: int, group
 
 
 def store_path(directory: Path, split: str, chunk_size: int, key: dict) -> Path:
-    """The store folder for `key` (mlm/corpus_store.py), named by the key's SHA-256."""
     return directory / "chunks" / f"{split}-{chunk_size}-{json_sha256(key)[:20]}"

@@ -12,7 +12,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from mlm.errors import MLMError
-from mlm.files.corpus_files import FORMATS, file_format, iter_texts
+from mlm.files.corpus_files import COMPRESSIONS, FORMATS, file_format, iter_texts
 from mlm.files.hub import resolve_repo
 
 SPLITS = ("train", "test", "unsupervised")
@@ -48,7 +48,7 @@ def find_corpus(source: str | Path, split: str = "train", *,
     # Download only this split's files. In huggingface_hub's patterns `*` also matches "/", so "*/train-*"
     # finds plain_text/train-00000-of-00001.parquet at any depth; those below a split's place are left out here.
     patterns = [f"{prefix}{split}{rest}{zipped}" for prefix in ("", "*/") for ext in FORMATS
-                for rest in (f"-*{ext}", ext) for zipped in ("", ".gz", ".zst")]
+                for rest in (f"-*{ext}", ext) for zipped in ("", *COMPRESSIONS)]
     folder = resolve_repo(source, repo_type="dataset", revision=revision, allow_patterns=patterns)
     every = _walk(folder, lambda parts: file_format(Path(parts[-1])) is not None)
     places = _split_places(folder, every)
@@ -101,9 +101,8 @@ def _walk(root: Path, wanted: Callable[[tuple[str, ...]], bool], max_depth: int 
                 elif wanted(inside) and stat.S_ISREG(entry.stat().st_mode):
                     found.append(("/".join(inside), Path(entry.path)))
             except OSError:
-                if not entry.is_symlink():
+                if not entry.is_symlink():  # a link to nothing, or to itself, is skipped
                     raise
-                continue  # a link to nothing, or to itself
 
     if root.is_dir():
         visit(root, (), {_identity(root.stat())})
@@ -116,12 +115,10 @@ def _identity(info: os.stat_result) -> tuple[int, int]:
 
 def _read_once(files: list[Path]) -> list[Path]:
     """`files` without those that are a file listed before them (a symlink or a hard link to it)."""
-    seen, once = set(), []
+    once = {}
     for file in files:
-        if (file_id := _identity(file.stat())) not in seen:
-            seen.add(file_id)
-            once.append(file)
-    return once
+        once.setdefault(_identity(file.stat()), file)
+    return list(once.values())
 
 
 def _globbed(pattern: Path) -> list[Path]:
@@ -168,11 +165,10 @@ def _split_files(folder: Path, places: list[Path], every: list[Path], split: str
     """The files of `split` among `places`, checked to lie in one folder; a warning names the files left out."""
     files = [file for file in places if file.name.startswith(split + "-") or _stem(file.name) == split]
     if not files:
-        known = sorted({name for file in places if (name := _split_of(file.name)) in SPLIT_NAMES})
-        others = sorted({_split_of(file.name) for file in places} - set(known))
+        found = sorted({_split_of(file.name) for file in places}, key=lambda name: (name not in SPLIT_NAMES, name))
         raise MLMError(f"No files for split {split!r} in {folder} (looked for {split}-*.parquet and {split}.parquet, "
                        ".jsonl, .csv, .txt at its top level and in folders like plain_text/). Splits found there: "
-                       f"{_some(known + others, 2 * NAMED) or 'none'}.")
+                       f"{_some(found, 2 * NAMED) or 'none'}.")
     parents = list(dict.fromkeys(file.parent for file in files))
     if len(parents) > 1:
         # A repo with several configurations (e.g. plain_text/ and another/) would otherwise be silently mixed.

@@ -40,16 +40,14 @@ FOREIGN_SIZE_KEYS = (*SIZE_KEYS[1:5], "hidden_size", "num_hidden_layers", "num_a
 def load_pretrained(name_or_path: str | Path, revision: str | None = None) -> DistilBertForMaskedLM:
     """Build a DistilBertForMaskedLM from a local Hub-layout folder or a Hub repo id, in float32."""
     folder = resolve_repo(name_or_path, revision=revision, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE])
-    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    if not config_path.is_file():
-        raise MLMError(f"No {CONFIG_FILE} in {folder}: a model folder needs config.json and model.safetensors.")
+    config, weights_path = load_config(folder), folder / WEIGHTS_FILE
     if not weights_path.is_file():
         pickled = [name for name in ("pytorch_model.bin", "model.pt", "model.pth") if (folder / name).exists()]
         hint = (f"It has {pickled[0]}, a pickle file, which mlm never loads (unpickling can run arbitrary code): "
                 "convert it to safetensors with a trusted tool first." if pickled else
                 "Without pretrained weights, start from a random model with --init random (training only).")
         raise MLMError(f"No {WEIGHTS_FILE} in {folder}. {hint}")
-    return model_from_state_dict(read_config(config_path), read_safetensors(weights_path), source=weights_path)
+    return model_from_state_dict(config, read_safetensors(weights_path), source=weights_path)
 
 
 def load_model(name_or_path: str | Path, *, init: str = "pretrained", revision: str | None = None,
@@ -104,9 +102,7 @@ def model_from_state_dict(config: DistilBertConfig, state: dict[str, torch.Tenso
     if config.tie_word_embeddings:  # one of the two suffices; if both are there, they must agree
         embedding_key, projector_key = names[EMBEDDING_KEY], names[PROJECTOR_KEY]
         embedding, projector = state.get(embedding_key), state.get(projector_key)
-        if embedding is not None and projector is not None and not (
-            embedding.shape == projector.shape and torch.equal(embedding, projector)
-        ):
+        if embedding is not None and projector is not None and not torch.equal(embedding, projector):
             raise MLMError(f"{source}: config.json ties {projector_key} to the word embeddings, but the checkpoint "
                            f"holds a different {projector_key}. Set \"tie_word_embeddings\": false in config.json "
                            "to load them as two matrices.")
