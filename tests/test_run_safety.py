@@ -28,7 +28,7 @@ import mlm.train
 from mlm.cli import train as train_cli
 from mlm.errors import MLMError, run_cli
 from mlm.files.hub import resolve_repo
-from mlm.files.pretrained import config_from_dict
+from mlm.files.pretrained import config_from_dict, read_config
 from mlm.optim import schedule_factor
 from mlm.run.checkpoints import MANIFEST_FILE, _write_manifest
 from mlm.run.folder import RunFolder
@@ -434,12 +434,16 @@ def test_warmup_steps_takes_a_fraction_on_the_command_line():
 
 # ---------------------------------------------------------------- strict inputs
 
-def test_another_architectures_config_is_refused():
+def test_another_architectures_config_is_refused(tmp_path):
     with pytest.raises(MLMError, match="AlbertForMaskedLM \\(model_type 'albert'\\) is not an encoder mlm builds"):
         config_from_dict({"model_type": "albert", "architectures": ["AlbertForMaskedLM"], "hidden_size": 64})
     with pytest.raises(MLMError, match="hidden_size, num_hidden_layers belong to another architecture"):
         config_from_dict({"hidden_size": 64, "num_hidden_layers": 2})
     assert config_from_dict({"dim": 64, "n_heads": 2}).dim == 64  # DistilBERT keys, no model_type
+    gpt2 = tmp_path / "config.json"
+    gpt2.write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": 12}))
+    with pytest.raises(MLMError, match="GPT2LMHeadModel \\(model_type 'gpt2'\\) is not an encoder mlm builds"):
+        read_config(gpt2, overrides="n_layer=3")  # the architecture is refused before its overrides are read
 
 
 def test_tokenizer_config_of_the_wrong_shape_is_one_line(tmp_path):

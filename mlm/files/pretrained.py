@@ -169,9 +169,10 @@ def read_config(path: str | Path, overrides: str | None = None) -> DistilBertCon
         raise MLMError(f"Cannot read the model config {path}: {err}") from None
     if not isinstance(values, dict):
         raise MLMError(f"{path} does not hold a JSON object, so it is not a model config.")
+    if (known := CONFIG_KEYS.get(values.get("model_type") or "distilbert")) is None:
+        return config_from_dict(values, source=path)  # refuses the architecture, before its overrides are read
     for item in filter(None, (overrides or "").split(",")):
         key, equals, value = (part.strip() for part in item.partition("="))
-        known = CONFIG_KEYS[values.get("model_type") or "distilbert"]
         if not equals or key not in known.values():
             raise MLMError(f"`config_overrides` {item!r} is not KEY=VALUE with KEY a config.json key mlm reads: "
                            f"{', '.join(sorted(known.values()))}.")
