@@ -18,6 +18,11 @@ class MLMError(ValueError):
     """Bad input, a missing or corrupt file, an unreachable Hub: something the user can act on."""
 
 
+def listed(names: list[str], most: int, separator: str = ", ") -> str:
+    """The first `most` of `names`, then how many more: a message names a few, not thousands."""
+    return separator.join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C, SIGTERM or SIGHUP stopped a run; `hint` says how to continue. Scripts exit with 128 + the signal's
     number, as shells report a process a signal ended: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP."""

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from mlm.errors import MLMError
+from mlm.errors import MLMError, listed
 from mlm.files.corpus_files import COMPRESSIONS, FORMATS, file_format, iter_texts
 from mlm.files.hub import resolve_repo
 
@@ -168,29 +168,23 @@ def _split_files(folder: Path, places: list[Path], every: list[Path], split: str
         found = sorted({_split_of(file.name) for file in places}, key=lambda name: (name not in SPLIT_NAMES, name))
         raise MLMError(f"No files for split {split!r} in {folder} (looked for {split}-*.parquet and {split}.parquet, "
                        ".jsonl, .csv, .txt at its top level and in folders like plain_text/). Splits found there: "
-                       f"{_some(found, 2 * NAMED) or 'none'}.")
+                       f"{listed(found, 2 * NAMED) or 'none'}.")
     parents = list(dict.fromkeys(file.parent for file in files))
     if len(parents) > 1:
         # A repo with several configurations (e.g. plain_text/ and another/) would otherwise be silently mixed.
         odd = next(file for file in files if file.parent == parents[1])
         names = [str(parent.relative_to(folder)) if parent != folder else "the top level" for parent in parents]
-        raise MLMError(f"Split {split!r} has files in several folders of {folder}: {_some(names)}. "
+        raise MLMError(f"Split {split!r} has files in several folders of {folder}: {listed(names, NAMED)}. "
                        f"{odd.relative_to(folder)} makes it ambiguous: pass the one folder to use, or move the "
                        "others out.")
     read = set(files) | {file for file in places if _split_of(file.name) in SPLIT_NAMES}
     if left_out := [file for file in every if file not in read]:
-        names = _some([str(file.relative_to(folder)) for file in left_out])
+        names = listed([str(file.relative_to(folder)) for file in left_out], NAMED)
         are = "file is" if len(left_out) == 1 else "files are"
         # Attributed to find_corpus, inside mlm, so that run_cli prints it as one "warning:" line.
         warnings.warn(f"{folder}: {len(left_out)} data {are} in no split and left out: {names}. To read them, name "
                       "them {split}-*.{ext} at the top level or one folder down, as in plain_text/.", stacklevel=2)
     return _read_once(files)
-
-
-def _some(names: list[str], most: int = NAMED) -> str:
-    """The first `most` of `names`, then how many more."""
-    more = f" and {len(names) - most} more" if len(names) > most else ""
-    return ", ".join(names[:most]) + more
 
 
 def _only_train(files: list[Path], split: str, what: str) -> list[Path]:

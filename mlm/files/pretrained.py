@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mlm.errors import MLMError
+from mlm.errors import MLMError, listed
 from mlm.files.families import ARCHITECTURES, BIAS_ALIASES, CONFIG_KEYS, DEFAULTS, UNUSED, hub_name
 from mlm.files.hub import resolve_repo
 from mlm.files.writes import atomic_write, atomic_write_text
@@ -91,7 +91,7 @@ def model_from_state_dict(config: DistilBertConfig, state: dict[str, torch.Tenso
             state.setdefault(name, state.pop(alias))
     not_float = [f"{name} ({t.dtype})" for name, t in state.items() if not t.is_floating_point()]
     if not_float:  # an integer or bool tensor would be adopted as is and fail deep inside the first forward
-        raise MLMError(f"{source} holds non-float weights: {_short_list(not_float)}. Model weights are floating "
+        raise MLMError(f"{source} holds non-float weights: {listed(not_float, 6)}. Model weights are floating "
                        "point: this file does not hold a model's weights, or it is damaged.")
     # Building on the meta device allocates nothing; load_state_dict(assign=True) then adopts the tensors.
     with torch.device("meta"):
@@ -111,9 +111,9 @@ def model_from_state_dict(config: DistilBertConfig, state: dict[str, torch.Tenso
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong_shape = [f"{name}: checkpoint {tuple(state[name].shape)} vs model {shape}"
                    for name, shape in expected.items() if name in state and tuple(state[name].shape) != shape]
-    problems = [f"missing tensors ({len(missing)}): {_short_list(missing)}"] if missing else []
-    problems += [f"unexpected tensors ({len(unexpected)}): {_short_list(unexpected)}"] if unexpected else []
-    problems += [f"wrong shapes ({len(wrong_shape)}): {_short_list(wrong_shape, '; ')}"] if wrong_shape else []
+    problems = [f"missing tensors ({len(missing)}): {listed(missing, 6)}"] if missing else []
+    problems += [f"unexpected tensors ({len(unexpected)}): {listed(unexpected, 6)}"] if unexpected else []
+    problems += [f"wrong shapes ({len(wrong_shape)}): {listed(wrong_shape, 6, '; ')}"] if wrong_shape else []
     if wrong_shape or missing:
         problems.append("Does config.json (its vocab_size and layer sizes) belong to these weights?")
     if problems:
@@ -123,10 +123,6 @@ def model_from_state_dict(config: DistilBertConfig, state: dict[str, torch.Tenso
     model.load_state_dict({name: state[theirs].float() for name, theirs in names.items()}, strict=True, assign=True)
     model.tie_weights()  # assign=True replaced both Parameters; make them one again
     return model
-
-
-def _short_list(names: list[str], separator: str = ", ", limit: int = 6) -> str:
-    return separator.join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def save_pretrained(model: DistilBertForMaskedLM, directory: str | Path, tokenizer=None) -> None:

@@ -22,7 +22,7 @@ import time
 from contextlib import suppress
 from pathlib import Path
 
-from mlm.errors import MLMError
+from mlm.errors import MLMError, listed
 from mlm.files.hashing import file_sha256
 from mlm.run.checkpoints import TMP_PREFIX, list_checkpoints, verify_checkpoint
 from mlm.run.metrics import METRICS_FILE
@@ -109,11 +109,11 @@ class RunFolder:
                 raise MLMError(f"{self.path} already holds a run. {what} Pass `overwrite` to replace it, or choose "
                                "another output folder.")
             if others:
-                raise MLMError(f"{self.path} holds files its run did not write ({_listed(others)}): `overwrite` "
+                raise MLMError(f"{self.path} holds files its run did not write ({listed(others, 4)}): `overwrite` "
                                "replaces the whole folder, so move them out first, or choose another output folder.")
         elif others:
-            raise MLMError(f"{self.path} is not empty and holds no run ({_listed(others)}): a run writes only into an "
-                           "empty or new folder, or one holding a run. Choose another output folder.")
+            raise MLMError(f"{self.path} is not empty and holds no run ({listed(others, 4)}): a run writes only into "
+                           "an empty or new folder, or one holding a run. Choose another output folder.")
         return None
 
     def files_not_of_the_run(self) -> list[str]:
@@ -246,10 +246,6 @@ def _remove(target: Path) -> None:
         shutil.rmtree(target, ignore_errors=True)
     elif target.exists() or target.is_symlink():
         target.unlink()
-
-
-def _listed(names: list[str]) -> str:
-    return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
 
 # -- the lock ------------------------------------------------------------------------------------------------------
