@@ -54,13 +54,15 @@ def fill_mask(model: DistilBertForMaskedLM, tokenizer: Tokenizer, sentences: lis
     probabilities = logits.softmax(dim=-1)
     top_scores, top_ids = probabilities.topk(min(top_k, probabilities.shape[-1]), dim=-1)  # (B, L, k)
 
-    def per_mask(row: int, ids: list[int]) -> list[list[Prediction]]:  # [MASK]s left to right, top_k each
-        return [[Prediction(token_id, tokenizer.backend.id_to_token(token_id), score,
-                            _decode(tokenizer, ids[:at] + [token_id] + ids[at + 1:]))
-                 for score, token_id in zip(top_scores[row, at].tolist(), top_ids[row, at].tolist())]
-                for at, token in enumerate(ids) if token == tokenizer.mask_token_id]
-
-    return [per_mask(row, encoding.ids) for row, encoding in enumerate(encodings)]
+    results = []
+    for row, encoding in enumerate(encodings):
+        ids, per_mask = encoding.ids, []
+        for at in (i for i, token in enumerate(ids) if token == tokenizer.mask_token_id):
+            per_mask.append([Prediction(token_id, tokenizer.backend.id_to_token(token_id), score,
+                                        _decode(tokenizer, ids[:at] + [token_id] + ids[at + 1:]))
+                             for score, token_id in zip(top_scores[row, at].tolist(), top_ids[row, at].tolist())])
+        results.append(per_mask)
+    return results
 
 
 def _decode(tokenizer: Tokenizer, ids: list[int]) -> str:

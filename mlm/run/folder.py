@@ -305,7 +305,8 @@ def _take_over(lock: Path, holder: dict) -> bool:
     except FileNotFoundError:  # another run took it over first; the next attempt sees its lock
         return True
     try:
-        if not (stale := _read_holder(moved) == holder):
+        stale = _read_holder(moved) == holder
+        if not stale:
             with suppress(FileExistsError):  # not the lock we judged stale: give it back
                 os.link(moved, lock)
         return stale

@@ -96,6 +96,8 @@ class Run:
     def __init__(self, config: TrainConfig, procs: Processes, folder: RunFolder, signals: Signals):
         self.config, self.procs, self.folder, self.signals = config, procs, folder, signals
         self.output_dir, self.progress, self.notes = folder.path, Progress(), []
+        self.resume_from: Path | None = None  # the checkpoint a resume continues, found by find_start
+        self.record: RunRecord | None = None  # a resume's, read by find_start; a new run's, made by start()
         self.last_checkpoint: str | None = None
         self.log: MetricsLog | None = None  # opened by start(), like the meter
         self.already_finished = self.stop_requested = False  # already_finished: --resume of a finished run
@@ -109,8 +111,7 @@ class Run:
         """A new run, or the checkpoint to resume and the record it continues; the data read. Reads only."""
         config, out = self.config, self.output_dir
         self.resume_from = checkpoint = self.folder.resume_point(config.resume, config.overwrite)
-        self.is_new = checkpoint is None
-        if self.is_new:
+        if checkpoint is None:
             return
         try:
             verify_checkpoint(checkpoint)
@@ -218,6 +219,10 @@ class Run:
             # This rank was not in the run that wrote the checkpoint (more processes now): a stream of its own.
             seed = np.random.SeedSequence([self.config.seed, self.procs.rank, self.progress.global_step])
             torch.manual_seed(int(seed.generate_state(1, dtype=np.uint64)[0] >> 1))
+
+    @property
+    def is_new(self) -> bool:
+        return self.resume_from is None
 
     # -- during the run --------------------------------------------------------------------------------------
 
