@@ -44,6 +44,7 @@ from mlm.data import check_filled, chunk, tokenize
 from mlm.errors import MLMError
 from mlm.files.corpus_files import iter_texts
 from mlm.files.hashing import file_sha256, json_sha256
+from mlm.files.writes import atomic_write_text
 from mlm.masking import word_starts
 from mlm.tokenizer import Tokenizer, template_ids
 
@@ -309,7 +310,7 @@ class _Writer:
         state = self.state
         state["pieces"] += 1
         state["carry_ids"], state["carry_words"] = self.carry_ids.tolist(), self.carry_words.tolist()
-        _write_json(self.partial / "progress.json", state)
+        atomic_write_text(self.partial / "progress.json", json.dumps(state, sort_keys=True))
 
     def finish(self, key: dict, files: list[Path]) -> dict:
         """The header of the finished store; the tokens still carried are the last group's partial chunk, dropped."""
@@ -325,17 +326,9 @@ class _Writer:
                   "ids_sha256": file_sha256(self.partial / "ids.bin"),
                   "words_sha256": file_sha256(self.partial / "words.bin")}
         header = {**fields, "header_sha256": json_sha256(fields)}
-        _write_json(self.partial / "header.json", header)
+        atomic_write_text(self.partial / "header.json", json.dumps(header, sort_keys=True))
         (self.partial / "progress.json").unlink()
         return header
-
-
-def _write_json(file: Path, value: dict) -> None:
-    # Written beside, then renamed over: a kill leaves the old file or the new one, never half of one. open()
-    # creates the file with the permissions the umask allows, so a shared cache stays readable to others.
-    tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text(json.dumps(value, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, file)
 
 
 def _size(file: Path) -> int:
