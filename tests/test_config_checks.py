@@ -122,3 +122,10 @@ def test_fill_mask_with_a_vocab_smaller_than_the_tokenizer_is_one_line(tmp_path,
     folder = smoke_model_with_vocab(tmp_path, 100)  # the smoke tokenizer has 347 tokens
     err = one_line_error(fill_mask_cli.main, ["--model", str(folder), "this is a [MASK] ."], capsys)
     assert "347 tokens but the model only 100" in err
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x"] + ([] if torch.cuda.is_available() else ["cuda"]))
+def test_fill_mask_refuses_a_device_it_cannot_run_on_in_one_line(capsys, device):
+    # It was passed to torch unchecked: a traceback ("Torch not compiled with CUDA enabled", "Expected one of cpu…").
+    err = one_line_error(fill_mask_cli.main, ["--model", str(TINY_DIR), "--device", device, "a [MASK] ."], capsys)
+    assert "not a device mlm runs on" in err or "torch sees no CUDA GPU" in err

@@ -16,6 +16,7 @@ from mlm.cli.args import ArgumentParser, run_command
 from mlm.files.hub import set_progress_bars
 from mlm.files.pretrained import check_tokenizer_fits, load_pretrained
 from mlm.fill_mask import fill_mask
+from mlm.run.processes import pick_device
 from mlm.tokenizer import load_tokenizer
 
 
@@ -28,7 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Hub repo id or folder of the tokenizer, if not stored with the model")
     parser.add_argument("--revision", default=None, help="Hub branch, tag or commit (repo ids only)")
     parser.add_argument("--top-k", type=int, default=5, help="predictions per [MASK] (default: %(default)s)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto (a GPU when torch sees one), cpu, cuda or cuda:N "
+                        "(default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print JSON (one object per sentence) instead of text")
     parser.add_argument("--no-progress", dest="progress_bar", action="store_false", help="no Hub download bars")
     return parser.parse_args(argv)
@@ -37,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     set_progress_bars(args.progress_bar)
-    model = load_pretrained(args.model, revision=args.revision).to(args.device)
+    device = pick_device(args.device)  # checked before the model loads
+    model = load_pretrained(args.model, revision=args.revision).to(device)
     tokenizer = load_tokenizer(args.tokenizer or args.model, revision=None if args.tokenizer else args.revision)
     check_tokenizer_fits(model, tokenizer.vocab_size, args.model)
     results = fill_mask(model, tokenizer, args.sentences, top_k=args.top_k)
