@@ -51,7 +51,7 @@ def train(config: TrainConfig) -> RunSummary:
     with open_run(config) as run:  # the folder locked; Ctrl-C, SIGTERM, SIGHUP stop cleanly from here on
         if run.already_finished:
             return run.nothing_to_do()
-        setup = set_up(config, run.procs)  # every input built and checked; nothing written yet
+        setup = set_up(config, run.procs, run.added_tokens)  # every input built and checked; nothing written yet
         run.start(setup.model, setup.optimizer, setup.path.precision.scaler, setup.tokenizer, path=setup.path.says,
                   precision=setup.path.precision.name, facts=setup.facts(), notes=setup.notes(config))
         if run.is_new:
@@ -270,13 +270,14 @@ class Setup:
                 **({"added_tokens": words} if (words := added_words(self.tokenizer)) else {})}
 
 
-def set_up(config: TrainConfig, procs: Processes) -> Setup:
-    """Tokenizer, model, data and frozen eval masks, optimizer and schedule, wrapped by the execution path."""
+def set_up(config: TrainConfig, procs: Processes, added_tokens: list[str] | None = None) -> Setup:
+    """Tokenizer, model, data and frozen eval masks, optimizer and schedule, wrapped by the execution path.
+    `added_tokens`: the words a resumed run added to its tokenizer (`add_tokens`), from its record."""
     torch.manual_seed(config.seed)  # random init and dropout; masks and shuffling have their own generators
     tokenizer = load_tokenizer(config.tokenizer or config.model, revision=None if config.tokenizer else config.revision)
     model = load_model(config.model, init=config.init, revision=config.revision, tokenizer=tokenizer,
                        config_overrides=config.config_overrides)
-    tokenizer, model = extend_vocabulary(config, tokenizer, model)  # `add_tokens`: new tokens for split words
+    tokenizer, model = extend_vocabulary(config, tokenizer, model, added_tokens)  # `add_tokens`: new tokens
     model.distilbert.gradient_checkpointing = config.gradient_checkpointing
     check_prompts(tokenizer, list(config.prompts), top_k=config.top_k,
                   max_length=model.config.max_length)  # used at the end: checked now

@@ -70,15 +70,19 @@ def report(counts: Counter, tokenizer: Tokenizer, top: int = 20) -> str:
     return "\n".join(lines)
 
 
-def extend_vocabulary(config: TrainConfig, tokenizer: Tokenizer, model: nn.Module) -> tuple[Tokenizer, nn.Module]:
+def extend_vocabulary(config: TrainConfig, tokenizer: Tokenizer, model: nn.Module,
+                      recorded: list[str] | None = None) -> tuple[Tokenizer, nn.Module]:
     """(tokenizer, model) with the run's `add_tokens` added (`add_words`): None adds nothing; a count N, the N words
     of the training splits that save the most tokens (`split_words`); a file, its words, one per line. A resume
-    finds the same words again (same data, checked by the run record), so the same tokenizer, whose sha256 it checks.
+    passes the words its record lists (`recorded`): it needs neither the file, which may have changed since, nor a
+    count over the corpus, and makes the same tokenizer, whose sha256 it checks.
     """
     add = config.add_tokens
     if add is None:
         return tokenizer, model
-    if isinstance(add, int) or str(add).isdigit():
+    if recorded is not None:  # the record lists the tokenizer's own added words too, if it had any
+        words = [word for word in recorded if word not in added_words(tokenizer)]
+    elif isinstance(add, int) or str(add).isdigit():
         if int(add) < 1:
             raise MLMError(f"`add_tokens` must be a count >= 1 or a file of words, got {add!r}.")
         counts = count_words(config.dataset, config.train_splits, tokenizer, text_column=config.text_column)

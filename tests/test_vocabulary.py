@@ -188,6 +188,21 @@ def test_a_run_with_added_tokens_saves_them_and_resumes(tmp_path, run_inputs):
     assert load_tokenizer(run).backend.to_str() == saved.backend.to_str()
 
 
+@pytest.mark.parametrize("change", ["deleted", "edited"])
+def test_a_resume_adds_the_recorded_words_whatever_became_of_the_words_file(tmp_path, run_inputs, change):
+    # It read the file again: deleted, "neither a count nor a file of words"; edited, "the tokenizer differs".
+    folder, corpus = run_inputs
+    run, words = tmp_path / "run", tmp_path / "words.txt"
+    words.write_text("cinematography\nnaive\n")
+    first = mlm.train.train(run_config(folder, corpus, run, add_tokens=str(words)))
+    saved = load_tokenizer(run).backend.to_str()
+    words.unlink() if change == "deleted" else words.write_text("plot\n")
+    resumed = mlm.train.train(run_config(folder, corpus, run, add_tokens=str(words), resume="latest", extend=True,
+                                         epochs=2))
+    assert first.steps == 2 and resumed.status == "finished" and resumed.steps == 4
+    assert load_tokenizer(run).backend.to_str() == saved
+
+
 def test_the_tokenizing_shortcuts_stay_exact_and_fast_with_added_words(dense_tokenizer_dir):
     from mlm.speed import fast_encode
 

@@ -224,6 +224,11 @@ class Run:
     def is_new(self) -> bool:
         return self.resume_from is None
 
+    @property
+    def added_tokens(self) -> list[str] | None:
+        """The words a resume adds to the tokenizer again (`add_tokens`): its record's. None for a new run."""
+        return None if self.is_new else self.record.derived.get("added_tokens")
+
     # -- during the run --------------------------------------------------------------------------------------
 
     def signals_wait_for_the_step(self):
