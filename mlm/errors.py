@@ -6,6 +6,7 @@ instead of showing a traceback; anything else that escapes is a bug in mlm.
 """
 
 import errno
+import os
 import re
 import signal
 import sys
@@ -42,6 +43,8 @@ def run_cli(main, flag_of=lambda setting: None) -> None:
     exit 2 instead of a traceback, each `setting` the message names as flag_of(setting) when that is not None.
     Ctrl-C is one line too (exit 130)."""
     flags = partial(name_flags, flag_of=flag_of)
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _ReaderMayLeave(sys.stdout), _ReaderMayLeave(sys.stderr)
     try:
         with warnings.catch_warnings():  # restores showwarning after main()
             warnings.showwarning = _one_line_warnings(warnings.showwarning, flags)
@@ -63,6 +66,34 @@ def run_cli(main, flag_of=lambda setting: None) -> None:
         name = "Ctrl-C" if stop.signal_name == "SIGINT" else stop.signal_name
         print(f"error: interrupted ({name}). {hint}", file=sys.stderr)
         sys.exit(stop.exit_code)
+    finally:
+        sys.stdout, sys.stderr = streams
+
+
+class _ReaderMayLeave:
+    """stdout or stderr, whose reader may go away (`mlm-train | head`): from then on the output goes to /dev/null and
+    the command goes on. A BrokenPipeError would stop a run between its checkpoints, for a line nobody reads."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        return self._guarded(self.stream.write, text)
+
+    def flush(self) -> None:
+        self._guarded(self.stream.flush)
+
+    def _guarded(self, call, *args):
+        try:
+            return call(*args)
+        except BrokenPipeError:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self.stream.fileno())  # the stream's buffered text is flushed there too, at exit
+            os.close(null)
+            return call(*args)
+
+    def __getattr__(self, name: str):  # isatty, fileno, encoding, …
+        return getattr(self.stream, name)
 
 
 def name_flags(message: str, flag_of) -> str:

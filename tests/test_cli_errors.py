@@ -87,3 +87,25 @@ def test_only_mlms_own_warnings_are_one_line(capsys):
     show(UserWarning("ours, `cache_dir`"), UserWarning, str(package / "corpus_store.py"), 1)
     show(UserWarning("theirs"), UserWarning, str(package) + "_extra/x.py", 1)
     assert capsys.readouterr().err == "warning: ours, 'cache_dir'\n" and len(shown) == 1  # settings as flags
+
+
+def test_a_reader_that_goes_away_does_not_stop_the_command(monkeypatch, capsys):
+    # `mlm-train | head`: the first line after head exits was a BrokenPipeError traceback, and the run failed (before
+    # its first checkpoint, the folder was undone). The command now goes on, its output going nowhere.
+    import io
+    import os
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone
+    closed = io.TextIOWrapper(io.FileIO(write, "w"), line_buffering=True)
+    monkeypatch.setattr(sys, "stdout", closed)
+    done = []
+
+    def main():
+        print("step 10: loss 9.87")
+        print("step 20: loss 9.12", flush=True)
+        done.append(True)
+
+    run_cli(main)
+    assert done and sys.stdout is closed and "Traceback" not in capsys.readouterr().err
