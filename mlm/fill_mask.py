@@ -21,14 +21,15 @@ class Prediction:
 
 
 def check_prompts(tokenizer: Tokenizer, sentences: list[str], *, top_k: int, max_length: int) -> list:
-    """The sentences' encodings, once each is known to hold a [MASK] and fit the model (and top_k >= 1)."""
+    """The sentences' encodings, once each is known to hold a [MASK] and fit the model (and top_k >= 1). [MASK]
+    stands for the tokenizer's own mask token (RoBERTa's <mask>), so that one prompt serves every family."""
     if top_k < 1:
         raise MLMError(f"`top_k` must be at least 1, got {top_k}.")
-    encodings = tokenizer.backend.encode_batch(sentences)
+    encodings = tokenizer.backend.encode_batch([text.replace("[MASK]", tokenizer.mask_token) for text in sentences])
     for sentence, encoding in zip(sentences, encodings):
         if tokenizer.mask_token_id not in encoding.ids:
-            raise MLMError(f"No {tokenizer.mask_token} in {sentence!r}: write the word to predict as "
-                           f"{tokenizer.mask_token}, e.g. 'This is a great {tokenizer.mask_token}.'")
+            raise MLMError(f"No [MASK] in {sentence!r}: write the word to predict as [MASK] (or the tokenizer's "
+                           f"{tokenizer.mask_token}), e.g. 'This is a great [MASK].'")
         if len(encoding.ids) > max_length:
             raise MLMError(f"{sentence[:40]!r}… is {len(encoding.ids)} tokens long; the model takes at most "
                            f"{max_length}.")

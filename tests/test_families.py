@@ -240,3 +240,18 @@ def test_a_smoke_sized_run_of_each_family_learns_and_saves_its_layout(tmp_path, 
     assert all(name.startswith((f"{family}.", "lm_head.", "cls.")) for name in saved)
     assert torch.equal(load_pretrained(run).distilbert.embeddings.word_embeddings.weight,
                        saved[f"{family}.embeddings.word_embeddings.weight"])
+
+
+def test_mask_in_a_prompt_stands_for_each_tokenizers_mask_token(tmp_path):
+    # The default prompt, "This is a great [MASK].", was refused for RoBERTa ("No <mask> in …"): every RoBERTa run
+    # needed --prompt. [MASK] now stands for the tokenizer's own mask token, and its own spelling still works.
+    from mlm.files.pretrained import load_model
+    from mlm.fill_mask import fill_mask
+
+    tokenizer = load_tokenizer(FIXTURES / "tiny-bpe")
+    config = json.loads((tiny_dir("roberta") / "config.json").read_text()) | {"vocab_size": tokenizer.vocab_size}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    model = load_model(tmp_path, init="random")
+    ours, theirs = fill_mask(model, tokenizer, ["a great [MASK] .", "a great <mask> ."], top_k=3)
+    assert ours == theirs and ours[0][0].sequence.startswith("a great")

@@ -216,6 +216,18 @@ def test_card_gives_the_schedule_the_optimizer_and_the_family(tmp_path):
     assert "a randomly initialised BERT with the configuration of distilbert-base-uncased (num_hidden_layers=4)" in text
 
 
+def test_the_cards_usage_writes_the_prompt_with_the_models_mask_token(tmp_path):
+    # transformers' fill-mask pipeline needs RoBERTa's <mask>: "[MASK]" (mlm's placeholder in any prompt) fails there.
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes((ROOT / "tests" / "fixtures" / "tiny-bpe" / name).read_bytes())
+    (folder / "config.json").write_text(json.dumps({"model_type": "roberta"}))
+    write_record(folder, finished_record())
+    text = write_run_model_card(folder, model_id="me/run").read_text()
+    assert 'print(fill("This is a great <mask>."))' in text and "| This is a great `[MASK]`. |" in text
+
+
 def test_card_of_an_eval_split_run_names_that_split(tmp_path):
     _, meta = run_card(tmp_path, eval_split="test")
     assert meta["model-index"][0]["results"][0]["dataset"]["split"] == "test"

@@ -1,4 +1,5 @@
-"""Predict the [MASK] tokens of sentences with a DistilBERT MLM, like transformers' fill-mask pipeline.
+"""Predict the [MASK] tokens of sentences with a DistilBERT, BERT or RoBERTa MLM, like transformers' fill-mask
+pipeline. [MASK] stands for the tokenizer's own mask token (RoBERTa's <mask>, which works as well).
 
     mlm-fill-mask --model distilbert-base-uncased "This is a great [MASK]."
     mlm-fill-mask --model runs/imdb "This is a great [MASK]." "I [MASK] this [MASK]." --top-k 3
@@ -22,7 +23,8 @@ from mlm.tokenizer import load_tokenizer
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__)
-    parser.add_argument("sentences", nargs="+", help="sentences containing at least one [MASK]")
+    parser.add_argument("sentences", nargs="+",
+                        help="sentences containing at least one [MASK] (or the tokenizer's own mask token)")
     parser.add_argument("--model", default="distilbert-base-uncased",
                         help="Hub repo id or local model folder (default: %(default)s)")
     parser.add_argument("--tokenizer", default=None,

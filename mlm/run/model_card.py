@@ -19,6 +19,7 @@ from mlm.files.hub import names_a_local_path, short_name
 from mlm.files.pretrained import CONFIG_FILE
 from mlm.files.writes import atomic_write_text
 from mlm.run.record import RECORD_FILE, read_record
+from mlm.tokenizer import tokenizer_from_folder
 
 CARD_FILE = "README.md"
 # Every DistilBERT checkpoint Hugging Face publishes (distilbert-base-uncased, -cased, …) is Apache-2.0, and a
@@ -75,6 +76,8 @@ def run_model_card(output_dir: str | Path, *, model_id: str | None = None) -> st
         epochs = values["total_steps"] / values["steps_per_epoch"]
         values["length"] = (f"{values['epochs']} epochs" if epochs == values["epochs"] else
                             f"{values['total_steps']} steps (max_steps; {epochs:.2f} epochs)")
+    if (output_dir / "tokenizer.json").is_file():  # the usage example's prompt, in the model's own mask token
+        values["mask_token"] = tokenizer_from_folder(output_dir).mask_token
     if record.segments:
         values["precision_used"] = record.segments[-1].get("precision")
         values["device_used"] = record.segments[-1].get("device")
@@ -178,7 +181,7 @@ def _render(model_id: str, args: dict, results: dict) -> str:
                        f"AdamW (no weight decay on biases and LayerNorms), {schedule} after warmup, gradient clipping. "
                        f"Every setting of the run is in `{RECORD_FILE}` next to the model."]
 
-    prompt = (args.get("prompts") or ["This is a great [MASK]."])[0]
+    prompt = (args.get("prompts") or ["This is a great [MASK]."])[0].replace("[MASK]", args.get("mask_token", "[MASK]"))
     compare = f"--model {base_model} --model {model_id}" if base_model else f"--model {model_id}"
     sections = [f"---\n{metadata.to_yaml()}\n---", summary, "\n".join(evaluation), "\n".join(predicted),
                 "\n".join(hyperparameters), _usage(model_id, prompt, compare)]
