@@ -194,3 +194,22 @@ def test_scores_a_training_run_exactly_as_the_run_did(tmp_path, monkeypatch, cap
     assert scored["perplexity"] == summary.after.perplexity  # same targets, same batches: bit for bit
     assert scored["reference_perplexity"] == summary.after.reference_perplexity
     assert scored["accuracy"] == summary.after.accuracy
+
+
+def test_the_table_lists_only_the_predictions_there_are(tmp_path):
+    # --top-k past the vocabulary printed a blank row for every rank fill_mask could not fill (100,000 lines).
+    from types import SimpleNamespace
+
+    from mlm.cli.evaluate import as_table
+    from mlm.evaluate import EvalResult
+    from mlm.fill_mask import Prediction
+
+    args = SimpleNamespace(chunk_size=32, validation_file=None, dataset="d", eval_split=None, train_splits=("train",),
+                           data_seed=7, from_run=None, prompts=["a [MASK] ."], top_k=100_000)
+    eval_set = SimpleNamespace(input_ids=torch.zeros(4, 32), masking="token", masked_tokens=20)
+    predictions = [[Prediction(i, f"t{i}", 0.5 / (i + 1), "a t .") for i in range(3)]]  # a vocabulary of 3
+    score = SimpleNamespace(model="m", fill_mask=[predictions], result=EvalResult(
+        loss=1.0, perplexity=2.7, reference_loss=1.0, reference_perplexity=2.7, accuracy=0.5, tokens=20, sequences=4))
+    lines = as_table(args, eval_set, [score]).splitlines()
+    assert lines[-4] == "a [MASK] ." and [line.split() for line in lines[-3:]] == [
+        ["1", "t0", "0.500"], ["2", "t1", "0.250"], ["3", "t2", "0.167"]]

@@ -153,7 +153,7 @@ def as_table(args, eval_set: EvalSet, scores: list[ModelScore]) -> str:
         masks = len(scores[0].fill_mask[index])
         for mask in range(masks):
             predictions = [s.fill_mask[index][mask] for s in scores]
-            for rank in range(args.top_k):
+            for rank in range(max(map(len, predictions))):  # top_k, or the vocabulary when it is smaller
                 label = f"  {'[MASK] #' + str(mask + 1) + ' ' if masks > 1 else ''}{rank + 1}"
                 rows.append((label, [f"{p[rank].token} {p[rank].score:.3f}" if rank < len(p) else ""
                                      for p in predictions]))
