@@ -180,8 +180,8 @@ def damaged(checkpoint: Path, err: Exception) -> MLMError:
     """The refusal of a damaged `checkpoint`, naming the newest older one that is intact with finite weights."""
     good = next((older for older in reversed(list_checkpoints(checkpoint.parent.parent))
                  if checkpoint_step(older) < checkpoint_step(checkpoint) and _intact(older)), None)
-    fix = (f"the newest good checkpoint is {good}: resume with `resume` {good}" if good
-           else "no older checkpoint of the run is intact: start again with `overwrite`")
+    fix = (f"The newest good checkpoint is {good}: resume with `resume` {good}" if good
+           else "No older checkpoint of the run is intact: start again with `overwrite`")
     return MLMError(f"Not resuming from a damaged checkpoint: {err} {fix}, or restore {checkpoint.name} from a copy.")
 
 
