@@ -59,9 +59,9 @@ class TrainConfig:
     group_size: int | None = setting(None, "concatenate per group of this many reviews, as datasets.map(batched=True) "
                                      "does with 1000, to reproduce the course's chunk counts exactly (default: the "
                                      "whole split)", MODEL_AND_DATA, type=int)
-    train_size: int | str = setting(10_000, "training chunks drawn, or 'all': every chunk not held out",
-                                    MODEL_AND_DATA, type="size")
-    test_size: int | str = setting(1_000, "eval chunks drawn, or a percentage of the chunks such as 5%",
+    train_size: int | str = setting(10_000, "training chunks drawn: a count, a percentage of the chunks such as 80%, "
+                                    "or 'all' (every chunk not held out)", MODEL_AND_DATA, type="size")
+    test_size: int | str = setting(1_000, "eval chunks drawn: a count, or a percentage of the chunks such as 5%",
                                    MODEL_AND_DATA, type="size")
     cache_dir: str | None = setting(None, "where tokenized chunks are stored (default: $MLM_CACHE, else "
                                     "$HF_HOME/mlm, ~/.cache/huggingface/mlm unless HF_HOME is set)", MODEL_AND_DATA)

@@ -75,14 +75,17 @@ def run_command(main) -> None:
     run_cli(main, flag_of=flag_of)
 
 
-def add_settings(parser: argparse.ArgumentParser, names: list[str] | None = None, **defaults) -> None:
-    """Add the flags of the TrainConfig settings `names` (default: all), each in its group of --help, from the
-    fields' metadata; `defaults` replace fields' defaults (e.g. another output folder)."""
+def add_settings(parser: argparse.ArgumentParser, names: list[str] | None = None, *, group: str | None = None,
+                 helps: dict[str, str] | None = None, **defaults) -> None:
+    """Add the flags of the TrainConfig settings `names` (default: all), each in its group of --help (or all in
+    `group`), from the fields' metadata; `helps` and `defaults` replace fields' help texts and defaults where another
+    command gives a setting another role (mlm-evaluate's prompts are shown per model, not before and after training)."""
     groups = {}
     for name in names or SETTINGS:
         spec = SETTINGS[name]
         options = {key: value for key, value in spec.metadata.items() if key not in ("help", "group", "flag", "type")}
-        help_text, group, kind = spec.metadata["help"], spec.metadata["group"], spec.metadata.get("type")
+        help_text = (helps or {}).get(name, spec.metadata["help"])
+        group_name, kind = group or spec.metadata["group"], spec.metadata.get("type")
         default = defaults.get(name, spec.default)
         if name in defaults:  # the command's own default replaces the one the help describes
             help_text = re.sub(r" \(default: [^)]*\)", "", help_text)
@@ -95,10 +98,10 @@ def add_settings(parser: argparse.ArgumentParser, names: list[str] | None = None
             options["type"] = types.get(kind, kind) or (type(default) if default is not None else str)
         shown = "" if isinstance(default, bool) or default is None or "(default" in help_text else \
             f" (default: {default if not isinstance(default, tuple) else ','.join(default)})"
-        if group not in groups:
-            groups[group] = parser.add_argument_group(group)
-        groups[group].add_argument(flag_of(name), dest=name, help=help_text.replace("%", "%%") + shown,
-                                   **{"default": default, **options})
+        if group_name not in groups:
+            groups[group_name] = parser.add_argument_group(group_name)
+        groups[group_name].add_argument(flag_of(name), dest=name, help=help_text.replace("%", "%%") + shown,
+                                        **{"default": default, **options})
 
 
 def settings_given(args: argparse.Namespace) -> dict:

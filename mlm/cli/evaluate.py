@@ -46,7 +46,14 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--eval-masking", choices=["token", "wwm"], default="token",
                    help="token: 15%% of tokens, 80/10/10, the eval set of every training run; wwm: whole words, "
                         "all their tokens [MASK] (default: %(default)s)")
-    add_settings(p, [*EVAL_SET_SETTINGS, "wwm_probability", *RUN_DEFAULTS, "precision", "device", "progress_bar"])
+    add_settings(p, [*EVAL_SET_SETTINGS, "wwm_probability", *RUN_DEFAULTS], group="eval set and prompts "
+                 "(mlm-train's flags; a run folder as --model brings its own)", helps={
+                     "train_splits": "splits of --dataset the eval chunks are held out of, as the run trained on them "
+                                     "(default: train)",
+                     "train_size": "training chunks the run drew, or 'all' (the eval chunks are drawn first: this "
+                                   "only checks that both fit)",
+                     "prompts": "fill-mask prompt each model completes; repeatable"})
+    add_settings(p, ["precision", "device", "progress_bar"], group="hardware")
     return p
 
 
