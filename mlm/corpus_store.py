@@ -319,7 +319,7 @@ class _Writer:
             others = f" and {len(files) - 1} other file{'s' * (len(files) > 2)}" if len(files) > 1 else ""
             raise MLMError(f"No text in {files[0]}{others}: empty, or only blank lines. Check the path, or add text.")
         check_filled(state["chunks"], tokens=state["tokens"], texts=state["documents"], chunk_size=self.chunk_size,
-                     group_size=self.group_size)
+                     group_size=self.group_size, files=files)
         fields = {"format_version": STORE_FORMAT_VERSION, "key": key, "key_sha256": state["key_sha256"],
                   "dtype": self.dtype.str, "chunk_size": self.chunk_size, "n_chunks": state["chunks"],
                   "n_reviews": state["documents"], "n_tokens": state["tokens"],
