@@ -196,6 +196,17 @@ def test_a_corpus_too_small_for_the_draw_keeps_its_store_and_says_so(tmp_path, t
     assert "% of the chunks left to train on (--train-size all takes them all)" in capsys.readouterr().out
 
 
+def test_the_preparation_bar_is_drawn_on_a_terminal_only_and_names_the_split(tmp_path, tokenizer, capsys,
+                                                                                monkeypatch):
+    """`mlm-train > out 2> err` wrote carriage returns into err, under the cache key's name."""
+    data = compress(tmp_path / "data" / "train.jsonl", encoded("jsonl", TEXTS * 50))
+    load_chunks(data, "train", tokenizer, chunk_size=16, cache_dir=tmp_path / "plain", progress=True)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    load_chunks(data, "train", tokenizer, chunk_size=16, cache_dir=tmp_path / "terminal", progress=True)
+    assert "\rtokenizing train:" in capsys.readouterr().err
+
+
 def test_a_failed_preparation_leaves_the_cache_clean(tmp_path, tokenizer):
     data = compress(tmp_path / "data" / "train.jsonl", encoded("jsonl", TEXTS * 50))
     with pytest.raises(MLMError, match="column"):

@@ -11,7 +11,6 @@ Preparation streams in bounded memory; interrupted, the same command continues w
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from mlm.cli.args import ArgumentParser, add_settings, flag_of, run_command, split_list
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
                     args.dataset, split, tokenizer,
                     chunk_size=args.chunk_size, group_size=args.group_size, text_column=args.text_column,
                     revision=args.revision, cache_dir=args.cache_dir, max_length=max_positions,
-                    use_cache=not args.no_cache, progress=args.progress_bar and sys.stderr.isatty(),
+                    use_cache=not args.no_cache, progress=args.progress_bar,
                 )
         except KeyboardInterrupt as err:  # run_cli's own hint is about training runs and their checkpoints
             name = err.signal_name if isinstance(err, Interrupted) else "SIGINT"
