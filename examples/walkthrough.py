@@ -32,7 +32,7 @@ from mlm.corpus import load_chunks
 from mlm.data import chunk, group_ends, split_train_test, tokenize
 from mlm.errors import MLMError, name_flags
 from mlm.evaluate import evaluate
-from mlm.files.data_files import find_data_files, load_texts
+from mlm.files.data_files import find_corpus, find_data_files, load_texts
 from mlm.files.pretrained import load_config, load_pretrained, save_pretrained
 from mlm.fill_mask import fill_mask
 from mlm.masking import MaskingCollator, freeze_eval_masks
@@ -146,8 +146,8 @@ for prediction in fill_mask(model, tokenizer, [TEXT], top_k=5)[0][0]:
 # ## 2. The data
 #
 # Course: `load_dataset("imdb")`. mlm: `load_texts` (mlm/files/data_files.py) reads one split's text column from a
-# Hub dataset id, a local folder with the Hub's layout (`plain_text/{split}-*.parquet`) or a single
-# .parquet/.jsonl/.txt file, which holds only a "train" split.
+# Hub dataset id, a local folder with the Hub's layout (`plain_text/{split}-*.parquet`), or a single corpus (a
+# .parquet/.jsonl/.csv/.txt file, a glob, a folder without split names), which holds only a "train" split.
 # mlm reads text only; the labels are shown here with pyarrow from the same files (`find_data_files`,
 # mlm/files/data_files.py), since training never needs them.
 
@@ -171,13 +171,15 @@ def read_labels(dataset: str, split: str) -> list | None:
     return labels
 
 
-single_file = Path(args.dataset).expanduser().is_file()
-splits = ("train",) if single_file else ("train", "test", "unsupervised")
+# A file, a glob or a folder without split names is one corpus (find_corpus says so as "each .txt file is one
+# document" for the latter two): the train split alone.
+single_corpus = Path(args.dataset).expanduser().is_file() or find_corpus(args.dataset)[1]
+splits = ("train",) if single_corpus else ("train", "test", "unsupervised")
 texts = {split: load_texts(args.dataset, split) for split in splits}
 for split, split_texts in texts.items():
     print(f"{split}: {len(split_texts):,} reviews")
-if single_file:
-    print(f"note: {args.dataset} is a single file, which holds only a train split: no test or unsupervised split.")
+if single_corpus:
+    print(f"note: {args.dataset} is a single corpus, which holds only a train split: no test or unsupervised split.")
 
 # %% [markdown]
 # Course: `imdb_dataset["train"].shuffle(seed=42).select(range(3))`. `datasets` shuffles with

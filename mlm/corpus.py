@@ -41,7 +41,8 @@ def load_chunks(source: str | Path, split: str, tokenizer: Tokenizer, *, chunk_s
         except OSError as err:  # e.g. a read-only folder, a full disk
             warnings.warn(f"Could not write the chunk store {path} ({err}); continuing without it. "
                           "Give a writable `cache_dir` or set MLM_CACHE.", stacklevel=2)
-    return tokenize_and_chunk(read_texts(files, **reading), tokenizer, chunk_size=chunk_size, group_size=group_size)
+    return tokenize_and_chunk(read_texts(files, **reading), tokenizer, chunk_size=chunk_size, group_size=group_size,
+                              files=files)
 
 
 def run_sources(dataset: str | Path, *, train_splits: tuple[str, ...] = ("train",), eval_split: str | None = None,

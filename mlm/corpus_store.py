@@ -30,6 +30,7 @@ import fcntl
 import json
 import os
 import shutil
+import sys
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -148,8 +149,11 @@ def prepare_store(path: Path, key: dict, files: list[Path], tokenizer: Tokenizer
             remove_leftovers(partial)
             dtype = np.dtype("<u2") if tokenizer.vocab_size <= 1 << 16 else np.dtype("<i4")  # the narrowest
             writer = _Writer(partial, key_sha256, dtype, chunk_size, group_size)
+            # Drawn on a terminal only: elsewhere (a log file) its carriage returns would be noise. The label is the
+            # split's name, from the store's (store_path's {split}-{chunk_size}-{hash}).
             with tqdm(total=sum(file.stat().st_size for file in files), unit="B", unit_scale=True, unit_divisor=1024,
-                      desc=f"preparing {path.name}", disable=not progress, leave=False) as bar:
+                      desc=f"tokenizing {path.name.rsplit('-', 2)[0]}", disable=not (progress and sys.stderr.isatty()),
+                      leave=False) as bar:
                 for index, (texts, bytes_read) in enumerate(_pieces(files, text_column, one_document_per_file)):
                     if index >= writer.state["pieces"]:  # the pieces before were done by an interrupted run
                         for stretch in _stretches(texts, tokenizer):
@@ -319,7 +323,7 @@ class _Writer:
             others = f" and {len(files) - 1} other file{'s' * (len(files) > 2)}" if len(files) > 1 else ""
             raise MLMError(f"No text in {files[0]}{others}: empty, or only blank lines. Check the path, or add text.")
         check_filled(state["chunks"], tokens=state["tokens"], texts=state["documents"], chunk_size=self.chunk_size,
-                     group_size=self.group_size)
+                     group_size=self.group_size, files=files)
         fields = {"format_version": STORE_FORMAT_VERSION, "key": key, "key_sha256": state["key_sha256"],
                   "dtype": self.dtype.str, "chunk_size": self.chunk_size, "n_chunks": state["chunks"],
                   "n_reviews": state["documents"], "n_tokens": state["tokens"],

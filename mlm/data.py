@@ -16,12 +16,14 @@ eval chunks.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
 from mlm.chunks import Chunks, draw_size, draw_sizes
-from mlm.errors import MLMError
+from mlm.errors import MLMError, listed
 from mlm.tokenizer import Tokenizer
 
 __all__ = ["Chunks", "check_chunk_size", "check_filled", "chunk", "concatenate", "draw", "group_ends",
@@ -131,18 +133,22 @@ def chunk(input_ids: np.ndarray, word_ids: np.ndarray, group_ends: np.ndarray, *
     return input_ids[keep].reshape(-1, chunk_size), word_ids[keep].reshape(-1, chunk_size), rest
 
 
-def check_filled(n_chunks: int, *, tokens: int, texts: int, chunk_size: int, group_size: int | None) -> None:
-    """Raise MLMError for a corpus that filled no chunk."""
+def check_filled(n_chunks: int, *, tokens: int, texts: int, chunk_size: int, group_size: int | None,
+                 files: Sequence[Path] = ()) -> None:
+    """Raise MLMError for a corpus (read from `files`, when given) that filled no chunk."""
     if n_chunks == 0:
-        per_group = "" if group_size is None else f" in any group of {group_size} reviews"
-        raise MLMError(f"The corpus has {tokens} tokens in {texts} reviews, not enough to fill one chunk of "
-                       f"{chunk_size} tokens{per_group}. Use more text or a smaller `chunk_size`"
+        where = f" in {listed([str(file) for file in files], 3)}" if files else ""  # which one: --validation-file?
+        per_group = "" if group_size is None else f" in any group of {group_size} document{'s' * (group_size > 1)}"
+        raise MLMError(f"The corpus{where} has {tokens} tokens in {texts} document{'s' * (texts != 1)}, not enough "
+                       f"to fill one chunk of {chunk_size} tokens{per_group}. Use more text or a smaller `chunk_size`"
                        + ("." if group_size is None else " or `group_size`."))
 
 
 def tokenize_and_chunk(texts: list[str], tokenizer: Tokenizer, *, chunk_size: int = 128,
-                       group_size: int | None = None, max_length: int | None = None) -> Chunks:
-    """Tokenize `texts` and cut them into chunks, in memory: `tokenize` then `chunk`.
+                       group_size: int | None = None, max_length: int | None = None,
+                       files: Sequence[Path] = ()) -> Chunks:
+    """Tokenize `texts` (read from `files`, which an error names) and cut them into chunks, in memory: `tokenize`
+    then `chunk`.
 
     Returns Chunks with input_ids and word_ids of shape (N, chunk_size), int32. Raises MLMError for a bad
     chunk_size or a corpus too short to fill a single chunk.
@@ -150,7 +156,8 @@ def tokenize_and_chunk(texts: list[str], tokenizer: Tokenizer, *, chunk_size: in
     check_chunk_size(chunk_size, max_length)
     input_ids, word_ids, lengths = tokenize(texts, tokenizer)
     chunk_ids, chunk_words, _ = chunk(input_ids, word_ids, group_ends(lengths, group_size), chunk_size=chunk_size)
-    check_filled(len(chunk_ids), tokens=len(input_ids), texts=len(texts), chunk_size=chunk_size, group_size=group_size)
+    check_filled(len(chunk_ids), tokens=len(input_ids), texts=len(texts), chunk_size=chunk_size,
+                 group_size=group_size, files=files)
     return Chunks(chunk_ids, chunk_words, n_reviews=len(texts), n_tokens=len(input_ids))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -180,15 +181,30 @@ def test_prepare_data_flags_take_all_and_percent(tmp_path, tiny_tokenizer_dir, c
 
 
 def test_a_corpus_too_small_for_the_draw_keeps_its_store_and_says_so(tmp_path, tiny_tokenizer_dir, capsys):
+    """The preparation succeeded, yet an `error:` line and exit status 2 said it had failed: the draw is a note."""
     from mlm.cli.prepare_data import main
-    with pytest.raises(MLMError, match=r"Cannot draw 10000 train \+ 1000 test chunks from .* `train_size` \(`all` "
-                                       r".* The chunks are stored all the same, and training reuses them \("):
-        main(["--dataset", str(SMOKE / "reviews.jsonl"), "--tokenizer", str(tiny_tokenizer_dir), "--cache-dir",
-              str(tmp_path)])
-    assert len(list((tmp_path / "chunks").glob("train-*"))) == 1
+    main(["--dataset", str(SMOKE / "reviews.jsonl"), "--tokenizer", str(tiny_tokenizer_dir), "--cache-dir",
+          str(tmp_path)])
+    (store,) = (tmp_path / "chunks").glob("train-*")
+    out = capsys.readouterr().out
+    notes = [line for line in out.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and re.match(r"note: .*Cannot draw 10000 train \+ 1000 test chunks from .* --train-size "
+                                        r"\(`all` .*--test-size.* 5%.* The chunks are stored \(", notes[0]), out
+    assert str(store) in notes[0]
     main(["--dataset", str(SMOKE / "reviews.jsonl"), "--tokenizer", str(tiny_tokenizer_dir), "--cache-dir",
           str(tmp_path), "--train-size", "50", "--test-size", "50"])
     assert "% of the chunks left to train on (--train-size all takes them all)" in capsys.readouterr().out
+
+
+def test_the_preparation_bar_is_drawn_on_a_terminal_only_and_names_the_split(tmp_path, tokenizer, capsys,
+                                                                                monkeypatch):
+    """`mlm-train > out 2> err` wrote carriage returns into err, under the cache key's name."""
+    data = compress(tmp_path / "data" / "train.jsonl", encoded("jsonl", TEXTS * 50))
+    load_chunks(data, "train", tokenizer, chunk_size=16, cache_dir=tmp_path / "plain", progress=True)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    load_chunks(data, "train", tokenizer, chunk_size=16, cache_dir=tmp_path / "terminal", progress=True)
+    assert "\rtokenizing train:" in capsys.readouterr().err
 
 
 def test_a_failed_preparation_leaves_the_cache_clean(tmp_path, tokenizer):

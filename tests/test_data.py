@@ -325,10 +325,20 @@ def test_missing_path(tmp_path):
 
 
 def test_corpus_shorter_than_one_chunk(tokenizer):
-    with pytest.raises(MLMError, match="6 tokens in 2 reviews, not enough to fill one chunk of 128"):
+    with pytest.raises(MLMError, match="6 tokens in 2 documents, not enough to fill one chunk of 128"):
         tokenize_and_chunk(["good", "bad"], tokenizer)
-    with pytest.raises(MLMError, match="in any group of 1 reviews.*`group_size`"):
+    with pytest.raises(MLMError, match="in any group of 1 document.*`group_size`"):
         tokenize_and_chunk(["good", "bad"], tokenizer, chunk_size=4, group_size=1)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_file_too_short_for_one_chunk_is_named(tokenizer, tmp_path, use_cache):
+    """A --validation-file too short for one chunk was "The corpus has 4 tokens in 1 reviews": which corpus?"""
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("good film\n")
+    with pytest.raises(MLMError) as err:
+        load_chunks(tiny, "train", tokenizer, cache_dir=tmp_path / "cache", use_cache=use_cache)
+    assert f"The corpus in {tiny} has 4 tokens in 1 document, not enough to fill one chunk of 128" in str(err.value)
 
 
 def test_bad_chunk_and_group_sizes(tokenizer, tmp_path):

@@ -110,6 +110,22 @@ def test_files_of_two_splits_that_are_one_file_on_disk_are_read_by_both(tmp_path
     assert quietly(load_texts, tmp_path / "repo", "validation") == ["same"]
 
 
+def test_a_link_that_leads_nowhere_or_to_itself_is_named_in_a_warning(tmp_path):
+    """Both were skipped without a word: a folder or glob of two files trained on one."""
+    corpus = tmp_path / "corpus"
+    write_jsonl(corpus / "a.jsonl", ["kept"])
+    os.symlink(tmp_path / "gone.jsonl", corpus / "b.jsonl")
+    os.symlink("c.jsonl", corpus / "c.jsonl")
+    for source in (corpus, str(corpus / "*.jsonl")):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert load_texts(source) == ["kept"]
+        assert len(caught) == 1 and "\n" not in str(caught[0].message), [str(w.message) for w in caught]
+        assert "2 symlinks" in str(caught[0].message) and "b.jsonl, c.jsonl" in str(caught[0].message)
+        # Attributed inside mlm, so that run_cli prints it as one "warning:" line.
+        assert Path(caught[0].filename).name == "data_files.py"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Where split names count (items 7 and 8)
 

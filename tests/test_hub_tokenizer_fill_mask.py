@@ -66,6 +66,19 @@ def test_uncached_repo_id_offline_says_how_to_work_offline(offline_cache):
         load_pretrained("someone/not-there")
 
 
+def test_a_name_that_is_no_folder_here_says_so_before_the_hub(offline_cache, tmp_path, monkeypatch):
+    """A typo in a local folder's name (corp_jsnl for corp_jsonl) read as a Hub problem alone."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corp_jsonl").mkdir()
+    with pytest.raises(MLMError, match="^No local folder or file 'corp_jsnl' here. The dataset repository 'corp_jsnl' "
+                                       "is not in the local HF cache"):
+        resolve_repo("corp_jsnl", repo_type="dataset")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(MLMError, match="^No local folder or file 'corp_jsnl' here. Could not reach the Hub"):
+        resolve_repo("corp_jsnl", repo_type="dataset")
+
+
 def test_missing_local_folder_and_revision_on_a_folder(tmp_path):
     with pytest.raises(MLMError, match="No such folder"):
         resolve_repo(tmp_path / "nope")

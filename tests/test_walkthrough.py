@@ -151,6 +151,21 @@ def test_bad_input_is_one_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("corpus", ["folder", "glob"])
+def test_a_folder_or_glob_of_documents_is_a_train_split_as_one_file_is(tmp_path, corpus):
+    """A folder without split names (or a glob) ran the model cells, then stopped: "split 'test' was asked for"."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "reviews.jsonl").write_bytes(REVIEWS.read_bytes())
+    dataset = str(folder) if corpus == "folder" else str(folder / "*.jsonl")
+    result = run_walkthrough("--model", str(SMOKE), "--init", "random", "--dataset", dataset, "--train-size", "32",
+                             "--test-size", "16", "--batch-size", "16", "--max-steps", "1", "--device", "cpu",
+                             "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "out"),
+                             "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"note: {dataset} is a single corpus, which holds only a train split" in result.stdout
+
+
 # ---------------------------------------------------------------- the output folder
 
 

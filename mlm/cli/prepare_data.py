@@ -11,13 +11,12 @@ Preparation streams in bounded memory; interrupted, the same command continues w
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
-from mlm.cli.args import ArgumentParser, add_settings, run_command, split_list
+from mlm.cli.args import ArgumentParser, add_settings, flag_of, run_command, split_list
 from mlm.corpus import load_chunks
 from mlm.data import split_train_test
-from mlm.errors import Interrupted, MLMError
+from mlm.errors import Interrupted, MLMError, name_flags
 from mlm.files.data_files import SPLITS
 from mlm.files.hub import resolve_repo, set_progress_bars
 from mlm.files.pretrained import CONFIG_FILE, read_config
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
                     args.dataset, split, tokenizer,
                     chunk_size=args.chunk_size, group_size=args.group_size, text_column=args.text_column,
                     revision=args.revision, cache_dir=args.cache_dir, max_length=max_positions,
-                    use_cache=not args.no_cache, progress=args.progress_bar and sys.stderr.isatty(),
+                    use_cache=not args.no_cache, progress=args.progress_bar,
                 )
         except KeyboardInterrupt as err:  # run_cli's own hint is about training runs and their checkpoints
             name = err.signal_name if isinstance(err, Interrupted) else "SIGINT"
@@ -87,9 +86,12 @@ def main(argv: list[str] | None = None) -> None:
         try:
             train, test = split_train_test(chunks, train_size=args.train_size, test_size=args.test_size,
                                            seed=args.data_seed)
-        except MLMError as err:
-            kept = f" The chunks are stored all the same, and training reuses them ({chunks.cache_path})."
-            raise MLMError(f"{err}{kept if chunks.cache_path else ''}") from None
+        except MLMError as err:  # the preparation worked: the draw is what training would make of it, information
+            kept = (f" The chunks are stored ({chunks.cache_path}), and training reuses them."
+                    if chunks.cache_path else "")
+            print(f"note: training would stop at this draw: {name_flags(str(err), flag_of)} E.g. --train-size all "
+                  f"--test-size 5%.{kept}")
+            continue
         share = len(train) / (len(chunks) - len(test))
         print(f"downsampled train split (seed {args.data_seed}): {len(train):,} train chunks, "
               f"{len(test):,} test chunks of {chunks.chunk_size} tokens"

@@ -79,9 +79,11 @@ def _walk(root: Path, wanted: Callable[[tuple[str, ...]], bool], max_depth: int 
     Symlinks are followed, to files and folders alike, but a folder link that leads back to a folder above it
     (`sub/loop -> ..`) is not entered: glob's `**` went round such a loop until the OS refused the path, reading
     each file 41 times. A file reached by two paths is listed under both; `_read_once` keeps one. Names starting
-    with "." are skipped, as glob and the Hub's own data-file patterns skip them.
+    with "." are skipped, as glob and the Hub's own data-file patterns skip them. A wanted link that leads nowhere
+    (or to itself) is left out with a warning naming it.
     """
     found: list[tuple[str, Path]] = []
+    broken: list[str] = []
 
     def visit(folder: Path, parts: tuple[str, ...], above: set[tuple[int, int]]) -> None:
         try:
@@ -101,11 +103,17 @@ def _walk(root: Path, wanted: Callable[[tuple[str, ...]], bool], max_depth: int 
                 elif wanted(inside) and stat.S_ISREG(entry.stat().st_mode):
                     found.append(("/".join(inside), Path(entry.path)))
             except OSError:
-                if not entry.is_symlink():  # a link to nothing, or to itself, is skipped
+                if not entry.is_symlink():
                     raise
+                broken.append("/".join(inside))  # a link to nothing, or to itself: nothing there to read
 
     if root.is_dir():
         visit(root, (), {_identity(root.stat())})
+    if broken:
+        them = "it" if len(broken) == 1 else "them"
+        # Attributed to _walk's caller, inside mlm, so that run_cli prints it as one "warning:" line.
+        warnings.warn(f"{root}: {len(broken)} symlink{'s' * (len(broken) > 1)} leading nowhere or in a loop left "
+                      f"out: {listed(sorted(broken), NAMED)}. Point {them} at a file, or remove {them}.", stacklevel=2)
     return [file for _, file in sorted(found)]
 
 

@@ -63,6 +63,8 @@ def _download(repo_id: str, *, repo_type: str, revision: str | None, allow_patte
 
     where = f"{repo_type} repository {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
     endpoint = constants.ENDPOINT
+    # Said first: the name may be a local folder's, mistyped (corp_jsnl), which a Hub error alone would hide.
+    nothing_here = f"No local folder or file {repo_id!r} here."
     try:
         folder = snapshot_download(repo_id=repo_id, repo_type=repo_type, revision=revision,
                                    allow_patterns=list(allow_patterns) if allow_patterns else None)
@@ -71,12 +73,13 @@ def _download(repo_id: str, *, repo_type: str, revision: str | None, allow_patte
     except errors.GatedRepoError:
         raise MLMError(f"The {where} on {endpoint} is gated: accept its terms on the Hub and set HF_TOKEN.") from None
     except errors.RepositoryNotFoundError:
-        raise MLMError(f"No local folder named {repo_id!r}, and the Hub at {endpoint} has no {where} (or it is "
-                       "private: set HF_TOKEN).") from None
+        raise MLMError(f"{nothing_here} The Hub at {endpoint} has no {where} (or it is private: set HF_TOKEN)."
+                       ) from None
     except errors.RevisionNotFoundError:
         raise MLMError(f"The Hub at {endpoint} has no {where}: check --revision.") from None
     except Exception as err:  # classified by its cause below: every failure is one line naming the endpoint
-        raise MLMError(describe_download_error(err, where, endpoint, offline=constants.HF_HUB_OFFLINE)) from None
+        cause = describe_download_error(err, where, endpoint, offline=constants.HF_HUB_OFFLINE)
+        raise MLMError(f"{nothing_here} {cause}") from None
     return Path(folder)
 
 
