@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 from test_run_safety import cli, on_call, snapshot
-from test_train import SMOKE, tiny_run
+from test_train import SMOKE, interrupt_after, tiny_run
 
 import mlm.corpus_store
 import mlm.run.folder
 import mlm.train
+from mlm.cli.evaluate import run_records
 from mlm.cli.train import SMOKE as SMOKE_SETTINGS
 from mlm.cli.train import replaces_smoke_run
 from mlm.errors import MLMError
@@ -82,6 +83,28 @@ def test_a_model_card_the_user_edited_is_kept(tmp_path, capsys):
     card.unlink()  # gone: the next card is written again
     train(tiny_run(run, epochs=3, resume="latest", extend=True))
     assert "My notes" not in card.read_text() and "| trained for | 3 epochs |" in card.read_text()
+
+
+@pytest.mark.parametrize("edited_card", [False, True])
+def test_a_resume_before_the_final_model_removes_it_and_its_card(tmp_path, monkeypatch, capsys, edited_card):
+    """A resume from a checkpoint before the step of the final model redoes that course: the final model and the card
+    the run wrote go like the later checkpoints (a card the user edited stays), so nothing scores or pushes the
+    abandoned weights. An --extend from where the run finished keeps them: nothing finished is lost there."""
+    run = finished(tmp_path, keep_checkpoints=10)  # 6 steps: checkpoints 4 and 6, the final model of step 6
+    final = ["config.json", "model.safetensors", "tokenizer.json"]
+    if edited_card:
+        (run / "README.md").write_text("My own card.\n")
+    interrupt_after(monkeypatch, 1)
+    assert train(tiny_run(run, epochs=2, resume="latest", extend=True, keep_checkpoints=10)).status == "interrupted"
+    assert all((run / name).exists() for name in [*final, "README.md"])
+    interrupt_after(monkeypatch, 1)
+    capsys.readouterr()
+    stopped = train(tiny_run(run, epochs=2, resume=str(run / "checkpoints" / "step-000004"), keep_checkpoints=10))
+    assert stopped.status == "interrupted" and stopped.steps == 5
+    assert not any((run / name).exists() for name in final) and (run / "README.md").exists() == edited_card
+    assert "note: removed the final model" in capsys.readouterr().out
+    with pytest.raises(MLMError, match="holds a run that has no final model yet"):  # mlm-evaluate --model run
+        run_records([str(run)])
 
 
 def test_overwrite_refuses_a_folder_with_files_its_run_did_not_write(tmp_path):

@@ -159,6 +159,9 @@ class Run:
             changed, self.record = {}, RunRecord(settings=settings)
         old = folder_record(self.output_dir)
         self.notes += self.folder.start(overwrite=config.overwrite, resuming=resuming, run_id=old and old.run_id)
+        # One dict: the record lists every name the run writes, as it writes. Only now: before start() commits a
+        # resumed run, a stop would remove them all.
+        self.folder.written = self.record.written
         # Resuming from an older checkpoint of this folder redoes the steps after it: the checkpoints of those steps
         # belong to the abandoned course, and would pass as the new one's.
         ours = (self.output_dir / "checkpoints").resolve()
@@ -168,6 +171,17 @@ class Run:
                     shutil.rmtree(later)
                     self.notes.append(f"removed {later.name}: it follows {self.resume_from.name}, whose later steps "
                                       "run again now.")
+        # So do the final model and the card this run wrote, if a finished segment saved them after this step: scored
+        # or pushed, they would pass as this course's. (A resume --extend from that very step keeps them.)
+        finals = [segment["to_step"] for segment in self.record.segments if segment["end"] == "finished"]
+        if resuming and procs.is_main and finals and self.progress.global_step < finals[-1]:
+            if gone := [name for name in (CONFIG_FILE, WEIGHTS_FILE, *TOKENIZER_FILES, CARD_FILE)
+                        if (self.output_dir / name).exists() and self.folder.may_replace(name)]:
+                for name in gone:
+                    (self.output_dir / name).unlink()
+                card = " and its model card" if CARD_FILE in gone else ""
+                self.notes.append(f"removed the final model of step {finals[-1]}{card}: {self.resume_from.name} comes "
+                                  "before it, and its later steps run again now.")
         procs.barrier()  # nobody writes before rank 0 has made the folder ready
         record, step = self.record, self.progress.global_step
         record.settings, record.derived, record.data = settings, facts, data
@@ -175,7 +189,6 @@ class Run:
                              world_size=procs.world_size, changed=changed)
         tensorboard = config.report_to == "tensorboard"
         record.written.update({METRICS_FILE: None, **({LOG_DIR: None} if tensorboard else {})})
-        self.folder.written = record.written  # one dict: the record lists every name the run writes, as it writes
         self._write_record()
         listeners = (TensorBoardLog(self.output_dir),) if tensorboard and procs.is_main else ()
         self.log = MetricsLog(self.output_dir / METRICS_FILE, enabled=procs.is_main, segment=len(record.segments) - 1,
