@@ -8,6 +8,7 @@ Every run uses the tiny model and corpus of mlm/smoke through test_train's tiny_
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ import mlm.train
 from mlm.cli.evaluate import run_records
 from mlm.cli.train import SMOKE as SMOKE_SETTINGS
 from mlm.cli.train import replaces_smoke_run
-from mlm.errors import MLMError
+from mlm.errors import Interrupted, MLMError
 from mlm.evaluate import summarize
 from mlm.run.folder import REPLACED, RESTORING, RunFolder
 from mlm.run.processes import Processes
@@ -299,6 +300,25 @@ def test_messages_fit_the_situation(tmp_path, monkeypatch):
     # start a new run (the main process resumes one).
     with pytest.raises(MLMError, match="with several nodes the output folder must be one every node shares"):
         RunFolder(tmp_path / "not-on-this-node", is_main=False).resume_point("latest", overwrite=False)
+
+
+def test_a_resume_stopped_before_its_own_checkpoint_continues_the_checkpoint_it_was_given(tmp_path, monkeypatch):
+    """Stopped during set-up, a resume of an older checkpoint says to resume that checkpoint again: `--resume latest`
+    would take the newer one, which the user did not ask for. With the newest, `--resume latest` as ever."""
+    run = finished(tmp_path, keep_checkpoints=10)
+    for given, resumes in (("step-000004", str(run / "checkpoints" / "step-000004")), ("step-000006", "latest")):
+        with monkeypatch.context() as patch:
+            on_call(patch, mlm.train, "load_data", 1, lambda: os.kill(os.getpid(), signal.SIGTERM))
+            with pytest.raises(Interrupted) as stopped:  # step 6 ends the run: --extend, or there is nothing to do
+                train(tiny_run(run, epochs=2, extend=True, resume=str(run / "checkpoints" / given)))
+        assert f"Continue with: mlm-train --resume {resumes} --output-dir {run}" in stopped.value.hint
+    older = run / "checkpoints" / "step-000004"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert resume_command(run, Processes(rank=0, world_size=2), older) == (
+        f"torchrun --nproc_per_node 2 -m mlm.cli.train --resume {older} --output-dir {run}")
+    assert resume_command(run, Processes(rank=0, world_size=4), older).startswith(
+        "on each of the 2 nodes, torchrun --nnodes 2 --nproc_per_node 2 --rdzv_backend c10d")
+    assert resume_command(run, Processes(rank=0, world_size=4), older).endswith(f"--resume {older} --output-dir {run}")
 
 
 # ---------------------------------------------------------------- an eval set with nothing to score

@@ -401,7 +401,11 @@ class Run:
 
     def continue_hint(self) -> str:
         if self.last_checkpoint is not None:
-            return f"Continue with: {resume_command(self.output_dir, self.procs)}"
+            # Stopped before a checkpoint of its own, a resume continues the checkpoint it was given: `--resume latest`
+            # would take a newer one of the folder, which the user did not ask for.
+            newest = [path.resolve() for path in list_checkpoints(self.output_dir)[-1:]]
+            given = self.last_checkpoint == str(self.resume_from) and newest != [self.resume_from.resolve()]
+            return f"Continue with: {resume_command(self.output_dir, self.procs, self.resume_from if given else None)}"
         # This run saved no checkpoint and resumes none: the folder is as it was. A chunk store cut short keeps its
         # completed pieces (mlm/corpus_store.py): say so, or users redo it.
         if self.log is None:  # stopped while setting up
@@ -505,11 +509,12 @@ def share_final_weights(output_dir: Path, checkpoint: str | None) -> None:
             os.replace(link, saved)
 
 
-def resume_command(output_dir: Path, procs: Processes) -> str:
-    """The command that continues the run, to copy as it is: every setting comes from the run record."""
-    folder = shlex.quote(str(output_dir))
+def resume_command(output_dir: Path, procs: Processes, checkpoint: Path | None = None) -> str:
+    """The command that continues the run, to copy as it is: every setting comes from the run record. It resumes
+    `checkpoint`, else the newest one."""
+    flags = f"--resume {shlex.quote(str(checkpoint or 'latest'))} --output-dir {shlex.quote(str(output_dir))}"
     if procs.world_size == 1:
-        return f"mlm-train --resume latest --output-dir {folder}"
+        return f"mlm-train {flags}"
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", procs.world_size))
     nodes = procs.world_size // max(per_node, 1)
     # torchrun's default rendezvous is static, where every node would be node 0: name c10d's, with the first node's
@@ -517,4 +522,4 @@ def resume_command(output_dir: Path, procs: Processes) -> str:
     launch = (f"torchrun --nproc_per_node {per_node}" if nodes == 1 else
               f"on each of the {nodes} nodes, torchrun --nnodes {nodes} --nproc_per_node {per_node} --rdzv_backend "
               f"c10d --rdzv_endpoint HOST:PORT --rdzv_id {os.environ.get('TORCHELASTIC_RUN_ID', 'JOB')}")
-    return f"{launch} -m mlm.cli.train --resume latest --output-dir {folder}"
+    return f"{launch} -m mlm.cli.train {flags}"
