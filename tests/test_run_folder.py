@@ -8,18 +8,20 @@ Every run uses the tiny model and corpus of mlm/smoke through test_train's tiny_
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 from test_run_safety import cli, on_call, snapshot
-from test_train import SMOKE, tiny_run
+from test_train import SMOKE, interrupt_after, tiny_run
 
 import mlm.corpus_store
 import mlm.run.folder
 import mlm.train
+from mlm.cli.evaluate import run_records
 from mlm.cli.train import SMOKE as SMOKE_SETTINGS
 from mlm.cli.train import replaces_smoke_run
-from mlm.errors import MLMError
+from mlm.errors import Interrupted, MLMError
 from mlm.evaluate import summarize
 from mlm.run.folder import REPLACED, RESTORING, RunFolder
 from mlm.run.processes import Processes
@@ -82,6 +84,28 @@ def test_a_model_card_the_user_edited_is_kept(tmp_path, capsys):
     card.unlink()  # gone: the next card is written again
     train(tiny_run(run, epochs=3, resume="latest", extend=True))
     assert "My notes" not in card.read_text() and "| trained for | 3 epochs |" in card.read_text()
+
+
+@pytest.mark.parametrize("edited_card", [False, True])
+def test_a_resume_before_the_final_model_removes_it_and_its_card(tmp_path, monkeypatch, capsys, edited_card):
+    """A resume from a checkpoint before the step of the final model redoes that course: the final model and the card
+    the run wrote go like the later checkpoints (a card the user edited stays), so nothing scores or pushes the
+    abandoned weights. An --extend from where the run finished keeps them: nothing finished is lost there."""
+    run = finished(tmp_path, keep_checkpoints=10)  # 6 steps: checkpoints 4 and 6, the final model of step 6
+    final = ["config.json", "model.safetensors", "tokenizer.json"]
+    if edited_card:
+        (run / "README.md").write_text("My own card.\n")
+    interrupt_after(monkeypatch, 1)
+    assert train(tiny_run(run, epochs=2, resume="latest", extend=True, keep_checkpoints=10)).status == "interrupted"
+    assert all((run / name).exists() for name in [*final, "README.md"])
+    interrupt_after(monkeypatch, 1)
+    capsys.readouterr()
+    stopped = train(tiny_run(run, epochs=2, resume=str(run / "checkpoints" / "step-000004"), keep_checkpoints=10))
+    assert stopped.status == "interrupted" and stopped.steps == 5
+    assert not any((run / name).exists() for name in final) and (run / "README.md").exists() == edited_card
+    assert "note: removed the final model" in capsys.readouterr().out
+    with pytest.raises(MLMError, match="holds a run that has no final model yet"):  # mlm-evaluate --model run
+        run_records([str(run)])
 
 
 def test_overwrite_refuses_a_folder_with_files_its_run_did_not_write(tmp_path):
@@ -276,6 +300,25 @@ def test_messages_fit_the_situation(tmp_path, monkeypatch):
     # start a new run (the main process resumes one).
     with pytest.raises(MLMError, match="with several nodes the output folder must be one every node shares"):
         RunFolder(tmp_path / "not-on-this-node", is_main=False).resume_point("latest", overwrite=False)
+
+
+def test_a_resume_stopped_before_its_own_checkpoint_continues_the_checkpoint_it_was_given(tmp_path, monkeypatch):
+    """Stopped during set-up, a resume of an older checkpoint says to resume that checkpoint again: `--resume latest`
+    would take the newer one, which the user did not ask for. With the newest, `--resume latest` as ever."""
+    run = finished(tmp_path, keep_checkpoints=10)
+    for given, resumes in (("step-000004", str(run / "checkpoints" / "step-000004")), ("step-000006", "latest")):
+        with monkeypatch.context() as patch:
+            on_call(patch, mlm.train, "load_data", 1, lambda: os.kill(os.getpid(), signal.SIGTERM))
+            with pytest.raises(Interrupted) as stopped:  # step 6 ends the run: --extend, or there is nothing to do
+                train(tiny_run(run, epochs=2, extend=True, resume=str(run / "checkpoints" / given)))
+        assert f"Continue with: mlm-train --resume {resumes} --output-dir {run}" in stopped.value.hint
+    older = run / "checkpoints" / "step-000004"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert resume_command(run, Processes(rank=0, world_size=2), older) == (
+        f"torchrun --nproc_per_node 2 -m mlm.cli.train --resume {older} --output-dir {run}")
+    assert resume_command(run, Processes(rank=0, world_size=4), older).startswith(
+        "on each of the 2 nodes, torchrun --nnodes 2 --nproc_per_node 2 --rdzv_backend c10d")
+    assert resume_command(run, Processes(rank=0, world_size=4), older).endswith(f"--resume {older} --output-dir {run}")
 
 
 # ---------------------------------------------------------------- an eval set with nothing to score

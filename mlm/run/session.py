@@ -159,6 +159,9 @@ class Run:
             changed, self.record = {}, RunRecord(settings=settings)
         old = folder_record(self.output_dir)
         self.notes += self.folder.start(overwrite=config.overwrite, resuming=resuming, run_id=old and old.run_id)
+        # One dict: the record lists every name the run writes, as it writes. Only now: before start() commits a
+        # resumed run, a stop would remove them all.
+        self.folder.written = self.record.written
         # Resuming from an older checkpoint of this folder redoes the steps after it: the checkpoints of those steps
         # belong to the abandoned course, and would pass as the new one's.
         ours = (self.output_dir / "checkpoints").resolve()
@@ -168,6 +171,17 @@ class Run:
                     shutil.rmtree(later)
                     self.notes.append(f"removed {later.name}: it follows {self.resume_from.name}, whose later steps "
                                       "run again now.")
+        # So do the final model and the card this run wrote, if a finished segment saved them after this step: scored
+        # or pushed, they would pass as this course's. (A resume --extend from that very step keeps them.)
+        finals = [segment["to_step"] for segment in self.record.segments if segment["end"] == "finished"]
+        if resuming and procs.is_main and finals and self.progress.global_step < finals[-1]:
+            if gone := [name for name in (CONFIG_FILE, WEIGHTS_FILE, *TOKENIZER_FILES, CARD_FILE)
+                        if (self.output_dir / name).exists() and self.folder.may_replace(name)]:
+                for name in gone:
+                    (self.output_dir / name).unlink()
+                card = " and its model card" if CARD_FILE in gone else ""
+                self.notes.append(f"removed the final model of step {finals[-1]}{card}: {self.resume_from.name} comes "
+                                  "before it, and its later steps run again now.")
         procs.barrier()  # nobody writes before rank 0 has made the folder ready
         record, step = self.record, self.progress.global_step
         record.settings, record.derived, record.data = settings, facts, data
@@ -175,7 +189,6 @@ class Run:
                              world_size=procs.world_size, changed=changed)
         tensorboard = config.report_to == "tensorboard"
         record.written.update({METRICS_FILE: None, **({LOG_DIR: None} if tensorboard else {})})
-        self.folder.written = record.written  # one dict: the record lists every name the run writes, as it writes
         self._write_record()
         listeners = (TensorBoardLog(self.output_dir),) if tensorboard and procs.is_main else ()
         self.log = MetricsLog(self.output_dir / METRICS_FILE, enabled=procs.is_main, segment=len(record.segments) - 1,
@@ -393,7 +406,11 @@ class Run:
 
     def continue_hint(self) -> str:
         if self.last_checkpoint is not None:
-            return f"Continue with: {resume_command(self.output_dir, self.procs)}"
+            # Stopped before a checkpoint of its own, a resume continues the checkpoint it was given: `--resume latest`
+            # would take a newer one of the folder, which the user did not ask for.
+            newest = [path.resolve() for path in list_checkpoints(self.output_dir)[-1:]]
+            given = self.last_checkpoint == str(self.resume_from) and newest != [self.resume_from.resolve()]
+            return f"Continue with: {resume_command(self.output_dir, self.procs, self.resume_from if given else None)}"
         # This run saved no checkpoint and resumes none: the folder is as it was. A chunk store cut short keeps its
         # completed pieces (mlm/corpus_store.py): say so, or users redo it.
         if self.log is None:  # stopped while setting up
@@ -497,11 +514,12 @@ def share_final_weights(output_dir: Path, checkpoint: str | None) -> None:
             os.replace(link, saved)
 
 
-def resume_command(output_dir: Path, procs: Processes) -> str:
-    """The command that continues the run, to copy as it is: every setting comes from the run record."""
-    folder = shlex.quote(str(output_dir))
+def resume_command(output_dir: Path, procs: Processes, checkpoint: Path | None = None) -> str:
+    """The command that continues the run, to copy as it is: every setting comes from the run record. It resumes
+    `checkpoint`, else the newest one."""
+    flags = f"--resume {shlex.quote(str(checkpoint or 'latest'))} --output-dir {shlex.quote(str(output_dir))}"
     if procs.world_size == 1:
-        return f"mlm-train --resume latest --output-dir {folder}"
+        return f"mlm-train {flags}"
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", procs.world_size))
     nodes = procs.world_size // max(per_node, 1)
     # torchrun's default rendezvous is static, where every node would be node 0: name c10d's, with the first node's
@@ -509,4 +527,4 @@ def resume_command(output_dir: Path, procs: Processes) -> str:
     launch = (f"torchrun --nproc_per_node {per_node}" if nodes == 1 else
               f"on each of the {nodes} nodes, torchrun --nnodes {nodes} --nproc_per_node {per_node} --rdzv_backend "
               f"c10d --rdzv_endpoint HOST:PORT --rdzv_id {os.environ.get('TORCHELASTIC_RUN_ID', 'JOB')}")
-    return f"{launch} -m mlm.cli.train --resume latest --output-dir {folder}"
+    return f"{launch} -m mlm.cli.train {flags}"
