@@ -526,3 +526,9 @@ def test_hub_failures_keep_their_cause_and_name_the_endpoint(fake_endpoint, monk
     with pytest.raises(MLMError, match="HF_ENDPOINT='huggingface.co' is not a valid Hub address"):
         resolve_repo("someone/model")
 
+
+
+def test_a_setting_left_unset_is_named_so_in_a_resumes_refusal(tmp_path):
+    # It read "`max_steps` None -> 100": Python's word, not one the user typed.
+    with pytest.raises(MLMError, match="`max_steps` unset -> 100. Resume without"):
+        compare_settings({"max_steps": None}, {"max_steps": 100}, extend=False, where=tmp_path, world_size=1)

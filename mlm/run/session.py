@@ -205,7 +205,7 @@ class Run:
                      f"{step}/{self.total_steps}).")
         self.say(f"Model: {path}.")
         self.say(f"{facts['parameters']:,} parameters on {procs.device} ({precision}); {facts['train_chunks']:,} train "
-                 f"/ {facts['eval_chunks']:,} eval chunks of {config.chunk_size}; {self.total_steps} steps of "
+                 f"/ {facts['eval_chunks']:,} eval chunks of {config.chunk_size}; {self.total_steps} step{'s' * (self.total_steps != 1)} of "
                  f"{facts['global_batch']} chunks. Record: {self.output_dir / RECORD_FILE}")
 
     def _restore(self, model, optimizer, scaler) -> None:
@@ -469,7 +469,7 @@ def compare_settings(stored: dict, current: dict, *, extend: bool, where: Path, 
 
 def _difference(name: str, stored: dict, current: dict, world_size: int) -> str:
     if name != "global_batch":
-        return f"`{name}` {stored[name]!r} -> {current.get(name)!r}"
+        return f"`{name}` " + " -> ".join("unset" if v is None else repr(v) for v in (stored[name], current.get(name)))
     batch, accum = current["batch_size"], current["grad_accum"]
     keep = stored[name] // world_size
     ways = [f"`batch_size` {keep // accum}" if keep % accum == 0 else None,
