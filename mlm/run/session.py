@@ -205,8 +205,9 @@ class Run:
                      f"{step}/{self.total_steps}).")
         self.say(f"Model: {path}.")
         self.say(f"{facts['parameters']:,} parameters on {procs.device} ({precision}); {facts['train_chunks']:,} train "
-                 f"/ {facts['eval_chunks']:,} eval chunks of {config.chunk_size}; {self.total_steps} step{'s' * (self.total_steps != 1)} of "
-                 f"{facts['global_batch']} chunks. Record: {self.output_dir / RECORD_FILE}")
+                 f"/ {facts['eval_chunks']:,} eval chunks of {config.chunk_size}; {self.total_steps} "
+                 f"step{'s' * (self.total_steps != 1)} of {facts['global_batch']} chunks. Record: "
+                 f"{self.output_dir / RECORD_FILE}")
 
     def _restore(self, model, optimizer, scaler) -> None:
         try:
