@@ -132,7 +132,7 @@ class TrainConfig:
                                      "holding a run (default: MODEL-finetuned-DATA after the names of --model and "
                                      "--dataset, as the course's distilbert-base-uncased-finetuned-imdb; "
                                      "MODEL-scratch-DATA with --init random)", OUTPUT)
-    log_every: int = setting(10, "steps between training log lines", OUTPUT)
+    log_every: int = setting(10, "a training log line at every N-th step of the run (and at each epoch's end)", OUTPUT)
     eval_every: int | None = setting(None, "also evaluate every N steps (default: at the end of each epoch only)",
                                      OUTPUT, type=int)
     save_every: int | None = setting(500, "checkpoint every N steps, besides every epoch end", OUTPUT, type=int)

@@ -145,6 +145,18 @@ def test_resume_after_sigint_is_bit_exact(tmp_path, monkeypatch, knobs):
     assert [r["step"] for r in records(tmp_path / "resumed", "train")] == list(range(1, 13))
 
 
+def test_a_resumed_run_logs_at_the_steps_an_uninterrupted_one_does(tmp_path, monkeypatch):
+    # The log interval counted from the resume, so lines fell at 11 after a resume at 7 where the run logs at 8.
+    train(tiny_run(tmp_path / "straight", log_every=4))
+    interrupt_after(monkeypatch, steps=7)
+    train(tiny_run(tmp_path / "resumed", log_every=4))
+    monkeypatch.undo()
+    train(tiny_run(tmp_path / "resumed", resume="latest", log_every=4))
+    straight = [r["step"] for r in records(tmp_path / "straight", "train")]
+    resumed = [r["step"] for r in records(tmp_path / "resumed", "train") if r["segment"] == 1]
+    assert straight == [4, 6, 8, 12] and resumed == [8, 12]  # every 4th step, each epoch's end (6) and the last
+
+
 def test_sigterm_also_checkpoints(tmp_path, monkeypatch):
     interrupt_after(monkeypatch, steps=3, signum=signal.SIGTERM)
     summary = train(tiny_run(tmp_path / "run"))

@@ -256,7 +256,9 @@ class Run:
         meter, progress, procs = self.meter, self.progress, self.procs
         meter.add(loss, tokens, ran, labelled)
         self.console.step()
-        due = meter.steps >= self.config.log_every or self._due(None)  # or an epoch's end, or the last step
+        # Every --log-every-th step of the run, as Trainer logs, so a resumed run logs where an uninterrupted one does;
+        # and at each epoch's end and the last step.
+        due = progress.global_step % self.config.log_every == 0 or self._due(None)
         # Every process reaches the same log steps, so they agree there on a stop request (a host sync under DDP,
         # hence not at every step) and all stop, and checkpoint, at the same step.
         if due or procs.world_size == 1:
