@@ -129,3 +129,12 @@ def test_fill_mask_refuses_a_device_it_cannot_run_on_in_one_line(capsys, device)
     # It was passed to torch unchecked: a traceback ("Torch not compiled with CUDA enabled", "Expected one of cpu…").
     err = one_line_error(fill_mask_cli.main, ["--model", str(TINY_DIR), "--device", device, "a [MASK] ."], capsys)
     assert "not a device mlm runs on" in err or "torch sees no CUDA GPU" in err
+
+
+def test_a_run_folder_without_its_final_model_points_at_its_checkpoints(tmp_path, capsys):
+    # It said only "No config.json in runs/d: a model folder needs config.json." (mlm-evaluate explained it).
+    folder = tmp_path / "run"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "run.json").write_text("{}")
+    err = one_line_error(fill_mask_cli.main, ["--model", str(folder), "a [MASK] ."], capsys)
+    assert "no final model yet" in err and str(folder / "checkpoints") in err and "--resume latest" in err

@@ -148,7 +148,11 @@ def load_config(name_or_path: str | Path, revision: str | None = None, overrides
     initialised model."""
     folder = resolve_repo(name_or_path, revision=revision, allow_patterns=[CONFIG_FILE])
     if not (folder / CONFIG_FILE).is_file():
-        raise MLMError(f"No {CONFIG_FILE} in {folder}: a model folder needs config.json.")
+        # A run folder (run.json) gets its model when the run finishes; its checkpoints have one each meanwhile.
+        run = (f" It holds a run with no final model yet: give one of its checkpoints ({folder / 'checkpoints'}/"
+               f"step-…), or finish the run with mlm-train --resume latest --output-dir {folder}."
+               if (folder / "run.json").is_file() else "")
+        raise MLMError(f"No {CONFIG_FILE} in {folder}: a model folder needs config.json.{run}")
     return read_config(folder / CONFIG_FILE, overrides)
 
 
