@@ -17,7 +17,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+try:
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+except ImportError as err:  # pragma: no cover - developer script
+    raise SystemExit(f"This script needs transformers: pip install -e '.[reference]' ({err})") from None
 
 from mlm.files.pretrained import load_config, save_pretrained
 from mlm.model import DistilBertForMaskedLM

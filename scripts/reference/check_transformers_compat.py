@@ -18,7 +18,11 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForMaskedLM, pipeline
+
+try:
+    from transformers import AutoModelForMaskedLM, pipeline
+except ImportError as err:  # pragma: no cover - developer script
+    raise SystemExit(f"This script needs transformers: pip install -e '.[reference]' ({err})") from None
 
 from mlm.files.families import ARCHITECTURES
 from mlm.files.pretrained import config_from_dict, load_config, load_pretrained, save_pretrained

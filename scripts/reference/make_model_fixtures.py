@@ -15,14 +15,18 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import (
-    BertConfig,
-    BertForMaskedLM,
-    DistilBertConfig,
-    DistilBertForMaskedLM,
-    RobertaConfig,
-    RobertaForMaskedLM,
-)
+
+try:
+    from transformers import (
+        BertConfig,
+        BertForMaskedLM,
+        DistilBertConfig,
+        DistilBertForMaskedLM,
+        RobertaConfig,
+        RobertaForMaskedLM,
+    )
+except ImportError as err:  # pragma: no cover - developer script
+    raise SystemExit(f"This script needs transformers: pip install -e '.[reference]' ({err})") from None
 
 FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures"
 # Tiny but complete: 2 layers, head size 8 (not a power of two, so the attention scale is not exact in binary).

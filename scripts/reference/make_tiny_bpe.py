@@ -14,6 +14,7 @@ training twice); the ids of the special tokens are RoBERTa's order (<s>=0, <pad>
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -56,4 +57,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()
