@@ -108,6 +108,25 @@ def test_a_resume_before_the_final_model_removes_it_and_its_card(tmp_path, monke
         run_records([str(run)])
 
 
+def test_a_final_model_saved_by_a_segment_stopped_while_finishing_goes_too(tmp_path, monkeypatch):
+    # A signal after the final model was saved but before the segment ended "finished": the removal looked for
+    # finished segments only, so a resume from an older checkpoint kept the abandoned course's model.
+    import mlm.run.session
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(mlm.run.session, "share_final_weights", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_run(tmp_path / "run", keep_checkpoints=10))
+    run = tmp_path / "run"
+    assert (run / "model.safetensors").exists() and read_record(run).status == "interrupted"
+    interrupt_after(monkeypatch, 1)
+    assert train(tiny_run(run, resume=str(run / "checkpoints" / "step-000004"), keep_checkpoints=10)).steps == 5
+    assert not (run / "model.safetensors").exists()
+
+
 def test_overwrite_refuses_a_folder_with_files_its_run_did_not_write(tmp_path):
     run = finished(tmp_path)
     (run / "private_reviews.jsonl").write_text("{}")

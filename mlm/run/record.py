@@ -31,7 +31,8 @@ class RunRecord:
     # "before", every eval, "after" once finished, and the fill-mask predictions before and after
     results: dict = field(default_factory=lambda: {"before": None, "evals": [], "after": None,
                                                    "fill_mask": {"before": [], "after": []}})
-    segments: list = field(default_factory=list)  # one per process run: times, steps, device, precision, its end
+    # one per process run: times, steps, device, precision, its end, the step of the final model it saved if any
+    segments: list = field(default_factory=list)
     progress: dict = field(default_factory=lambda: {"step": 0, "train_seconds": 0.0, "train_tokens": 0})
     # {name this run wrote in its folder: None, or README.md's sha256}: all the run removes or replaces (folder.py)
     written: dict = field(default_factory=dict)

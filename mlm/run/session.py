@@ -171,9 +171,9 @@ class Run:
                     shutil.rmtree(later)
                     self.notes.append(f"removed {later.name}: it follows {self.resume_from.name}, whose later steps "
                                       "run again now.")
-        # So do the final model and the card this run wrote, if a finished segment saved them after this step: scored
-        # or pushed, they would pass as this course's. (A resume --extend from that very step keeps them.)
-        finals = [segment["to_step"] for segment in self.record.segments if segment["end"] == "finished"]
+        # So do the final model and the card this run wrote, if a segment saved them after this step: scored or
+        # pushed, they would pass as this course's. (A resume --extend from that very step keeps them.)
+        finals = [segment["final_model"] for segment in self.record.segments if "final_model" in segment]
         if resuming and procs.is_main and finals and self.progress.global_step < finals[-1]:
             if gone := [name for name in (CONFIG_FILE, WEIGHTS_FILE, *TOKENIZER_FILES, CARD_FILE)
                         if (self.output_dir / name).exists() and self.folder.may_replace(name)]:
@@ -348,6 +348,8 @@ class Run:
         if main:
             for name in (CONFIG_FILE, WEIGHTS_FILE, *TOKENIZER_FILES):
                 self.folder.writes(name)
+            # The model's step too, for a later resume from before it (even if this segment never ends "finished").
+            self.record.segments[-1]["final_model"] = self.progress.global_step
             self._write_record()  # the names first: a kill while saving leaves no file the record does not list
             with self._writing("the final model"):
                 save_pretrained(self.model, self.output_dir, tokenizer=self.tokenizer)
