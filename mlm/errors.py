@@ -43,8 +43,8 @@ def run_cli(main, flag_of=lambda setting: None) -> None:
     exit 2 instead of a traceback, each `setting` the message names as flag_of(setting) when that is not None.
     Ctrl-C is one line too (exit 130)."""
     flags = partial(name_flags, flag_of=flag_of)
-    streams = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = _ReaderMayLeave(sys.stdout), _ReaderMayLeave(sys.stderr)
+    streams = sys.stdout, sys.stderr  # None where closed (`>&-`): print() then writes nowhere, as it should
+    sys.stdout, sys.stderr = (None if stream is None else _ReaderMayLeave(stream) for stream in streams)
     try:
         with warnings.catch_warnings():  # restores showwarning after main()
             warnings.showwarning = _one_line_warnings(warnings.showwarning, flags)
@@ -67,6 +67,9 @@ def run_cli(main, flag_of=lambda setting: None) -> None:
         print(f"error: interrupted ({name}). {hint}", file=sys.stderr)
         sys.exit(stop.exit_code)
     finally:
+        for wrapper in (sys.stdout, sys.stderr):  # what is still buffered, now: at exit no wrapper would catch it
+            if isinstance(wrapper, _ReaderMayLeave):
+                wrapper.flush()
         sys.stdout, sys.stderr = streams
 
 

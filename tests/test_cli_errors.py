@@ -109,3 +109,27 @@ def test_a_reader_that_goes_away_does_not_stop_the_command(monkeypatch, capsys):
 
     run_cli(main)
     assert done and sys.stdout is closed and "Traceback" not in capsys.readouterr().err
+
+
+def test_output_still_buffered_when_the_reader_left_ends_nothing_in_an_error(tmp_path):
+    # Buffered output (no PYTHONUNBUFFERED) that the reader never took was flushed at exit, after run_cli, into the
+    # closed pipe: "Exception ignored … BrokenPipeError" and exit status 120.
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+    # 20,000 characters: two full buffers written, the rest still buffered when the reader leaves.
+    code = "import time; from mlm.errors import run_cli; run_cli(lambda: (print('x' * 20_000), time.sleep(1)))"
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    process.stdout.read(10)
+    process.stdout.close()  # as `| head -c 10` does
+    assert process.wait(timeout=60) == 0 and b"BrokenPipe" not in process.stderr.read()
+
+
+def test_a_closed_stdout_is_no_error(monkeypatch):
+    # `mlm-fill-mask … >&-`: Python sets sys.stdout to None and print() does nothing; the wrapper must not fail.
+    import sys
+
+    monkeypatch.setattr(sys, "stdout", None)
+    run_cli(lambda: print("nobody reads this"))
