@@ -124,6 +124,13 @@ def test_a_link_that_leads_nowhere_or_to_itself_is_named_in_a_warning(tmp_path):
         assert "2 symlinks" in str(caught[0].message) and "b.jsonl, c.jsonl" in str(caught[0].message)
         # Attributed inside mlm, so that run_cli prints it as one "warning:" line.
         assert Path(caught[0].filename).name == "data_files.py"
+    # A link that would not be read anyway (no data file's name) is not named: the warning is about left-out data.
+    (corpus / "b.jsonl").unlink()
+    (corpus / "c.jsonl").unlink()
+    os.symlink("notes.md", corpus / "notes.md")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert load_texts(corpus) == ["kept"] and not caught, [str(w.message) for w in caught]
 
 
 # ---------------------------------------------------------------------------------------------------------

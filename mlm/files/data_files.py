@@ -105,7 +105,8 @@ def _walk(root: Path, wanted: Callable[[tuple[str, ...]], bool], max_depth: int 
             except OSError:
                 if not entry.is_symlink():
                     raise
-                broken.append("/".join(inside))  # a link to nothing, or to itself: nothing there to read
+                if wanted(inside):  # a data file's link to nothing, or to itself: nothing there to read
+                    broken.append("/".join(inside))
 
     if root.is_dir():
         visit(root, (), {_identity(root.stat())})
