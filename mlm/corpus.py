@@ -12,6 +12,7 @@ from mlm.data import check_chunk_size, check_group_size, concatenate, draw, spli
 from mlm.errors import MLMError
 from mlm.files.data_cache import cache_key, default_cache_dir, store_path
 from mlm.files.data_files import check_validation_file, find_corpus, read_texts
+from mlm.files.hub import short_name
 from mlm.tokenizer import Tokenizer
 
 
@@ -35,8 +36,9 @@ def load_chunks(source: str | Path, split: str, tokenizer: Tokenizer, *, chunk_s
         directory = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         path = store_path(directory, split, chunk_size, key)
         try:
+            label = f"tokenizing {short_name(source)} ({split})" if progress else None  # its progress bar's
             store = prepare_store(path, key, files, tokenizer, chunk_size=chunk_size, group_size=group_size,
-                                  progress=progress, **reading)
+                                  progress=label, **reading)
             return Chunks.view([store], None, store.n_reviews, store.n_tokens, cache_path=path)
         except OSError as err:  # e.g. a read-only folder, a full disk
             warnings.warn(f"Could not write the chunk store {path} ({err}); continuing without it. "

@@ -125,7 +125,7 @@ def _header_problem(path: Path, header: dict, key_sha256: str) -> str | None:
 
 def prepare_store(path: Path, key: dict, files: list[Path], tokenizer: Tokenizer, *, chunk_size: int,
                   group_size: int | None, text_column: str = "text", one_document_per_file: bool = False,
-                  progress: bool = False) -> ChunkStore:
+                  progress: str | None = None) -> ChunkStore:
     """The store at `path` for `key`, built from `files` unless a valid one is there (see the module docstring).
 
     Raises MLMError for bad input, leaving nothing behind, and OSError when the folder is not writable.
@@ -149,11 +149,9 @@ def prepare_store(path: Path, key: dict, files: list[Path], tokenizer: Tokenizer
             remove_leftovers(partial)
             dtype = np.dtype("<u2") if tokenizer.vocab_size <= 1 << 16 else np.dtype("<i4")  # the narrowest
             writer = _Writer(partial, key_sha256, dtype, chunk_size, group_size)
-            # Drawn on a terminal only: elsewhere (a log file) its carriage returns would be noise. The label is the
-            # split's name, from the store's (store_path's {split}-{chunk_size}-{hash}).
+            # `progress` labels a bar, drawn on a terminal only: elsewhere (a log file) its carriage returns are noise.
             with tqdm(total=sum(file.stat().st_size for file in files), unit="B", unit_scale=True, unit_divisor=1024,
-                      desc=f"tokenizing {path.name.rsplit('-', 2)[0]}", disable=not (progress and sys.stderr.isatty()),
-                      leave=False) as bar:
+                      desc=progress, disable=not (progress and sys.stderr.isatty()), leave=False) as bar:
                 for index, (texts, bytes_read) in enumerate(_pieces(files, text_column, one_document_per_file)):
                     if index >= writer.state["pieces"]:  # the pieces before were done by an interrupted run
                         for stretch in _stretches(texts, tokenizer):

@@ -204,7 +204,7 @@ def test_the_preparation_bar_is_drawn_on_a_terminal_only_and_names_the_split(tmp
     assert capsys.readouterr().err == ""
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     load_chunks(data, "train", tokenizer, chunk_size=16, cache_dir=tmp_path / "terminal", progress=True)
-    assert "\rtokenizing train:" in capsys.readouterr().err
+    assert "\rtokenizing train (train):" in capsys.readouterr().err
 
 
 def test_a_failed_preparation_leaves_the_cache_clean(tmp_path, tokenizer):
