@@ -137,4 +137,8 @@ def test_a_run_folder_without_its_final_model_points_at_its_checkpoints(tmp_path
     (folder / "checkpoints").mkdir(parents=True)
     (folder / "run.json").write_text("{}")
     err = one_line_error(fill_mask_cli.main, ["--model", str(folder), "a [MASK] ."], capsys)
-    assert "no final model yet" in err and str(folder / "checkpoints") in err and "--resume latest" in err
+    assert "a run that has saved no model yet" in err
+    for step in ("step-000004", "step-000008"):
+        (folder / "checkpoints" / step).mkdir()
+    err = one_line_error(fill_mask_cli.main, ["--model", str(folder), "a [MASK] ."], capsys)
+    assert f"give its checkpoint {folder / 'checkpoints' / 'step-000008'}," in err and "--resume latest" in err
