@@ -28,8 +28,9 @@ def check_prompts(tokenizer: Tokenizer, sentences: list[str], *, top_k: int, max
     encodings = tokenizer.backend.encode_batch([text.replace("[MASK]", tokenizer.mask_token) for text in sentences])
     for sentence, encoding in zip(sentences, encodings):
         if tokenizer.mask_token_id not in encoding.ids:
-            raise MLMError(f"No [MASK] in {sentence!r}: write the word to predict as [MASK] (or the tokenizer's "
-                           f"{tokenizer.mask_token}), e.g. 'This is a great [MASK].'")
+            own = f" (or the tokenizer's {tokenizer.mask_token})" if tokenizer.mask_token != "[MASK]" else ""
+            raise MLMError(f"No [MASK] in {sentence!r}: write the word to predict as [MASK]{own}, e.g. 'This is a "
+                           "great [MASK].'")
         if len(encoding.ids) > max_length:
             raise MLMError(f"{sentence[:40]!r}… is {len(encoding.ids)} tokens long; the model takes at most "
                            f"{max_length}.")

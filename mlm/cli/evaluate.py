@@ -50,8 +50,8 @@ def build_parser() -> ArgumentParser:
                  "(mlm-train's flags; a run folder as --model brings its own)", helps={
                      "train_splits": "splits of --dataset the eval chunks are held out of, as the run trained on them "
                                      "(default: train)",
-                     "train_size": "training chunks the run drew, or 'all' (the eval chunks are drawn first: this "
-                                   "only checks that both fit)",
+                     "train_size": "training chunks the run drew: a count, a percentage or 'all' (the eval chunks "
+                                   "are drawn first: this only checks that both fit)",
                      "prompts": "fill-mask prompt each model completes; repeatable"})
     add_settings(p, ["precision", "device", "progress_bar"], group="hardware")
     return p
