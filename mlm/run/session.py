@@ -162,26 +162,8 @@ class Run:
         # One dict: the record lists every name the run writes, as it writes. Only now: before start() commits a
         # resumed run, a stop would remove them all.
         self.folder.written = self.record.written
-        # Resuming from an older checkpoint of this folder redoes the steps after it: the checkpoints of those steps
-        # belong to the abandoned course, and would pass as the new one's.
-        ours = (self.output_dir / "checkpoints").resolve()
-        if resuming and procs.is_main and self.resume_from.resolve().parent == ours:
-            for later in list_checkpoints(self.output_dir):
-                if checkpoint_step(later) > checkpoint_step(self.resume_from):
-                    shutil.rmtree(later)
-                    self.notes.append(f"removed {later.name}: it follows {self.resume_from.name}, whose later steps "
-                                      "run again now.")
-        # So do the final model and the card this run wrote, if a segment saved them after this step: scored or
-        # pushed, they would pass as this course's. (A resume --extend from that very step keeps them.)
-        finals = [segment["final_model"] for segment in self.record.segments if "final_model" in segment]
-        if resuming and procs.is_main and finals and self.progress.global_step < finals[-1]:
-            if gone := [name for name in (CONFIG_FILE, WEIGHTS_FILE, *TOKENIZER_FILES, CARD_FILE)
-                        if (self.output_dir / name).exists() and self.folder.may_replace(name)]:
-                for name in gone:
-                    (self.output_dir / name).unlink()
-                card = " and its model card" if CARD_FILE in gone else ""
-                self.notes.append(f"removed the final model of step {finals[-1]}{card}: {self.resume_from.name} comes "
-                                  "before it, and its later steps run again now.")
+        if resuming and procs.is_main:
+            self._drop_the_abandoned_course()
         procs.barrier()  # nobody writes before rank 0 has made the folder ready
         record, step = self.record, self.progress.global_step
         record.settings, record.derived, record.data = settings, facts, data
@@ -208,6 +190,27 @@ class Run:
                  f"/ {facts['eval_chunks']:,} eval chunks of {config.chunk_size}; {self.total_steps} "
                  f"step{'s' * (self.total_steps != 1)} of {facts['global_batch']} chunks. Record: "
                  f"{self.output_dir / RECORD_FILE}")
+
+    def _drop_the_abandoned_course(self) -> None:
+        """Resuming from an older checkpoint redoes the steps after it. What the run saved after that step belongs to
+        the abandoned course and would pass as the new one's (scored, pushed, resumed): the later checkpoints of this
+        folder, and the final model and the card the run wrote (a card the user edited stays). A resume --extend
+        from the very step of the final model keeps it."""
+        step, name = self.progress.global_step, self.resume_from.name
+        if self.resume_from.resolve().parent == (self.output_dir / "checkpoints").resolve():
+            for later in list_checkpoints(self.output_dir):
+                if checkpoint_step(later) > step:
+                    shutil.rmtree(later)
+                    self.notes.append(f"removed {later.name}: it follows {name}, whose later steps run again now.")
+        finals = [segment["final_model"] for segment in self.record.segments if "final_model" in segment]
+        if finals and step < finals[-1]:
+            if gone := [file for file in (CONFIG_FILE, WEIGHTS_FILE, *TOKENIZER_FILES, CARD_FILE)
+                        if (self.output_dir / file).exists() and self.folder.may_replace(file)]:
+                for file in gone:
+                    (self.output_dir / file).unlink()
+                card = " and its model card" if CARD_FILE in gone else ""
+                self.notes.append(f"removed the final model of step {finals[-1]}{card}: {name} comes before it, and "
+                                  "its later steps run again now.")
 
     def _restore(self, model, optimizer, scaler) -> None:
         try:
@@ -413,8 +416,8 @@ class Run:
         if self.last_checkpoint is not None:
             # Stopped before a checkpoint of its own, a resume continues the checkpoint it was given: `--resume latest`
             # would take a newer one of the folder, which the user did not ask for.
-            newest = [path.resolve() for path in list_checkpoints(self.output_dir)[-1:]]
-            given = self.last_checkpoint == str(self.resume_from) and newest != [self.resume_from.resolve()]
+            newest = checkpoints[-1].resolve() if (checkpoints := list_checkpoints(self.output_dir)) else None
+            given = self.last_checkpoint == str(self.resume_from) and newest != self.resume_from.resolve()
             return f"Continue with: {resume_command(self.output_dir, self.procs, self.resume_from if given else None)}"
         # This run saved no checkpoint and resumes none: the folder is as it was. A chunk store cut short keeps its
         # completed pieces (mlm/corpus_store.py): say so, or users redo it.
