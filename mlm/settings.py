@@ -18,8 +18,8 @@ from mlm.files.hub import short_name
 from mlm.optim import SCHEDULES
 
 MAX_SEED = 2**63 - 1  # seeds are offset by the epoch and fed to torch and numpy generators, which take 64 bits
-MODEL_AND_DATA, MASKING, OPTIMISATION, HARDWARE, OUTPUT = (
-    "model and data", "masking", "optimisation", "hardware", "output, logging and checkpoints")
+MODEL_AND_DATA, MASKING, OPTIMISATION, HARDWARE, OUTPUT, HUB = (
+    "model and data", "masking", "optimisation", "hardware", "output, logging and checkpoints", "Hugging Face Hub")
 
 
 def setting(default, help: str, group: str, **argparse_options):
@@ -156,7 +156,7 @@ class TrainConfig:
                              choices=("none", "tensorboard"))
     hub_model_id: str | None = setting(None, "the Hub repo the model card names and --push-to-hub uploads to: 'name' "
                                        "(in your namespace) or 'namespace/name' (default: the --output-dir folder's "
-                                       "name)", OUTPUT)
+                                       "name)", HUB)
 
     def __post_init__(self):
         if self.output_dir is None:  # named after the model and the data, as the course names its own

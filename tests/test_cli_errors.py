@@ -45,6 +45,14 @@ def test_help_still_prints_every_flag(capsys, command):
     assert status == 0 and out.startswith("usage:") and "--help" in out and out.count("\n") > 10
 
 
+def test_each_flag_of_mlm_train_is_in_its_group_once(capsys):
+    # --hub-model-id was listed under "output", apart from --push-to-hub and --hub-private.
+    _, out, _ = exit_and_stderr(train.main, ["--help"], capsys)
+    groups = {block.split(":\n", 1)[0]: block for block in out.split("\n\n")}
+    assert out.count("Hugging Face Hub:") == 1
+    assert all(flag in groups["Hugging Face Hub"] for flag in ("--hub-model-id", "--push-to-hub", "--hub-private"))
+
+
 @pytest.fixture()
 def no_hub(monkeypatch):
     def refuse(*args, **kwargs):

@@ -76,10 +76,11 @@ def run_command(main) -> None:
 
 
 def add_settings(parser: argparse.ArgumentParser, names: list[str] | None = None, *, group: str | None = None,
-                 helps: dict[str, str] | None = None, **defaults) -> None:
+                 helps: dict[str, str] | None = None, **defaults) -> dict:
     """Add the flags of the TrainConfig settings `names` (default: all), each in its group of --help (or all in
     `group`), from the fields' metadata; `helps` and `defaults` replace fields' help texts and defaults where another
-    command gives a setting another role (mlm-evaluate's prompts are shown per model, not before and after training)."""
+    command gives a setting another role (mlm-evaluate's prompts are shown per model, not before and after training).
+    Returns the groups by title, for a command to add its own flags to one."""
     groups = {}
     for name in names or SETTINGS:
         spec = SETTINGS[name]
@@ -102,6 +103,7 @@ def add_settings(parser: argparse.ArgumentParser, names: list[str] | None = None
             groups[group_name] = parser.add_argument_group(group_name)
         groups[group_name].add_argument(flag_of(name), dest=name, help=help_text.replace("%", "%%") + shown,
                                         **{"default": default, **options})
+    return groups
 
 
 def settings_given(args: argparse.Namespace) -> dict:

@@ -30,7 +30,7 @@ from mlm.run.folder import folder_record
 from mlm.run.hub_push import full_repo_id, push_run
 from mlm.run.processes import Processes
 from mlm.run.session import resume_command
-from mlm.settings import TrainConfig
+from mlm.settings import HUB, TrainConfig
 from mlm.train import train
 
 SMOKE_DIR = Path(__file__).resolve().parents[1] / "smoke"
@@ -47,8 +47,7 @@ LOCAL_SETTINGS = ("model", "tokenizer", "dataset", "validation_file", "cache_dir
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__)
-    add_settings(parser)
-    hub = parser.add_argument_group("Hugging Face Hub")
+    hub = add_settings(parser)[HUB]
     hub.add_argument("--push-to-hub", action="store_true", help="at the end of a finished run, upload the model, its "
                      "tokenizer, the model card, run.json and metrics.jsonl (nothing else in the folder) to the Hub "
                      "(token: HF_TOKEN or `hf auth login`)")
