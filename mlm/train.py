@@ -21,6 +21,7 @@ every checkpoint stores, so a resumed run ends with the same weights, bit for bi
 from __future__ import annotations
 
 import math
+import signal
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -222,8 +223,16 @@ def make_loader(batches: StepBatches, first_step: int, steps_left: int,
         batches, batch_size=None, sampler=range(first_step, min(len(batches), first_step + steps_left)),
         num_workers=config.num_workers, pin_memory=torch.cuda.is_available(),
         # Its own generator: creating an iterator must not draw from the global RNG (dropout's).
-        generator=torch.Generator().manual_seed(config.seed),
+        generator=torch.Generator().manual_seed(config.seed), worker_init_fn=ignore_stop_signals,
     )
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """In a DataLoader worker: Ctrl-C, SIGTERM and SIGHUP reach the whole process group (a terminal, torchrun, SLURM),
+    and are the main process's to act on: it checkpoints, then ends its workers. A worker they killed first would
+    fail the run. (A worker whose main process is gone still exits: DataLoader's watchdog sees it.)"""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------------------------------------------------------

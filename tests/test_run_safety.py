@@ -532,3 +532,23 @@ def test_a_setting_left_unset_is_named_so_in_a_resumes_refusal(tmp_path):
     # It read "`max_steps` None -> 100": Python's word, not one the user typed.
     with pytest.raises(MLMError, match="`max_steps` unset -> 100. Resume without"):
         compare_settings({"max_steps": None}, {"max_steps": 100}, extend=False, where=tmp_path, world_size=1)
+
+
+def test_sigterm_to_the_process_group_with_dataloader_workers_checkpoints(tmp_path):
+    # torchrun, SLURM and `kill -TERM -PGID` signal the whole group: the workers died of it first, and the run failed
+    # with "DataLoader worker (pid …) is killed by signal: Terminated", its steps since the last checkpoint lost.
+    run = tmp_path / "run"
+    env = {**os.environ, "MLM_CACHE": str(tmp_path / "cache")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlm.cli.train", "--smoke", "--num-workers", "2", "--log-every", "1", "--save-every",
+         "1000", "--output-dir", str(run), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, env=env, cwd=tmp_path, start_new_session=True)
+    output = []
+    for line in process.stdout:
+        output.append(line)
+        if line.startswith("step 3/"):
+            os.killpg(process.pid, signal.SIGTERM)
+            break
+    output += process.stdout.readlines()
+    assert process.wait(timeout=120) == 143, "".join(output)
+    assert json.loads((run / "run.json").read_text())["status"] == "interrupted" and "Traceback" not in "".join(output)
