@@ -61,7 +61,7 @@ class Schedule:
         is a count, or a fraction of all steps when below 1 (as the reference's warmup_ratio)."""
         steps_per_epoch = math.ceil(train_chunks / global_batch)
         total = epochs * steps_per_epoch if max_steps is None else min(epochs * steps_per_epoch, max_steps)
-        warmup = round(warmup_steps * total) if warmup_steps < 1 else int(warmup_steps)
+        warmup = math.ceil(warmup_steps * total) if warmup_steps < 1 else int(warmup_steps)  # rounded up, as theirs
         if warmup >= total:
             raise MLMError(f"`warmup_steps` {warmup_steps:g} gives {warmup} warmup steps, but the run has only "
                            f"{total}: the learning rate would never reach `lr`. Use fewer warmup steps (or a fraction "

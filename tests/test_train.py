@@ -391,3 +391,13 @@ def test_a_draw_of_under_half_the_corpus_and_fp16_on_a_cpu_are_said_before_the_r
                      f"({16 / available:.0%}, --train-size 16); --train-size all trains on all of them."]
     train(tiny_run(tmp_path / "most", train_size=(available + 1) // 2, epochs=1, max_steps=1, prompts=()))
     assert "note: " not in capsys.readouterr().out
+
+
+def test_a_warmup_fraction_rounds_up_as_transformers_does():
+    # TrainingArguments.get_warmup_steps takes math.ceil(total * fraction); round() gave 0 warmup steps for 0.05 of
+    # 10 steps (the lr at its peak from the first step), and 47 instead of 48 for 0.1 of the course's 471.
+    from mlm.optim import Schedule
+
+    for total, fraction, wanted in ((10, 0.05, 1), (14, 0.1, 2), (64, 0.1, 7), (471, 0.1, 48), (100, 0.05, 5)):
+        schedule = Schedule.of(total * 8, global_batch=8, epochs=1, max_steps=None, warmup_steps=fraction)
+        assert (schedule.total_steps, schedule.warmup_steps) == (total, wanted)
