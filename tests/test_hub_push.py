@@ -289,9 +289,20 @@ def test_bare_name_goes_to_the_users_namespace(hub, run_dir):
     assert hub.repos["me/tiny-imdb"].files["config.json"] == (run_dir / "config.json").read_bytes()
 
 
-def test_full_repo_id_asks_whoami_for_a_bare_name(hub):
-    assert full_repo_id("org/x", endpoint=hub.url) == "org/x" and hub.requests == []
+def test_full_repo_id_checks_the_token_before_training(hub, monkeypatch):
+    # For a namespace/name it asked the Hub nothing: a wrong token, an unreachable or offline Hub were found only
+    # after training, while the docs say the token is checked before it starts.
+    assert full_repo_id("org/x", endpoint=hub.url) == "org/x" and hub.requests == [("GET", "/api/whoami-v2")]
     assert full_repo_id("x", endpoint=hub.url) == "me/x"
+    for repo in ("org/x", "x"):
+        with monkeypatch.context() as patch:
+            patch.setenv("HF_TOKEN", "hf_wrong")
+            with pytest.raises(MLMError, match="rejected the token.*HTTP 401"):
+                full_repo_id(repo, endpoint=hub.url)
+        with monkeypatch.context() as patch:
+            patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+            with pytest.raises(MLMError, match="HF_HUB_OFFLINE=1"):
+                full_repo_id(repo, endpoint=hub.url)
     with pytest.raises(MLMError, match="HTTP 500"):
         hub.fail["whoami"] = 500
         full_repo_id("x", endpoint=hub.url)

@@ -50,6 +50,7 @@ PUSH_ERRORS = {
     400: "The Hub at {endpoint} refused the push of {repo} (HTTP {status}: {reason}).",
     "network": "Could not reach the Hub at {endpoint} to push {repo} ({kind}: {reason}). Check the network "
                "connection and HF_ENDPOINT.",
+    "offline": "HF_HUB_OFFLINE=1 forbids pushing {repo} to {endpoint}: unset it to push.",
     "other": "Pushing {repo} to {endpoint} failed ({kind}: {reason}).",
 }
 NETWORK_ERRORS = {"TransportError", "ConnectError", "ConnectionError", "TimeoutException", "NetworkError"}
@@ -79,15 +80,15 @@ def push_run(folder: str | Path, repo_id: str, *, private: bool | None = None, e
 
 
 def full_repo_id(repo_id: str, *, endpoint: str | None = None) -> str:
-    """"namespace/name" for `repo_id`; a bare name gets the token owner's namespace (one whoami request), so that
-    the model card can name the repo before the push creates it. A missing token is refused now, before training."""
+    """"namespace/name" for `repo_id`; a bare name gets the token owner's namespace, so that the model card can name
+    the repo before the push creates it. One whoami request, also for a namespace/name: a missing or rejected token,
+    an unreachable or offline Hub are refused now, before training, not after it."""
     api = _hub_api(repo_id, endpoint)
-    if "/" in repo_id:
-        return repo_id
     try:
-        return f"{api.whoami()['name']}/{repo_id}"
+        owner = api.whoami()["name"]
     except Exception as err:  # classified below; anything unforeseen is still one line, not a traceback
         raise MLMError(describe_push_error(err, repo_id, api.endpoint)) from err
+    return repo_id if "/" in repo_id else f"{owner}/{repo_id}"
 
 
 def _hub_api(repo_id: str, endpoint: str | None, kept: str = ""):
@@ -168,7 +169,8 @@ def describe_push_error(err: BaseException, repo_id: str, endpoint: str) -> str:
     reason = " ".join(str(reason or str(err) or type(err).__name__).split())[:300]
     network = any(isinstance(error, OSError) or NETWORK_ERRORS & {cls.__name__ for cls in type(error).__mro__}
                   for error in chain)  # connection refused, DNS failure, timeout (TimeoutError is an OSError)
-    key = ("network" if network else "other") if status is None else (
+    offline = any(type(error).__name__ == "OfflineModeIsEnabled" for error in chain)
+    key = ("offline" if offline else "network" if network else "other") if status is None else (
         status if status in PUSH_ERRORS else 500 if status >= 500 else 400)
     return PUSH_ERRORS[key].format(endpoint=endpoint, repo=repr(repo_id), reason=reason, status=status,
                                    kind=type(err).__name__)
