@@ -386,7 +386,8 @@ def test_a_draw_of_under_half_the_corpus_and_fp16_on_a_cpu_are_said_before_the_r
     available = len(mlm.train.load_data(tiny_run(tmp_path / "x", train_size="all"), load_tokenizer(SMOKE),
                                         DistilBertForMaskedLM(load_config(SMOKE)))[0])
     assert notes == ["note: fp16 on a CPU has no fast kernels: its steps run several times slower than fp32's "
-                     "(--precision bf16 or fp32 is faster there; fp16 is for GPUs without bf16).",
+                     "(--precision fp32 is the fast one there, and bf16 too only on CPUs with native bf16; fp16 is "
+                     "for GPUs without bf16).",
                      f"note: training on 16 of the {available:,} chunks the eval set leaves "
                      f"({16 / available:.0%}, --train-size 16); --train-size all trains on all of them."]
     train(tiny_run(tmp_path / "most", train_size=(available + 1) // 2, epochs=1, max_steps=1, prompts=()))

@@ -74,7 +74,8 @@ class ExecutionPath:
         """Choices that work but cost the user time, said before the run starts."""
         if self.precision.name == "fp16" and self.device.type == "cpu":
             return ["fp16 on a CPU has no fast kernels: its steps run several times slower than fp32's "
-                    "(--precision bf16 or fp32 is faster there; fp16 is for GPUs without bf16)."]
+                    "(--precision fp32 is the fast one there, and bf16 too only on CPUs with native bf16; fp16 is for "
+                    "GPUs without bf16)."]
         return []
 
     def tokenizer(self, tokenizer):
