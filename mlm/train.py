@@ -21,7 +21,6 @@ every checkpoint stores, so a resumed run ends with the same weights, bit for bi
 from __future__ import annotations
 
 import math
-import signal
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from mlm.files.pretrained import load_model
 from mlm.fill_mask import check_prompts, fill_mask
 from mlm.masking import IGNORE_INDEX, MaskingCollator, freeze_eval_masks
 from mlm.optim import Schedule, lr_schedule, make_optimizer, set_learning_rate
-from mlm.run.session import Processes, Run, RunSummary, open_run
+from mlm.run.session import Processes, Run, RunSummary, ignore_stop_signals, open_run
 from mlm.settings import TrainConfig
 from mlm.speed.path import ExecutionPath, choose_path
 from mlm.tokenizer import Tokenizer, load_tokenizer
@@ -223,16 +222,9 @@ def make_loader(batches: StepBatches, first_step: int, steps_left: int,
         batches, batch_size=None, sampler=range(first_step, min(len(batches), first_step + steps_left)),
         num_workers=config.num_workers, pin_memory=torch.cuda.is_available(),
         # Its own generator: creating an iterator must not draw from the global RNG (dropout's).
-        generator=torch.Generator().manual_seed(config.seed), worker_init_fn=ignore_stop_signals,
+        generator=torch.Generator().manual_seed(config.seed),
+        worker_init_fn=ignore_stop_signals,  # a stop signal is the main process's to act on (mlm/run/signals.py)
     )
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """In a DataLoader worker: Ctrl-C, SIGTERM and SIGHUP reach the whole process group (a terminal, torchrun, SLURM),
-    and are the main process's to act on: it checkpoints, then ends its workers. A worker they killed first would
-    fail the run. (A worker whose main process is gone still exits: DataLoader's watchdog sees it.)"""
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -137,8 +137,9 @@ def test_a_run_folder_without_its_final_model_points_at_its_checkpoints(tmp_path
     (folder / "checkpoints").mkdir(parents=True)
     (folder / "run.json").write_text("{}")
     err = one_line_error(fill_mask_cli.main, ["--model", str(folder), "a [MASK] ."], capsys)
-    assert "a run that has saved no model yet" in err
+    assert "holds a run that has no final model yet: it has saved no checkpoint yet" in err
     for step in ("step-000004", "step-000008"):
         (folder / "checkpoints" / step).mkdir()
+        (folder / "checkpoints" / step / "trainer_state.json").write_text("{}")
     err = one_line_error(fill_mask_cli.main, ["--model", str(folder), "a [MASK] ."], capsys)
     assert f"give its checkpoint {folder / 'checkpoints' / 'step-000008'}," in err and "--resume latest" in err

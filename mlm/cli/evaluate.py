@@ -21,7 +21,7 @@ from mlm.cli.args import ArgumentParser, absolute_if_local, add_settings, flags_
 from mlm.compare import EvalSet, ModelScore, compare_models
 from mlm.errors import MLMError
 from mlm.files.hub import set_progress_bars
-from mlm.files.pretrained import WEIGHTS_FILE
+from mlm.run.folder import unfinished_run
 from mlm.run.processes import pick_device
 from mlm.run.record import RunRecord, read_record
 from mlm.run.session import compare_data, data_file_digests
@@ -84,10 +84,8 @@ def run_records(names: list[str]) -> dict[str, RunRecord]:
     for name in names:
         folder = Path(name).expanduser()
         if folder.is_dir() and (record := read_record(folder)) is not None:
-            if not (folder / WEIGHTS_FILE).is_file():
-                raise MLMError(f"{folder} holds a run that has no final model yet ({record.status}): score one of "
-                               f"its checkpoints (--model {folder / 'checkpoints'}/step-…), or finish it with "
-                               f"mlm-train --resume latest --output-dir {folder}.")
+            if why := unfinished_run(folder):
+                raise MLMError(why)
             records[name] = record
     return records
 

@@ -12,11 +12,14 @@ pipeline. [MASK] stands for the tokenizer's own mask token (RoBERTa's <mask>, wh
 import argparse
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 from mlm.cli.args import ArgumentParser, run_command
+from mlm.errors import MLMError
 from mlm.files.hub import set_progress_bars
 from mlm.files.pretrained import check_tokenizer_fits, load_pretrained
 from mlm.fill_mask import fill_mask
+from mlm.run.folder import unfinished_run
 from mlm.run.processes import pick_device
 from mlm.tokenizer import load_tokenizer
 
@@ -42,6 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     set_progress_bars(args.progress_bar)
     device = pick_device(args.device)  # checked before the model loads
+    if why := unfinished_run(Path(args.model).expanduser()):
+        raise MLMError(why)
     model = load_pretrained(args.model, revision=args.revision).to(device)
     tokenizer = load_tokenizer(args.tokenizer or args.model, revision=None if args.tokenizer else args.revision)
     check_tokenizer_fits(model, tokenizer.vocab_size, args.model)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import shlex
 from dataclasses import asdict
 from pathlib import Path
 
@@ -149,12 +148,7 @@ def load_config(name_or_path: str | Path, revision: str | None = None, overrides
     initialised model."""
     folder = resolve_repo(name_or_path, revision=revision, allow_patterns=[CONFIG_FILE])
     if not (folder / CONFIG_FILE).is_file():
-        # A run folder (run.json) gets its model when the run finishes; its checkpoints have one each meanwhile.
-        saved = sorted((folder / "checkpoints").glob("step-*"))
-        run = ("" if not (folder / "run.json").is_file() else " It holds a run that has saved no model yet." if not
-               saved else f" It holds a run with no final model yet: give its checkpoint {saved[-1]}, or finish the "
-               f"run with mlm-train --resume latest --output-dir {shlex.quote(str(folder))}.")
-        raise MLMError(f"No {CONFIG_FILE} in {folder}: a model folder needs config.json.{run}")
+        raise MLMError(f"No {CONFIG_FILE} in {folder}: a model folder needs config.json.")
     return read_config(folder / CONFIG_FILE, overrides)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import socket
 import tempfile
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from mlm.errors import MLMError, listed
 from mlm.files.hashing import file_sha256
+from mlm.files.pretrained import WEIGHTS_FILE
 from mlm.run.checkpoints import TMP_PREFIX, list_checkpoints, verify_checkpoint
 from mlm.run.metrics import METRICS_FILE
 from mlm.run.record import RECORD_FILE, read_record
@@ -229,6 +231,16 @@ class RunFolder:
 def folder_record(path: Path):
     """The record of the run in `path`: its run.json, else the copy in its newest intact checkpoint, else None."""
     return read_record(path) if (path / RECORD_FILE).is_file() else _checkpoint_record(path)
+
+
+def unfinished_run(folder: Path) -> str | None:
+    """Why the run folder `folder`, given as a model, has none to load yet and what to load instead; None when it
+    has its final model or holds no run. The run gets its model when it finishes, each checkpoint meanwhile."""
+    if not (folder / RECORD_FILE).is_file() or (folder / WEIGHTS_FILE).is_file():
+        return None
+    fix = (f"give its checkpoint {saved[-1]}, or finish the run with mlm-train --resume latest --output-dir "
+           f"{shlex.quote(str(folder))}" if (saved := list_checkpoints(folder)) else "it has saved no checkpoint yet")
+    return f"{folder} holds a run that has no final model yet: {fix}."
 
 
 def _checkpoint_record(path: Path):

@@ -39,12 +39,12 @@ from mlm.run.metrics import METRICS_FILE, Console, Meter, MetricsLog, flops_per_
 from mlm.run.model_card import CARD_FILE, write_run_model_card
 from mlm.run.processes import Processes, end_processes, start_processes
 from mlm.run.record import RECORD_FILE, RunRecord, read_record, write_record
-from mlm.run.signals import Signals
+from mlm.run.signals import Signals, ignore_stop_signals
 from mlm.run.tensorboard_log import LOG_DIR, TensorBoardLog, require_tensorboard
 from mlm.settings import LENGTH_SETTINGS, RUN_SETTINGS, TrainConfig
 from mlm.tokenizer import TOKENIZER_FILES
 
-__all__ = ["Processes", "Run", "RunSummary", "open_run"]
+__all__ = ["Processes", "Run", "RunSummary", "ignore_stop_signals", "open_run"]
 
 # Settings that name where the model and the data are: a resume compares what is there (the data's and tokenizer's
 # sha256, the model's config), not the path, so a moved folder still resumes; the record keeps the new place.

@@ -53,3 +53,11 @@ class Signals:
         if int(os.environ.get("RANK", 0)) == 0:  # one line, not one per process
             tqdm.write(f"{name} received: finishing this step (with several processes: up to the next log step), "
                        "then saving a checkpoint (Ctrl-C again to stop at once, without saving).")
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker's `worker_init_fn`: the STOP_SIGNALS reach the whole process group (a terminal, torchrun,
+    SLURM), and are the main process's to act on: it checkpoints, then ends its workers. A worker they killed first
+    would fail the run. (A worker whose main process is gone still exits: DataLoader's watchdog sees to it.)"""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
