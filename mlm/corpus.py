@@ -36,7 +36,7 @@ def load_chunks(source: str | Path, split: str, tokenizer: Tokenizer, *, chunk_s
         directory = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         path = store_path(directory, split, chunk_size, key)
         try:
-            label = f"tokenizing {short_name(source)} ({split})" if progress else None  # its progress bar's
+            label = f"tokenizing {short_name(source)} ({split})" if progress else None  # the progress bar's
             store = prepare_store(path, key, files, tokenizer, chunk_size=chunk_size, group_size=group_size,
                                   progress=label, **reading)
             return Chunks.view([store], None, store.n_reviews, store.n_tokens, cache_path=path)
