@@ -24,6 +24,11 @@ def listed(names: list[str], most: int, separator: str = ", ") -> str:
     return separator.join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
+def is_int(value) -> bool:
+    """An int but not a bool, which Python counts as one: `true` in a JSON file is no size or seed."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C, SIGTERM or SIGHUP stopped a run; `hint` says how to continue. Scripts exit with 128 + the signal's
     number, as shells report a process a signal ended: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP."""

@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 
 from mlm.chunks import parse_size
-from mlm.errors import MLMError
+from mlm.errors import MLMError, is_int
 from mlm.files.hub import short_name
 from mlm.optim import SCHEDULES
 
@@ -177,8 +177,8 @@ class TrainConfig:
             parse_size(getattr(self, name), name)  # raises MLMError naming the setting
         for names, valid, wanted in (  # the value `v` of each setting of `names` must be `wanted`
             (("batch_size", "eval_batch_size", "grad_accum", "epochs", "log_every", "keep_checkpoints", "top_k",
-              "chunk_size"), lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-            (("max_steps", "eval_every", "save_every", "group_size"), lambda v: v is None or (_is_int(v) and v >= 1),
+              "chunk_size"), lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+            (("max_steps", "eval_every", "save_every", "group_size"), lambda v: v is None or (is_int(v) and v >= 1),
              "an integer >= 1 (or left unset)"),
             (("lr",), lambda v: math.isfinite(v) and 0 < v < 1, "in (0, 1)"),
             (("weight_decay", "adam_beta1", "adam_beta2"), lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -189,7 +189,7 @@ class TrainConfig:
             (("max_grad_norm",), lambda v: v > 0, "> 0"),
             (("mlm_probability", "wwm_probability"), lambda v: 0 < v <= 1, "in (0, 1]"),
             (("num_workers",), lambda v: v >= 0, ">= 0"),
-            (("seed", "data_seed"), lambda v: _is_int(v) and 0 <= v <= MAX_SEED, "an integer from 0 to 2**63 - 1"),
+            (("seed", "data_seed"), lambda v: is_int(v) and 0 <= v <= MAX_SEED, "an integer from 0 to 2**63 - 1"),
         ):
             for name in names:
                 check(valid(getattr(self, name)), f"`{name}` must be {wanted}, got {getattr(self, name)!r}.")
@@ -208,10 +208,6 @@ class TrainConfig:
         check(self.resume or not self.extend, "`extend` only applies with `resume`.")
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def misread_settings(settings: dict) -> list[str]:
     """The names of recorded `settings` (run.json's, as JSON gives them back) whose value is not of its field's
     type: a hand-edited "lr": "2e-5" would otherwise fail deep inside a resume or mlm-evaluate."""
@@ -227,7 +223,7 @@ def _is_a(value, hint) -> bool:
     if typing.get_origin(hint) is tuple:
         return isinstance(value, list | tuple) and all(_is_a(item, typing.get_args(hint)[0]) for item in value)
     if hint in (int, float):
-        return _is_int(value) or (hint is float and isinstance(value, float))
+        return is_int(value) or (hint is float and isinstance(value, float))
     return isinstance(value, hint)
 
 

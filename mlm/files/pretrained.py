@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from mlm.errors import MLMError, listed
+from mlm.errors import MLMError, is_int, listed
 from mlm.files.families import ARCHITECTURES, BIAS_ALIASES, CONFIG_KEYS, DEFAULTS, UNUSED, hub_name
 from mlm.files.hub import resolve_repo
 from mlm.files.writes import atomic_write, atomic_write_text
@@ -217,7 +217,7 @@ def check_config(config: DistilBertConfig, source: str | Path = "config") -> Non
                         "in config.json.")
 
     for key in SIZE_KEYS + (("type_vocab_size",) if "type_vocab_size" in keys else ()):
-        if not (_is_int(getattr(config, key)) and getattr(config, key) >= 1):
+        if not (is_int(getattr(config, key)) and getattr(config, key) >= 1):
             raise refuse(key, "a positive integer")
     dim, heads = keys["dim"], keys["n_heads"]
     if config.dim % config.n_heads:
@@ -229,7 +229,7 @@ def check_config(config: DistilBertConfig, source: str | Path = "config") -> Non
     for key, what in (("initializer_range", " (the standard deviation of the random init)"), ("layer_norm_eps", "")):
         if not (_is_number(getattr(config, key)) and getattr(config, key) > 0):
             raise refuse(key, f"a number > 0{what}")
-    if not (_is_int(config.pad_token_id) and 0 <= config.pad_token_id < config.vocab_size):
+    if not (is_int(config.pad_token_id) and 0 <= config.pad_token_id < config.vocab_size):
         raise refuse("pad_token_id", f"a token id from 0 to vocab_size - 1 = {config.vocab_size - 1}")
     if not isinstance(config.tie_word_embeddings, bool):
         raise refuse("tie_word_embeddings", "true or false")
@@ -245,12 +245,8 @@ def check_config(config: DistilBertConfig, source: str | Path = "config") -> Non
                        f"{list(ACTIVATIONS)}).")
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_number(value) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+    return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
 def config_to_dict(config: DistilBertConfig) -> dict:
