@@ -66,15 +66,12 @@ def main(argv: list[str] | None = None) -> None:
     TrainConfig(**settings_given(args)).validate()
     set_progress_bars(args.progress_bar)
     device = pick_device(args.device)
+    data = {name: getattr(args, name) for name in (*EVAL_SET_SETTINGS, "wwm_probability", "train_size", "cache_dir")}
     eval_set, scores = compare_models(
         args.models, tokenizer=args.tokenizer, prompts=args.prompts, top_k=args.top_k,
         batch_size=args.eval_batch_size, device=device,
         autocast_dtype=pick_precision(args.precision, device).autocast_dtype, progress=args.progress_bar,
-        dataset=args.dataset, text_column=args.text_column, train_splits=args.train_splits,
-        eval_split=args.eval_split, validation_file=args.validation_file, chunk_size=args.chunk_size,
-        group_size=args.group_size, train_size=args.train_size, test_size=args.test_size, cache_dir=args.cache_dir,
-        seed=args.data_seed, masking=args.eval_masking, mlm_probability=args.mlm_probability,
-        wwm_probability=args.wwm_probability)
+        masking=args.eval_masking, seed=data.pop("data_seed"), **data)
     print(json.dumps(as_json(args, eval_set, scores), indent=2) if args.json else as_table(args, eval_set, scores))
 
 
@@ -99,15 +96,16 @@ def follow_runs(args, given: set[str], runs: dict[str, RunRecord]) -> str | None
     (first, record), *others = runs.items()
     differ = [f"`{name}` {record.settings.get(name)!r} in {first} vs {theirs.settings.get(name)!r} in {other}"
               for name in EVAL_SET_SETTINGS if name not in given for other, theirs in others
-              if not _same(record.settings.get(name), theirs.settings.get(name))]
+              if record.settings.get(name) != theirs.settings.get(name)]
     if differ:
         raise MLMError(f"The runs were trained with different eval sets ({'; '.join(differ)}): give those flags to "
                        "score every model on one eval set.")
+    # JSON gives the record's tuples back as lists.
+    recorded = {name: tuple(value) if isinstance(value, list) else value for name, value in record.settings.items()}
     for name in (*EVAL_SET_SETTINGS, *RUN_DEFAULTS):
-        if name not in given and name in record.settings:
-            value = record.settings[name]
-            setattr(args, name, tuple(value) if isinstance(value, list) else value)
-    if any(name in given and not _same(getattr(args, name), record.settings.get(name)) for name in EVAL_SET_SETTINGS):
+        if name not in given and name in recorded:
+            setattr(args, name, recorded[name])
+    if any(name in given and getattr(args, name) != recorded.get(name) for name in EVAL_SET_SETTINGS):
         return None  # a data flag given that differs from the run's: another eval set, not the run's own
     data = TrainConfig(dataset=args.dataset, train_splits=tuple(args.train_splits), eval_split=args.eval_split,
                        validation_file=args.validation_file)
@@ -117,11 +115,6 @@ def follow_runs(args, given: set[str], runs: dict[str, RunRecord]) -> str | None
         raise MLMError(f"The eval set of the run in {first} cannot be rebuilt: {err} Score the models on other data "
                        "by giving the data flags.") from None
     return first
-
-
-def _same(a, b) -> bool:
-    # JSON turns the record's tuples into lists; compare what they hold.
-    return (list(a) if isinstance(a, (list, tuple)) else a) == (list(b) if isinstance(b, (list, tuple)) else b)
 
 
 def eval_source(args) -> str:
