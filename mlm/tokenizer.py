@@ -93,8 +93,7 @@ def tokenizer_from_folder(folder: Path) -> Tokenizer:
 
     config = _read_json(folder / "tokenizer_config.json")
     special_map = _read_json(folder / "special_tokens_map.json")
-    ids: dict[str, int] = {}
-    strings: dict[str, str] = {}
+    tokens: dict[str, str] = {}
     for key, default in SPECIAL_TOKEN_DEFAULTS.items():
         token = config.get(key, special_map.get(key, default))
         if isinstance(token, dict):  # older files store {"content": "[MASK]", ...}
@@ -102,12 +101,11 @@ def tokenizer_from_folder(folder: Path) -> Tokenizer:
         if not isinstance(token, str):
             raise MLMError(f"The tokenizer in {folder}: {key} is {token!r}, not a token string; fix "
                            "tokenizer_config.json or special_tokens_map.json.")
-        token_id = backend.token_to_id(token)
-        if token_id is None:
+        if backend.token_to_id(token) is None:
             raise MLMError(f"The tokenizer in {folder} has no {key} {token!r}; an MLM tokenizer needs one.")
-        ids[key + "_id"] = token_id
-        strings[key] = token
-    return Tokenizer(backend=backend, config=config, mask_token=strings["mask_token"], **ids)
+        tokens[key] = token
+    return Tokenizer(backend=backend, config=config, mask_token=tokens["mask_token"],
+                     **{key + "_id": backend.token_to_id(token) for key, token in tokens.items()})
 
 
 def _read_json(path: Path) -> dict:
