@@ -6,11 +6,11 @@ default are declared once, and their errors: one line each, a setting the librar
 from __future__ import annotations
 
 import argparse
-import copy
 import difflib
 import glob
 import os
 import re
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -115,19 +115,12 @@ def settings_given(args: argparse.Namespace) -> dict:
 
 
 def flags_given(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
-    """The `dest` names of the options given on the command line `argv` (None: sys.argv's), whatever their values.
-
-    Parsing once more with every default suppressed leaves only what the user typed, so a flag given with its
-    default value still counts as given.
-    """
-    quiet = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    for action in parser._actions:  # the public API offers no copy of a parser's options
-        if action.option_strings and not isinstance(action, argparse._HelpAction):
-            action = copy.copy(action)
-            action.default, action.required = argparse.SUPPRESS, False
-            quiet._add_action(action)
-    known, _ = quiet.parse_known_args(argv)
-    return set(vars(known))
+    """The `dest` names of the options typed on the command line `argv` (None: sys.argv's), whatever their values:
+    a flag given with its default value counts too. Once `argv` has parsed, its option words are exactly those that
+    are an option string, alone or before "=VALUE" (abbreviations are refused, a value cannot look like a flag)."""
+    words = sys.argv[1:] if argv is None else argv
+    return {action.dest for action in parser._actions for option in action.option_strings
+            for word in words if word == option or word.startswith(option + "=")}
 
 
 def size_flag(setting: str):
