@@ -108,10 +108,8 @@ def add_settings(parser: argparse.ArgumentParser, names: list[str] | None = None
 
 def settings_given(args: argparse.Namespace) -> dict:
     """The TrainConfig fields of parsed `args`, a repeatable flag given no value taking its field's default."""
-    values = {name: value for name, value in vars(args).items() if name in SETTINGS}
-    for name in [name for name in values if SETTINGS[name].metadata.get("action") == "append"]:
-        values[name] = tuple(values[name] or SETTINGS[name].default)
-    return values
+    return {name: tuple(value or SETTINGS[name].default) if SETTINGS[name].metadata.get("action") == "append" else value
+            for name, value in vars(args).items() if name in SETTINGS}
 
 
 def flags_given(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
