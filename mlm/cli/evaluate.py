@@ -107,10 +107,8 @@ def follow_runs(args, given: set[str], runs: dict[str, RunRecord]) -> str | None
             setattr(args, name, recorded[name])
     if any(name in given and getattr(args, name) != recorded.get(name) for name in EVAL_SET_SETTINGS):
         return None  # a data flag given that differs from the run's: another eval set, not the run's own
-    data = TrainConfig(dataset=args.dataset, train_splits=tuple(args.train_splits), eval_split=args.eval_split,
-                       validation_file=args.validation_file)
     try:
-        compare_data(record.data.get("files", {}), data_file_digests(data))
+        compare_data(record.data.get("files", {}), data_file_digests(TrainConfig(**settings_given(args))))
     except MLMError as err:
         raise MLMError(f"The eval set of the run in {first} cannot be rebuilt: {err} Score the models on other data "
                        "by giving the data flags.") from None
