@@ -157,8 +157,7 @@ class Run:
             self._restore(model, optimizer, scaler)
         else:
             changed, self.record = {}, RunRecord(settings=settings)
-        old = folder_record(self.output_dir)
-        self.notes += self.folder.start(overwrite=config.overwrite, resuming=resuming, run_id=old and old.run_id)
+        self.notes += self.folder.start(overwrite=config.overwrite, resuming=resuming)
         # One dict: the record lists every name the run writes, as it writes. Only now: before start() commits a
         # resumed run, a stop would remove them all.
         self.folder.written = self.record.written
@@ -247,9 +246,6 @@ class Run:
         return None if self.is_new else self.record.derived.get("added_tokens")
 
     # -- during the run --------------------------------------------------------------------------------------
-
-    def signals_wait_for_the_step(self):
-        return self.signals.deferred()
 
     def after_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, *, ran: int | torch.Tensor,
                    lr: float | torch.Tensor, tokens: int, labelled: int) -> None:
