@@ -255,8 +255,7 @@ class Run:
         meter, progress, procs = self.meter, self.progress, self.procs
         meter.add(loss, tokens, ran, labelled)
         self.console.step()
-        # Every --log-every-th step of the run, as Trainer logs, so a resumed run logs where an uninterrupted one does;
-        # and at each epoch's end and the last step.
+        # A step of the run, not of this segment, as Trainer logs: a resumed run logs where an uninterrupted one does.
         due = progress.global_step % self.config.log_every == 0 or self._due(None)
         # Every process reaches the same log steps, so they agree there on a stop request (a host sync under DDP,
         # hence not at every step) and all stop, and checkpoint, at the same step.
@@ -293,7 +292,7 @@ class Run:
     def eval_at_the_end_due(self) -> bool:  # a resume --extend'ed to end where it stands has no eval here yet
         return self.record.last_eval_at(self.progress.global_step) is None
 
-    def record_eval(self, label: str, result: EvalResult) -> EvalResult:
+    def record_eval(self, label: str, result: EvalResult) -> None:
         step, epoch = self.progress.global_step, self.progress.epoch
         self.log.write("eval", label=label, step=step, epoch=epoch, **asdict(result))
         self.record.add_eval(label, step, epoch, asdict(result))
@@ -302,7 +301,6 @@ class Run:
                  f"{result.reference_perplexity:.3f}), loss {result.loss:.4f}, masked-token accuracy "
                  f"{result.accuracy:.2%}")
         self.meter.restart_clock()  # tokens/s counts training only
-        return result
 
     def record_fill_mask(self, label: str, prompts: list[str], predictions: list) -> None:
         """predictions: per prompt, per [MASK], the top-k (token, score) pairs."""
