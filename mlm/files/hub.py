@@ -13,8 +13,7 @@ OFFLINE_HINT = (
     "To work offline, pass a local folder with the same files instead of a repo id "
     "(e.g. path/to/distilbert-base-uncased), or set HF_HUB_OFFLINE=1 to use the HF cache only."
 )
-# The network failed, no Hub answered: the transport errors of httpx (huggingface_hub >= 1.0) and requests (before);
-# connection refused, DNS failure, timeout (TimeoutError is an OSError).
+# No Hub answered: httpx's (huggingface_hub >= 1.0) and requests' (before) transport errors, and the OS's (timeouts too)
 NETWORK_ERRORS = {"TransportError", "ConnectError", "ConnectionError", "TimeoutException", "NetworkError", "OSError"}
 
 

@@ -293,11 +293,13 @@ class Run:
         return self.record.last_eval_at(self.progress.global_step) is None
 
     def record_eval(self, label: str, result: EvalResult) -> None:
-        step, epoch = self.progress.global_step, self.progress.epoch
-        self.log.write("eval", label=label, step=step, epoch=epoch, **asdict(result))
-        self.record.add_eval(label, step, epoch, asdict(result))
+        entry = {"label": label, "step": self.progress.global_step, "epoch": self.progress.epoch, **asdict(result)}
+        self.log.write("eval", **entry)
+        self.record.results["evals"].append(entry)
+        if label == "before":
+            self.record.results["before"] = asdict(result)
         self._write_record()
-        self.say(f"[{label}] step {step}: perplexity {result.perplexity:.3f} (reference-style "
+        self.say(f"[{label}] step {entry['step']}: perplexity {result.perplexity:.3f} (reference-style "
                  f"{result.reference_perplexity:.3f}), loss {result.loss:.4f}, masked-token accuracy "
                  f"{result.accuracy:.2%}")
         self.meter.restart_clock()  # tokens/s counts training only
