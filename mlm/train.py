@@ -69,7 +69,7 @@ def fit(run: Run, setup: Setup, config: TrainConfig) -> bool:
     """The loop: one optimizer step per global batch, to the schedule's last step. False if a signal stopped it
     (after a checkpoint)."""
     progress, procs = run.progress, run.procs
-    with run.signals_wait_for_the_step():  # a signal now lets the step finish and the checkpoint be written
+    with run.signals.deferred():  # a signal now lets the step finish and the checkpoint be written
         while progress.global_step < setup.schedule.total_steps:
             batches = StepBatches(setup.train_chunks, epoch_order(len(setup.train_chunks), config.seed, progress.epoch),
                                   setup.collator, batch_size=config.batch_size, grad_accum=config.grad_accum,

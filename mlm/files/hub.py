@@ -13,6 +13,8 @@ OFFLINE_HINT = (
     "To work offline, pass a local folder with the same files instead of a repo id "
     "(e.g. path/to/distilbert-base-uncased), or set HF_HUB_OFFLINE=1 to use the HF cache only."
 )
+# No Hub answered: httpx's (huggingface_hub >= 1.0) and requests' (before) transport errors, and the OS's (timeouts too)
+NETWORK_ERRORS = {"TransportError", "ConnectError", "ConnectionError", "TimeoutException", "NetworkError", "OSError"}
 
 
 def names_a_local_path(name: str) -> bool:
@@ -94,10 +96,7 @@ def set_progress_bars(enabled: bool) -> None:
 def describe_download_error(err: BaseException, where: str, endpoint: str, *, offline: bool) -> str:
     """One line for a failed download, keeping its real cause: offline, unreachable, an error answer, a
     misconfigured HF_ENDPOINT, or a server that answers but is not a Hub."""
-    chain = list(exception_chain(err))
-    statuses = [getattr(getattr(e, "response", None), "status_code", None) for e in chain]
-    status = next((s for s in statuses if isinstance(s, int)), None)
-    names = {cls.__name__ for e in chain for cls in type(e).__mro__}
+    status, names, chain = hub_failure(err)
     innermost = chain[-1]
     reason = " ".join(f"{type(innermost).__name__}: {innermost}".split())[:200]
     if offline and status is None and not names & {"ConnectError", "TransportError"}:
@@ -111,7 +110,7 @@ def describe_download_error(err: BaseException, where: str, endpoint: str, *, of
         kind = "failed" if status >= 500 else "refused the request"
         return (f"The Hub at {endpoint} {kind} (HTTP {status}) for the {where}, and it is not in the local HF cache "
                 f"({reason}). Try again later, or check HF_ENDPOINT. {OFFLINE_HINT}")
-    if names & {"ConnectError", "TransportError", "TimeoutException", "NetworkError", "ConnectionError", "OSError"}:
+    if names & NETWORK_ERRORS:
         return (f"Could not reach the Hub at {endpoint} for the {where} ({reason}), and it is not in the local HF "
                 f"cache. Check the network connection and HF_ENDPOINT. {OFFLINE_HINT}")
     if names & {"KeyError", "JSONDecodeError", "ValueError", "TypeError"}:
@@ -120,10 +119,12 @@ def describe_download_error(err: BaseException, where: str, endpoint: str, *, of
     return f"Could not get the {where} from the Hub at {endpoint} ({reason}). {OFFLINE_HINT}"
 
 
-def exception_chain(err: BaseException):
-    """`err`, then its causes and contexts, each once."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        yield err
-        err = err.__cause__ or err.__context__
+def hub_failure(err: BaseException) -> tuple[int | None, set[str], list[BaseException]]:
+    """The HTTP status of the Hub's answer among `err`'s causes and contexts (an LFS upload's arrives wrapped in a
+    RuntimeError), the names of their classes and base classes, and the chain itself, `err` first."""
+    chain = [err]
+    while (err := err.__cause__ or err.__context__) is not None and err not in chain:
+        chain.append(err)
+    statuses = (getattr(getattr(error, "response", None), "status_code", None) for error in chain)
+    return (next((code for code in statuses if isinstance(code, int)), None),
+            {cls.__name__ for error in chain for cls in type(error).__mro__}, chain)

@@ -130,7 +130,7 @@ class RunFolder:
 
     # -- the run writes ------------------------------------------------------------------------------------------
 
-    def start(self, *, overwrite: bool, resuming: bool, run_id: str | None) -> list[str]:
+    def start(self, *, overwrite: bool, resuming: bool) -> list[str]:
         """Make the folder ready for writing, now that the run is known to start; return notes for the user."""
         self.committed = resuming  # a resumed run has its checkpoints already
         if not self.is_main:
@@ -144,7 +144,7 @@ class RunFolder:
             if not leftover.name.startswith(f"{LOCK_FILE}."):  # another run trying the lock right now
                 leftover.unlink(missing_ok=True)
         if overwrite and not resuming and self.holds_run():
-            self._move_aside(run_id)
+            self._move_aside()
             notes.append(f"moved the previous run aside to {self.aside}; it is deleted once this run has saved its "
                          "first checkpoint, and put back if this run fails before.")
         return notes
@@ -173,7 +173,8 @@ class RunFolder:
 
     # -- --overwrite ---------------------------------------------------------------------------------------------
 
-    def _move_aside(self, run_id: str | None) -> None:
+    def _move_aside(self) -> None:
+        run_id = getattr(folder_record(self.path), "run_id", None)
         (self.path / REPLACED).write_text(json.dumps({"run_id": run_id}), encoding="utf-8")
         os.replace(self.path, self.aside)  # the whole old run in one rename, our lock with it
         self.moved_aside, self.locked = True, False

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mlm.errors import MLMError
 from mlm.files.hashing import file_sha256
-from mlm.files.hub import exception_chain
+from mlm.files.hub import NETWORK_ERRORS, hub_failure
 from mlm.files.pretrained import CONFIG_FILE, WEIGHTS_FILE
 from mlm.run.metrics import METRICS_FILE
 from mlm.run.model_card import CARD_FILE, is_hub_id, run_model_card
@@ -34,7 +34,7 @@ LOCAL_SETTINGS = ("validation_file", "cache_dir", "output_dir", "resume")
 # Values that are text the run was given or predicted, not paths: a prompt may start with "/", a token may be "/".
 TEXT_KEYS = frozenset({"prompts", "prompt", "predictions"})
 # What went wrong in a push, by the HTTP status of the Hub's answer (500: any 5xx; 400: any other), else whether
-# the network failed (the transport errors of httpx, huggingface_hub >= 1.0, and requests, before, have these names).
+# the network failed (NETWORK_ERRORS) or huggingface_hub is offline.
 PUSH_ERRORS = {
     401: "The Hub at {endpoint} rejected the token while pushing {repo} (HTTP 401: {reason}). Set HF_TOKEN to a "
          "valid token with write access, or run `hf auth login` again.",
@@ -53,7 +53,6 @@ PUSH_ERRORS = {
     "offline": "HF_HUB_OFFLINE=1 forbids pushing {repo} to {endpoint}: unset it to push.",
     "other": "Pushing {repo} to {endpoint} failed ({kind}: {reason}).",
 }
-NETWORK_ERRORS = {"TransportError", "ConnectError", "ConnectionError", "TimeoutException", "NetworkError"}
 
 
 def push_run(folder: str | Path, repo_id: str, *, private: bool | None = None, endpoint: str | None = None) -> str:
@@ -162,15 +161,10 @@ def _last_part(path: str) -> str:
 
 def describe_push_error(err: BaseException, repo_id: str, endpoint: str) -> str:
     """What went wrong while pushing `repo_id` to `endpoint`, in one line, with the cause the Hub or network gave."""
-    chain = list(exception_chain(err))  # an LFS upload's HTTP error arrives wrapped in a RuntimeError
-    statuses = [getattr(getattr(error, "response", None), "status_code", None) for error in chain]
-    status = next((code for code in statuses if isinstance(code, int)), None)
+    status, names, chain = hub_failure(err)
     reason = next((message for error in chain if (message := getattr(error, "server_message", None))), None)
     reason = " ".join(str(reason or str(err) or type(err).__name__).split())[:300]
-    network = any(isinstance(error, OSError) or NETWORK_ERRORS & {cls.__name__ for cls in type(error).__mro__}
-                  for error in chain)  # connection refused, DNS failure, timeout (TimeoutError is an OSError)
-    offline = any(type(error).__name__ == "OfflineModeIsEnabled" for error in chain)
-    key = ("offline" if offline else "network" if network else "other") if status is None else (
-        status if status in PUSH_ERRORS else 500 if status >= 500 else 400)
+    key = (status if status in PUSH_ERRORS else 500 if status >= 500 else 400) if status is not None else (
+        "offline" if "OfflineModeIsEnabled" in names else "network" if names & NETWORK_ERRORS else "other")
     return PUSH_ERRORS[key].format(endpoint=endpoint, repo=repr(repo_id), reason=reason, status=status,
                                    kind=type(err).__name__)

@@ -32,7 +32,7 @@ HYPERPARAMETERS = (
     ("train chunks", "train_chunks"), ("eval chunks", "eval_chunks"), ("masked eval tokens", "eval_tokens"),
     ("batch size per process", "batch_size"), ("gradient accumulation", "grad_accum"), ("processes", "world_size"),
     ("learning rate (peak)", "lr"), ("learning-rate schedule", "lr_scheduler"), ("AdamW betas, epsilon", "adam"),
-    ("weight decay", "weight_decay"), ("warmup steps", "warmup_steps_used"), ("trained for", "length"),
+    ("weight decay", "weight_decay"), ("warmup steps", "warmup_steps"), ("trained for", "length"),
     ("optimizer steps", "total_steps"), ("max gradient norm", "max_grad_norm"), ("seed", "seed"),
     ("data seed (train/eval draw, eval masks)", "data_seed"), ("precision", "precision_used"),
     ("device", "device_used"), ("parameters", "parameters"),
@@ -65,11 +65,12 @@ def run_model_card(output_dir: str | Path, *, model_id: str | None = None) -> st
         family = json.loads(config.read_text(encoding="utf-8")).get("model_type") if config.is_file() else None
     except json.JSONDecodeError as err:
         raise MLMError(f"{config} is not valid JSON ({err}); the model card cannot be written from it.") from None
-    # The record as one flat dict; the device and precision are the last segment's, the one that finished the run.
-    values = {**record.settings, **{k: v for k, v in record.derived.items() if k != "warmup_steps"},
-              "world_size": record.world_size, "family": family or "distilbert"}
-    if "warmup_steps" in record.derived:  # the steps the schedule used; settings hold the flag (maybe a fraction)
-        values["warmup_steps_used"] = record.derived["warmup_steps"]
+    # The record as one flat dict. The warmup steps are the schedule's (derived), not the flag (maybe a fraction); the
+    # device and precision are the last segment's, the one that finished the run.
+    last = record.segments[-1] if record.segments else {}
+    values = {**record.settings, **record.derived, "warmup_steps": record.derived.get("warmup_steps"),
+              "world_size": record.world_size, "family": family or "distilbert",
+              "precision_used": last.get("precision"), "device_used": last.get("device")}
     if "adam_beta1" in values:
         values["adam"] = f"{values['adam_beta1']:g}, {values['adam_beta2']:g}, {values['adam_epsilon']:g}"
     if "total_steps" in values and "steps_per_epoch" in values:  # the stop rule: all epochs, or --max-steps
@@ -78,9 +79,6 @@ def run_model_card(output_dir: str | Path, *, model_id: str | None = None) -> st
                             f"{values['total_steps']} steps (max_steps; {epochs:.2f} epochs)")
     if (output_dir / "tokenizer.json").is_file():  # the usage example's prompt, in the model's own mask token
         values["mask_token"] = tokenizer_from_folder(output_dir).mask_token
-    if record.segments:
-        values["precision_used"] = record.segments[-1].get("precision")
-        values["device_used"] = record.segments[-1].get("device")
     return _render(model_id or str(output_dir), values, record.results)
 
 
@@ -136,17 +134,14 @@ def _render(model_id: str, args: dict, results: dict) -> str:
     if before and after:
         summary += f" Perplexity on {eval_data} went from {before['perplexity']:.2f} to {after['perplexity']:.2f}."
 
-    evaluation = []
-    if before or after:
-        evaluation = ["## Evaluation", "", f"On {args.get('eval_chunks', args.get('test_size', 'the'))} {eval_data}, "
-                      f"with {eval_masking}: every figure below scores the same masked tokens. Perplexity is exp of "
-                      "the mean loss over all masked tokens; the reference-style figure averages per-batch means as "
-                      "transformers' Trainer does (it depends on the eval batch size).", "",
-                      "| | before | after |", "|---|---|---|"]
-        for row, key, form in RESULTS:
-            cells = [form.format(figures[key]) if figures and key in figures else "–" for figures in (before, after)]
-            if cells != ["–", "–"]:
-                evaluation.append(f"| {row} | {cells[0]} | {cells[1]} |")
+    figures = [(row, *(form.format(stage[key]) if stage and key in stage else "–" for stage in (before, after)))
+               for row, key, form in RESULTS]
+    evaluation = [] if not (before or after) else [
+        "## Evaluation", "", f"On {args.get('eval_chunks', args.get('test_size', 'the'))} {eval_data}, with "
+        f"{eval_masking}: every figure below scores the same masked tokens. Perplexity is exp of the mean loss over "
+        "all masked tokens; the reference-style figure averages per-batch means as transformers' Trainer does (it "
+        "depends on the eval batch size).", "", "| | before | after |", "|---|---|---|",
+        *(f"| {row} | {b} | {a} |" for row, b, a in figures if (b, a) != ("–", "–"))]
 
     # A row per [MASK] of each prompt (its last record), a cell per stage: "film 0.123, movie 0.101, …".
     predictions = [{record.get("prompt"): [", ".join(f"{token} {float(score):.3f}" for token, score in per_mask)

@@ -56,11 +56,6 @@ class RunRecord:
         if self.segments and self.segments[-1]["ended"] is None:
             self.segments[-1].update(ended=_now(), to_step=step, end=end)
 
-    def add_eval(self, label: str, step: int, epoch: int, result: dict) -> None:
-        if label == "before":
-            self.results["before"] = result
-        self.results["evals"].append({"label": label, "step": step, "epoch": epoch, **result})
-
     def last_eval_at(self, step: int) -> dict | None:
         """The last eval recorded at `step` (without its label, step and epoch), or None."""
         return next(({k: v for k, v in e.items() if k not in ("label", "step", "epoch")}

@@ -157,8 +157,7 @@ class Run:
             self._restore(model, optimizer, scaler)
         else:
             changed, self.record = {}, RunRecord(settings=settings)
-        old = folder_record(self.output_dir)
-        self.notes += self.folder.start(overwrite=config.overwrite, resuming=resuming, run_id=old and old.run_id)
+        self.notes += self.folder.start(overwrite=config.overwrite, resuming=resuming)
         # One dict: the record lists every name the run writes, as it writes. Only now: before start() commits a
         # resumed run, a stop would remove them all.
         self.folder.written = self.record.written
@@ -248,9 +247,6 @@ class Run:
 
     # -- during the run --------------------------------------------------------------------------------------
 
-    def signals_wait_for_the_step(self):
-        return self.signals.deferred()
-
     def after_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, *, ran: int | torch.Tensor,
                    lr: float | torch.Tensor, tokens: int, labelled: int) -> None:
         """Count the step; every --log-every steps (and at each epoch's end and the last step) log the mean loss over
@@ -259,8 +255,7 @@ class Run:
         meter, progress, procs = self.meter, self.progress, self.procs
         meter.add(loss, tokens, ran, labelled)
         self.console.step()
-        # Every --log-every-th step of the run, as Trainer logs, so a resumed run logs where an uninterrupted one does;
-        # and at each epoch's end and the last step.
+        # A step of the run, not of this segment, as Trainer logs: a resumed run logs where an uninterrupted one does.
         due = progress.global_step % self.config.log_every == 0 or self._due(None)
         # Every process reaches the same log steps, so they agree there on a stop request (a host sync under DDP,
         # hence not at every step) and all stop, and checkpoint, at the same step.
@@ -297,16 +292,17 @@ class Run:
     def eval_at_the_end_due(self) -> bool:  # a resume --extend'ed to end where it stands has no eval here yet
         return self.record.last_eval_at(self.progress.global_step) is None
 
-    def record_eval(self, label: str, result: EvalResult) -> EvalResult:
-        step, epoch = self.progress.global_step, self.progress.epoch
-        self.log.write("eval", label=label, step=step, epoch=epoch, **asdict(result))
-        self.record.add_eval(label, step, epoch, asdict(result))
+    def record_eval(self, label: str, result: EvalResult) -> None:
+        entry = {"label": label, "step": self.progress.global_step, "epoch": self.progress.epoch, **asdict(result)}
+        self.log.write("eval", **entry)
+        self.record.results["evals"].append(entry)
+        if label == "before":
+            self.record.results["before"] = asdict(result)
         self._write_record()
-        self.say(f"[{label}] step {step}: perplexity {result.perplexity:.3f} (reference-style "
+        self.say(f"[{label}] step {entry['step']}: perplexity {result.perplexity:.3f} (reference-style "
                  f"{result.reference_perplexity:.3f}), loss {result.loss:.4f}, masked-token accuracy "
                  f"{result.accuracy:.2%}")
         self.meter.restart_clock()  # tokens/s counts training only
-        return result
 
     def record_fill_mask(self, label: str, prompts: list[str], predictions: list) -> None:
         """predictions: per prompt, per [MASK], the top-k (token, score) pairs."""
