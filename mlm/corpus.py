@@ -7,10 +7,9 @@ import warnings
 from pathlib import Path
 
 from mlm.chunks import Chunks
-from mlm.corpus_store import prepare_store
+from mlm.corpus_store import cache_key, default_cache_dir, prepare_store, store_path
 from mlm.data import check_chunk_size, check_group_size, concatenate, draw, split_train_test, tokenize_and_chunk
 from mlm.errors import MLMError
-from mlm.files.data_cache import cache_key, default_cache_dir, store_path
 from mlm.files.data_files import check_validation_file, find_corpus, read_texts
 from mlm.files.hub import short_name
 from mlm.tokenizer import Tokenizer

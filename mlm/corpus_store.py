@@ -22,6 +22,8 @@ Interruption: while preparing, the store is `.{name}.partial/` with progress.jso
 piece (pieces done, chunks written, the carried tokens). Run the same command again and it truncates the two
 files to the chunks recorded, skips the pieces done and continues, so the finished store is byte-identical to an
 uninterrupted one. A lock file makes other processes (torchrun's ranks) wait for the one that prepares.
+
+A store lies in `default_cache_dir()`/chunks, named by the hash of `cache_key`, everything its chunks depend on.
 """
 
 from __future__ import annotations
@@ -39,20 +41,54 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from huggingface_hub import constants
 from tqdm import tqdm
 
 from mlm.data import check_filled, chunk, tokenize
 from mlm.errors import MLMError
 from mlm.files.corpus_files import iter_texts
-from mlm.files.hashing import file_sha256, json_sha256
+from mlm.files.hashing import file_sha256, json_sha256, tokenizer_sha256
 from mlm.files.writes import atomic_write_text
 from mlm.masking import word_starts
 from mlm.tokenizer import Tokenizer, template_ids
 
-STORE_FORMAT_VERSION = 2
+# Bump when the meaning or layout of a store changes, so old stores are rebuilt rather than misread.
+FORMAT_VERSION = 2
 PIECE_CHARS = 2 << 20  # characters of text per piece: bounds preparation's memory (docs/corpora.md measures it)
 SLICE_CHARS = 1 << 20  # a longer document is tokenized in slices of about this many characters
 SLICES_PER_STRETCH = 8  # a long document's slices tokenized (and held) at once
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where a store lies
+
+
+def default_cache_dir() -> Path:
+    """$MLM_CACHE if set, else <HF_HOME>/mlm (HF_HOME defaults to ~/.cache/huggingface)."""
+    return Path(os.environ.get("MLM_CACHE") or Path(constants.HF_HOME) / "mlm").expanduser()
+
+
+def cache_key(files: list[Path], tokenizer: Tokenizer, *, chunk_size: int, group_size: int | None, text_column: str,
+              one_document_per_file: bool = False) -> dict:
+    """Everything the chunks depend on, as a JSON-able dict; its hash names the store.
+
+    Data files are identified by the SHA-256 of their content, not by path + size + mtime: hashing IMDb's corpus
+    takes a small fraction of tokenizing it, and buys exactness. A copied or re-downloaded but identical file still
+    hits the cache, and a file edited in place always misses it, even when its size and mtime survive (`cp -p`).
+    """
+    return {
+        "format_version": FORMAT_VERSION,
+        "data_sha256": [file_sha256(file) for file in files],
+        "tokenizer_sha256": tokenizer_sha256(tokenizer),
+        "chunk_size": chunk_size,
+        "group_size": group_size,
+        "text_column": text_column,
+        "one_document_per_file": one_document_per_file,
+    }
+
+
+def store_path(directory: Path, split: str, chunk_size: int, key: dict) -> Path:
+    return directory / "chunks" / f"{split}-{chunk_size}-{json_sha256(key)[:20]}"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -105,7 +141,7 @@ def _header_problem(path: Path, header: dict, key_sha256: str) -> str | None:
     fields = {name: value for name, value in header.items() if name != "header_sha256"}
     if header.get("header_sha256") != json_sha256(fields):
         return "its header does not match the header's checksum"
-    if header["format_version"] != STORE_FORMAT_VERSION or header["key_sha256"] != key_sha256:
+    if header["key_sha256"] != key_sha256:  # the key holds FORMAT_VERSION
         return "it was built from other data or by another version"
     n, length, dtype = header["n_chunks"], header["chunk_size"], np.dtype(header["dtype"])
     if dtype not in (np.dtype("<u2"), np.dtype("<i4")) or n < 1 or length < 2:
@@ -322,9 +358,8 @@ class _Writer:
             raise MLMError(f"No text in {files[0]}{others}: empty, or only blank lines. Check the path, or add text.")
         check_filled(state["chunks"], tokens=state["tokens"], texts=state["documents"], chunk_size=self.chunk_size,
                      group_size=self.group_size, files=files)
-        fields = {"format_version": STORE_FORMAT_VERSION, "key": key, "key_sha256": state["key_sha256"],
-                  "dtype": self.dtype.str, "chunk_size": self.chunk_size, "n_chunks": state["chunks"],
-                  "n_reviews": state["documents"], "n_tokens": state["tokens"],
+        fields = {"key": key, "key_sha256": state["key_sha256"], "dtype": self.dtype.str, "chunk_size": self.chunk_size,
+                  "n_chunks": state["chunks"], "n_reviews": state["documents"], "n_tokens": state["tokens"],
                   "ids_sha256": file_sha256(self.partial / "ids.bin"),
                   "words_sha256": file_sha256(self.partial / "words.bin")}
         header = {**fields, "header_sha256": json_sha256(fields)}

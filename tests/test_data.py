@@ -21,9 +21,9 @@ import mlm.corpus_store as corpus_store
 import mlm.data as data
 from mlm.chunks import Chunks
 from mlm.corpus import load_chunks
+from mlm.corpus_store import default_cache_dir
 from mlm.data import check_chunk_size, split_train_test, tokenize, tokenize_and_chunk
 from mlm.errors import MLMError
-from mlm.files.data_cache import default_cache_dir
 from mlm.files.data_files import find_data_files, load_texts
 from mlm.masking import word_starts
 from mlm.tokenizer import load_tokenizer
