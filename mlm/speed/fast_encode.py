@@ -17,10 +17,9 @@ fails a condition or a comparison keeps the plain way (or gets the first shortcu
 
 from __future__ import annotations
 
+import copy
 import re
 import unicodedata
-from collections.abc import Callable
-from dataclasses import dataclass, fields
 from functools import partial
 
 import numpy as np
@@ -39,22 +38,14 @@ PROBE_TEXTS = ["a [SEP] b[SEP]c [UNK] [MASK]x", "##s ## # #a a## ###", "x" * 150
                "X" * 101 + " Xy", "ÉTÉ Été été"]
 
 
-@dataclass
-class FastTokenizer(Tokenizer):
-    """A Tokenizer whose `encode` takes the shortcuts: the same arrays as the plain one's."""
-
-    shortcut: Callable | None = None  # (texts, special_tokens) -> (input_ids, word_ids, lengths)
-
-    def encode(self, texts: list[str], *, special_tokens: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return self.shortcut(texts, special_tokens)
-
-
 def fast_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
-    """`tokenizer` with the shortcuts that are exact for it, or `tokenizer` itself when none is."""
+    """A copy of `tokenizer` whose `encode` takes the shortcuts exact for it, or `tokenizer` itself when none is."""
     encode = fast_encoder(tokenizer)
     if encode is None:
         return tokenizer
-    return FastTokenizer(**{f.name: getattr(tokenizer, f.name) for f in fields(tokenizer)}, shortcut=encode)
+    fast = copy.copy(tokenizer)
+    fast.encode = encode
+    return fast
 
 
 def fast_encoder(tokenizer: Tokenizer):
@@ -66,9 +57,9 @@ def fast_encoder(tokenizer: Tokenizer):
     template = tuple(map(len, template_ids(tokenizer)))
     backend = tokenizer.backend
 
-    def encode_with(shortcut, texts: list[str], special: bool):
-        ids, lengths = encoded_ids(_encode_batch(backend, texts, special, shortcut))
-        return ids, derived_word_ids(ids, lengths, continuation, *(template if special else (0, 0))), lengths
+    def encode_with(shortcut, texts: list[str], special_tokens: bool = True):  # as Tokenizer.encode is called
+        ids, lengths = encoded_ids(_encode_batch(backend, texts, special_tokens, shortcut))
+        return ids, derived_word_ids(ids, lengths, continuation, *(template if special_tokens else (0, 0))), lengths
 
     for shortcut in (_text_shortcut(tokenizer), None):
         encode = partial(encode_with, shortcut)
