@@ -112,8 +112,7 @@ def draw_size(size: int | str, n: int, setting: str) -> int:
     """The number of chunks `size` means out of `n`: an int as it is, "all" all of them, "P%" P percent rounded up
     (as `datasets`' train_test_split rounds a test fraction), e.g. "5%" of 61,302 is 3,066. `setting` names it in
     errors ("train_size" or "test_size")."""
-    if isinstance(size, str):
-        size = parse_size(size, setting)
+    size = parse_size(size, setting)  # an int too: one below 1 is refused there
     if size == "all":
         return n
     if isinstance(size, str):  # a percentage, checked by parse_size
@@ -125,12 +124,10 @@ def draw_sizes(train_size: int | str, test_size: int | str, n: int) -> tuple[int
     """(train, test): the chunk counts train_size and test_size mean out of `n` chunks, checked: both at least one
     and together at most n. train_size "all" is every chunk test_size leaves."""
     test = draw_size(test_size, n, "test_size")
-    if train_size == "all" and test >= n:  # else "must be positive (got 0 …)" for a size not given
+    if train_size == "all" and test >= n:
         raise MLMError(f"`train_size` all leaves no chunk to train on: `test_size` {test} takes all {n} chunks. "
                        "Lower `test_size`, e.g. to 5%.")
     train = n - test if train_size == "all" else draw_size(train_size, n, "train_size")
-    if train < 1 or test < 1:
-        raise MLMError(f"`train_size` and `test_size` must be positive (got {train} and {test}).")
     if train + test > n:
         raise MLMError(f"Cannot draw {train} train + {test} test chunks from {n} chunks: lower `train_size` (`all` "
                        "trains on every chunk not held out) or `test_size`, or use a larger corpus or a smaller "
@@ -138,7 +135,7 @@ def draw_sizes(train_size: int | str, test_size: int | str, n: int) -> tuple[int
     return train, test
 
 
-def parse_size(text: str, setting: str = "train_size") -> int | str:
+def parse_size(text: int | str, setting: str = "train_size") -> int | str:
     """A train_size or test_size value: a positive int, a percentage ("5%", "0.5%") strictly between 0% and 100%,
     or "all" (train_size only); raises MLMError naming `setting`."""
     text = str(text).strip()

@@ -186,8 +186,6 @@ def draw(chunks: Chunks, size: int | str, *, seed: int = 42, what: str = "train"
          setting: str = "train_size") -> Chunks:
     """`size` chunks drawn without replacement, in the order of np.random.default_rng(seed).permutation."""
     size = draw_size(size, len(chunks), setting)
-    if size < 1:
-        raise MLMError(f"`{setting}` must be positive (got {size}).")
     if size > len(chunks):
         raise MLMError(f"Cannot draw {size} {what} chunks from {len(chunks)}: give `{setting}` {len(chunks)} or "
                        "less, or use more text or a smaller `chunk_size`.")

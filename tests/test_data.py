@@ -223,7 +223,7 @@ def test_split_is_disjoint_reproducible_and_matches_datasets_scheme():
 def test_split_needs_enough_chunks():
     with pytest.raises(MLMError, match="Cannot draw 10 train \\+ 5 test chunks from 14"):
         split_train_test(make_chunks(14), train_size=10, test_size=5)
-    with pytest.raises(MLMError, match="must be positive"):
+    with pytest.raises(MLMError, match="`train_size` '0': give a positive number of chunks"):
         split_train_test(make_chunks(14), train_size=0, test_size=5)
 
 
