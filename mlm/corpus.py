@@ -36,8 +36,7 @@ def load_chunks(source: str | Path, split: str, tokenizer: Tokenizer, *, chunk_s
         path = store_path(directory, split, chunk_size, key)
         try:
             label = f"tokenizing {short_name(source)} ({split})" if progress else None  # the progress bar's
-            store = prepare_store(path, key, files, tokenizer, chunk_size=chunk_size, group_size=group_size,
-                                  progress=label, **reading)
+            store = prepare_store(path, key, files, tokenizer, progress=label)
             return Chunks.view([store], None, store.n_reviews, store.n_tokens, cache_path=path)
         except OSError as err:  # e.g. a read-only folder, a full disk
             warnings.warn(f"Could not write the chunk store {path} ({err}); continuing without it. "

@@ -3,10 +3,11 @@
 The store runs mlm/data.py's own functions on the corpus piece by piece: the files are read in pieces of about
 PIECE_CHARS characters (mlm/files/corpus_files.py), each piece goes through `tokenize`, and `chunk` cuts the token
 stream as it cuts a corpus held in memory: the tokens of a group that goes on past a piece are carried into the
-next one. The chunks are appended to the store; a piece is the unit of resumption. Memory is
-bounded by a piece, not by the corpus; a document longer than SLICE_CHARS is tokenized in slices cut at whitespace.
+next one. Memory is bounded by a piece, not by the corpus; a document longer than SLICE_CHARS is tokenized in
+slices cut at whitespace.
 
-The store is a folder:
+The store is a folder in `default_cache_dir()`/chunks, named by the hash of `cache_key` (everything its chunks
+depend on):
 
     ids.bin       (N, L) token ids, uint16 when the vocabulary fits in 16 bits, else int32, little-endian
     words.bin     (N, 2, ceil(L / 8)) uint8: two bit planes per chunk, np.packbits of `word_starts` (mlm/masking.py)
@@ -22,8 +23,6 @@ Interruption: while preparing, the store is `.{name}.partial/` with progress.jso
 piece (pieces done, chunks written, the carried tokens). Run the same command again and it truncates the two
 files to the chunks recorded, skips the pieces done and continues, so the finished store is byte-identical to an
 uninterrupted one. A lock file makes other processes (torchrun's ranks) wait for the one that prepares.
-
-A store lies in `default_cache_dir()`/chunks, named by the hash of `cache_key`, everything its chunks depend on.
 """
 
 from __future__ import annotations
@@ -76,15 +75,9 @@ def cache_key(files: list[Path], tokenizer: Tokenizer, *, chunk_size: int, group
     takes a small fraction of tokenizing it, and buys exactness. A copied or re-downloaded but identical file still
     hits the cache, and a file edited in place always misses it, even when its size and mtime survive (`cp -p`).
     """
-    return {
-        "format_version": FORMAT_VERSION,
-        "data_sha256": [file_sha256(file) for file in files],
-        "tokenizer_sha256": tokenizer_sha256(tokenizer),
-        "chunk_size": chunk_size,
-        "group_size": group_size,
-        "text_column": text_column,
-        "one_document_per_file": one_document_per_file,
-    }
+    return {"format_version": FORMAT_VERSION, "data_sha256": [file_sha256(file) for file in files],
+            "tokenizer_sha256": tokenizer_sha256(tokenizer), "chunk_size": chunk_size, "group_size": group_size,
+            "text_column": text_column, "one_document_per_file": one_document_per_file}
 
 
 def store_path(directory: Path, split: str, chunk_size: int, key: dict) -> Path:
@@ -159,10 +152,9 @@ def _header_problem(path: Path, header: dict, key_sha256: str) -> str | None:
 # Preparing a store
 
 
-def prepare_store(path: Path, key: dict, files: list[Path], tokenizer: Tokenizer, *, chunk_size: int,
-                  group_size: int | None, text_column: str = "text", one_document_per_file: bool = False,
+def prepare_store(path: Path, key: dict, files: list[Path], tokenizer: Tokenizer, *,
                   progress: str | None = None) -> ChunkStore:
-    """The store at `path` for `key`, built from `files` unless a valid one is there (see the module docstring).
+    """The store at `path` for `key`, built from `files` with the key's settings unless a valid one is there.
 
     Raises MLMError for bad input, leaving nothing behind, and OSError when the folder is not writable.
     """
@@ -184,11 +176,11 @@ def prepare_store(path: Path, key: dict, files: list[Path], tokenizer: Tokenizer
             partial.mkdir(exist_ok=True)
             remove_leftovers(partial)
             dtype = np.dtype("<u2") if tokenizer.vocab_size <= 1 << 16 else np.dtype("<i4")  # the narrowest
-            writer = _Writer(partial, key_sha256, dtype, chunk_size, group_size)
+            writer = _Writer(partial, key_sha256, dtype, key["chunk_size"], key["group_size"])
             # `progress` labels a bar, drawn on a terminal only: elsewhere (a log file) its carriage returns are noise.
             with tqdm(total=sum(file.stat().st_size for file in files), unit="B", unit_scale=True, unit_divisor=1024,
                       desc=progress, disable=not (progress and sys.stderr.isatty()), leave=False) as bar:
-                for index, (texts, bytes_read) in enumerate(_pieces(files, text_column, one_document_per_file)):
+                for index, (texts, bytes_read) in enumerate(_pieces(files, key)):
                     if index >= writer.state["pieces"]:  # the pieces before were done by an interrupted run
                         for stretch in _stretches(texts, tokenizer):
                             writer.add(*stretch)
@@ -215,21 +207,18 @@ def remove_leftovers(directory: Path) -> None:
             file.unlink(missing_ok=True)
 
 
-def _pieces(files: list[Path], text_column: str, one_document_per_file: bool) -> Iterator[tuple[list[str], int]]:
+def _pieces(files: list[Path], key: dict) -> Iterator[tuple[list[str], int]]:
     """Yield (texts, bytes read) pieces of about PIECE_CHARS characters, reading the next piece meanwhile."""
     def gather():
         piece, size = [], 0
-        for texts, bytes_read in iter_texts(files, text_column=text_column,
-                                            one_document_per_file=one_document_per_file):
-            # Cut inside a batch too: a reader's batch can be larger than a piece.
-            ends = np.cumsum([len(text) for text in texts]) + size
-            start = 0
-            while start < len(texts) and ends[-1] >= PIECE_CHARS:
-                stop = int(np.searchsorted(ends, PIECE_CHARS)) + 1
-                yield piece + texts[start:stop], bytes_read
-                piece, size, start, ends = [], 0, stop, ends - ends[stop - 1]
-            piece += texts[start:]
-            size = int(ends[-1]) if len(texts) else size
+        for texts, bytes_read in iter_texts(files, text_column=key["text_column"],
+                                            one_document_per_file=key["one_document_per_file"]):
+            for text in texts:  # cut inside a batch too: a reader's batch can be larger than a piece
+                piece.append(text)
+                size += len(text)
+                if size >= PIECE_CHARS:
+                    yield piece, bytes_read
+                    piece, size = [], 0
         if piece:
             yield piece, bytes_read
 
@@ -316,7 +305,8 @@ class _Writer:
         # A crash can lose appended bytes that progress.json counts (it is renamed into place, the data is not
         # synced): truncate() would fill the gap with zeros, a store of [PAD] rows that passes its checksums.
         if (stored.get("key_sha256") == key_sha256 and set(stored) == set(self.state)
-                and all(_size(file) >= stored["chunks"] * size for file, size in zip(files, row_bytes))):
+                and all(file.is_file() and file.stat().st_size >= stored["chunks"] * size
+                        for file, size in zip(files, row_bytes))):
             self.state = stored
         self.carry_ids = np.array(self.state["carry_ids"], np.int32)
         self.carry_words = np.array(self.state["carry_words"], np.int32)
@@ -366,7 +356,3 @@ class _Writer:
         atomic_write_text(self.partial / "header.json", json.dumps(header, sort_keys=True))
         (self.partial / "progress.json").unlink()
         return header
-
-
-def _size(file: Path) -> int:
-    return file.stat().st_size if file.is_file() else 0
