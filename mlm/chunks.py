@@ -17,21 +17,19 @@ from mlm.errors import MLMError
 
 class Chunks:
     """Fixed-size blocks of token ids and the word id of every token: arrays in memory, or a view by index over
-    the memory-mapped store of mlm/corpus_store.py, so that drawing and concatenating never copy the chunks.
+    the memory-mapped store of mlm/corpus_store.py.
 
-    input_ids: (N, chunk_size) int32 token ids.
+    input_ids: (N, chunk_size) int32 token ids (it and word_ids read all chunks, `rows(positions)` those asked for).
     word_ids:  (N, chunk_size) int32; the index of the token's word within its review, -1 at [CLS]/[SEP] (from a
         store, the same word starts with other numbers: see mlm/corpus_store.py).
     n_reviews, n_tokens: size of the corpus the chunks were cut from ([CLS]/[SEP] counted, dropped tail
         tokens too); a subset made by `select` or `split_train_test` keeps its parent's figures.
     cache_path: the store these chunks were read from or written to, None if not stored.
-    `rows(positions)` reads only the chunks asked for; `input_ids` and `word_ids` read them all.
     """
 
-    def __init__(self, input_ids: np.ndarray, word_ids: np.ndarray, n_reviews: int, n_tokens: int,
-                 cache_path: Path | None = None):
+    def __init__(self, input_ids: np.ndarray, word_ids: np.ndarray, n_reviews: int, n_tokens: int):
         self._parts, self._indices = [_ArrayRows(np.asarray(input_ids), np.asarray(word_ids))], None
-        self.n_reviews, self.n_tokens, self.cache_path = n_reviews, n_tokens, cache_path
+        self.n_reviews, self.n_tokens, self.cache_path = n_reviews, n_tokens, None
 
     @classmethod
     def view(cls, parts: list, indices: np.ndarray | None, n_reviews: int, n_tokens: int,
@@ -43,7 +41,7 @@ class Chunks:
         return chunks
 
     def __len__(self) -> int:
-        return len(self._indices) if self._indices is not None else sum(len(part) for part in self._parts)
+        return len(self._indices) if self._indices is not None else self.drawn_from
 
     @property
     def chunk_size(self) -> int:

@@ -102,8 +102,7 @@ class ChunkStore:
     def __getstate__(self) -> dict:  # DataLoader workers reopen the files instead of receiving copies
         return {**self.__dict__, "_maps": None}
 
-    def rows(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(input_ids, word_ids), both (n, L) int32, of the chunks at `positions` (n,) int, in that order."""
+    def rows(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # as Chunks.rows
         if self._maps is None:
             n, length = len(self), self.chunk_size
             ids = np.memmap(self.path / "ids.bin", np.dtype(self.header["dtype"]), "r", shape=(n, length))
