@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import re
+import string
 import unicodedata
 from functools import partial
 
@@ -109,9 +110,9 @@ def continuation_pieces(tokenizer: Tokenizer) -> np.ndarray | None:
             and backend.truncation is None and backend.padding is None):
         return None
     prefix = model.continuing_subword_prefix
-    if len(prefix) < 2 or not _bert_punctuation(prefix[0]):
-        return None
-    if any(token.content.startswith(prefix) for token in backend.get_added_tokens_decoder().values()):
+    # Punctuation by BertPreTokenizer's rule: ASCII symbols (string.punctuation) and Unicode's P* categories.
+    if (len(prefix) < 2 or not (prefix[0] in string.punctuation or unicodedata.category(prefix[0]).startswith("P"))
+            or any(token.content.startswith(prefix) for token in backend.get_added_tokens_decoder().values())):
         return None
     vocab = backend.get_vocab(with_added_tokens=True)
     if len(set(vocab.values())) < len(vocab):  # an added token given an id the vocabulary already uses
@@ -133,13 +134,6 @@ def derived_word_ids(ids: np.ndarray, lengths: np.ndarray, continuation: np.ndar
     before_text = np.concatenate([[0], count])[np.cumsum(lengths) - lengths]
     words = count - np.repeat(before_text, lengths).astype(np.int32) - 1
     return np.where(in_word, words, np.int32(-1)).astype(np.int32, copy=False)
-
-
-def _bert_punctuation(char: str) -> bool:
-    # BertPreTokenizer's punctuation: ASCII symbols and Unicode's P* categories.
-    code = ord(char)
-    return 33 <= code <= 47 or 58 <= code <= 64 or 91 <= code <= 96 or 123 <= code <= 126 or \
-        unicodedata.category(char).startswith("P")
 
 
 # ---------------------------------------------------------------------------------------------------------
