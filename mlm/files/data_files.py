@@ -15,7 +15,6 @@ from mlm.errors import MLMError, listed
 from mlm.files.corpus_files import COMPRESSIONS, FORMATS, file_format, iter_texts
 from mlm.files.hub import resolve_repo
 
-SPLITS = ("train", "test", "unsupervised")
 # The names that make a folder a split layout where they lie: the Hub's usual splits and IMDb's unsupervised. Once
 # a folder is one, a split of any other name is read too (`--eval-split dev` reads dev.jsonl).
 SPLIT_NAMES = ("train", "validation", "test", "unsupervised")
