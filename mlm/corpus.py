@@ -49,7 +49,6 @@ def run_sources(dataset: str | Path, *, train_splits: tuple[str, ...] = ("train"
                 validation_file: str | Path | None = None) -> tuple[list[tuple], tuple | None]:
     """What a run reads, as (source, split) pairs: its training splits, and where its eval chunks come from (None:
     held out of the training chunks, as the course does)."""
-    train_splits = list(train_splits)
     if not train_splits or len(set(train_splits)) != len(train_splits):
         raise MLMError(f"`train_splits` must name each split once, got {','.join(train_splits) or 'nothing'}.")
     if eval_split is not None and validation_file is not None:
@@ -57,10 +56,11 @@ def run_sources(dataset: str | Path, *, train_splits: tuple[str, ...] = ("train"
     if eval_split is not None and eval_split in train_splits:
         raise MLMError(f"`eval_split` {eval_split} is also a training split: the eval chunks would be trained on. "
                        "Pick another split, or leave `eval_split` out to hold chunks out of the train split.")
+    train = [(dataset, split) for split in train_splits]
     if validation_file is not None:
         check_validation_file(validation_file)
-        return [(dataset, split) for split in train_splits], (validation_file, "train")  # a single file's one split
-    return [(dataset, split) for split in train_splits], (dataset, eval_split) if eval_split is not None else None
+        return train, (validation_file, "train")  # a single file's one split
+    return train, (dataset, eval_split) if eval_split is not None else None
 
 
 def load_train_eval_chunks(source: str | Path, tokenizer: Tokenizer, *, train_splits: tuple[str, ...] = ("train",),
