@@ -262,24 +262,19 @@ def _long_document(text: str, tokenizer: Tokenizer) -> Iterator[tuple[np.ndarray
 
 
 def _slices(text: str) -> Iterator[str]:
-    """`text` in slices of at most SLICE_CHARS characters, cut at whitespace (see `_cut`)."""
+    """`text` in slices of at most SLICE_CHARS characters, each cut at its last blank that ends a run of whitespace.
+    Byte-level BPE makes the run but its last character a word, that character beginning the next (" word" is
+    "Ġword"): cut there, both slices split as the whole text does; inside the run, not. (BERT's pre-tokenizer drops
+    whitespace.) A slice where no blank ends a run is cut where it is, inside a word."""
     start = 0
     while start < len(text):
-        end = min(start + SLICE_CHARS, len(text))
-        if end < len(text) and (cut := _cut(text, start, end)) > start:
-            end = cut  # else no blank ends a run in the slice: it is cut where it is, inside a word
+        end = cut = min(start + SLICE_CHARS, len(text))
+        while end < len(text) and (cut := max(text.rfind(space, start + 1, cut) for space in " \n\t\r")) > start:
+            if not text[cut + 1].isspace():
+                end = cut
+                break
         yield text[start:end]
         start = end
-
-
-def _cut(text: str, start: int, end: int) -> int:
-    """The last position in (start, end) of a blank that ends a run of whitespace, or -1. Byte-level BPE makes the
-    run but its last character a word, that character beginning the next (" word" is "Ġword"): cut there, both
-    slices split as the whole text does; inside the run, not. (BERT's pre-tokenizer drops whitespace.)"""
-    cut = end
-    while (cut := max(text.rfind(space, start + 1, cut) for space in " \n\t\r")) > start and text[cut + 1].isspace():
-        pass
-    return cut
 
 
 def pack_words(word_ids: np.ndarray) -> np.ndarray:
