@@ -21,10 +21,9 @@ def load_chunks(source: str | Path, split: str, tokenizer: Tokenizer, *, chunk_s
                 use_cache: bool = True, progress: bool = False) -> Chunks:
     """The chunks of `split` of `source` (a Hub dataset id, a folder, a glob or a file: mlm/files/data_files.py).
 
-    From the store in `cache_dir` (default `default_cache_dir()`)/chunks when a valid one exists; else prepared into
-    it, streaming, in bounded memory (a truncated or corrupt store is warned about and rebuilt; an interrupted
-    preparation continues where it stopped). Returns Chunks of chunk_size tokens viewing the memory-mapped store,
-    `cache_path` set. use_cache=False neither reads nor writes a store: the whole split in memory, as the course.
+    From the store in `cache_dir` (default `default_cache_dir()`) when a valid one exists; else prepared into it,
+    streaming, in bounded memory (mlm/corpus_store.py). Returns Chunks of chunk_size tokens viewing the memory-mapped
+    store, `cache_path` set. use_cache=False neither reads nor writes a store: the whole split in memory, as the course.
     """
     check_chunk_size(chunk_size, max_length)
     check_group_size(group_size)
