@@ -71,8 +71,7 @@ class Chunks:
         words = np.empty_like(ids)
         for number, part in enumerate(self._parts):
             mine = owner == number
-            if mine.any():
-                ids[mine], words[mine] = part.rows(positions[mine] - starts[number])
+            ids[mine], words[mine] = part.rows(positions[mine] - starts[number])
         return ids, words
 
     @property
