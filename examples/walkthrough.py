@@ -240,7 +240,7 @@ print(f"chunk() keeps {len(chunk_ids)} full chunks {tuple(chunk_ids.shape)} and 
 # `group_texts` 1,000 reviews at a time, the course joins and cuts each group of 1,000 reviews separately, and
 # drops each group's short tail. mlm joins the whole split by default (one tail dropped); `group_size=1000`
 # reproduces the course's count. `load_chunks` (mlm/corpus.py) tokenizes and chunks a split once, streaming, into a
-# memory-mapped chunk store (mlm/corpus_store.py, named in mlm/files/data_cache.py); later runs open the store.
+# memory-mapped chunk store (mlm/corpus_store.py, named by its cache key); later runs open the store.
 #
 # On the Hub's IMDb the course's notebook reports 61,289 train chunks. The whole-split count depends only on
 # the number of tokens; the grouped count also depends on the row order (which reviews share a group), so a

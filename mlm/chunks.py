@@ -17,21 +17,19 @@ from mlm.errors import MLMError
 
 class Chunks:
     """Fixed-size blocks of token ids and the word id of every token: arrays in memory, or a view by index over
-    the memory-mapped store of mlm/corpus_store.py, so that drawing and concatenating never copy the chunks.
+    the memory-mapped store of mlm/corpus_store.py.
 
-    input_ids: (N, chunk_size) int32 token ids.
+    input_ids: (N, chunk_size) int32 token ids (it and word_ids read all chunks, `rows(positions)` those asked for).
     word_ids:  (N, chunk_size) int32; the index of the token's word within its review, -1 at [CLS]/[SEP] (from a
         store, the same word starts with other numbers: see mlm/corpus_store.py).
     n_reviews, n_tokens: size of the corpus the chunks were cut from ([CLS]/[SEP] counted, dropped tail
         tokens too); a subset made by `select` or `split_train_test` keeps its parent's figures.
     cache_path: the store these chunks were read from or written to, None if not stored.
-    `rows(positions)` reads only the chunks asked for; `input_ids` and `word_ids` read them all.
     """
 
-    def __init__(self, input_ids: np.ndarray, word_ids: np.ndarray, n_reviews: int, n_tokens: int,
-                 cache_path: Path | None = None):
+    def __init__(self, input_ids: np.ndarray, word_ids: np.ndarray, n_reviews: int, n_tokens: int):
         self._parts, self._indices = [_ArrayRows(np.asarray(input_ids), np.asarray(word_ids))], None
-        self.n_reviews, self.n_tokens, self.cache_path = n_reviews, n_tokens, cache_path
+        self.n_reviews, self.n_tokens, self.cache_path = n_reviews, n_tokens, None
 
     @classmethod
     def view(cls, parts: list, indices: np.ndarray | None, n_reviews: int, n_tokens: int,
@@ -43,7 +41,7 @@ class Chunks:
         return chunks
 
     def __len__(self) -> int:
-        return len(self._indices) if self._indices is not None else sum(len(part) for part in self._parts)
+        return len(self._indices) if self._indices is not None else self.drawn_from
 
     @property
     def chunk_size(self) -> int:
@@ -73,8 +71,7 @@ class Chunks:
         words = np.empty_like(ids)
         for number, part in enumerate(self._parts):
             mine = owner == number
-            if mine.any():
-                ids[mine], words[mine] = part.rows(positions[mine] - starts[number])
+            ids[mine], words[mine] = part.rows(positions[mine] - starts[number])
         return ids, words
 
     @property
@@ -112,8 +109,7 @@ def draw_size(size: int | str, n: int, setting: str) -> int:
     """The number of chunks `size` means out of `n`: an int as it is, "all" all of them, "P%" P percent rounded up
     (as `datasets`' train_test_split rounds a test fraction), e.g. "5%" of 61,302 is 3,066. `setting` names it in
     errors ("train_size" or "test_size")."""
-    if isinstance(size, str):
-        size = parse_size(size, setting)
+    size = parse_size(size, setting)  # an int too: one below 1 is refused there
     if size == "all":
         return n
     if isinstance(size, str):  # a percentage, checked by parse_size
@@ -125,12 +121,10 @@ def draw_sizes(train_size: int | str, test_size: int | str, n: int) -> tuple[int
     """(train, test): the chunk counts train_size and test_size mean out of `n` chunks, checked: both at least one
     and together at most n. train_size "all" is every chunk test_size leaves."""
     test = draw_size(test_size, n, "test_size")
-    if train_size == "all" and test >= n:  # else "must be positive (got 0 …)" for a size not given
+    if train_size == "all" and test >= n:
         raise MLMError(f"`train_size` all leaves no chunk to train on: `test_size` {test} takes all {n} chunks. "
                        "Lower `test_size`, e.g. to 5%.")
     train = n - test if train_size == "all" else draw_size(train_size, n, "train_size")
-    if train < 1 or test < 1:
-        raise MLMError(f"`train_size` and `test_size` must be positive (got {train} and {test}).")
     if train + test > n:
         raise MLMError(f"Cannot draw {train} train + {test} test chunks from {n} chunks: lower `train_size` (`all` "
                        "trains on every chunk not held out) or `test_size`, or use a larger corpus or a smaller "
@@ -138,7 +132,7 @@ def draw_sizes(train_size: int | str, test_size: int | str, n: int) -> tuple[int
     return train, test
 
 
-def parse_size(text: str, setting: str = "train_size") -> int | str:
+def parse_size(text: int | str, setting: str = "train_size") -> int | str:
     """A train_size or test_size value: a positive int, a percentage ("5%", "0.5%") strictly between 0% and 100%,
     or "all" (train_size only); raises MLMError naming `setting`."""
     text = str(text).strip()

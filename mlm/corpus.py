@@ -7,10 +7,9 @@ import warnings
 from pathlib import Path
 
 from mlm.chunks import Chunks
-from mlm.corpus_store import prepare_store
+from mlm.corpus_store import cache_key, default_cache_dir, prepare_store, store_path
 from mlm.data import check_chunk_size, check_group_size, concatenate, draw, split_train_test, tokenize_and_chunk
 from mlm.errors import MLMError
-from mlm.files.data_cache import cache_key, default_cache_dir, store_path
 from mlm.files.data_files import check_validation_file, find_corpus, read_texts
 from mlm.files.hub import short_name
 from mlm.tokenizer import Tokenizer
@@ -22,10 +21,9 @@ def load_chunks(source: str | Path, split: str, tokenizer: Tokenizer, *, chunk_s
                 use_cache: bool = True, progress: bool = False) -> Chunks:
     """The chunks of `split` of `source` (a Hub dataset id, a folder, a glob or a file: mlm/files/data_files.py).
 
-    From the store in `cache_dir` (default `default_cache_dir()`)/chunks when a valid one exists; else prepared into
-    it, streaming, in bounded memory (a truncated or corrupt store is warned about and rebuilt; an interrupted
-    preparation continues where it stopped). Returns Chunks of chunk_size tokens viewing the memory-mapped store,
-    `cache_path` set. use_cache=False neither reads nor writes a store: the whole split in memory, as the course.
+    From the store in `cache_dir` (default `default_cache_dir()`) when a valid one exists; else prepared into it,
+    streaming, in bounded memory (mlm/corpus_store.py). Returns Chunks of chunk_size tokens viewing the memory-mapped
+    store, `cache_path` set. use_cache=False neither reads nor writes a store: the whole split in memory, as the course.
     """
     check_chunk_size(chunk_size, max_length)
     check_group_size(group_size)
@@ -37,8 +35,7 @@ def load_chunks(source: str | Path, split: str, tokenizer: Tokenizer, *, chunk_s
         path = store_path(directory, split, chunk_size, key)
         try:
             label = f"tokenizing {short_name(source)} ({split})" if progress else None  # the progress bar's
-            store = prepare_store(path, key, files, tokenizer, chunk_size=chunk_size, group_size=group_size,
-                                  progress=label, **reading)
+            store = prepare_store(path, key, files, tokenizer, progress=label)
             return Chunks.view([store], None, store.n_reviews, store.n_tokens, cache_path=path)
         except OSError as err:  # e.g. a read-only folder, a full disk
             warnings.warn(f"Could not write the chunk store {path} ({err}); continuing without it. "
@@ -51,7 +48,6 @@ def run_sources(dataset: str | Path, *, train_splits: tuple[str, ...] = ("train"
                 validation_file: str | Path | None = None) -> tuple[list[tuple], tuple | None]:
     """What a run reads, as (source, split) pairs: its training splits, and where its eval chunks come from (None:
     held out of the training chunks, as the course does)."""
-    train_splits = list(train_splits)
     if not train_splits or len(set(train_splits)) != len(train_splits):
         raise MLMError(f"`train_splits` must name each split once, got {','.join(train_splits) or 'nothing'}.")
     if eval_split is not None and validation_file is not None:
@@ -59,10 +55,11 @@ def run_sources(dataset: str | Path, *, train_splits: tuple[str, ...] = ("train"
     if eval_split is not None and eval_split in train_splits:
         raise MLMError(f"`eval_split` {eval_split} is also a training split: the eval chunks would be trained on. "
                        "Pick another split, or leave `eval_split` out to hold chunks out of the train split.")
+    train = [(dataset, split) for split in train_splits]
     if validation_file is not None:
         check_validation_file(validation_file)
-        return [(dataset, split) for split in train_splits], (validation_file, "train")  # a single file's one split
-    return [(dataset, split) for split in train_splits], (dataset, eval_split) if eval_split is not None else None
+        return train, (validation_file, "train")  # a single file's one split
+    return train, (dataset, eval_split) if eval_split is not None else None
 
 
 def load_train_eval_chunks(source: str | Path, tokenizer: Tokenizer, *, train_splits: tuple[str, ...] = ("train",),

@@ -3,10 +3,11 @@
 The store runs mlm/data.py's own functions on the corpus piece by piece: the files are read in pieces of about
 PIECE_CHARS characters (mlm/files/corpus_files.py), each piece goes through `tokenize`, and `chunk` cuts the token
 stream as it cuts a corpus held in memory: the tokens of a group that goes on past a piece are carried into the
-next one. The chunks are appended to the store; a piece is the unit of resumption. Memory is
-bounded by a piece, not by the corpus; a document longer than SLICE_CHARS is tokenized in slices cut at whitespace.
+next one. Memory is bounded by a piece, not by the corpus; a document longer than SLICE_CHARS is tokenized in
+slices cut at whitespace.
 
-The store is a folder:
+The store is a folder in `default_cache_dir()`/chunks, named by the hash of `cache_key` (everything its chunks
+depend on):
 
     ids.bin       (N, L) token ids, uint16 when the vocabulary fits in 16 bits, else int32, little-endian
     words.bin     (N, 2, ceil(L / 8)) uint8: two bit planes per chunk, np.packbits of `word_starts` (mlm/masking.py)
@@ -39,20 +40,48 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from huggingface_hub import constants
 from tqdm import tqdm
 
 from mlm.data import check_filled, chunk, tokenize
 from mlm.errors import MLMError
 from mlm.files.corpus_files import iter_texts
-from mlm.files.hashing import file_sha256, json_sha256
+from mlm.files.hashing import file_sha256, json_sha256, tokenizer_sha256
 from mlm.files.writes import atomic_write_text
 from mlm.masking import word_starts
 from mlm.tokenizer import Tokenizer, template_ids
 
-STORE_FORMAT_VERSION = 2
+# Bump when the meaning or layout of a store changes, so old stores are rebuilt rather than misread.
+FORMAT_VERSION = 2
 PIECE_CHARS = 2 << 20  # characters of text per piece: bounds preparation's memory (docs/corpora.md measures it)
 SLICE_CHARS = 1 << 20  # a longer document is tokenized in slices of about this many characters
 SLICES_PER_STRETCH = 8  # a long document's slices tokenized (and held) at once
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where a store lies
+
+
+def default_cache_dir() -> Path:
+    """$MLM_CACHE if set, else <HF_HOME>/mlm (HF_HOME defaults to ~/.cache/huggingface)."""
+    return Path(os.environ.get("MLM_CACHE") or Path(constants.HF_HOME) / "mlm").expanduser()
+
+
+def cache_key(files: list[Path], tokenizer: Tokenizer, *, chunk_size: int, group_size: int | None, text_column: str,
+              one_document_per_file: bool = False) -> dict:
+    """Everything the chunks depend on, as a JSON-able dict; its hash names the store.
+
+    Data files are identified by the SHA-256 of their content, not by path + size + mtime: hashing IMDb's corpus
+    takes a small fraction of tokenizing it, and buys exactness. A copied or re-downloaded but identical file still
+    hits the cache, and a file edited in place always misses it, even when its size and mtime survive (`cp -p`).
+    """
+    return {"format_version": FORMAT_VERSION, "data_sha256": [file_sha256(file) for file in files],
+            "tokenizer_sha256": tokenizer_sha256(tokenizer), "chunk_size": chunk_size, "group_size": group_size,
+            "text_column": text_column, "one_document_per_file": one_document_per_file}
+
+
+def store_path(directory: Path, split: str, chunk_size: int, key: dict) -> Path:
+    return directory / "chunks" / f"{split}-{chunk_size}-{json_sha256(key)[:20]}"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -73,8 +102,7 @@ class ChunkStore:
     def __getstate__(self) -> dict:  # DataLoader workers reopen the files instead of receiving copies
         return {**self.__dict__, "_maps": None}
 
-    def rows(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(input_ids, word_ids), both (n, L) int32, of the chunks at `positions` (n,) int, in that order."""
+    def rows(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # as Chunks.rows
         if self._maps is None:
             n, length = len(self), self.chunk_size
             ids = np.memmap(self.path / "ids.bin", np.dtype(self.header["dtype"]), "r", shape=(n, length))
@@ -105,7 +133,7 @@ def _header_problem(path: Path, header: dict, key_sha256: str) -> str | None:
     fields = {name: value for name, value in header.items() if name != "header_sha256"}
     if header.get("header_sha256") != json_sha256(fields):
         return "its header does not match the header's checksum"
-    if header["format_version"] != STORE_FORMAT_VERSION or header["key_sha256"] != key_sha256:
+    if header["key_sha256"] != key_sha256:  # the key holds FORMAT_VERSION
         return "it was built from other data or by another version"
     n, length, dtype = header["n_chunks"], header["chunk_size"], np.dtype(header["dtype"])
     if dtype not in (np.dtype("<u2"), np.dtype("<i4")) or n < 1 or length < 2:
@@ -123,10 +151,9 @@ def _header_problem(path: Path, header: dict, key_sha256: str) -> str | None:
 # Preparing a store
 
 
-def prepare_store(path: Path, key: dict, files: list[Path], tokenizer: Tokenizer, *, chunk_size: int,
-                  group_size: int | None, text_column: str = "text", one_document_per_file: bool = False,
+def prepare_store(path: Path, key: dict, files: list[Path], tokenizer: Tokenizer, *,
                   progress: str | None = None) -> ChunkStore:
-    """The store at `path` for `key`, built from `files` unless a valid one is there (see the module docstring).
+    """The store at `path` for `key`, built from `files` with the key's settings unless a valid one is there.
 
     Raises MLMError for bad input, leaving nothing behind, and OSError when the folder is not writable.
     """
@@ -148,11 +175,11 @@ def prepare_store(path: Path, key: dict, files: list[Path], tokenizer: Tokenizer
             partial.mkdir(exist_ok=True)
             remove_leftovers(partial)
             dtype = np.dtype("<u2") if tokenizer.vocab_size <= 1 << 16 else np.dtype("<i4")  # the narrowest
-            writer = _Writer(partial, key_sha256, dtype, chunk_size, group_size)
+            writer = _Writer(partial, key_sha256, dtype, key["chunk_size"], key["group_size"])
             # `progress` labels a bar, drawn on a terminal only: elsewhere (a log file) its carriage returns are noise.
             with tqdm(total=sum(file.stat().st_size for file in files), unit="B", unit_scale=True, unit_divisor=1024,
                       desc=progress, disable=not (progress and sys.stderr.isatty()), leave=False) as bar:
-                for index, (texts, bytes_read) in enumerate(_pieces(files, text_column, one_document_per_file)):
+                for index, (texts, bytes_read) in enumerate(_pieces(files, key)):
                     if index >= writer.state["pieces"]:  # the pieces before were done by an interrupted run
                         for stretch in _stretches(texts, tokenizer):
                             writer.add(*stretch)
@@ -179,21 +206,18 @@ def remove_leftovers(directory: Path) -> None:
             file.unlink(missing_ok=True)
 
 
-def _pieces(files: list[Path], text_column: str, one_document_per_file: bool) -> Iterator[tuple[list[str], int]]:
+def _pieces(files: list[Path], key: dict) -> Iterator[tuple[list[str], int]]:
     """Yield (texts, bytes read) pieces of about PIECE_CHARS characters, reading the next piece meanwhile."""
     def gather():
         piece, size = [], 0
-        for texts, bytes_read in iter_texts(files, text_column=text_column,
-                                            one_document_per_file=one_document_per_file):
-            # Cut inside a batch too: a reader's batch can be larger than a piece.
-            ends = np.cumsum([len(text) for text in texts]) + size
-            start = 0
-            while start < len(texts) and ends[-1] >= PIECE_CHARS:
-                stop = int(np.searchsorted(ends, PIECE_CHARS)) + 1
-                yield piece + texts[start:stop], bytes_read
-                piece, size, start, ends = [], 0, stop, ends - ends[stop - 1]
-            piece += texts[start:]
-            size = int(ends[-1]) if len(texts) else size
+        for texts, bytes_read in iter_texts(files, text_column=key["text_column"],
+                                            one_document_per_file=key["one_document_per_file"]):
+            for text in texts:  # cut inside a batch too: a reader's batch can be larger than a piece
+                piece.append(text)
+                size += len(text)
+                if size >= PIECE_CHARS:
+                    yield piece, bytes_read
+                    piece, size = [], 0
         if piece:
             yield piece, bytes_read
 
@@ -238,24 +262,19 @@ def _long_document(text: str, tokenizer: Tokenizer) -> Iterator[tuple[np.ndarray
 
 
 def _slices(text: str) -> Iterator[str]:
-    """`text` in slices of at most SLICE_CHARS characters, cut at whitespace (see `_cut`)."""
+    """`text` in slices of at most SLICE_CHARS characters, each cut at its last blank that ends a run of whitespace.
+    Byte-level BPE makes the run but its last character a word, that character beginning the next (" word" is
+    "Ġword"): cut there, both slices split as the whole text does; inside the run, not. (BERT's pre-tokenizer drops
+    whitespace.) A slice where no blank ends a run is cut where it is, inside a word."""
     start = 0
     while start < len(text):
-        end = min(start + SLICE_CHARS, len(text))
-        if end < len(text) and (cut := _cut(text, start, end)) > start:
-            end = cut  # else no blank ends a run in the slice: it is cut where it is, inside a word
+        end = cut = min(start + SLICE_CHARS, len(text))
+        while end < len(text) and (cut := max(text.rfind(space, start + 1, cut) for space in " \n\t\r")) > start:
+            if not text[cut + 1].isspace():
+                end = cut
+                break
         yield text[start:end]
         start = end
-
-
-def _cut(text: str, start: int, end: int) -> int:
-    """The last position in (start, end) of a blank that ends a run of whitespace, or -1. Byte-level BPE makes the
-    run but its last character a word, that character beginning the next (" word" is "Ġword"): cut there, both
-    slices split as the whole text does; inside the run, not. (BERT's pre-tokenizer drops whitespace.)"""
-    cut = end
-    while (cut := max(text.rfind(space, start + 1, cut) for space in " \n\t\r")) > start and text[cut + 1].isspace():
-        pass
-    return cut
 
 
 def pack_words(word_ids: np.ndarray) -> np.ndarray:
@@ -280,7 +299,8 @@ class _Writer:
         # A crash can lose appended bytes that progress.json counts (it is renamed into place, the data is not
         # synced): truncate() would fill the gap with zeros, a store of [PAD] rows that passes its checksums.
         if (stored.get("key_sha256") == key_sha256 and set(stored) == set(self.state)
-                and all(_size(file) >= stored["chunks"] * size for file, size in zip(files, row_bytes))):
+                and all(file.is_file() and file.stat().st_size >= stored["chunks"] * size
+                        for file, size in zip(files, row_bytes))):
             self.state = stored
         self.carry_ids = np.array(self.state["carry_ids"], np.int32)
         self.carry_words = np.array(self.state["carry_words"], np.int32)
@@ -322,16 +342,11 @@ class _Writer:
             raise MLMError(f"No text in {files[0]}{others}: empty, or only blank lines. Check the path, or add text.")
         check_filled(state["chunks"], tokens=state["tokens"], texts=state["documents"], chunk_size=self.chunk_size,
                      group_size=self.group_size, files=files)
-        fields = {"format_version": STORE_FORMAT_VERSION, "key": key, "key_sha256": state["key_sha256"],
-                  "dtype": self.dtype.str, "chunk_size": self.chunk_size, "n_chunks": state["chunks"],
-                  "n_reviews": state["documents"], "n_tokens": state["tokens"],
+        fields = {"key": key, "key_sha256": state["key_sha256"], "dtype": self.dtype.str, "chunk_size": self.chunk_size,
+                  "n_chunks": state["chunks"], "n_reviews": state["documents"], "n_tokens": state["tokens"],
                   "ids_sha256": file_sha256(self.partial / "ids.bin"),
                   "words_sha256": file_sha256(self.partial / "words.bin")}
         header = {**fields, "header_sha256": json_sha256(fields)}
         atomic_write_text(self.partial / "header.json", json.dumps(header, sort_keys=True))
         (self.partial / "progress.json").unlink()
         return header
-
-
-def _size(file: Path) -> int:
-    return file.stat().st_size if file.is_file() else 0

@@ -145,15 +145,14 @@ def check_filled(n_chunks: int, *, tokens: int, texts: int, chunk_size: int, gro
 
 
 def tokenize_and_chunk(texts: list[str], tokenizer: Tokenizer, *, chunk_size: int = 128,
-                       group_size: int | None = None, max_length: int | None = None,
-                       files: Sequence[Path] = ()) -> Chunks:
+                       group_size: int | None = None, files: Sequence[Path] = ()) -> Chunks:
     """Tokenize `texts` (read from `files`, which an error names) and cut them into chunks, in memory: `tokenize`
     then `chunk`.
 
     Returns Chunks with input_ids and word_ids of shape (N, chunk_size), int32. Raises MLMError for a bad
     chunk_size or a corpus too short to fill a single chunk.
     """
-    check_chunk_size(chunk_size, max_length)
+    check_chunk_size(chunk_size)
     input_ids, word_ids, lengths = tokenize(texts, tokenizer)
     chunk_ids, chunk_words, _ = chunk(input_ids, word_ids, group_ends(lengths, group_size), chunk_size=chunk_size)
     check_filled(len(chunk_ids), tokens=len(input_ids), texts=len(texts), chunk_size=chunk_size,
@@ -186,8 +185,6 @@ def draw(chunks: Chunks, size: int | str, *, seed: int = 42, what: str = "train"
          setting: str = "train_size") -> Chunks:
     """`size` chunks drawn without replacement, in the order of np.random.default_rng(seed).permutation."""
     size = draw_size(size, len(chunks), setting)
-    if size < 1:
-        raise MLMError(f"`{setting}` must be positive (got {size}).")
     if size > len(chunks):
         raise MLMError(f"Cannot draw {size} {what} chunks from {len(chunks)}: give `{setting}` {len(chunks)} or "
                        "less, or use more text or a smaller `chunk_size`.")

@@ -21,9 +21,9 @@ import mlm.corpus_store as corpus_store
 import mlm.data as data
 from mlm.chunks import Chunks
 from mlm.corpus import load_chunks
+from mlm.corpus_store import default_cache_dir
 from mlm.data import check_chunk_size, split_train_test, tokenize, tokenize_and_chunk
 from mlm.errors import MLMError
-from mlm.files.data_cache import default_cache_dir
 from mlm.files.data_files import find_data_files, load_texts
 from mlm.masking import word_starts
 from mlm.tokenizer import load_tokenizer
@@ -223,7 +223,7 @@ def test_split_is_disjoint_reproducible_and_matches_datasets_scheme():
 def test_split_needs_enough_chunks():
     with pytest.raises(MLMError, match="Cannot draw 10 train \\+ 5 test chunks from 14"):
         split_train_test(make_chunks(14), train_size=10, test_size=5)
-    with pytest.raises(MLMError, match="must be positive"):
+    with pytest.raises(MLMError, match="`train_size` '0': give a positive number of chunks"):
         split_train_test(make_chunks(14), train_size=0, test_size=5)
 
 

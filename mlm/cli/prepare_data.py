@@ -17,7 +17,6 @@ from mlm.cli.args import ArgumentParser, add_settings, flag_of, run_command, spl
 from mlm.corpus import load_chunks
 from mlm.data import split_train_test
 from mlm.errors import Interrupted, MLMError, name_flags
-from mlm.files.data_files import SPLITS
 from mlm.files.hub import resolve_repo, set_progress_bars
 from mlm.files.pretrained import CONFIG_FILE, read_config
 from mlm.run.signals import Signals
@@ -32,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Hub model repo id or local folder with tokenizer.json; its config.json, if present, "
                              "bounds --chunk-size by the model's longest sequence (default: %(default)s)")
     parser.add_argument("--splits", type=split_list, default="train",
-                        help=f"comma-separated splits to prepare, from {', '.join(SPLITS)} (default: %(default)s)")
+                        help="comma-separated splits to prepare, e.g. train,test,unsupervised (default: %(default)s)")
     parser.add_argument("--revision", default=None,
                         help="git revision of the Hub dataset repo (branch, tag or commit); Hub ids only")
     parser.add_argument("--no-cache", action="store_true",

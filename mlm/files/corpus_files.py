@@ -67,18 +67,15 @@ def _record_blocks(file: Path, compression: str | None, block_bytes: int, quoted
     raw, stream = _open(file, compression)
     with raw:
         pending = b""
-        while True:
-            block = stream.read(max(block_bytes, len(pending)))  # a long record: read in doubling steps
+        while block := stream.read(max(block_bytes, len(pending))):  # a long record: read in doubling steps
             data = pending + block
-            if not block:
-                if data:
-                    yield data, raw.tell()
-                return
             # Each block starts a record, so its quoted fields can be read from its start.
             cut = int(_record_ends(data)[-1:].sum()) if quoted else data.rfind(b"\n") + 1
             if cut:
                 yield data[:cut], raw.tell()
             pending = data[cut:]
+        if pending:  # the end of the file, where no line end closes the last record
+            yield pending, raw.tell()
 
 
 def _record_ends(data: bytes) -> np.ndarray:

@@ -15,7 +15,6 @@ from mlm.errors import MLMError, listed
 from mlm.files.corpus_files import COMPRESSIONS, FORMATS, file_format, iter_texts
 from mlm.files.hub import resolve_repo
 
-SPLITS = ("train", "test", "unsupervised")
 # The names that make a folder a split layout where they lie: the Hub's usual splits and IMDb's unsupervised. Once
 # a folder is one, a split of any other name is read too (`--eval-split dev` reads dev.jsonl).
 SPLIT_NAMES = ("train", "validation", "test", "unsupervised")
@@ -172,7 +171,7 @@ def _split_places(folder: Path, every: list[Path]) -> list[Path] | None:
 
 def _split_files(folder: Path, places: list[Path], every: list[Path], split: str) -> list[Path]:
     """The files of `split` among `places`, checked to lie in one folder; a warning names the files left out."""
-    files = [file for file in places if file.name.startswith(split + "-") or _stem(file.name) == split]
+    files = [file for file in places if file.name.startswith(split + "-") or file.name.split(".", 1)[0] == split]
     if not files:
         found = sorted({_split_of(file.name) for file in places}, key=lambda name: (name not in SPLIT_NAMES, name))
         raise MLMError(f"No files for split {split!r} in {folder} (looked for {split}-*.parquet and {split}.parquet, "
@@ -217,11 +216,7 @@ def _checked(files: list[Path]) -> list[Path]:
 
 
 def _split_of(name: str) -> str:
-    return _stem(name).split("-", 1)[0]
-
-
-def _stem(name: str) -> str:
-    return name.split(".", 1)[0]
+    return name.split(".", 1)[0].split("-", 1)[0]
 
 
 def load_texts(source: str | Path, split: str = "train", *, text_column: str = "text",

@@ -1,4 +1,4 @@
-"""SHA-256 digests: of a file, computed once per process (the chunk store's key, mlm/files/data_cache.py, and the
+"""SHA-256 digests: of a file, computed once per process (the chunk store's key, mlm/corpus_store.py, and the
 run record, mlm/run/session.py, both identify the data files by content, and a run start needs both; checkpoint
 manifests use it too), of a tokenizer, and of a JSON-able value."""
 

@@ -17,10 +17,10 @@ fails a condition or a comparison keeps the plain way (or gets the first shortcu
 
 from __future__ import annotations
 
+import copy
 import re
+import string
 import unicodedata
-from collections.abc import Callable
-from dataclasses import dataclass, fields
 from functools import partial
 
 import numpy as np
@@ -39,22 +39,14 @@ PROBE_TEXTS = ["a [SEP] b[SEP]c [UNK] [MASK]x", "##s ## # #a a## ###", "x" * 150
                "X" * 101 + " Xy", "ÉTÉ Été été"]
 
 
-@dataclass
-class FastTokenizer(Tokenizer):
-    """A Tokenizer whose `encode` takes the shortcuts: the same arrays as the plain one's."""
-
-    shortcut: Callable | None = None  # (texts, special_tokens) -> (input_ids, word_ids, lengths)
-
-    def encode(self, texts: list[str], *, special_tokens: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return self.shortcut(texts, special_tokens)
-
-
 def fast_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
-    """`tokenizer` with the shortcuts that are exact for it, or `tokenizer` itself when none is."""
+    """A copy of `tokenizer` whose `encode` takes the shortcuts exact for it, or `tokenizer` itself when none is."""
     encode = fast_encoder(tokenizer)
     if encode is None:
         return tokenizer
-    return FastTokenizer(**{f.name: getattr(tokenizer, f.name) for f in fields(tokenizer)}, shortcut=encode)
+    fast = copy.copy(tokenizer)
+    fast.encode = encode
+    return fast
 
 
 def fast_encoder(tokenizer: Tokenizer):
@@ -66,9 +58,9 @@ def fast_encoder(tokenizer: Tokenizer):
     template = tuple(map(len, template_ids(tokenizer)))
     backend = tokenizer.backend
 
-    def encode_with(shortcut, texts: list[str], special: bool):
-        ids, lengths = encoded_ids(_encode_batch(backend, texts, special, shortcut))
-        return ids, derived_word_ids(ids, lengths, continuation, *(template if special else (0, 0))), lengths
+    def encode_with(shortcut, texts: list[str], special_tokens: bool = True):  # as Tokenizer.encode is called
+        ids, lengths = encoded_ids(_encode_batch(backend, texts, special_tokens, shortcut))
+        return ids, derived_word_ids(ids, lengths, continuation, *(template if special_tokens else (0, 0))), lengths
 
     for shortcut in (_text_shortcut(tokenizer), None):
         encode = partial(encode_with, shortcut)
@@ -118,9 +110,9 @@ def continuation_pieces(tokenizer: Tokenizer) -> np.ndarray | None:
             and backend.truncation is None and backend.padding is None):
         return None
     prefix = model.continuing_subword_prefix
-    if len(prefix) < 2 or not _bert_punctuation(prefix[0]):
-        return None
-    if any(token.content.startswith(prefix) for token in backend.get_added_tokens_decoder().values()):
+    # Punctuation by BertPreTokenizer's rule: ASCII symbols (string.punctuation) and Unicode's P* categories.
+    if (len(prefix) < 2 or not (prefix[0] in string.punctuation or unicodedata.category(prefix[0]).startswith("P"))
+            or any(token.content.startswith(prefix) for token in backend.get_added_tokens_decoder().values())):
         return None
     vocab = backend.get_vocab(with_added_tokens=True)
     if len(set(vocab.values())) < len(vocab):  # an added token given an id the vocabulary already uses
@@ -142,13 +134,6 @@ def derived_word_ids(ids: np.ndarray, lengths: np.ndarray, continuation: np.ndar
     before_text = np.concatenate([[0], count])[np.cumsum(lengths) - lengths]
     words = count - np.repeat(before_text, lengths).astype(np.int32) - 1
     return np.where(in_word, words, np.int32(-1)).astype(np.int32, copy=False)
-
-
-def _bert_punctuation(char: str) -> bool:
-    # BertPreTokenizer's punctuation: ASCII symbols and Unicode's P* categories.
-    code = ord(char)
-    return 33 <= code <= 47 or 58 <= code <= 64 or 91 <= code <= 96 or 123 <= code <= 126 or \
-        unicodedata.category(char).startswith("P")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -31,8 +31,7 @@ TRIM_THRESHOLD = 2**31 - 1  # mallopt takes a C int; this many free bytes at the
 
 
 def keep_freed_memory() -> bool:
-    """Set glibc's M_MMAP_THRESHOLD to 256 MiB and disable trimming, for the whole process (its forked
-    DataLoader workers included). Returns True if applied, False where the C library is not glibc."""
+    """For the whole process, its forked DataLoader workers included: True if applied, False where not glibc."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
