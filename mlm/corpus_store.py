@@ -75,9 +75,15 @@ def cache_key(files: list[Path], tokenizer: Tokenizer, *, chunk_size: int, group
     takes a small fraction of tokenizing it, and buys exactness. A copied or re-downloaded but identical file still
     hits the cache, and a file edited in place always misses it, even when its size and mtime survive (`cp -p`).
     """
-    return {"format_version": FORMAT_VERSION, "data_sha256": [file_sha256(file) for file in files],
-            "tokenizer_sha256": tokenizer_sha256(tokenizer), "chunk_size": chunk_size, "group_size": group_size,
-            "text_column": text_column, "one_document_per_file": one_document_per_file}
+    return {
+        "format_version": FORMAT_VERSION,
+        "data_sha256": [file_sha256(file) for file in files],
+        "tokenizer_sha256": tokenizer_sha256(tokenizer),
+        "chunk_size": chunk_size,
+        "group_size": group_size,
+        "text_column": text_column,
+        "one_document_per_file": one_document_per_file,
+    }
 
 
 def store_path(directory: Path, split: str, chunk_size: int, key: dict) -> Path:
