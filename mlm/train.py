@@ -266,7 +266,7 @@ class Setup:
                 "eval_tokens": int((self.eval_set["labels"] != IGNORE_INDEX).sum()),
                 "global_batch": self.schedule.global_batch, "steps_per_epoch": self.schedule.steps_per_epoch,
                 "total_steps": self.schedule.total_steps, "warmup_steps": self.schedule.warmup_steps,
-                "parameters": sum(p.numel() for p in self.model.parameters()),
+                "parameters": self.model.num_parameters(),
                 # With `add_tokens` every perplexity of the run is on this extended tokenization (docs/base-models.md)
                 **({"added_tokens": words} if (words := added_words(self.tokenizer)) else {})}
 
