@@ -134,14 +134,17 @@ def _render(model_id: str, args: dict, results: dict) -> str:
     if before and after:
         summary += f" Perplexity on {eval_data} went from {before['perplexity']:.2f} to {after['perplexity']:.2f}."
 
-    figures = [(row, *(form.format(stage[key]) if stage and key in stage else "–" for stage in (before, after)))
-               for row, key, form in RESULTS]
-    evaluation = [] if not (before or after) else [
-        "## Evaluation", "", f"On {args.get('eval_chunks', args.get('test_size', 'the'))} {eval_data}, with "
-        f"{eval_masking}: every figure below scores the same masked tokens. Perplexity is exp of the mean loss over "
-        "all masked tokens; the reference-style figure averages per-batch means as transformers' Trainer does (it "
-        "depends on the eval batch size).", "", "| | before | after |", "|---|---|---|",
-        *(f"| {row} | {b} | {a} |" for row, b, a in figures if (b, a) != ("–", "–"))]
+    evaluation = []
+    if before or after:
+        evaluation = ["## Evaluation", "", f"On {args.get('eval_chunks', args.get('test_size', 'the'))} {eval_data}, "
+                      f"with {eval_masking}: every figure below scores the same masked tokens. Perplexity is exp of "
+                      "the mean loss over all masked tokens; the reference-style figure averages per-batch means as "
+                      "transformers' Trainer does (it depends on the eval batch size).", "",
+                      "| | before | after |", "|---|---|---|"]
+        for row, key, form in RESULTS:
+            cells = [form.format(figures[key]) if figures and key in figures else "–" for figures in (before, after)]
+            if cells != ["–", "–"]:
+                evaluation.append(f"| {row} | {cells[0]} | {cells[1]} |")
 
     # A row per [MASK] of each prompt (its last record), a cell per stage: "film 0.123, movie 0.101, …".
     predictions = [{record.get("prompt"): [", ".join(f"{token} {float(score):.3f}" for token, score in per_mask)

@@ -31,7 +31,7 @@ TRIM_THRESHOLD = 2**31 - 1  # mallopt takes a C int; this many free bytes at the
 
 
 def keep_freed_memory() -> bool:
-    """For the whole process, its forked DataLoader workers included: True if applied, False where not glibc."""
+    """Apply the settings above to the whole process, its forked DataLoader workers included; False where not glibc."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
