@@ -58,6 +58,12 @@ class Tokenizer:
         return tuple(sorted({self.cls_token_id, self.sep_token_id, self.pad_token_id, self.mask_token_id,
                              self.unk_token_id}))
 
+    @property
+    def saved_files(self) -> tuple[str, ...]:
+        """The names save() writes, known before it writes them (a run lists them first: mlm/run/folder.py)."""
+        wordpiece = isinstance(self.backend.model, models.WordPiece)
+        return ("tokenizer.json", "tokenizer_config.json", *(("vocab.txt",) if wordpiece else ()))
+
     def save(self, directory: str | Path) -> None:
         """Write tokenizer.json and tokenizer_config.json (and a WordPiece model's vocab.txt) so the folder loads
         anywhere: transformers' AutoTokenizer reads a byte-level BPE from tokenizer.json alone, added tokens too."""
@@ -65,7 +71,7 @@ class Tokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(directory / "tokenizer.json"))
         (directory / "tokenizer_config.json").write_text(json.dumps(self.config, indent=2) + "\n")
-        if isinstance(self.backend.model, models.WordPiece):
+        if "vocab.txt" in self.saved_files:
             # vocab.txt serves slow (non-`tokenizers`) loaders; its order is the id order of the WordPiece model.
             vocab = sorted(self.backend.get_vocab(with_added_tokens=False).items(), key=lambda item: item[1])
             (directory / "vocab.txt").write_text("".join(token + "\n" for token, _ in vocab), encoding="utf-8")

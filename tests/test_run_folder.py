@@ -108,6 +108,17 @@ def test_a_resume_before_the_final_model_removes_it_and_its_card(tmp_path, monke
         run_records([str(run)])
 
 
+def test_the_record_lists_only_the_files_the_run_wrote(tmp_path, monkeypatch):
+    # The record listed every tokenizer file a Hub repo may hold as the final model's, special_tokens_map.json too,
+    # which the run never writes: a resume from an earlier checkpoint then deleted the user's copy of it.
+    run = finished(tmp_path, keep_checkpoints=10)
+    assert all((run / name).exists() for name in read_record(run).written)
+    (run / "special_tokens_map.json").write_text('{"mask_token": "[MASK]"}\n')
+    interrupt_after(monkeypatch, 1)
+    train(tiny_run(run, epochs=1, resume=str(run / "checkpoints" / "step-000004"), keep_checkpoints=10))
+    assert not (run / "model.safetensors").exists() and (run / "special_tokens_map.json").exists()
+
+
 def test_a_final_model_saved_by_a_segment_stopped_while_finishing_goes_too(tmp_path, monkeypatch):
     # A signal after the final model was saved but before the segment ended "finished": the removal looked for
     # finished segments only, so a resume from an older checkpoint kept the abandoned course's model.

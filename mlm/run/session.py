@@ -42,7 +42,6 @@ from mlm.run.record import RECORD_FILE, RunRecord, read_record, write_record
 from mlm.run.signals import Signals, ignore_stop_signals
 from mlm.run.tensorboard_log import LOG_DIR, TensorBoardLog, require_tensorboard
 from mlm.settings import LENGTH_SETTINGS, RUN_SETTINGS, TrainConfig
-from mlm.tokenizer import TOKENIZER_FILES
 
 __all__ = ["Processes", "Run", "RunSummary", "ignore_stop_signals", "open_run"]
 
@@ -203,7 +202,7 @@ class Run:
                     self.notes.append(f"removed {later.name}: it follows {name}, whose later steps run again now.")
         finals = [segment["final_model"] for segment in self.record.segments if "final_model" in segment]
         if finals and step < finals[-1]:
-            if gone := [file for file in (CONFIG_FILE, WEIGHTS_FILE, *TOKENIZER_FILES, CARD_FILE)
+            if gone := [file for file in (CONFIG_FILE, WEIGHTS_FILE, *self.tokenizer.saved_files, CARD_FILE)
                         if (self.output_dir / file).exists() and self.folder.may_replace(file)]:
                 for file in gone:
                     (self.output_dir / file).unlink()
@@ -345,7 +344,7 @@ class Run:
         self.console.close()
         main = self.procs.is_main
         if main:
-            for name in (CONFIG_FILE, WEIGHTS_FILE, *TOKENIZER_FILES):
+            for name in (CONFIG_FILE, WEIGHTS_FILE, *self.tokenizer.saved_files):
                 self.folder.writes(name)
             # The model's step too, for a later resume from before it (even if this segment never ends "finished").
             self.record.segments[-1]["final_model"] = self.progress.global_step
