@@ -369,7 +369,8 @@ learning_rate = lr_schedule(args.lr, warmup_steps=schedule.warmup_steps, total_s
 training_collator = MaskingCollator.from_tokenizer(tokenizer, mlm_probability=0.15)
 model.train()
 step = steps_that_ran = 0  # under fp16 a step whose gradients overflowed is skipped, and the schedule waits
-for epoch in range(args.epochs):
+epochs = -(-schedule.total_steps // schedule.steps_per_epoch)  # --max-steps overrides --epochs, as Trainer's does
+for epoch in range(epochs):
     batches = StepBatches(train_chunks, epoch_order(len(train_chunks), args.seed, epoch), training_collator,
                           batch_size=args.batch_size, grad_accum=1, rank=0, world_size=1, seed=args.seed, epoch=epoch)
     for index in range(min(len(batches), schedule.total_steps - step)):
@@ -381,8 +382,6 @@ for epoch in range(args.epochs):
     scores = evaluate(model, eval_set["input_ids"], eval_set["labels"], batch_size=args.eval_batch_size,
                       autocast_dtype=precision.autocast_dtype)
     say(f"Epoch {epoch}: Perplexity: {scores.perplexity:.2f}")
-    if step == schedule.total_steps:  # --max-steps may end the run inside an epoch
-        break
 save_pretrained(model, output_dir, tokenizer=tokenizer)  # the Hub layout: config.json, model.safetensors, tokenizer
 (output_dir / MARKER).write_text("written by examples/walkthrough.py, which may replace this folder\n")
 print(f"trained {step} steps; the model is in {output_dir}")

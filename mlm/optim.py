@@ -57,10 +57,11 @@ class Schedule:
     @classmethod
     def of(cls, train_chunks: int, *, global_batch: int, epochs: int, max_steps: int | None,
            warmup_steps: float) -> Schedule:
-        """The steps of a run: an epoch's last step may take a short batch (the reference keeps it); `warmup_steps`
-        is a count, or a fraction of all steps when below 1 (as the reference's warmup_ratio)."""
+        """The steps of a run: an epoch's last step may take a short batch (the reference keeps it); `max_steps`
+        overrides `epochs`, as the reference's does (the run takes as many epochs as those steps need);
+        `warmup_steps` is a count, or a fraction of all steps when below 1 (as the reference's warmup_ratio)."""
         steps_per_epoch = math.ceil(train_chunks / global_batch)
-        total = epochs * steps_per_epoch if max_steps is None else min(epochs * steps_per_epoch, max_steps)
+        total = epochs * steps_per_epoch if max_steps is None else max_steps
         warmup = math.ceil(warmup_steps * total) if warmup_steps < 1 else int(warmup_steps)  # rounded up, as theirs
         if warmup >= total:
             raise MLMError(f"`warmup_steps` {warmup_steps:g} gives {warmup} warmup steps, but the run has only "

@@ -96,8 +96,9 @@ class TrainConfig:
     adam_beta2: float = setting(0.999, "AdamW's beta2 (decay of the squared gradients' running mean)", OPTIMISATION)
     adam_epsilon: float = setting(1e-8, "AdamW's epsilon, added to the denominator", OPTIMISATION)
     epochs: int = setting(3, "passes over the training chunks", OPTIMISATION)
-    max_steps: int | None = setting(None, "stop after this many optimizer steps; the schedule decays over them "
-                                    "(default: all epochs)", OPTIMISATION, type=int)
+    max_steps: int | None = setting(None, "train for this many optimizer steps, over as many epochs as they "
+                                    "take (it overrides --epochs, as Trainer's max_steps); the schedule decays over "
+                                    "them", OPTIMISATION, type=int)
     max_grad_norm: float = setting(1.0, "clip the gradients' global L2 norm to this", OPTIMISATION)
     seed: int = setting(42, "seeds init, shuffling, training masks and dropout", OPTIMISATION)
     data_seed: int = setting(42, "seeds the train/eval draw and the frozen eval masks, so runs with different --seed "

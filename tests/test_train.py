@@ -380,6 +380,15 @@ def test_periodic_evals_and_the_last_step_is_evaluated_once(tmp_path):
     assert evals == [("before", 0), ("step 4", 4), ("epoch 1", 6), ("final", 8)]
 
 
+def test_max_steps_overrides_the_epochs_as_the_reference_does(tmp_path):
+    # As TrainingArguments.max_steps: that many steps, over as many epochs as they take. They were capped, silently,
+    # at the steps of `epochs`.
+    run = tmp_path / "run"
+    assert train(tiny_run(run, epochs=1, max_steps=8)).steps == 8  # 6 steps an epoch
+    assert [(r["label"], r["step"]) for r in records(run, "eval")] == [("before", 0), ("epoch 1", 6), ("final", 8)]
+    assert "| trained for | 8 steps (max_steps; 1.33 epochs) |" in (run / "README.md").read_text()
+
+
 def test_a_draw_of_under_half_the_corpus_and_fp16_on_a_cpu_are_said_before_the_run(tmp_path, capsys):
     train(tiny_run(tmp_path / "few", train_size=16, epochs=1, max_steps=1, precision="fp16", prompts=()))
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
