@@ -372,12 +372,15 @@ def test_smoke_run_end_to_end(tmp_path):
     assert len(json.loads(fill.stdout)["masks"][0]) == 5
 
 
-def test_periodic_evals_and_the_last_step_is_evaluated_once(tmp_path):
+def test_periodic_evals_and_the_last_step_is_evaluated_once(tmp_path, capsys):
     """--eval-every lands on the run's last step (--max-steps mid-epoch): one "final" eval there, not two."""
     run = tmp_path / "run"
     train(tiny_run(run, eval_every=4, max_steps=8))  # 6 steps an epoch
     evals = [(r["label"], r["step"]) for r in records(run, "eval")]
     assert evals == [("before", 0), ("step 4", 4), ("epoch 1", 6), ("final", 8)]
+    # An eval every N steps is labelled by its step: its line said "[step 4] step 4:".
+    said = [line.split(" perplexity")[0] for line in capsys.readouterr().out.splitlines() if " perplexity " in line]
+    assert said[:4] == ["[before] step 0:", "[step 4]", "[epoch 1] step 6:", "[final] step 8:"]
 
 
 def test_max_steps_overrides_the_epochs_as_the_reference_does(tmp_path):

@@ -298,7 +298,8 @@ class Run:
         if label == "before":
             self.record.results["before"] = asdict(result)
         self._write_record()
-        self.say(f"[{label}] step {entry['step']}: perplexity {result.perplexity:.3f} (reference-style "
+        at = "" if label == f"step {entry['step']}" else f" step {entry['step']}:"
+        self.say(f"[{label}]{at} perplexity {result.perplexity:.3f} (reference-style "
                  f"{result.reference_perplexity:.3f}), loss {result.loss:.4f}, masked-token accuracy "
                  f"{result.accuracy:.2%}")
         self.meter.restart_clock()  # tokens/s counts training only
