@@ -119,6 +119,29 @@ def test_the_record_lists_only_the_files_the_run_wrote(tmp_path, monkeypatch):
     assert not (run / "model.safetensors").exists() and (run / "special_tokens_map.json").exists()
 
 
+def test_resume_latest_never_drops_a_finished_runs_model_when_its_last_checkpoint_is_gone(tmp_path, capsys):
+    # With the checkpoint of the final step deleted (or damaged), `resume latest` took the one before, removed the
+    # final model and trained again: a finished run resumed without `extend` must be left as it is.
+    run = finished(tmp_path, keep_checkpoints=10)  # checkpoints 4 and 6, the final model of step 6
+    shutil.rmtree(run / "checkpoints" / "step-000006")
+    before = snapshot(run)
+    assert train(tiny_run(run, epochs=1, resume="latest")).status == "finished"
+    assert snapshot(run) == before and "holds a finished run: nothing to do" in capsys.readouterr().out
+    with pytest.raises(MLMError, match="step-000004, comes before the final model of step 6"):
+        train(tiny_run(run, epochs=3, resume="latest", extend=True))
+    assert snapshot(run) == before
+
+
+def test_a_resume_from_a_copy_of_an_older_checkpoint_drops_the_later_ones_too(tmp_path, monkeypatch):
+    # Only a checkpoint inside the folder pruned the later ones: from a copy kept elsewhere, step 6 of the abandoned
+    # course stayed, and a later `resume latest` would have continued it.
+    run = finished(tmp_path, keep_checkpoints=10)  # checkpoints 4 and 6, the final model of step 6
+    kept = shutil.copytree(run / "checkpoints" / "step-000004", tmp_path / "kept" / "step-000004")
+    interrupt_after(monkeypatch, 1)
+    assert train(tiny_run(run, epochs=1, resume=str(kept), keep_checkpoints=10)).steps == 5
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004", "step-000005"]
+
+
 def test_a_final_model_saved_by_a_segment_stopped_while_finishing_goes_too(tmp_path, monkeypatch):
     # A signal after the final model was saved but before the segment ended "finished": the removal looked for
     # finished segments only, so a resume from an older checkpoint kept the abandoned course's model.

@@ -65,6 +65,11 @@ class RunRecord:
     def finished(self) -> bool:
         return self.status == "finished"
 
+    @property
+    def final_model_step(self) -> int | None:
+        """The step of the last final model the run saved in its folder, if any."""
+        return next((segment["final_model"] for segment in reversed(self.segments) if "final_model" in segment), None)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
 

@@ -112,13 +112,22 @@ class Run:
         self.resume_from = checkpoint = self.folder.resume_point(config.resume, config.overwrite)
         if checkpoint is None:
             return
+        here = folder_record(out)
+        finished = here is not None and here.finished and not config.extend
+        if finished and config.resume == "latest":  # whatever its checkpoints, nothing to train: the model stays
+            self.record, self.last_checkpoint, self.already_finished = here, str(checkpoint), True
+            return
+        if config.resume == "latest" and here and checkpoint_step(checkpoint) < (here.final_model_step or 0):
+            raise MLMError(f"`resume` latest: the newest checkpoint of {out}, {checkpoint.name}, comes before the "
+                           f"final model of step {here.final_model_step}: it would train those steps again and remove "
+                           f"that model. To do so, resume {checkpoint} itself; to train the final model further, start "
+                           f"a new run from it (--model {out}) in another output folder.")
         try:
             verify_checkpoint(checkpoint)
             read_state(checkpoint)
             theirs = read_record(checkpoint)
         except MLMError as err:
             raise damaged(checkpoint, err) from None
-        here = folder_record(out)
         if here is not None and here.run_id != theirs.run_id:
             raise MLMError(f"{checkpoint} is a checkpoint of run {theirs.run_id}, but {out} holds run {here.run_id}; "
                            f"nothing was changed. To continue run {theirs.run_id}, give it an empty output folder; to "
@@ -134,8 +143,7 @@ class Run:
         self.record = theirs  # its data files are the run's from here on: the same bytes, checked before any tokenizing
         compare_data(theirs.data.get("files", {}), data_file_digests(config))
         self.last_checkpoint = str(checkpoint)
-        self.already_finished = bool(here and here.finished and not config.extend
-                                     and checkpoint_step(checkpoint) == here.progress["step"])
+        self.already_finished = finished and checkpoint_step(checkpoint) == here.progress["step"]
 
     def start(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler, tokenizer, *, path: str,
               precision: str, facts: dict, notes: list[str] = ()) -> None:
@@ -195,19 +203,17 @@ class Run:
         folder, and the final model and the card the run wrote (a card the user edited stays). A resume --extend
         from the very step of the final model keeps it."""
         step, name = self.progress.global_step, self.resume_from.name
-        if self.resume_from.resolve().parent == (self.output_dir / "checkpoints").resolve():
-            for later in list_checkpoints(self.output_dir):
-                if checkpoint_step(later) > step:
-                    shutil.rmtree(later)
-                    self.notes.append(f"removed {later.name}: it follows {name}, whose later steps run again now.")
-        finals = [segment["final_model"] for segment in self.record.segments if "final_model" in segment]
-        if finals and step < finals[-1]:
+        for later in list_checkpoints(self.output_dir):  # this run's (find_start checks the run id), wherever `name` is
+            if checkpoint_step(later) > step:
+                shutil.rmtree(later)
+                self.notes.append(f"removed {later.name}: it follows {name}, whose later steps run again now.")
+        if step < (final := self.record.final_model_step or 0):
             if gone := [file for file in (CONFIG_FILE, WEIGHTS_FILE, *self.tokenizer.saved_files, CARD_FILE)
                         if (self.output_dir / file).exists() and self.folder.may_replace(file)]:
                 for file in gone:
                     (self.output_dir / file).unlink()
                 card = " and its model card" if CARD_FILE in gone else ""
-                self.notes.append(f"removed the final model of step {finals[-1]}{card}: {name} comes before it, and "
+                self.notes.append(f"removed the final model of step {final}{card}: {name} comes before it, and "
                                   "its later steps run again now.")
 
     def _restore(self, model, optimizer, scaler) -> None:
