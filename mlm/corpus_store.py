@@ -47,7 +47,7 @@ from mlm.data import check_filled, chunk, tokenize
 from mlm.errors import MLMError
 from mlm.files.corpus_files import iter_texts
 from mlm.files.hashing import file_sha256, json_sha256, tokenizer_sha256
-from mlm.files.writes import atomic_write_text
+from mlm.files.writes import TMP_SUFFIX, atomic_write_text
 from mlm.masking import word_starts
 from mlm.tokenizer import Tokenizer, template_ids
 
@@ -208,7 +208,7 @@ def prepare_store(path: Path, key: dict, files: list[Path], tokenizer: Tokenizer
 def remove_leftovers(directory: Path) -> None:
     """Remove the temporary files of writes killed half-way."""
     for file in directory.iterdir():
-        if file.is_file() and file.name.endswith(".tmp"):
+        if file.is_file() and file.name.endswith(TMP_SUFFIX):
             file.unlink(missing_ok=True)
 
 

@@ -257,7 +257,7 @@ def test_kill_9_then_the_same_command_resumes_byte_identical(tmp_path, monkeypat
 def test_leftover_temporary_files_are_removed_and_files_are_readable(tmp_path, tokenizer):
     chunks_dir = tmp_path / "chunks"
     chunks_dir.mkdir()
-    leftovers = [chunks_dir / ".train-8-abc.json.tmp", chunks_dir / "progress.json.tmp"]
+    leftovers = [chunks_dir / ".header.json.abc123.mlm.tmp", chunks_dir / ".progress.json.x1y2z3.mlm.tmp"]
     for file in leftovers:
         file.write_bytes(b"half")
     old = os.umask(0o022)

@@ -161,13 +161,53 @@ def test_a_final_model_saved_by_a_segment_stopped_while_finishing_goes_too(tmp_p
     assert not (run / "model.safetensors").exists()
 
 
-def test_overwrite_refuses_a_folder_with_files_its_run_did_not_write(tmp_path):
+@pytest.mark.parametrize("users", ["private_reviews.jsonl", "README.md", "checkpoints/notes.txt",
+                                   "checkpoints/step-000004-backup/model.safetensors"])
+def test_overwrite_refuses_a_folder_with_files_its_run_did_not_write(tmp_path, users):
+    # The model card once edited is the user's, and so is what in checkpoints/ is no checkpoint: --overwrite deleted
+    # both with the old run.
     run = finished(tmp_path)
-    (run / "private_reviews.jsonl").write_text("{}")
+    (run / users).parent.mkdir(exist_ok=True)
+    with open(run / users, "a") as file:
+        file.write("the user's")
     before = snapshot(run)
-    with pytest.raises(MLMError, match="holds files its run did not write \\(private_reviews.jsonl\\)"):
+    with pytest.raises(MLMError, match=f"holds files its run did not write \\({users.split('/model')[0]}\\)"):
         train(tiny_run(run, overwrite=True))
     assert snapshot(run) == before
+
+
+def test_overwrite_refuses_a_users_file_added_while_the_run_set_up(tmp_path, monkeypatch):
+    # The folder was checked before the set-up (minutes of tokenizing on a real corpus), and moved aside after it:
+    # a file added in between went aside with the old run, and was deleted at the new run's first checkpoint.
+    run = finished(tmp_path)
+    on_call(monkeypatch, mlm.train, "load_data", 1, lambda: (run / "notes.txt").write_text("the user's"))
+    with pytest.raises(MLMError, match="holds files its run did not write \\(notes.txt\\)"):
+        train(tiny_run(run, overwrite=True))
+    assert (run / "notes.txt").read_text() == "the user's" and read_record(run).finished
+
+
+def test_user_files_that_look_temporary_are_the_users(tmp_path):
+    # Any ".*.tmp" at the folder's top counted as a temporary file of mlm's writes: accepted as nothing, then deleted.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".draft.tmp").write_text("the user's")
+    with pytest.raises(MLMError, match="is not empty and holds no run \\(.draft.tmp\\)"):
+        train(tiny_run(run))
+    run = finished(tmp_path / "b")
+    (run / ".draft.tmp").write_text("the user's")
+    train(tiny_run(run, epochs=2, resume="latest", extend=True))
+    assert (run / ".draft.tmp").read_text() == "the user's"
+
+
+def test_overwrite_through_a_link_replaces_the_run_where_the_link_points(tmp_path):
+    # The rename moved the link aside, not the folder: the new run landed in a new folder where the link was, and the
+    # old run was never deleted (on another file system, a put-back failed with a traceback).
+    run = finished(tmp_path)
+    old_id = read_record(run).run_id
+    (link := tmp_path / "link").symlink_to(run)
+    train(tiny_run(link, overwrite=True, epochs=1))
+    assert link.is_symlink() and read_record(run).run_id != old_id
+    assert sorted(p.name for p in tmp_path.iterdir() if "replaced" in p.name) == []
 
 
 # ---------------------------------------------------------------- --overwrite: one rename, recovered after any kill

@@ -6,11 +6,14 @@ import os
 import tempfile
 from pathlib import Path
 
+# The end of every temporary file mlm writes: a clean-up after a crash removes these and never a file of the user's.
+TMP_SUFFIX = ".mlm.tmp"
+
 
 def atomic_write(path: Path, write) -> None:
     """Call write(temporary_path) for a file next to `path`, then rename it over `path` (atomic on POSIX)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     os.close(fd)
     try:
         write(tmp)

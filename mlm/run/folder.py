@@ -26,7 +26,8 @@ from pathlib import Path
 from mlm.errors import MLMError, listed
 from mlm.files.hashing import file_sha256
 from mlm.files.pretrained import WEIGHTS_FILE
-from mlm.run.checkpoints import TMP_PREFIX, list_checkpoints, verify_checkpoint
+from mlm.files.writes import TMP_SUFFIX
+from mlm.run.checkpoints import CHECKPOINT_NAME, TMP_PREFIX, list_checkpoints, verify_checkpoint
 from mlm.run.metrics import METRICS_FILE
 from mlm.run.record import RECORD_FILE, read_record
 from mlm.run.tensorboard_log import LOG_DIR
@@ -52,7 +53,8 @@ class RunFolder:
 
     @classmethod
     def lock(cls, output_dir: str, *, is_main: bool) -> RunFolder:
-        folder = cls(Path(output_dir).expanduser(), is_main=is_main)
+        path = Path(output_dir).expanduser()
+        folder = cls(path.resolve() if path.is_symlink() else path, is_main=is_main)  # --overwrite moves the folder
         if is_main:
             folder.created = not folder.path.exists()
             try:
@@ -101,32 +103,43 @@ class RunFolder:
             if not (path := Path(resume).expanduser()).is_dir():
                 raise MLMError(f"`resume` {resume}: no such checkpoint folder.")
             return path
-        others = self.files_not_of_the_run() if self.is_main else []
-        if self.holds_run():
-            if not overwrite:
-                record = folder_record(self.path)
-                what = ("It never saved a checkpoint, so it cannot be resumed." if not list_checkpoints(self.path) else
-                        "It is finished: resume it with `resume` latest and `extend` to train it for longer."
-                        if record is not None and record.finished else "Continue it with `resume` latest.")
-                raise MLMError(f"{self.path} already holds a run. {what} Pass `overwrite` to replace it, or choose "
-                               "another output folder.")
-            if others:
-                raise MLMError(f"{self.path} holds files its run did not write ({listed(others, 4)}): `overwrite` "
-                               "replaces the whole folder, so move them out first, or choose another output folder.")
-        elif others:
-            raise MLMError(f"{self.path} is not empty and holds no run ({listed(others, 4)}): a run writes only into "
-                           "an empty or new folder, or one holding a run. Choose another output folder.")
+        if not self.holds_run():
+            if others := self.files_not_of_the_run() if self.is_main else []:
+                raise MLMError(f"{self.path} is not empty and holds no run ({listed(others, 4)}): a run writes only "
+                               "into an empty or new folder, or one holding a run. Choose another output folder.")
+            return None
+        if not overwrite:
+            record = folder_record(self.path)
+            what = ("It never saved a checkpoint, so it cannot be resumed." if not list_checkpoints(self.path) else
+                    "It is finished: resume it with `resume` latest and `extend` to train it for longer."
+                    if record is not None and record.finished else "Continue it with `resume` latest.")
+            raise MLMError(f"{self.path} already holds a run. {what} Pass `overwrite` to replace it, or choose "
+                           "another output folder.")
+        self._only_the_runs_files()
         return None
 
     def files_not_of_the_run(self) -> list[str]:
-        """The names in the folder its run's record does not list as written; with no run, every name. mlm's own lock,
-        markers and the temporary files of its atomic writes are not files of the user's."""
+        """What in the folder its run did not write (with no run, everything): the names its record does not list, a
+        model card edited since the run wrote it, and what in checkpoints/ is no checkpoint. mlm's own lock, markers
+        and temporary files are not the user's."""
         if not self.path.is_dir():
             return []
         record = folder_record(self.path)
-        ours = {LOCK_FILE, REPLACED, RESTORING, *([RECORD_FILE, *record.written] if record is not None else ())}
-        return sorted(name for name in os.listdir(self.path) if name not in ours
-                      and not (name.startswith(".") and name.endswith(".tmp") or name.startswith(f"{LOCK_FILE}.")))
+        written = {RECORD_FILE: None, **record.written} if record is not None else {}
+        ours = {name for name, sha256 in written.items()
+                if sha256 is None or (self.path / name).is_file() and file_sha256(self.path / name) == sha256}
+        others = [name for name in os.listdir(self.path)
+                  if name not in {LOCK_FILE, REPLACED, RESTORING, *ours} and not name.endswith(TMP_SUFFIX)]
+        if "checkpoints" in ours and (self.path / "checkpoints").is_dir():  # a checkpoint is the run's as a whole
+            others += [f"checkpoints/{name}" for name in os.listdir(self.path / "checkpoints")
+                       if not CHECKPOINT_NAME.match(name) and not name.startswith(TMP_PREFIX)]
+        return sorted(others)
+
+    def _only_the_runs_files(self) -> None:
+        """`overwrite` replaces the whole folder: refused while it holds a file of the user's."""
+        if self.is_main and (others := self.files_not_of_the_run()):
+            raise MLMError(f"{self.path} holds files its run did not write ({listed(others, 4)}): `overwrite` "
+                           "replaces the whole folder, so move them out first, or choose another output folder.")
 
     # -- the run writes ------------------------------------------------------------------------------------------
 
@@ -140,10 +153,11 @@ class RunFolder:
             for path in stale:
                 shutil.rmtree(path, ignore_errors=True)
             notes.append(f"removed {len(stale)} unfinished checkpoint folder(s) of an interrupted save.")
-        for leftover in self.path.glob(".*.tmp"):  # atomic writes a crash interrupted
+        for leftover in self.path.glob(f".*{TMP_SUFFIX}"):  # atomic writes a crash interrupted
             if not leftover.name.startswith(f"{LOCK_FILE}."):  # another run trying the lock right now
                 leftover.unlink(missing_ok=True)
         if overwrite and not resuming and self.holds_run():
+            self._only_the_runs_files()  # again: the user may have added one while the run set up
             self._move_aside()
             notes.append(f"moved the previous run aside to {self.aside}; it is deleted once this run has saved its "
                          "first checkpoint, and put back if this run fails before.")
@@ -266,7 +280,7 @@ def _remove(target: Path) -> None:
 
 def _take_lock(path: Path) -> bool:
     lock = path / LOCK_FILE
-    fd, tmp = tempfile.mkstemp(dir=path, prefix=f"{LOCK_FILE}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path, prefix=f"{LOCK_FILE}.", suffix=TMP_SUFFIX)
     try:
         with os.fdopen(fd, "w") as handle:
             json.dump({"pid": os.getpid(), "host": socket.gethostname(),
