@@ -54,7 +54,10 @@ def fill_mask(model: DistilBertForMaskedLM, tokenizer: Tokenizer, sentences: lis
     finally:
         model.train(was_training)
     probabilities = logits.softmax(dim=-1)
-    top_scores, top_ids = probabilities.topk(min(top_k, probabilities.shape[-1]), dim=-1)  # (B, L, k)
+    # Only ids that are tokens: a checkpoint's vocabulary may be padded past its tokenizer's (to a multiple of 8).
+    tokens = torch.tensor(sorted(i for i in tokenizer.backend.get_vocab().values() if i < logits.shape[-1]))
+    top_scores, top = probabilities[..., tokens].topk(min(top_k, len(tokens)), dim=-1)  # (B, L, k)
+    top_ids = tokens[top]
 
     results = []
     for row, encoding in enumerate(encodings):

@@ -139,6 +139,21 @@ def test_fill_mask_matches_the_full_softmax(tiny_model_dir):
     assert "[MASK]" in results[1][0][0].sequence  # the other mask of a two-mask sentence stays visible
 
 
+def test_fill_mask_predicts_only_tokens_of_the_tokenizer(tiny_tokenizer_dir):
+    # A vocabulary padded past the tokenizer's (BERT-style checkpoints round it up): the padding ids are no token, and
+    # predicting one gave a token of None, a traceback in mlm-fill-mask.
+    tokenizer = load_tokenizer(tiny_tokenizer_dir)
+    torch.manual_seed(0)
+    model = DistilBertForMaskedLM(DistilBertConfig(vocab_size=tokenizer.vocab_size + 6, dim=16, n_layers=1, n_heads=2,
+                                                   hidden_dim=32)).eval()
+    padding = [i for i in range(model.config.vocab_size) if tokenizer.backend.id_to_token(i) is None]
+    with torch.no_grad():
+        model.vocab_projector.bias[padding] = 100.0  # the ids that are no token are the most likely by far
+    (predictions,), = fill_mask(model, tokenizer, ["the movie was [MASK] ."], top_k=tokenizer.vocab_size + 6)
+    assert len(predictions) == len(tokenizer.backend.get_vocab()) and all(isinstance(p.token, str) for p in predictions)
+    assert sum(p.score for p in predictions) < 1e-6  # still probabilities over the model's whole vocabulary
+
+
 def test_fill_mask_without_mask_token(tiny_model_dir):
     model = load_pretrained(tiny_model_dir)
     with pytest.raises(MLMError, match=r"No \[MASK\] in 'no mask here'"):
