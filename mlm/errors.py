@@ -65,11 +65,9 @@ def run_cli(main, flag_of=lambda setting: None) -> None:
               "checkpoint continues with --resume latest.", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as err:
-        stop = err if isinstance(err, Interrupted) else Interrupted()
-        hint = stop.hint or ("A run continues from its last checkpoint with --resume latest; one that had saved "
-                             "none left its folder as it found it.")
+        stop = err if isinstance(err, Interrupted) else Interrupted()  # a run's Interrupted says how to continue
         name = "Ctrl-C" if stop.signal_name == "SIGINT" else stop.signal_name
-        print(f"error: interrupted ({name}). {hint}", file=sys.stderr)
+        print(f"error: interrupted ({name}).{' ' * bool(stop.hint)}{stop.hint}", file=sys.stderr)
         sys.exit(stop.exit_code)
     finally:
         for wrapper in (sys.stdout, sys.stderr):  # what is still buffered, now: at exit no wrapper would catch it

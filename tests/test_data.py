@@ -520,7 +520,7 @@ def test_prepare_data_prints_a_table(corpus_dir, tiny_tokenizer_dir, tmp_path, c
     train = load_chunks(corpus_dir, "train", load_tokenizer(tiny_tokenizer_dir), chunk_size=8,
                         cache_dir=tmp_path / "c")
     rows = {line.split()[0]: line.split() for line in out.splitlines()}
-    assert rows["split"] == ["split", "reviews", "tokens", "chunks", "load", "s", "cache"]
+    assert rows["split"] == ["split", "texts", "tokens", "chunks", "load", "s", "cache"]
     assert rows["train"][1:4] == [f"{train.n_reviews:,}", f"{train.n_tokens:,}", f"{len(train):,}"]
     assert rows["train"][5] == str(train.cache_path) and rows["test"][1] == "30"
     assert "20 train chunks, 5 test chunks of 8 tokens" in out

@@ -401,7 +401,7 @@ def test_os_errors_and_ctrl_c_are_one_line(capsys):
 
     for main, status, text in [(full, 2, "error: No space left on device: run/model.safetensors."),
                                (read_only, 2, "error: Read-only file system: run/metrics.jsonl."),
-                               (ctrl_c, 130, "error: interrupted (Ctrl-C).")]:
+                               (ctrl_c, 130, "error: interrupted (Ctrl-C).\n")]:  # no run's hint in others
         with pytest.raises(SystemExit) as exit_info:
             run_cli(main)
         err = capsys.readouterr().err

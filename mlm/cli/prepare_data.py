@@ -71,13 +71,13 @@ def main(argv: list[str] | None = None) -> None:
                     revision=args.revision, cache_dir=args.cache_dir, max_length=max_positions,
                     use_cache=not args.no_cache, progress=args.progress_bar,
                 )
-        except KeyboardInterrupt as err:  # run_cli's own hint is about training runs and their checkpoints
+        except KeyboardInterrupt as err:  # say what an interrupted preparation keeps
             name = err.signal_name if isinstance(err, Interrupted) else "SIGINT"
             hint = ("Nothing was stored (--no-cache)." if args.no_cache else "Run the same command again: the "
                     "preparation continues after its last completed piece (docs/corpora.md).")
             raise Interrupted(name, hint) from None
         rows.append((split, chunks, time.perf_counter() - start))
-    print(f"{'split':<13} {'reviews':>9} {'tokens':>12} {'chunks':>9} {'load s':>7}  cache")
+    print(f"{'split':<13} {'texts':>9} {'tokens':>12} {'chunks':>9} {'load s':>7}  cache")
     for split, chunks, seconds in rows:
         print(f"{split:<13} {chunks.n_reviews:>9,} {chunks.n_tokens:>12,} {len(chunks):>9,} {seconds:>7.2f}  "
               f"{chunks.cache_path or '(not cached)'}")
