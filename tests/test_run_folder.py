@@ -126,7 +126,8 @@ def test_resume_latest_never_drops_a_finished_runs_model_when_its_last_checkpoin
     shutil.rmtree(run / "checkpoints" / "step-000006")
     before = snapshot(run)
     assert train(tiny_run(run, epochs=1, resume="latest")).status == "finished"
-    assert snapshot(run) == before and "holds a finished run: nothing to do" in capsys.readouterr().out
+    assert snapshot(run) == before and "nothing to do (to train it for longer, resume it with --extend and a larger " \
+        "--epochs)" in capsys.readouterr().out  # flags, not the library's `extend` and `epochs`
     with pytest.raises(MLMError, match="step-000004, comes before the final model of step 6"):
         train(tiny_run(run, epochs=3, resume="latest", extend=True))
     assert snapshot(run) == before

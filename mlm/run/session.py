@@ -387,9 +387,9 @@ class Run:
         settings = {**settings_as_json(self.config), "global_batch": self.config.global_batch(self.procs.world_size)}
         compare_settings(self.record.settings, settings, extend=False, where=self.output_dir,
                          world_size=self.procs.world_size)
-        hint = "`max_steps`" if self.record.settings.get("max_steps") is not None else "`epochs`"
+        longer = "--max-steps" if self.record.settings.get("max_steps") is not None else "--epochs"
         self.say(f"{self.output_dir} holds a finished run: nothing to do (to train it for longer, resume it with "
-                 f"`extend` and more {hint}).")
+                 f"--extend and a larger {longer}).")  # said, not raised: no error turns settings into flags here
         self.record = read_record(self.output_dir)
         return self._close()
 
