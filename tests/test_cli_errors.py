@@ -39,6 +39,22 @@ def test_a_usage_error_is_one_line_with_a_hint_to_help(capsys, command, argv, na
     assert names in err and "--help" in err and "usage:" not in err
 
 
+@pytest.mark.parametrize("command, argv, hint", [
+    ("train", ["--learning_rate", "1e-4"], "(--learning_rate is Hugging Face's name: mlm's is --lr)"),
+    # The hint named --lr to mlm-fill-mask, which has no such flag.
+    ("fill_mask", ["--learning_rate", "1", "a [MASK]"], "Hugging Face's name for mlm-train's --lr, which "),
+    # `--dataset corpus/*.jsonl` unquoted: the shell passes the second file as a word of its own.
+    ("prepare_data", ["--dataset", "a.jsonl", "b.jsonl", "c.jsonl"],
+     "unrecognized arguments: b.jsonl c.jsonl (a glob left unquoted? Quote it, e.g. --dataset 'corpus/*.jsonl'). "),
+])
+def test_a_flag_of_hugging_face_or_an_unquoted_glob_gets_a_hint(capsys, tmp_path, monkeypatch, command, argv, hint):
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.jsonl", "b.jsonl", "c.jsonl"):
+        (tmp_path / name).write_text('{"text": "a review"}\n')
+    status, _, err = exit_and_stderr(COMMANDS[command], argv, capsys)
+    assert status == 2 and hint in err and err.count("\n") == 1, err
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_still_prints_every_flag(capsys, command):
     status, out, _ = exit_and_stderr(COMMANDS[command], ["--help"], capsys)

@@ -49,17 +49,20 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         if message.startswith("unrecognized arguments:"):
             hints = [hint for word in message.split(":", 1)[1].split() if (hint := self.suggestion(word))]
-            message += "".join(f" ({hint})" for hint in hints)
+            message += "".join(f" ({hint})" for hint in dict.fromkeys(hints))
         self.exit(2, f"error: {message.rstrip('.')}. Run `{self.prog} --help` for every flag.\n")
 
     def suggestion(self, word: str) -> str | None:
-        if not word.startswith("--"):
-            return None
+        if not word.startswith("--"):  # a file the shell expanded a glob to, after the one the flag took
+            return "a glob left unquoted? Quote it, e.g. --dataset 'corpus/*.jsonl'" if Path(word).exists() else None
         name = word[2:].split("=", 1)[0]
         if "--" + name in self.hints:
             return self.hints["--" + name]
         if name in HUGGING_FACE_NAMES:
-            return f"{word} is Hugging Face's name: mlm's is {HUGGING_FACE_NAMES[name]}"
+            ours = HUGGING_FACE_NAMES[name]
+            if (flag := ours.split()[0]).startswith("--") and flag not in self._option_string_actions:
+                return f"{word} is Hugging Face's name for mlm-train's {flag}, which {self.prog} does not take"
+            return f"{word} is Hugging Face's name: mlm's is {ours}"
         known = [option for option in self._option_string_actions if option.startswith("--")]
         close = difflib.get_close_matches("--" + name.replace("_", "-"), known, n=1, cutoff=0.75)  # exact first
         return f"did you mean {close[0]}?" if close else None
