@@ -9,10 +9,9 @@ from pathlib import Path
 
 from mlm.errors import MLMError
 
-OFFLINE_HINT = (
-    "To work offline, pass a local folder with the same files instead of a repo id "
-    "(e.g. path/to/distilbert-base-uncased), or set HF_HUB_OFFLINE=1 to use the HF cache only."
-)
+# Models and datasets alike: no example path, which would name one of the two.
+OFFLINE_HINT = ("To work offline, pass a local folder with the same files instead of a repo id, or set "
+                "HF_HUB_OFFLINE=1 to use the HF cache only.")
 # No Hub answered: httpx's (huggingface_hub >= 1.0) and requests' (before) transport errors, and the OS's (timeouts too)
 NETWORK_ERRORS = {"TransportError", "ConnectError", "ConnectionError", "TimeoutException", "NetworkError", "OSError"}
 
