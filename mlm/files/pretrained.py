@@ -114,10 +114,11 @@ def model_from_state_dict(config: DistilBertConfig, state: dict[str, torch.Tenso
     problems = [f"missing tensors ({len(missing)}): {listed(missing, 6)}"] if missing else []
     problems += [f"unexpected tensors ({len(unexpected)}): {listed(unexpected, 6)}"] if unexpected else []
     problems += [f"wrong shapes ({len(wrong_shape)}): {listed(wrong_shape, 6, '; ')}"] if wrong_shape else []
-    if wrong_shape or missing:
-        problems.append("Does config.json (its vocab_size and layer sizes) belong to these weights?")
     if problems:
-        raise MLMError(f"{source} does not fit the model its config.json describes:\n  " + "\n  ".join(problems))
+        ask = ("Does config.json (its vocab_size and layer sizes) belong to these weights?" if missing or wrong_shape
+               else "")
+        raise MLMError(f"{source} does not fit the model its config.json describes: {' | '.join(problems)}. {ask}"
+                       .rstrip())
 
     # Checkpoints are sometimes stored in fp16/bf16; training keeps fp32 master weights.
     model.load_state_dict({name: state[theirs].float() for name, theirs in names.items()}, strict=True, assign=True)
