@@ -192,12 +192,13 @@ def test_files_a_hub_layout_leaves_out_are_named_a_few_at_a_time(tmp_path):
         write_parquet(root / "extra" / f"part-{index:02d}.parquet", ["v"])
     texts, message = warned(load_texts, root)
     assert texts == ["x"]
-    assert message.startswith(f"{root}: 42 data files are in no split") and message.count(".parquet") == 3
+    assert message.startswith(f"{root}: 42 data files are not in split 'train'") and message.count(".parquet") == 3
     assert "extra/part-00.parquet" in message and " and 39 more" in message
     texts, message = warned(load_texts, root / "plain_text", "test")  # the configuration folder itself
-    assert texts == ["y"] and message.endswith("1 data file is in no split and left out: notes.parquet. To read "
-                                               "them, name them {split}-*.{ext} at the top level or one folder "
-                                               "down, as in plain_text/.")
+    assert texts == ["y"] and message.endswith("1 data file is not in split 'test' and left out of it: notes.parquet. "
+                                               "To read them with it, name them test-*.{ext} at the top level or one "
+                                               "folder down, as in plain_text/; a split is read only when asked for "
+                                               "by name.")
 
 
 def test_a_split_of_another_name_is_read_where_split_files_lie(tmp_path):
