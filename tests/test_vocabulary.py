@@ -172,18 +172,23 @@ def test_the_run_starts_from_the_mean_of_the_pieces(tmp_path, run_inputs):
     assert {V, V + 1} <= set(setup.train_chunks.input_ids.flatten().tolist())
 
 
-def test_a_run_with_added_tokens_saves_them_and_resumes(tmp_path, run_inputs):
+def test_a_run_with_added_tokens_saves_them_and_resumes(tmp_path, run_inputs, capsys):
     folder, corpus = run_inputs
     run = tmp_path / "run"
-    first = mlm.train.train(run_config(folder, corpus, run))
+    first = mlm.train.train(run_config(folder, corpus, run, add_tokens=3))
     assert first.status == "finished" and first.steps == 2
+    # The words were said nowhere but in run.json, and the card quoted the perplexities without their caveat.
+    assert "note: added 2 tokens (of 3 asked: no other word of the corpus is cut in pieces): cinematography, " \
+           "naive. Both perplexities" in capsys.readouterr().out
+    card = (run / "README.md").read_text()
+    assert "| added tokens (`add_tokens`) | 2: cinematography, naive |" in card and "not comparable" in card
     record = json.loads((run / "run.json").read_text())
-    assert record["settings"]["add_tokens"] == 2 and record["derived"]["added_tokens"] == ["cinematography", "naive"]
+    assert record["settings"]["add_tokens"] == 3 and record["derived"]["added_tokens"] == ["cinematography", "naive"]
     saved = load_tokenizer(run)
     assert saved.backend.encode("Cinematography", add_special_tokens=False).ids == [V]
     assert json.loads((run / "config.json").read_text())["vocab_size"] == V + 2
     # The resume finds the same words in the same data: the same tokenizer (its sha256 is checked), 127 rows.
-    resumed = mlm.train.train(run_config(folder, corpus, run, resume="latest", extend=True, epochs=2))
+    resumed = mlm.train.train(run_config(folder, corpus, run, add_tokens=3, resume="latest", extend=True, epochs=2))
     assert resumed.status == "finished" and resumed.steps == 4
     assert load_tokenizer(run).backend.to_str() == saved.backend.to_str()
 

@@ -35,7 +35,7 @@ HYPERPARAMETERS = (
     ("weight decay", "weight_decay"), ("warmup steps", "warmup_steps"), ("trained for", "length"),
     ("optimizer steps", "total_steps"), ("max gradient norm", "max_grad_norm"), ("seed", "seed"),
     ("data seed (train/eval draw, eval masks)", "data_seed"), ("precision", "precision_used"),
-    ("device", "device_used"), ("parameters", "parameters"),
+    ("device", "device_used"), ("parameters", "parameters"), ("added tokens (`add_tokens`)", "added"),
 )
 # (row label, results key, format) of the evaluation table.
 RESULTS = (("perplexity", "perplexity", "{:.3f}"), ("perplexity, reference-style", "reference_perplexity", "{:.3f}"),
@@ -77,6 +77,8 @@ def run_model_card(output_dir: str | Path, *, model_id: str | None = None) -> st
         epochs = values["total_steps"] / values["steps_per_epoch"]
         values["length"] = (f"{values['epochs']} epochs" if epochs == values["epochs"] else
                             f"{values['total_steps']} steps (max_steps; {epochs:.2f} epochs)")
+    if words := values.get("added_tokens"):
+        values["added"] = f"{len(words)}: {', '.join(words[:20])}{', …' if len(words) > 20 else ''}"
     if (output_dir / "tokenizer.json").is_file():  # the usage example's prompt, in the model's own mask token
         values["mask_token"] = tokenizer_from_folder(output_dir).mask_token
     return _render(model_id or str(output_dir), values, record.results)
@@ -133,6 +135,9 @@ def _render(model_id: str, args: dict, results: dict) -> str:
                "chapter).")
     if before and after:
         summary += f" Perplexity on {eval_data} went from {before['perplexity']:.2f} to {after['perplexity']:.2f}."
+    if args.get("added"):  # both figures on the extended tokenization: other tokens, not comparable with the base's
+        summary += (f" Its tokenizer has {len(args['added_tokens'])} tokens added for words of the domain, so its "
+                    "perplexities are not comparable with those of models on the base tokenizer.")
 
     evaluation = []
     if before or after:
