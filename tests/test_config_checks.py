@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -143,3 +145,8 @@ def test_a_run_folder_without_its_final_model_points_at_its_checkpoints(tmp_path
         (folder / "checkpoints" / step / "trainer_state.json").write_text("{}")
     err = one_line_error(fill_mask_cli.main, ["--model", str(folder), "a [MASK] ."], capsys)
     assert f"give its checkpoint {folder / 'checkpoints' / 'step-000008'}," in err and "--resume latest" in err
+    # While the run trains, a resume would be refused by its lock: it said to finish the run with one all the same.
+    (folder / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "now"}))
+    err = one_line_error(fill_mask_cli.main, ["--model", str(folder), "a [MASK] ."], capsys)
+    assert f"holds a run that is still training (pid {os.getpid()} on " in err and "--resume" not in err
+    assert err.endswith(f"give its checkpoint {folder / 'checkpoints' / 'step-000008'}.\n")

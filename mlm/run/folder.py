@@ -253,9 +253,15 @@ def unfinished_run(folder: Path) -> str | None:
     has its final model or holds no run. The run gets its model when it finishes, each checkpoint meanwhile."""
     if not (folder / RECORD_FILE).is_file() or (folder / WEIGHTS_FILE).is_file():
         return None
-    fix = (f"give its checkpoint {saved[-1]}, or finish the run with mlm-train --resume latest --output-dir "
-           f"{shlex.quote(str(folder))}" if (saved := list_checkpoints(folder)) else "it has saved no checkpoint yet")
-    return f"{folder} holds a run that has no final model yet: {fix}."
+    holder = _read_holder(folder / LOCK_FILE) if (folder / LOCK_FILE).exists() else None
+    running = holder is not None and not _is_stale(holder)  # a resume would be refused: the run holds the folder
+    if not (saved := list_checkpoints(folder)):
+        fix = "it has saved no checkpoint yet"
+    else:
+        fix = f"give its checkpoint {saved[-1]}" + ("" if running else ", or finish the run with mlm-train --resume "
+                                                    f"latest --output-dir {shlex.quote(str(folder))}")
+    state = f"is still training ({_describe(holder)})" if running else "has no final model yet"
+    return f"{folder} holds a run that {state}: {fix}."
 
 
 def _checkpoint_record(path: Path):
