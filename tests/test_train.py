@@ -312,7 +312,9 @@ def test_invalid_settings_are_refused(tmp_path, field, value, message):
 @pytest.mark.parametrize("overrides, message", [
     ("n_layers", "'n_layers' is not KEY=VALUE"),
     ("num_hidden_layers=2", "'num_hidden_layers=2' is not KEY=VALUE with KEY a config.json key mlm reads: activation"),
-    ("dim=30", "config.json with `config_overrides` dim=30: \"dim\" 30 is not divisible by \"n_heads\" 4"),
+    ("dim=30", "config.json with `config_overrides` dim=30: \"dim\" 30 is not divisible by \"n_heads\" 4: each head "
+               "takes dim / n_heads features. Fix them in `config_overrides`."),  # it said "in config.json"
+    ("dropout=abc", "\"dropout\" must be a probability in \\[0, 1\\), got 'abc'. Fix it in `config_overrides`."),
 ])
 def test_bad_config_overrides_are_one_line(tmp_path, overrides, message):
     with pytest.raises(MLMError, match=message):

@@ -212,10 +212,11 @@ def check_config(config: DistilBertConfig, source: str | Path = "config") -> Non
     if config.family not in ARCHITECTURES:
         raise MLMError(f"{source}: family {config.family!r} is not one of {list(ARCHITECTURES)}.")
     keys = CONFIG_KEYS[config.family]
+    where = "`config_overrides`" if "`config_overrides`" in str(source) else "config.json"  # the value came from there
 
     def refuse(key: str, wanted: str) -> MLMError:
         return MLMError(f"{source}: \"{keys.get(key, key)}\" must be {wanted}, got {getattr(config, key)!r}. Fix it "
-                        "in config.json.")
+                        f"in {where}.")
 
     for key in SIZE_KEYS + (("type_vocab_size",) if "type_vocab_size" in keys else ()):
         if not (is_int(getattr(config, key)) and getattr(config, key) >= 1):
@@ -223,7 +224,7 @@ def check_config(config: DistilBertConfig, source: str | Path = "config") -> Non
     dim, heads = keys["dim"], keys["n_heads"]
     if config.dim % config.n_heads:
         raise MLMError(f"{source}: \"{dim}\" {config.dim} is not divisible by \"{heads}\" {config.n_heads}: each "
-                       f"head takes {dim} / {heads} features. Fix them in config.json.")
+                       f"head takes {dim} / {heads} features. Fix them in {where}.")
     for key in ("dropout", "attention_dropout"):
         if not (_is_number(getattr(config, key)) and 0 <= getattr(config, key) < 1):
             raise refuse(key, "a probability in [0, 1)")
