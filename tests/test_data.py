@@ -360,8 +360,14 @@ def test_unreadable_files(tmp_path):
         load_texts(garbage)
     bad_json = tmp_path / "a.jsonl"
     bad_json.write_text('{"text": "x"\nnope\n')
-    with pytest.raises(MLMError, match="Cannot read .*a.jsonl"):
+    with pytest.raises(MLMError, match="a.jsonl, line 1, is not a JSON object \\(Expecting ',' delimiter"):
         load_texts(bad_json)
+    # pyarrow said "JSON parse error: … in row 1" of line 2 (its rows count from 0), or "Column() changed from object
+    # to string in row 0" of a line that is a JSON string.
+    for lines, line in (('{"text": "x"}\n{"text": "y\n', 2), ('{"text": "x"}\n\n"just text"\n', 3)):
+        bad_json.write_text(lines)
+        with pytest.raises(MLMError, match=f"a.jsonl, line {line}, is not a JSON object .*one object per line, e.g. "):
+            load_texts(bad_json)
     numbers = write_parquet(tmp_path / "n.parquet", [1, 2])
     with pytest.raises(MLMError, match="holds int64, not text"):
         load_texts(numbers)

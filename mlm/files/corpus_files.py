@@ -4,6 +4,7 @@ broken record) is one MLMError line naming the file."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -161,14 +162,14 @@ def _record_batches(file: Path, suffix: str, compression: str | None, text_colum
                            f"object per line. Convert it, e.g. with `jq -c '.[]' {file} > "
                            f"{file.name.split('.')[0]}.jsonl`.")
         if suffix != ".txt":  # CSV records under their header, or JSON lines
-            texts = _table_texts(header + data, csv, file, text_column) if data.strip() else []
+            texts = _table_texts(header + data, csv, file, text_column, first_line) if data.strip() else []
         if texts:
             yield texts, position
 
 
-def _table_texts(data: bytes, csv: bool, file: Path, text_column: str) -> list[str]:
-    """The texts of whole CSV records (the header first) or JSON lines, parsed as one pyarrow block: pyarrow refuses
-    a record that straddles two of its blocks."""
+def _table_texts(data: bytes, csv: bool, file: Path, text_column: str, first_line: int) -> list[str]:
+    """The texts of whole CSV records (the header first) or JSON lines (`first_line` the file's line number of the
+    first), parsed as one pyarrow block: pyarrow refuses a record that straddles two of its blocks."""
     import pyarrow.csv
     import pyarrow.json
 
@@ -181,10 +182,28 @@ def _table_texts(data: bytes, csv: bool, file: Path, text_column: str) -> list[s
             convert_options=pyarrow.csv.ConvertOptions(column_types={text_column: pa.string()}),
         )
     else:
-        table = pyarrow.json.read_json(pa.BufferReader(data),
-                                       read_options=pyarrow.json.ReadOptions(block_size=len(data) + 1))
+        try:
+            table = pyarrow.json.read_json(pa.BufferReader(data),
+                                           read_options=pyarrow.json.ReadOptions(block_size=len(data) + 1))
+        except pa.ArrowInvalid:  # pyarrow counts rows from 0 in its block, in its own words: name the line instead
+            _refuse_a_line_that_is_no_object(data, file, first_line, text_column)
+            raise
     _check_column(file, text_column, table.column_names)
     return texts_of(table.column(text_column), file, text_column)
+
+
+def _refuse_a_line_that_is_no_object(data: bytes, file: Path, first_line: int, text_column: str) -> None:
+    """MLMError naming the first line of `data` that is not a JSON object, if there is one."""
+    for number, line in enumerate(data.split(b"\n"), first_line):
+        if not line.strip():
+            continue
+        try:
+            value, reason = json.loads(line), "valid JSON, but not an object"
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+            value, reason = None, str(err)
+        if not isinstance(value, dict):
+            raise MLMError(f"{file}, line {number}, is not a JSON object ({reason}: {line[:40]!r}): a JSON-lines file "
+                           f"holds one object per line, e.g. {{\"{text_column}\": \"a text\"}}.")
 
 
 def _parquet_batches(file: Path, text_column: str) -> Iterator[tuple[list[str], int]]:
