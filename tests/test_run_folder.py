@@ -131,6 +131,9 @@ def test_resume_latest_never_drops_a_finished_runs_model_when_its_last_checkpoin
     with pytest.raises(MLMError, match="step-000004, comes before the final model of step 6"):
         train(tiny_run(run, epochs=3, resume="latest", extend=True))
     assert snapshot(run) == before
+    # `extend` with the run's own length: there is nothing to extend (it set the run up and wrote the model again).
+    assert train(tiny_run(run, epochs=1, resume="latest", extend=True)).status == "finished"
+    assert snapshot(run) == before and "nothing to do" in capsys.readouterr().out
 
 
 def test_a_resume_from_a_copy_of_an_older_checkpoint_drops_the_later_ones_too(tmp_path, monkeypatch):

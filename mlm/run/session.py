@@ -113,7 +113,9 @@ class Run:
         if checkpoint is None:
             return
         here = folder_record(out)
-        finished = here is not None and here.finished and not config.extend
+        # `extend` with the run's own length has nothing to extend: it would only write the same model again.
+        finished = here is not None and here.finished and not (
+            config.extend and any(getattr(config, name) != here.settings.get(name) for name in LENGTH_SETTINGS))
         if finished and config.resume == "latest":  # whatever its checkpoints, nothing to train: the model stays
             self.record, self.last_checkpoint, self.already_finished = here, str(checkpoint), True
             return
@@ -232,7 +234,8 @@ class Run:
                 f"{self.steps_per_epoch} steps: no run gets there."))
         if self.progress.global_step > self.total_steps:
             raise MLMError(f"{self.resume_from} is at step {self.progress.global_step}, past the {self.total_steps} "
-                           "steps of `epochs`/`max_steps`: with `extend`, give at least as many.")
+                           f"step{'s' * (self.total_steps != 1)} of `epochs`/`max_steps`: with `extend`, give at "
+                           "least as many.")
         if self.record.world_size != self.procs.world_size:
             self.say(f"note: the run had {self.record.world_size} process(es), this one has {self.procs.world_size}: "
                      "the masks and the schedule stay the same, the dropout draws differ from an uninterrupted run.")
