@@ -146,6 +146,15 @@ def test_a_resume_from_a_copy_of_an_older_checkpoint_drops_the_later_ones_too(tm
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004", "step-000005"]
 
 
+def test_a_card_that_cannot_be_written_leaves_the_run_finished(tmp_path, capsys):
+    # The card reads the folder's tokenizer files, a user's special_tokens_map.json too: a broken one failed the run
+    # after its final model was saved, its record "failed" while its segment said "finished", and its old card stayed.
+    run = finished(tmp_path)
+    (run / "special_tokens_map.json").write_text("{broken")
+    assert train(tiny_run(run, epochs=2, resume="latest", extend=True)).status == "finished"
+    assert read_record(run).status == "finished" and "note: the model card was not written" in capsys.readouterr().out
+
+
 def test_a_final_model_saved_by_a_segment_stopped_while_finishing_goes_too(tmp_path, monkeypatch):
     # A signal after the final model was saved but before the segment ended "finished": the removal looked for
     # finished segments only, so a resume from an older checkpoint kept the abandoned course's model.

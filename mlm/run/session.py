@@ -369,9 +369,13 @@ class Run:
             self.say(f"note: kept {self.output_dir / CARD_FILE}, which this run did not write; its model card was not "
                      "written (mlm.run.model_card.write_run_model_card(folder) writes it where you want).")
         elif main:  # README.md, pushed or not: the Hub shows it as the model's page
-            card = write_run_model_card(self.output_dir, model_id=self.config.hub_model_id or str(self.output_dir))
-            self.folder.writes(CARD_FILE, file_sha256(card))
-            self._write_record()
+            try:
+                card = write_run_model_card(self.output_dir, model_id=self.config.hub_model_id or str(self.output_dir))
+            except (MLMError, OSError) as err:  # the run is finished, its model saved: a card it cannot write is a note
+                self.say(f"note: the model card was not written ({err}); the run is finished and its model saved.")
+            else:
+                self.folder.writes(CARD_FILE, file_sha256(card))
+                self._write_record()
         return self._close()
 
     def stopped(self) -> RunSummary:
