@@ -55,6 +55,11 @@ def test_a_flag_of_hugging_face_or_an_unquoted_glob_gets_a_hint(capsys, tmp_path
     assert status == 2 and hint in err and err.count("\n") == 1, err
 
 
+def test_a_vocab_report_of_no_words_is_refused(capsys):
+    status, _, err = exit_and_stderr(prepare_data.main, ["--vocab-report", "0"], capsys)  # it printed an empty table
+    assert status == 2 and err == "error: --vocab-report must be a count of words >= 1, got 0.\n"
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_still_prints_every_flag(capsys, command):
     status, out, _ = exit_and_stderr(COMMANDS[command], ["--help"], capsys)

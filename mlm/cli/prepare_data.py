@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     set_progress_bars(args.progress_bar)
     if not args.splits:
         raise MLMError("--splits is empty; name at least one split, e.g. --splits train.")
+    if args.vocab_report is not None and args.vocab_report < 1:  # 0 printed a table of no words
+        raise MLMError(f"--vocab-report must be a count of words >= 1, got {args.vocab_report}.")
     folder = resolve_repo(args.tokenizer, allow_patterns=(*TOKENIZER_FILES, CONFIG_FILE))
     tokenizer = tokenizer_from_folder(folder)
     # The longest sequence the model of the config.json beside the tokenizer takes bounds the chunk size.
