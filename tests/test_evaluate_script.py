@@ -213,3 +213,7 @@ def test_the_table_lists_only_the_predictions_there_are(tmp_path):
     lines = as_table(args, eval_set, [score]).splitlines()
     assert lines[-4] == "a [MASK] ." and [line.split() for line in lines[-3:]] == [
         ["1", "t0", "0.500"], ["2", "t1", "0.250"], ["3", "t2", "0.167"]]
+    assert lines[0].startswith("4 eval chunks of 32 tokens from d (train split, seed 7), token-level masks")
+    # A validation file is read whole: it was labelled "(train split, …)".
+    args.validation_file = "dev.jsonl"
+    assert as_table(args, eval_set, [score]).startswith("4 eval chunks of 32 tokens from dev.jsonl (seed 7), token")

@@ -135,9 +135,10 @@ def as_json(args, eval_set: EvalSet, scores: list[ModelScore]) -> dict:
 
 def as_table(args, eval_set: EvalSet, scores: list[ModelScore]) -> str:
     masking = "token-level masks" if eval_set.masking == "token" else "whole-word masks"
-    lines = [f"{len(eval_set.input_ids):,} eval chunks of {args.chunk_size} tokens from "
-             f"{args.validation_file or args.dataset} ({eval_source(args)} split, seed {args.data_seed}), {masking}, "
-             f"{eval_set.masked_tokens:,} masked tokens"
+    where = (f"{args.validation_file} (" if args.validation_file  # a validation file is read whole: no split
+             else f"{args.dataset} ({eval_source(args)} split, ")
+    lines = [f"{len(eval_set.input_ids):,} eval chunks of {args.chunk_size} tokens from {where}seed "
+             f"{args.data_seed}), {masking}, {eval_set.masked_tokens:,} masked tokens"
              + (f" (the eval set of the run in {args.from_run})" if args.from_run else ""), ""]
     rows = [("", [s.model for s in scores]),
             ("perplexity", [f"{s.result.perplexity:.3f}" for s in scores]),
