@@ -394,6 +394,11 @@ def test_max_steps_overrides_the_epochs_as_the_reference_does(tmp_path):
     assert "| trained for | 8 steps (max_steps; 1.33 epochs) |" in (run / "README.md").read_text()
 
 
+def test_the_first_lines_count_the_chunks_a_step_takes(tmp_path, capsys):
+    train(tiny_run(tmp_path / "run", train_size=8, epochs=1, prompts=()))  # batch 16
+    assert "; 1 step of 8 chunks. Record:" in capsys.readouterr().out  # "of 16 chunks", with 8 chunks to train on
+
+
 def test_a_draw_of_under_half_the_corpus_and_fp16_on_a_cpu_are_said_before_the_run(tmp_path, capsys):
     train(tiny_run(tmp_path / "few", train_size=16, epochs=1, max_steps=1, precision="fp16", prompts=()))
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]

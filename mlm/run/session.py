@@ -196,7 +196,8 @@ class Run:
         self.say(f"Model: {path}.")
         self.say(f"{facts['parameters']:,} parameters on {procs.device} ({precision}); {facts['train_chunks']:,} train "
                  f"/ {facts['eval_chunks']:,} eval chunks of {config.chunk_size}; {self.total_steps} "
-                 f"step{'s' * (self.total_steps != 1)} of {facts['global_batch']} chunks. Record: "
+                 f"step{'s' * (self.total_steps != 1)} of {min(facts['global_batch'], facts['train_chunks'])} "
+                 "chunks. Record: "
                  f"{self.output_dir / RECORD_FILE}")
 
     def _drop_the_abandoned_course(self) -> None:
