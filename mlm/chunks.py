@@ -122,8 +122,10 @@ def draw_sizes(train_size: int | str, test_size: int | str, n: int) -> tuple[int
     and together at most n. train_size "all" is every chunk test_size leaves."""
     test = draw_size(test_size, n, "test_size")
     if train_size == "all" and test >= n:
-        raise MLMError(f"`train_size` all leaves no chunk to train on: `test_size` {test} takes all {n} chunks. "
-                       "Lower `test_size`, e.g. to 5%.")
+        fix = ("use a larger corpus or a smaller `chunk_size`: one chunk cannot be both" if n < 2  # even 5% takes it
+               else "lower `test_size`, e.g. to 5%")
+        raise MLMError(f"`train_size` all leaves no chunk to train on: `test_size` {test_size} takes all {n} "
+                       f"chunk{'s' * (n != 1)}: {fix}.")
     train = n - test if train_size == "all" else draw_size(train_size, n, "train_size")
     if train + test > n:
         raise MLMError(f"Cannot draw {train} train + {test} test chunks from {n} chunks: lower `train_size` (`all` "

@@ -225,6 +225,11 @@ def test_split_needs_enough_chunks():
         split_train_test(make_chunks(14), train_size=10, test_size=5)
     with pytest.raises(MLMError, match="`train_size` '0': give a positive number of chunks"):
         split_train_test(make_chunks(14), train_size=0, test_size=5)
+    with pytest.raises(MLMError, match="`test_size` 14 takes all 14 chunks: lower `test_size`, e.g. to 5%.$"):
+        split_train_test(make_chunks(14), train_size="all", test_size=14)
+    # It said "`test_size` 1 takes all 1 chunks. Lower `test_size`, e.g. to 5%" to one who gave 5%.
+    with pytest.raises(MLMError, match="`test_size` 5% takes all 1 chunk: use a larger corpus or a smaller "):
+        split_train_test(make_chunks(1), train_size="all", test_size="5%")
 
 
 # ---------------------------------------------------------------------------------------------------------
