@@ -63,3 +63,23 @@ def test_a_run_without_push_still_writes_its_card(tmp_path):
         assert hub.requests == []
     card = (tmp_path / "run" / "README.md").read_text()
     assert yaml.safe_load(card.split("---\n")[1])["pipeline_tag"] == "fill-mask"
+
+
+def test_an_interrupted_push_run_says_to_push_again_when_it_continues(tmp_path, monkeypatch, capsys):
+    # --push-to-hub is the command's, not a setting the run records: the printed command dropped it, and the run it
+    # continued finished without pushing.
+    import pytest
+    from test_train import interrupt_after
+
+    import mlm.cli.train
+
+    monkeypatch.setattr(mlm.cli.train, "full_repo_id", lambda name: f"me/{name}")  # no Hub asked before training
+    interrupt_after(monkeypatch, 1)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        mlm.cli.train.main(["--smoke", "--epochs", "1", "--no-progress", "--train-size", "64", "--test-size", "32",
+                            "--output-dir", str(run), "--cache-dir", str(tmp_path / "cache"), "--push-to-hub",
+                            "--hub-private"])
+    assert stop.value.code == 130
+    assert capsys.readouterr().out.endswith(f"Continue with: mlm-train --resume latest --output-dir {run} "
+                                            "--push-to-hub --hub-private\n")

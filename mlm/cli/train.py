@@ -80,9 +80,15 @@ def main(argv: list[str] | None = None) -> None:
     if pushes:
         # The token and the repo's namespace are checked now, not after hours of training.
         settings["hub_model_id"] = full_repo_id(settings["hub_model_id"] or Path(settings["output_dir"]).name)
-    summary = train(TrainConfig(**settings))
+    # The push is this command's, not a setting of the run: a command that continues the run must ask for it again.
+    again = (" --push-to-hub" + " --hub-private" * bool(args.hub_private)) if args.push_to_hub else ""
+    try:
+        summary = train(TrainConfig(**settings))
+    except Interrupted as stop:
+        stop.hint += again if stop.hint.startswith("Continue with:") else ""
+        raise
     if summary.is_main:
-        print_summary(summary)
+        print_summary(summary, again)
     if summary.status == "interrupted":
         sys.exit(Interrupted(summary.stopped_by or "SIGINT").exit_code)
     if pushes:
@@ -118,7 +124,8 @@ def replaces_smoke_run(folder: Path) -> bool:
     return True
 
 
-def print_summary(summary) -> None:
+def print_summary(summary, again: str = "") -> None:
+    """The run's figures; for an interrupted run, the command that continues it (`again`: flags to add to it)."""
     rows = [("status", summary.status), ("optimizer steps", f"{summary.steps}"),
             ("training time", f"{summary.train_seconds:.1f} s"),
             ("training tokens/s", f"{summary.train_tokens_per_second:,.0f}")]
@@ -131,7 +138,7 @@ def print_summary(summary) -> None:
     print("\n".join(f"{name:<{width}}  {value}" for name, value in rows))
     if summary.status == "interrupted":
         world = Processes(world_size=int(os.environ.get("WORLD_SIZE", 1)))
-        print(f"Continue with: {resume_command(Path(summary.output_dir), world)}")
+        print(f"Continue with: {resume_command(Path(summary.output_dir), world)}{again}")
 
 
 def run() -> None:
