@@ -55,7 +55,8 @@ def fill_mask(model: DistilBertForMaskedLM, tokenizer: Tokenizer, sentences: lis
         model.train(was_training)
     probabilities = logits.softmax(dim=-1)
     # Only ids that are tokens: a checkpoint's vocabulary may be padded past its tokenizer's (to a multiple of 8).
-    tokens = torch.tensor(sorted(i for i in tokenizer.backend.get_vocab().values() if i < logits.shape[-1]))
+    tokens = torch.tensor(sorted(i for i in tokenizer.backend.get_vocab().values() if i < logits.shape[-1]),
+                          device=logits.device)
     top_scores, top = probabilities[..., tokens].topk(min(top_k, len(tokens)), dim=-1)  # (B, L, k)
     top_ids = tokens[top]
 
