@@ -58,10 +58,10 @@ def train(config: TrainConfig) -> RunSummary:
         if run.is_new:
             run.record_eval("before", evaluate_on(setup, config, run))
             run.record_fill_mask("before", *predict(setup, config, run.procs))
+        elif label := run.eval_missed():  # a stop saved before it (or a resume --extend'ed to end here): now
+            run.record_eval(label, evaluate_on(setup, config, run))
         if not fit(run, setup, config):
             return run.stopped()
-        if run.eval_at_the_end_due():  # a resume --extend'ed to end where it stands has no eval at this step yet
-            run.record_eval("final", evaluate_on(setup, config, run))
         run.record_fill_mask("after", *predict(setup, config, run.procs))
         return run.finish()
 
@@ -84,7 +84,7 @@ def fit(run: Run, setup: Setup, config: TrainConfig) -> bool:
                 progress.advance(ran=result.ran, steps_in_epoch=len(batches))
                 run.after_step(result.loss, result.grad_norm, ran=result.ran, lr=lr, labelled=labelled,
                                tokens=rows * setup.train_chunks.chunk_size)  # logs when due, notes a stop request
-                if label := run.eval_due():
+                if (label := run.eval_due()) and not run.stop_requested:  # a stop saves first; the resume scores
                     run.record_eval(label, evaluate_on(setup, config, run))
                 run.save_if_due()  # every --save-every steps, at each epoch's end, at the last step, on a stop
                 if run.stop_requested:

@@ -145,6 +145,22 @@ def test_resume_after_sigint_is_bit_exact(tmp_path, monkeypatch, knobs):
     assert [r["step"] for r in records(tmp_path / "resumed", "train")] == list(range(1, 13))
 
 
+def test_a_stop_on_an_epochs_last_step_saves_before_its_eval_and_the_resume_scores_it(tmp_path, monkeypatch):
+    # The epoch's evaluation ran between the stopped step and its checkpoint: a scheduler's SIGTERM waited a whole
+    # evaluation for the save, longer than its grace period on a large eval set.
+    train(tiny_run(tmp_path / "straight"))
+    interrupt_after(monkeypatch, steps=6, signum=signal.SIGTERM)  # the last step of epoch 1
+    assert train(tiny_run(tmp_path / "resumed")).checkpoint.endswith("step-000006")
+    assert [r["step"] for r in records(tmp_path / "resumed", "eval")] == [0]
+    monkeypatch.undo()
+    train(tiny_run(tmp_path / "resumed", resume="latest"))
+    evals = [[(r["label"], r["step"], r["perplexity"]) for r in records(tmp_path / run, "eval")]
+             for run in ("straight", "resumed")]
+    assert evals[0] == evals[1] and [label for label, _, _ in evals[0]] == ["before", "epoch 1", "epoch 2"]
+    assert all(torch.equal(a, b) for a, b in zip(*(final_weights(tmp_path / run).values()
+                                                    for run in ("straight", "resumed"))))
+
+
 def test_a_resumed_run_logs_at_the_steps_an_uninterrupted_one_does(tmp_path, monkeypatch):
     # The log interval counted from the resume, so lines fell at 11 after a resume at 7 where the run logs at 8.
     train(tiny_run(tmp_path / "straight", log_every=4))

@@ -298,8 +298,10 @@ class Run:
     def eval_due(self) -> str | None:
         return self._due(self.config.eval_every)
 
-    def eval_at_the_end_due(self) -> bool:  # a resume --extend'ed to end where it stands has no eval here yet
-        return self.record.last_eval_at(self.progress.global_step) is None
+    def eval_missed(self) -> str | None:
+        """The eval due at the step a resume starts from, if the run has none there: a stop saves without it (a
+        scheduler's grace period may not cover a whole evaluation), and an --extend may end the run at any step."""
+        return self.eval_due() if self.record.last_eval_at(self.progress.global_step) is None else None
 
     def record_eval(self, label: str, result: EvalResult) -> None:
         entry = {"label": label, "step": self.progress.global_step, "epoch": self.progress.epoch, **asdict(result)}
