@@ -235,6 +235,19 @@ def moved_aside(run: Path) -> Path:
     return aside
 
 
+def test_the_put_back_keeps_a_file_the_user_added_during_the_failed_overwrite(tmp_path, monkeypatch, capsys):
+    # The old run's files replaced whatever had their names: a card the user wrote while the new run trained was lost.
+    run = finished(tmp_path)
+    old_card = (run / "README.md").read_text()
+    on_call(monkeypatch, mlm.train, "train_step", 1, lambda: (run / "README.md").write_text("my notes"))
+    fail_at_step(monkeypatch, 2)
+    with pytest.raises(RuntimeError, match="a crash in the step"):
+        train(tiny_run(run, overwrite=True, save_every=None))
+    assert (run / "README.md").read_text() == old_card and read_record(run).finished
+    assert (run / "README.md.added-during-overwrite").read_text() == "my notes"
+    assert "note: kept your README.md as README.md.added-during-overwrite" in capsys.readouterr().out
+
+
 def test_a_kill_right_after_the_rename_gives_the_old_run_back(tmp_path):
     run = finished(tmp_path)
     before = snapshot(run)

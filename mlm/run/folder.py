@@ -234,8 +234,11 @@ class RunFolder:
             os.replace(self.aside / REPLACED, self.aside / RESTORING)
         for entry in self.aside.iterdir():
             if entry.name not in (LOCK_FILE, RESTORING):
-                _remove(self.path / entry.name)
-                os.replace(entry, self.path / entry.name)
+                if (target := self.path / entry.name).exists() or target.is_symlink():  # the user's, added meanwhile
+                    os.replace(target, kept := target.with_name(f"{entry.name}.added-during-overwrite"))
+                    print(f"note: kept your {entry.name} as {kept.name}: the replaced run's {entry.name} is back.",
+                          flush=True)
+                os.replace(entry, target)
         shutil.rmtree(self.aside, ignore_errors=True)
 
     def _drop_aside(self) -> None:
