@@ -67,7 +67,7 @@ def run_cli(main, flag_of=lambda setting: None) -> None:
     except KeyboardInterrupt as err:
         stop = err if isinstance(err, Interrupted) else Interrupted()  # a run's Interrupted says how to continue
         name = "Ctrl-C" if stop.signal_name == "SIGINT" else stop.signal_name
-        print(f"error: interrupted ({name}).{' ' * bool(stop.hint)}{stop.hint}", file=sys.stderr)
+        print(" ".join(filter(None, [f"error: interrupted ({name}).", stop.hint])), file=sys.stderr)
         sys.exit(stop.exit_code)
     finally:
         for wrapper in (sys.stdout, sys.stderr):  # what is still buffered, now: at exit no wrapper would catch it

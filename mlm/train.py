@@ -261,7 +261,8 @@ class Setup:
                          "all of them.")
         if words := added_words(self.tokenizer):
             asked = int(config.add_tokens) if str(config.add_tokens).isdigit() else len(words)
-            fewer = f" (of {asked} asked: no other word of the corpus is cut in pieces)" if asked > len(words) else ""
+            fewer = (f" (of {asked} asked: no other word of letters in the corpus is cut in pieces)"
+                     if asked > len(words) else "")
             notes.append(f"added {len(words)} tokens{fewer}: {listed(words, 10)}. Both perplexities of this run are on "
                          "this extended tokenization, not comparable with the base tokenizer's (docs/base-models.md).")
         return notes

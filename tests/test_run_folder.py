@@ -106,6 +106,8 @@ def test_a_resume_before_the_final_model_removes_it_and_its_card(tmp_path, monke
     assert "note: removed the final model" in capsys.readouterr().out
     with pytest.raises(MLMError, match="holds a run that has no final model yet"):  # mlm-evaluate --model run
         run_records([str(run)])
+    # The removed model's step stayed in the record, and `resume latest` from step 5 was refused as going back.
+    assert train(tiny_run(run, epochs=2, resume="latest", keep_checkpoints=10)).status == "finished"
 
 
 def test_the_record_lists_only_the_files_the_run_wrote(tmp_path, monkeypatch):
@@ -153,6 +155,28 @@ def test_a_card_that_cannot_be_written_leaves_the_run_finished(tmp_path, capsys)
     (run / "special_tokens_map.json").write_text("{broken")
     assert train(tiny_run(run, epochs=2, resume="latest", extend=True)).status == "finished"
     assert read_record(run).status == "finished" and "note: the model card was not written" in capsys.readouterr().out
+    assert not (run / "README.md").exists()  # the first segment's card, with its figures, would pass as this one's
+
+
+def test_extend_of_a_max_steps_run_needs_more_steps_and_a_changed_length_needs_extend(tmp_path, monkeypatch, capsys):
+    # --max-steps sets the length: `extend` with more epochs changes nothing, and ran the final phase again.
+    run = finished(tmp_path, max_steps=4)
+    before = snapshot(run)
+    assert train(tiny_run(run, epochs=3, max_steps=4, resume="latest", extend=True)).status == "finished"
+    assert snapshot(run) == before and "nothing to do" in capsys.readouterr().out
+    # A run whose settings give another length than it was set to (mlm capped --max-steps at the epochs' steps
+    # once): resumed as it is, it trained to the new length on a stretched schedule, with no word.
+    import mlm.optim
+
+    real = mlm.optim.Schedule.of.__func__
+    capped = classmethod(lambda cls, n, **kw: real(cls, n, **{**kw, "max_steps": min(kw["max_steps"], 6)}))
+    with monkeypatch.context() as patch:
+        patch.setattr(mlm.optim.Schedule, "of", capped)
+        interrupt_after(patch, 3)
+        assert train(tiny_run(tmp_path / "old", epochs=1, max_steps=8)).steps == 3
+    with pytest.raises(MLMError, match="The run was set to 6 steps, and its settings now give 8: resume with `extend`"):
+        train(tiny_run(tmp_path / "old", epochs=1, max_steps=8, resume="latest"))
+    assert train(tiny_run(tmp_path / "old", epochs=1, max_steps=8, resume="latest", extend=True)).steps == 8
 
 
 def test_a_final_model_saved_by_a_segment_stopped_while_finishing_goes_too(tmp_path, monkeypatch):

@@ -6,8 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from hub_server import TOKEN, HubServer
+from test_train import interrupt_after
+
+import mlm.cli.train
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "scripts" / "train.py"
@@ -68,11 +72,6 @@ def test_a_run_without_push_still_writes_its_card(tmp_path):
 def test_an_interrupted_push_run_says_to_push_again_when_it_continues(tmp_path, monkeypatch, capsys):
     # --push-to-hub is the command's, not a setting the run records: the printed command dropped it, and the run it
     # continued finished without pushing.
-    import pytest
-    from test_train import interrupt_after
-
-    import mlm.cli.train
-
     monkeypatch.setattr(mlm.cli.train, "full_repo_id", lambda name: f"me/{name}")  # no Hub asked before training
     interrupt_after(monkeypatch, 1)
     run = tmp_path / "run"

@@ -178,8 +178,8 @@ def test_a_run_with_added_tokens_saves_them_and_resumes(tmp_path, run_inputs, ca
     first = mlm.train.train(run_config(folder, corpus, run, add_tokens=3))
     assert first.status == "finished" and first.steps == 2
     # The words were said nowhere but in run.json, and the card quoted the perplexities without their caveat.
-    assert "note: added 2 tokens (of 3 asked: no other word of the corpus is cut in pieces): cinematography, " \
-           "naive. Both perplexities" in capsys.readouterr().out
+    assert "note: added 2 tokens (of 3 asked: no other word of letters in the corpus is cut in pieces): " \
+           "cinematography, naive. Both perplexities" in capsys.readouterr().out
     card = (run / "README.md").read_text()
     assert "| added tokens (`add_tokens`) | 2: cinematography, naive |" in card and "not comparable" in card
     record = json.loads((run / "run.json").read_text())

@@ -235,7 +235,10 @@ class RunFolder:
         for entry in self.aside.iterdir():
             if entry.name not in (LOCK_FILE, RESTORING):
                 if (target := self.path / entry.name).exists() or target.is_symlink():  # the user's, added meanwhile
-                    os.replace(target, kept := target.with_name(f"{entry.name}.added-during-overwrite"))
+                    kept = target.with_name(f"{entry.name}.added-during-overwrite")
+                    if kept.exists() or kept.is_symlink():  # kept by an earlier failed overwrite: that one stays too
+                        kept = kept.with_name(f"{kept.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+                    os.replace(target, kept)
                     print(f"note: kept your {entry.name} as {kept.name}: the replaced run's {entry.name} is back.",
                           flush=True)
                 os.replace(entry, target)

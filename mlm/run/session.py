@@ -115,7 +115,7 @@ class Run:
         here = folder_record(out)
         # `extend` with the run's own length has nothing to extend: it would only write the same model again.
         finished = here is not None and here.finished and not (
-            config.extend and any(getattr(config, name) != here.settings.get(name) for name in LENGTH_SETTINGS))
+            config.extend and run_length(settings_as_json(config)) != run_length(here.settings))
         if finished and config.resume == "latest":  # whatever its checkpoints, nothing to train: the model stays
             self.record, self.last_checkpoint, self.already_finished = here, str(checkpoint), True
             return
@@ -140,8 +140,10 @@ class Run:
                                "in an empty or new output folder.")
             self.notes.append(f"continuing run {theirs.run_id} from {checkpoint} in {out}: its record is copied here "
                               "and its new checkpoints are written here.")
-        else:  # the folder's record has the run's latest settings and history; the results are the checkpoint's
-            theirs.settings, theirs.segments, theirs.written = here.settings, here.segments, here.written
+        else:  # the folder's record has the run's latest settings (and what they gave) and history; the results are
+            # the checkpoint's
+            theirs.settings, theirs.derived, theirs.segments, theirs.written = (here.settings, here.derived,
+                                                                                here.segments, here.written)
         self.record = theirs  # its data files are the run's from here on: the same bytes, checked before any tokenizing
         compare_data(theirs.data.get("files", {}), data_file_digests(config))
         self.last_checkpoint = str(checkpoint)
@@ -160,6 +162,9 @@ class Run:
         if resuming:
             changed = compare_settings(self.record.settings, settings, extend=config.extend, where=self.output_dir,
                                        world_size=procs.world_size)  # {name: [before, now]}
+            if not config.extend and facts["total_steps"] != self.record.derived.get("total_steps", self.total_steps):
+                raise MLMError(f"The run was set to {self.record.derived['total_steps']} steps, and its settings now "
+                               f"give {self.total_steps}: resume with `extend` to train for {self.total_steps}.")
             if self.record.data.get("tokenizer_sha256") != data["tokenizer_sha256"]:
                 raise MLMError("The tokenizer differs from the one the run started with (its sha256 changed): resume "
                                "with the run's tokenizer, or start a new run in another output folder.")
@@ -211,6 +216,8 @@ class Run:
                 shutil.rmtree(later)
                 self.notes.append(f"removed {later.name}: it follows {name}, whose later steps run again now.")
         if step < (final := self.record.final_model_step or 0):
+            for segment in self.record.segments:  # the folder holds no final model of the run's from here on
+                segment.pop("final_model", None)
             if gone := [file for file in (CONFIG_FILE, WEIGHTS_FILE, *self.tokenizer.saved_files, CARD_FILE)
                         if (self.output_dir / file).exists() and self.folder.may_replace(file)]:
                 for file in gone:
@@ -375,6 +382,7 @@ class Run:
             try:
                 card = write_run_model_card(self.output_dir, model_id=self.config.hub_model_id or str(self.output_dir))
             except (MLMError, OSError) as err:  # the run is finished, its model saved: a card it cannot write is a note
+                (self.output_dir / CARD_FILE).unlink(missing_ok=True)  # an earlier segment's: its figures are not these
                 self.say(f"note: the model card was not written ({err}); the run is finished and its model saved.")
             else:
                 self.folder.writes(CARD_FILE, file_sha256(card))
@@ -395,7 +403,7 @@ class Run:
     def nothing_to_do(self) -> RunSummary:
         """--resume of a finished run: a flag that would change the run is refused all the same."""
         settings = {**settings_as_json(self.config), "global_batch": self.config.global_batch(self.procs.world_size)}
-        compare_settings(self.record.settings, settings, extend=False, where=self.output_dir,
+        compare_settings(self.record.settings, settings, extend=self.config.extend, where=self.output_dir,
                          world_size=self.procs.world_size)
         longer = "--max-steps" if self.record.settings.get("max_steps") is not None else "--epochs"
         self.say(f"{self.output_dir} holds a finished run: nothing to do (to train it for longer, resume it with "
@@ -471,6 +479,12 @@ class Run:
 def settings_as_json(config: TrainConfig) -> dict:
     """Every field of `config`, JSON-able (tuples become lists, as they come back from run.json)."""
     return {name: list(value) if isinstance(value, tuple) else value for name, value in asdict(config).items()}
+
+
+def run_length(settings: dict) -> tuple[str, int]:
+    """What sets a run's length: `max_steps` when given (it overrides `epochs`), else `epochs`."""
+    name = "epochs" if settings.get("max_steps") is None else "max_steps"
+    return name, settings.get(name)
 
 
 def compare_settings(stored: dict, current: dict, *, extend: bool, where: Path, world_size: int) -> dict:
