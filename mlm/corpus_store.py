@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from mlm.data import check_filled, chunk, tokenize
 from mlm.errors import MLMError
-from mlm.files.corpus_files import iter_texts
+from mlm.files.corpus_files import file_format, iter_texts
 from mlm.files.hashing import file_sha256, json_sha256, tokenizer_sha256
 from mlm.files.writes import TMP_SUFFIX, atomic_write_text
 from mlm.masking import word_starts
@@ -75,13 +75,15 @@ def cache_key(files: list[Path], tokenizer: Tokenizer, *, chunk_size: int, group
     takes a small fraction of tokenizing it, and buys exactness. A copied or re-downloaded but identical file still
     hits the cache, and a file edited in place always misses it, even when its size and mtime survive (`cp -p`).
     """
+    formats = [list(file_format(file)) for file in files]  # the same bytes read as .txt and as .csv are other texts
     return {
         "format_version": FORMAT_VERSION,
         "data_sha256": [file_sha256(file) for file in files],
+        "data_formats": formats,
         "tokenizer_sha256": tokenizer_sha256(tokenizer),
         "chunk_size": chunk_size,
         "group_size": group_size,
-        "text_column": text_column,
+        "text_column": None if all(suffix == ".txt" for suffix, _ in formats) else text_column,  # no columns there
         "one_document_per_file": one_document_per_file,
     }
 

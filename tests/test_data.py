@@ -470,6 +470,22 @@ def test_text_column_is_part_of_the_key(tmp_path, tokenizer):
     assert a.cache_path != b.cache_path and not np.array_equal(a.input_ids[:5], b.input_ids[:5])
 
 
+def test_the_files_format_is_part_of_the_key_and_a_text_files_column_is_not(tmp_path, tokenizer):
+    # The same bytes as data.txt and, renamed, as data.csv hit one store: the header line and every column of the CSV
+    # were trained on as text. And --text-column, which .txt files do not read, made a second, identical store.
+    rows = "text,label\n" + "".join(f'"{review}",1\n' for review in make_corpus(8, 30))
+    (tmp_path / "t").mkdir()
+    (tmp_path / "c").mkdir()
+    (tmp_path / "t" / "data.txt").write_text(rows)
+    (tmp_path / "c" / "data.csv").write_text(rows)
+    as_text, as_csv = (load_chunks(tmp_path / folder / name, "train", tokenizer, chunk_size=4, cache_dir=tmp_path / "s")
+                       for folder, name in (("t", "data.txt"), ("c", "data.csv")))
+    assert as_text.cache_path != as_csv.cache_path and as_csv.n_reviews == 30 and as_text.n_reviews == 31
+    again = load_chunks(tmp_path / "t" / "data.txt", "train", tokenizer, chunk_size=4, cache_dir=tmp_path / "s",
+                        text_column="body")
+    assert again.cache_path == as_text.cache_path
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty", "header"])
 def test_corrupt_store_is_detected_and_rebuilt(corpus_dir, tokenizer, tmp_path, damage):
     cache = tmp_path / "cache"
