@@ -77,6 +77,24 @@ def linked_notes(tmp_path) -> Path:
     return notes
 
 
+def test_the_runs_and_stores_mlm_wrote_inside_a_corpus_folder_are_no_documents(tmp_path):
+    # `mlm-train --dataset .` wrote its run (and a cache) below the corpus: the next read took run.json, vocab.txt
+    # and header.json for documents (or refused the mix of formats), so the run could neither resume nor be scored.
+    corpus = tmp_path / "notes"
+    write_text(corpus / "a.txt", "a first note")
+    write_text(corpus / "2024" / "b.txt", "a second note")
+    for folder, names in (("runs/r", ("run.json", "metrics.jsonl", "vocab.txt")),
+                          ("runs/r/checkpoints/step-000004", ("run.json", "trainer_state.json", "vocab.txt")),
+                          ("cache/chunks/train-128-abc", ("header.json", "ids.bin"))):
+        for name in names:
+            write_text(corpus / folder / name, "{}")
+    write_text(corpus / "kept" / "c.txt", "a third note")
+    files, _ = quietly(find_corpus, corpus)
+    assert [str(f.relative_to(corpus)) for f in files] == ["2024/b.txt", "a.txt", "kept/c.txt"]
+    write_text(corpus / "kept" / "run.json", '{"text": "a data file of that name"}')  # alone, it is data
+    assert "kept/run.json is a json file" in short_error(find_corpus, corpus)
+
+
 def test_a_glob_follows_symlinks_once_and_never_a_loop(linked_notes):
     """`**` through `2023/loop -> ..` read every file 41 times (until the OS refused the path), and so put the
     chunks held out for evaluation into training too."""

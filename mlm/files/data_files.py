@@ -97,7 +97,8 @@ def _walk(root: Path, wanted: Callable[[tuple[str, ...]], bool], max_depth: int 
             try:
                 if entry.is_dir():
                     folder_id = _identity(entry.stat())
-                    if folder_id not in above and (max_depth is None or len(inside) < max_depth):
+                    if (folder_id not in above and (max_depth is None or len(inside) < max_depth)
+                            and not _mlms_own(Path(entry.path))):
                         visit(Path(entry.path), inside, above | {folder_id})
                 elif wanted(inside) and stat.S_ISREG(entry.stat().st_mode):
                     found.append(("/".join(inside), Path(entry.path)))
@@ -115,6 +116,13 @@ def _walk(root: Path, wanted: Callable[[tuple[str, ...]], bool], max_depth: int 
         warnings.warn(f"{root}: {len(broken)} symlink{'s' * (len(broken) > 1)} leading nowhere or in a loop left "
                       f"out: {listed(sorted(broken), NAMED)}. Point {them} at a file, or remove {them}.", stacklevel=2)
     return [file for _, file in sorted(found)]
+
+
+def _mlms_own(folder: Path) -> bool:
+    """A run folder or checkpoint, or a chunk store, that mlm wrote inside a corpus folder (`--dataset .` with the
+    output or cache folder below it): its run.json, vocab.txt and header.json are no texts of the corpus."""
+    marks = (("run.json", "metrics.jsonl"), ("run.json", "trainer_state.json"), ("header.json", "ids.bin"))
+    return any(all((folder / name).is_file() for name in names) for names in marks)
 
 
 def _identity(info: os.stat_result) -> tuple[int, int]:
