@@ -300,9 +300,19 @@ def test_missing_text_column(tmp_path):
     with pytest.raises(MLMError, match="has no column 'text' \\(it has: review, label\\).*--text-column"):
         load_texts(write_parquet(tmp_path / "a.parquet", ["x"], column="review", label=[1]))
     jsonl = tmp_path / "a.jsonl"
-    jsonl.write_text('{"review": "x"}\n')
-    with pytest.raises(MLMError, match="has no column 'text'"):
+    jsonl.write_text('{"review": "x", "stars": 4}\n{"review": "y"}\n')
+    with pytest.raises(MLMError, match="has no column 'text' \\(it has: review, stars\\).*--text-column"):
         load_texts(jsonl)
+    jsonl.write_text('{"text": "x"}\n{"review": "y"}\n')  # in some rows only
+    with pytest.raises(MLMError, match="Column 'text' of .*a.jsonl has 1 missing \\(null\\) values"):
+        load_texts(jsonl)
+
+
+def test_a_column_that_is_not_read_may_change_type(tmp_path):
+    # pyarrow parsed every column, and refused the file: "Column(/meta) changed from number to string in row 1".
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text('{"text": "x", "meta": 1}\n{"text": "y", "meta": "one"}\n{"text": "z", "meta": {"a": [1]}}\n')
+    assert load_texts(jsonl) == ["x", "y", "z"]
 
 
 def test_empty_split(tmp_path):

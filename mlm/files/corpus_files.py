@@ -182,12 +182,18 @@ def _table_texts(data: bytes, csv: bool, file: Path, text_column: str, first_lin
             convert_options=pyarrow.csv.ConvertOptions(column_types={text_column: pa.string()}),
         )
     else:
+        # Only the text column is parsed: another one whose type varies from row to row (a number, then a string)
+        # made pyarrow refuse a valid file.
+        only_text = pyarrow.json.ParseOptions(explicit_schema=pa.schema([(text_column, pa.string())]),
+                                              unexpected_field_behavior="ignore")
         try:
-            table = pyarrow.json.read_json(pa.BufferReader(data),
+            table = pyarrow.json.read_json(pa.BufferReader(data), parse_options=only_text,
                                            read_options=pyarrow.json.ReadOptions(block_size=len(data) + 1))
         except pa.ArrowInvalid:  # pyarrow counts rows from 0 in its block, in its own words: name the line instead
             _refuse_a_line_that_is_no_object(data, file, first_line, text_column)
             raise
+        if table.column(text_column).null_count == table.num_rows:  # in no row: say which columns the rows have
+            _check_column(file, text_column, list(json.loads(data.lstrip().split(b"\n", 1)[0])))
     _check_column(file, text_column, table.column_names)
     return texts_of(table.column(text_column), file, text_column)
 
