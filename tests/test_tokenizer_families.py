@@ -5,12 +5,14 @@ each family needs, and the corpus store and the tokenizing shortcuts give exactl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
 from conftest import CASED_VOCAB, TINY_BPE
+from tokenizers import Tokenizer as BackendTokenizer
 
 import mlm.corpus_store as corpus_store
 from mlm.corpus import load_chunks
@@ -94,6 +96,30 @@ def test_store_equals_the_in_memory_chunks_with_long_documents_in_slices(tmp_pat
         np.testing.assert_array_equal(stored.input_ids, memory.input_ids)
         starts = [word_starts(torch.from_numpy(chunks.word_ids))[0] for chunks in (stored, memory)]
         assert torch.equal(*starts), slice_chars
+
+
+# Words parted only by no-break or ideographic spaces, or by newlines alone, and a vertical tab, which BERT deletes.
+BLANKS = "\u00a0".join(["words\u00a0kept\u00a0apart", "by\u3000ideographic\u3000spaces", "one\nword\nper\nline",
+                   "glued\x0bby\x0bvtabs"] * 20)
+
+
+@pytest.mark.parametrize("prefix_space", [False, True], ids=["", "add_prefix_space"])
+def test_a_long_document_is_cut_only_where_the_tokenizer_splits_alike(monkeypatch, family, prefix_space):
+    # Cuts came before " \n\t\r" only: a document of words parted by no-break spaces was cut inside a word. And a
+    # byte-level BPE that adds a space before a text added one before each slice starting with a newline.
+    if prefix_space:
+        if family.mask_token != "<mask>":
+            pytest.skip("a byte-level BPE setting")
+        spec = json.loads(family.backend.to_str())
+        spec["pre_tokenizer"]["add_prefix_space"] = True
+        family = dataclasses.replace(family, backend=BackendTokenizer.from_str(json.dumps(spec)))
+    text = BLANKS.replace("\u00a0", " ") if prefix_space else BLANKS  # that one cuts at spaces only: give it some
+    ids, words, _ = family.encode([text])
+    for slice_chars in range(22, 50):  # each longer than the 19 characters of "glued\x0bby\x0bvtabs", not to cut
+        monkeypatch.setattr(corpus_store, "SLICE_CHARS", slice_chars)
+        stretches = list(corpus_store._stretches([text], family))
+        assert np.concatenate([s[0] for s in stretches]).tolist() == ids.tolist(), slice_chars
+        assert np.concatenate([s[1] for s in stretches]).tolist() == words.tolist(), slice_chars
 
 
 def test_tokenizing_shortcuts_are_exact_or_absent(family):
