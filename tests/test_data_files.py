@@ -95,6 +95,20 @@ def test_the_runs_and_stores_mlm_wrote_inside_a_corpus_folder_are_no_documents(t
     assert "kept/run.json is a json file" in short_error(find_corpus, corpus)
 
 
+def test_data_files_in_a_format_mlm_does_not_read_are_named(tmp_path):
+    # A folder's .jsonl.bz2, .parquet.gz or .ndjson files were left out without a word.
+    corpus = tmp_path / "corpus"
+    write_jsonl(corpus / "a.jsonl", ["read"])
+    write_jsonl(corpus / "e.JSONL", ["read too"])
+    for name in ("b.jsonl.bz2", "c.jsonl.xz", "d.parquet.gz", "f.ndjson"):
+        write_text(corpus / name, "not read")
+    write_text(corpus / "README.md", "no data")
+    texts, message = warned(load_texts, corpus)
+    assert texts == ["read", "read too"]
+    assert message.startswith(f"{corpus}: 4 files named like data but in a format mlm does not read, left out: "
+                              "b.jsonl.bz2, c.jsonl.xz, d.parquet.gz")
+
+
 def test_a_glob_follows_symlinks_once_and_never_a_loop(linked_notes):
     """`**` through `2023/loop -> ..` read every file 41 times (until the OS refused the path), and so put the
     chunks held out for evaluation into training too."""

@@ -49,7 +49,20 @@ def find_corpus(source: str | Path, split: str = "train", *,
     patterns = [f"{prefix}{split}{rest}{zipped}" for prefix in ("", "*/") for ext in FORMATS
                 for rest in (f"-*{ext}", ext) for zipped in ("", *COMPRESSIONS)]
     folder = resolve_repo(source, repo_type="dataset", revision=revision, allow_patterns=patterns)
-    every = _walk(folder, lambda parts: file_format(Path(parts[-1])) is not None)
+    unread: list[str] = []  # named like data, in a format or compression mlm does not read: said, not skipped quietly
+
+    def data_file(parts: tuple[str, ...]) -> bool:
+        if (known := file_format(Path(parts[-1])) is not None) or not {*FORMATS, ".ndjson"} & {
+                suffix.lower() for suffix in Path(parts[-1]).suffixes}:
+            return known
+        unread.append("/".join(parts))
+        return False
+
+    every = _walk(folder, data_file)
+    if unread:
+        warnings.warn(f"{folder}: {len(unread)} file{'s' * (len(unread) > 1)} named like data but in a format mlm does "
+                      f"not read, left out: {listed(sorted(unread), NAMED)}. Use .parquet, .jsonl, .json, .csv or "
+                      ".txt, plain or compressed as .gz or .zst (.parquet uncompressed).", stacklevel=2)
     places = _split_places(folder, every)
     if places is None and every and not downloaded:
         return _only_train(_read_once(every), split, f"{folder} has no split names where the Hub layout puts them "
