@@ -31,7 +31,6 @@ import torch
 from torch import nn
 
 from mlm.corpus import Chunks, load_train_eval_chunks
-from mlm.errors import listed
 from mlm.evaluate import EvalResult, check_masked_tokens, score_batches, summarize
 from mlm.files.pretrained import load_model
 from mlm.fill_mask import check_prompts, fill_mask
@@ -263,8 +262,9 @@ class Setup:
             asked = int(config.add_tokens) if str(config.add_tokens).isdigit() else len(words)
             fewer = (f" (of {asked} asked: no other word of letters in the corpus is cut in pieces)"
                      if asked > len(words) else "")
-            notes.append(f"added {len(words)} tokens{fewer}: {listed(words, 10)}. Both perplexities of this run are on "
-                         "this extended tokenization, not comparable with the base tokenizer's (docs/base-models.md).")
+            notes.append(f"added {len(words)} tokens{fewer}: {', '.join(words[:10])}{', …' * (len(words) > 10)}. "
+                         "Both perplexities of this run are on this extended tokenization, not comparable with the "
+                         "base tokenizer's (docs/base-models.md).")
         return notes
 
     def facts(self) -> dict:
