@@ -194,6 +194,10 @@ def prepare_store(path: Path, key: dict, files: list[Path], tokenizer: Tokenizer
                             writer.add(*stretch)
                         writer.end_piece()
                     bar.update(bytes_read - bar.n)
+            # The key hashed the files before they were read: one written to meanwhile would be stored as its old hash.
+            if changed := [file for file, digest in zip(files, key["data_sha256"]) if file_sha256(file) != digest]:
+                raise MLMError(f"{changed[0]} changed while it was being read; run the same command again once it "
+                               "is written.")
             header = writer.finish(key, files)
             if path.exists():  # a corrupt store, refused above
                 shutil.rmtree(path)

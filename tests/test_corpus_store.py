@@ -593,3 +593,21 @@ def test_processes_wanting_one_store_wait_for_the_one_that_prepares_it(tmp_path)
     assert max(starts) < min(float(time) for time, *_ in done)  # the second started before the first finished
     assert done[0][1:] == done[1][1:]  # the same chunks from the same store
     assert len(list((tmp_path / "cache" / "chunks").glob("*/header.json"))) == 1
+
+
+def test_a_data_file_written_to_while_it_is_read_is_not_stored(tmp_path, tokenizer, monkeypatch):
+    # The key hashes the files before they are read: a file written to meanwhile was stored under its old hash, and a
+    # later run on the file as it is now would have read no store, or one of other text.
+    corpus = tmp_path / "r.jsonl"
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in TEXTS * 20))
+    real = corpus_store._stretches
+
+    def stretches_then_append(texts, tokenizer):
+        with open(corpus, "a") as file:
+            file.write(json.dumps({"text": "a review added later"}) + "\n")
+        return real(texts, tokenizer)
+
+    monkeypatch.setattr(corpus_store, "_stretches", stretches_then_append)
+    with pytest.raises(MLMError, match="r.jsonl changed while it was being read; run the same command again"):
+        load_chunks(corpus, "train", tokenizer, chunk_size=8, cache_dir=tmp_path / "c")
+    assert list((tmp_path / "c" / "chunks").iterdir()) == []  # nothing kept under the old hash
