@@ -103,23 +103,28 @@ BLANKS = "\u00a0".join(["words\u00a0kept\u00a0apart", "by\u3000ideographic\u3000
                    "glued\x0bby\x0bvtabs"] * 20)
 
 
-@pytest.mark.parametrize("prefix_space", [False, True], ids=["", "add_prefix_space"])
-def test_a_long_document_is_cut_only_where_the_tokenizer_splits_alike(monkeypatch, family, prefix_space):
-    # Cuts came before " \n\t\r" only: a document of words parted by no-break spaces was cut inside a word. And a
-    # byte-level BPE that adds a space before a text added one before each slice starting with a newline.
-    if prefix_space:
-        if family.mask_token != "<mask>":
-            pytest.skip("a byte-level BPE setting")
-        spec = json.loads(family.backend.to_str())
-        spec["pre_tokenizer"]["add_prefix_space"] = True
-        family = dataclasses.replace(family, backend=BackendTokenizer.from_str(json.dumps(spec)))
-    text = BLANKS.replace("\u00a0", " ") if prefix_space else BLANKS  # that one cuts at spaces only: give it some
-    ids, words, _ = family.encode([text])
-    for slice_chars in range(22, 50):  # each longer than the 19 characters of "glued\x0bby\x0bvtabs", not to cut
+def cut_as_a_whole(monkeypatch, tokenizer, text: str) -> None:
+    """`text` as one long document, cut in slices of every size from 22 characters (more than the 19 of
+    "glued\x0bby\x0bvtabs", which has nowhere to cut) to 49, tokenizes as it does whole."""
+    ids, words, _ = tokenizer.encode([text])
+    for slice_chars in range(22, 50):
         monkeypatch.setattr(corpus_store, "SLICE_CHARS", slice_chars)
-        stretches = list(corpus_store._stretches([text], family))
+        stretches = list(corpus_store._stretches([text], tokenizer))
         assert np.concatenate([s[0] for s in stretches]).tolist() == ids.tolist(), slice_chars
         assert np.concatenate([s[1] for s in stretches]).tolist() == words.tolist(), slice_chars
+
+
+def test_a_long_document_is_cut_only_where_the_tokenizer_splits_alike(monkeypatch, family):
+    # Cuts came before " \n\t\r" only: a document of words parted by no-break spaces was cut inside a word.
+    cut_as_a_whole(monkeypatch, family, BLANKS)
+
+
+def test_a_bpe_that_adds_a_prefix_space_is_cut_at_spaces_only(monkeypatch):
+    # It adds a space before a text that does not start with one: before each slice that started with a newline too.
+    spec = json.loads(load_tokenizer(TINY_BPE).backend.to_str())
+    spec["pre_tokenizer"]["add_prefix_space"] = True
+    bpe = dataclasses.replace(load_tokenizer(TINY_BPE), backend=BackendTokenizer.from_str(json.dumps(spec)))
+    cut_as_a_whole(monkeypatch, bpe, BLANKS.replace("\u00a0", " "))  # spaces to cut at: there is nowhere else
 
 
 def test_tokenizing_shortcuts_are_exact_or_absent(family):
