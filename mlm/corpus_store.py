@@ -32,7 +32,6 @@ import json
 import os
 import shutil
 import sys
-import unicodedata
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -57,6 +56,9 @@ FORMAT_VERSION = 2
 PIECE_CHARS = 2 << 20  # characters of text per piece: bounds preparation's memory (docs/corpora.md measures it)
 SLICE_CHARS = 1 << 20  # a longer document is tokenized in slices of about this many characters
 SLICES_PER_STRETCH = 8  # a long document's slices tokenized (and held) at once
+# Where a long document may be cut: a space, tab or newline, and the other Unicode space separators (category Zs:
+# no-break, ideographic…), at which every pre-tokenizer here splits words.
+BLANKS = " \t\n\r\u00a0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u202f\u205f\u3000"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -262,7 +264,7 @@ def _long_document(text: str, tokenizer: Tokenizer) -> Iterator[tuple[np.ndarray
     (RoBERTa's) among them: no word spans two slices (see `_slices`)."""
     before, after = template_ids(tokenizer)
     yield before, np.full(len(before), -1, np.int32), np.zeros(0, np.int64)
-    slices, next_word = list(_slices(text, spaces_only=_adds_a_prefix_space(tokenizer))), 0
+    slices, next_word = list(_slices(text, _cut_blanks(tokenizer))), 0
     for start in range(0, len(slices), SLICES_PER_STRETCH):
         ids, words, lengths = tokenize(slices[start : start + SLICES_PER_STRETCH], tokenizer, special_tokens=False)
         # Word ids count on through the document, as one encoding's would: each slice's from the end of the last.
@@ -274,32 +276,30 @@ def _long_document(text: str, tokenizer: Tokenizer) -> Iterator[tuple[np.ndarray
     yield after, np.full(len(after), -1, np.int32), np.array([len(after)], np.int64)
 
 
-def _slices(text: str, *, spaces_only: bool = False) -> Iterator[str]:
-    """`text` in slices of at most SLICE_CHARS characters, each cut before the last blank of a run of whitespace: a
-    space, tab, newline or another space separator (no-break, ideographic…), which every pre-tokenizer here splits
-    at; not a vertical tab or a form feed, control characters that BERT's normalizer deletes, joining words.
+def _slices(text: str, blanks: str = BLANKS) -> Iterator[str]:
+    """`text` in slices of at most SLICE_CHARS characters, each cut before the last blank of a run of whitespace
+    (`blanks`: not a vertical tab or a form feed, control characters that BERT's normalizer deletes, joining words).
     Byte-level BPE makes the run but its last character a word, that character beginning the next (" word" is
     "Ġword"): cut there, both slices split as the whole text does; inside the run, not. (BERT's pre-tokenizer drops
-    whitespace.) `spaces_only`: cut before a space only, for a byte-level BPE that adds a space before a text not
-    starting with one (a slice starting with a newline would get a token the whole text lacks). A slice where no
-    blank ends a run is cut where it is, inside a word."""
-    def cuttable(at: int) -> bool:
-        blank = text[at] == " " or not spaces_only and (text[at] in "\t\n\r" or unicodedata.category(text[at]) == "Zs")
-        return blank and not text[at + 1 : at + 2].isspace()
-
+    whitespace.) A slice where no blank ends a run is cut where it is, inside a word."""
     start = 0
     while start < len(text):
-        end = min(start + SLICE_CHARS, len(text))
-        if end < len(text):
-            end = next((at for at in range(end, start, -1) if cuttable(at)), end)
+        end = cut = min(start + SLICE_CHARS, len(text))
+        while end < len(text) and (cut := max(text.rfind(blank, start + 1, cut) for blank in blanks)) > start:
+            if not text[cut + 1].isspace():
+                end = cut
+                break
         yield text[start:end]
         start = end
 
 
-def _adds_a_prefix_space(tokenizer: Tokenizer) -> bool:
-    pre = json.loads(tokenizer.backend.to_str()).get("pre_tokenizer") or {}
-    return any(part.get("type") == "ByteLevel" and part.get("add_prefix_space")
-               for part in pre.get("pretokenizers", [pre]))
+def _cut_blanks(tokenizer: Tokenizer) -> str:
+    """The blanks a long document may be cut before: spaces only for a pre-tokenizer that adds a space (or "▁")
+    before a text not starting with one, which a slice starting with a newline would get and the whole text not."""
+    pre = json.loads(tokenizer.backend.pre_tokenizer.__getstate__()) if tokenizer.backend.pre_tokenizer else {}
+    prefixed = any(part.get("add_prefix_space") or part.get("type") == "Metaspace"
+                   and part.get("prepend_scheme", "always") != "never" for part in pre.get("pretokenizers", [pre]))
+    return " " if prefixed else BLANKS
 
 
 def pack_words(word_ids: np.ndarray) -> np.ndarray:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import unicodedata
 
 import numpy as np
 import pytest
@@ -115,8 +116,11 @@ def cut_as_a_whole(monkeypatch, tokenizer, text: str) -> None:
 
 
 def test_a_long_document_is_cut_only_where_the_tokenizer_splits_alike(monkeypatch, family):
-    # Cuts came before " \n\t\r" only: a document of words parted by no-break spaces was cut inside a word.
-    cut_as_a_whole(monkeypatch, family, BLANKS)
+    # Cuts came before " \n\t\r" only: a document of words parted by no-break spaces was cut inside a word. A run of
+    # blanks at the very end of a document must stay whole too.
+    cut_as_a_whole(monkeypatch, family, BLANKS + "\n\n")
+    assert set(corpus_store.BLANKS) == set("\t\n\r") | {chr(c) for c in range(0x110000)
+                                                         if unicodedata.category(chr(c)) == "Zs"}
 
 
 def test_a_bpe_that_adds_a_prefix_space_is_cut_at_spaces_only(monkeypatch):
