@@ -308,6 +308,18 @@ def test_missing_text_column(tmp_path):
         load_texts(jsonl)
 
 
+def test_a_text_column_of_numbers_in_json_lines_names_its_line(tmp_path):
+    # Parsing the text column alone as strings, pyarrow said "Column(/text) changed from string to number in row 0";
+    # and two objects on one line gave a traceback where the columns were listed.
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text('{"text": "fine"}\n{"text": 5}\n')
+    with pytest.raises(MLMError, match="a.jsonl, line 2: 'text' holds int '5', not text; pass --text-column.$"):
+        load_texts(jsonl)
+    jsonl.write_text('{"review": 1}{"x": 2}\n{"review": "y"}\n')
+    with pytest.raises(MLMError, match="has no column 'text' \\(it has: review\\)"):
+        load_texts(jsonl)
+
+
 def test_a_column_that_is_not_read_may_change_type(tmp_path):
     # pyarrow parsed every column, and refused the file: "Column(/meta) changed from number to string in row 1".
     jsonl = tmp_path / "a.jsonl"

@@ -190,16 +190,16 @@ def _table_texts(data: bytes, csv: bool, file: Path, text_column: str, first_lin
             table = pyarrow.json.read_json(pa.BufferReader(data), parse_options=only_text,
                                            read_options=pyarrow.json.ReadOptions(block_size=len(data) + 1))
         except pa.ArrowInvalid:  # pyarrow counts rows from 0 in its block, in its own words: name the line instead
-            _refuse_a_line_that_is_no_object(data, file, first_line, text_column)
+            _refuse_the_first_bad_line(data, file, first_line, text_column)
             raise
         if table.column(text_column).null_count == table.num_rows:  # in no row: say which columns the rows have
-            _check_column(file, text_column, list(json.loads(data.lstrip().split(b"\n", 1)[0])))
+            _check_column(file, text_column, list(dict.fromkeys(key for row in _objects(data) for key in row)))
     _check_column(file, text_column, table.column_names)
     return texts_of(table.column(text_column), file, text_column)
 
 
-def _refuse_a_line_that_is_no_object(data: bytes, file: Path, first_line: int, text_column: str) -> None:
-    """MLMError naming the first line of `data` that is not a JSON object, if there is one."""
+def _refuse_the_first_bad_line(data: bytes, file: Path, first_line: int, text_column: str) -> None:
+    """MLMError naming the first line of `data` that is not a JSON object, or whose text is not a string."""
     for number, line in enumerate(data.split(b"\n"), first_line):
         if not line.strip():
             continue
@@ -210,6 +210,19 @@ def _refuse_a_line_that_is_no_object(data: bytes, file: Path, first_line: int, t
         if not isinstance(value, dict):
             raise MLMError(f"{file}, line {number}, is not a JSON object ({reason}: {line[:40]!r}): a JSON-lines file "
                            f"holds one object per line, e.g. {{\"{text_column}\": \"a text\"}}.")
+        if not isinstance(text := value.get(text_column), str | None):
+            raise MLMError(f"{file}, line {number}: {text_column!r} holds {type(text).__name__} {str(text)[:30]!r}, "
+                           "not text; pass --text-column.")
+
+
+def _objects(data: bytes) -> Iterator[dict]:
+    for line in data.split(b"\n"):
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            yield value
 
 
 def _parquet_batches(file: Path, text_column: str) -> Iterator[tuple[list[str], int]]:
