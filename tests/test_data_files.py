@@ -83,15 +83,16 @@ def test_the_runs_and_stores_mlm_wrote_inside_a_corpus_folder_are_no_documents(t
     corpus = tmp_path / "notes"
     write_text(corpus / "a.txt", "a first note")
     write_text(corpus / "2024" / "b.txt", "a second note")
-    for folder, names in (("runs/r", ("run.json", "metrics.jsonl", "vocab.txt")),
-                          ("runs/r/checkpoints/step-000004", ("run.json", "trainer_state.json", "vocab.txt")),
+    record = json.dumps({"run_id": "0" * 32, "settings": {}, "segments": []})
+    for folder, names in (("runs/r", ("run.json", "vocab.txt")), ("runs/r/checkpoints/step-000004", ("run.json",)),
                           ("cache/chunks/train-128-abc", ("header.json", "ids.bin"))):
         for name in names:
-            write_text(corpus / folder / name, "{}")
+            write_text(corpus / folder / name, record if name == "run.json" else "{}")
     write_text(corpus / "kept" / "c.txt", "a third note")
     files, _ = quietly(find_corpus, corpus)
     assert [str(f.relative_to(corpus)) for f in files] == ["2024/b.txt", "a.txt", "kept/c.txt"]
-    write_text(corpus / "kept" / "run.json", '{"text": "a data file of that name"}')  # alone, it is data
+    # A data file named run.json, even beside a metrics.jsonl, is data: its folder is read.
+    write_jsonl(corpus / "kept" / "run.json", ["a data file of that name"])
     assert "kept/run.json is a json file" in short_error(find_corpus, corpus)
 
 
@@ -102,7 +103,8 @@ def test_data_files_in_a_format_mlm_does_not_read_are_named(tmp_path):
     write_jsonl(corpus / "e.JSONL", ["read too"])
     for name in ("b.jsonl.bz2", "c.jsonl.xz", "d.parquet.gz", "f.ndjson"):
         write_text(corpus / name, "not read")
-    write_text(corpus / "README.md", "no data")
+    for name in ("README.md", "a.jsonl.license", "notes.txt.bak", "schema.json.md"):  # no data: nothing said
+        write_text(corpus / name, "no data")
     texts, message = warned(load_texts, corpus)
     assert texts == ["read", "read too"]
     assert message.startswith(f"{corpus}: 4 files named like data but in a format mlm does not read, left out: "

@@ -4,6 +4,7 @@ any depth), a glob, or one file. The files are read by mlm/files/corpus_files.py
 from __future__ import annotations
 
 import glob
+import json
 import os
 import stat
 import warnings
@@ -24,6 +25,11 @@ NAMED = 3  # files named in a warning or an error before "and N more"
 def find_data_files(source: str | Path, split: str = "train", *, revision: str | None = None) -> list[Path]:
     """The files that hold `split` of `source`, sorted by path (shard order); see `find_corpus`."""
     return find_corpus(source, split, revision=revision)[0]
+
+
+# Said in a warning when a folder holds them, rather than left out without a word.
+UNREAD_FORMATS = (".ndjson", ".jsonlines", ".tsv", ".arrow", ".feather")
+UNREAD_COMPRESSIONS = (".bz2", ".xz", ".lz4", ".lzma", ".zip", ".7z", ".br", ".snappy", ".gzip", ".zstd")
 
 
 def find_corpus(source: str | Path, split: str = "train", *,
@@ -52,8 +58,7 @@ def find_corpus(source: str | Path, split: str = "train", *,
     unread: list[str] = []  # named like data, in a format or compression mlm does not read: said, not skipped quietly
 
     def data_file(parts: tuple[str, ...]) -> bool:
-        if (known := file_format(Path(parts[-1])) is not None) or not {*FORMATS, ".ndjson"} & {
-                suffix.lower() for suffix in Path(parts[-1]).suffixes}:
+        if (known := file_format(Path(parts[-1])) is not None) or not _unread_data(Path(parts[-1])):
             return known
         unread.append("/".join(parts))
         return False
@@ -131,11 +136,25 @@ def _walk(root: Path, wanted: Callable[[tuple[str, ...]], bool], max_depth: int 
     return [file for _, file in sorted(found)]
 
 
+def _unread_data(file: Path) -> bool:
+    """A data file in a format or compression mlm does not read (a.tsv, a.jsonl.bz2), not a sidecar (a.csv.license)."""
+    *_, before, last = ["", "", *(suffix.lower() for suffix in file.suffixes)]
+    # .gz too: file_format reads a .jsonl.gz, so here it is a .parquet.gz, which pyarrow does not read.
+    return last in UNREAD_FORMATS or before in (*FORMATS, *UNREAD_FORMATS) and last in (*UNREAD_COMPRESSIONS,
+                                                                                        *COMPRESSIONS)
+
+
 def _mlms_own(folder: Path) -> bool:
-    """A run folder or checkpoint, or a chunk store, that mlm wrote inside a corpus folder (`--dataset .` with the
-    output or cache folder below it): its run.json, vocab.txt and header.json are no texts of the corpus."""
-    marks = (("run.json", "metrics.jsonl"), ("run.json", "trainer_state.json"), ("header.json", "ids.bin"))
-    return any(all((folder / name).is_file() for name in names) for names in marks)
+    """A chunk store, or a run folder or checkpoint (its run.json an mlm run record), that mlm wrote inside a corpus
+    folder (`--dataset .` with the output or cache folder below it): its header.json, run.json and vocab.txt are
+    no texts of the corpus."""
+    if (folder / "ids.bin").is_file() and (folder / "header.json").is_file():
+        return True
+    try:
+        record = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none, or a data file of that name
+        return False
+    return isinstance(record, dict) and {"run_id", "settings", "segments"} <= record.keys()
 
 
 def _identity(info: os.stat_result) -> tuple[int, int]:
