@@ -193,20 +193,15 @@ def _table_texts(data: bytes, csv: bool, file: Path, text_column: str, first_lin
             _refuse_the_first_bad_line(data, file, first_line, text_column)
             raise
         if table.column(text_column).null_count == table.num_rows:  # in no row: say which columns the rows have
-            _check_column(file, text_column, list(dict.fromkeys(key for row in _objects(data) for key in row)))
+            rows = [value for *_, value, _ in _json_lines(data) if isinstance(value, dict)]
+            _check_column(file, text_column, list(dict.fromkeys(key for row in rows for key in row)))
     _check_column(file, text_column, table.column_names)
     return texts_of(table.column(text_column), file, text_column)
 
 
 def _refuse_the_first_bad_line(data: bytes, file: Path, first_line: int, text_column: str) -> None:
     """MLMError naming the first line of `data` that is not a JSON object, or whose text is not a string."""
-    for number, line in enumerate(data.split(b"\n"), first_line):
-        if not line.strip():
-            continue
-        try:
-            value, reason = json.loads(line), "valid JSON, but not an object"
-        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
-            value, reason = None, str(err)
+    for number, line, value, reason in _json_lines(data, first_line):
         if not isinstance(value, dict):
             raise MLMError(f"{file}, line {number}, is not a JSON object ({reason}: {line[:40]!r}): a JSON-lines file "
                            f"holds one object per line, e.g. {{\"{text_column}\": \"a text\"}}.")
@@ -215,14 +210,14 @@ def _refuse_the_first_bad_line(data: bytes, file: Path, first_line: int, text_co
                            "not text; pass --text-column.")
 
 
-def _objects(data: bytes) -> Iterator[dict]:
-    for line in data.split(b"\n"):
-        try:
-            value = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(value, dict):
-            yield value
+def _json_lines(data: bytes, first_line: int = 1) -> Iterator[tuple[int, bytes, object, str]]:
+    """(line number, line, its JSON value or None, why it is no object) of each non-blank line of `data`."""
+    for number, line in enumerate(data.split(b"\n"), first_line):
+        if line.strip():
+            try:
+                yield number, line, json.loads(line), "valid JSON, but not an object"
+            except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+                yield number, line, None, str(err)
 
 
 def _parquet_batches(file: Path, text_column: str) -> Iterator[tuple[list[str], int]]:

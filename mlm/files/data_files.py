@@ -19,17 +19,16 @@ from mlm.files.hub import resolve_repo
 # The names that make a folder a split layout where they lie: the Hub's usual splits and IMDb's unsupervised. Once
 # a folder is one, a split of any other name is read too (`--eval-split dev` reads dev.jsonl).
 SPLIT_NAMES = ("train", "validation", "test", "unsupervised")
+# Data formats and compressions mlm does not read: a folder's files in them are named in a warning, not left out
+# without a word.
+UNREAD_FORMATS = (".ndjson", ".jsonlines", ".tsv", ".arrow", ".feather")
+UNREAD_COMPRESSIONS = (".bz2", ".xz", ".lz4", ".lzma", ".zip", ".7z", ".br", ".snappy", ".gzip", ".zstd")
 NAMED = 3  # files named in a warning or an error before "and N more"
 
 
 def find_data_files(source: str | Path, split: str = "train", *, revision: str | None = None) -> list[Path]:
     """The files that hold `split` of `source`, sorted by path (shard order); see `find_corpus`."""
     return find_corpus(source, split, revision=revision)[0]
-
-
-# Said in a warning when a folder holds them, rather than left out without a word.
-UNREAD_FORMATS = (".ndjson", ".jsonlines", ".tsv", ".arrow", ".feather")
-UNREAD_COMPRESSIONS = (".bz2", ".xz", ".lz4", ".lzma", ".zip", ".7z", ".br", ".snappy", ".gzip", ".zstd")
 
 
 def find_corpus(source: str | Path, split: str = "train", *,
@@ -138,10 +137,12 @@ def _walk(root: Path, wanted: Callable[[tuple[str, ...]], bool], max_depth: int 
 
 def _unread_data(file: Path) -> bool:
     """A data file in a format or compression mlm does not read (a.tsv, a.jsonl.bz2), not a sidecar (a.csv.license)."""
-    *_, before, last = ["", "", *(suffix.lower() for suffix in file.suffixes)]
-    # .gz too: file_format reads a .jsonl.gz, so here it is a .parquet.gz, which pyarrow does not read.
-    return last in UNREAD_FORMATS or before in (*FORMATS, *UNREAD_FORMATS) and last in (*UNREAD_COMPRESSIONS,
-                                                                                        *COMPRESSIONS)
+    suffixes = [suffix.lower() for suffix in file.suffixes[-2:]]
+    if suffixes[-1:] and suffixes[-1] in UNREAD_FORMATS:
+        return True
+    # .gz too: file_format reads a .jsonl.gz, so one here is a .parquet.gz, which pyarrow does not read.
+    compressed = (*UNREAD_COMPRESSIONS, *COMPRESSIONS)
+    return len(suffixes) == 2 and suffixes[0] in (*FORMATS, *UNREAD_FORMATS) and suffixes[1] in compressed
 
 
 def _mlms_own(folder: Path) -> bool:
