@@ -20,9 +20,10 @@ reference), always the same draws in the same order for a given shape (docs/refe
   process draws from its own generator seeded s + DataLoader worker id, as the reference's seeded collator:
   the API for masking outside mlm's loop (tests/test_masking.py checks it against the reference collator).
 
-Conventions: B is the batch size and L the sequence length. Every function takes (B, L) integer ids (torch
-tensors or numpy arrays), never modifies them in place, and returns new int64 tensors. Labels hold -100 (the
-value `cross_entropy` ignores) everywhere except at the selected positions, where they hold the original id.
+Conventions: B is the batch size and L the sequence length. Every function takes (B, L) ids of any integer dtype
+(torch tensors or numpy arrays), never modifies them in place, and returns new tensors (ids and labels int64).
+Labels hold -100 (the value `cross_entropy` ignores) everywhere except at the selected positions, where they hold
+the original id.
 """
 from __future__ import annotations
 
@@ -64,8 +65,8 @@ def special_tokens_mask(input_ids, special_token_ids: Sequence[int]) -> torch.Te
     membership in all special ids, so [CLS]/[SEP] in the middle of a concatenated chunk, [PAD], [UNK] and a
     literal [MASK] are all excluded. Pass `Tokenizer.special_token_ids`.
     """
-    ids = torch.as_tensor(input_ids)
-    return torch.isin(ids, torch.as_tensor(list(special_token_ids), dtype=ids.dtype))
+    ids = as_ids("input_ids", input_ids)  # int64: torch.isin has no unsigned kernels, and the store keeps uint16
+    return torch.isin(ids, torch.tensor(list(special_token_ids), dtype=ids.dtype))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,7 +242,8 @@ def mask_whole_words(
       3. bernoulli(random_replace_prob / (1 - mask_replace_prob)), read at word starts: random ids;
       4. randint(vocab_size, (B, L)): the random ids themselves, one per token.
     This is the draw sequence of transformers 5.24's `DataCollatorForLanguageModeling(whole_word_mask=True)`, so
-    with the defaults and that collator's word ids the output and RNG state are bit-identical to it.
+    given its probabilities (its `mlm_probability` as `wwm_probability`, its replace probabilities) and that
+    collator's word ids, the output and RNG state are bit-identical to it.
     """
     wwm_probability = check_probability("wwm_probability", wwm_probability)
     mask_replace_prob, random_replace_prob = check_replace_probs(mask_replace_prob, random_replace_prob)

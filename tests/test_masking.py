@@ -449,6 +449,17 @@ def test_special_tokens_mask_helper():
     assert special_tokens_mask(ids.numpy().astype(np.int32), SPECIALS).dtype == torch.bool
 
 
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.int16, np.int32])
+def test_every_integer_dtype_masks_alike(dtype):
+    # The chunk store keeps ids as uint16 (int32 past 65,536 tokens): its arrays mask as int64 ones do.
+    ids, _ = random_words(4, 16, seed=8)
+    narrow = ids.numpy().astype(dtype)
+    assert torch.equal(special_tokens_mask(narrow, SPECIALS), special_tokens_mask(ids, SPECIALS))
+    kwargs = dict(mask_token_id=MASK_ID, vocab_size=VOCAB, special_token_ids=SPECIALS, seed=3)
+    expected, got = freeze_eval_masks(ids, **kwargs), freeze_eval_masks(narrow, **kwargs)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
 BAD = [dict(mlm_probability=1.5), dict(mlm_probability=-0.1), dict(mlm_probability=float("nan")),
        dict(mask_replace_prob=1.2), dict(random_replace_prob=-0.5), dict(mask_replace_prob=0.8,
        random_replace_prob=0.3)]
