@@ -57,7 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     # The flags are mlm-train's (mlm/settings.py): the same names, helps and defaults, but for the output folder.
     add_settings(p, ["model", "init", "dataset", "chunk_size", "group_size", "train_size", "test_size", "cache_dir",
                      "batch_size", "eval_batch_size", "lr", "weight_decay", "warmup_steps", "epochs", "max_steps",
-                     "seed", "data_seed", "precision", "device", "output_dir", "progress_bar"], output_dir=OUTPUT_DIR)
+                     "seed", "data_seed", "precision", "device", "output_dir", "progress_bar"], output_dir=OUTPUT_DIR,
+                 helps={"output_dir": "where the trained model is saved (config, weights, tokenizer): a new or empty "
+                                      "folder, or an earlier walkthrough's, which it replaces"})
     return p.parse_args(argv)
 
 

@@ -196,4 +196,6 @@ def test_a_folder_it_did_not_make_is_refused_and_left_alone(tmp_path):
 
 def test_its_default_folder_is_its_own(tmp_path):
     result = run_walkthrough("--help", cwd=tmp_path)
-    assert result.returncode == 0 and "(default: runs/walkthrough)" in " ".join(result.stdout.split())
+    help_text = " ".join(result.stdout.split())
+    assert result.returncode == 0 and "(default: runs/walkthrough)" in help_text
+    assert "an earlier walkthrough's, which it replaces" in help_text and "run.json" not in help_text
