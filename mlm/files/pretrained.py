@@ -38,7 +38,8 @@ FOREIGN_SIZE_KEYS = (*SIZE_KEYS[1:5], "hidden_size", "num_hidden_layers", "num_a
 
 
 def load_pretrained(name_or_path: str | Path, revision: str | None = None) -> DistilBertForMaskedLM:
-    """Build a DistilBertForMaskedLM from a local Hub-layout folder or a Hub repo id, in float32."""
+    """Build a DistilBertForMaskedLM from a local Hub-layout folder or a Hub repo id, in float32 and, as any new
+    module, in train mode (dropout on; transformers' from_pretrained returns eval mode): `.eval()` for inference."""
     folder = resolve_repo(name_or_path, revision=revision, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE])
     config, weights_path = load_config(folder), folder / WEIGHTS_FILE
     if not weights_path.is_file():
