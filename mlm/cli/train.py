@@ -49,8 +49,8 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__)
     hub = add_settings(parser)[HUB]
     hub.add_argument("--push-to-hub", action="store_true", help="at the end of a finished run, upload the model, its "
-                     "tokenizer, the model card, run.json and metrics.jsonl (nothing else in the folder) to the Hub "
-                     "(token: HF_TOKEN or `hf auth login`)")
+                     "tokenizer, the model card, run.json, metrics.jsonl and tensorboard/ if written (nothing else in "
+                     "the folder) to the Hub (token: HF_TOKEN or `hf auth login`)")
     hub.add_argument("--hub-private", action="store_true", default=None,
                      help="create the repo private (an existing repo keeps its visibility)")
     parser.add_argument("--smoke", action="store_true", help="offline end-to-end run: tiny random model, 600 shipped "

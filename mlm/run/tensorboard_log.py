@@ -20,7 +20,7 @@ def require_tensorboard():
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as err:  # torch.utils.tensorboard imports the tensorboard package at once
         raise MLMError(f"--report-to tensorboard needs the tensorboard package ({err}): pip install tensorboard "
-                       "(or pip install 'mlm[tensorboard]'), or leave --report-to out.") from None
+                       "(the `tensorboard` extra of mlm's pyproject.toml), or leave --report-to out.") from None
     return SummaryWriter
 
 
