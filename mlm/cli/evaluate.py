@@ -52,7 +52,9 @@ def build_parser() -> ArgumentParser:
                                      "(default: train)",
                      "train_size": "training chunks the run drew: a count, a percentage or 'all' (the eval chunks "
                                    "are drawn first: this only checks that both fit)",
-                     "prompts": "fill-mask prompt each model completes; repeatable"})
+                     "prompts": "fill-mask prompt each model completes; repeatable",
+                     "wwm_probability": "with --eval-masking wwm, the share of words masked; never a run's, whose "
+                                        "eval set is token-masked"})
     add_settings(p, ["precision", "device", "progress_bar"], group="hardware")
     return p
 
