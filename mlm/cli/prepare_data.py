@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="instead of preparing, print the splits' fertility (tokens per word) and the N (20) "
                              "words the tokenizer cuts in the most tokens, for --add-tokens (docs/base-models.md)")
     add_settings(parser, ["dataset", "text_column", "chunk_size", "group_size", "cache_dir", "fast_tokenize",
-                          "train_size", "test_size", "data_seed", "progress_bar"], group="the data (mlm-train's flags)")
+                          "train_size", "test_size", "data_seed", "progress_bar"], group="the data (mlm-train's flags)",
+                 helps={"data_seed": "seed of the train/eval draw this checks, as mlm-train's --data-seed draws it"})
     parser.hints["--model"] = "mlm-prepare-data needs the model's tokenizer only: --tokenizer MODEL"
     return parser.parse_args(argv)
 
