@@ -260,7 +260,7 @@ class Setup:
                          "all of them.")
         if words := added_words(self.tokenizer):
             asked = int(config.add_tokens) if str(config.add_tokens).isdigit() else len(words)
-            fewer = (f" (of {asked} asked: no other word of letters in the corpus is cut in pieces)"
+            fewer = (f" (of {asked} asked: no other word of letters in the corpus is cut in pieces and new)"
                      if asked > len(words) else "")
             notes.append(f"added {len(words)} tokens{fewer}: {', '.join(words[:10])}{', …' * (len(words) > 10)}. "
                          "Both perplexities of this run are on this extended tokenization, not comparable with the "

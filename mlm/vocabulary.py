@@ -77,7 +77,7 @@ def extend_vocabulary(config: TrainConfig, tokenizer: Tokenizer, model: nn.Modul
     passes the words its record lists (`recorded`): it needs neither the file, which may have changed since, nor a
     count over the corpus, and makes the same tokenizer, whose sha256 it checks.
     """
-    add = config.add_tokens
+    add, count = config.add_tokens, None
     if add is None:
         return tokenizer, model
     if recorded is not None:  # the record lists the tokenizer's own added words too, if it had any
@@ -86,18 +86,24 @@ def extend_vocabulary(config: TrainConfig, tokenizer: Tokenizer, model: nn.Modul
         if int(add) < 1:
             raise MLMError(f"`add_tokens` must be a count >= 1 or a file of words, got {add!r}.")
         counts = count_words(config.dataset, config.train_splits, tokenizer, text_column=config.text_column)
-        words = list(dict.fromkeys(word.strip() for word, _, _ in split_words(counts, tokenizer)[2]))[: int(add)]
+        words, count = list(dict.fromkeys(word.strip() for word, _, _ in split_words(counts, tokenizer)[2])), int(add)
     elif Path(add).expanduser().is_file():
-        words = [line.strip() for line in Path(add).expanduser().read_text(encoding="utf-8").splitlines()]
+        try:  # utf-8-sig: a byte order mark (Windows editors write one) would be part of the first word
+            words = [line.strip() for line in Path(add).expanduser().read_text(encoding="utf-8-sig").splitlines()]
+        except UnicodeDecodeError as err:
+            raise MLMError(f"`add_tokens` {add} is not UTF-8 text ({err.reason} at byte {err.start}): save it as "
+                           "UTF-8, one word per line.") from None
     else:
         raise MLMError(f"`add_tokens` {add} is neither a count nor a file of words (one per line).")
-    return add_words(tokenizer, model, [word for word in words if word])
+    return add_words(tokenizer, model, [word for word in words if word], count=count)
 
 
-def add_words(tokenizer: Tokenizer, model: nn.Module, words: list[str]) -> tuple[Tokenizer, nn.Module]:
+def add_words(tokenizer: Tokenizer, model: nn.Module, words: list[str], *,
+              count: int | None = None) -> tuple[Tokenizer, nn.Module]:
     """`tokenizer` with `words` as new tokens, and `model` with a row for each (its embedding and output weights and
     output bias the mean of the word's pieces' rows: the model starts from what the pieces said). The model is grown
-    in place; the tokenizer is a new one.
+    in place; the tokenizer is a new one. A word that cannot be added is refused by name; with `count`, words
+    found in a corpus, it is skipped, and the first `count` of the others are added.
 
     A token matches a whole word only (never "movie" inside "movies"), in the normalized text (so an uncased
     tokenizer's matches "Movie"). Where the tokenizer makes the space before a word part of it (byte-level BPE's
@@ -107,16 +113,25 @@ def add_words(tokenizer: Tokenizer, model: nn.Module, words: list[str]) -> tuple
     backend = BackendTokenizer.from_str(tokenizer.backend.to_str())
     bare = lambda text: backend.encode(text, add_special_tokens=False).ids  # noqa: E731
     normalize = backend.normalizer.normalize_str if backend.normalizer is not None else str
-    spaced = bare(" a") != bare("a")
-    words = list(dict.fromkeys(normalize(word).strip() for word in words))
+    # Byte-level BPE and Metaspace make the space before a word part of it ("Ġb", "▁b"); WordPiece splits it off.
+    spaced = backend.pre_tokenizer is not None and backend.pre_tokenizer.pre_tokenize_str("a b")[-1][0] != "b"
+    kept = {}  # word -> its pieces, as the word is met in a text
+    for word in dict.fromkeys(normalize(word).strip() for word in words):
+        ids = bare(" " + word if spaced else word)
+        if not ids or any(char.isspace() for char in word):
+            why = "is not one word; give one word per line."
+        elif len(ids) == 1 and ids[0] != tokenizer.unk_token_id:
+            why = "is one token already; give words the tokenizer cuts in pieces."
+        elif backend.token_to_id(word) is not None:  # `tokenizers` would give the word that token's id, not a new one
+            why = "is a token of the vocabulary already (as a piece inside words), not a word of its own; leave it out."
+        else:
+            kept[word] = ids
+            continue
+        if count is None:
+            raise MLMError(f"`add_tokens`: {word!r} {why}")
+    words, pieces = list(kept)[:count], list(kept.values())[:count]
     if not words:
         raise MLMError("`add_tokens` gives no word to add: the corpus has no word cut in pieces, or the file none.")
-    pieces = [bare(" " + word if spaced else word) for word in words]  # as the word is met in a text
-    for word, ids in zip(words, pieces):
-        if not ids or any(char.isspace() for char in word):
-            raise MLMError(f"`add_tokens`: {word!r} is not one word; give one word per line.")
-        if len(ids) == 1 and ids[0] != tokenizer.unk_token_id:
-            raise MLMError(f"`add_tokens`: {word!r} is one token already; give words the tokenizer cuts in pieces.")
     taken = set(backend.get_vocab(with_added_tokens=True).values())
     backend.add_tokens([AddedToken(word, single_word=True, lstrip=spaced, normalized=True) for word in words])
     ids = [backend.token_to_id(word) for word in words]
@@ -135,24 +150,15 @@ def added_words(tokenizer: Tokenizer) -> list[str]:
 
 @torch.no_grad()
 def _grow(model: nn.Module, size: int, ids: list[int], pieces: list[list[int]]) -> None:
-    """Give every vocabulary-sized embedding and output layer `size` rows, row ids[k] the mean of rows pieces[k]."""
+    """Give the word embeddings and the output projection `size` rows, row ids[k] the mean of rows pieces[k]."""
     def grown(old: torch.Tensor) -> nn.Parameter:
         new = torch.cat([old, old.new_zeros((size - len(old), *old.shape[1:]))])
         for index, rows in zip(ids, pieces):
             new[index] = old[rows].mean(0)
         return nn.Parameter(new, requires_grad=old.requires_grad)
 
-    vocab = model.config.vocab_size
-    replaced = {}  # id of an old embedding matrix -> the new one: an output layer tied to it stays tied
-    for module in model.modules():
-        if isinstance(module, nn.Embedding) and module.num_embeddings == vocab:
-            old = module.weight
-            replaced[id(old)] = module.weight = grown(old)
-            module.num_embeddings = size
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and module.out_features == vocab:
-            tied = replaced.get(id(module.weight))
-            module.weight = tied if tied is not None else grown(module.weight)
-            module.bias = grown(module.bias) if module.bias is not None else None
-            module.out_features = size
+    embedding, projector = model.distilbert.embeddings.word_embeddings, model.vocab_projector
+    embedding.weight, embedding.num_embeddings = grown(embedding.weight), size
+    projector.bias, projector.out_features = grown(projector.bias), size
+    projector.weight = embedding.weight if model.config.tie_word_embeddings else grown(projector.weight)
     model.config.vocab_size = size

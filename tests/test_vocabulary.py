@@ -132,6 +132,54 @@ def test_words_that_cannot_be_added_are_refused(tmp_path, dense_tokenizer_dir, t
             mlm.vocabulary.extend_vocabulary(TrainConfig(**{**vars(config), "add_tokens": bad}), tokenizer, model)
 
 
+def test_a_word_the_vocabulary_holds_as_a_piece_is_refused_by_name_and_skipped_in_a_count(tmp_path):
+    # "ment" is a token of the tiny BPE (a piece inside words) while " ment" is Ġ + ment: `tokenizers` would give the
+    # new word that piece's id, not a new one.
+    tokenizer = load_tokenizer(TINY_BPE)
+    with pytest.raises(MLMError, match="'ment' is a token of the vocabulary already"):
+        add_words(tokenizer, tiny_model(577), ["cinematography", "ment"])
+    corpus = jsonl(tmp_path / "train.jsonl", ["the ment ment ment cinematography was great ."] * 20)
+    config = TrainConfig(dataset=str(corpus), add_tokens=2)
+    extended, model = mlm.vocabulary.extend_vocabulary(config, tokenizer, tiny_model(577))
+    assert added_words(extended) == ["cinematography"] and model.config.vocab_size == 578
+
+
+def test_with_add_prefix_space_an_added_word_takes_the_space_before_it(tmp_path):
+    folder = tmp_path / "prefix-space"
+    folder.mkdir()
+    spec = json.loads((TINY_BPE / "tokenizer.json").read_text())
+    spec["pre_tokenizer"]["add_prefix_space"] = True
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    (folder / "tokenizer_config.json").write_bytes((TINY_BPE / "tokenizer_config.json").read_bytes())
+    extended, _ = add_words(load_tokenizer(folder), tiny_model(577), ["cinematography"])
+    encoding = extended.backend.encode("a cinematography", add_special_tokens=False)
+    assert encoding.ids[-1] == 577 and len(encoding.ids) == 2  # "Ġa" and the word: no stray "Ġ" between them
+
+
+def test_only_the_vocabulary_rows_grow(tmp_path, dense_tokenizer_dir):
+    # Positions and the feed-forward width happen to equal the vocabulary size: they must keep their shapes.
+    torch.manual_seed(0)
+    model = DistilBertForMaskedLM(DistilBertConfig(vocab_size=V, dim=16, n_layers=1, n_heads=2, hidden_dim=V,
+                                                   max_position_embeddings=V))
+    _, grown = add_words(load_tokenizer(dense_tokenizer_dir), model, ["cinematography"])
+    assert grown.distilbert.embeddings.position_embeddings.weight.shape == (V, 16)
+    assert grown.distilbert.transformer.layer[0].ffn.lin1.out_features == V
+    save_pretrained(grown, tmp_path / "saved")
+    assert load_pretrained(tmp_path / "saved").config.vocab_size == V + 1
+
+
+def test_a_words_file_is_read_as_utf8_without_its_byte_order_mark(tmp_path, dense_tokenizer_dir):
+    tokenizer, base = load_tokenizer(dense_tokenizer_dir), tiny_model(V)
+    words = tmp_path / "words.txt"
+    words.write_bytes("cinematography\nnaive\n".encode("utf-8-sig"))
+    config = TrainConfig(dataset=str(jsonl(tmp_path / "train.jsonl", TEXTS)), add_tokens=str(words))
+    extended, _ = mlm.vocabulary.extend_vocabulary(config, tokenizer, base)
+    assert added_words(extended) == ["cinematography", "naive"]
+    words.write_bytes("na\xefve\n".encode("latin-1"))
+    with pytest.raises(MLMError, match="is not UTF-8 text"):
+        mlm.vocabulary.extend_vocabulary(config, tokenizer, tiny_model(V))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # A run with `add_tokens`
 
@@ -178,7 +226,7 @@ def test_a_run_with_added_tokens_saves_them_and_resumes(tmp_path, run_inputs, ca
     first = mlm.train.train(run_config(folder, corpus, run, add_tokens=3))
     assert first.status == "finished" and first.steps == 2
     # The words were said nowhere but in run.json, and the card quoted the perplexities without their caveat.
-    assert "note: added 2 tokens (of 3 asked: no other word of letters in the corpus is cut in pieces): " \
+    assert "note: added 2 tokens (of 3 asked: no other word of letters in the corpus is cut in pieces and new): " \
            "cinematography, naive. Both perplexities" in capsys.readouterr().out
     card = (run / "README.md").read_text()
     assert "| added tokens (`add_tokens`) | 2: cinematography, naive |" in card and "not comparable" in card
