@@ -23,9 +23,11 @@ from mlm.errors import MLMError
 from mlm.files.hub import resolve_repo
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
-# Names of the special tokens in tokenizer_config.json ("cls_token"), with the strings BERT uses when a file omits
-# them ("[CLS]"; a RoBERTa tokenizer's files name its own).
-SPECIAL_TOKEN_DEFAULTS = {f"{name}_token": f"[{name.upper()}]" for name in ("cls", "sep", "pad", "mask", "unk")}
+# Names of the special tokens in tokenizer_config.json ("cls_token"). Where no file names them (roberta-base on the
+# Hub ships tokenizer.json alone), they are the strings of the family whose tokens the vocabulary holds, as
+# transformers takes them from the model's tokenizer class.
+SPECIAL_TOKENS = ("cls_token", "sep_token", "pad_token", "mask_token", "unk_token")
+FAMILY_SPECIAL_TOKENS = (("[CLS]", "[SEP]", "[PAD]", "[MASK]", "[UNK]"), ("<s>", "</s>", "<pad>", "<mask>", "<unk>"))
 
 
 @dataclass
@@ -33,7 +35,7 @@ class Tokenizer:
     """A `tokenizers.Tokenizer` plus the special-token ids that masking and fill-mask need."""
 
     backend: BackendTokenizer
-    config: dict  # tokenizer_config.json as read (written back unchanged by save())
+    config: dict  # tokenizer_config.json as read, with the special tokens' names wherever they were found
     cls_token_id: int
     sep_token_id: int
     pad_token_id: int
@@ -98,10 +100,12 @@ def tokenizer_from_folder(folder: Path) -> Tokenizer:
     backend.no_padding()
 
     config = _read_json(folder / "tokenizer_config.json")
-    special_map = _read_json(folder / "special_tokens_map.json")
+    named = {**_read_json(folder / "special_tokens_map.json"), **config}
+    family = next((names for names in FAMILY_SPECIAL_TOKENS
+                   if all(backend.token_to_id(name) is not None for name in names)), FAMILY_SPECIAL_TOKENS[0])
     tokens: dict[str, str] = {}
-    for key, default in SPECIAL_TOKEN_DEFAULTS.items():
-        token = config.get(key, special_map.get(key, default))
+    for key, default in zip(SPECIAL_TOKENS, family):
+        token = named.get(key, default)
         if isinstance(token, dict):  # older files store {"content": "[MASK]", ...}
             token = token.get("content", default)
         if not isinstance(token, str):
@@ -110,7 +114,8 @@ def tokenizer_from_folder(folder: Path) -> Tokenizer:
         if backend.token_to_id(token) is None:
             raise MLMError(f"The tokenizer in {folder} has no {key} {token!r}; an MLM tokenizer needs one.")
         tokens[key] = token
-    return Tokenizer(backend=backend, config=config, mask_token=tokens["mask_token"],
+    # save() writes tokenizer_config.json alone: it names them, so the saved folder loads with the same ones.
+    return Tokenizer(backend=backend, config={**tokens, **config}, mask_token=tokens["mask_token"],
                      **{key + "_id": backend.token_to_id(token) for key, token in tokens.items()})
 
 

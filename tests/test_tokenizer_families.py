@@ -46,6 +46,25 @@ def test_special_tokens_come_from_each_tokenizers_files(tiny_tokenizer_dir, case
     assert bpe.backend.encode("a great <mask>.").ids == [0, 68, 401, 576, 17, 2]
 
 
+@pytest.mark.parametrize("files", ["special_tokens_map.json", "tokenizer.json alone"])
+def test_a_folder_naming_its_special_tokens_elsewhere_or_nowhere_saves_them(tmp_path, files):
+    # roberta-base on the Hub ships tokenizer.json with neither tokenizer_config.json nor special_tokens_map.json:
+    # transformers takes RoBERTa's names then. Other folders name them in special_tokens_map.json only.
+    folder, saved = tmp_path / "given", tmp_path / "saved"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_bytes((TINY_BPE / "tokenizer.json").read_bytes())
+    if files == "special_tokens_map.json":
+        names = json.loads((TINY_BPE / "tokenizer_config.json").read_text())
+        (folder / files).write_text(json.dumps({key: value for key, value in names.items() if key.endswith("_token")}))
+        (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))
+    given = load_tokenizer(folder)
+    given.save(saved)
+    for tokenizer in (given, load_tokenizer(saved)):
+        assert (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id, tokenizer.mask_token_id,
+                tokenizer.unk_token_id, tokenizer.mask_token) == (0, 2, 1, 576, 3, "<mask>")
+    assert json.loads((saved / "tokenizer_config.json").read_text())["mask_token"] == "<mask>"
+
+
 def test_cased_wordpiece_keeps_the_case(cased_tokenizer_dir, tiny_tokenizer_dir):
     cased, uncased = load_tokenizer(cased_tokenizer_dir), load_tokenizer(tiny_tokenizer_dir)
     assert cased.backend.encode("The MOVIE movie").tokens == ["[CLS]", "The", "MOVIE", "movie", "[SEP]"]
