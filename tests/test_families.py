@@ -196,7 +196,7 @@ def test_other_architectures_are_refused_by_name(tmp_path, model_type, architect
     ("roberta", {"layer_norm_eps": 0}, '"layer_norm_eps" must be a number > 0'),
     ("roberta", {"max_position_embeddings": 2}, r'"max_position_embeddings" must be more than pad_token_id \+ 1'),
     ("roberta", {"hidden_act": "swish"}, "hidden_act 'swish' is not supported"),
-    ("bert", {"tie_word_embeddings": False}, '"tie_word_embeddings" must be true for bert'),
+    ("bert", {"tie_word_embeddings": False}, "\"tie_word_embeddings\" is false: mlm ties bert's output layer"),
     ("bert", {"is_decoder": True}, '"is_decoder" is true'),
     ("bert", {"dim": 32}, "dim belong to another architecture's config.json; bert's are hidden_size.*model_type"),
 ])
@@ -205,6 +205,18 @@ def test_bad_values_are_one_line_in_the_familys_keys(tmp_path, family, changes, 
     with pytest.raises(MLMError, match=message) as err:
         load_pretrained(folder)
     assert str(folder / "config.json") in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+def test_an_untied_head_is_refused_without_sending_the_user_in_a_circle(tmp_path, family):
+    # Untying in config.json was said to be refused for BERT, and tying it to say "set it false" again.
+    head = "cls.predictions.decoder.weight" if family == "bert" else "lm_head.decoder.weight"
+    decoder = {head: torch.randn(json.loads((tiny_dir(family) / "config.json").read_text())["vocab_size"], 32)}
+    untied = copy_with(tmp_path / "untied", family, decoder, config={"tie_word_embeddings": False})
+    for folder in (untied, copy_with(tmp_path / "tied", family, decoder)):
+        with pytest.raises(MLMError, match="DistilBERT's only.*cannot load") as err:
+            load_pretrained(folder)
+        assert "Set" not in str(err.value) and "Fix it" not in str(err.value)
 
 
 def test_a_model_whose_config_would_not_load_again_is_not_saved(tmp_path):

@@ -245,6 +245,9 @@ def test_missing_weights_file_mentions_pickle_refusal(tmp_path):
     shutil.copyfile(TINY_DIR / "config.json", tmp_path / "config.json")
     with pytest.raises(MLMError, match="No model.safetensors"):
         load_pretrained(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    with pytest.raises(MLMError, match="a model cut in shards, and mlm reads one file: save the model again"):
+        load_pretrained(tmp_path)
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(MLMError, match="pickle"):
         load_pretrained(tmp_path)

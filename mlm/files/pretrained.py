@@ -28,6 +28,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 EMBEDDING_KEY = "distilbert.embeddings.word_embeddings.weight"
 PROJECTOR_KEY = "vocab_projector.weight"
+UNTIED = ("mlm ties {}'s output layer to the word embeddings (an untied one is DistilBERT's only), so it cannot load "
+          "or build this model.")
 # TensorFlow-era names, which older Hub checkpoints still use; the reference renames only these.
 LEGACY_RENAMES = {"LayerNorm.gamma": "LayerNorm.weight", "LayerNorm.beta": "LayerNorm.bias"}
 # Size keys of the families and of other architectures (GPT-2, T5, …). A config holding size keys its model_type
@@ -40,12 +42,15 @@ FOREIGN_SIZE_KEYS = (*SIZE_KEYS[1:5], "hidden_size", "num_hidden_layers", "num_a
 def load_pretrained(name_or_path: str | Path, revision: str | None = None) -> DistilBertForMaskedLM:
     """Build a DistilBertForMaskedLM from a local Hub-layout folder or a Hub repo id, in float32 and, as any new
     module, in train mode (dropout on; transformers' from_pretrained returns eval mode): `.eval()` for inference."""
-    folder = resolve_repo(name_or_path, revision=revision, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE])
+    shards = f"{WEIGHTS_FILE}.index.json"  # what transformers writes beside the pieces of a model cut in shards
+    folder = resolve_repo(name_or_path, revision=revision, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, shards])
     config, weights_path = load_config(folder), folder / WEIGHTS_FILE
     if not weights_path.is_file():
         pickled = [name for name in ("pytorch_model.bin", "model.pt", "model.pth") if (folder / name).exists()]
         hint = (f"It has {pickled[0]}, a pickle file, which mlm never loads (unpickling can run arbitrary code): "
                 "convert it to safetensors with a trusted tool first." if pickled else
+                f"It has {shards}, a model cut in shards, and mlm reads one file: save the model again in one "
+                "(transformers: save_pretrained(folder, max_shard_size=\"20GB\"))." if (folder / shards).is_file() else
                 "Without pretrained weights, start from a random model with --init random (training only).")
         raise MLMError(f"No {WEIGHTS_FILE} in {folder}. {hint}")
     return model_from_state_dict(config, read_safetensors(weights_path), source=weights_path)
@@ -104,9 +109,10 @@ def model_from_state_dict(config: DistilBertConfig, state: dict[str, torch.Tenso
         embedding_key, projector_key = names[EMBEDDING_KEY], names[PROJECTOR_KEY]
         embedding, projector = state.get(embedding_key), state.get(projector_key)
         if embedding is not None and projector is not None and not torch.equal(embedding, projector):
+            fix = (UNTIED.format(config.family) if config.family != "distilbert" else
+                   "set \"tie_word_embeddings\": false in config.json to load them as two matrices.")
             raise MLMError(f"{source}: config.json ties {projector_key} to the word embeddings, but the checkpoint "
-                           f"holds a different {projector_key}. Set \"tie_word_embeddings\": false in config.json "
-                           "to load them as two matrices.")
+                           f"holds a different {projector_key}: {fix}")
         if (tied := embedding if embedding is not None else projector) is not None:
             state[embedding_key] = state[projector_key] = tied
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
@@ -237,7 +243,7 @@ def check_config(config: DistilBertConfig, source: str | Path = "config") -> Non
     if not isinstance(config.tie_word_embeddings, bool):
         raise refuse("tie_word_embeddings", "true or false")
     if config.family != "distilbert" and not config.tie_word_embeddings:  # its head then has two biases
-        raise refuse("tie_word_embeddings", f"true for {config.family} in mlm (an untied head is DistilBERT's only)")
+        raise MLMError(f"{source}: \"tie_word_embeddings\" is false: {UNTIED.format(config.family)}")
     if config.max_length < 1:
         raise refuse("max_position_embeddings", f"more than pad_token_id + 1 = {config.position_offset} (RoBERTa's "
                      "first token position)")
