@@ -277,16 +277,17 @@ def _long_document(text: str, tokenizer: Tokenizer) -> Iterator[tuple[np.ndarray
 
 
 def _slices(text: str, blanks: str = BLANKS) -> Iterator[str]:
-    """`text` in slices of at most SLICE_CHARS characters, each cut before the last blank of a run of whitespace
+    """`text` in slices of at most SLICE_CHARS characters, each cut before the first blank of a run of whitespace
     (`blanks`: not a vertical tab or a form feed, control characters that BERT's normalizer deletes, joining words).
     Byte-level BPE makes the run but its last character a word, that character beginning the next (" word" is
-    "Ġword"): cut there, both slices split as the whole text does; inside the run, not. (BERT's pre-tokenizer drops
-    whitespace.) A slice where no blank ends a run is cut where it is, inside a word."""
+    "Ġword"), and an added token that strips the blanks before it (RoBERTa's <mask>) takes the whole run: with the
+    run whole in the next slice, both slices split as the whole text does; cut inside it, not. (BERT's
+    pre-tokenizer drops whitespace.) A slice where no run of blanks begins is cut where it is, inside a word."""
     start = 0
     while start < len(text):
         end = cut = min(start + SLICE_CHARS, len(text))
         while end < len(text) and (cut := max(text.rfind(blank, start + 1, cut) for blank in blanks)) > start:
-            if not text[cut + 1].isspace():
+            if not text[cut - 1].isspace():
                 end = cut
                 break
         yield text[start:end]

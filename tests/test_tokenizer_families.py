@@ -19,8 +19,10 @@ import mlm.corpus_store as corpus_store
 from mlm.corpus import load_chunks
 from mlm.data import tokenize, tokenize_and_chunk
 from mlm.masking import MaskingCollator, word_starts
+from mlm.model import DistilBertConfig, DistilBertForMaskedLM
 from mlm.speed.fast_encode import fast_tokenizer
 from mlm.tokenizer import load_tokenizer, template_ids
+from mlm.vocabulary import add_words
 
 # Runs of blanks of every kind, words glued to punctuation, an emoji (several byte-level pieces), a contraction.
 LONG = " ".join(["The plot  was\n\n really", "boring,\t\tI'd say", "😀 ACTOR123", "great   acting.\r\n Wow"] * 30)
@@ -148,6 +150,15 @@ def test_a_bpe_that_adds_a_prefix_space_is_cut_at_spaces_only(monkeypatch):
     spec["pre_tokenizer"]["add_prefix_space"] = True
     bpe = dataclasses.replace(load_tokenizer(TINY_BPE), backend=BackendTokenizer.from_str(json.dumps(spec)))
     cut_as_a_whole(monkeypatch, bpe, BLANKS.replace("\u00a0", " "))  # spaces to cut at: there is nowhere else
+
+
+def test_tokens_that_take_the_blanks_before_them_keep_them_across_a_cut(monkeypatch):
+    # An added word (byte-level BPE's, `add_tokens`) and RoBERTa's <mask> take every blank before them: a cut inside
+    # that run of blanks left the first ones as words of their own.
+    model = DistilBertForMaskedLM(DistilBertConfig(vocab_size=577, dim=8, n_layers=1, n_heads=1, hidden_dim=8))
+    bpe, _ = add_words(load_tokenizer(TINY_BPE), model, ["cinematography"])
+    text = "".join(f"the plot{' ' * (n % 3)}\n\n  cinematography was great,\t <mask> ok. " for n in range(12))
+    cut_as_a_whole(monkeypatch, bpe, text)
 
 
 def test_tokenizing_shortcuts_are_exact_or_absent(family):
