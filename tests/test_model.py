@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from mlm.errors import MLMError
-from mlm.files.pretrained import config_from_dict, config_to_dict, load_pretrained, save_pretrained
+from mlm.files.pretrained import config_from_dict, config_to_dict, load_model, load_pretrained, save_pretrained
 from mlm.model import DistilBertConfig, DistilBertForMaskedLM
 from mlm.speed.compiled import label_positions
+from mlm.tokenizer import load_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY_DIR = FIXTURES / "tiny-distilbert"  # written by transformers' save_pretrained (scripts/reference/)
@@ -251,6 +252,15 @@ def test_missing_weights_file_mentions_pickle_refusal(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(MLMError, match="pickle"):
         load_pretrained(tmp_path)
+
+
+def test_a_tokenizer_with_more_tokens_than_the_model_is_refused_naming_where_the_size_came_from():
+    bigger = load_tokenizer(FIXTURES / "tiny-bpe")  # 577 tokens; the tiny model has 128 rows
+    with pytest.raises(MLMError, match=f"The tokenizer has 577 tokens but the model {TINY_DIR} only 128 "
+                                       r"\(vocab_size in its config.json\)"):
+        load_model(TINY_DIR, tokenizer=bigger)
+    with pytest.raises(MLMError, match=r"only 100 \(vocab_size as `config_overrides` sets it\)"):
+        load_model(TINY_DIR, init="random", tokenizer=bigger, config_overrides="vocab_size=100")
 
 
 def test_truncated_safetensors(tmp_path):

@@ -65,16 +65,19 @@ def load_model(name_or_path: str | Path, *, init: str = "pretrained", revision: 
     else:
         model = DistilBertForMaskedLM(load_config(name_or_path, revision=revision, overrides=config_overrides))
     if tokenizer is not None:
-        check_tokenizer_fits(model, tokenizer.vocab_size, str(name_or_path))
+        overridden = init != "pretrained" and "vocab_size" in (config_overrides or "")
+        check_tokenizer_fits(model, tokenizer.vocab_size, str(name_or_path), overridden=overridden)
     return model
 
 
-def check_tokenizer_fits(model: DistilBertForMaskedLM, tokenizer_vocab_size: int, name: str) -> None:
+def check_tokenizer_fits(model: DistilBertForMaskedLM, tokenizer_vocab_size: int, name: str, *,
+                         overridden: bool = False) -> None:
     """Refuse a tokenizer whose ids go past the model's embedding rows (an IndexError in the first forward)."""
     if model.config.vocab_size < tokenizer_vocab_size:
-        raise MLMError(f"{name}'s tokenizer has {tokenizer_vocab_size} tokens but the model only "
-                       f"{model.config.vocab_size} (vocab_size in its config.json): the tokenizer does not belong to "
-                       "this model. Pass the model's own tokenizer (--tokenizer).")
+        where = "as `config_overrides` sets it" if overridden else "in its config.json"
+        raise MLMError(f"The tokenizer has {tokenizer_vocab_size} tokens but the model {name} only "
+                       f"{model.config.vocab_size} (vocab_size {where}): they do not belong together. Use the "
+                       "tokenizer the model was trained with, or a vocab_size that covers the tokenizer.")
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
