@@ -407,6 +407,20 @@ def test_a_moved_data_folder_resumes_and_the_record_keeps_the_new_place(tmp_path
         train(tiny_run(run, dataset=str(moved), epochs=3, resume="latest", extend=True))
 
 
+def test_a_resume_whose_data_moved_says_to_give_its_new_place(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "data" / "reviews.jsonl"
+    data.parent.mkdir()
+    shutil.copy(SMOKE / "reviews.jsonl", data)
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        on_call(patch, mlm.train, "train_step", 5, lambda: os.kill(os.getpid(), 2))
+        train(tiny_run(run, dataset=str(data)))
+    data.parent.rename(tmp_path / "moved")
+    status, err = cli(monkeypatch, capsys, "--resume", "latest", "--output-dir", str(run), "--no-progress")
+    assert status != 0 and err == (f"error: The run's --dataset, {data}, is not there any more: if it moved, resume "
+                                   "with --dataset set to where it is now (the run checks that it is the same).\n")
+
+
 def test_a_resume_with_fewer_processes_says_how_to_keep_the_global_batch():
     stored = {"global_batch": 8, "batch_size": 4, "grad_accum": 1}
     with pytest.raises(MLMError, match="global batch .* 8 -> 4 \\(4 x 1 x 1\\); keep 8 with `batch_size` 8 or "

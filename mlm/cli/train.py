@@ -110,6 +110,10 @@ def resumed_settings(settings: dict, given: set[str]) -> dict:
     kept = ("output_dir", "resume", "overwrite", "extend")
     stored = {name: tuple(value) if isinstance(value, list) else value for name, value in record.settings.items()
               if name in TrainConfig.__dataclass_fields__ and name not in kept}
+    for name in ("model", "tokenizer", "dataset", "validation_file"):  # recorded as absolute paths when local
+        if name not in given and (value := stored.get(name)) and Path(value).is_absolute() and not Path(value).exists():
+            raise MLMError(f"The run's `{name}`, {value}, is not there any more: if it moved, resume with `{name}` set "
+                           "to where it is now (the run checks that it is the same).")
     return {**settings, **stored, **{name: settings[name] for name in given if name in settings}}
 
 
