@@ -48,6 +48,10 @@ def run_cli(main, flag_of=lambda setting: None) -> None:
     exit 2 instead of a traceback, each `setting` the message names as flag_of(setting) when that is not None.
     Ctrl-C is one line too (exit 130)."""
     flags = partial(name_flags, flag_of=flag_of)
+    # Under torchrun every process meets the same bad input: the others' lines say which process they come from. A
+    # stop is process 0's to report, with how to continue; the others' view of the folder may be a step behind.
+    rank = int(os.environ.get("RANK", 0))
+    who = f"[rank {rank}] " if rank else ""
     streams = sys.stdout, sys.stderr  # None where closed (`>&-`): print() then writes nowhere, as it should
     sys.stdout, sys.stderr = (None if stream is None else _ReaderMayLeave(stream) for stream in streams)
     try:
@@ -55,19 +59,20 @@ def run_cli(main, flag_of=lambda setting: None) -> None:
             warnings.showwarning = _one_line_warnings(warnings.showwarning, flags)
             main()
     except MLMError as err:
-        print(f"error: {flags(str(err))}", file=sys.stderr)
+        print(f"error: {who}{flags(str(err))}", file=sys.stderr)
         sys.exit(2)
     except OSError as err:
         if errno.errorcode.get(err.errno) not in USER_ERRNOS:
             raise
         where = f": {err.filename}" if err.filename else ""
-        print(f"error: {err.strerror or err}{where}. Free some space or fix the permissions; a run that saved a "
+        print(f"error: {who}{err.strerror or err}{where}. Free some space or fix the permissions; a run that saved a "
               "checkpoint continues with --resume latest.", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as err:
         stop = err if isinstance(err, Interrupted) else Interrupted()  # a run's Interrupted says how to continue
         name = "Ctrl-C" if stop.signal_name == "SIGINT" else stop.signal_name
-        print(" ".join(filter(None, [f"error: interrupted ({name}).", stop.hint])), file=sys.stderr)
+        if not rank:
+            print(" ".join(filter(None, [f"error: interrupted ({name}).", stop.hint])), file=sys.stderr)
         sys.exit(stop.exit_code)
     finally:
         for wrapper in (sys.stdout, sys.stderr):  # what is still buffered, now: at exit no wrapper would catch it

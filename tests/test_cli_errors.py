@@ -162,3 +162,19 @@ def test_a_closed_stdout_is_no_error(monkeypatch):
 
     monkeypatch.setattr(sys, "stdout", None)
     run_cli(lambda: print("nobody reads this"))
+
+
+def test_under_torchrun_the_other_processes_name_themselves_and_leave_a_stop_to_process_0(monkeypatch, capsys):
+    # Every process met the same bad input and printed the same line; each printed its own, wrong, way to continue.
+    def fails():
+        raise MLMError("no such data")
+
+    def stopped():
+        raise mlm.errors.Interrupted("SIGTERM", hint="Continue with: mlm-train --resume latest")
+
+    for rank, expected in (("0", ("error: no such data\n", "error: interrupted (SIGTERM). Continue with: mlm-train "
+                                                             "--resume latest\n")),
+                           ("1", ("error: [rank 1] no such data\n", ""))):
+        monkeypatch.setenv("RANK", rank)
+        for main, code, err in zip((fails, stopped), (2, 143), expected):
+            assert exit_and_stderr(lambda argv, main=main: main(), [], capsys) == (code, "", err)

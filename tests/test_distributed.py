@@ -122,6 +122,28 @@ def test_sigterm_to_one_process_stops_every_process_at_one_checkpoint(tmp_path, 
     assert record["segments"][-1]["end"] == "interrupted by SIGTERM" and step in (3, 4)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())[-1] == f"step-{step:06d}"
     assert stopped.stdout.count("Continue with:") == 1 and "checkpoint None" not in stopped.stdout
+    assert "SIGTERM received by another process of the run: saving a checkpoint" in stopped.stdout
+    assert "error: interrupted" not in stopped.stderr  # process 1 says nothing; process 0 printed how to continue
+
+
+@pytest.mark.slow
+def test_a_process_killed_alone_leaves_the_other_saying_how_to_continue(tmp_path, monkeypatch):
+    """kill -9 of process 1 only: process 0's next collective fails; it records the stop and prints one line with
+    the command that continues, not a traceback and a "failed" run."""
+    driver = tmp_path / "kill_at_step.py"
+    driver.write_text(KILL_AT_STEP)
+    monkeypatch.setenv("MLM_TEST_KILL_AT", "7")
+    monkeypatch.setenv("MLM_TEST_KILL_RANKS", "1")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    killed = subprocess.run([*torchrun, str(driver), *args_of(tmp_path, SMOKE, "run", "--batch-size", "8")],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    lines = [line for line in killed.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith("error: Another process of the run ended, so this one stops too")
+    assert lines[0].endswith(f"Continue with: torchrun --nproc_per_node 2 -m mlm.cli.train --resume latest "
+                             f"--output-dir {tmp_path / 'run'}") and "[rank0]: Traceback" not in killed.stderr
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["status"] == "interrupted" and record["segments"][-1]["end"] == "interrupted: another process ended"
 
 
 KILL_AT_STEP = """
@@ -132,7 +154,7 @@ real, calls = mlm.train.train_step, [0]
 def train_step_then_kill(*args, **kwargs):
     result = real(*args, **kwargs)
     calls[0] += 1
-    if calls[0] == int(os.environ["MLM_TEST_KILL_AT"]):
+    if calls[0] == int(os.environ["MLM_TEST_KILL_AT"]) and os.environ["RANK"] in os.environ["MLM_TEST_KILL_RANKS"]:
         os.kill(os.getpid(), signal.SIGKILL)
     return result
 mlm.train.train_step = train_step_then_kill
@@ -152,6 +174,7 @@ def test_two_processes_killed_after_a_checkpoint_resume_bit_identically_with_dro
     driver = tmp_path / "kill_at_step.py"
     driver.write_text(KILL_AT_STEP)
     monkeypatch.setenv("MLM_TEST_KILL_AT", "7")  # step 7: after the checkpoint of step 6, before the next one
+    monkeypatch.setenv("MLM_TEST_KILL_RANKS", "0,1")
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     killed = subprocess.run([*torchrun, str(driver), *args_of(tmp_path, SMOKE, "killed", "--batch-size", "8")],
                             capture_output=True, text=True, timeout=300, cwd=tmp_path)

@@ -32,6 +32,7 @@ from mlm.files.pretrained import config_from_dict, read_config
 from mlm.optim import schedule_factor
 from mlm.run.checkpoints import MANIFEST_FILE, _write_manifest
 from mlm.run.folder import RunFolder
+from mlm.run.record import read_record
 from mlm.run.session import compare_settings, settings_as_json
 from mlm.tokenizer import load_tokenizer
 from mlm.train import train
@@ -120,6 +121,18 @@ def test_an_overwrite_killed_before_its_first_checkpoint_gives_the_old_run_back(
     with pytest.raises(MLMError, match="already holds a run"):  # the old run is back, and still protected
         train(tiny_run(run, epochs=1))
     assert snapshot(run) == before
+
+
+def test_a_resume_after_a_killed_overwrite_takes_the_settings_of_the_run_put_back(tmp_path, monkeypatch, capsys):
+    # The killed run's record (seed 3) was read before the old run (seed 42) was back: "would change `seed`".
+    run = tmp_path / "run"
+    train(tiny_run(run, epochs=1))
+    killed = subprocess.run([sys.executable, "-c", KILL_DRIVER, json.dumps(config_json(run, overwrite=True, seed=3)),
+                             "train_step", "2"], cwd=tmp_path, env=child_env(), timeout=300)
+    assert killed.returncode == -signal.SIGKILL and (tmp_path / ".run.replaced-run").is_dir()
+    status, err = cli(monkeypatch, capsys, "--resume", "latest", "--output-dir", str(run), "--no-progress")
+    assert status == 0, err
+    assert read_record(run).settings["seed"] == 42 and not (tmp_path / ".run.replaced-run").exists()
 
 
 def test_setup_failures_leave_no_folder_behind(tmp_path):

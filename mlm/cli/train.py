@@ -26,7 +26,7 @@ from pathlib import Path
 from mlm.cli.args import ArgumentParser, absolute_if_local, add_settings, flags_given, run_command, settings_given
 from mlm.errors import Interrupted, MLMError
 from mlm.files.hub import set_progress_bars
-from mlm.run.folder import folder_record
+from mlm.run.folder import folder_record, record_to_resume
 from mlm.run.hub_push import full_repo_id, push_run
 from mlm.run.processes import Processes
 from mlm.run.session import resume_command
@@ -104,7 +104,7 @@ def resumed_settings(settings: dict, given: set[str]) -> dict:
     if checkpoint is not None and "output_dir" not in given and checkpoint.parent.name == "checkpoints":
         settings["output_dir"] = str(checkpoint.parent.parent)
     record = next((found for source in (Path(settings["output_dir"]).expanduser(), checkpoint)
-                   if source is not None and source.is_dir() and (found := folder_record(source)) is not None), None)
+                   if source is not None and source.is_dir() and (found := record_to_resume(source)) is not None), None)
     if record is None:
         return settings
     kept = ("output_dir", "resume", "overwrite", "extend")

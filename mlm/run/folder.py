@@ -45,7 +45,7 @@ class RunFolder:
     def __init__(self, path: Path, *, is_main: bool):
         self.path, self.is_main = path, is_main
         self.created = self.locked = False  # this run created the folder; holds its lock
-        self.aside = path.parent / f".{path.name}.replaced-run"  # where --overwrite moves the old run
+        self.aside = _aside(path)  # where --overwrite moves the old run
         self.deleting = self.aside.with_name(self.aside.name + ".deleting")  # the old run while it is deleted
         self.moved_aside = False  # this run moved the old run aside, and has not yet dropped it
         self.committed = False  # the run wrote a checkpoint or finished, or resumed one: nothing left to undo
@@ -80,9 +80,7 @@ class RunFolder:
 
     def resume_point(self, resume: str | None, overwrite: bool) -> Path | None:
         """The checkpoint to resume from (None: a new run), or MLMError if the folder is not this run's to write in.
-        Reads only, but for putting back a run that an interrupted --overwrite had moved aside."""
-        if self.is_main:
-            self._recover_interrupted_overwrite()
+        Reads only."""
         if resume == "latest":
             if checkpoints := list_checkpoints(self.path):
                 return checkpoints[-1]
@@ -207,7 +205,7 @@ class RunFolder:
                            f"{kept}: move it back once that run has ended.") from None
         (self.aside / LOCK_FILE).unlink(missing_ok=True)
 
-    def _recover_interrupted_overwrite(self) -> None:
+    def recover_interrupted_overwrite(self) -> None:
         """An --overwrite run was killed: drop the run it replaced if it had saved a checkpoint, else put it back."""
         shutil.rmtree(self.deleting, ignore_errors=True)
         if not self.aside.is_dir():
@@ -254,6 +252,15 @@ def folder_record(path: Path):
     return read_record(path) if (path / RECORD_FILE).is_file() else _checkpoint_record(path)
 
 
+def record_to_resume(path: Path):
+    """folder_record(path) as it will be once mlm-train has undone an --overwrite killed before its first checkpoint:
+    the replaced run's record (recover_interrupted_overwrite puts it back), else the folder's."""
+    if (old := folder_record(_aside(path)) if _aside(path).is_dir() else None) is not None:
+        if (new := _checkpoint_record(path)) is None or new.run_id == old.run_id:
+            return old
+    return folder_record(path)
+
+
 def unfinished_run(folder: Path) -> str | None:
     """Why the run folder `folder`, given as a model, has none to load yet and what to load instead; None when it
     has its final model or holds no run. The run gets its model when it finishes, each checkpoint meanwhile."""
@@ -268,6 +275,10 @@ def unfinished_run(folder: Path) -> str | None:
                                                     f"latest --output-dir {shlex.quote(str(folder))}")
     state = f"is still training ({_describe(holder)})" if running else "has no final model yet"
     return f"{folder} holds a run that {state}: {fix}."
+
+
+def _aside(path: Path) -> Path:
+    return path.parent / f".{path.name}.replaced-run"
 
 
 def _checkpoint_record(path: Path):

@@ -102,6 +102,13 @@ def pick_device(choice: str) -> torch.device:
     return device
 
 
+def lost_a_process(err: BaseException) -> bool:
+    """Whether `err` is a collective that failed because another process of the run ended (killed, or stopped at once
+    by a second Ctrl-C): gloo and NCCL raise a plain RuntimeError naming themselves or the lost connection."""
+    return isinstance(err, RuntimeError) and re.search(r"gloo|nccl|connection (reset|closed) by peer", str(err),
+                                                        re.IGNORECASE) is not None
+
+
 def end_processes(procs: Processes) -> None:
     if procs.world_size > 1:
         dist.destroy_process_group()

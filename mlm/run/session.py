@@ -37,7 +37,7 @@ from mlm.run.checkpoints import (
 from mlm.run.folder import RunFolder, folder_record
 from mlm.run.metrics import METRICS_FILE, Console, Meter, MetricsLog, flops_per_token, peak_flops
 from mlm.run.model_card import CARD_FILE, write_run_model_card
-from mlm.run.processes import Processes, end_processes, start_processes
+from mlm.run.processes import Processes, end_processes, lost_a_process, start_processes
 from mlm.run.record import RECORD_FILE, RunRecord, read_record, write_record
 from mlm.run.signals import Signals, ignore_stop_signals
 from mlm.run.tensorboard_log import LOG_DIR, TensorBoardLog, require_tensorboard
@@ -80,9 +80,14 @@ def open_run(config: TrainConfig):
             run.find_start()
             yield run
         except BaseException as err:
-            run.end_with(err)
+            lost = procs.world_size > 1 and lost_a_process(err)
+            run.end_with(err, "interrupted: another process ended" if lost else None)
             if isinstance(err, KeyboardInterrupt):
                 raise Interrupted(getattr(err, "signal_name", "SIGINT"), hint=run.continue_hint()) from None
+            if lost:
+                reason = " ".join(str(err).split())[:160]
+                raise MLMError(f"Another process of the run ended, so this one stops too ({reason}). "
+                               f"{run.continue_hint()}") from None
             raise
         finally:
             folder.release()
@@ -107,8 +112,12 @@ class Run:
     # -- where the run starts --------------------------------------------------------------------------------
 
     def find_start(self) -> None:
-        """A new run, or the checkpoint to resume and the record it continues; the data read. Reads only."""
+        """A new run, or the checkpoint to resume and the record it continues; the data read. Reads only, but for
+        putting back a run that a killed --overwrite had moved aside."""
         config, out = self.config, self.output_dir
+        if self.procs.is_main:
+            self.folder.recover_interrupted_overwrite()
+        self.procs.barrier()  # the others read the folder once rank 0 holds it and has put back a replaced run
         self.resume_from = checkpoint = self.folder.resume_point(config.resume, config.overwrite)
         if checkpoint is None:
             return
@@ -278,6 +287,9 @@ class Run:
         if due or procs.world_size == 1:
             self.stopped_by = procs.agree_on_signal(self.signals.received)
             self.stop_requested = self.stopped_by is not None
+            if self.stop_requested and self.signals.received is None:  # only another process got it: say so here
+                self.say(f"{self.stopped_by} received by another process of the run: saving a checkpoint, then "
+                         "stopping.")
         if not (due or self.stop_requested):
             return
         mean_loss = sum(procs.gather(float(meter.loss_sum))) / procs.world_size / meter.steps
@@ -354,7 +366,7 @@ class Run:
                     rng_states=rng_states, record_json=self.record.to_json()))
             self.folder.commit()
             self._write_record()
-        self.procs.barrier()
+        self.last_checkpoint = self.procs.gather(self.last_checkpoint)[0]  # all wait for it, and know it for a hint
         self.meter.restart_clock()
 
     # -- the end ---------------------------------------------------------------------------------------------
@@ -422,11 +434,11 @@ class Run:
             train_tokens_per_second=progress["train_tokens"] / max(progress["train_seconds"], 1e-9),
             checkpoint=self.last_checkpoint, stopped_by=self.stopped_by, is_main=self.procs.is_main)
 
-    def end_with(self, err: BaseException) -> None:
-        """The run ends on an exception: record how (once it has a checkpoint), or undo what it wrote."""
+    def end_with(self, err: BaseException, how: str | None = None) -> None:
+        """The run ends on an exception: record `how` (once it has a checkpoint), or undo what it wrote."""
         if self.log is not None and self.procs.is_main and self.folder.committed:
-            how = (f"interrupted by {getattr(err, 'signal_name', 'SIGINT')}" if isinstance(err, KeyboardInterrupt)
-                   else "failed")
+            stop = isinstance(err, KeyboardInterrupt)
+            how = how or (f"interrupted by {getattr(err, 'signal_name', 'SIGINT')}" if stop else "failed")
             self.record.end_segment(how, step=self.progress.global_step)
             with suppress(MLMError):  # the error being raised says more than this one
                 self._write_record()
