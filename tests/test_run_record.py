@@ -17,6 +17,7 @@ from test_run_safety import cli, on_call, same_weights, snapshot
 from test_train import SMOKE, final_weights, interrupt_after, tiny_run
 
 import mlm.run.checkpoints
+import mlm.run.session
 import mlm.train
 from mlm.errors import Interrupted, MLMError, run_cli
 from mlm.run.checkpoints import verify_checkpoint
@@ -135,6 +136,24 @@ def test_sigterm_in_the_final_phase_leaves_a_run_that_resumes_to_the_same_result
     assert record["results"]["after"] == expected["results"]["after"]
     assert record["results"]["before"] == expected["results"]["before"]
     assert [s["end"] for s in record["segments"]] == ["interrupted by SIGTERM", "finished"]
+
+
+def test_a_stop_once_the_run_has_finished_leaves_it_finished(tmp_path, monkeypatch):
+    # SIGTERM while the card is written, after the record said "finished": the status became "interrupted" while
+    # the segment still said "finished".
+    real = mlm.run.session.write_run_model_card
+
+    def sigterm_then_write(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mlm.run.session, "write_run_model_card", sigterm_then_write)
+    with pytest.raises(Interrupted) as stop:
+        train(tiny_run(tmp_path / "run"))
+    assert stop.value.hint == f"The run had finished, its model saved in {tmp_path / 'run'}; only its model card was " \
+                              "not written."
+    record = record_of(tmp_path / "run")
+    assert record["status"] == "finished" and [s["end"] for s in record["segments"]] == ["finished"]
 
 
 # ---------------------------------------------------------------- F3: data edited between segments

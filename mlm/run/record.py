@@ -52,8 +52,8 @@ class RunRecord:
 
     def end_segment(self, end: str, *, step: int) -> None:
         """end: finished | interrupted | failed, or the signal that stopped it (e.g. "interrupted by SIGTERM")."""
-        self.status = end if end in STATUSES else "interrupted"
-        if self.segments and self.segments[-1]["ended"] is None:
+        if self.segments and self.segments[-1]["ended"] is None:  # a stop once the run has finished changes nothing
+            self.status = end if end in STATUSES else "interrupted"
             self.segments[-1].update(ended=_now(), to_step=step, end=end)
 
     def last_eval_at(self, step: int) -> dict | None:

@@ -445,6 +445,8 @@ class Run:
         self.folder.abandon()  # before the first checkpoint: the folder goes back to how it was
 
     def continue_hint(self) -> str:
+        if self.record is not None and self.record.finished and self.log is not None:  # stopped writing the card
+            return f"The run had finished, its model saved in {self.output_dir}; only its model card was not written."
         if self.last_checkpoint is not None:
             # Stopped before a checkpoint of its own, a resume continues the checkpoint it was given: `--resume latest`
             # would take a newer one of the folder, which the user did not ask for.
