@@ -17,6 +17,7 @@ from mlm.cli import fill_mask as fill_mask_cli
 from mlm.errors import MLMError, run_cli
 from mlm.files.pretrained import load_config, load_pretrained, model_from_state_dict, read_config, save_pretrained
 from mlm.model import DistilBertConfig, DistilBertForMaskedLM
+from mlm.run.record import RunRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DIR = ROOT / "tests" / "fixtures" / "tiny-distilbert"
@@ -123,7 +124,7 @@ def test_non_float_weights_are_one_line_in_the_clis(tmp_path, capsys):
 def test_fill_mask_with_a_vocab_smaller_than_the_tokenizer_is_one_line(tmp_path, capsys):
     folder = smoke_model_with_vocab(tmp_path, 100)  # the smoke tokenizer has 347 tokens
     err = one_line_error(fill_mask_cli.main, ["--model", str(folder), "this is a [MASK] ."], capsys)
-    assert "347 tokens but the model only 100" in err
+    assert f"The tokenizer has 347 tokens but the model {folder} only 100" in err
 
 
 @pytest.mark.parametrize("device", ["gpu", "cuda:x"] + ([] if torch.cuda.is_available() else ["cuda"]))
@@ -145,6 +146,10 @@ def test_a_run_folder_without_its_final_model_points_at_its_checkpoints(tmp_path
         (folder / "checkpoints" / step / "trainer_state.json").write_text("{}")
     err = one_line_error(fill_mask_cli.main, ["--model", str(folder), "a [MASK] ."], capsys)
     assert f"give its checkpoint {folder / 'checkpoints' / 'step-000008'}," in err and "--resume latest" in err
+    # A run of two processes continues with two: one would change its global batch, and be refused.
+    (folder / "run.json").write_text(RunRecord(settings={}, world_size=2).to_json())
+    err = one_line_error(fill_mask_cli.main, ["--model", str(folder), "a [MASK] ."], capsys)
+    assert "finish the run with torchrun --nproc_per_node 2 -m mlm.cli.train --resume latest --output-dir" in err
     # While the run trains, a resume would be refused by its lock: it said to finish the run with one all the same.
     (folder / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "now"}))
     err = one_line_error(fill_mask_cli.main, ["--model", str(folder), "a [MASK] ."], capsys)

@@ -271,7 +271,11 @@ def unfinished_run(folder: Path) -> str | None:
     if not (saved := list_checkpoints(folder)):
         fix = "it has saved no checkpoint yet"
     else:
-        fix = f"give its checkpoint {saved[-1]}" + ("" if running else ", or finish the run with mlm-train --resume "
+        processes = 1
+        with suppress(MLMError):
+            processes = read_record(folder).world_size  # a resume with fewer would change the global batch
+        launch = "mlm-train" if processes == 1 else f"torchrun --nproc_per_node {processes} -m mlm.cli.train"
+        fix = f"give its checkpoint {saved[-1]}" + ("" if running else f", or finish the run with {launch} --resume "
                                                     f"latest --output-dir {shlex.quote(str(folder))}")
     state = f"is still training ({_describe(holder)})" if running else "has no final model yet"
     return f"{folder} holds a run that {state}: {fix}."
