@@ -178,3 +178,10 @@ def test_under_torchrun_the_other_processes_name_themselves_and_leave_a_stop_to_
         monkeypatch.setenv("RANK", rank)
         for main, code, err in zip((fails, stopped), (2, 143), expected):
             assert exit_and_stderr(lambda argv, main=main: main(), [], capsys) == (code, "", err)
+
+
+def test_run_as_a_module_the_help_pointer_names_the_module(monkeypatch, capsys):
+    # `python -m mlm.cli.train` (and torchrun's `-m mlm.cli.train`) said "Run `train.py --help`", no such file there.
+    monkeypatch.setattr("sys.argv", [str(train.__file__)])
+    code, _, err = exit_and_stderr(train.main, ["--masking", "wmm"], capsys)
+    assert code == 2 and err.endswith("Run `python -m mlm.cli.train --help` for every flag.\n")

@@ -138,6 +138,16 @@ def test_sigterm_in_the_final_phase_leaves_a_run_that_resumes_to_the_same_result
     assert [s["end"] for s in record["segments"]] == ["interrupted by SIGTERM", "finished"]
 
 
+def test_a_resume_from_an_epochs_end_says_so(tmp_path, monkeypatch, capsys):
+    # It said "epoch 2, step 6/12" for the checkpoint at the end of epoch 1 ("epoch 3" at the end of a 2-epoch run).
+    interrupt_after(monkeypatch, 6)
+    assert train(tiny_run(tmp_path / "run")).status == "interrupted"
+    monkeypatch.undo()
+    capsys.readouterr()
+    train(tiny_run(tmp_path / "run", resume="latest"))
+    assert "checkpoints/step-000006 (end of epoch 1, step 6/12)." in capsys.readouterr().out
+
+
 def test_a_stop_once_the_run_has_finished_leaves_it_finished(tmp_path, monkeypatch):
     # SIGTERM while the card is written, after the record said "finished": the status became "interrupted" while
     # the segment still said "finished".

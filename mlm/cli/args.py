@@ -43,6 +43,9 @@ class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         kwargs.setdefault("allow_abbrev", False)
+        script = Path(sys.argv[0])
+        if script.parent.name == "cli" and script.parent.parent.name == "mlm":  # python -m mlm.cli.train, torchrun -m
+            kwargs.setdefault("prog", f"python -m mlm.cli.{script.stem}")
         super().__init__(*args, **kwargs)
         self.hints: dict[str, str] = {}  # an unknown flag -> what to say about it, for this command
 

@@ -205,8 +205,9 @@ class Run:
             self.say(f"note: {note}")
         if resuming:
             self.log.write("resume", step=step, checkpoint=str(self.resume_from), changed=changed)
-            self.say(f"Resuming run {record.run_id} from {self.resume_from} (epoch {self.progress.epoch + 1}, step "
-                     f"{step}/{self.total_steps}).")
+            at = self.progress  # a checkpoint at an epoch's end holds the count of epochs done, step 0 of the next
+            epoch = f"end of epoch {at.epoch}" if at.step_in_epoch == 0 and at.epoch else f"epoch {at.epoch + 1}"
+            self.say(f"Resuming run {record.run_id} from {self.resume_from} ({epoch}, step {step}/{self.total_steps}).")
         self.say(f"Model: {path}.")
         self.say(f"{facts['parameters']:,} parameters on {procs.device} ({precision}); {facts['train_chunks']:,} train "
                  f"/ {facts['eval_chunks']:,} eval chunks of {config.chunk_size}; {self.total_steps} "
