@@ -287,7 +287,9 @@ def _slices(text: str, blanks: str = BLANKS) -> Iterator[str]:
     while start < len(text):
         end = cut = min(start + SLICE_CHARS, len(text))
         while end < len(text) and (cut := max(text.rfind(blank, start + 1, cut) for blank in blanks)) > start:
-            if not text[cut - 1].isspace():
+            while cut > start + 1 and text[cut - 1].isspace():  # back to the run's first character, in one pass
+                cut -= 1
+            if text[cut] in blanks and not text[cut - 1].isspace():
                 end = cut
                 break
         yield text[start:end]

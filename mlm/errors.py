@@ -50,7 +50,8 @@ def run_cli(main, flag_of=lambda setting: None) -> None:
     flags = partial(name_flags, flag_of=flag_of)
     # Under torchrun every process meets the same bad input: the others' lines say which process they come from. A
     # stop is process 0's to report, with how to continue; the others' view of the folder may be a step behind.
-    rank = int(os.environ.get("RANK", 0))
+    rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else "0"
+    rank = int(rank) if rank.isdigit() else 0
     who = f"[rank {rank}] " if rank else ""
     streams = sys.stdout, sys.stderr  # None where closed (`>&-`): print() then writes nowhere, as it should
     sys.stdout, sys.stderr = (None if stream is None else _ReaderMayLeave(stream) for stream in streams)

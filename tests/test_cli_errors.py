@@ -172,10 +172,12 @@ def test_under_torchrun_the_other_processes_name_themselves_and_leave_a_stop_to_
     def stopped():
         raise mlm.errors.Interrupted("SIGTERM", hint="Continue with: mlm-train --resume latest")
 
-    for rank, expected in (("0", ("error: no such data\n", "error: interrupted (SIGTERM). Continue with: mlm-train "
-                                                             "--resume latest\n")),
-                           ("1", ("error: [rank 1] no such data\n", ""))):
+    process_0 = ("error: no such data\n", "error: interrupted (SIGTERM). Continue with: mlm-train --resume latest\n")
+    # RANK alone (a job that exports it, no torchrun) or empty is no process of a run of several.
+    for rank, world_size, expected in (("0", "2", process_0), ("1", "2", ("error: [rank 1] no such data\n", "")),
+                                       ("1", "1", process_0), ("", "", process_0)):
         monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", world_size)
         for main, code, err in zip((fails, stopped), (2, 143), expected):
             assert exit_and_stderr(lambda argv, main=main: main(), [], capsys) == (code, "", err)
 

@@ -149,7 +149,8 @@ def test_a_run_folder_without_its_final_model_points_at_its_checkpoints(tmp_path
     # A run of two processes continues with two: one would change its global batch, and be refused.
     (folder / "run.json").write_text(RunRecord(settings={}, world_size=2).to_json())
     err = one_line_error(fill_mask_cli.main, ["--model", str(folder), "a [MASK] ."], capsys)
-    assert "finish the run with torchrun --nproc_per_node 2 -m mlm.cli.train --resume latest --output-dir" in err
+    assert "finish the run with its 2 processes, launched as it was: torchrun … -m mlm.cli.train --resume latest " \
+           "--output-dir" in err
     # While the run trains, a resume would be refused by its lock: it said to finish the run with one all the same.
     (folder / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "now"}))
     err = one_line_error(fill_mask_cli.main, ["--model", str(folder), "a [MASK] ."], capsys)

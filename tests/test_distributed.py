@@ -9,6 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mlm.run.processes import lost_a_process
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "mlm" / "smoke"
 
@@ -189,3 +191,16 @@ def test_two_processes_killed_after_a_checkpoint_resume_bit_identically_with_dro
     again = load_file(tmp_path / "killed" / "model.safetensors")
     assert max(float((again[k] - uninterrupted[k]).abs().max()) for k in uninterrupted) == 0.0
     assert json.loads((tmp_path / "killed" / "run.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.parametrize("message, lost", [
+    ("[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:64725: Connection reset by peer. This is typically "
+     "caused by a remote worker hanging", True),
+    ("[../gloo/transport/tcp/pair.cc:598] Connection closed by peer [127.0.0.1]:50962", True),
+    ("NCCL error in: ProcessGroupNCCL.cpp:1970, remote process exited or there was a network error", True),
+    # Every process may still be there: a hang, or a collective they disagree on, is no lost process.
+    ("[../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 3000ms for recv operation to complete", False),
+    ("NCCL error in: ProcessGroupNCCL.cpp:1970, invalid usage (run with NCCL_DEBUG=WARN for details)", False),
+])
+def test_only_a_lost_connection_counts_as_another_process_ended(message, lost):
+    assert lost_a_process(RuntimeError(message)) == lost and not lost_a_process(ValueError(message))

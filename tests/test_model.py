@@ -261,6 +261,8 @@ def test_a_tokenizer_with_more_tokens_than_the_model_is_refused_naming_where_the
         load_model(TINY_DIR, tokenizer=bigger)
     with pytest.raises(MLMError, match=r"only 100 \(vocab_size as `config_overrides` sets it\)"):
         load_model(TINY_DIR, init="random", tokenizer=bigger, config_overrides="vocab_size=100")
+    with pytest.raises(MLMError, match=r"\(vocab_size in its config.json\)"):  # type_vocab_size is another key
+        load_model(FIXTURES / "tiny-bert", init="random", tokenizer=bigger, config_overrides="type_vocab_size=1")
 
 
 def test_truncated_safetensors(tmp_path):

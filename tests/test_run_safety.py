@@ -123,14 +123,19 @@ def test_an_overwrite_killed_before_its_first_checkpoint_gives_the_old_run_back(
     assert snapshot(run) == before
 
 
-def test_a_resume_after_a_killed_overwrite_takes_the_settings_of_the_run_put_back(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("through_a_link", [False, True])
+def test_a_resume_after_a_killed_overwrite_takes_the_settings_of_the_run_put_back(tmp_path, monkeypatch, capsys,
+                                                                                  through_a_link):
     # The killed run's record (seed 3) was read before the old run (seed 42) was back: "would change `seed`".
     run = tmp_path / "run"
     train(tiny_run(run, epochs=1))
-    killed = subprocess.run([sys.executable, "-c", KILL_DRIVER, json.dumps(config_json(run, overwrite=True, seed=3)),
+    given = tmp_path / "link" if through_a_link else run  # the run moves aside beside the folder the link names
+    if through_a_link:
+        given.symlink_to(run)
+    killed = subprocess.run([sys.executable, "-c", KILL_DRIVER, json.dumps(config_json(given, overwrite=True, seed=3)),
                              "train_step", "2"], cwd=tmp_path, env=child_env(), timeout=300)
     assert killed.returncode == -signal.SIGKILL and (tmp_path / ".run.replaced-run").is_dir()
-    status, err = cli(monkeypatch, capsys, "--resume", "latest", "--output-dir", str(run), "--no-progress")
+    status, err = cli(monkeypatch, capsys, "--resume", "latest", "--output-dir", str(given), "--no-progress")
     assert status == 0, err
     assert read_record(run).settings["seed"] == 42 and not (tmp_path / ".run.replaced-run").exists()
 

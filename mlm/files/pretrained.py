@@ -65,7 +65,8 @@ def load_model(name_or_path: str | Path, *, init: str = "pretrained", revision: 
     else:
         model = DistilBertForMaskedLM(load_config(name_or_path, revision=revision, overrides=config_overrides))
     if tokenizer is not None:
-        overridden = init != "pretrained" and "vocab_size" in (config_overrides or "")
+        keys = [item.partition("=")[0].strip() for item in (config_overrides or "").split(",")]  # as read_config
+        overridden = init != "pretrained" and "vocab_size" in keys
         check_tokenizer_fits(model, tokenizer.vocab_size, str(name_or_path), overridden=overridden)
     return model
 

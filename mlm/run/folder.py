@@ -255,6 +255,7 @@ def folder_record(path: Path):
 def record_to_resume(path: Path):
     """folder_record(path) as it will be once mlm-train has undone an --overwrite killed before its first checkpoint:
     the replaced run's record (recover_interrupted_overwrite puts it back), else the folder's."""
+    path = path.resolve() if path.is_symlink() else path  # as RunFolder.lock names the folder the run moves aside
     if (old := folder_record(_aside(path)) if _aside(path).is_dir() else None) is not None:
         if (new := _checkpoint_record(path)) is None or new.run_id == old.run_id:
             return old
@@ -274,7 +275,8 @@ def unfinished_run(folder: Path) -> str | None:
         processes = 1
         with suppress(MLMError):
             processes = read_record(folder).world_size  # a resume with fewer would change the global batch
-        launch = "mlm-train" if processes == 1 else f"torchrun --nproc_per_node {processes} -m mlm.cli.train"
+        launch = ("mlm-train" if processes == 1 else
+                  f"its {processes} processes, launched as it was: torchrun … -m mlm.cli.train")
         fix = f"give its checkpoint {saved[-1]}" + ("" if running else f", or finish the run with {launch} --resume "
                                                     f"latest --output-dir {shlex.quote(str(folder))}")
     state = f"is still training ({_describe(holder)})" if running else "has no final model yet"

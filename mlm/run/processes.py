@@ -104,9 +104,10 @@ def pick_device(choice: str) -> torch.device:
 
 def lost_a_process(err: BaseException) -> bool:
     """Whether `err` is a collective that failed because another process of the run ended (killed, or stopped at once
-    by a second Ctrl-C): gloo and NCCL raise a plain RuntimeError naming themselves or the lost connection."""
-    return isinstance(err, RuntimeError) and re.search(r"gloo|nccl|connection (reset|closed) by peer", str(err),
-                                                        re.IGNORECASE) is not None
+    by a second Ctrl-C): gloo raises a plain RuntimeError naming the lost connection, NCCL the remote process that
+    exited. A timeout is not one: every process may still be alive, hanging."""
+    lost = r"connection (reset|closed) by peer|remote process exited|peer (process )?(has )?(closed|exited)"
+    return isinstance(err, RuntimeError) and re.search(lost, str(err), re.IGNORECASE) is not None
 
 
 def end_processes(procs: Processes) -> None:
