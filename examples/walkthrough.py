@@ -54,10 +54,12 @@ MARKER = ".mlm-walkthrough"  # written into the output folder: only a folder hol
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description="The Hugging Face course's MLM chapter, step by step, with mlm. The defaults are "
                                    "the course's.")
-    # The flags are mlm-train's (mlm/settings.py): the same names, helps and defaults, but for the output folder.
+    # The flags are mlm-train's (mlm/settings.py): the same names, helps and defaults, but for the output folder and
+    # the grouping, which is the course's here (mlm-train joins the whole split).
     add_settings(p, ["model", "init", "dataset", "chunk_size", "group_size", "train_size", "test_size", "cache_dir",
                      "batch_size", "eval_batch_size", "lr", "weight_decay", "warmup_steps", "epochs", "max_steps",
                      "seed", "data_seed", "precision", "device", "output_dir", "progress_bar"], output_dir=OUTPUT_DIR,
+                 group_size=COURSE_GROUP_SIZE,
                  helps={"output_dir": "where the trained model is saved (config, weights, tokenizer): a new or empty "
                                       "folder, or an earlier walkthrough's, which it replaces"})
     return p.parse_args(argv)
@@ -110,7 +112,8 @@ else:
     model = DistilBertForMaskedLM(load_config(args.model))
 model = model.to(device).eval()
 n_parameters = model.num_parameters()
-say(f"DistilBERT number of parameters: {round(n_parameters / 1_000_000)}M")
+family = {"distilbert": "DistilBERT", "bert": "BERT", "roberta": "RoBERTa"}[model.config.family]
+say(f"{family} number of parameters: {n_parameters / 1e6:.{0 if n_parameters >= 1e6 else 2}f}M")  # 67M: the course
 print(f"({n_parameters:,} parameters, {args.init} weights, on {device})")
 
 # %% [markdown]
@@ -240,9 +243,10 @@ print(f"chunk() keeps {len(chunk_ids)} full chunks {tuple(chunk_ids.shape)} and 
 # %% [markdown]
 # Course: `lm_datasets = tokenized_datasets.map(group_texts, batched=True)`. Because `datasets` hands
 # `group_texts` 1,000 reviews at a time, the course joins and cuts each group of 1,000 reviews separately, and
-# drops each group's short tail. mlm joins the whole split by default (one tail dropped); `group_size=1000`
-# reproduces the course's count. `load_chunks` (mlm/corpus.py) tokenizes and chunks a split once, streaming, into a
-# memory-mapped chunk store (mlm/corpus_store.py, named by its cache key); later runs open the store.
+# drops each group's short tail. mlm-train joins the whole split by default (one tail dropped); the walkthrough
+# keeps the course's `group_size=1000`, so its chunks, and the draw below, are the course's. `load_chunks`
+# (mlm/corpus.py) tokenizes and chunks a split once, streaming, into a memory-mapped chunk store
+# (mlm/corpus_store.py, named by its cache key); later runs open the store.
 #
 # On the Hub's IMDb the course's notebook reports 61,289 train chunks. The whole-split count depends only on
 # the number of tokens; the grouped count also depends on the row order (which reviews share a group), so a
@@ -267,8 +271,9 @@ else:
 # %% [markdown]
 # Course: `tokenizer.decode(lm_datasets["train"][1]["input_ids"])` and the same for `"labels"`: a chunk where one
 # review ends and the next begins (`[SEP] [CLS]`). `group_texts` copies input_ids into labels; in mlm the labels
-# are made by the masking (next section), and before masking they are the chunk's own ids. Word ids restart at 0
-# with every review.
+# are made by the masking (next section), and before masking they are the chunk's own ids. `tokenize` numbers each
+# review's words from 0; the store keeps only where words start (all the masking reads) and numbers them along the
+# chunk, so here the count runs on across the boundary.
 
 # %%
 sep_cls = ((lm_chunks.input_ids[:, :-1] == tokenizer.sep_token_id)
@@ -359,7 +364,8 @@ print(f"(reference-style, as Trainer averages: {before.reference_perplexity:.2f}
 # a generator of its own, seeded from (seed, epoch, step); `lr_schedule` (mlm/optim.py) is the linear decay, set
 # into AdamW (`make_optimizer`, the reference's decay groups) before each step; `train_step` (mlm/train.py) is the
 # forward, backward, gradient clipping and AdamW step. `mlm-train` runs exactly these steps, wrapped for speed and
-# scale and with a run folder around them: on this plain fp32 path its weights are these, bit for bit.
+# scale and with a run folder around them: on the plain path (`--lean off --fast-tokenize off`, fp32, the same data
+# flags) its weights are these, bit for bit; its CPU default, the lean model, gives them up to rounding.
 
 # %%
 # Dropout draws from torch's global generator, seeded before the model was built (as mlm-train's set-up does) and

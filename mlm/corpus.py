@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mlm.chunks import Chunks
 from mlm.corpus_store import cache_key, default_cache_dir, prepare_store, store_path
-from mlm.data import check_chunk_size, check_group_size, concatenate, draw, split_train_test, tokenize_and_chunk
+from mlm.data import check_chunk_size, check_group_size, concatenate_splits, draw, split_train_test, tokenize_and_chunk
 from mlm.errors import MLMError
 from mlm.files.data_files import check_validation_file, find_corpus, read_texts
 from mlm.files.hub import short_name
@@ -75,7 +75,7 @@ def load_train_eval_chunks(source: str | Path, tokenizer: Tokenizer, *, train_sp
     """
     train_sources, held_out = run_sources(source, train_splits=train_splits, eval_split=eval_split,
                                           validation_file=validation_file)
-    train = concatenate([load_chunks(path, split, tokenizer, **load_args) for path, split in train_sources])
+    train = concatenate_splits([load_chunks(path, split, tokenizer, **load_args) for path, split in train_sources])
     if held_out is None:
         return split_train_test(train, train_size=train_size, test_size=test_size, seed=seed)
     name = str(validation_file) if validation_file is not None else f"the {eval_split} split"

@@ -26,7 +26,7 @@ from mlm.chunks import Chunks, draw_size, draw_sizes
 from mlm.errors import MLMError, listed
 from mlm.tokenizer import Tokenizer
 
-__all__ = ["Chunks", "check_chunk_size", "check_filled", "chunk", "concatenate", "draw", "group_ends",
+__all__ = ["Chunks", "check_chunk_size", "check_filled", "chunk", "concatenate_splits", "draw", "group_ends",
            "split_train_test", "tokenize", "tokenize_and_chunk"]
 
 # Texts per tokenizer call. The tokenizer parallelises inside a call, so a batch only has to be large enough to keep
@@ -191,7 +191,7 @@ def draw(chunks: Chunks, size: int | str, *, seed: int = 42, what: str = "train"
     return chunks.select(np.random.default_rng(seed).permutation(len(chunks))[:size])
 
 
-def concatenate(parts: list[Chunks]) -> Chunks:
+def concatenate_splits(parts: list[Chunks]) -> Chunks:
     """The chunks of `parts` one after the other (e.g. IMDb's train then unsupervised split), without a copy."""
     if len(parts) == 1:
         return parts[0]

@@ -67,7 +67,8 @@ def score_batches(model: DistilBertForMaskedLM, input_ids: torch.Tensor, labels:
                 continue
             with autocast:
                 out = model(input_ids[part].to(device), labels=batch_labels.to(device))
-            correct = (out.logits[: len(targets)].argmax(dim=-1) == targets.to(device)).sum()  # logits in label order
+            # Logits in label order; the compiled model (--cuda-graphs) pads the positions: keep the first N rows.
+            correct = (out.logits[: len(targets)].argmax(dim=-1) == targets.to(device)).sum()
             figures.append(torch.stack([out.loss.double(), correct.double()]))  # read back once, at the end
     finally:
         model.train(was_training)

@@ -277,9 +277,10 @@ def mask_whole_words(
 
 @dataclass
 class MaskingCollator:
-    """A masking configuration: `mask(...)` masks a stacked batch (what training calls), `collator(rows)` collates.
+    """A masking configuration: `mask(...)` masks a stacked batch (what training calls); calling the collator,
+    `MaskingCollator(...)(rows)`, collates rows.
 
-    `collator(rows) -> {"input_ids", "labels"}` is the standalone DataLoader `collate_fn` API, for masking
+    `MaskingCollator(...)(rows) -> {"input_ids", "labels"}` is the standalone DataLoader `collate_fn` API, for masking
     outside mlm's loop. rows: a list of dicts with "input_ids" (and "word_ids" for whole-word masking), or of
     tuples (input_ids, word_ids); each entry a 1-D numpy array, tensor or list. Word ids are -1 at specials.
     Returns {"input_ids": (B, L) int64, "labels": (B, L) int64}, plus "attention_mask" (B, L) int64 only when

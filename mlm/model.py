@@ -16,10 +16,10 @@ Parameter) but which has its own bias. The families differ in a few config field
 - RoBERTa: BERT whose positions count from pad_token_id + 1, skipping padding (so 514 position rows hold 512
   tokens), and whose head applies gelu whatever `hidden_act` says.
 
-One deliberate difference: given labels, the last block and the head run only at the labelled positions. Most
-tokens are unlabelled, and nothing reads the last block's output elsewhere: its feed-forward, its attention's output
-projection and the (tokens x D) @ (D x V) vocabulary projection, the largest matmul in the model, are skipped there,
-and (B, L, V) logits are never materialised. The loss is the same.
+One deliberate difference: given labels, the last block past its attention, and the head, run only at the labelled
+positions. Most tokens are unlabelled, and nothing reads the last block's output elsewhere: its feed-forward, its
+attention's output projection and the (tokens x D) @ (D x V) vocabulary projection, the largest matmul in the model,
+are skipped there, and (B, L, V) logits are never materialised. The loss is the same.
 
 Every layer here is a stock PyTorch op. Reading, checking and writing config.json and the weights live in
 mlm/files/pretrained.py; mlm/speed/ wraps this model from outside (lean modules swapped in, compiled, host-side
@@ -289,5 +289,6 @@ class DistilBertForMaskedLM(nn.Module):
         return MLMOutput(loss=loss, logits=logits)
 
     def num_parameters(self) -> int:
-        """Trainable parameter count, the tied matrix counted once (parameters() deduplicates it)."""
+        """Parameter count (all of them, as transformers' default), the tied matrix counted once (parameters()
+        deduplicates it)."""
         return sum(p.numel() for p in self.parameters())

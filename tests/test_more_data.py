@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mlm.corpus import load_chunks, load_train_eval_chunks
-from mlm.data import concatenate, draw, split_train_test
+from mlm.data import concatenate_splits, draw, split_train_test
 from mlm.errors import MLMError
 from mlm.files.data_files import find_data_files, load_texts
 from mlm.tokenizer import load_tokenizer
@@ -145,7 +145,7 @@ def test_train_refuses_clashing_eval_data_before_touching_the_output_folder(tmp_
 def test_concatenate_keeps_order_and_counts(corpus, tokenizer):
     a = load_chunks(corpus, "train", tokenizer, chunk_size=32, use_cache=False)
     b = load_chunks(corpus, "unsupervised", tokenizer, chunk_size=32, use_cache=False)
-    both = concatenate([a, b])
+    both = concatenate_splits([a, b])
     np.testing.assert_array_equal(both.word_ids, np.concatenate([a.word_ids, b.word_ids]))
     assert (both.n_reviews, both.n_tokens) == (a.n_reviews + b.n_reviews, a.n_tokens + b.n_tokens)
 
