@@ -257,7 +257,12 @@ def test_push_uploads_the_run_byte_for_byte(hub, run_dir):
     repo = hub.repos["me/tiny-imdb"]
     assert repo.private and repo.commits == ["Upload model trained with mlm"]
     expected = {name: data for name, data in before.items() if not name.startswith("checkpoints/")}
-    # Every file but the checkpoints, byte for byte: this record names no local path, so its copy is the same.
+    # Every file but the checkpoints, byte for byte: this record names no local path, so its copy is the same but
+    # for the repo it was pushed to (a push to a corrected id named the old one).
+    record = json.loads(expected["run.json"])
+    assert record["settings"]["hub_model_id"] != "me/tiny-imdb"
+    record["settings"]["hub_model_id"] = "me/tiny-imdb"
+    expected["run.json"] = (json.dumps(record, indent=2) + "\n").encode()
     assert repo.files == expected
     assert {"model.safetensors", "config.json", "tokenizer.json", "README.md", "run.json"} <= set(repo.files)
     assert url.startswith(f"{hub.url}/me/tiny-imdb/commit/")
@@ -426,6 +431,17 @@ def test_a_folder_without_a_model_is_refused(hub, tmp_path):
     assert hub.requests == [] and "me/tiny-imdb" not in hub.repos
 
 
+def test_a_run_that_is_not_finished_is_refused(hub, run_dir):
+    # An --extend stopped midway: the folder's model is the earlier segment's, the record (and card) the new length's.
+    record = read_record(run_dir)
+    record.start_segment(step=3, device="cpu", precision="fp32", model_variant="plain", world_size=1, changed={})
+    record.end_segment("interrupted by SIGINT", step=5)
+    write_record(run_dir, record)
+    with pytest.raises(MLMError, match=f"Cannot push {run_dir}: its run is interrupted at step .*Finish the run first"):
+        push_run(run_dir, "me/tiny-imdb", endpoint=hub.url)
+    assert hub.requests == []
+
+
 def test_push_honours_hf_endpoint_in_a_fresh_process(hub, run_dir):
     # What a user does: HF_ENDPOINT and HF_TOKEN in the environment, no endpoint passed (read at import).
     env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1",
@@ -513,7 +529,8 @@ def test_server_error_is_one_line(hub, run_dir):
     with pytest.raises(MLMError) as err:
         push_run(run_dir, "me/tiny-imdb", endpoint=hub.url)
     assert_one_line_and_intact(err, run_dir, before, f"The Hub at {hub.url} failed", "HTTP 500",
-                               "injected failure of create", "Try again later")
+                               "injected failure of create", "Try again later",
+                               f"mlm-train --resume latest --output-dir {run_dir} --push-to-hub pushes it again")
 
 
 def test_wrong_token_is_one_line(hub, run_dir, monkeypatch):

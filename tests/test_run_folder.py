@@ -435,9 +435,13 @@ def test_a_checkpoint_given_alone_resumes_in_its_own_runs_folder(tmp_path, monke
         on_call(patch, mlm.train, "train_step", 7, lambda: os.kill(os.getpid(), 2))
         train(tiny_run(run))
     monkeypatch.chdir(tmp_path)
-    status, err = cli(monkeypatch, capsys, "--resume", str(run / "checkpoints" / "step-000006"), "--no-progress")
+    status, err = cli(monkeypatch, capsys, "--resume", "run/checkpoints/step-000006", "--no-progress")
     assert status == 0, err
     assert read_record(run).status == "finished" and not (tmp_path / "distilbert-base-uncased-finetuned-imdb").exists()
+    # The log names the checkpoint by its absolute path, as the record does: a push shortens those (a relative one
+    # went to the Hub as it was given).
+    resumed = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"resume"' in line]
+    assert resumed[-1]["checkpoint"] == str(run / "checkpoints" / "step-000006")
 
 
 def test_messages_fit_the_situation(tmp_path, monkeypatch):

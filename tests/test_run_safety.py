@@ -537,6 +537,11 @@ def test_hub_failures_keep_their_cause_and_name_the_endpoint(fake_endpoint, monk
     url = fake_endpoint(200, b'{"hello": "world"}')
     with pytest.raises(MLMError, match=f"The server at {url} answered, but not as a Hugging Face Hub does"):
         resolve_repo("someone/model")
+    # The Hub answers a stale token with 401 even for a public repo: it said "Try again later".
+    url = fake_endpoint(401, b'{"error": "Invalid credentials in Authorization header"}')
+    monkeypatch.setenv("HF_TOKEN", "hf_revoked")
+    with pytest.raises(MLMError, match=f"The Hub at {url} rejected the token in HF_TOKEN \\(HTTP 401\\) .*fix "):
+        resolve_repo("someone/model")
     monkeypatch.setattr(hub_constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     with pytest.raises(MLMError, match="Could not reach the Hub at http://127.0.0.1:9 .*Connection refused"):
         resolve_repo("someone/model")

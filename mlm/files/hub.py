@@ -4,6 +4,7 @@ HF_HUB_OFFLINE and HF_TOKEN; an already downloaded snapshot is reused without to
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -105,6 +106,9 @@ def describe_download_error(err: BaseException, where: str, endpoint: str, *, of
     if not endpoint.startswith(("http://", "https://")) or bad_url:
         return (f"HF_ENDPOINT={endpoint!r} is not a valid Hub address ({reason}): set it to a URL such as "
                 "https://huggingface.co, or unset it.")
+    if status == 401 and os.environ.get("HF_TOKEN"):  # the Hub rejects a bad token even for a public repo
+        return (f"The Hub at {endpoint} rejected the token in HF_TOKEN (HTTP 401) for the {where}: fix HF_TOKEN, or "
+                "unset it for a public repo.")
     if status is not None:
         kind = "failed" if status >= 500 else "refused the request"
         return (f"The Hub at {endpoint} {kind} (HTTP {status}) for the {where}, and it is not in the local HF cache "

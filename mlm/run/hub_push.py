@@ -65,6 +65,10 @@ def push_run(folder: str | Path, repo_id: str, *, private: bool | None = None, e
     if missing := [name for name in MODEL_FILES if not (folder / name).is_file()]:  # or no folder at all
         raise MLMError(f"Cannot push {folder} to {endpoint}: it is not a finished run's folder (no "
                        f"{' and no '.join(missing)} there). Push the --output-dir of a finished run.")
+    if (record := read_record(folder)) is not None and not record.finished:  # its model is an earlier segment's
+        raise MLMError(f"Cannot push {folder}: its run is {record.status} at step {record.progress['step']}, and the "
+                       "model there is not what its record describes. Finish the run first (mlm-train --resume latest "
+                       f"--output-dir {folder}), then push.")
     api = _hub_api(repo_id, endpoint, f" The model is intact in {folder}.")
     try:
         # A bare name ("my-model") is created in the token owner's namespace; the Hub answers with the full id.
@@ -73,8 +77,9 @@ def push_run(folder: str | Path, repo_id: str, *, private: bool | None = None, e
         commit = api.create_commit(repo_id=repo_id, commit_message="Upload model trained with mlm", operations=[
             CommitOperationAdd(path_in_repo=name, path_or_fileobj=content) for name, content in uploads.items()])
     except Exception as err:  # classified below; anything unforeseen is still one line, not a traceback
-        raise MLMError(f"{describe_push_error(err, repo_id, endpoint)} The model is intact in {folder}; push it "
-                       "again once this is fixed.") from err
+        raise MLMError(f"{describe_push_error(err, repo_id, endpoint)} The model is intact in {folder}; once this "
+                       f"is fixed, mlm-train --resume latest --output-dir {folder} --push-to-hub pushes it again."
+                       ) from err
     return str(getattr(commit, "commit_url", commit))
 
 
@@ -108,7 +113,9 @@ def run_files(folder: Path, repo_id: str) -> dict[str, Path | bytes]:
         files[METRICS_FILE] = public_metrics(files[METRICS_FILE].read_bytes())
     if (record := read_record(folder)) is None:  # no run.json: pushed without it
         return files
-    files[RECORD_FILE] = RunRecord(**public_record(asdict(record))).to_json().encode()
+    public = public_record(asdict(record))
+    public["settings"]["hub_model_id"] = repo_id  # where it is now, also after a push to a corrected repo id
+    files[RECORD_FILE] = RunRecord(**public).to_json().encode()
     # The card mlm wrote names the repo it was written for, perhaps the local folder: the pushed one names this repo.
     # A card the user edited goes as it is.
     if CARD_FILE in files and record.written.get(CARD_FILE) == file_sha256(files[CARD_FILE]):

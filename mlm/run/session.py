@@ -204,7 +204,8 @@ class Run:
         for note in [*self.notes, *notes]:
             self.say(f"note: {note}")
         if resuming:
-            self.log.write("resume", step=step, checkpoint=str(self.resume_from), changed=changed)
+            # Absolute, as every path the record keeps: a push then names it by its last part (mlm/run/hub_push.py).
+            self.log.write("resume", step=step, checkpoint=str(self.resume_from.resolve()), changed=changed)
             at = self.progress  # a checkpoint at an epoch's end holds the count of epochs done, step 0 of the next
             epoch = f"end of epoch {at.epoch}" if at.step_in_epoch == 0 and at.epoch else f"epoch {at.epoch + 1}"
             self.say(f"Resuming run {record.run_id} from {self.resume_from} ({epoch}, step {step}/{self.total_steps}).")
