@@ -265,6 +265,17 @@ def test_a_tokenizer_with_more_tokens_than_the_model_is_refused_naming_where_the
         load_model(FIXTURES / "tiny-bert", init="random", tokenizer=bigger, config_overrides="type_vocab_size=1")
 
 
+def test_a_hub_repo_without_safetensors_is_named_as_the_repo(tmp_path, monkeypatch):
+    # Its pytorch_model.bin is never downloaded: the message named the cache snapshot and advised --init random.
+    import huggingface_hub
+
+    shutil.copyfile(TINY_DIR / "config.json", tmp_path / "config.json")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kwargs: str(tmp_path))
+    with pytest.raises(MLMError, match="^No model.safetensors in the Hub repo someone/bin-only. mlm downloads no "
+                                      "other weights .*use a repo that has model.safetensors.$"):
+        load_pretrained("someone/bin-only")
+
+
 def test_truncated_safetensors(tmp_path):
     shutil.copyfile(TINY_DIR / "config.json", tmp_path / "config.json")
     data = (TINY_DIR / "model.safetensors").read_bytes()

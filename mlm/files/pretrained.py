@@ -47,12 +47,15 @@ def load_pretrained(name_or_path: str | Path, revision: str | None = None) -> Di
     config, weights_path = load_config(folder), folder / WEIGHTS_FILE
     if not weights_path.is_file():
         pickled = [name for name in ("pytorch_model.bin", "model.pt", "model.pth") if (folder / name).exists()]
+        from_hub = not Path(name_or_path).expanduser().is_dir()  # only the files mlm reads were downloaded
         hint = (f"It has {pickled[0]}, a pickle file, which mlm never loads (unpickling can run arbitrary code): "
                 "convert it to safetensors with a trusted tool first." if pickled else
                 f"It has {shards}, a model cut in shards, and mlm reads one file: save the model again in one "
                 "(transformers: save_pretrained(folder, max_shard_size=\"20GB\"))." if (folder / shards).is_file() else
+                "mlm downloads no other weights (a pickled pytorch_model.bin is never loaded): use a repo that has "
+                "model.safetensors." if from_hub else
                 "Without pretrained weights, start from a random model with --init random (training only).")
-        raise MLMError(f"No {WEIGHTS_FILE} in {folder}. {hint}")
+        raise MLMError(f"No {WEIGHTS_FILE} in {f'the Hub repo {name_or_path}' if from_hub else folder}. {hint}")
     return model_from_state_dict(config, read_safetensors(weights_path), source=weights_path)
 
 
