@@ -131,7 +131,7 @@ def _handler(hub: HubServer):
             path = self.path.split("?")[0]
             if path == "/api/whoami-v2":
                 if self._authorized() and not self._failing("whoami"):
-                    self._send(200, {"type": "user", "name": hub.user, "orgs": []})
+                    self._send(200, {"type": "user", "name": hub.user, "orgs": [{"name": "org"}]})
                 return
             match = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/[^/]+)?", path)
             if match:

@@ -313,6 +313,17 @@ def test_full_repo_id_checks_the_token_before_training(hub, monkeypatch):
         full_repo_id("x", endpoint=hub.url)
 
 
+@pytest.mark.parametrize("repo, message", [
+    ("someone-else/x", "The token belongs to me, who may not push to someone-else/x: someone-else is neither me nor "
+                       "one of their organisations \\(org\\)"),
+    ("my run (v2)", "'my run \\(v2\\)' is not a Hub repo id"),  # an output folder's name, the default id
+    ("a/b/c", "'a/b/c' is not a Hub repo id")])
+def test_a_repo_id_that_cannot_be_pushed_to_is_refused_before_training(hub, repo, message):
+    # Each was found only by the push, after training.
+    with pytest.raises(MLMError, match=message):
+        full_repo_id(repo, endpoint=hub.url)
+
+
 # ---------------------------------------------------------------- what a push uploads, and what it never does
 
 

@@ -86,13 +86,26 @@ def push_run(folder: str | Path, repo_id: str, *, private: bool | None = None, e
 def full_repo_id(repo_id: str, *, endpoint: str | None = None) -> str:
     """"namespace/name" for `repo_id`; a bare name gets the token owner's namespace, so that the model card can name
     the repo before the push creates it. One whoami request, also for a namespace/name: a missing or rejected token,
-    an unreachable or offline Hub are refused now, before training, not after it."""
+    an unreachable or offline Hub, an invalid id and a namespace neither the user's nor one of their organisations'
+    are refused now, before training, not after it."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:  # the default id is the output folder's name, which may hold anything
+        raise MLMError(f"{repo_id!r} is not a Hub repo id ({err}). Give one with `hub_model_id`: NAME or "
+                       "NAMESPACE/NAME, of letters, digits, '-', '_' and '.'.") from None
     api = _hub_api(repo_id, endpoint)
     try:
-        owner = api.whoami()["name"]
+        who = api.whoami()
     except Exception as err:  # classified below; anything unforeseen is still one line, not a traceback
         raise MLMError(describe_push_error(err, repo_id, api.endpoint)) from err
-    return repo_id if "/" in repo_id else f"{owner}/{repo_id}"
+    owner, orgs = who["name"], [org.get("name") for org in who.get("orgs") or []]
+    if (namespace := repo_id.partition("/")[0] if "/" in repo_id else owner) not in (owner, *orgs):
+        raise MLMError(f"The token belongs to {owner}, who may not push to {repo_id}: {namespace} is neither "
+                       f"{owner} nor one of their organisations ({', '.join(orgs) or 'none'}). Choose a repo id in "
+                       f"your own namespace (`hub_model_id` {owner}/NAME).")
+    return f"{namespace}/{repo_id.rpartition('/')[2]}"
 
 
 def _hub_api(repo_id: str, endpoint: str | None, kept: str = ""):
