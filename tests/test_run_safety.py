@@ -494,7 +494,7 @@ def test_files_get_normal_permissions(tmp_path):
 # ---------------------------------------------------------------- Hub failures keep their cause
 
 class _Answer(BaseHTTPRequestHandler):
-    status, body = 500, b'{"error": "boom"}'
+    status, body, headers_to_send = 500, b'{"error": "boom"}', {}
 
     def log_message(self, *args):
         pass
@@ -503,6 +503,8 @@ class _Answer(BaseHTTPRequestHandler):
         self.send_response(self.status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(self.body)))
+        for name, value in self.headers_to_send.items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(self.body)
 
@@ -541,6 +543,13 @@ def test_hub_failures_keep_their_cause_and_name_the_endpoint(fake_endpoint, monk
     url = fake_endpoint(401, b'{"error": "Invalid credentials in Authorization header"}')
     monkeypatch.setenv("HF_TOKEN", "hf_revoked")
     with pytest.raises(MLMError, match=f"The Hub at {url} rejected the token in HF_TOKEN \\(HTTP 401\\) .*fix "):
+        resolve_repo("someone/model")
+    # A gated repo that refuses a valid token: it said "set HF_TOKEN", which was set.
+    monkeypatch.setattr(_Answer, "headers_to_send", {"X-Error-Code": "GatedRepo", "X-Error-Message": "you are not in "
+                                                     "the authorized list"})
+    fake_endpoint(403, b'{"error": "you are not in the authorized list"}')
+    with pytest.raises(MLMError, match="is gated, and the token in use has no access to it yet \\(you are not in the "
+                                       "authorized list\\): accept its terms"):
         resolve_repo("someone/model")
     monkeypatch.setattr(hub_constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     with pytest.raises(MLMError, match="Could not reach the Hub at http://127.0.0.1:9 .*Connection refused"):

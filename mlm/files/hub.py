@@ -61,7 +61,7 @@ def resolve_repo(name_or_path: str | Path, *, repo_type: str = "model", revision
 
 def _download(repo_id: str, *, repo_type: str, revision: str | None, allow_patterns) -> Path:
     # Imported here so that the local-folder path never pays for importing huggingface_hub's HTTP stack.
-    from huggingface_hub import constants, errors, snapshot_download
+    from huggingface_hub import constants, errors, get_token, snapshot_download
 
     where = f"{repo_type} repository {repo_id!r}" + (f" at revision {revision!r}" if revision else "")
     endpoint = constants.ENDPOINT
@@ -72,8 +72,13 @@ def _download(repo_id: str, *, repo_type: str, revision: str | None, allow_patte
                                    allow_patterns=list(allow_patterns) if allow_patterns else None)
     except errors.HFValidationError as err:
         raise MLMError(f"{repo_id!r} is neither an existing folder nor a valid Hub repo id ({err}).") from None
-    except errors.GatedRepoError:
-        raise MLMError(f"The {where} on {endpoint} is gated: accept its terms on the Hub and set HF_TOKEN.") from None
+    except errors.GatedRepoError as err:
+        if get_token() is None:
+            raise MLMError(f"The {where} on {endpoint} is gated: accept its terms on the Hub and set HF_TOKEN."
+                           ) from None
+        reason = " ".join(str(getattr(err, "server_message", None) or "").split())[:200]
+        raise MLMError(f"The {where} on {endpoint} is gated, and the token in use has no access to it yet ({reason}): "
+                       "accept its terms, or wait for the owners' approval, with the account of that token.") from None
     except errors.RepositoryNotFoundError:
         raise MLMError(f"{nothing_here} The Hub at {endpoint} has no {where} (or it is private: set HF_TOKEN)."
                        ) from None
