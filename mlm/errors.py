@@ -50,9 +50,8 @@ def run_cli(main, flag_of=lambda setting: None) -> None:
     flags = partial(name_flags, flag_of=flag_of)
     # Under torchrun every process meets the same bad input: the others' lines say which process they come from. A
     # stop is process 0's to report, with how to continue; the others' view of the folder may be a step behind.
-    rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else "0"
-    rank = int(rank) if rank.isdigit() else 0
-    who = f"[rank {rank}] " if rank else ""
+    rank = os.environ.get("RANK", "") if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else ""
+    who = f"[rank {rank}] " if rank.isdigit() and int(rank) else ""  # empty for process 0 and a single process
     streams = sys.stdout, sys.stderr  # None where closed (`>&-`): print() then writes nowhere, as it should
     sys.stdout, sys.stderr = (None if stream is None else _ReaderMayLeave(stream) for stream in streams)
     try:
@@ -72,7 +71,7 @@ def run_cli(main, flag_of=lambda setting: None) -> None:
     except KeyboardInterrupt as err:
         stop = err if isinstance(err, Interrupted) else Interrupted()  # a run's Interrupted says how to continue
         name = "Ctrl-C" if stop.signal_name == "SIGINT" else stop.signal_name
-        if not rank:
+        if not who:
             print(" ".join(filter(None, [f"error: interrupted ({name}).", stop.hint])), file=sys.stderr)
         sys.exit(stop.exit_code)
     finally:

@@ -40,7 +40,7 @@ from mlm.run.session import Processes, Run, RunSummary, ignore_stop_signals, ope
 from mlm.settings import TrainConfig
 from mlm.speed.path import ExecutionPath, choose_path
 from mlm.tokenizer import Tokenizer, load_tokenizer
-from mlm.vocabulary import added_words, extend_vocabulary
+from mlm.vocabulary import added_words, added_words_notes, extend_vocabulary
 
 __all__ = ["RunSummary", "StepBatches", "StepResult", "TrainConfig", "train", "train_step"]
 
@@ -258,14 +258,7 @@ class Setup:
             notes.append(f"training on {drawn:,} of the {available:,} chunks the eval set leaves "
                          f"({drawn / available:.0%}, --train-size {config.train_size}); --train-size all trains on "
                          "all of them.")
-        if words := added_words(self.tokenizer):
-            asked = int(config.add_tokens) if str(config.add_tokens).isdigit() else len(words)
-            fewer = (f" (of {asked} asked: no other word of letters in the corpus is cut in pieces and new)"
-                     if asked > len(words) else "")
-            notes.append(f"added {len(words)} tokens{fewer}: {', '.join(words[:10])}{', …' * (len(words) > 10)}. "
-                         "Both perplexities of this run are on this extended tokenization, not comparable with the "
-                         "base tokenizer's (docs/base-models.md).")
-        return notes
+        return notes + added_words_notes(self.tokenizer, config.add_tokens)
 
     def facts(self) -> dict:
         """What the settings gave, for the run record."""

@@ -15,7 +15,7 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as BackendTokenizer
 from torch import nn
 
-from mlm.errors import MLMError
+from mlm.errors import MLMError, listed
 from mlm.files.corpus_files import iter_texts
 from mlm.files.data_files import find_corpus
 from mlm.settings import TrainConfig
@@ -146,6 +146,17 @@ def added_words(tokenizer: Tokenizer) -> list[str]:
     """The tokenizer's added tokens that are not special: the words `add_words` added (for the run record)."""
     return [token.content for _, token in sorted(tokenizer.backend.get_added_tokens_decoder().items())
             if not token.special]
+
+
+def added_words_notes(tokenizer: Tokenizer, add_tokens: str | int | None) -> list[str]:
+    """The note a run with `add_tokens` prints before training: the words added, and fewer than a count asked."""
+    if not (words := added_words(tokenizer)):
+        return []
+    asked = int(add_tokens) if str(add_tokens).isdigit() else len(words)
+    fewer = (f" (of {asked} asked: no other word of letters in the corpus is cut in pieces and new)"
+             if asked > len(words) else "")
+    return [f"added {len(words)} tokens{fewer}: {listed(words, 10)}. Both perplexities of this run are on this "
+            "extended tokenization, not comparable with the base tokenizer's (docs/base-models.md)."]
 
 
 @torch.no_grad()

@@ -254,15 +254,13 @@ def test_missing_weights_file_mentions_pickle_refusal(tmp_path):
         load_pretrained(tmp_path)
 
 
-def test_a_tokenizer_with_more_tokens_than_the_model_is_refused_naming_where_the_size_came_from():
+def test_a_tokenizer_with_more_tokens_than_the_model_is_refused_naming_the_model():
     bigger = load_tokenizer(FIXTURES / "tiny-bpe")  # 577 tokens; the tiny model has 128 rows
-    with pytest.raises(MLMError, match=f"The tokenizer has 577 tokens but the model {TINY_DIR} only 128 "
-                                       r"\(vocab_size in its config.json\)"):
+    with pytest.raises(MLMError, match=f"^The tokenizer has 577 tokens but the model {TINY_DIR} only 128 \\(its "
+                                       "vocab_size\\): they do not belong together"):
         load_model(TINY_DIR, tokenizer=bigger)
-    with pytest.raises(MLMError, match=r"only 100 \(vocab_size as `config_overrides` sets it\)"):
+    with pytest.raises(MLMError, match=r"only 100 \(its vocab_size\)"):
         load_model(TINY_DIR, init="random", tokenizer=bigger, config_overrides="vocab_size=100")
-    with pytest.raises(MLMError, match=r"\(vocab_size in its config.json\)"):  # type_vocab_size is another key
-        load_model(FIXTURES / "tiny-bert", init="random", tokenizer=bigger, config_overrides="type_vocab_size=1")
 
 
 def test_a_hub_repo_without_safetensors_is_named_as_the_repo(tmp_path, monkeypatch):

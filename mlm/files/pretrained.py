@@ -68,20 +68,16 @@ def load_model(name_or_path: str | Path, *, init: str = "pretrained", revision: 
     else:
         model = DistilBertForMaskedLM(load_config(name_or_path, revision=revision, overrides=config_overrides))
     if tokenizer is not None:
-        keys = [item.partition("=")[0].strip() for item in (config_overrides or "").split(",")]  # as read_config
-        overridden = init != "pretrained" and "vocab_size" in keys
-        check_tokenizer_fits(model, tokenizer.vocab_size, str(name_or_path), overridden=overridden)
+        check_tokenizer_fits(model, tokenizer.vocab_size, str(name_or_path))
     return model
 
 
-def check_tokenizer_fits(model: DistilBertForMaskedLM, tokenizer_vocab_size: int, name: str, *,
-                         overridden: bool = False) -> None:
+def check_tokenizer_fits(model: DistilBertForMaskedLM, tokenizer_vocab_size: int, name: str) -> None:
     """Refuse a tokenizer whose ids go past the model's embedding rows (an IndexError in the first forward)."""
     if model.config.vocab_size < tokenizer_vocab_size:
-        where = "as `config_overrides` sets it" if overridden else "in its config.json"
         raise MLMError(f"The tokenizer has {tokenizer_vocab_size} tokens but the model {name} only "
-                       f"{model.config.vocab_size} (vocab_size {where}): they do not belong together. Use the "
-                       "tokenizer the model was trained with, or a vocab_size that covers the tokenizer.")
+                       f"{model.config.vocab_size} (its vocab_size): they do not belong together. Use the tokenizer "
+                       "the model was trained with, or a vocab_size that covers the tokenizer.")
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -255,10 +255,10 @@ def folder_record(path: Path):
 def record_to_resume(path: Path):
     """folder_record(path) as it will be once mlm-train has undone an --overwrite killed before its first checkpoint:
     the replaced run's record (recover_interrupted_overwrite puts it back), else the folder's."""
-    path = path.resolve() if path.is_symlink() else path  # as RunFolder.lock names the folder the run moves aside
-    if (old := folder_record(_aside(path)) if _aside(path).is_dir() else None) is not None:
-        if (new := _checkpoint_record(path)) is None or new.run_id == old.run_id:
-            return old
+    aside = _aside(path.resolve() if path.is_symlink() else path)  # named as RunFolder.lock names it
+    old = folder_record(aside) if aside.is_dir() else None
+    if old is not None and ((new := _checkpoint_record(path)) is None or new.run_id == old.run_id):
+        return old
     return folder_record(path)
 
 
