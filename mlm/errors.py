@@ -5,6 +5,7 @@ scripts print such errors as a single line, the setting named by its flag (--tra
 instead of showing a traceback; anything else that escapes is a bug in mlm.
 """
 
+import atexit
 import errno
 import os
 import re
@@ -13,6 +14,7 @@ import sys
 import warnings
 from functools import partial
 from pathlib import Path
+from typing import NoReturn
 
 
 class MLMError(ValueError):
@@ -46,7 +48,7 @@ USER_ERRNOS = {"ENOSPC", "EDQUOT", "EACCES", "EPERM", "EROFS", "EMFILE", "ENFILE
 def run_cli(main, flag_of=lambda setting: None) -> None:
     """Run a script's main(); print an MLMError, a full disk or a permission problem as one 'error: …' line and
     exit 2 instead of a traceback, each `setting` the message names as flag_of(setting) when that is not None.
-    Ctrl-C is one line too (exit 130)."""
+    Ctrl-C is one line too (exit 130). One of torchrun's processes then ends without the interpreter's teardown."""
     flags = partial(name_flags, flag_of=flag_of)
     # Under torchrun every process meets the same bad input: the others' lines say which process they come from. A
     # stop is process 0's to report, with how to continue; the others' view of the folder may be a step behind.
@@ -54,31 +56,48 @@ def run_cli(main, flag_of=lambda setting: None) -> None:
     who = f"[rank {rank}] " if rank.isdigit() and int(rank) else ""  # empty for process 0 and a single process
     streams = sys.stdout, sys.stderr  # None where closed (`>&-`): print() then writes nowhere, as it should
     sys.stdout, sys.stderr = (None if stream is None else _ReaderMayLeave(stream) for stream in streams)
+    code = 0
     try:
         with warnings.catch_warnings():  # restores showwarning after main()
             warnings.showwarning = _one_line_warnings(warnings.showwarning, flags)
             main()
     except MLMError as err:
         print(f"error: {who}{flags(str(err))}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except OSError as err:
         if errno.errorcode.get(err.errno) not in USER_ERRNOS:
             raise
         where = f": {err.filename}" if err.filename else ""
         print(f"error: {who}{err.strerror or err}{where}. Free some space or fix the permissions; a run that saved a "
               "checkpoint continues with --resume latest.", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except KeyboardInterrupt as err:
         stop = err if isinstance(err, Interrupted) else Interrupted()  # a run's Interrupted says how to continue
         name = "Ctrl-C" if stop.signal_name == "SIGINT" else stop.signal_name
         if not who:
             print(" ".join(filter(None, [f"error: interrupted ({name}).", stop.hint])), file=sys.stderr)
-        sys.exit(stop.exit_code)
+        code = stop.exit_code
     finally:
         for wrapper in (sys.stdout, sys.stderr):  # what is still buffered, now: at exit no wrapper would catch it
             if isinstance(wrapper, _ReaderMayLeave):
                 wrapper.flush()
         sys.stdout, sys.stderr = streams
+    if rank:
+        _end_torchrun_process(code)
+    if code:
+        sys.exit(code)
+
+
+def _end_torchrun_process(code: int) -> NoReturn:
+    """End one of torchrun's processes, its work done and its output written, without the interpreter's teardown.
+    torch keeps the gloo process group's worker threads to the very end (torch.distributed.nn holds the group as a
+    default argument, so destroy_process_group cannot free it), and a worker still releasing the last collective's
+    Python tensors while the interpreter tears down aborts the process ("terminate called without an active
+    exception", exit -6) after the run has finished and saved: torchrun then reports the run as failed."""
+    atexit._run_exitfuncs()  # what a normal exit runs before its teardown
+    for stream in filter(None, (sys.stdout, sys.stderr)):
+        stream.flush()
+    os._exit(code)
 
 
 class _ReaderMayLeave:

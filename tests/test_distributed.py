@@ -148,6 +148,45 @@ def test_a_process_killed_alone_leaves_the_other_saying_how_to_continue(tmp_path
     assert record["status"] == "interrupted" and record["segments"][-1]["end"] == "interrupted: another process ended"
 
 
+@pytest.mark.slow
+def test_a_process_whose_gloo_worker_still_holds_the_last_collective_ends_cleanly(tmp_path, monkeypatch):
+    """A gloo worker thread releases a collective's tensors after the collective is done; on a loaded machine it may
+    still do so once the interpreter tears down, which aborted a finished run ("terminate called without an active
+    exception", exit -6). Here a callback on the worker waits for the teardown, as a descheduled worker does: the
+    processes end without one, and the run ends with exit 0."""
+    driver = tmp_path / "held_collective.py"
+    driver.write_text(HELD_COLLECTIVE)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    ended = subprocess.run([*torchrun, str(driver), *args_of(tmp_path, SMOKE, "run", "--batch-size", "8",
+                                                             "--epochs", "1")],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert ended.returncode == 0, ended.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "finished"
+
+
+HELD_COLLECTIVE = """
+import threading, time, torch, torch.distributed as dist
+import mlm.run.session as session
+from mlm.cli.train import run
+tearing_down = threading.Event()
+class SaysTheTeardownBegan:
+    def __init__(self):
+        self.cycle = self  # garbage that only the interpreter's teardown collects
+    def __del__(self):
+        tearing_down.set()
+        time.sleep(1)
+real_end = session.end_processes
+def end_processes_while_a_worker_holds_a_collective(procs):
+    work = dist.all_reduce(torch.ones(1), async_op=True)
+    work.get_future().then(lambda future: tearing_down.wait())  # runs on the worker, which holds the work meanwhile
+    real_end(procs)
+session.end_processes = end_processes_while_a_worker_holds_a_collective
+SaysTheTeardownBegan()
+run()
+"""
+
+
 KILL_AT_STEP = """
 import os, signal
 import mlm.train

@@ -79,9 +79,6 @@ def open_run(config: TrainConfig):
         try:
             run.find_start()
             yield run
-            # Rank 0 may still be writing the final model: a process that tore the group down meanwhile was seen to
-            # abort in gloo's teardown ("terminate called without an active exception").
-            procs.barrier()
         except BaseException as err:
             lost = procs.world_size > 1 and lost_a_process(err)
             run.end_with(err, "interrupted: another process ended" if lost else None)
