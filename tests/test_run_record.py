@@ -17,6 +17,7 @@ from test_run_safety import cli, on_call, same_weights, snapshot
 from test_train import SMOKE, final_weights, interrupt_after, tiny_run
 
 import mlm.run.checkpoints
+import mlm.run.folder
 import mlm.run.session
 import mlm.train
 from mlm.errors import Interrupted, MLMError, run_cli
@@ -225,6 +226,19 @@ def test_a_signal_during_the_before_evaluation_leaves_the_folder_as_it_was(tmp_p
     assert snapshot(run) == before and not (run / ".lock").exists()
     # Its data was prepared: the hint says the run stopped before its first checkpoint, not mid-preparation.
     assert "stopped before its first checkpoint" in stopped.value.hint and "preparation" not in stopped.value.hint
+
+
+def test_a_second_signal_while_the_run_undoes_its_writes_is_ignored(tmp_path, monkeypatch):
+    """torchrun sends SIGTERM to the others once a process dies, and a scheduler repeats its own: one that came while
+    a stopped --overwrite run put the replaced run back left it half moved aside, and the stop's hint unsaid."""
+    run = tmp_path / "run"
+    train(tiny_run(run, epochs=1))
+    before = snapshot(run)
+    on_call(monkeypatch, mlm.train, "evaluate_on", 1, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    on_call(monkeypatch, mlm.run.folder, "_remove", 1, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(Interrupted, match="SIGTERM") as stopped:
+        train(tiny_run(run, epochs=1, overwrite=True, seed=5))
+    assert snapshot(run) == before and "stopped before its first checkpoint" in stopped.value.hint
 
 
 # ---------------------------------------------------------------- resume with no flags

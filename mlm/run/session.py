@@ -80,6 +80,7 @@ def open_run(config: TrainConfig):
             run.find_start()
             yield run
         except BaseException as err:
+            signals.ending()
             lost = procs.world_size > 1 and lost_a_process(err)
             run.end_with(err, "interrupted: another process ended" if lost else None)
             if isinstance(err, KeyboardInterrupt):

@@ -4,7 +4,8 @@ Outside the loop a signal raises `Interrupted` at once: setup has written nothin
 file atomically, so the folder stays as it was (before the first checkpoint) or resumable (after it). Inside the loop
 (`deferred()`) a first signal only sets `received`: the step finishes, a checkpoint is saved and the run stops. A
 second Ctrl-C raises at once, for when that is too slow; a repeated SIGTERM or SIGHUP does not, because schedulers
-send them more than once (SLURM to the job's every process and to torchrun, which forwards it again).
+send them more than once (SLURM to the job's every process and to torchrun, which forwards it again). Once a run
+is ending on an exception, recording its stop or undoing its writes, signals are ignored until it is done.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 class Signals:
     def __init__(self):
         self.received: str | None = None  # the signal that asked the loop to stop
-        self._defer, self._previous = False, {}
+        self._defer, self._ending, self._previous = False, False, {}
 
     def __enter__(self) -> Signals:
         if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread
@@ -43,7 +44,14 @@ class Signals:
         finally:
             self._defer = False
 
+    def ending(self) -> None:
+        """The run is stopping already, undoing or recording what it did: a signal now (torchrun's SIGTERM once
+        another process died, a scheduler's repeated one) would only cut that short."""
+        self._ending = True
+
     def _handle(self, signum, frame) -> None:
+        if self._ending:
+            return
         name = signal.Signals(signum).name
         if not self._defer or (self.received is not None and signum == signal.SIGINT):
             raise Interrupted(name)
