@@ -61,21 +61,25 @@ def run_cli(main, flag_of=lambda setting: None) -> None:
         with warnings.catch_warnings():  # restores showwarning after main()
             warnings.showwarning = _one_line_warnings(warnings.showwarning, flags)
             main()
+    except SystemExit as stop:  # the command's own status: an interrupted run's 130 or 143
+        if not rank or not isinstance(stop.code, int):
+            raise
+        code = stop.code
     except MLMError as err:
-        print(f"error: {who}{flags(str(err))}", file=sys.stderr)
+        _error(f"error: {who}{flags(str(err))}")
         code = 2
     except OSError as err:
         if errno.errorcode.get(err.errno) not in USER_ERRNOS:
             raise
         where = f": {err.filename}" if err.filename else ""
-        print(f"error: {who}{err.strerror or err}{where}. Free some space or fix the permissions; a run that saved a "
-              "checkpoint continues with --resume latest.", file=sys.stderr)
+        _error(f"error: {who}{err.strerror or err}{where}. Free some space or fix the permissions; a run that saved a "
+               "checkpoint continues with --resume latest.")
         code = 2
     except KeyboardInterrupt as err:
         stop = err if isinstance(err, Interrupted) else Interrupted()  # a run's Interrupted says how to continue
         name = "Ctrl-C" if stop.signal_name == "SIGINT" else stop.signal_name
         if not who:
-            print(" ".join(filter(None, [f"error: interrupted ({name}).", stop.hint])), file=sys.stderr)
+            _error(" ".join(filter(None, [f"error: interrupted ({name}).", stop.hint])))
         code = stop.exit_code
     finally:
         for wrapper in (sys.stdout, sys.stderr):  # what is still buffered, now: at exit no wrapper would catch it
@@ -86,6 +90,11 @@ def run_cli(main, flag_of=lambda setting: None) -> None:
         _end_torchrun_process(code)
     if code:
         sys.exit(code)
+
+
+def _error(line: str) -> None:
+    if sys.stderr is not None:  # one write, not print's two: torchrun's processes share one stream
+        sys.stderr.write(line + "\n")
 
 
 def _end_torchrun_process(code: int) -> NoReturn:

@@ -176,7 +176,8 @@ def test_under_torchrun_the_other_processes_name_themselves_and_leave_a_stop_to_
 
     process_0 = ("error: no such data\n", "error: interrupted (SIGTERM). Continue with: mlm-train --resume latest\n")
     # One of torchrun's processes ends with os._exit (tests/test_distributed.py says why): here, as sys.exit does.
-    monkeypatch.setattr(mlm.errors, "_end_torchrun_process", sys.exit)
+    ended = []
+    monkeypatch.setattr(mlm.errors, "_end_torchrun_process", lambda code: (ended.append(code), sys.exit(code)))
     # RANK alone (a job that exports it, no torchrun) or empty is no process of a run of several.
     for rank, world_size, expected in (("0", "2", process_0), ("1", "2", ("error: [rank 1] no such data\n", "")),
                                        ("1", "1", process_0), ("", "", process_0)):
@@ -184,6 +185,18 @@ def test_under_torchrun_the_other_processes_name_themselves_and_leave_a_stop_to_
         monkeypatch.setenv("WORLD_SIZE", world_size)
         for main, code, err in zip((fails, stopped), (2, 143), expected):
             assert exit_and_stderr(lambda argv, main=main: main(), [], capsys) == (code, "", err)
+    # An interrupted run exits with its own status (mlm/cli/train.py), as a torchrun process too; each process's
+    # line is one write, so that two processes' lines on one stream do not run into each other.
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    ended.clear()
+    assert exit_and_stderr(lambda argv: sys.exit(143), [], capsys) == (143, "", "") and ended == [143]
+    writes = []
+    stream = type("Stream", (), {"write": lambda self, text: writes.append(text), "flush": lambda self: None})
+    monkeypatch.setattr("sys.stderr", stream())
+    with pytest.raises(SystemExit):
+        run_cli(fails)
+    assert writes == ["error: [rank 1] no such data\n"]
 
 
 def test_run_as_a_module_the_help_pointer_names_the_module(monkeypatch, capsys):
