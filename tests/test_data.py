@@ -308,6 +308,18 @@ def test_missing_text_column(tmp_path):
         load_texts(jsonl)
 
 
+def test_a_text_column_named_twice_is_refused(tmp_path):
+    # CSV: a KeyError traceback ('Field "text" exists 2 times in schema'); parquet: the first one, silently.
+    csv = tmp_path / "a.csv"
+    csv.write_text("text,text\na,b\n")
+    with pytest.raises(MLMError, match="a.csv has 2 columns named 'text': rename all but the one that holds the text"):
+        load_texts(csv)
+    table = pa.table([pa.array(["a"]), pa.array(["b"])], names=["text", "text"])
+    pq.write_table(table, tmp_path / "a.parquet")
+    with pytest.raises(MLMError, match="a.parquet has 2 columns named 'text'"):
+        load_texts(tmp_path / "a.parquet")
+
+
 def test_a_text_column_of_numbers_in_json_lines_names_its_line(tmp_path):
     # Parsing the text column alone as strings, pyarrow said "Column(/text) changed from string to number in row 0";
     # and two objects on one line gave a traceback where the columns were listed.

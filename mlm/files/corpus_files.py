@@ -268,6 +268,9 @@ def _check_column(file: Path, text_column: str, names: list[str]) -> None:
     if text_column not in names:
         raise MLMError(f"{file} has no column {text_column!r} (it has: {', '.join(names) or 'none'}); "
                        "pass the right one with --text-column.")
+    if (times := names.count(text_column)) > 1:  # pyarrow would take the first, or fail on the name
+        raise MLMError(f"{file} has {times} columns named {text_column!r}: rename all but the one that holds the text, "
+                       "or pass another column with --text-column.")
 
 
 def _decode(data: bytes, file: Path, first_line: int, offset: int, *, csv: bool = False) -> str:
