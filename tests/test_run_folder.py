@@ -411,6 +411,29 @@ def test_a_moved_data_folder_resumes_and_the_record_keeps_the_new_place(tmp_path
         train(tiny_run(run, dataset=str(moved), epochs=3, resume="latest", extend=True))
 
 
+def test_a_validation_file_moved_on_its_own_resumes(tmp_path, monkeypatch):
+    # The files were named relative to the folder the dataset and the validation file shared: moved on its own, the
+    # validation file got another name, and the resume said "The data file val.jsonl is missing".
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = (SMOKE / "reviews.jsonl").read_text().splitlines(keepends=True)
+    (data / "train.jsonl").write_text("".join(lines[:400]))
+    (data / "val.jsonl").write_text("".join(lines[400:]))
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        on_call(patch, mlm.train, "train_step", 5, lambda: os.kill(os.getpid(), 2))
+        train(tiny_run(run, dataset=str(data / "train.jsonl"), validation_file=str(data / "val.jsonl")))
+    (moved := tmp_path / "elsewhere").mkdir()
+    (data / "val.jsonl").rename(moved / "val.jsonl")
+    summary = train(tiny_run(run, dataset=str(data / "train.jsonl"), validation_file=str(moved / "val.jsonl"),
+                             resume="latest"))
+    assert summary.status == "finished"
+    (moved / "val.jsonl").write_text("".join(lines[399:]))  # other text under the same name is still refused
+    with pytest.raises(MLMError, match="val.jsonl changed since the run started"):
+        train(tiny_run(run, dataset=str(data / "train.jsonl"), validation_file=str(moved / "val.jsonl"), epochs=3,
+                       resume="latest", extend=True))
+
+
 def test_a_resume_with_fewer_processes_says_how_to_keep_the_global_batch():
     stored = {"global_batch": 8, "batch_size": 4, "grad_accum": 1}
     with pytest.raises(MLMError, match="global batch .* 8 -> 4 \\(4 x 1 x 1\\); keep 8 with `batch_size` 8 or "

@@ -8,6 +8,7 @@ import math
 import os
 import shlex
 import shutil
+from collections import Counter
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -542,12 +543,17 @@ def data_file_digests(config: TrainConfig) -> dict:
 
 
 def compare_data(stored: dict, current: dict) -> None:
+    """The run's data files ({name: sha256}) against those found now: the same bytes, whatever the names relative to
+    each other are now (a validation file or dataset moved on its own changes their common folder)."""
+    left = Counter(current.values())
+    left.subtract(stored.values())
     for name, digest in stored.items():
-        if (now := current.get(name)) != digest:
-            what = "is missing" if now is None else "changed since the run started (its sha256 differs)"
+        if left[digest] < 0:
+            here = Path(name).name in {Path(now).name for now in current}
+            what = "changed since the run started (its sha256 differs)" if here else "is missing"
             raise MLMError(f"The data file {name} {what}: the run would train and score on other text. Restore it, "
                            "or start a new run in another output folder.")
-    if extra := sorted(set(current) - set(stored)):
+    if extra := sorted(name for name, digest in current.items() if left[digest] > 0):
         raise MLMError(f"The data now holds {extra[0]}, which the run did not start with. Remove it, or start a new "
                        "run in another output folder.")
 
