@@ -284,6 +284,19 @@ def test_splits_found_are_listed_a_few_at_a_time(tmp_path):
     assert "and 195 more" in message
 
 
+def test_a_corpus_folder_holding_a_file_named_like_a_split_says_so(tmp_path):
+    # A folder of notes with a test.txt among them is read as split files; the error listed the documents as
+    # splits ("Splits found there: test, doc000, doc001…") and did not say why, or what to do.
+    root = tmp_path / "notes"
+    root.mkdir()
+    for index in range(5):
+        (root / f"doc{index:03d}.txt").write_text("a note\n")
+    (root / "test.txt").write_text("a note about tests\n")
+    assert short_error(load_texts, root) == (
+        f"No files for split 'train' in {root}: it is read as split files because of test.txt. If it is one corpus, "
+        f"rename it or give the files themselves, as '{root}/*.txt'.")
+
+
 def test_a_hub_repo_reads_split_files_where_the_hub_layout_puts_them(tmp_path, monkeypatch):
     import huggingface_hub
 
