@@ -342,7 +342,8 @@ class Run:
     def record_fill_mask(self, label: str, prompts: list[str], predictions: list) -> None:
         """predictions: per prompt, per [MASK], the top-k (token, score) pairs."""
         for prompt, per_mask in zip(prompts, predictions):
-            tokens = [[(p.token, round(p.score, 4)) for p in top_k] for top_k in per_mask]
+            # Six places: kept to four and printed to three, a score was rounded twice (0.00551 printed as 0.005).
+            tokens = [[(p.token, round(p.score, 6)) for p in top_k] for top_k in per_mask]
             self.log.write("fill_mask", label=label, step=self.progress.global_step, prompt=prompt, predictions=tokens)
             self.record.results["fill_mask"][label].append({"prompt": prompt, "predictions": tokens})
             self.say(f"[{label}] {prompt} -> " + " | ".join(", ".join(f"{t} {s:.3f}" for t, s in m) for m in tokens))
