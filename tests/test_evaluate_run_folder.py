@@ -130,6 +130,9 @@ def test_data_flags_given_override_the_runs(tmp_path, capsys, offline):
     assert report["eval_set"]["seed"] == 42 and report["eval_set"]["chunks"] == 16
     report = evaluate_json(capsys, "--model", str(tmp_path / "a"), "--test-size", "8")
     assert report["eval_set"]["chunks"] == 8 and report["eval_set"]["seed"] == 3
+    # A run's eval set is token-masked: whole-word masking of the same chunks is another eval set, not the run's.
+    report = evaluate_json(capsys, "--model", str(tmp_path / "a"), "--eval-masking", "wwm")
+    assert report["eval_set"]["masking"] == "wwm" and "from_run" not in report["eval_set"]
 
 
 def test_the_readme_example_with_run_folders_works_as_written(tmp_path, capsys, monkeypatch, offline):

@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.dataset, args.validation_file = absolute_if_local(args.dataset), absolute_if_local(args.validation_file)
     args.prompts = tuple(args.prompts or TrainConfig.prompts)
-    args.from_run = follow_runs(args, flags_given(parser, argv), run_records(args.models))
+    from_run = follow_runs(args, flags_given(parser, argv), run_records(args.models))
+    args.from_run = from_run if args.eval_masking == "token" else None  # a run's eval set is never whole-word masked
     TrainConfig(**settings_given(args)).validate()
     set_progress_bars(args.progress_bar)
     device = pick_device(args.device)
