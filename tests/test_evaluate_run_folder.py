@@ -122,6 +122,19 @@ def test_a_run_whose_data_changed_since_is_refused(tmp_path, capsys, offline):
     assert "eval set of the run" in err and "reviews.jsonl changed since the run started" in err
 
 
+def test_a_runs_moved_data_given_by_its_new_place_is_still_the_runs_eval_set(tmp_path, capsys, offline):
+    # Given its new place, the moved data was taken for other data: scored without the run's label or any check.
+    data = tmp_path / "reviews.jsonl"
+    data.write_bytes(Path(REVIEWS).read_bytes())
+    run = tmp_path / "a"
+    hand_made_run(run, run_settings(tmp_path, dataset=str(data)))
+    (tmp_path / "moved").mkdir()
+    moved = data.rename(tmp_path / "moved" / "reviews.jsonl")
+    assert evaluate_json(capsys, "--model", str(run), "--dataset", str(moved))["eval_set"]["from_run"] == str(run)
+    moved.write_text(moved.read_text().replace("movie", "film", 1))  # other data at the new place: another eval set
+    assert "from_run" not in evaluate_json(capsys, "--model", str(run), "--dataset", str(moved))["eval_set"]
+
+
 def test_data_flags_given_override_the_runs(tmp_path, capsys, offline):
     hand_made_run(tmp_path / "a", run_settings(tmp_path))
     hand_made_run(tmp_path / "b", run_settings(tmp_path, data_seed=4))

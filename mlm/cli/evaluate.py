@@ -108,13 +108,16 @@ def follow_runs(args, given: set[str], runs: dict[str, RunRecord]) -> str | None
     for name in (*EVAL_SET_SETTINGS, *RUN_DEFAULTS):
         if name not in given and name in recorded:
             setattr(args, name, recorded[name])
-    if any(name in given and getattr(args, name) != recorded.get(name) for name in EVAL_SET_SETTINGS):
+    differs = {name for name in EVAL_SET_SETTINGS if name in given and getattr(args, name) != recorded.get(name)}
+    if differs - {"dataset", "validation_file"}:
         return None  # a data flag given that differs from the run's: another eval set, not the run's own
-    try:
+    try:  # the run's data, or the same bytes given at their new place
         compare_data(record.data.get("files", {}), data_file_digests(TrainConfig(**settings_given(args))))
     except MLMError as err:
-        raise MLMError(f"The eval set of the run in {first} cannot be rebuilt: {err} Score the models on other data "
-                       "by giving the data flags.") from None
+        if differs:
+            return None  # other data
+        raise MLMError(f"The eval set of the run in {first} cannot be rebuilt: {err} If the data moved, give its new "
+                       "place (--dataset); to score the models on other data, give the data flags.") from None
     return first
 
 
