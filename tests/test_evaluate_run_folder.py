@@ -135,6 +135,25 @@ def test_a_runs_moved_data_given_by_its_new_place_is_still_the_runs_eval_set(tmp
     assert "from_run" not in evaluate_json(capsys, "--model", str(run), "--dataset", str(moved))["eval_set"]
 
 
+def test_an_eval_set_larger_than_the_runs_held_out_chunks_notes_the_chunks_it_trained_on(tmp_path, capsys, offline):
+    # The test chunks are drawn first and the train chunks next: 40 test chunks of the run's draw are its 16 held out
+    # and the first 24 it trained on, and were scored without a word.
+    run = tmp_path / "a"
+    hand_made_run(run, run_settings(tmp_path))
+    record = read_record(run)
+    record.derived = {"eval_chunks": 16, "train_chunks": 48}
+    write_record(run, record)
+    evaluate_json(capsys, "--model", str(run), "--test-size", "16")
+    assert "note:" not in capsys.readouterr().err
+    evaluate_cli.main(["--model", str(run), "--test-size", "40", "--json", "--device", "cpu", "--no-progress"])
+    assert capsys.readouterr().err == (f"note: 24 of the 40 eval chunks are chunks the run in {run} trained on: its "
+                                       "figures flatter it. Keep --test-size at most 16, the chunks it held out, to "
+                                       "score it on unseen text.\n")
+    evaluate_cli.main(["--model", str(run), "--test-size", "40", "--data-seed", "7", "--json", "--device", "cpu",
+                       "--no-progress"])
+    assert "note:" not in capsys.readouterr().err  # another draw: not the run's chunks
+
+
 def test_data_flags_given_override_the_runs(tmp_path, capsys, offline):
     hand_made_run(tmp_path / "a", run_settings(tmp_path))
     hand_made_run(tmp_path / "b", run_settings(tmp_path, data_seed=4))

@@ -14,6 +14,7 @@ Examples:
 """
 
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.dataset, args.validation_file = absolute_if_local(args.dataset), absolute_if_local(args.validation_file)
     args.prompts = tuple(args.prompts or TrainConfig.prompts)
-    from_run = follow_runs(args, flags_given(parser, argv), run_records(args.models))
+    runs = run_records(args.models)
+    from_run = follow_runs(args, flags_given(parser, argv), runs)
     args.from_run = from_run if args.eval_masking == "token" else None  # a run's eval set is never whole-word masked
     TrainConfig(**settings_given(args)).validate()
     set_progress_bars(args.progress_bar)
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.eval_batch_size, device=device,
         autocast_dtype=pick_precision(args.precision, device).autocast_dtype, progress=args.progress_bar,
         masking=args.eval_masking, seed=data.pop("data_seed"), **data)
+    for note in trained_on(args, runs, len(eval_set.input_ids)):
+        print(f"note: {note}", file=sys.stderr)
     print(json.dumps(as_json(args, eval_set, scores), indent=2) if args.json else as_table(args, eval_set, scores))
 
 
@@ -103,8 +107,7 @@ def follow_runs(args, given: set[str], runs: dict[str, RunRecord]) -> str | None
     if differ:
         raise MLMError(f"The runs were trained with different eval sets ({'; '.join(differ)}): give those flags to "
                        "score every model on one eval set.")
-    # JSON gives the record's tuples back as lists.
-    recorded = {name: tuple(value) if isinstance(value, list) else value for name, value in record.settings.items()}
+    recorded = recorded_settings(record)
     for name in (*EVAL_SET_SETTINGS, *RUN_DEFAULTS):
         if name not in given and name in recorded:
             setattr(args, name, recorded[name])
@@ -119,6 +122,27 @@ def follow_runs(args, given: set[str], runs: dict[str, RunRecord]) -> str | None
         raise MLMError(f"The eval set of the run in {first} cannot be rebuilt: {err} If the data moved, give its new "
                        "place (--dataset); to score the models on other data, give the data flags.") from None
     return first
+
+
+def recorded_settings(record: RunRecord) -> dict:
+    return {name: tuple(value) if isinstance(value, list) else value  # JSON gives the record's tuples back as lists
+            for name, value in record.settings.items()}
+
+
+def trained_on(args, runs: dict[str, RunRecord], eval_chunks: int) -> list[str]:
+    """A note for each run that trained on some of the eval chunks: the run's own draw with more test chunks than it
+    held out, whose extra ones are the first it trained on (the test chunks are drawn first, the train ones next)."""
+    notes = []
+    for name, record in runs.items():
+        held_out, trained = record.derived.get("eval_chunks"), record.derived.get("train_chunks")
+        recorded = recorded_settings(record)
+        same_draw = all(getattr(args, setting) == recorded.get(setting) for setting in EVAL_SET_SETTINGS
+                        if setting != "test_size") and not (args.eval_split or args.validation_file)
+        if same_draw and held_out is not None and trained is not None and eval_chunks > held_out:
+            notes.append(f"{min(eval_chunks, held_out + trained) - held_out} of the {eval_chunks} eval chunks are "
+                         f"chunks the run in {name} trained on: its figures flatter it. Keep --test-size at most "
+                         f"{held_out}, the chunks it held out, to score it on unseen text.")
+    return notes
 
 
 def eval_source(args) -> str:
