@@ -194,6 +194,9 @@ def test_a_corpus_too_small_for_the_draw_keeps_its_store_and_says_so(tmp_path, t
     main(["--dataset", str(SMOKE / "reviews.jsonl"), "--tokenizer", str(tiny_tokenizer_dir), "--cache-dir",
           str(tmp_path), "--train-size", "50", "--test-size", "50"])
     assert "% of the chunks left to train on (--train-size all takes them all)" in capsys.readouterr().out
+    main(["--dataset", str(SMOKE / "reviews.jsonl"), "--tokenizer", str(tiny_tokenizer_dir), "--cache-dir",
+          str(tmp_path), "--train-size", "1", "--test-size", "50"])
+    assert "; under 1% of the chunks left to train on" in capsys.readouterr().out  # it said "0%" of them
 
 
 def test_the_preparation_bar_is_drawn_on_a_terminal_only_and_names_the_split(tmp_path, tokenizer, capsys,

@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
         share = len(train) / (len(chunks) - len(test))
         print(f"downsampled train split (seed {args.data_seed}): {len(train):,} train chunks, "
               f"{len(test):,} test chunks of {chunks.chunk_size} tokens"
-              + (f"; {share:.0%} of the chunks left to train on (--train-size all takes them all)"
+              + (f"; {f'{share:.0%}' if share >= 0.01 else 'under 1%'} of the chunks left to train on (--train-size "
+                 "all takes them all)"
                  if share < 0.5 else ""))
 
 
