@@ -428,10 +428,34 @@ def test_a_validation_file_moved_on_its_own_resumes(tmp_path, monkeypatch):
     summary = train(tiny_run(run, dataset=str(data / "train.jsonl"), validation_file=str(moved / "val.jsonl"),
                              resume="latest"))
     assert summary.status == "finished"
+    # The files' roles still count: the same two files, exchanged, would train on the eval text.
+    again = dict(dataset=str(moved / "val.jsonl"), validation_file=str(data / "train.jsonl"), epochs=3,
+                 resume="latest", extend=True)
+    with pytest.raises(MLMError, match="The data files are the run's, but in other roles or order"):
+        train(tiny_run(run, **again))
     (moved / "val.jsonl").write_text("".join(lines[399:]))  # other text under the same name is still refused
     with pytest.raises(MLMError, match="val.jsonl changed since the run started"):
-        train(tiny_run(run, dataset=str(data / "train.jsonl"), validation_file=str(moved / "val.jsonl"), epochs=3,
-                       resume="latest", extend=True))
+        train(tiny_run(run, **{**again, "dataset": str(data / "train.jsonl"),
+                               "validation_file": str(moved / "val.jsonl")}))
+
+
+def test_split_files_that_exchanged_their_texts_are_refused(tmp_path, monkeypatch):
+    # Compared as a set of sha256 digests, a train and a test split that swapped their texts passed: the run went on
+    # training on the old test split and scoring on the old train split.
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = (SMOKE / "reviews.jsonl").read_text().splitlines(keepends=True)
+    (data / "train.jsonl").write_text("".join(lines[:400]))
+    (data / "test.jsonl").write_text("".join(lines[400:]))
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        on_call(patch, mlm.train, "train_step", 5, lambda: os.kill(os.getpid(), 2))
+        train(tiny_run(run, dataset=str(data), eval_split="test"))
+    (data / "train.jsonl").rename(data / "was-train")
+    (data / "test.jsonl").rename(data / "train.jsonl")
+    (data / "was-train").rename(data / "test.jsonl")
+    with pytest.raises(MLMError, match="The data files are the run's, but in other roles or order"):
+        train(tiny_run(run, dataset=str(data), eval_split="test", resume="latest"))
 
 
 def test_a_resume_with_fewer_processes_says_how_to_keep_the_global_batch():

@@ -8,7 +8,6 @@ import math
 import os
 import shlex
 import shutil
-from collections import Counter
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -544,19 +543,24 @@ def data_file_digests(config: TrainConfig) -> dict:
 
 
 def compare_data(stored: dict, current: dict) -> None:
-    """The run's data files ({name: sha256}) against those found now: the same bytes, whatever the names relative to
-    each other are now (a validation file or dataset moved on its own changes their common folder)."""
-    left = Counter(current.values())
-    left.subtract(stored.values())
-    for name, digest in stored.items():
-        if left[digest] < 0:
-            here = Path(name).name in {Path(now).name for now in current}
-            what = "changed since the run started (its sha256 differs)" if here else "is missing"
-            raise MLMError(f"The data file {name} {what}: the run would train and score on other text. Restore it, "
-                           "or start a new run in another output folder.")
-    if extra := sorted(name for name, digest in current.items() if left[digest] > 0):
-        raise MLMError(f"The data now holds {extra[0]}, which the run did not start with. Remove it, or start a new "
-                       "run in another output folder.")
+    """The run's data files ({name: sha256}, in the order the run reads them: its training files, then its eval ones)
+    against those found now: the same bytes in the same order and roles. The names may differ, being relative to the
+    files' common folder, which a validation file or dataset moved on its own changes."""
+    now = list(current.values())
+    if now == list(stored.values()):
+        return
+    if sorted(now) == sorted(stored.values()):
+        raise MLMError("The data files are the run's, but in other roles or order (`dataset` and `validation_file` "
+                       "exchanged, or files renamed): give them as the run did.")
+    if len(now) == len(stored):  # file by file, in order: the names of moved files differ
+        name = next(name for (name, digest), then in zip(stored.items(), now) if then != digest)
+        raise MLMError(f"The data file {name} changed since the run started (its sha256 differs): the run would train "
+                       "and score on other text. Restore it, or start a new run in another output folder.")
+    if missing := [name for name in stored if name not in current]:
+        raise MLMError(f"The data file {missing[0]} is missing: the run would train and score on other text. Restore "
+                       "it, or start a new run in another output folder.")
+    raise MLMError(f"The data now holds {sorted(set(current) - set(stored))[0]}, which the run did not start with. "
+                   "Remove it, or start a new run in another output folder.")
 
 
 def share_final_weights(output_dir: Path, checkpoint: str | None) -> None:
