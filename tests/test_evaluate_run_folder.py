@@ -143,7 +143,7 @@ def test_an_eval_set_larger_than_the_runs_held_out_chunks_notes_the_chunks_it_tr
     record = read_record(run)
     record.derived = {"eval_chunks": 16, "train_chunks": 48}
     write_record(run, record)
-    evaluate_json(capsys, "--model", str(run), "--test-size", "16")
+    evaluate_cli.main(["--model", str(run), "--test-size", "16", "--json", "--device", "cpu", "--no-progress"])
     assert "note:" not in capsys.readouterr().err
     evaluate_cli.main(["--model", str(run), "--test-size", "40", "--json", "--device", "cpu", "--no-progress"])
     assert capsys.readouterr().err == (f"note: 24 of the 40 eval chunks are chunks the run in {run} trained on: its "
@@ -152,6 +152,21 @@ def test_an_eval_set_larger_than_the_runs_held_out_chunks_notes_the_chunks_it_tr
     evaluate_cli.main(["--model", str(run), "--test-size", "40", "--data-seed", "7", "--json", "--device", "cpu",
                        "--no-progress"])
     assert "note:" not in capsys.readouterr().err  # another draw: not the run's chunks
+    # The run's data at a new place is the run's draw; other data under the run's path is not.
+    data = tmp_path / "reviews.jsonl"
+    data.write_bytes(Path(REVIEWS).read_bytes())
+    record.settings["dataset"] = str(data)
+    record.data = {"files": data_file_digests(TrainConfig(dataset=str(data)))}
+    write_record(run, record)
+    (tmp_path / "moved").mkdir()
+    moved = data.rename(tmp_path / "moved" / "reviews.jsonl")
+    evaluate_cli.main(["--model", str(run), "--dataset", str(moved), "--test-size", "40", "--json", "--device", "cpu",
+                       "--no-progress"])
+    assert "note: 24 of the 40 eval chunks" in capsys.readouterr().err
+    moved.rename(data)
+    data.write_text(data.read_text().replace("movie", "film", 1))
+    evaluate_cli.main(["--model", str(run), "--test-size", "40", "--json", "--device", "cpu", "--no-progress"])
+    assert "note:" not in capsys.readouterr().err
 
 
 def test_data_flags_given_override_the_runs(tmp_path, capsys, offline):

@@ -15,6 +15,7 @@ Examples:
 
 import json
 import sys
+from contextlib import suppress
 from dataclasses import asdict
 from pathlib import Path
 
@@ -120,7 +121,8 @@ def follow_runs(args, given: set[str], runs: dict[str, RunRecord]) -> str | None
         if differs:
             return None  # other data
         raise MLMError(f"The eval set of the run in {first} cannot be rebuilt: {err} If the data moved, give its new "
-                       "place (--dataset); to score the models on other data, give the data flags.") from None
+                       "place (`dataset`, `validation_file`); to score the models on other data, give the data "
+                       "flags.") from None
     return first
 
 
@@ -135,10 +137,13 @@ def trained_on(args, runs: dict[str, RunRecord], eval_chunks: int) -> list[str]:
     notes = []
     for name, record in runs.items():
         held_out, trained = record.derived.get("eval_chunks"), record.derived.get("train_chunks")
-        recorded = recorded_settings(record)
+        recorded, where = recorded_settings(record), {"test_size", "dataset", "validation_file"}
         same_draw = all(getattr(args, setting) == recorded.get(setting) for setting in EVAL_SET_SETTINGS
-                        if setting != "test_size") and not (args.eval_split or args.validation_file)
-        if same_draw and held_out is not None and trained is not None and eval_chunks > held_out:
+                        if setting not in where) and not (args.eval_split or args.validation_file)
+        if not (same_draw and held_out is not None and trained is not None and eval_chunks > held_out):
+            continue
+        with suppress(MLMError):  # the run's data, wherever it is now: the same bytes in the same order
+            compare_data(record.data.get("files", {}), data_file_digests(TrainConfig(**settings_given(args))))
             notes.append(f"{min(eval_chunks, held_out + trained) - held_out} of the {eval_chunks} eval chunks are "
                          f"chunks the run in {name} trained on: its figures flatter it. Keep --test-size at most "
                          f"{held_out}, the chunks it held out, to score it on unseen text.")
