@@ -170,9 +170,7 @@ import threading, time, torch, torch.distributed as dist
 import mlm.run.session as session
 from mlm.cli.train import run
 tearing_down = threading.Event()
-class SaysTheTeardownBegan:
-    def __init__(self):
-        self.cycle = self  # garbage that only the interpreter's teardown collects
+class SaysTheTeardownBegan:  # held by a global of __main__, so only the interpreter's teardown deletes it
     def __del__(self):
         tearing_down.set()
         time.sleep(1)
@@ -182,7 +180,7 @@ def end_processes_while_a_worker_holds_a_collective(procs):
     work.get_future().then(lambda future: tearing_down.wait())  # runs on the worker, which holds the work meanwhile
     real_end(procs)
 session.end_processes = end_processes_while_a_worker_holds_a_collective
-SaysTheTeardownBegan()
+marker = SaysTheTeardownBegan()
 run()
 """
 

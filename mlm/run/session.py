@@ -345,7 +345,8 @@ class Run:
             tokens = [[(p.token, round(p.score, 6)) for p in top_k] for top_k in per_mask]
             self.log.write("fill_mask", label=label, step=self.progress.global_step, prompt=prompt, predictions=tokens)
             self.record.results["fill_mask"][label].append({"prompt": prompt, "predictions": tokens})
-            self.say(f"[{label}] {prompt} -> " + " | ".join(", ".join(f"{t} {s:.3f}" for t, s in m) for m in tokens))
+            self.say(f"[{label}] {prompt} -> " + " | ".join(", ".join(f"{p.token} {p.score:.3f}" for p in top_k)
+                                                            for top_k in per_mask))  # as mlm-evaluate prints them
         self._write_record()
         self.meter.restart_clock()
 
