@@ -293,8 +293,9 @@ def test_a_corpus_folder_holding_a_file_named_like_a_split_says_so(tmp_path):
         (root / f"doc{index:03d}.txt").write_text("a note\n")
     (root / "test.txt").write_text("a note about tests\n")
     assert short_error(load_texts, root) == (
-        f"No files for split 'train' in {root}: it is read as split files because of test.txt. If it is one corpus, "
-        f"rename it or give the files themselves, as '{root}/*.txt'.")
+        f"No files for split 'train' in {root}: test.txt made it a folder of split files (splits there: test, doc000, "
+        f"doc001 and 3 more). If it is one corpus, rename it or give its files as a glob: '{root}/**/*.txt'.")
+    assert [len(texts) for texts in [load_texts(f"{root}/**/*.txt")]] == [6]  # the glob the message gives reads them
 
 
 def test_a_hub_repo_reads_split_files_where_the_hub_layout_puts_them(tmp_path, monkeypatch):

@@ -218,9 +218,10 @@ def _split_files(folder: Path, places: list[Path], every: list[Path], split: str
         named = [str(file.relative_to(folder)) for file in places if _split_of(file.name) in SPLIT_NAMES]
         # No train split, but documents beside a file named like another split: most likely a corpus of documents.
         if split == "train" and named and len(named) < len(places):
-            raise MLMError(f"No files for split {split!r} in {folder}: it is read as split files because of "
-                           f"{listed(named, NAMED)}. If it is one corpus, rename {'it' if len(named) == 1 else 'them'} "
-                           f"or give the files themselves, as '{folder}/*{Path(named[0]).suffix}'.")
+            raise MLMError(f"No files for split {split!r} in {folder}: {listed(named, NAMED)} made it a folder of "
+                           f"split files (splits there: {listed(found, NAMED)}). If it is one corpus, rename "
+                           f"{'it' if len(named) == 1 else 'them'} or give its files as a glob: "
+                           f"'{folder}/**/*{Path(named[0]).suffix}'.")
         raise MLMError(f"No files for split {split!r} in {folder} (looked for {split}-*.parquet and {split}.parquet, "
                        ".jsonl, .csv, .txt at its top level and in folders like plain_text/). Splits found there: "
                        f"{listed(found, 2 * NAMED) or 'none'}.")
