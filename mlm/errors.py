@@ -148,6 +148,7 @@ def _one_line_warnings(show, flags):
     def one_line(message, category, filename, lineno, file=None, line=None):
         if not Path(filename).resolve().is_relative_to(package):
             return show(message, category, filename, lineno, file, line)
-        print(f"warning: {flags(str(message))}", file=sys.stderr if file is None else file)
+        if (stream := sys.stderr if file is None else file) is not None:
+            stream.write(f"warning: {flags(str(message))}\n")  # one write, as _error's
 
     return one_line
