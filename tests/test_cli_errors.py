@@ -118,6 +118,10 @@ def test_only_mlms_own_warnings_are_one_line(capsys):
     show(UserWarning("ours, `cache_dir`"), UserWarning, str(package / "corpus_store.py"), 1)
     show(UserWarning("theirs"), UserWarning, str(package) + "_extra/x.py", 1)
     assert capsys.readouterr().err == "warning: ours, 'cache_dir'\n" and len(shown) == 1  # settings as flags
+    writes = []  # one write per line: torchrun's processes share one stderr, and print() makes two
+    show(UserWarning("ours"), UserWarning, str(package / "corpus_store.py"), 1,
+         file=type("Stream", (), {"write": lambda self, text: writes.append(text)})())
+    assert writes == ["warning: ours\n"]
 
 
 def test_a_reader_that_goes_away_does_not_stop_the_command(monkeypatch, capsys):
