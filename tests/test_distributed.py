@@ -152,10 +152,11 @@ def test_a_process_killed_alone_leaves_the_other_saying_how_to_continue(tmp_path
 def test_a_process_whose_gloo_worker_still_holds_the_last_collective_ends_cleanly(tmp_path, monkeypatch):
     """A gloo worker thread releases a collective's tensors after the collective is done; on a loaded machine it may
     still do so once the interpreter tears down, which aborted a finished run ("terminate called without an active
-    exception", exit -6). Here a callback on the worker waits for the teardown, as a descheduled worker does: the
-    processes end without one, and the run ends with exit 0."""
+    exception", exit -6). Here a callback on process 1's worker waits for the teardown, as a descheduled worker does:
+    the processes end without one, and the run ends with exit 0."""
     driver = tmp_path / "held_collective.py"
     driver.write_text(HELD_COLLECTIVE)
+    monkeypatch.setenv("MLM_TEST_ATTACHED", str(tmp_path / "attached"))
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     ended = subprocess.run([*torchrun, str(driver), *args_of(tmp_path, SMOKE, "run", "--batch-size", "8",
@@ -166,7 +167,8 @@ def test_a_process_whose_gloo_worker_still_holds_the_last_collective_ends_cleanl
 
 
 HELD_COLLECTIVE = """
-import threading, time, torch, torch.distributed as dist
+import os, threading, time, torch, torch.distributed as dist
+from pathlib import Path
 import mlm.run.session as session
 from mlm.cli.train import run
 tearing_down = threading.Event()
@@ -175,9 +177,21 @@ class SaysTheTeardownBegan:  # held by a global of __main__, so only the interpr
         tearing_down.set()
         time.sleep(1)
 real_end = session.end_processes
+attached, done = Path(os.environ["MLM_TEST_ATTACHED"]), Path(os.environ["MLM_TEST_ATTACHED"] + ".done")
 def end_processes_while_a_worker_holds_a_collective(procs):
-    work = dist.all_reduce(torch.ones(1), async_op=True)
-    work.get_future().then(lambda future: tearing_down.wait())  # runs on the worker, which holds the work meanwhile
+    if procs.rank == 1:
+        work = dist.all_reduce(torch.ones(1), async_op=True)
+        # Attached before process 0 joins the collective, so that the callback runs on the worker when it completes
+        # (on a future already complete, it would run here), and the worker holds the work meanwhile.
+        work.get_future().then(lambda future: tearing_down.wait())
+        attached.touch()
+        while not done.exists():  # work.wait() would wait for the callback too
+            time.sleep(0.01)
+    else:
+        while not attached.exists():
+            time.sleep(0.01)
+        dist.all_reduce(torch.ones(1))
+        done.touch()
     real_end(procs)
 session.end_processes = end_processes_while_a_worker_holds_a_collective
 marker = SaysTheTeardownBegan()
