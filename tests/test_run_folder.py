@@ -411,46 +411,45 @@ def test_a_moved_data_folder_resumes_and_the_record_keeps_the_new_place(tmp_path
         train(tiny_run(run, dataset=str(moved), epochs=3, resume="latest", extend=True))
 
 
-def test_a_validation_file_moved_on_its_own_resumes(tmp_path, monkeypatch):
-    # The files were named relative to the folder the dataset and the validation file shared: moved on its own, the
-    # validation file got another name, and the resume said "The data file val.jsonl is missing".
+def stopped_run_on_two_files(tmp_path, monkeypatch, second: str, **settings) -> tuple[Path, Path, list[str]]:
+    """A tiny run on data/train.jsonl and data/`second` (other halves of the smoke reviews), stopped at step 5:
+    (the data folder, the run folder, the reviews' lines)."""
     data = tmp_path / "data"
     data.mkdir()
     lines = (SMOKE / "reviews.jsonl").read_text().splitlines(keepends=True)
     (data / "train.jsonl").write_text("".join(lines[:400]))
-    (data / "val.jsonl").write_text("".join(lines[400:]))
+    (data / second).write_text("".join(lines[400:]))
     run = tmp_path / "run"
     with monkeypatch.context() as patch:
         on_call(patch, mlm.train, "train_step", 5, lambda: os.kill(os.getpid(), 2))
-        train(tiny_run(run, dataset=str(data / "train.jsonl"), validation_file=str(data / "val.jsonl")))
+        train(tiny_run(run, **settings))
+    return data, run, lines
+
+
+def test_a_validation_file_moved_on_its_own_resumes(tmp_path, monkeypatch):
+    # The files were named relative to the folder the dataset and the validation file shared: moved on its own, the
+    # validation file got another name, and the resume said "The data file val.jsonl is missing".
+    folder = tmp_path / "data"
+    data, run, lines = stopped_run_on_two_files(tmp_path, monkeypatch, "val.jsonl", dataset=str(folder / "train.jsonl"),
+                                                validation_file=str(folder / "val.jsonl"))
     (moved := tmp_path / "elsewhere").mkdir()
     (data / "val.jsonl").rename(moved / "val.jsonl")
-    summary = train(tiny_run(run, dataset=str(data / "train.jsonl"), validation_file=str(moved / "val.jsonl"),
-                             resume="latest"))
-    assert summary.status == "finished"
+    files = dict(dataset=str(data / "train.jsonl"), validation_file=str(moved / "val.jsonl"))
+    assert train(tiny_run(run, **files, resume="latest")).status == "finished"
     # The files' roles still count: the same two files, exchanged, would train on the eval text.
-    again = dict(dataset=str(moved / "val.jsonl"), validation_file=str(data / "train.jsonl"), epochs=3,
-                 resume="latest", extend=True)
+    longer = dict(epochs=3, resume="latest", extend=True)
     with pytest.raises(MLMError, match="The data files are the run's, but in other roles or order"):
-        train(tiny_run(run, **again))
+        train(tiny_run(run, dataset=files["validation_file"], validation_file=files["dataset"], **longer))
     (moved / "val.jsonl").write_text("".join(lines[399:]))  # other text under the same name is still refused
     with pytest.raises(MLMError, match="val.jsonl changed since the run started"):
-        train(tiny_run(run, **{**again, "dataset": str(data / "train.jsonl"),
-                               "validation_file": str(moved / "val.jsonl")}))
+        train(tiny_run(run, **files, **longer))
 
 
 def test_split_files_that_exchanged_their_texts_are_refused(tmp_path, monkeypatch):
     # Compared as a set of sha256 digests, a train and a test split that swapped their texts passed: the run went on
     # training on the old test split and scoring on the old train split.
-    data = tmp_path / "data"
-    data.mkdir()
-    lines = (SMOKE / "reviews.jsonl").read_text().splitlines(keepends=True)
-    (data / "train.jsonl").write_text("".join(lines[:400]))
-    (data / "test.jsonl").write_text("".join(lines[400:]))
-    run = tmp_path / "run"
-    with monkeypatch.context() as patch:
-        on_call(patch, mlm.train, "train_step", 5, lambda: os.kill(os.getpid(), 2))
-        train(tiny_run(run, dataset=str(data), eval_split="test"))
+    data, run, _ = stopped_run_on_two_files(tmp_path, monkeypatch, "test.jsonl", dataset=str(tmp_path / "data"),
+                                            eval_split="test")
     (data / "train.jsonl").rename(data / "was-train")
     (data / "test.jsonl").rename(data / "train.jsonl")
     (data / "was-train").rename(data / "test.jsonl")
