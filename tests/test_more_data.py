@@ -14,6 +14,7 @@ import pytest
 from mlm.corpus import load_chunks, load_train_eval_chunks
 from mlm.data import concatenate_splits, draw, split_train_test
 from mlm.errors import MLMError
+from mlm.files.corpus_files import iter_texts
 from mlm.files.data_files import find_data_files, load_texts
 from mlm.tokenizer import load_tokenizer
 
@@ -62,6 +63,18 @@ def test_csv_reads_quoted_commas_newlines_and_number_like_reviews(tmp_path):
     assert load_texts(path) == texts
     assert find_data_files(write_csv(tmp_path / "folder" / "test.csv", texts).parent, "test") == [
         tmp_path / "folder" / "test.csv"]
+
+
+@pytest.mark.parametrize("separator", [";", "\t"])
+def test_a_csv_separated_by_semicolons_or_tabs_is_read_by_its_header(tmp_path, separator):
+    # A spreadsheet in a comma-decimal locale saves "CSV" with semicolons; its texts still hold commas.
+    texts = ["a review, with a comma", 'two\nlines and "quotes"', "3,5 stars"]
+    path = tmp_path / "reviews.csv"
+    with open(path, "w", newline="", encoding="utf-8") as file:
+        csv.writer(file, delimiter=separator).writerows([["label", "text"], *([1, text] for text in texts)])
+    assert load_texts(path) == texts
+    # Read in blocks of a few bytes, each parsed under the header: the separator holds for every block.
+    assert [text for batch, _ in iter_texts([path], block_bytes=8) for text in batch] == texts
 
 
 def test_csv_errors_are_one_actionable_line(tmp_path):

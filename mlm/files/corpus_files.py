@@ -5,6 +5,7 @@ broken record) is one MLMError line naming the file."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}
 # Raw bytes read from a line-based file at a time. Larger blocks only make pyarrow's parse more parallel.
 BLOCK_BYTES = 8 << 20
 PARQUET_BATCH_ROWS = 4096
+HEADER_BYTES = 1 << 16  # where a CSV file's separator is looked for: in its header line, within these
 QUOTE, NEWLINE, CARRIAGE_RETURN = ord('"'), ord("\n"), ord("\r")
 
 
@@ -61,9 +63,11 @@ def _open(file: Path, compression: str | None):
     return raw, pa.CompressedInputStream(pa.PythonFile(raw, mode="r"), compression) if compression else raw
 
 
-def _record_blocks(file: Path, compression: str | None, block_bytes: int, quoted: bool) -> Iterator[tuple[bytes, int]]:
-    """Yield (bytes of whole records, raw position): blocks cut after a newline that ends a record. With `quoted`
-    (CSV), a line end inside a quoted field does not end a record, and a lone "\\r" does (`_record_ends`). A record
+def _record_blocks(file: Path, compression: str | None, block_bytes: int,
+                   separator: bytes | None) -> Iterator[tuple[bytes, int]]:
+    """Yield (bytes of whole records, raw position): blocks cut after a newline that ends a record. In CSV (the
+    fields' `separator` given), a line end inside a quoted field does not end a record, and a lone "\\r" does
+    (`_record_ends`). A record
     longer than `block_bytes` makes the block grow until it ends; nothing in pyarrow's reader limits its size."""
     raw, stream = _open(file, compression)
     with raw:
@@ -71,7 +75,7 @@ def _record_blocks(file: Path, compression: str | None, block_bytes: int, quoted
         while block := stream.read(max(block_bytes, len(pending))):  # a long record: read in doubling steps
             data = pending + block
             # Each block starts a record, so its quoted fields can be read from its start.
-            cut = int(_record_ends(data)[-1:].sum()) if quoted else data.rfind(b"\n") + 1
+            cut = int(_record_ends(data, separator)[-1:].sum()) if separator else data.rfind(b"\n") + 1
             if cut:
                 yield data[:cut], raw.tell()
             pending = data[cut:]
@@ -79,7 +83,7 @@ def _record_blocks(file: Path, compression: str | None, block_bytes: int, quoted
             yield pending, raw.tell()
 
 
-def _record_ends(data: bytes) -> np.ndarray:
+def _record_ends(data: bytes, separator: bytes) -> np.ndarray:
     """(K,) int64: the offsets just past each line end of `data` outside quoted fields; `data` starts a CSV record.
 
     A CSV line ends at each "\\n" and each "\\r" not followed by one. pyarrow reads old Mac files, whose lines end in
@@ -88,7 +92,7 @@ def _record_ends(data: bytes) -> np.ndarray:
     array = np.frombuffer(data, np.uint8)
     lone = np.flatnonzero(array[:-1] == CARRIAGE_RETURN)
     newlines = np.union1d(np.flatnonzero(array == NEWLINE), lone[array[lone + 1] != NEWLINE])
-    starts, ends, _ = _quoted_fields(data)
+    starts, ends, _ = _quoted_fields(data, separator)
     if not len(starts):
         return newlines + 1
     field = np.searchsorted(starts, newlines, side="right") - 1  # the last quoted field opened before each newline
@@ -101,11 +105,11 @@ def _line_breaks(data: bytes, csv: bool) -> int:
     return data.count(b"\n") + (data.count(b"\r") - data.count(b"\r\n") if csv else 0)
 
 
-def _quoted_fields(data: bytes) -> tuple[np.ndarray, np.ndarray, int | None]:
+def _quoted_fields(data: bytes, separator: bytes) -> tuple[np.ndarray, np.ndarray, int | None]:
     """(starts (Q,), ends (Q,)) int64: the offsets of the opening and just past the closing quote of each quoted
-    field of `data` (CSV that starts a record), ends len(data) for one still open at the end; and the start of the
-    first field not closed where it ends, None if every one is: one closed before more text (pyarrow joins the text
-    to it: a stray quote merged records), else one never closed.
+    field of `data` (CSV that starts a record, its fields separated by `separator`), ends len(data) for one still
+    open at the end; and the start of the first field not closed where it ends, None if every one is: one closed
+    before more text (pyarrow joins the text to it: a stray quote merged records), else one never closed.
 
     Read as pyarrow reads CSV: a quote opens a field only as its first character (elsewhere, as in 6'2", it is
     text, so counting quotes is not enough), and "" inside a quoted field is one quote. A loop over the quotes
@@ -116,12 +120,12 @@ def _quoted_fields(data: bytes) -> tuple[np.ndarray, np.ndarray, int | None]:
         if escaped:
             escaped = False
         elif opened is None:
-            if at == 0 or data[at - 1] in b",\r\n":
+            if at == 0 or data[at - 1] in separator + b"\r\n":
                 opened = at
         elif data[at + 1 : at + 2] == b'"':
             escaped = True
         else:
-            if data[at + 1 : at + 2] not in (b"", b",", b"\r", b"\n") and unclosed is None:
+            if data[at + 1 : at + 2] not in (b"", separator, b"\r", b"\n") and unclosed is None:
                 unclosed = opened
             starts.append(opened)
             ends.append(at + 1)
@@ -135,8 +139,9 @@ def _quoted_fields(data: bytes) -> tuple[np.ndarray, np.ndarray, int | None]:
 def _record_batches(file: Path, suffix: str, compression: str | None, text_column: str,
                     block_bytes: int) -> Iterator[tuple[list[str], int]]:
     header, csv = b"", suffix == ".csv"
+    separator = _csv_separator(file, compression) if csv else None
     line, offset = 1, 0
-    for data, position in _record_blocks(file, compression, block_bytes, quoted=csv):
+    for data, position in _record_blocks(file, compression, block_bytes, separator):
         text = _decode(data, file, line, offset, csv=csv)
         # Counted before a CSV's header is taken off the block, so that later lines and bytes keep their numbers.
         line, offset, first_line = line + _line_breaks(data, csv), offset + len(data), line
@@ -147,12 +152,12 @@ def _record_batches(file: Path, suffix: str, compression: str | None, text_colum
         elif csv:
             # pyarrow accepts a quote left open at the end of the file (only the last block can end inside one),
             # and text after a closing quote: either would silently merge the records after a stray quote.
-            if (opened := _quoted_fields(data)[2]) is not None:
+            if (opened := _quoted_fields(data, separator)[2]) is not None:
                 opened_line = first_line + _line_breaks(data[:opened], csv=True)
                 raise MLMError(f"{file} has a quoted field that is never closed, opened on line {opened_line}. "
                                'Close it, or double a quote inside a quoted field ("").')
             if not header:  # the first record names the columns; every later block is parsed under it
-                ends = _record_ends(data)
+                ends = _record_ends(data, separator)
                 end = int(ends[0]) if len(ends) else len(data)
                 header, data = data[:end], data[end:]
                 if not header.strip():
@@ -162,22 +167,32 @@ def _record_batches(file: Path, suffix: str, compression: str | None, text_colum
                            f"object per line. Convert it, e.g. with `jq -c '.[]' {file} > "
                            f"{file.name.split('.')[0]}.jsonl`.")
         if suffix != ".txt":  # CSV records under their header, or JSON lines
-            texts = _table_texts(header + data, csv, file, text_column, first_line) if data.strip() else []
+            texts = _table_texts(header + data, separator, file, text_column, first_line) if data.strip() else []
         if texts:
             yield texts, position
 
 
-def _table_texts(data: bytes, csv: bool, file: Path, text_column: str, first_line: int) -> list[str]:
-    """The texts of whole CSV records (the header first) or JSON lines (`first_line` the file's line number of the
-    first), parsed as one pyarrow block: pyarrow refuses a record that straddles two of its blocks."""
+def _csv_separator(file: Path, compression: str | None) -> bytes:
+    """The CSV file's field separator: a comma, or the semicolon (or tab) its header line holds instead. A spreadsheet
+    in a locale whose decimal mark is a comma saves "CSV" separated by semicolons."""
+    raw, stream = _open(file, compression)
+    with raw:
+        header = re.split(rb"[\r\n]", stream.read(HEADER_BYTES), maxsplit=1)[0]
+    return next((mark for mark in (b",", b";", b"\t") if mark in header), b",")
+
+
+def _table_texts(data: bytes, separator: bytes | None, file: Path, text_column: str, first_line: int) -> list[str]:
+    """The texts of whole CSV records (the header first, their fields separated by `separator`) or JSON lines
+    (`separator` None; `first_line` the file's line number of the first), parsed as one pyarrow block: pyarrow
+    refuses a record that straddles two of its blocks."""
     import pyarrow.csv
     import pyarrow.json
 
-    if csv:
+    if separator:
         table = pyarrow.csv.read_csv(
             pa.BufferReader(data),
             read_options=pyarrow.csv.ReadOptions(block_size=len(data) + 1),
-            parse_options=pyarrow.csv.ParseOptions(newlines_in_values=True),
+            parse_options=pyarrow.csv.ParseOptions(delimiter=separator.decode(), newlines_in_values=True),
             # Read as text whatever it looks like: a column of numbers is still a column of texts here.
             convert_options=pyarrow.csv.ConvertOptions(column_types={text_column: pa.string()}),
         )
