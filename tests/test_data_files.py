@@ -111,6 +111,29 @@ def test_data_files_in_a_format_mlm_does_not_read_are_named(tmp_path):
                               "b.jsonl.bz2, c.jsonl.xz, d.parquet.gz")
 
 
+def test_documents_not_in_txt_beside_txt_documents_are_named(tmp_path):
+    # A folder of notes read its .txt files and left the Markdown and PDF ones out without a word.
+    notes = tmp_path / "notes"
+    write_text(notes / "a.txt", "read")
+    for name in ("b.md", "2024/c.MD", "d.pdf"):
+        write_text(notes / name, "not read")
+    texts, message = warned(load_texts, notes)
+    assert texts == ["read"]
+    assert message.startswith(f"{notes}: 3 documents not in .txt left out: 2024/c.MD, b.md, d.pdf. Each .txt file")
+    # Alone, they are named before the folder is refused as holding no data.
+    only = tmp_path / "only"
+    write_text(only / "b.md", "not read")
+    with pytest.warns(UserWarning, match="1 document not in .txt left out: b.md"):
+        assert "No data files" in short_error(load_texts, only)
+    # Beside parquet, JSON or CSV data, or in a folder laid out by split, a README.md is about the data: nothing said.
+    jsonl, split = write_jsonl(tmp_path / "data" / "a.jsonl", ["read"]), write_text(tmp_path / "s" / "train.txt", "x")
+    for data in (jsonl, split):
+        write_text(data.parent / "README.md", "about the data")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            load_texts(data.parent)
+
+
 def test_a_glob_follows_symlinks_once_and_never_a_loop(linked_notes):
     """`**` through `2023/loop -> ..` read every file 41 times (until the OS refused the path), and so put the
     chunks held out for evaluation into training too."""

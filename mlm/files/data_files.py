@@ -23,6 +23,10 @@ SPLIT_NAMES = ("train", "validation", "test", "unsupervised")
 # without a word.
 UNREAD_FORMATS = (".ndjson", ".jsonlines", ".tsv", ".arrow", ".feather")
 UNREAD_COMPRESSIONS = (".bz2", ".xz", ".lz4", ".lzma", ".zip", ".7z", ".br", ".snappy", ".gzip", ".zstd")
+# Documents in formats other than .txt: in a folder of .txt documents (or of these alone) they are named in a warning
+# rather than left out without a word; beside parquet, JSON or CSV data they are notes about it (a README.md).
+DOCUMENT_FORMATS = (".md", ".markdown", ".rst", ".html", ".htm", ".tex", ".pdf", ".doc", ".docx", ".odt", ".rtf",
+                    ".epub")
 NAMED = 3  # files named in a warning or an error before "and N more"
 
 
@@ -55,8 +59,11 @@ def find_corpus(source: str | Path, split: str = "train", *,
                 for rest in (f"-*{ext}", ext) for zipped in ("", *COMPRESSIONS)]
     folder = resolve_repo(source, repo_type="dataset", revision=revision, allow_patterns=patterns)
     unread: list[str] = []  # named like data, in a format or compression mlm does not read: said, not skipped quietly
+    documents: list[str] = []
 
     def data_file(parts: tuple[str, ...]) -> bool:
+        if Path(parts[-1]).suffix.lower() in DOCUMENT_FORMATS:
+            documents.append("/".join(parts))
         if (known := file_format(Path(parts[-1])) is not None) or not _unread_data(Path(parts[-1])):
             return known
         unread.append("/".join(parts))
@@ -68,6 +75,10 @@ def find_corpus(source: str | Path, split: str = "train", *,
                       f"not read, left out: {listed(sorted(unread), NAMED)}. Use .parquet, .jsonl, .json, .csv or "
                       ".txt, plain or compressed as .gz or .zst (.parquet uncompressed).", stacklevel=2)
     places = _split_places(folder, every)
+    if places is None and documents and all(file_format(file)[0] == ".txt" for file in every):
+        warnings.warn(f"{folder}: {len(documents)} document{'s' * (len(documents) > 1)} not in .txt left out: "
+                      f"{listed(sorted(documents), NAMED)}. Each .txt file of a folder is one document: save the "
+                      "others' text as .txt (a Markdown file can be renamed).", stacklevel=2)
     if places is None and every and not downloaded:
         return _only_train(_read_once(every), split, f"{folder} has no split names where the Hub layout puts them "
                            "(at its top level or one folder down, as plain_text/), so it"), True
