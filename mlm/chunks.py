@@ -106,14 +106,18 @@ class _ArrayRows:
 
 
 def draw_size(size: int | str, n: int, setting: str) -> int:
-    """The number of chunks `size` means out of `n`: an int as it is, "all" all of them, "P%" P percent rounded up
-    (as `datasets`' train_test_split rounds a test fraction), e.g. "5%" of 61,302 is 3,066. `setting` names it in
-    errors ("train_size" or "test_size")."""
+    """The number of chunks `size` means out of `n`: an int as it is, "all" all of them, "P%" P percent of them,
+    rounded as `datasets`' train_test_split rounds its fractions: a test size up ("5%" of 61,302 is 3,066), a train
+    size down, so that "90%" and "10%" together fit. `setting` names it ("train_size" or "test_size")."""
     size = parse_size(size, setting)  # an int too: one below 1 is refused there
     if size == "all":
         return n
     if isinstance(size, str):  # a percentage, checked by parse_size
-        return math.ceil(Fraction(size[:-1]) * n / 100)
+        share = Fraction(size[:-1]) * n / 100
+        if (count := math.ceil(share) if setting == "test_size" else math.floor(share)) == 0:
+            raise MLMError(f"`{setting}` {size} of {n} chunk{'s' * (n != 1)} is no chunk at all: give a larger "
+                           "percentage or a number of chunks.")
+        return count
     return size
 
 

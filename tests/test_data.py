@@ -220,6 +220,17 @@ def test_split_is_disjoint_reproducible_and_matches_datasets_scheme():
     assert not np.array_equal(other.input_ids, train.input_ids)
 
 
+def test_percentages_round_as_datasets_does_so_that_they_add_up():
+    # datasets' train_test_split: ceil(test fraction * n) test rows, floor(train fraction * n) train rows. Both
+    # rounded up, 90% + 10% of 71 chunks asked for 64 + 8 and was refused.
+    train, test = split_train_test(make_chunks(71), train_size="90%", test_size="10%")
+    assert (len(train), len(test)) == (63, 8)
+    train, test = split_train_test(make_chunks(3_657), train_size="80%", test_size="20%")
+    assert (len(train), len(test)) == (2_925, 732)
+    with pytest.raises(MLMError, match="^`train_size` 1% of 50 chunks is no chunk at all: give a larger percentage"):
+        split_train_test(make_chunks(50), train_size="1%", test_size=5)
+
+
 def test_split_needs_enough_chunks():
     with pytest.raises(MLMError, match="Cannot draw 10 train \\+ 5 test chunks from 14"):
         split_train_test(make_chunks(14), train_size=10, test_size=5)
