@@ -26,7 +26,7 @@ from mlm.evaluate import summarize
 from mlm.run.folder import REPLACED, RESTORING, RunFolder
 from mlm.run.processes import Processes
 from mlm.run.record import read_record
-from mlm.run.session import compare_settings, resume_command
+from mlm.run.session import compare_data, compare_settings, resume_command
 from mlm.train import train
 
 
@@ -455,6 +455,20 @@ def test_split_files_that_exchanged_their_texts_are_refused(tmp_path, monkeypatc
     (data / "was-train").rename(data / "test.jsonl")
     with pytest.raises(MLMError, match="The data files are the run's, but in other roles or order"):
         train(tiny_run(run, dataset=str(data), eval_split="test", resume="latest"))
+
+
+def test_other_data_given_to_a_resume_is_named_as_not_the_runs():
+    # It said "The data file reviews.jsonl is missing" while the file was there: the resume was given other data.
+    stored = {"reviews.jsonl": "a1"}
+    with pytest.raises(MLMError, match=r"^The data is not the run's: none of its files holds the bytes of one the run "
+                                       r"started with \(reviews.jsonl\)\. Resume with the run's `dataset`"):
+        compare_data(stored, {"top.txt": "b2", "a/one.txt": "c3"})
+    with pytest.raises(MLMError, match="^The data is not the run's"):
+        compare_data(stored, {"other.jsonl": "b2"})
+    with pytest.raises(MLMError, match="^The data file reviews.jsonl changed since the run started"):
+        compare_data(stored, {"reviews.jsonl": "b2"})  # the same name, other bytes: edited
+    with pytest.raises(MLMError, match="^The data file b.jsonl is missing"):
+        compare_data({"a.jsonl": "a1", "b.jsonl": "b2"}, {"a.jsonl": "a1"})
 
 
 def test_a_resume_with_fewer_processes_says_how_to_keep_the_global_batch():

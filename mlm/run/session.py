@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 
 from mlm.corpus import run_sources
-from mlm.errors import Interrupted, MLMError
+from mlm.errors import Interrupted, MLMError, listed
 from mlm.evaluate import EvalResult
 from mlm.files.data_files import find_data_files
 from mlm.files.hashing import file_sha256, tokenizer_sha256
@@ -553,6 +553,10 @@ def compare_data(stored: dict, current: dict) -> None:
     if sorted(now) == sorted(stored.values()):
         raise MLMError("The data files are the run's, but in other roles or order (`dataset` and `validation_file` "
                        "exchanged, or files renamed): give them as the run did.")
+    if not set(now) & set(stored.values()) and list(current) != list(stored):  # other files, not edited ones
+        raise MLMError(f"The data is not the run's: none of its files holds the bytes of one the run started with "
+                       f"({listed(list(stored), 2)}). Resume with the run's `dataset` and `validation_file` (run.json "
+                       "has them), or start a new run in another output folder.")
     if len(now) == len(stored):  # file by file, in order: the names of moved files differ
         name = next(name for (name, digest), then in zip(stored.items(), now) if then != digest)
         raise MLMError(f"The data file {name} changed since the run started (its sha256 differs): the run would train "
