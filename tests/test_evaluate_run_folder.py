@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -108,6 +109,23 @@ def test_runs_that_differ_only_in_train_size_share_their_eval_set(tmp_path, caps
     b = hand_made_run(tmp_path / "b", run_settings(tmp_path, train_size=32), seed=1)
     report = evaluate_json(capsys, "--model", str(tmp_path / "a"), "--model", str(tmp_path / "b"))
     assert [m["perplexity"] for m in report["models"]] == [a, b]  # each run's own recorded figure, bit for bit
+
+
+def test_other_data_is_scored_without_a_training_draw_nobody_makes(tmp_path, capsys, offline):
+    # Scored on a small corpus, a run's `train_size` (48 here), or the default 10,000 without a run, was refused:
+    # "Cannot draw 48 train + 8 test chunks from 51 chunks". The eval chunks are drawn first: it moves none of them.
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps({"text": f"review {i} " + "a fine film " * 15}) + "\n" for i in range(20)))
+    run = tmp_path / "a"
+    hand_made_run(run, run_settings(tmp_path))
+    plain = shutil.copytree(run, tmp_path / "plain", ignore=shutil.ignore_patterns("run.json"))  # a model, no run
+    for models in (["--model", str(run)], ["--model", str(plain)]):
+        report = evaluate_json(capsys, *models, "--dataset", str(small), "--test-size", "8", "--chunk-size", "32")
+        assert report["eval_set"]["chunks"] == 8 and "from_run" not in report["eval_set"]
+    with pytest.raises(SystemExit):  # given, it is still checked
+        run_command(lambda: evaluate_cli.main(["--model", str(run), "--dataset", str(small), "--test-size", "8",
+                                               "--train-size", "48", "--device", "cpu", "--no-progress"]))
+    assert "Cannot draw 48 train + 8 test chunks" in capsys.readouterr().err
 
 
 def test_a_run_whose_data_changed_since_is_refused(tmp_path, capsys, offline):

@@ -52,11 +52,13 @@ def build_parser() -> ArgumentParser:
                  "(mlm-train's flags; a run folder as --model brings its own)", helps={
                      "train_splits": "splits of --dataset the eval chunks are held out of, as the run trained on them "
                                      "(default: train)",
-                     "train_size": "training chunks the run drew: a count, a percentage or 'all' (the eval chunks "
-                                   "are drawn first: this only checks that both fit)",
+                     "train_size": "training chunks the run drew: a count, a percentage or 'all'; the eval chunks "
+                                   "are drawn first, so this only checks that both fit (a run folder brings its own)",
                      "prompts": "fill-mask prompt each model completes; repeatable",
                      "wwm_probability": "with --eval-masking wwm, the share of words masked; never a run's, whose "
-                                        "eval set is token-masked"})
+                                        "eval set is token-masked"},
+                 # Off a run's own draw, a training draw of 10,000 chunks refused a small corpus for nothing.
+                 train_size="all")
     add_settings(p, ["precision", "device", "progress_bar"], group="hardware")
     return p
 
@@ -66,8 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.dataset, args.validation_file = absolute_if_local(args.dataset), absolute_if_local(args.validation_file)
     args.prompts = tuple(args.prompts or TrainConfig.prompts)
-    runs = run_records(args.models)
-    from_run = follow_runs(args, flags_given(parser, argv), runs)
+    runs, given = run_records(args.models), flags_given(parser, argv)
+    if (from_run := follow_runs(args, given, runs)) is None and "train_size" not in given:
+        args.train_size = "all"  # a run's own draw checks only its own data
     args.from_run = from_run if args.eval_masking == "token" else None  # a run's eval set is never whole-word masked
     TrainConfig(**settings_given(args)).validate()
     set_progress_bars(args.progress_bar)
