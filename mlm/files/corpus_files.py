@@ -207,9 +207,13 @@ def _table_texts(data: bytes, separator: bytes | None, file: Path, text_column: 
         except pa.ArrowInvalid:  # pyarrow counts rows from 0 in its block, in its own words: name the line instead
             _refuse_the_first_bad_line(data, file, first_line, text_column)
             raise
-        if table.column(text_column).null_count == table.num_rows:  # in no row: say which columns the rows have
+        if (nulls := table.column(text_column).null_count) == table.num_rows:  # in no row: name the rows' keys
             rows = [value for *_, value, _ in _json_lines(data) if isinstance(value, dict)]
             _check_column(file, text_column, list(dict.fromkeys(key for row in rows for key in row)))
+        elif nulls:  # in some rows only: name the first line without it
+            number = next(number for number, _, row, _ in _json_lines(data, first_line) if row.get(text_column) is None)
+            raise MLMError(f"{file}, line {number}, has no {text_column!r} (or it is null), which the other lines "
+                           "have: drop that line or give it its text.")
     _check_column(file, text_column, table.column_names)
     return texts_of(table.column(text_column), file, text_column)
 
@@ -222,7 +226,7 @@ def _refuse_the_first_bad_line(data: bytes, file: Path, first_line: int, text_co
                            f"holds one object per line, e.g. {{\"{text_column}\": \"a text\"}}.")
         if not isinstance(text := value.get(text_column), str | None):
             raise MLMError(f"{file}, line {number}: {text_column!r} holds {type(text).__name__} {str(text)[:30]!r}, "
-                           "not text; pass --text-column.")
+                           "not text: make it a string, or pass --text-column if another key holds the text.")
 
 
 def _json_lines(data: bytes, first_line: int = 1) -> Iterator[tuple[int, bytes, object, str]]:
@@ -296,5 +300,7 @@ def _decode(data: bytes, file: Path, first_line: int, offset: int, *, csv: bool 
             raise MLMError(f"{file} is UTF-16 (it starts with its byte-order mark), not UTF-8. Re-encode it, e.g. "
                            "with `iconv -f utf-16 -t utf-8`.") from None
         line = first_line + _line_breaks(data[:err.start], csv)
+        # Most such files come from Windows: cp1252 reads latin-1's letters alike, and its quotes and dashes (bytes
+        # 0x80-0x9F), which latin1 turns into control characters that the tokenizer then deletes.
         raise MLMError(f"{file} is not UTF-8: byte {offset + err.start} (line {line}) cannot be decoded "
-                       f"({err.reason}). Re-encode it as UTF-8, e.g. with `iconv -f latin1 -t utf-8`.") from None
+                       f"({err.reason}). Re-encode it as UTF-8, e.g. with `iconv -f cp1252 -t utf-8`.") from None
