@@ -251,13 +251,13 @@ class Setup:
         """What the user should know before the run spends its time: a default draw that leaves most of their corpus
         unused, a precision that is slow on their device."""
         notes = list(self.path.notes)
-        drawn, available = len(self.train_chunks), self.train_chunks.drawn_from
+        drawn, available, whose = len(self.train_chunks), self.train_chunks.drawn_from, "of the training data"
         if config.eval_split is None and config.validation_file is None:
             available -= len(self.eval_set["input_ids"])  # held out of the same chunks, as the course does
+            whose = "the eval set leaves"
         if drawn < available / 2:
-            notes.append(f"training on {drawn:,} of the {available:,} chunks the eval set leaves "
-                         f"({drawn / available:.0%}, --train-size {config.train_size}); --train-size all trains on "
-                         "all of them.")
+            notes.append(f"training on {drawn:,} of the {available:,} chunks {whose} ({drawn / available:.0%}, "
+                         f"--train-size {config.train_size}); --train-size all trains on all of them.")
         return notes + added_words_notes(self.tokenizer, config.add_tokens)
 
     def facts(self) -> dict:

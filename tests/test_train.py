@@ -6,6 +6,7 @@ Every run here uses the tiny random model, tokenizer and synthetic corpus of mlm
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -427,6 +428,12 @@ def test_a_draw_of_under_half_the_corpus_and_fp16_on_a_cpu_are_said_before_the_r
                      f"({16 / available:.0%}, --train-size 16); --train-size all trains on all of them."]
     train(tiny_run(tmp_path / "most", train_size=(available + 1) // 2, epochs=1, max_steps=1, prompts=()))
     assert "note: " not in capsys.readouterr().out
+    # Eval chunks from a validation file leave the training data whole: it said "chunks the eval set leaves".
+    lines = (SMOKE / "reviews.jsonl").read_text().splitlines(keepends=True)
+    (validation := tmp_path / "validation.jsonl").write_text("".join(lines[:100]))
+    train(tiny_run(tmp_path / "file", train_size=16, test_size=8, validation_file=str(validation), epochs=1,
+                   max_steps=1, prompts=()))
+    assert re.search(r"note: training on 16 of the [\d,]+ chunks of the training data \(", capsys.readouterr().out)
 
 
 def test_a_warmup_fraction_rounds_up_as_transformers_does():

@@ -251,8 +251,8 @@ def _split_files(folder: Path, places: list[Path], every: list[Path], split: str
         # Attributed to find_corpus, inside mlm, so that run_cli prints it as one "warning:" line.
         # Not "in no split": archive.jsonl is split 'archive', read when asked for by name (--splits train,archive).
         warnings.warn(f"{folder}: {len(left_out)} data {are} not in split {split!r} and left out of it: {names}. To "
-                      f"read them with it, name them {split}-*.{{ext}} at the top level or one folder down, as in "
-                      "plain_text/; a split is read only when asked for by name.", stacklevel=2)
+                      f"read them with it, name them {split}-*{left_out[0].suffix} at the top level or one folder "
+                      "down, as in plain_text/; a split is read only when asked for by name.", stacklevel=2)
     return _read_once(files)
 
 
