@@ -99,7 +99,8 @@ class TrainConfig:
     max_steps: int | None = setting(None, "train for this many optimizer steps, over as many epochs as they "
                                     "take (it overrides --epochs, as Trainer's max_steps); the schedule decays over "
                                     "them", OPTIMISATION, type=int)
-    max_grad_norm: float = setting(1.0, "clip the gradients' global L2 norm to this", OPTIMISATION)
+    max_grad_norm: float = setting(1.0, "clip the gradients' global L2 norm to this; 0: no clipping (the course's "
+                                   "Accelerate loop)", OPTIMISATION)
     seed: int = setting(42, "seeds init, shuffling, training masks and dropout", OPTIMISATION)
     data_seed: int = setting(42, "seeds the train/eval draw and the frozen eval masks, so runs with different --seed "
                              "are scored on the same targets (the course's 42)", OPTIMISATION)
@@ -187,7 +188,7 @@ class TrainConfig:
              "a whole number of steps or a fraction below 1"),
             # An infinite epsilon divides every update to 0: the run would "train" without changing a weight.
             (("adam_epsilon",), lambda v: math.isfinite(v) and v > 0, "> 0 and finite"),
-            (("max_grad_norm",), lambda v: v > 0, "> 0"),
+            (("max_grad_norm",), lambda v: v >= 0, ">= 0"),  # 0: no clipping, as the Trainer's 0
             (("mlm_probability", "wwm_probability"), lambda v: 0 < v <= 1, "in (0, 1]"),
             (("num_workers",), lambda v: v >= 0, ">= 0"),
             (("seed", "data_seed"), lambda v: is_int(v) and 0 <= v <= MAX_SEED, "an integer from 0 to 2**63 - 1"),

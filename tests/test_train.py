@@ -258,6 +258,24 @@ def test_fp16_overflow_skips_the_step():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_max_grad_norm_0_does_not_clip_as_the_courses_accelerate_loop():
+    # The course's Accelerate loop never clips; `max_grad_norm` 0 was refused ("must be > 0").
+    tiny_run(Path("run"), max_grad_norm=0.0).validate()
+    with pytest.raises(MLMError, match="`max_grad_norm` must be >= 0"):
+        tiny_run(Path("run"), max_grad_norm=-1.0).validate()
+    ids = torch.randint(5, 40, (2, 8), generator=torch.Generator().manual_seed(0))
+    weights = []
+    for limit in (0.0, 1e30, 1e-3):  # no limit, one never reached (the gradients scaled by exactly 1), a low one
+        torch.manual_seed(0)
+        model = DistilBertForMaskedLM(DistilBertConfig(vocab_size=40, dim=16, n_layers=1, n_heads=2, hidden_dim=32))
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is the gradient itself
+        result = train_step(model, [{"input_ids": ids, "labels": ids}], optimizer, labelled_in_step=16,
+                            max_grad_norm=limit)
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        assert float(result.grad_norm) > 1e-3  # the norm before clipping, logged in every case
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
+
+
 # ---------------------------------------------------------------- schedule and decay groups
 
 def test_each_schedule_is_transformers_formula_at_every_step():

@@ -181,7 +181,8 @@ def _render(model_id: str, args: dict, results: dict) -> str:
                                                                           "a constant learning rate")
     hyperparameters = ["## Training hyperparameters", "", "| setting | value |", "|---|---|",
                        *(f"| {row} | {_cell(_value(value))} |" for row, value in rows), "",
-                       f"AdamW (no weight decay on biases and LayerNorms), {schedule} after warmup, gradient clipping. "
+                       f"AdamW (no weight decay on biases and LayerNorms), {schedule} after warmup, "
+                       f"{'gradient clipping' if args.get('max_grad_norm', 1) else 'no gradient clipping'}. "
                        f"Every setting of the run is in `{RECORD_FILE}` next to the model."]
 
     prompt = (args.get("prompts") or ["This is a great [MASK]."])[0].replace("[MASK]", args.get("mask_token", "[MASK]"))
