@@ -27,7 +27,7 @@ import pyarrow.json
 import pyarrow.parquet
 import torch
 
-from mlm.cli.args import ArgumentParser, add_settings, flag_of
+from mlm.cli.args import ArgumentParser, add_settings, flag_of, settings_given
 from mlm.corpus import load_chunks
 from mlm.data import chunk, group_ends, split_train_test, tokenize
 from mlm.errors import MLMError, name_flags
@@ -39,6 +39,7 @@ from mlm.masking import MaskingCollator, freeze_eval_masks
 from mlm.model import DistilBertForMaskedLM
 from mlm.optim import Schedule, lr_schedule, make_optimizer, set_learning_rate
 from mlm.run.processes import pick_device
+from mlm.settings import TrainConfig
 from mlm.speed.path import pick_precision
 from mlm.tokenizer import load_tokenizer
 from mlm.train import StepBatches, epoch_order, train_step
@@ -86,6 +87,7 @@ def output_dir_state(folder: Path) -> str:
 
 
 args = parse_args([] if IN_NOTEBOOK else None)
+TrainConfig(**settings_given(args)).validate()  # mlm-train's checks of the flags (a batch size of 0, ...), up front
 output_dir = Path(args.output_dir).expanduser()
 output_dir_state(output_dir)  # checked now, before minutes of work
 device = pick_device(args.device)  # mlm/run/processes.py: "auto" is the GPU when there is one

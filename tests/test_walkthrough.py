@@ -149,6 +149,11 @@ def test_bad_input_is_one_line(tmp_path):
     assert result.returncode != 0
     assert result.stderr.startswith("error: No model.safetensors in ") and result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr
+    # mlm-train's checks, before any cell: a batch size of 0 was a ZeroDivisionError once every data cell had run.
+    result = run_walkthrough("--model", str(SMOKE), "--init", "random", "--dataset", str(REVIEWS), "--batch-size", "0",
+                             "--cache-dir", str(tmp_path / "cache"), cwd=tmp_path)
+    assert result.returncode != 0 and result.stdout == ""
+    assert result.stderr == "error: --batch-size must be an integer >= 1, got 0.\n"
 
 
 @pytest.mark.parametrize("corpus", ["folder", "glob"])
