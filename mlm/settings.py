@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from mlm.chunks import parse_size
 from mlm.errors import MLMError, is_int
-from mlm.files.hub import short_name
+from mlm.files.hub import check_repo_id, short_name
 from mlm.optim import SCHEDULES
 
 MAX_SEED = 2**63 - 1  # seeds are offset by the epoch and fed to torch and numpy generators, which take 64 bits
@@ -208,6 +208,8 @@ class TrainConfig:
         check(self.eval_split not in self.train_splits, f"`eval_split` {self.eval_split} is also a training split: "
               "the eval chunks would be trained on. Pick another split, or leave `eval_split` out.")
         check(self.resume or not self.extend, "`extend` only applies with `resume`.")
+        if self.hub_model_id is not None:  # the model card names it, pushed or not
+            check_repo_id(self.hub_model_id)
 
 
 def misread_settings(settings: dict) -> list[str]:

@@ -208,3 +208,15 @@ def test_run_as_a_module_the_help_pointer_names_the_module(monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", [str(train.__file__)])
     code, _, err = exit_and_stderr(train.main, ["--masking", "wmm"], capsys)
     assert code == 2 and err.endswith("Run `python -m mlm.cli.train --help` for every flag.\n")
+
+
+def test_a_hub_repo_id_is_checked_without_a_push_and_hub_private_needs_one(capsys, tmp_path):
+    # Without --push-to-hub neither was checked: the run finished, and its model card's usage read
+    # `--model bad id with spaces`; --hub-private did nothing, without a word.
+    run = ["--smoke", "--output-dir", str(tmp_path / "run")]
+    status, _, err = exit_and_stderr(train.main, [*run, "--hub-model-id", "bad id with spaces"], capsys)
+    assert status == 2 and err.startswith("error: 'bad id with spaces' is not a Hub repo id (") and err.count("\n") == 1
+    status, _, err = exit_and_stderr(train.main, [*run, "--hub-private"], capsys)
+    assert status == 2 and err == ("error: --hub-private makes the repo that --push-to-hub creates private: add "
+                                   "--push-to-hub, or leave --hub-private out.\n")
+    assert not (tmp_path / "run").exists()

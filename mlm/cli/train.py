@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     elif smoke and settings["output_dir"] == SMOKE["output_dir"]:
         settings["overwrite"] = replaces_smoke_run(Path(settings["output_dir"]))
     set_progress_bars(settings["progress_bar"])
+    if args.hub_private and not args.push_to_hub:
+        raise MLMError("--hub-private makes the repo that --push-to-hub creates private: add --push-to-hub, or leave "
+                       "--hub-private out.")
     pushes = args.push_to_hub and int(os.environ.get("RANK", 0)) == 0
     if pushes:
         # The token and the repo's namespace are checked now, not after hours of training.

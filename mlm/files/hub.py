@@ -39,6 +39,17 @@ def short_name(name: str) -> str:
     return last.name
 
 
+def check_repo_id(repo_id: str) -> None:
+    """Raise MLMError unless `repo_id` is a Hub repo id a model can be pushed to ("name" or "namespace/name")."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise MLMError(f"{repo_id!r} is not a Hub repo id ({err}). Give one with `hub_model_id`: NAME or "
+                       "NAMESPACE/NAME, of letters, digits, '-', '_' and '.'.") from None
+
+
 def resolve_repo(name_or_path: str | Path, *, repo_type: str = "model", revision: str | None = None,
                  allow_patterns: Sequence[str] | None = None) -> Path:
     """A local folder holding the repository `name_or_path`: a folder that exists as it is, else the Hub repo id

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mlm.errors import MLMError
 from mlm.files.hashing import file_sha256
-from mlm.files.hub import NETWORK_ERRORS, hub_failure
+from mlm.files.hub import NETWORK_ERRORS, check_repo_id, hub_failure
 from mlm.files.pretrained import CONFIG_FILE, WEIGHTS_FILE
 from mlm.run.metrics import METRICS_FILE
 from mlm.run.model_card import CARD_FILE, is_hub_id, run_model_card
@@ -88,13 +88,7 @@ def full_repo_id(repo_id: str, *, endpoint: str | None = None) -> str:
     the repo before the push creates it. One whoami request, also for a namespace/name: a missing or rejected token,
     an unreachable or offline Hub, an invalid id and a namespace neither the user's nor one of their organisations'
     are refused now, before training, not after it."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as err:  # the default id is the output folder's name, which may hold anything
-        raise MLMError(f"{repo_id!r} is not a Hub repo id ({err}). Give one with `hub_model_id`: NAME or "
-                       "NAMESPACE/NAME, of letters, digits, '-', '_' and '.'.") from None
+    check_repo_id(repo_id)  # the default id is the output folder's name, which may hold anything
     api = _hub_api(repo_id, endpoint)
     try:
         who = api.whoami()
