@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +15,7 @@ from mlm.errors import MLMError, run_cli
 from mlm.files.hub import resolve_repo
 from mlm.files.pretrained import load_pretrained
 
+SMOKE = Path(mlm.__file__).resolve().parent / "smoke"
 COMMANDS = {"train": train.main, "evaluate": evaluate.main, "fill_mask": fill_mask.main,
             "prepare_data": prepare_data.main}
 
@@ -110,7 +113,6 @@ def test_a_repo_id_without_such_a_parent_folder_still_goes_to_the_hub(tmp_path, 
 def test_only_mlms_own_warnings_are_one_line(capsys):
     """A warning from mlm's package is one 'warning:' line; one from any other code, even a folder whose name starts
     like mlm's (mlm_extra/), keeps Python's format."""
-    from pathlib import Path
 
     package = Path(mlm.__file__).resolve().parent
     shown = []
@@ -220,3 +222,18 @@ def test_a_hub_repo_id_is_checked_without_a_push_and_hub_private_needs_one(capsy
     assert status == 2 and err == ("error: --hub-private makes the repo that --push-to-hub creates private: add "
                                    "--push-to-hub, or leave --hub-private out.\n")
     assert not (tmp_path / "run").exists()
+
+
+def test_an_output_folder_that_is_a_file_and_a_model_without_weights_are_named_so(capsys, tmp_path):
+    # It said "Cannot write to the output folder afile: File exists. ... (and check the free space)".
+    (tmp_path / "afile").write_text("mine")
+    for output_dir in ("afile", "afile/sub"):
+        status, _, err = exit_and_stderr(train.main, ["--smoke", "--output-dir", str(tmp_path / output_dir)], capsys)
+        assert status == 2 and err == (f"error: The output folder {tmp_path / output_dir} cannot be made: "
+                                       f"{tmp_path / 'afile'} is a file. Choose another `output_dir`.\n")
+    # mlm-fill-mask was told to "start from a random model with --init random", a flag only mlm-train has.
+    (tmp_path / "model").mkdir()
+    shutil.copy(SMOKE / "config.json", tmp_path / "model")
+    status, _, err = exit_and_stderr(fill_mask.main, ["--model", str(tmp_path / "model"), "a [MASK]"], capsys)
+    assert status == 2 and err.endswith("Point to a folder that has the weights; without any, mlm-train --init "
+                                        "random trains a model of this configuration from scratch.\n")

@@ -147,7 +147,7 @@ def test_setup_failures_leave_no_folder_behind(tmp_path):
         train(tiny_run(tmp_path / "run", prompts=("no mask",)))
     assert not (tmp_path / "run").exists()
     (tmp_path / "file").write_text("x")
-    with pytest.raises(MLMError, match="Cannot write to the output folder"):
+    with pytest.raises(MLMError, match="cannot be made: .*file is a file"):
         train(tiny_run(tmp_path / "file" / "run"))
 
 

@@ -54,7 +54,8 @@ def load_pretrained(name_or_path: str | Path, revision: str | None = None) -> Di
                 "(transformers: save_pretrained(folder, max_shard_size=\"20GB\"))." if (folder / shards).is_file() else
                 "mlm downloads no other weights (a pickled pytorch_model.bin is never loaded): use a repo that has "
                 "model.safetensors." if from_hub else
-                "Without pretrained weights, start from a random model with --init random (training only).")
+                "Point to a folder that has the weights; without any, mlm-train --init random trains a model of "
+                "this configuration from scratch.")
         raise MLMError(f"No {WEIGHTS_FILE} in {f'the Hub repo {name_or_path}' if from_hub else folder}. {hint}")
     return model_from_state_dict(config, read_safetensors(weights_path), source=weights_path)
 

@@ -62,6 +62,9 @@ class RunFolder:
                 folder.locked = _take_lock(folder.path)
             except OSError as err:
                 folder.release()
+                if file := next((path for path in (folder.path, *folder.path.parents) if path.is_file()), None):
+                    raise MLMError(f"The output folder {folder.path} cannot be made: {file} is a file. Choose another "
+                                   "`output_dir`.") from None
                 raise MLMError(f"Cannot write to the output folder {folder.path}: {err.strerror or err}. Choose a "
                                "writable output folder (and check the free space).") from None
         return folder
