@@ -105,9 +105,9 @@ class TrainConfig:
     data_seed: int = setting(42, "seeds the train/eval draw and the frozen eval masks, so runs with different --seed "
                              "are scored on the same targets (the course's 42)", OPTIMISATION)
 
-    precision: str = setting("auto", "auto: bf16 autocast on GPUs that run bf16 natively, else fp16 with loss "
-                             "scaling; fp32 on CPU. fp32 on a GPU is exact fp32 (TF32 matmuls stay off)", HARDWARE,
-                             choices=("auto", "fp32", "fp16", "bf16"))
+    precision: str = setting("auto", "auto: bf16 autocast on GPUs that run bf16 natively, else fp16 (with loss "
+                             "scaling in training); fp32 on CPU. fp32 on a GPU is exact fp32 (TF32 matmuls stay off)",
+                             HARDWARE, choices=("auto", "fp32", "fp16", "bf16"))
     device: str = setting("auto", "auto, cpu, cuda or cuda:N", HARDWARE)
     compile: bool = setting(False, "torch.compile the model (slow start, faster steps)", HARDWARE)
     cuda_graphs: str = setting("auto", "compile with CUDA graphs, so each step replays its kernels without launching "
@@ -151,8 +151,8 @@ class TrainConfig:
     prompts: tuple[str, ...] = setting(("This is a great [MASK].",), "fill-mask prompt shown before and after "
                                        "training; repeatable", OUTPUT, flag="--prompt", action="append")
     top_k: int = setting(5, "fill-mask predictions shown", OUTPUT)
-    progress_bar: bool = setting(True, "no progress bars at all (training, tokenizing, Hub downloads)", OUTPUT,
-                                 flag="--no-progress")
+    progress_bar: bool = setting(True, "no progress bars at all (training or scoring, tokenizing, Hub "
+                                 "downloads)", OUTPUT, flag="--no-progress")
     report_to: str = setting("none", "tensorboard: also write loss, lr, grad norm, tokens/s and eval figures to "
                              "OUTPUT_DIR/tensorboard (needs `pip install tensorboard`)", OUTPUT,
                              choices=("none", "tensorboard"))
