@@ -97,7 +97,7 @@ def card_metadata(text: str) -> dict:
 
 
 def run_card(tmp_path: Path, *, derived: dict | None = None, config: dict | None = None, results: dict | None = None,
-             model_id: str = "me/run", **settings) -> tuple[str, dict]:
+             data: dict | None = None, model_id: str = "me/run", **settings) -> tuple[str, dict]:
     """The card write_run_model_card writes from a finished run's record with these settings (and derived figures,
     results, config.json), and its metadata."""
     folder = tmp_path / "run"
@@ -105,6 +105,7 @@ def run_card(tmp_path: Path, *, derived: dict | None = None, config: dict | None
     record = finished_record(**settings)
     record.derived = {**record.derived, **(derived or {})}
     record.results = {**record.results, **(results or {})}
+    record.data = {**record.data, **(data or {})}
     if config:
         (folder / "config.json").write_text(json.dumps(config))
     write_record(folder, record)
@@ -204,6 +205,14 @@ def test_card_names_local_data_by_folder_or_stem_and_the_runs_stop_rule(tmp_path
     text, _ = run_card(tmp_path / "b", dataset=str(tmp_path / "reviews.jsonl.gz"), max_steps=40,
                        derived={"total_steps": 40})
     assert "held-out reviews chunks" in text and "| trained for | 40 steps (max_steps; 0.25 epochs) |" in text
+
+
+def test_card_gives_a_text_column_only_for_data_that_has_columns(tmp_path):
+    # A corpus of .txt files has none: the card said "| text column | abstract |" of a setting never used.
+    text, _ = run_card(tmp_path / "a", text_column="abstract", data={"files": {"a.txt": "1", "b/c.txt.gz": "2"}})
+    assert "text column" not in text
+    text, _ = run_card(tmp_path / "b", text_column="abstract", data={"files": {"a.jsonl": "1"}})
+    assert "| text column | abstract |" in text
 
 
 def test_card_gives_the_schedule_the_optimizer_and_the_family(tmp_path):

@@ -71,6 +71,8 @@ def run_model_card(output_dir: str | Path, *, model_id: str | None = None) -> st
     values = {**record.settings, **record.derived, "warmup_steps": record.derived.get("warmup_steps"),
               "world_size": record.world_size, "family": family or "distilbert",
               "precision_used": last.get("precision"), "device_used": last.get("device")}
+    if (files := record.data.get("files")) and all(".txt" in Path(name).suffixes for name in files):
+        values["text_column"] = None  # .txt files have no columns: the setting was not used
     if "adam_beta1" in values:
         values["adam"] = f"{values['adam_beta1']:g}, {values['adam_beta2']:g}, {values['adam_epsilon']:g}"
     if "total_steps" in values and "steps_per_epoch" in values:  # the stop rule: all epochs, or --max-steps
