@@ -256,7 +256,8 @@ class Setup:
             available -= len(self.eval_set["input_ids"])  # held out of the same chunks, as the course does
             whose = "the eval set leaves"
         if drawn < available / 2:
-            notes.append(f"training on {drawn:,} of the {available:,} chunks {whose} ({drawn / available:.0%}, "
+            share = f"{drawn / available:.0%}" if drawn >= available / 100 else "under 1%"
+            notes.append(f"training on {drawn:,} of the {available:,} chunks {whose} ({share}, "
                          f"--train-size {config.train_size}); --train-size all trains on all of them.")
         return notes + added_words_notes(self.tokenizer, config.add_tokens)
 

@@ -452,6 +452,8 @@ def test_a_draw_of_under_half_the_corpus_and_fp16_on_a_cpu_are_said_before_the_r
     train(tiny_run(tmp_path / "file", train_size=16, test_size=8, validation_file=str(validation), epochs=1,
                    max_steps=1, prompts=()))
     assert re.search(r"note: training on 16 of the [\d,]+ chunks of the training data \(", capsys.readouterr().out)
+    train(tiny_run(tmp_path / "short", chunk_size=8, train_size=16, epochs=1, max_steps=1, prompts=()))
+    assert "chunks the eval set leaves (under 1%, --train-size 16)" in capsys.readouterr().out  # it said "(0%"
 
 
 def test_a_warmup_fraction_rounds_up_as_transformers_does():
