@@ -207,6 +207,21 @@ def test_card_names_local_data_by_folder_or_stem_and_the_runs_stop_rule(tmp_path
     assert "held-out reviews chunks" in text and "| trained for | 40 steps (max_steps; 0.25 epochs) |" in text
 
 
+def test_card_says_where_a_resume_changed_the_runs_length(tmp_path):
+    # The card said "linear" and "80 steps" of a run whose schedule decayed over 400 steps until step 71.
+    folder = tmp_path / "run"
+    folder.mkdir()
+    record = finished_record(max_steps=80)
+    record.segments = [{**record.segments[0], "to_step": 71, "end": "interrupted by SIGINT"},
+                       {**record.segments[0], "from_step": 71, "to_step": 80, "changed": {"max_steps": [400, 80],
+                                                                                        "device": ["cuda", "cpu"]}}]
+    write_record(folder, record)
+    text = write_run_model_card(folder).read_text()
+    assert ("The run's length was changed when it was resumed (at step 71, `max_steps` 400 -> 80): from there the "
+            "learning-rate schedule runs to the new end.") in text
+    assert "length was changed" not in run_card(tmp_path / "plain")[0]
+
+
 def test_card_gives_a_text_column_only_for_data_that_has_columns(tmp_path):
     # A corpus of .txt files has none: the card said "| text column | abstract |" of a setting never used.
     text, _ = run_card(tmp_path / "a", text_column="abstract", data={"files": {"a.txt": "1", "b/c.txt.gz": "2"}})

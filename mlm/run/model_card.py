@@ -19,6 +19,7 @@ from mlm.files.hub import names_a_local_path, short_name
 from mlm.files.pretrained import CONFIG_FILE
 from mlm.files.writes import atomic_write_text
 from mlm.run.record import RECORD_FILE, read_record
+from mlm.settings import LENGTH_SETTINGS
 from mlm.tokenizer import tokenizer_from_folder
 
 CARD_FILE = "README.md"
@@ -79,6 +80,11 @@ def run_model_card(output_dir: str | Path, *, model_id: str | None = None) -> st
         epochs = values["total_steps"] / values["steps_per_epoch"]
         values["length"] = (f"{values['epochs']} epochs" if epochs == values["epochs"] else
                             f"{values['total_steps']} steps (max_steps; {epochs:.2f} epochs)")
+    # A resume with `extend` changes the length, and the schedule follows the new one from there: say where.
+    values["resized"] = [f"at step {segment['from_step']}, " + ", ".join(
+        f"`{name}` {'unset' if old is None else old} -> {'unset' if new is None else new}"
+        for name, (old, new) in segment["changed"].items() if name in LENGTH_SETTINGS)
+        for segment in record.segments if LENGTH_SETTINGS & segment.get("changed", {}).keys()]
     if words := values.get("added_tokens"):
         values["added"] = f"{len(words)}: {', '.join(words[:20])}{', …' if len(words) > 20 else ''}"
     if (output_dir / "tokenizer.json").is_file():  # the usage example's prompt, in the model's own mask token
@@ -186,6 +192,9 @@ def _render(model_id: str, args: dict, results: dict) -> str:
                        f"AdamW (no weight decay on biases and LayerNorms), {schedule} after warmup, "
                        f"{'gradient clipping' if args.get('max_grad_norm', 1) else 'no gradient clipping'}. "
                        f"Every setting of the run is in `{RECORD_FILE}` next to the model."]
+    if args.get("resized"):
+        hyperparameters[-1] += (f" The run's length was changed when it was resumed ({'; '.join(args['resized'])}): "
+                                "from there the learning-rate schedule runs to the new end.")
 
     prompt = (args.get("prompts") or ["This is a great [MASK]."])[0].replace("[MASK]", args.get("mask_token", "[MASK]"))
     compare = f"--model {base_model} --model {model_id}" if base_model else f"--model {model_id}"
