@@ -61,10 +61,13 @@ def report(counts: Counter, tokenizer: Tokenizer, top: int = 20) -> str:
     words, tokens, split = split_words(counts, tokenizer)
     in_pieces = sum(count for _, count, _ in split)
     lines = [f"{words:,} words ({len(counts):,} distinct) make {tokens:,} tokens: {tokens / max(words, 1):.3f} "
-             "tokens per word (the template's special tokens not counted)",
-             f"{in_pieces:,} occurrences ({in_pieces / max(words, 1):.1%}) are of words of letters cut in pieces; "
-             "those that cost the most tokens (occurrences x (pieces - 1)):",
-             f"{'word':<22} {'count':>9} {'pieces':>6}  as tokens"]
+             "tokens per word (the template's special tokens not counted)"]
+    if not split:  # no table without rows
+        return "\n".join([*lines, "No word of letters is cut in pieces: the tokenizer has a token for each, and "
+                                   "--add-tokens has nothing to add."])
+    lines += [f"{in_pieces:,} occurrences ({in_pieces / max(words, 1):.1%}) are of words of letters cut in pieces; "
+              "those that cost the most tokens (occurrences x (pieces - 1)):",
+              f"{'word':<22} {'count':>9} {'pieces':>6}  as tokens"]
     lines += [f"{word.strip():<22} {count:>9,} {len(pieces):>6}  {' '.join(pieces)}"
               for word, count, pieces in split[:top]]
     return "\n".join(lines)

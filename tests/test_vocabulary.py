@@ -73,6 +73,11 @@ def test_report_counts_words_as_the_tokenizer_splits_them(tmp_path, tiny_tokeniz
                      "counted)"
     assert out[1].startswith("6 occurrences (50.0%) are of words of letters cut in pieces")
     assert [line.split()[:3] for line in out[3:]] == [["cinematography", "3", "14"], ["naive", "1", "5"]]
+    # Words the tokenizer never cuts: no header of an empty table
+    prepare_data(["--dataset", str(jsonl(tmp_path / "whole.jsonl", ["the actor was great"])), "--tokenizer",
+                  str(tiny_tokenizer_dir), "--vocab-report", "2"])
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        "No word of letters is cut in pieces: the tokenizer has a token for each, and --add-tokens has nothing to add."]
 
 
 def test_byte_level_words_keep_the_space_before_them(tmp_path):
