@@ -85,6 +85,11 @@ def test_a_text_column_given_for_text_files_is_said_to_be_unused(tmp_path, token
 
 
 def test_csv_errors_are_one_actionable_line(tmp_path):
+    # pyarrow's own words named neither the cause nor the fix: "CSV parse error: Expected 2 columns, got 4: ...".
+    (ragged := tmp_path / "ragged.csv").write_text("label,text\n1,fine\n20,one, two, three\n")
+    with pytest.raises(MLMError, match="ragged.csv has a record of 4 fields where its header names 2 \\('20,one, two, "
+                                       "three'\\): quote a field that holds a comma, as in \"one, two\".$"):
+        load_texts(ragged)
     with pytest.raises(MLMError, match=r"has no column 'text' \(it has: label, body\).*--text-column"):
         load_texts(write_csv(tmp_path / "body.csv", ["x"], column="body"))
     bad = tmp_path / "latin1.csv"

@@ -189,13 +189,21 @@ def _table_texts(data: bytes, separator: bytes | None, file: Path, text_column: 
     import pyarrow.json
 
     if separator:
-        table = pyarrow.csv.read_csv(
-            pa.BufferReader(data),
-            read_options=pyarrow.csv.ReadOptions(block_size=len(data) + 1),
-            parse_options=pyarrow.csv.ParseOptions(delimiter=separator.decode(), newlines_in_values=True),
-            # Read as text whatever it looks like: a column of numbers is still a column of texts here.
-            convert_options=pyarrow.csv.ConvertOptions(column_types={text_column: pa.string()}),
-        )
+        try:
+            table = pyarrow.csv.read_csv(
+                pa.BufferReader(data),
+                read_options=pyarrow.csv.ReadOptions(block_size=len(data) + 1),
+                parse_options=pyarrow.csv.ParseOptions(delimiter=separator.decode(), newlines_in_values=True),
+                # Read as text whatever it looks like: a column of numbers is still a column of texts here.
+                convert_options=pyarrow.csv.ConvertOptions(column_types={text_column: pa.string()}),
+            )
+        except pa.ArrowInvalid as err:  # most often a text with the separator in it, left unquoted
+            if not (found := re.search(r"Expected (\d+) columns, got (\d+): (.*)", str(err))):
+                raise
+            mark = {b",": "comma", b";": "semicolon", b"\t": "tab"}[separator]
+            example = f'"one{separator.decode()} two"'
+            raise MLMError(f"{file} has a record of {found[2]} fields where its header names {found[1]} ("
+                           f"{found[3].strip()[:60]!r}): quote a field that holds a {mark}, as in {example}.") from None
     else:
         # Only the text column is parsed: another one whose type varies from row to row (a number, then a string)
         # made pyarrow refuse a valid file.
