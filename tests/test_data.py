@@ -531,8 +531,9 @@ def test_the_files_format_is_part_of_the_key_and_a_text_files_column_is_not(tmp_
     as_text, as_csv = (load_chunks(tmp_path / folder / name, "train", tokenizer, chunk_size=4, cache_dir=tmp_path / "s")
                        for folder, name in (("t", "data.txt"), ("c", "data.csv")))
     assert as_text.cache_path != as_csv.cache_path and as_csv.n_reviews == 30 and as_text.n_reviews == 31
-    again = load_chunks(tmp_path / "t" / "data.txt", "train", tokenizer, chunk_size=4, cache_dir=tmp_path / "s",
-                        text_column="body")
+    with pytest.warns(UserWarning, match="`text_column` body is not used"):
+        again = load_chunks(tmp_path / "t" / "data.txt", "train", tokenizer, chunk_size=4, cache_dir=tmp_path / "s",
+                            text_column="body")
     assert again.cache_path == as_text.cache_path
 
 
