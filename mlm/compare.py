@@ -39,15 +39,16 @@ class ModelScore:
 def build_eval_set(tokenizer: Tokenizer, *, dataset: str, seed: int = 42, masking: str = "token",
                    mlm_probability: float = 0.15, wwm_probability: float = 0.2, **data_args) -> EvalSet:
     """The held-out chunks a training run with these settings evaluates on, masked once with `seed`; `data_args`
-    are `load_train_eval_chunks`' (train_splits, eval_split, validation_file, train_size, test_size, chunk_size,
-    group_size, text_column, cache_dir, progress), with its defaults, which are a run's.
+    are `load_train_eval_chunks`' (train_splits, eval_split, validation_file, test_size, chunk_size, group_size,
+    text_column, cache_dir, progress), with its defaults, which are a run's. No training draw is made: whatever
+    the run's `train_size`, its eval chunks are drawn first, so they are these.
 
     masking "token" gives the run's own eval set (15% of tokens, 80/10/10); "wwm" masks whole words instead
     (`wwm_probability` of the words, all their tokens [MASK]), drawn the same frozen, seeded way.
     """
     if masking not in ("token", "wwm"):
         raise MLMError(f"`eval_masking` must be 'token' or 'wwm', got {masking!r}.")
-    _, test = load_train_eval_chunks(dataset, tokenizer, seed=seed, **data_args)
+    _, test = load_train_eval_chunks(dataset, tokenizer, seed=seed, train_size=None, **data_args)
     whole_word = masking == "wwm"
     masked = freeze_eval_masks(test.input_ids, test.word_ids if whole_word else None,
                                mask_token_id=tokenizer.mask_token_id, vocab_size=tokenizer.vocab_size,

@@ -67,21 +67,28 @@ def run_sources(dataset: str | Path, *, train_splits: tuple[str, ...] = ("train"
 
 def load_train_eval_chunks(source: str | Path, tokenizer: Tokenizer, *, train_splits: tuple[str, ...] = ("train",),
                            eval_split: str | None = None, validation_file: str | Path | None = None,
-                           train_size: int | str = 10_000, test_size: int | str = 1_000, seed: int = 42,
-                           **load_args) -> tuple[Chunks, Chunks]:
+                           train_size: int | str | None = 10_000, test_size: int | str = 1_000, seed: int = 42,
+                           **load_args) -> tuple[Chunks | None, Chunks]:
     """(train chunks, eval chunks) of a run, (train_size, L) and (test_size, L); `load_args` go to `load_chunks`.
 
     By default both are drawn from the chunks of `train_splits` with `split_train_test`, as the course draws
     them from IMDb's train split. With `eval_split` (a split of `source`, e.g. "test") or `validation_file` (one
     data file), the eval chunks are drawn from there instead and the train chunks from all of `train_splits`,
     concatenated in the order given (e.g. train then unsupervised). Each split is stored on its own.
+    train_size None draws the eval chunks alone (None for the train ones), to score models: they are the same,
+    as the eval chunks are drawn first (`split_train_test`).
     """
     train_sources, held_out = run_sources(source, train_splits=train_splits, eval_split=eval_split,
                                           validation_file=validation_file)
-    train = concatenate_splits([load_chunks(path, split, tokenizer, **load_args) for path, split in train_sources])
+
+    def train_chunks() -> Chunks:
+        return concatenate_splits([load_chunks(path, split, tokenizer, **load_args) for path, split in train_sources])
+
     if held_out is None:
-        return split_train_test(train, train_size=train_size, test_size=test_size, seed=seed)
+        if train_size is None:
+            return None, draw(train_chunks(), test_size, seed=seed, what="eval", setting="test_size")
+        return split_train_test(train_chunks(), train_size=train_size, test_size=test_size, seed=seed)
     name = str(validation_file) if validation_file is not None else f"the {eval_split} split"
-    return (draw(train, train_size, seed=seed, what="train"),
-            draw(load_chunks(*held_out, tokenizer, **load_args), test_size, seed=seed, what=f"eval ({name})",
-                 setting="test_size"))
+    test = draw(load_chunks(*held_out, tokenizer, **load_args), test_size, seed=seed, what=f"eval ({name})",
+                setting="test_size")
+    return None if train_size is None else draw(train_chunks(), train_size, seed=seed, what="train"), test

@@ -42,7 +42,7 @@ def hand_made_run(folder: Path, settings: dict, seed: int = 0) -> float:
                                                            n_heads=2, hidden_dim=32, max_position_embeddings=64)),
                     folder, tokenizer=tokenizer)
     eval_set = build_eval_set(tokenizer, dataset=settings["dataset"], chunk_size=settings["chunk_size"],
-                              train_size=settings["train_size"], test_size=settings["test_size"],
+                              test_size=settings["test_size"],
                               seed=settings["data_seed"], cache_dir=settings["cache_dir"],
                               mlm_probability=settings["mlm_probability"])
     after = evaluate(load_pretrained(folder), eval_set.input_ids, eval_set.labels,
@@ -111,7 +111,7 @@ def test_runs_that_differ_only_in_train_size_share_their_eval_set(tmp_path, caps
     assert [m["perplexity"] for m in report["models"]] == [a, b]  # each run's own recorded figure, bit for bit
 
 
-def test_other_data_is_scored_without_a_training_draw_nobody_makes(tmp_path, capsys, offline):
+def test_other_data_is_scored_without_a_training_draw(tmp_path, capsys, offline):
     # Scored on a small corpus, a run's `train_size` (48 here), or the default 10,000 without a run, was refused:
     # "Cannot draw 48 train + 8 test chunks from 51 chunks". The eval chunks are drawn first: it moves none of them.
     small = tmp_path / "small.jsonl"
@@ -120,12 +120,14 @@ def test_other_data_is_scored_without_a_training_draw_nobody_makes(tmp_path, cap
     hand_made_run(run, run_settings(tmp_path))
     plain = shutil.copytree(run, tmp_path / "plain", ignore=shutil.ignore_patterns("run.json"))  # a model, no run
     for models in (["--model", str(run)], ["--model", str(plain)]):
-        report = evaluate_json(capsys, *models, "--dataset", str(small), "--test-size", "8", "--chunk-size", "32")
-        assert report["eval_set"]["chunks"] == 8 and "from_run" not in report["eval_set"]
-    with pytest.raises(SystemExit):  # given, it is still checked
-        run_command(lambda: evaluate_cli.main(["--model", str(run), "--dataset", str(small), "--test-size", "8",
-                                               "--train-size", "48", "--device", "cpu", "--no-progress"]))
-    assert "Cannot draw 48 train + 8 test chunks" in capsys.readouterr().err
+        for test_size in ("8", "51"):  # all 51 chunks too: "`train_size` all leaves no chunk to train on"
+            report = evaluate_json(capsys, *models, "--dataset", str(small), "--test-size", test_size,
+                                   "--chunk-size", "32")
+            assert report["eval_set"]["chunks"] == int(test_size) and "from_run" not in report["eval_set"]
+    err = one_line_error(capsys, "--model", str(plain), "--dataset", str(small), "--test-size", "52", "--chunk-size",
+                         "32")
+    assert err == "error: Cannot draw 52 eval chunks from 51: give --test-size 51 or less, or use more text or a " \
+                  "smaller --chunk-size.\n"
 
 
 def test_a_run_whose_data_changed_since_is_refused(tmp_path, capsys, offline):

@@ -45,9 +45,9 @@ def workspace(tmp_path_factory, tiny_tokenizer_dir) -> dict:
 
 
 def data_flags(workspace) -> list[str]:
-    return ["--dataset", str(SMOKE / "reviews.jsonl"), "--chunk-size", "32", "--train-size", "50", "--test-size",
-            "24", "--data-seed", "7", "--cache-dir", str(workspace["cache"]), "--eval-batch-size", "5", "--top-k", "3",
-            "--device", "cpu", "--no-progress", *[x for p in PROMPTS for x in ("--prompt", p)]]
+    return ["--dataset", str(SMOKE / "reviews.jsonl"), "--chunk-size", "32", "--test-size", "24", "--data-seed", "7",
+            "--cache-dir", str(workspace["cache"]), "--eval-batch-size", "5", "--top-k", "3", "--device", "cpu",
+            "--no-progress", *[x for p in PROMPTS for x in ("--prompt", p)]]
 
 
 def run_script(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
@@ -114,7 +114,7 @@ def test_table_shows_both_models_side_by_side(workspace, monkeypatch, capsys):
 
 def test_whole_word_eval_set_masks_whole_words(workspace):
     tokenizer = load_tokenizer(workspace["a"])
-    flags = dict(dataset=str(SMOKE / "reviews.jsonl"), chunk_size=32, train_size=50, test_size=24, seed=7,
+    flags = dict(dataset=str(SMOKE / "reviews.jsonl"), chunk_size=32, test_size=24, seed=7,
                  cache_dir=str(workspace["cache"]))
     wwm = build_eval_set(tokenizer, masking="wwm", wwm_probability=0.3, **flags)
     token = build_eval_set(tokenizer, masking="token", **flags)
@@ -167,10 +167,10 @@ def test_bad_flags_are_one_line(workspace, monkeypatch, capsys):
                                 "--top-k", "0")
     assert status == 2 and err == "error: --top-k must be an integer >= 1, got 0.\n"
     status, _, err = run_script(monkeypatch, capsys, "--model", str(workspace["a"]), *data_flags(workspace),
-                                "--train-size", "100000")
-    assert status == 2 and err.count("\n") == 1 and "Cannot draw 100000 train + 24 test chunks" in err
+                                "--test-size", "100000")
+    assert status == 2 and err.count("\n") == 1 and "Cannot draw 100000 eval chunks from " in err
     status, _, err = run_script(monkeypatch, capsys, "--model", str(workspace["a"]), *data_flags(workspace),
-                                "--chunk-size", "513", "--train-size", "2", "--test-size", "2")
+                                "--chunk-size", "513", "--test-size", "2")
     assert status == 2 and err.count("\n") == 1 and "takes at most 512 tokens" in err and "--chunk-size" in err
 
 
@@ -187,7 +187,8 @@ def test_scores_a_training_run_exactly_as_the_run_did(tmp_path, monkeypatch, cap
     capsys.readouterr()  # the run's own log lines
     status, out, _ = run_script(monkeypatch, capsys, "--model", str(run), "--json", "--eval-batch-size", "8",
                                 "--device", "cpu", "--no-progress",
-                                *[x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", str(v))])
+                                *[x for k, v in flags.items() if k != "train_size"
+                                  for x in (f"--{k.replace('_', '-')}", str(v))])  # the eval draw needs no train size
     assert status == 0
     [scored] = json.loads(out)["models"]
     assert scored["tokens"] == summary.after.tokens

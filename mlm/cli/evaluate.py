@@ -34,9 +34,9 @@ from mlm.speed.path import pick_precision
 EVAL_SET_SETTINGS = ("dataset", "text_column", "train_splits", "eval_split", "validation_file", "chunk_size",
                      "group_size", "test_size", "data_seed", "mlm_probability")
 # Taken from the first run when not given; they change no target. The eval batch size does change how the
-# per-token losses are summed, so the run's own keeps its perplexity exact to the last bit. The eval chunks are
-# drawn before the train chunks, so `train_size` moves none of them; the run's own only keeps the draw's checks.
-RUN_DEFAULTS = ("cache_dir", "eval_batch_size", "prompts", "top_k", "train_size")
+# per-token losses are summed, so the run's own keeps its perplexity exact to the last bit. (A run's `train_size`
+# is none of them: its eval chunks are drawn before its train chunks, and so without them.)
+RUN_DEFAULTS = ("cache_dir", "eval_batch_size", "prompts", "top_k")
 
 
 def build_parser() -> ArgumentParser:
@@ -52,13 +52,9 @@ def build_parser() -> ArgumentParser:
                  "(mlm-train's flags; a run folder as --model brings its own)", helps={
                      "train_splits": "splits of --dataset the eval chunks are held out of, as the run trained on them "
                                      "(default: train)",
-                     "train_size": "training chunks the run drew: a count, a percentage or 'all'; the eval chunks "
-                                   "are drawn first, so this only checks that both fit (a run folder brings its own)",
                      "prompts": "fill-mask prompt each model completes; repeatable",
                      "wwm_probability": "with --eval-masking wwm, the share of words masked; never a run's, whose "
-                                        "eval set is token-masked"},
-                 # Off a run's own draw, a training draw of 10,000 chunks refused a small corpus for nothing.
-                 train_size="all")
+                                        "eval set is token-masked"})
     add_settings(p, ["precision", "device", "progress_bar"], group="hardware")
     return p
 
@@ -68,14 +64,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.dataset, args.validation_file = absolute_if_local(args.dataset), absolute_if_local(args.validation_file)
     args.prompts = tuple(args.prompts or TrainConfig.prompts)
-    runs, given = run_records(args.models), flags_given(parser, argv)
-    if (from_run := follow_runs(args, given, runs)) is None and "train_size" not in given:
-        args.train_size = "all"  # a run's own draw checks only its own data
+    runs = run_records(args.models)
+    from_run = follow_runs(args, flags_given(parser, argv), runs)
     args.from_run = from_run if args.eval_masking == "token" else None  # a run's eval set is never whole-word masked
     TrainConfig(**settings_given(args)).validate()
     set_progress_bars(args.progress_bar)
     device = pick_device(args.device)
-    data = {name: getattr(args, name) for name in (*EVAL_SET_SETTINGS, "wwm_probability", "train_size", "cache_dir")}
+    data = {name: getattr(args, name) for name in (*EVAL_SET_SETTINGS, "wwm_probability", "cache_dir")}
     eval_set, scores = compare_models(
         args.models, tokenizer=args.tokenizer, prompts=args.prompts, top_k=args.top_k,
         batch_size=args.eval_batch_size, device=device,
