@@ -115,8 +115,8 @@ def draw_size(size: int | str, n: int, setting: str) -> int:
     if isinstance(size, str):  # a percentage, checked by parse_size
         share = Fraction(size[:-1]) * n / 100
         if (count := math.ceil(share) if setting == "test_size" else math.floor(share)) == 0:
-            raise MLMError(f"`{setting}` {size} of {n} chunk{'s' * (n != 1)} is no chunk at all: give a larger "
-                           "percentage or a number of chunks.")
+            raise MLMError(f"`{setting}` {size} of {n} chunk{'s' * (n != 1)} is no chunk at all: give a number of "
+                           "chunks, `all` or a larger percentage.")
         return count
     return size
 

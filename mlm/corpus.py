@@ -28,9 +28,6 @@ def load_chunks(source: str | Path, split: str, tokenizer: Tokenizer, *, chunk_s
     check_chunk_size(chunk_size, max_length)
     check_group_size(group_size)
     files, one_document_per_file = find_corpus(source, split, revision=revision)
-    if text_column != "text" and all(".txt" in file.suffixes for file in files):
-        warnings.warn(f"`text_column` {text_column} is not used: .txt files have no columns (each line, or each file "
-                      "of a folder, is a text).", stacklevel=2)
     reading = dict(text_column=text_column, one_document_per_file=one_document_per_file)
     if use_cache:
         key = cache_key(files, tokenizer, chunk_size=chunk_size, group_size=group_size, **reading)

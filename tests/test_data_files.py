@@ -3,6 +3,7 @@ once, split names counted only where the Hub layout puts them, files left out na
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import warnings
@@ -115,7 +116,7 @@ def test_documents_not_in_txt_beside_txt_documents_are_named(tmp_path):
     # A folder of notes read its .txt files and left the Markdown and PDF ones out without a word.
     notes = tmp_path / "notes"
     write_text(notes / "a.txt", "read")
-    for name in ("b.md", "2024/c.MD", "d.pdf"):
+    for name in ("b.md", "2024/c.MD", "d.pdf", "README.md", "LICENSE.md"):  # the last two are about the folder
         write_text(notes / name, "not read")
     texts, message = warned(load_texts, notes)
     assert texts == ["read"]
@@ -257,6 +258,10 @@ def test_files_a_hub_layout_leaves_out_are_named_a_few_at_a_time(tmp_path):
                                                "To read them with it, name them test-*.parquet at the top level or one "
                                                "folder down, as in plain_text/; a split is read only when asked for "
                                                "by name.")
+    # A compressed file keeps its two suffixes: train-*.gz is no data file's name.
+    write_jsonl(tmp_path / "gz" / "train.jsonl", ["x"])
+    (tmp_path / "gz" / "more.jsonl.gz").write_bytes(gzip.compress(b'{"text": "y"}\n'))
+    assert "name them train-*.jsonl.gz at the top level" in warned(load_texts, tmp_path / "gz")[1]
 
 
 def test_a_split_of_another_name_is_read_where_split_files_lie(tmp_path):

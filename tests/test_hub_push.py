@@ -226,8 +226,9 @@ def test_card_gives_a_text_column_only_for_data_that_has_columns(tmp_path):
     # A corpus of .txt files has none: the card said "| text column | abstract |" of a setting never used.
     text, _ = run_card(tmp_path / "a", text_column="abstract", data={"files": {"a.txt": "1", "b/c.txt.gz": "2"}})
     assert "text column" not in text
-    text, _ = run_card(tmp_path / "b", text_column="abstract", data={"files": {"a.jsonl": "1"}})
-    assert "| text column | abstract |" in text
+    for data in ({"a.jsonl": "1"}, {"a.txt": "1", "export.txt.csv": "2"}):  # with columns, somewhere
+        text, _ = run_card(tmp_path / str(len(data)), text_column="abstract", data={"files": data})
+        assert "| text column | abstract |" in text
 
 
 def test_card_gives_the_schedule_the_optimizer_and_the_family(tmp_path):

@@ -75,13 +75,9 @@ def test_a_csv_separated_by_semicolons_or_tabs_is_read_by_its_header(tmp_path, s
     assert load_texts(path) == texts
     # Read in blocks of a few bytes, each parsed under the header: the separator holds for every block.
     assert [text for batch, _ in iter_texts([path], block_bytes=8) for text in batch] == texts
-
-
-def test_a_text_column_given_for_text_files_is_said_to_be_unused(tmp_path, tokenizer):
-    (tmp_path / "notes").mkdir()
-    (tmp_path / "notes" / "a.txt").write_text("a great film . " * 20)
-    with pytest.warns(UserWarning, match="^`text_column` abstract is not used: .txt files have no columns"):
-        load_chunks(tmp_path / "notes", "train", tokenizer, chunk_size=16, text_column="abstract", use_cache=False)
+    # Only the marks between the column names count, however long the header line: a quoted name may hold a comma.
+    path.write_text(f'"Title, short"{separator}{"c" * 70_000}{separator}text\nA{separator}b{separator}"x, y"\n')
+    assert load_texts(path) == ["x, y"]
 
 
 def test_csv_errors_are_one_actionable_line(tmp_path):

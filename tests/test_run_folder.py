@@ -461,7 +461,7 @@ def test_other_data_given_to_a_resume_is_named_as_not_the_runs():
     # It said "The data file reviews.jsonl is missing" while the file was there: the resume was given other data.
     stored = {"reviews.jsonl": "a1"}
     with pytest.raises(MLMError, match=r"^The data is not the run's: none of its files holds the bytes of one the run "
-                                       r"started with \(reviews.jsonl\)\. Resume with the run's `dataset`"):
+                                       r"started with \(reviews.jsonl\)\. Give the run's data: run.json names"):
         compare_data(stored, {"top.txt": "b2", "a/one.txt": "c3"})
     with pytest.raises(MLMError, match="^The data is not the run's"):
         compare_data(stored, {"other.jsonl": "b2"})
@@ -469,6 +469,19 @@ def test_other_data_given_to_a_resume_is_named_as_not_the_runs():
         compare_data(stored, {"reviews.jsonl": "b2"})  # the same name, other bytes: edited
     with pytest.raises(MLMError, match="^The data file b.jsonl is missing"):
         compare_data({"a.jsonl": "a1", "b.jsonl": "b2"}, {"a.jsonl": "a1"})
+
+
+def test_a_resume_that_would_draw_other_train_chunks_is_refused(tmp_path, monkeypatch):
+    # A run started before train percentages were rounded down drew one chunk more: resumed, its epochs would have
+    # shuffled other chunks, without a word unless the step count changed too.
+    run = tmp_path / "run"
+    interrupt_after(monkeypatch, 3)
+    assert train(tiny_run(run)).status == "interrupted"
+    record = json.loads((run / "run.json").read_text())
+    record["derived"]["train_chunks"] += 1
+    (run / "run.json").write_text(json.dumps(record))
+    with pytest.raises(MLMError, match="^The run drew 97 train chunks, and the same settings and data now draw 96: "):
+        train(tiny_run(run, resume="latest"))
 
 
 def test_a_resume_with_fewer_processes_says_how_to_keep_the_global_batch():

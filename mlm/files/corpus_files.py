@@ -19,7 +19,7 @@ COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}
 # Raw bytes read from a line-based file at a time. Larger blocks only make pyarrow's parse more parallel.
 BLOCK_BYTES = 8 << 20
 PARQUET_BATCH_ROWS = 4096
-HEADER_BYTES = 1 << 16  # where a CSV file's separator is looked for: in its header line, within these
+HEADER_BYTES = 1 << 16  # read at a time to find a CSV file's header line, which names its separator
 QUOTE, NEWLINE, CARRIAGE_RETURN = ord('"'), ord("\n"), ord("\r")
 
 
@@ -67,8 +67,8 @@ def _record_blocks(file: Path, compression: str | None, block_bytes: int,
                    separator: bytes | None) -> Iterator[tuple[bytes, int]]:
     """Yield (bytes of whole records, raw position): blocks cut after a newline that ends a record. In CSV (the
     fields' `separator` given), a line end inside a quoted field does not end a record, and a lone "\\r" does
-    (`_record_ends`). A record
-    longer than `block_bytes` makes the block grow until it ends; nothing in pyarrow's reader limits its size."""
+    (`_record_ends`). A record longer than `block_bytes` makes the block grow until it ends; nothing in pyarrow's
+    reader limits its size."""
     raw, stream = _open(file, compression)
     with raw:
         pending = b""
@@ -177,8 +177,14 @@ def _csv_separator(file: Path, compression: str | None) -> bytes:
     in a locale whose decimal mark is a comma saves "CSV" separated by semicolons."""
     raw, stream = _open(file, compression)
     with raw:
-        header = re.split(rb"[\r\n]", stream.read(HEADER_BYTES), maxsplit=1)[0]
-    return next((mark for mark in (b",", b";", b"\t") if mark in header), b",")
+        header = b""
+        while block := stream.read(HEADER_BYTES):
+            header += block
+            if re.search(rb"[\r\n]", block):
+                break
+    # A column name in quotes may hold any of them ("Title, short";text): only the marks between names count.
+    names = re.sub(rb'"(?:[^"]|"")*"', b"", re.split(rb"[\r\n]", header, maxsplit=1)[0])
+    return next((mark for mark in (b",", b";", b"\t") if mark in names), b",")
 
 
 def _table_texts(data: bytes, separator: bytes | None, file: Path, text_column: str, first_line: int) -> list[str]:
@@ -218,7 +224,8 @@ def _table_texts(data: bytes, separator: bytes | None, file: Path, text_column: 
         if (nulls := table.column(text_column).null_count) == table.num_rows:  # in no row: name the rows' keys
             rows = [value for *_, value, _ in _json_lines(data) if isinstance(value, dict)]
             _check_column(file, text_column, list(dict.fromkeys(key for row in rows for key in row)))
-        elif nulls:  # in some rows only: name the first line without it
+        elif nulls:  # in some rows only: name the first line without it (or that is not one object)
+            _refuse_the_first_bad_line(data, file, first_line, text_column)
             number = next(number for number, _, row, _ in _json_lines(data, first_line) if row.get(text_column) is None)
             raise MLMError(f"{file}, line {number}, has no {text_column!r} (or it is null), which the other lines "
                            "have: drop that line or give it its text.")

@@ -27,6 +27,7 @@ UNREAD_COMPRESSIONS = (".bz2", ".xz", ".lz4", ".lzma", ".zip", ".7z", ".br", ".s
 # rather than left out without a word; beside parquet, JSON or CSV data they are notes about it (a README.md).
 DOCUMENT_FORMATS = (".md", ".markdown", ".rst", ".html", ".htm", ".tex", ".pdf", ".doc", ".docx", ".odt", ".rtf",
                     ".epub")
+ABOUT_THE_FOLDER = ("readme", "license", "licence", "changelog", "contributing", "notice", "authors")  # not documents
 NAMED = 3  # files named in a warning or an error before "and N more"
 
 
@@ -62,7 +63,8 @@ def find_corpus(source: str | Path, split: str = "train", *,
     documents: list[str] = []
 
     def data_file(parts: tuple[str, ...]) -> bool:
-        if Path(parts[-1]).suffix.lower() in DOCUMENT_FORMATS:
+        name = Path(parts[-1])
+        if name.suffix.lower() in DOCUMENT_FORMATS and name.stem.lower() not in ABOUT_THE_FOLDER:
             documents.append("/".join(parts))
         if (known := file_format(Path(parts[-1])) is not None) or not _unread_data(Path(parts[-1])):
             return known
@@ -247,11 +249,13 @@ def _split_files(folder: Path, places: list[Path], every: list[Path], split: str
     read = set(files) | {file for file in places if _split_of(file.name) in SPLIT_NAMES}
     if left_out := [file for file in every if file not in read]:
         names = listed([str(file.relative_to(folder)) for file in left_out], NAMED)
+        suffixes = left_out[0].suffixes  # the format's, and the compression's after it (.jsonl.gz)
+        ext = "".join(suffixes[-2:]) if suffixes[-1:] and suffixes[-1].lower() in COMPRESSIONS else left_out[0].suffix
         are = "file is" if len(left_out) == 1 else "files are"
         # Attributed to find_corpus, inside mlm, so that run_cli prints it as one "warning:" line.
         # Not "in no split": archive.jsonl is split 'archive', read when asked for by name (--splits train,archive).
         warnings.warn(f"{folder}: {len(left_out)} data {are} not in split {split!r} and left out of it: {names}. To "
-                      f"read them with it, name them {split}-*{left_out[0].suffix} at the top level or one folder "
+                      f"read them with it, name them {split}-*{ext} at the top level or one folder "
                       "down, as in plain_text/; a split is read only when asked for by name.", stacklevel=2)
     return _read_once(files)
 

@@ -15,6 +15,7 @@ from itertools import zip_longest
 from pathlib import Path
 
 from mlm.errors import MLMError
+from mlm.files.corpus_files import file_format
 from mlm.files.hub import names_a_local_path, short_name
 from mlm.files.pretrained import CONFIG_FILE
 from mlm.files.writes import atomic_write_text
@@ -72,7 +73,7 @@ def run_model_card(output_dir: str | Path, *, model_id: str | None = None) -> st
     values = {**record.settings, **record.derived, "warmup_steps": record.derived.get("warmup_steps"),
               "world_size": record.world_size, "family": family or "distilbert",
               "precision_used": last.get("precision"), "device_used": last.get("device")}
-    if (files := record.data.get("files")) and all(".txt" in Path(name).suffixes for name in files):
+    if (files := record.data.get("files")) and all(file_format(Path(name))[0] == ".txt" for name in files):
         values["text_column"] = None  # .txt files have no columns: the setting was not used
     if "adam_beta1" in values:
         values["adam"] = f"{values['adam_beta1']:g}, {values['adam_beta2']:g}, {values['adam_epsilon']:g}"

@@ -172,6 +172,10 @@ class Run:
         if resuming:
             changed = compare_settings(self.record.settings, settings, extend=config.extend, where=self.output_dir,
                                        world_size=procs.world_size)  # {name: [before, now]}
+            if facts["train_chunks"] != (drawn := self.record.derived.get("train_chunks", facts["train_chunks"])):
+                raise MLMError(f"The run drew {drawn} train chunks, and the same settings and data now draw "
+                               f"{facts['train_chunks']}: mlm draws them otherwise since it started. Resume with the "
+                               "mlm version that started the run, or start a new run in another output folder.")
             if not config.extend and facts["total_steps"] != self.record.derived.get("total_steps", self.total_steps):
                 raise MLMError(f"The run was set to {self.record.derived['total_steps']} steps, and its settings now "
                                f"give {self.total_steps}: resume with `extend` to train for {self.total_steps}.")
@@ -555,8 +559,8 @@ def compare_data(stored: dict, current: dict) -> None:
                        "exchanged, or files renamed): give them as the run did.")
     if not set(now) & set(stored.values()) and list(current) != list(stored):  # other files, not edited ones
         raise MLMError(f"The data is not the run's: none of its files holds the bytes of one the run started with "
-                       f"({listed(list(stored), 2)}). Resume with the run's `dataset` and `validation_file` (run.json "
-                       "has them), or start a new run in another output folder.")
+                       f"({listed(list(stored), 2)}). Give the run's data: run.json names its `dataset` and "
+                       "`validation_file`.")
     if len(now) == len(stored):  # file by file, in order: the names of moved files differ
         name = next(name for (name, digest), then in zip(stored.items(), now) if then != digest)
         raise MLMError(f"The data file {name} changed since the run started (its sha256 differs): the run would train "
