@@ -96,3 +96,24 @@ def test_a_repeated_sigterm_keeps_the_checkpoint_and_a_second_ctrl_c_stops_at_on
         assert signals.received == "SIGTERM"
         with pytest.raises(Interrupted):
             os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_signal_ignored_when_the_run_starts_stays_ignored():
+    """nohup ignores SIGHUP, and a shell's background job SIGINT: the run took them over, so a nohup run stopped when
+    its terminal closed."""
+    import os
+    import signal
+
+    from mlm.run.signals import Signals
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with Signals() as signals, signals.deferred():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert signals.received is None
+            os.kill(os.getpid(), signal.SIGTERM)  # not ignored: still a stop
+            assert signals.received == "SIGTERM"
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)

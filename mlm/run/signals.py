@@ -29,7 +29,9 @@ class Signals:
 
     def __enter__(self) -> Signals:
         if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+            # One ignored when the run started stays ignored: nohup's SIGHUP, a background job's SIGINT.
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS
+                              if signal.getsignal(sig) is not signal.SIG_IGN}
         return self
 
     def __exit__(self, *exc) -> None:
