@@ -4,12 +4,13 @@ client code.
 
     POST /api/repos/create                              create_repo (409 if it exists, 403 outside your namespace)
     GET  /api/models/{repo}[/revision/{rev}]            repo_info (create_repo(exist_ok=True) asks after a 403)
+    GET  /api/models/{repo}/tree/{rev}                  list_repo_files: every file, one page
     GET  /api/whoami-v2                                 whoami
     POST /api/validate-yaml                             README.md metadata check before an upload
     POST /api/models/{repo}/preupload/{rev}             per file: "regular" (base64 in the commit) or "lfs"
     POST /{repo}.git/info/lfs/objects/batch             LFS batch: where to PUT each large file
     PUT  /lfs-upload/{sha256}                           the LFS upload itself (content checked against its sha256)
-    POST /api/models/{repo}/commit/{rev}                the commit, NDJSON: header, file (base64), lfsFile lines
+    POST /api/models/{repo}/commit/{rev}                the commit, NDJSON: header, file (base64), lfsFile, deletedFile
 
 Use it as a context manager; it serves from a daemon thread and stops on exit. Every request is read by its
 Content-Length (or chunk by chunk with a bounded count), sockets time out after a few seconds, so no request can
@@ -133,6 +134,15 @@ def _handler(hub: HubServer):
                 if self._authorized() and not self._failing("whoami"):
                     self._send(200, {"type": "user", "name": hub.user, "orgs": [{"name": "org"}]})
                 return
+            match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/[^/]+", path)
+            if match:
+                repo = hub.repos.get(match[1])
+                if repo is None or (repo.private and repo.owner != hub.user):
+                    self._send(404, {"error": "Repository not found"}, error_code="RepoNotFound")
+                else:
+                    self._send(200, [{"type": "file", "path": name, "oid": hashlib.sha1(data).hexdigest(),
+                                      "size": len(data)} for name, data in sorted(repo.files.items())])
+                return
             match = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/[^/]+)?", path)
             if match:
                 repo = hub.repos.get(match[1])
@@ -232,7 +242,7 @@ def _handler(hub: HubServer):
             repo = self._writable_repo(repo_id)
             if repo is None:
                 return
-            staged, message = {}, ""
+            staged, deleted, message = {}, set(), ""
             for line in body.decode().splitlines():
                 item = json.loads(line)
                 value = item["value"]
@@ -244,9 +254,11 @@ def _handler(hub: HubServer):
                     if value["oid"] not in hub.lfs:
                         return self._send(400, {"error": f"LFS object {value['oid']} was never uploaded"})
                     staged[value["path"]] = hub.lfs[value["oid"]]
+                elif item["key"] == "deletedFile":
+                    deleted.add(value["path"])
                 else:
                     return self._send(400, {"error": f"unsupported commit operation {item['key']}"})
-            repo.files.update(staged)
+            repo.files = {name: data for name, data in repo.files.items() if name not in deleted} | staged
             repo.commits.append(message)
             oid = hashlib.sha1(f"{repo_id}{len(repo.commits)}".encode()).hexdigest()
             self._send(200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{oid}", "commitOid": oid,

@@ -315,6 +315,23 @@ def test_push_again_updates_the_existing_repo(hub, run_dir):
     assert len(repo.commits) == 2 and repo.files["config.json"] == (run_dir / "config.json").read_bytes()
 
 
+def test_push_removes_what_an_earlier_push_left_that_this_run_has_not(hub, run_dir):
+    # A RoBERTa run pushed over a DistilBERT run's repo left its vocab.txt beside the new tokenizer: two models' files.
+    push_run(run_dir, "me/tiny-imdb", endpoint=hub.url)
+    repo = hub.repos["me/tiny-imdb"]
+    repo.files |= {"vocab.json": b"{}", "merges.txt": b"", "tensorboard/events.out": b"old", "notes.txt": b"mine"}
+    push_run(run_dir, "me/tiny-imdb", endpoint=hub.url)
+    assert {"vocab.json", "merges.txt", "tensorboard/events.out"}.isdisjoint(repo.files)
+    assert repo.files["notes.txt"] == b"mine" and "vocab.txt" in repo.files  # not mlm's to remove; this run's own
+
+
+def test_hub_private_on_an_existing_public_repo_is_said_to_change_nothing(hub, run_dir):
+    push_run(run_dir, "me/tiny-imdb", endpoint=hub.url)
+    with pytest.warns(UserWarning, match="^me/tiny-imdb existed and is public: it stays public"):
+        push_run(run_dir, "me/tiny-imdb", private=True, endpoint=hub.url)
+    assert not hub.repos["me/tiny-imdb"].private
+
+
 def test_bare_name_goes_to_the_users_namespace(hub, run_dir):
     url = push_run(run_dir, "tiny-imdb", endpoint=hub.url)
     assert url.startswith(f"{hub.url}/me/tiny-imdb/commit/")

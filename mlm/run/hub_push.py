@@ -8,6 +8,7 @@ and keeping the Hub's own reason.
 from __future__ import annotations
 
 import json
+import warnings
 from contextlib import suppress
 from dataclasses import asdict
 from pathlib import Path
@@ -59,7 +60,7 @@ def push_run(folder: str | Path, repo_id: str, *, private: bool | None = None, e
     """Create `repo_id` (a model repo) if it does not exist and upload the run in `folder` to it in one commit;
     return the commit's URL. private: None leaves the Hub's default; an existing repo keeps its visibility. The
     token is huggingface_hub's (HF_TOKEN or the saved `hf auth login`), and so is the endpoint, unless given."""
-    from huggingface_hub import CommitOperationAdd, constants
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, constants
 
     folder, endpoint = Path(folder), (endpoint or constants.ENDPOINT).rstrip("/")
     if missing := [name for name in MODEL_FILES if not (folder / name).is_file()]:  # or no folder at all
@@ -73,9 +74,17 @@ def push_run(folder: str | Path, repo_id: str, *, private: bool | None = None, e
     try:
         # A bare name ("my-model") is created in the token owner's namespace; the Hub answers with the full id.
         repo_id = getattr(api.create_repo(repo_id, private=private, exist_ok=True), "repo_id", None) or repo_id
+        if private and not api.repo_info(repo_id).private:  # the Hub keeps an existing repo's visibility
+            warnings.warn(f"{repo_id} existed and is public: it stays public (make it private in its settings on the "
+                          "Hub).", stacklevel=2)
         uploads = run_files(folder, repo_id)
+        # A file of an earlier push that this run has not (a DistilBERT run's vocab.txt beside a RoBERTa run's
+        # tokenizer) would make a repo of two models. A card stays: the repo's page, perhaps written on the Hub.
+        stale = [name for name in api.list_repo_files(repo_id) if name not in uploads and name != CARD_FILE
+                 and (name in PUSHED_FILES or name.startswith(f"{LOG_DIR}/"))]
         commit = api.create_commit(repo_id=repo_id, commit_message="Upload model trained with mlm", operations=[
-            CommitOperationAdd(path_in_repo=name, path_or_fileobj=content) for name, content in uploads.items()])
+            *(CommitOperationAdd(path_in_repo=name, path_or_fileobj=content) for name, content in uploads.items()),
+            *(CommitOperationDelete(path_in_repo=name) for name in stale)])
     except Exception as err:  # classified below; anything unforeseen is still one line, not a traceback
         raise MLMError(f"{describe_push_error(err, repo_id, endpoint)} The model is intact in {folder}; once this "
                        f"is fixed, mlm-train --resume latest --output-dir {folder} --push-to-hub pushes it again."
