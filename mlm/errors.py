@@ -26,6 +26,16 @@ def listed(names: list[str], most: int, separator: str = ", ") -> str:
     return separator.join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
+def clipped(text: str, most: int) -> str:
+    """`text` on one line, cut to at most `most` characters at a space (with "…"), so that a reason quoted in a
+    message ends on a whole word; a text without a space in its second half is cut where it reaches `most`."""
+    text = " ".join(text.split())
+    if len(text) <= most:
+        return text
+    cut = text[: most - 1]
+    return (cut.rsplit(" ", 1)[0] if " " in cut[most // 2 :] else cut) + "…"
+
+
 def is_int(value) -> bool:
     """An int but not a bool, which Python counts as one: `true` in a JSON file is no size or seed."""
     return isinstance(value, int) and not isinstance(value, bool)

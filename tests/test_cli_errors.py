@@ -237,3 +237,12 @@ def test_an_output_folder_that_is_a_file_and_a_model_without_weights_are_named_s
     status, _, err = exit_and_stderr(fill_mask.main, ["--model", str(tmp_path / "model"), "a [MASK]"], capsys)
     assert status == 2 and err.endswith("Point to a folder that has the weights; without any, mlm-train --init "
                                         "random trains a model of this configuration from scratch.\n")
+
+
+def test_a_quoted_reason_is_cut_at_a_word():
+    # "… This is typically caused by a remote worker c)": a process's reason for stopping, cut mid-word.
+    from mlm.errors import clipped
+
+    reason = "Connection closed by peer [127.0.0.1]:6536. This is typically caused by a remote worker crash."
+    assert clipped(reason, 80) == "Connection closed by peer [127.0.0.1]:6536. This is typically caused by a…"
+    assert clipped(" a\n b ", 80) == "a b" and clipped("x" * 100, 10) == "x" * 9 + "…"

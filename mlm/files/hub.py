@@ -8,7 +8,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from mlm.errors import MLMError
+from mlm.errors import MLMError, clipped
 
 # Models and datasets alike: no example path, which would name one of the two.
 OFFLINE_HINT = ("To work offline, pass a local folder with the same files instead of a repo id, or set "
@@ -87,7 +87,7 @@ def _download(repo_id: str, *, repo_type: str, revision: str | None, allow_patte
         if get_token() is None:
             raise MLMError(f"The {where} on {endpoint} is gated: accept its terms on the Hub and set HF_TOKEN."
                            ) from None
-        reason = " ".join(str(getattr(err, "server_message", None) or "").split())[:200]
+        reason = clipped(str(getattr(err, "server_message", None) or ""), 200)
         raise MLMError(f"The {where} on {endpoint} is gated, and the token in use has no access to it yet ({reason}): "
                        "accept its terms, or wait for the owners' approval, with the account of that token.") from None
     except errors.RepositoryNotFoundError:
@@ -114,7 +114,7 @@ def describe_download_error(err: BaseException, where: str, endpoint: str, *, of
     misconfigured HF_ENDPOINT, or a server that answers but is not a Hub."""
     status, names, chain = hub_failure(err)
     innermost = chain[-1]
-    reason = " ".join(f"{type(innermost).__name__}: {innermost}".split())[:200]
+    reason = clipped(f"{type(innermost).__name__}: {innermost}", 200)
     if offline and status is None and not names & {"ConnectError", "TransportError"}:
         return (f"The {where} is not in the local HF cache, and HF_HUB_OFFLINE=1 forbids downloading it: unset "
                 "HF_HUB_OFFLINE, or pass a local folder with the same files instead of a repo id.")

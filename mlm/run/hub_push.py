@@ -13,7 +13,7 @@ from contextlib import suppress
 from dataclasses import asdict
 from pathlib import Path
 
-from mlm.errors import MLMError
+from mlm.errors import MLMError, clipped
 from mlm.files.hashing import file_sha256
 from mlm.files.hub import NETWORK_ERRORS, check_repo_id, hub_failure
 from mlm.files.pretrained import CONFIG_FILE, WEIGHTS_FILE
@@ -186,7 +186,7 @@ def describe_push_error(err: BaseException, repo_id: str, endpoint: str) -> str:
     """What went wrong while pushing `repo_id` to `endpoint`, in one line, with the cause the Hub or network gave."""
     status, names, chain = hub_failure(err)
     reason = next((message for error in chain if (message := getattr(error, "server_message", None))), None)
-    reason = " ".join(str(reason or str(err) or type(err).__name__).split())[:300]
+    reason = clipped(str(reason or str(err) or type(err).__name__), 300)
     key = (status if status in PUSH_ERRORS else 500 if status >= 500 else 400) if status is not None else (
         "offline" if "OfflineModeIsEnabled" in names else "network" if names & NETWORK_ERRORS else "other")
     return PUSH_ERRORS[key].format(endpoint=endpoint, repo=repr(repo_id), reason=reason, status=status,

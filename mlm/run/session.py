@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 
 from mlm.corpus import run_sources
-from mlm.errors import Interrupted, MLMError, listed
+from mlm.errors import Interrupted, MLMError, clipped, listed
 from mlm.evaluate import EvalResult
 from mlm.files.data_files import find_data_files
 from mlm.files.hashing import file_sha256, tokenizer_sha256
@@ -86,7 +86,7 @@ def open_run(config: TrainConfig):
             if isinstance(err, KeyboardInterrupt):
                 raise Interrupted(getattr(err, "signal_name", "SIGINT"), hint=run.continue_hint()) from None
             if lost:
-                reason = " ".join(str(err).split())[:160]
+                reason = clipped(str(err), 160)
                 raise MLMError(f"Another process of the run ended, so this one stops too ({reason}). "
                                f"{run.continue_hint()}") from None
             raise
