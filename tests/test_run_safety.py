@@ -534,7 +534,11 @@ def fake_endpoint(tmp_path, monkeypatch):
 
 def test_hub_failures_keep_their_cause_and_name_the_endpoint(fake_endpoint, monkeypatch):
     url = fake_endpoint(500, b'{"error": "boom"}')
-    with pytest.raises(MLMError, match=f"The Hub at {url} failed \\(HTTP 500\\)"):
+    with pytest.raises(MLMError, match=f"The Hub at {url} failed \\(HTTP 500\\).*Try again later"):
+        resolve_repo("someone/model")
+    # A refusal is no outage: it said "Try again later" there too.
+    url = fake_endpoint(400, b'{"error": "bad request"}')
+    with pytest.raises(MLMError, match=f"The Hub at {url} refused the request \\(HTTP 400\\).*\\. Check the repo id"):
         resolve_repo("someone/model")
     url = fake_endpoint(200, b'{"hello": "world"}')
     with pytest.raises(MLMError, match=f"The server at {url} answered, but not as a Hugging Face Hub does"):

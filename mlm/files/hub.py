@@ -126,9 +126,9 @@ def describe_download_error(err: BaseException, where: str, endpoint: str, *, of
         return (f"The Hub at {endpoint} rejected the token in HF_TOKEN (HTTP 401) for the {where}: fix HF_TOKEN, or "
                 "unset it for a public repo.")
     if status is not None:
-        kind = "failed" if status >= 500 else "refused the request"
+        kind, fix = ("failed", "Try again later") if status >= 500 else ("refused the request", "Check the repo id")
         return (f"The Hub at {endpoint} {kind} (HTTP {status}) for the {where}, and it is not in the local HF cache "
-                f"({reason}). Try again later, or check HF_ENDPOINT. {OFFLINE_HINT}")
+                f"({reason}). {fix}, or check HF_ENDPOINT. {OFFLINE_HINT}")
     if names & NETWORK_ERRORS:
         return (f"Could not reach the Hub at {endpoint} for the {where} ({reason}), and it is not in the local HF "
                 f"cache. Check the network connection and HF_ENDPOINT. {OFFLINE_HINT}")
