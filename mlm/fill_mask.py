@@ -15,7 +15,7 @@ from mlm.tokenizer import Tokenizer
 @dataclass
 class Prediction:
     token_id: int
-    token: str  # the vocabulary entry, e.g. "film" or "##s"
+    token: str  # the token as text, as the reference pipeline's token_str: "film", "##s", RoBERTa's " film"
     score: float  # softmax probability over the whole vocabulary
     sequence: str  # the sentence with this [MASK] filled in (other [MASK]s left as they are)
 
@@ -60,11 +60,11 @@ def fill_mask(model: DistilBertForMaskedLM, tokenizer: Tokenizer, sentences: lis
     top_scores, top = probabilities[..., tokens].topk(min(top_k, len(tokens)), dim=-1)  # (B, L, k)
     top_ids = tokens[top]
 
-    results = []
+    results, decode = [], tokenizer.backend.decode
     for row, encoding in enumerate(encodings):
         ids, per_mask = encoding.ids, []
         for at in (i for i, token in enumerate(ids) if token == tokenizer.mask_token_id):
-            per_mask.append([Prediction(token_id, tokenizer.backend.id_to_token(token_id), score,
+            per_mask.append([Prediction(token_id, decode([token_id], skip_special_tokens=False), score,
                                         _decode(tokenizer, ids[:at] + [token_id] + ids[at + 1:]))
                              for score, token_id in zip(top_scores[row, at].tolist(), top_ids[row, at].tolist())])
         results.append(per_mask)

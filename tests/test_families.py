@@ -267,3 +267,7 @@ def test_mask_in_a_prompt_stands_for_each_tokenizers_mask_token(tmp_path):
     model = load_model(tmp_path, init="random")
     ours, theirs = fill_mask(model, tokenizer, ["a great [MASK] .", "a great <mask> ."], top_k=3)
     assert ours == theirs and ours[0][0].sequence.startswith("a great")
+    # Each token as text, as the reference pipeline's token_str (tokenizer.decode([id])): " movie", not "Ġmovie".
+    movie = tokenizer.backend.token_to_id("Ġmovie")
+    assert [p.token for p in ours[0]] == [tokenizer.backend.decode([p.token_id]) for p in ours[0]]
+    assert tokenizer.backend.decode([movie]) == " movie" and not any("Ġ" in p.token for p in ours[0])
