@@ -235,6 +235,9 @@ def test_card_gives_the_schedule_the_optimizer_and_the_family(tmp_path):
     text, meta = run_card(tmp_path / "a", lr_scheduler="cosine", adam_beta2=0.98, adam_epsilon=1e-6)
     assert "| learning-rate schedule | cosine |" in text and "| AdamW betas, epsilon | 0.9, 0.98, 1e-06 |" in text
     assert "cosine decay after warmup, gradient clipping." in text and meta["tags"][2] == "distilbert"
+    # `constant` has no warmup (it is refused with one): it said "a constant learning rate after warmup".
+    assert "), a constant learning rate, gradient clipping." in run_card(tmp_path / "d", lr_scheduler="constant")[0]
+    assert "a constant learning rate after warmup" in run_card(tmp_path / "e", lr_scheduler="constant-with-warmup")[0]
     text, _ = run_card(tmp_path / "c", max_grad_norm=0.0)  # the course's Accelerate loop: it said "gradient clipping"
     assert "| max gradient norm | 0 |" in text and "linear decay after warmup, no gradient clipping." in text
     text, meta = run_card(tmp_path / "b", init="random", config_overrides="num_hidden_layers=4",
