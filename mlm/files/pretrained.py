@@ -69,16 +69,19 @@ def load_model(name_or_path: str | Path, *, init: str = "pretrained", revision: 
     else:
         model = DistilBertForMaskedLM(load_config(name_or_path, revision=revision, overrides=config_overrides))
     if tokenizer is not None:
-        check_tokenizer_fits(model, tokenizer.vocab_size, str(name_or_path))
+        check_tokenizer_fits(model, tokenizer.vocab_size, str(name_or_path), random=init != "pretrained")
     return model
 
 
-def check_tokenizer_fits(model: DistilBertForMaskedLM, tokenizer_vocab_size: int, name: str) -> None:
+def check_tokenizer_fits(model: DistilBertForMaskedLM, tokenizer_vocab_size: int, name: str, *,
+                         random: bool = False) -> None:
     """Refuse a tokenizer whose ids go past the model's embedding rows (an IndexError in the first forward)."""
     if model.config.vocab_size < tokenizer_vocab_size:
+        fix = (f"`config_overrides` vocab_size={tokenizer_vocab_size} sizes the random model for it" if random else
+               "a vocab_size that covers the tokenizer")
         raise MLMError(f"The tokenizer has {tokenizer_vocab_size} tokens but the model {name} only "
                        f"{model.config.vocab_size} (its vocab_size): they do not belong together. Use the tokenizer "
-                       "the model was trained with, or a vocab_size that covers the tokenizer.")
+                       f"the model was trained with, or {fix}.")
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
