@@ -117,7 +117,7 @@ def test_non_float_weights_are_one_line_in_the_clis(tmp_path, capsys):
     save_file(state, folder / "model.safetensors")
     assert "non-float" in one_line_error(fill_mask_cli.main, ["--model", str(folder), "a [MASK] ."], capsys)
     argv = ["--model", str(folder), "--dataset", str(SMOKE_DIR / "reviews.jsonl"), "--chunk-size", "32",
-            "--train-size", "8", "--test-size", "4", "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+            "--test-size", "4", "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
     assert "non-float" in one_line_error(evaluate_cli.main, argv, capsys)
 
 
