@@ -157,6 +157,8 @@ def word_starts(word_ids) -> tuple[torch.Tensor, torch.Tensor]:
     Returns (starts, in_word), both (B, L) bool: `starts` is True at the first token of each word (the course's
     grouping rule above), `in_word` is True at every non-special token.
     """
+    if isinstance(word_ids, np.ndarray):  # a store's rows are read-only, which torch warns of sharing
+        word_ids = word_ids.astype(np.int64)
     word_ids = torch.as_tensor(word_ids).long()
     if word_ids.dim() != 2:
         raise MLMError(f"word_ids must be a 2-D (batch, length) array, got shape {tuple(word_ids.shape)}.")

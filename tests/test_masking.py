@@ -520,3 +520,20 @@ def test_collator_from_tokenizer_reads_its_ids():
     assert collator.special_token_ids == tuple(SPECIALS)
     assert (collator.mask_token_id, collator.vocab_size) == (MASK_ID, VOCAB)
     assert (collator.mask_replace_prob, collator.random_replace_prob) == (1.0, 0.0)
+
+
+def test_word_starts_of_a_stores_read_only_rows_warns_nothing():
+    # A memory-mapped store's rows are read-only: torch warned ("The given NumPy array is not writable").
+    import warnings
+
+    import numpy as np
+
+    from mlm.masking import word_starts
+
+    rows = np.array([[-1, 0, 0, 1, -1]], dtype=np.int32)
+    rows.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        starts, in_word = word_starts(rows)
+    assert starts.tolist() == [[False, True, False, True, False]]
+    assert in_word.tolist() == [[False, True, True, True, False]]
