@@ -62,6 +62,22 @@ def run_sources(dataset: str | Path, *, train_splits: tuple[str, ...] = ("train"
     return train, (dataset, eval_split) if eval_split is not None else None
 
 
+def unused_validation_split(dataset: str | Path, *, eval_split: str | None,
+                            validation_file: str | Path | None) -> str | None:
+    """A note when a local folder laid out by split has a validation split that the run leaves unused, holding its
+    eval chunks out of the training chunks as the course does (IMDb has none)."""
+    if eval_split is not None or validation_file is not None or not Path(dataset).expanduser().is_dir():
+        return None
+    with warnings.catch_warnings():  # said already, when the training split was found
+        warnings.simplefilter("ignore")
+        try:
+            find_corpus(dataset, "validation")
+        except MLMError:
+            return None
+    return (f"{short_name(dataset)} has a validation split, which this run leaves unused: its eval chunks are held "
+            "out of the training chunks, as the course does. --eval-split validation scores on it instead.")
+
+
 def load_train_eval_chunks(source: str | Path, tokenizer: Tokenizer, *, train_splits: tuple[str, ...] = ("train",),
                            eval_split: str | None = None, validation_file: str | Path | None = None,
                            train_size: int | str | None = 10_000, test_size: int | str = 1_000, seed: int = 42,

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mlm.corpus import Chunks, load_train_eval_chunks
+from mlm.corpus import Chunks, load_train_eval_chunks, unused_validation_split
 from mlm.evaluate import EvalResult, check_masked_tokens, score_batches, summarize
 from mlm.files.pretrained import load_model
 from mlm.fill_mask import check_prompts, fill_mask
@@ -259,7 +259,9 @@ class Setup:
             share = f"{drawn / available:.0%}" if drawn >= available / 100 else "under 1%"
             notes.append(f"training on {drawn:,} of the {available:,} chunks {whose} ({share}, "
                          f"--train-size {config.train_size}); --train-size all trains on all of them.")
-        return notes + added_words_notes(self.tokenizer, config.add_tokens)
+        validation = unused_validation_split(config.dataset, eval_split=config.eval_split,
+                                             validation_file=config.validation_file)
+        return notes + ([validation] if validation else []) + added_words_notes(self.tokenizer, config.add_tokens)
 
     def facts(self) -> dict:
         """What the settings gave, for the run record."""

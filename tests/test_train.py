@@ -456,6 +456,21 @@ def test_a_draw_of_under_half_the_corpus_and_fp16_on_a_cpu_are_said_before_the_r
     assert "chunks the eval set leaves (under 1%, --train-size 16)" in capsys.readouterr().out  # it said "(0%"
 
 
+def test_a_validation_split_left_unused_is_said(tmp_path, capsys):
+    # train.jsonl beside validation.jsonl: the run held its eval chunks out of train, without a word of the other.
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = (SMOKE / "reviews.jsonl").read_text().splitlines(keepends=True)
+    (data / "train.jsonl").write_text("".join(lines[:400]))
+    (data / "validation.jsonl").write_text("".join(lines[400:]))
+    train(tiny_run(tmp_path / "held-out", dataset=str(data), epochs=1, max_steps=1, prompts=()))
+    note = ("note: data has a validation split, which this run leaves unused: its eval chunks are held out of the "
+            "training chunks, as the course does. --eval-split validation scores on it instead.")
+    assert note in capsys.readouterr().out
+    train(tiny_run(tmp_path / "on-it", dataset=str(data), eval_split="validation", epochs=1, max_steps=1, prompts=()))
+    assert "validation split" not in capsys.readouterr().out
+
+
 def test_a_warmup_fraction_rounds_up_as_transformers_does():
     # TrainingArguments.get_warmup_steps takes math.ceil(total * fraction); round() gave 0 warmup steps for 0.05 of
     # 10 steps (the lr at its peak from the first step), and 47 instead of 48 for 0.1 of the course's 471.
