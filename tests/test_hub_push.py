@@ -328,11 +328,15 @@ def test_push_removes_what_an_earlier_push_left_that_this_run_has_not(hub, run_d
     assert repo.files["notes.txt"] == b"mine" and "vocab.txt" in repo.files  # not mlm's to remove; this run's own
 
 
-def test_hub_private_on_an_existing_public_repo_is_said_to_change_nothing(hub, run_dir):
+def test_hub_private_on_an_existing_public_repo_is_refused_before_training(hub, run_dir):
+    # The Hub keeps an existing repo's visibility: --hub-private pushed the model into the public repo.
     push_run(run_dir, "me/tiny-imdb", endpoint=hub.url)
-    with pytest.warns(UserWarning, match="^me/tiny-imdb existed and is public: it stays public"):
-        push_run(run_dir, "me/tiny-imdb", private=True, endpoint=hub.url)
-    assert not hub.repos["me/tiny-imdb"].private
+    with pytest.raises(MLMError, match="^me/tiny-imdb exists and is public, and the Hub keeps an existing repo's "
+                                       "visibility: make it private"):
+        full_repo_id("tiny-imdb", private=True, endpoint=hub.url)
+    assert full_repo_id("new-one", private=True, endpoint=hub.url) == "me/new-one"  # to be created private
+    hub.repos["me/tiny-imdb"].private = True
+    assert full_repo_id("tiny-imdb", private=True, endpoint=hub.url) == "me/tiny-imdb"
 
 
 def test_bare_name_goes_to_the_users_namespace(hub, run_dir):

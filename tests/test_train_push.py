@@ -72,7 +72,7 @@ def test_a_run_without_push_still_writes_its_card(tmp_path):
 def test_an_interrupted_push_run_says_to_push_again_when_it_continues(tmp_path, monkeypatch, capsys):
     # --push-to-hub is the command's, not a setting the run records: the printed command dropped it, and the run it
     # continued finished without pushing.
-    monkeypatch.setattr(mlm.cli.train, "full_repo_id", lambda name: f"me/{name}")  # no Hub asked before training
+    monkeypatch.setattr(mlm.cli.train, "full_repo_id", lambda name, private: f"me/{name}")  # no Hub asked
     interrupt_after(monkeypatch, 1)
     run = tmp_path / "run"
     with pytest.raises(SystemExit) as stop:

@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     pushes = args.push_to_hub and int(os.environ.get("RANK", 0)) == 0
     if pushes:
         # The token and the repo's namespace are checked now, not after hours of training.
-        settings["hub_model_id"] = full_repo_id(settings["hub_model_id"] or Path(settings["output_dir"]).name)
+        settings["hub_model_id"] = full_repo_id(settings["hub_model_id"] or Path(settings["output_dir"]).name,
+                                                private=args.hub_private)
     # The push is this command's, not a setting of the run: a command that continues the run must ask for it again.
     again = (" --push-to-hub" + " --hub-private" * bool(args.hub_private)) if args.push_to_hub else ""
     try:

@@ -8,7 +8,6 @@ and keeping the Hub's own reason.
 from __future__ import annotations
 
 import json
-import warnings
 from contextlib import suppress
 from dataclasses import asdict
 from pathlib import Path
@@ -74,12 +73,9 @@ def push_run(folder: str | Path, repo_id: str, *, private: bool | None = None, e
     try:
         # A bare name ("my-model") is created in the token owner's namespace; the Hub answers with the full id.
         repo_id = getattr(api.create_repo(repo_id, private=private, exist_ok=True), "repo_id", None) or repo_id
-        if private and not api.repo_info(repo_id).private:  # the Hub keeps an existing repo's visibility
-            warnings.warn(f"{repo_id} existed and is public: it stays public (make it private in its settings on the "
-                          "Hub).", stacklevel=2)
         uploads = run_files(folder, repo_id)
         # A file of an earlier push that this run has not (a DistilBERT run's vocab.txt beside a RoBERTa run's
-        # tokenizer) would make a repo of two models. A card stays: the repo's page, perhaps written on the Hub.
+        # tokenizer) would make a repo of two models. A README.md stays where the run has no card of its own.
         stale = [name for name in api.list_repo_files(repo_id) if name not in uploads and name != CARD_FILE
                  and (name in PUSHED_FILES or name.startswith(f"{LOG_DIR}/"))]
         commit = api.create_commit(repo_id=repo_id, commit_message="Upload model trained with mlm", operations=[
@@ -92,11 +88,12 @@ def push_run(folder: str | Path, repo_id: str, *, private: bool | None = None, e
     return str(getattr(commit, "commit_url", commit))
 
 
-def full_repo_id(repo_id: str, *, endpoint: str | None = None) -> str:
+def full_repo_id(repo_id: str, *, private: bool = False, endpoint: str | None = None) -> str:
     """"namespace/name" for `repo_id`; a bare name gets the token owner's namespace, so that the model card can name
     the repo before the push creates it. One whoami request, also for a namespace/name: a missing or rejected token,
     an unreachable or offline Hub, an invalid id and a namespace neither the user's nor one of their organisations'
-    are refused now, before training, not after it."""
+    are refused now, before training, not after it; with `private`, so is a public repo of that id, which the Hub
+    would keep public."""
     check_repo_id(repo_id)  # the default id is the output folder's name, which may hold anything
     api = _hub_api(repo_id, endpoint)
     try:
@@ -108,7 +105,20 @@ def full_repo_id(repo_id: str, *, endpoint: str | None = None) -> str:
         raise MLMError(f"The token belongs to {owner}, who may not push to {repo_id}: {namespace} is neither "
                        f"{owner} nor one of their organisations ({', '.join(orgs) or 'none'}). Choose a repo id in "
                        f"your own namespace (`hub_model_id` {owner}/NAME).")
-    return f"{namespace}/{repo_id.rpartition('/')[2]}"
+    repo_id = f"{namespace}/{repo_id.rpartition('/')[2]}"
+    if private:
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        try:
+            public = api.repo_info(repo_id).private is False
+        except RepositoryNotFoundError:
+            public = False  # created private by the push
+        except Exception as err:
+            raise MLMError(describe_push_error(err, repo_id, api.endpoint)) from err
+        if public:
+            raise MLMError(f"{repo_id} exists and is public, and the Hub keeps an existing repo's visibility: make it "
+                           "private in its settings on the Hub first, or push to a new repo id.")
+    return repo_id
 
 
 def _hub_api(repo_id: str, endpoint: str | None, kept: str = ""):
