@@ -62,12 +62,15 @@ def run_sources(dataset: str | Path, *, train_splits: tuple[str, ...] = ("train"
     return train, (dataset, eval_split) if eval_split is not None else None
 
 
-def unused_validation_split(dataset: str | Path, *, eval_split: str | None,
+def unused_validation_split(dataset: str | Path, *, train_splits: tuple[str, ...], eval_split: str | None,
                             validation_file: str | Path | None) -> str | None:
     """A note when a local folder laid out by split has a validation split that the run leaves unused, holding its
     eval chunks out of the training chunks as the course does (IMDb has none)."""
-    if eval_split is not None or validation_file is not None or not Path(dataset).expanduser().is_dir():
+    folder = Path(dataset).expanduser()
+    if eval_split is not None or validation_file is not None or "validation" in train_splits or not folder.is_dir():
         return None
+    if not any(folder.glob("validation*")) and not any(folder.glob("*/validation*")):
+        return None  # where a split file would lie: a large folder of documents is not walked again
     with warnings.catch_warnings():  # said already, when the training split was found
         warnings.simplefilter("ignore")
         try:

@@ -33,7 +33,9 @@ def clipped(text: str, most: int) -> str:
     if len(text) <= most:
         return text
     cut = text[: most - 1]
-    return (cut.rsplit(" ", 1)[0] if " " in cut[most // 2 :] else cut) + "…"
+    if text[most - 1] != " " and " " in cut[most // 2 :]:  # the cut falls inside a word: end before it
+        cut = cut.rsplit(" ", 1)[0]
+    return cut.rstrip() + "…"
 
 
 def is_int(value) -> bool:

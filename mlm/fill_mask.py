@@ -15,7 +15,9 @@ from mlm.tokenizer import Tokenizer
 @dataclass
 class Prediction:
     token_id: int
-    token: str  # the token as text, as the reference pipeline's token_str: "film", "##s", RoBERTa's " film"
+    # The token as text, as the reference pipeline's token_str ("film", "##s", RoBERTa's " film"); written as a Python
+    # literal ('\n') where it holds a control character, which would break a printed line or a table row.
+    token: str
     score: float  # softmax probability over the whole vocabulary
     sequence: str  # the sentence with this [MASK] filled in (other [MASK]s left as they are)
 
@@ -64,7 +66,7 @@ def fill_mask(model: DistilBertForMaskedLM, tokenizer: Tokenizer, sentences: lis
     for row, encoding in enumerate(encodings):
         ids, per_mask = encoding.ids, []
         for at in (i for i, token in enumerate(ids) if token == tokenizer.mask_token_id):
-            per_mask.append([Prediction(token_id, decode([token_id], skip_special_tokens=False), score,
+            per_mask.append([Prediction(token_id, _printable(decode([token_id], skip_special_tokens=False)), score,
                                         _decode(tokenizer, ids[:at] + [token_id] + ids[at + 1:]))
                              for score, token_id in zip(top_scores[row, at].tolist(), top_ids[row, at].tolist())])
         results.append(per_mask)
@@ -75,3 +77,7 @@ def _decode(tokenizer: Tokenizer, ids: list[int]) -> str:
     # Drop [CLS]/[SEP]/[PAD] but keep any other [MASK]s visible, so a multi-mask sentence still reads right.
     hidden = {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id}
     return tokenizer.backend.decode([i for i in ids if i not in hidden], skip_special_tokens=False)
+
+
+def _printable(text: str) -> str:
+    return text if text.isprintable() else repr(text)

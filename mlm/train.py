@@ -259,8 +259,8 @@ class Setup:
             share = f"{drawn / available:.0%}" if drawn >= available / 100 else "under 1%"
             notes.append(f"training on {drawn:,} of the {available:,} chunks {whose} ({share}, "
                          f"--train-size {config.train_size}); --train-size all trains on all of them.")
-        validation = unused_validation_split(config.dataset, eval_split=config.eval_split,
-                                             validation_file=config.validation_file)
+        validation = unused_validation_split(config.dataset, train_splits=config.train_splits,
+                                             eval_split=config.eval_split, validation_file=config.validation_file)
         return notes + ([validation] if validation else []) + added_words_notes(self.tokenizer, config.add_tokens)
 
     def facts(self) -> dict:

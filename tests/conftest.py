@@ -4,6 +4,7 @@ as RoBERTa's) that need neither the Hub nor any downloaded file."""
 from __future__ import annotations
 
 import json
+import signal
 import string
 from pathlib import Path
 
@@ -38,6 +39,15 @@ TINY_VOCAB = (
 # vocabulary ([PAD]=238 … [MASK]=242), so that no id of BERT's, nor the uncased tiny one's, can be assumed.
 CASED_VOCAB = [token for word in TINY_WORDS + TINY_CHARACTERS + ["##" + c for c in TINY_CHARACTERS]
                for token in dict.fromkeys([word, word.capitalize(), word.upper()])] + TINY_PIECES + TINY_SPECIAL_TOKENS
+
+
+@pytest.fixture(autouse=True, scope="session")
+def stop_signals_handled():
+    """The suite sends itself Ctrl-C, SIGTERM and SIGHUP; a run leaves a signal ignored at its start ignored (nohup's
+    SIGHUP, a background job's SIGINT), so under nohup or in the background those tests would see nothing."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def build_tiny_tokenizer(vocabulary: list[str] = TINY_VOCAB, lowercase: bool = True) -> Tokenizer:

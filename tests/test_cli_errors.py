@@ -246,3 +246,4 @@ def test_a_quoted_reason_is_cut_at_a_word():
     reason = "Connection closed by peer [127.0.0.1]:6536. This is typically caused by a remote worker crash."
     assert clipped(reason, 80) == "Connection closed by peer [127.0.0.1]:6536. This is typically caused by a…"
     assert clipped(" a\n b ", 80) == "a b" and clipped("x" * 100, 10) == "x" * 9 + "…"
+    assert clipped("aaaaaa bbb ccc", 11) == "aaaaaa bbb…"  # a word that ends at the cut is whole

@@ -269,5 +269,10 @@ def test_mask_in_a_prompt_stands_for_each_tokenizers_mask_token(tmp_path):
     assert ours == theirs and ours[0][0].sequence.startswith("a great")
     # Each token as text, as the reference pipeline's token_str (tokenizer.decode([id])): " movie", not "Ġmovie".
     movie = tokenizer.backend.token_to_id("Ġmovie")
-    assert [p.token for p in ours[0]] == [tokenizer.backend.decode([p.token_id]) for p in ours[0]]
+    assert [p.token for p in ours[0]] == [tokenizer.backend.decode([p.token_id], skip_special_tokens=False)
+                                          for p in ours[0]]
+    # A newline token ("Ċ") would break a printed line or a table row: it is written as a literal.
+    newline = tokenizer.backend.token_to_id("Ċ")
+    model.vocab_projector.bias.data[newline] = 100.0
+    assert fill_mask(model, tokenizer, ["a [MASK] ."], top_k=1)[0][0][0].token == "'\\n'"
     assert tokenizer.backend.decode([movie]) == " movie" and not any("Ġ" in p.token for p in ours[0])

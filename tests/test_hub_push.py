@@ -234,12 +234,13 @@ def test_card_gives_a_text_column_only_for_data_that_has_columns(tmp_path):
 def test_card_gives_the_schedule_the_optimizer_and_the_family(tmp_path):
     text, meta = run_card(tmp_path / "a", lr_scheduler="cosine", adam_beta2=0.98, adam_epsilon=1e-6)
     assert "| learning-rate schedule | cosine |" in text and "| AdamW betas, epsilon | 0.9, 0.98, 1e-06 |" in text
-    assert "cosine decay after warmup, gradient clipping." in text and meta["tags"][2] == "distilbert"
-    # `constant` has no warmup (it is refused with one): it said "a constant learning rate after warmup".
+    # "after warmup" only where the schedule has warmup steps: the course's has none, and `constant` refuses them.
+    assert "cosine decay, gradient clipping." in text and meta["tags"][2] == "distilbert"
     assert "), a constant learning rate, gradient clipping." in run_card(tmp_path / "d", lr_scheduler="constant")[0]
-    assert "a constant learning rate after warmup" in run_card(tmp_path / "e", lr_scheduler="constant-with-warmup")[0]
+    text, _ = run_card(tmp_path / "e", lr_scheduler="constant-with-warmup", derived={"warmup_steps": 48})
+    assert "a constant learning rate after warmup, gradient clipping." in text
     text, _ = run_card(tmp_path / "c", max_grad_norm=0.0)  # the course's Accelerate loop: it said "gradient clipping"
-    assert "| max gradient norm | 0 |" in text and "linear decay after warmup, no gradient clipping." in text
+    assert "| max gradient norm | 0 |" in text and "linear decay, no gradient clipping." in text
     text, meta = run_card(tmp_path / "b", init="random", config_overrides="num_hidden_layers=4",
                           config={"model_type": "bert"})
     assert meta["tags"][2] == "bert" and "| config overrides | num_hidden_layers=4 |" in text

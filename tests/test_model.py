@@ -260,8 +260,8 @@ def test_a_tokenizer_with_more_tokens_than_the_model_is_refused_naming_the_model
                                        "vocab_size\\): they do not belong together"):
         load_model(TINY_DIR, tokenizer=bigger)
     # A random model is sized by its overrides: say so (it said only "a vocab_size that covers the tokenizer").
-    with pytest.raises(MLMError, match=r"only 100 \(its vocab_size\).*or `config_overrides` vocab_size=577 sizes the "
-                                       r"random model for it\.$"):
+    with pytest.raises(MLMError, match=r"the random model of .* only 100 \(its vocab_size\): add vocab_size=577 to "
+                                       r"`config_overrides`, or use a tokenizer that fits\.$"):
         load_model(TINY_DIR, init="random", tokenizer=bigger, config_overrides="vocab_size=100")
 
 

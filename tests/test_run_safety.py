@@ -536,6 +536,9 @@ def test_hub_failures_keep_their_cause_and_name_the_endpoint(fake_endpoint, monk
     url = fake_endpoint(500, b'{"error": "boom"}')
     with pytest.raises(MLMError, match=f"The Hub at {url} failed \\(HTTP 500\\).*Try again later"):
         resolve_repo("someone/model")
+    url = fake_endpoint(429, b'{"error": "rate limited"}')  # busy, not wrong
+    with pytest.raises(MLMError, match=f"The Hub at {url} refused the request \\(HTTP 429\\).*\\. Try again later"):
+        resolve_repo("someone/model")
     # A refusal is no outage: it said "Try again later" there too.
     url = fake_endpoint(400, b'{"error": "bad request"}')
     with pytest.raises(MLMError, match=f"The Hub at {url} refused the request \\(HTTP 400\\).*\\. Check the repo id"):

@@ -467,8 +467,10 @@ def test_a_validation_split_left_unused_is_said(tmp_path, capsys):
     note = ("note: data has a validation split, which this run leaves unused: its eval chunks are held out of the "
             "training chunks, as the course does. --eval-split validation scores on it instead.")
     assert note in capsys.readouterr().out
-    train(tiny_run(tmp_path / "on-it", dataset=str(data), eval_split="validation", epochs=1, max_steps=1, prompts=()))
-    assert "validation split" not in capsys.readouterr().out
+    for uses_it in (dict(eval_split="validation"), dict(train_splits=("train", "validation"))):
+        train(tiny_run(tmp_path / "on-it", dataset=str(data), epochs=1, max_steps=1, prompts=(), overwrite=True,
+                       **uses_it))
+        assert "validation split" not in capsys.readouterr().out
 
 
 def test_a_warmup_fraction_rounds_up_as_transformers_does():

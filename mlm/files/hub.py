@@ -126,7 +126,8 @@ def describe_download_error(err: BaseException, where: str, endpoint: str, *, of
         return (f"The Hub at {endpoint} rejected the token in HF_TOKEN (HTTP 401) for the {where}: fix HF_TOKEN, or "
                 "unset it for a public repo.")
     if status is not None:
-        kind, fix = ("failed", "Try again later") if status >= 500 else ("refused the request", "Check the repo id")
+        kind = "failed" if status >= 500 else "refused the request"
+        fix = "Try again later" if status >= 500 or status in (408, 429) else "Check the repo id"  # busy, not wrong
         return (f"The Hub at {endpoint} {kind} (HTTP {status}) for the {where}, and it is not in the local HF cache "
                 f"({reason}). {fix}, or check HF_ENDPOINT. {OFFLINE_HINT}")
     if names & NETWORK_ERRORS:

@@ -76,12 +76,14 @@ def load_model(name_or_path: str | Path, *, init: str = "pretrained", revision: 
 def check_tokenizer_fits(model: DistilBertForMaskedLM, tokenizer_vocab_size: int, name: str, *,
                          random: bool = False) -> None:
     """Refuse a tokenizer whose ids go past the model's embedding rows (an IndexError in the first forward)."""
+    if model.config.vocab_size < tokenizer_vocab_size and random:
+        raise MLMError(f"The tokenizer has {tokenizer_vocab_size} tokens but the random model of {name} only "
+                       f"{model.config.vocab_size} (its vocab_size): add vocab_size={tokenizer_vocab_size} to "
+                       "`config_overrides`, or use a tokenizer that fits.")
     if model.config.vocab_size < tokenizer_vocab_size:
-        fix = (f"`config_overrides` vocab_size={tokenizer_vocab_size} sizes the random model for it" if random else
-               "a vocab_size that covers the tokenizer")
         raise MLMError(f"The tokenizer has {tokenizer_vocab_size} tokens but the model {name} only "
                        f"{model.config.vocab_size} (its vocab_size): they do not belong together. Use the tokenizer "
-                       f"the model was trained with, or {fix}.")
+                       "the model was trained with, or a vocab_size that covers the tokenizer.")
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

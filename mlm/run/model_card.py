@@ -186,9 +186,9 @@ def _render(model_id: str, args: dict, results: dict) -> str:
         rows += [("training masking", masking), ("eval masking", eval_masking)]
     if all(key in args for key in ("batch_size", "grad_accum", "world_size")):
         rows.append(("global batch (chunks per step)", args["batch_size"] * args["grad_accum"] * args["world_size"]))
-    schedule = {"linear": "linear decay after warmup", "cosine": "cosine decay after warmup",
-                "constant": "a constant learning rate"}.get(args.get("lr_scheduler", "linear"),
-                                                            "a constant learning rate after warmup")
+    schedule = {"linear": "linear decay", "cosine": "cosine decay"}.get(args.get("lr_scheduler", "linear"),
+                                                                          "a constant learning rate")
+    schedule += " after warmup" if args.get("warmup_steps") else ""  # the schedule's steps (derived)
     hyperparameters = ["## Training hyperparameters", "", "| setting | value |", "|---|---|",
                        *(f"| {row} | {_cell(_value(value))} |" for row, value in rows), "",
                        f"AdamW (no weight decay on biases and LayerNorms), {schedule}, "
