@@ -155,12 +155,14 @@ def name_flags(message: str, flag_of) -> str:
 def _one_line_warnings(show, flags):
     """mlm's own warnings (a corrupt chunk store rebuilt, an unwritable cache) as one 'warning: …' line, like its
     errors: the default format adds the warning's source file and a line of mlm's code."""
-    package = Path(__file__).resolve().parent
+    package, said = Path(__file__).resolve().parent, set()
 
     def one_line(message, category, filename, lineno, file=None, line=None):
         if not Path(filename).resolve().is_relative_to(package):
             return show(message, category, filename, lineno, file, line)
-        if (stream := sys.stderr if file is None else file) is not None:
-            stream.write(f"warning: {flags(str(message))}\n")  # one write, as _error's
+        # Once: a folder is walked for the data and again for its digests, from two places Python tells apart.
+        if (stream := sys.stderr if file is None else file) is not None and (text := flags(str(message))) not in said:
+            said.add(text)
+            stream.write(f"warning: {text}\n")  # one write, as _error's
 
     return one_line

@@ -124,6 +124,9 @@ def test_only_mlms_own_warnings_are_one_line(capsys):
     show(UserWarning("ours"), UserWarning, str(package / "corpus_store.py"), 1,
          file=type("Stream", (), {"write": lambda self, text: writes.append(text)})())
     assert writes == ["warning: ours\n"]
+    # Said once: the same folder walked from two places of mlm (the data, then its digests) warned twice.
+    show(UserWarning("ours, `cache_dir`"), UserWarning, str(package / "files" / "data_files.py"), 9)
+    assert capsys.readouterr().err == ""
 
 
 def test_a_reader_that_goes_away_does_not_stop_the_command(monkeypatch, capsys):

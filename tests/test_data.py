@@ -309,11 +309,11 @@ def test_hub_id_downloads_only_the_split(tmp_path, monkeypatch):
 
 
 def test_missing_text_column(tmp_path):
-    with pytest.raises(MLMError, match="has no column 'text' \\(it has: review, label\\).*--text-column"):
+    with pytest.raises(MLMError, match="has no column 'text' \\(it has: 'review', 'label'\\).*--text-column"):
         load_texts(write_parquet(tmp_path / "a.parquet", ["x"], column="review", label=[1]))
     jsonl = tmp_path / "a.jsonl"
     jsonl.write_text('{"review": "x", "stars": 4}\n{"review": "y"}\n')
-    with pytest.raises(MLMError, match="has no column 'text' \\(it has: review, stars\\).*--text-column"):
+    with pytest.raises(MLMError, match="has no column 'text' \\(it has: 'review', 'stars'\\).*--text-column"):
         load_texts(jsonl)
 
 
@@ -339,17 +339,19 @@ def test_a_text_column_of_numbers_in_json_lines_names_its_line(tmp_path):
                                        "--text-column if another key holds the text.$"):
         load_texts(jsonl)
     # A line without it said "Column 'text' of a.jsonl has 1 missing (null) values", with no line.
-    # Two objects on one line are two rows to pyarrow, one without the text: an AttributeError traceback.
-    jsonl.write_text('{"text": "a"}{"x": 2}\n{"text": "b"}\n')
-    with pytest.raises(MLMError, match="a.jsonl, line 1, is not a JSON object \\(Extra data"):
-        load_texts(jsonl)
+    # Two objects on one line are two rows to pyarrow: one without the text was an AttributeError traceback, two
+    # with it were read as two texts.
+    for second in ('{"x": 2}', '{"text": "b"}'):
+        jsonl.write_text(f'{{"text": "a"}}{second}\n{{"text": "c"}}\n')
+        with pytest.raises(MLMError, match="a.jsonl, line 1, is not a JSON object \\(Extra data"):
+            load_texts(jsonl)
     for missing in ('{"title": "x"}', '{"text": null}'):
         jsonl.write_text(f'{{"text": "fine"}}\n\n{missing}\n{{"text": "fine"}}\n')
         with pytest.raises(MLMError, match="a.jsonl, line 3, has no 'text' \\(or it is null\\), which the other "
                                            "lines have: drop that line or give it its text.$"):
             load_texts(jsonl)
     jsonl.write_text('{"review": 1}{"x": 2}\n{"review": "y"}\n')
-    with pytest.raises(MLMError, match="has no column 'text' \\(it has: review\\)"):
+    with pytest.raises(MLMError, match="has no column 'text' \\(it has: 'review'\\)"):
         load_texts(jsonl)
 
 

@@ -86,8 +86,11 @@ def test_csv_errors_are_one_actionable_line(tmp_path):
     with pytest.raises(MLMError, match="ragged.csv has a record of 4 fields where its header names 2 \\('20,one, two, "
                                        "three'\\): quote a field that holds a comma, as in \"one, two\".$"):
         load_texts(ragged)
-    with pytest.raises(MLMError, match=r"has no column 'text' \(it has: label, body\).*--text-column"):
+    with pytest.raises(MLMError, match=r"has no column 'text' \(it has: 'label', 'body'\).*--text-column"):
         load_texts(write_csv(tmp_path / "body.csv", ["x"], column="body"))
+    (quoted := tmp_path / "quoted.csv").write_text('id,"body, text"\n1,x\n')  # it listed "id, body, text"
+    with pytest.raises(MLMError, match=r"has no column 'text' \(it has: 'id', 'body, text'\)"):
+        load_texts(quoted)
     bad = tmp_path / "latin1.csv"
     bad.write_bytes("label,text\n1,fine\n0,caf\xe9\n".encode("latin-1"))
     # cp1252, not latin1, which turns a Windows file's quotes and dashes into control characters

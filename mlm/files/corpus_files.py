@@ -229,6 +229,8 @@ def _table_texts(data: bytes, separator: bytes | None, file: Path, text_column: 
             number = next(number for number, _, row, _ in _json_lines(data, first_line) if row.get(text_column) is None)
             raise MLMError(f"{file}, line {number}, has no {text_column!r} (or it is null), which the other lines "
                            "have: drop that line or give it its text.")
+        if table.num_rows != sum(1 for line in data.split(b"\n") if line.strip()):  # pyarrow reads {..}{..} as two
+            _refuse_the_first_bad_line(data, file, first_line, text_column)
     _check_column(file, text_column, table.column_names)
     return texts_of(table.column(text_column), file, text_column)
 
@@ -300,7 +302,7 @@ def texts_of(column, file: Path, text_column: str) -> list[str]:
 
 def _check_column(file: Path, text_column: str, names: list[str]) -> None:
     if text_column not in names:
-        raise MLMError(f"{file} has no column {text_column!r} (it has: {', '.join(names) or 'none'}); "
+        raise MLMError(f"{file} has no column {text_column!r} (it has: {', '.join(map(repr, names)) or 'none'}); "
                        "pass the right one with --text-column.")
     if (times := names.count(text_column)) > 1:  # pyarrow would take the first, or fail on the name
         raise MLMError(f"{file} has {times} columns named {text_column!r}: rename all but the one that holds the text, "
