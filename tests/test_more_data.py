@@ -86,6 +86,10 @@ def test_csv_errors_are_one_actionable_line(tmp_path):
     with pytest.raises(MLMError, match="ragged.csv has a record of 4 fields where its header names 2 \\('20,one, two, "
                                        "three'\\): quote a field that holds a comma, as in \"one, two\".$"):
         load_texts(ragged)
+    (short := tmp_path / "short.csv").write_text("label,text\n1,fine\n2\n")  # it said "1 fields", and to quote
+    with pytest.raises(MLMError, match="short.csv has a record of 1 field where its header names 2 \\('2'\\): give "
+                                       "every column a value, an empty one too \\(a comma more\\).$"):
+        load_texts(short)
     with pytest.raises(MLMError, match=r"has no column 'text' \(it has: 'label', 'body'\).*--text-column"):
         load_texts(write_csv(tmp_path / "body.csv", ["x"], column="body"))
     (quoted := tmp_path / "quoted.csv").write_text('id,"body, text"\n1,x\n')  # it listed "id, body, text"

@@ -136,6 +136,10 @@ def test_resume_latest_never_drops_a_finished_runs_model_when_its_last_checkpoin
     # `extend` with the run's own length: there is nothing to extend (it set the run up and wrote the model again).
     assert train(tiny_run(run, epochs=1, resume="latest", extend=True)).status == "finished"
     assert snapshot(run) == before and "nothing to do" in capsys.readouterr().out
+    # Other data given to a finished run was ignored without a word (missing data too).
+    assert train(tiny_run(run, epochs=1, resume="latest", dataset=str(tmp_path / "gone.csv"))).status == "finished"
+    assert (f"note: --dataset {tmp_path / 'gone.csv'} is not read: the run is finished (to train its model on other "
+            f"data, start a new run from it: --model {run}).") in capsys.readouterr().out
 
 
 def test_a_resume_from_a_copy_of_an_older_checkpoint_drops_the_later_ones_too(tmp_path, monkeypatch):

@@ -207,9 +207,11 @@ def _table_texts(data: bytes, separator: bytes | None, file: Path, text_column: 
             if not (found := re.search(r"Expected (\d+) columns, got (\d+): (.*)", str(err))):
                 raise
             mark = {b",": "comma", b";": "semicolon", b"\t": "tab"}[separator]
-            example = f'"one{separator.decode()} two"'
-            raise MLMError(f"{file} has a record of {found[2]} fields where its header names {found[1]} ("
-                           f"{found[3].strip()[:60]!r}): quote a field that holds a {mark}, as in {example}.") from None
+            got, wanted = int(found[2]), int(found[1])
+            fix = (f"quote a field that holds a {mark}, as in \"one{separator.decode()} two\"" if got > wanted else
+                   f"give every column a value, an empty one too (a {mark} more)")
+            raise MLMError(f"{file} has a record of {got} field{'s' * (got != 1)} where its header names {wanted} ("
+                           f"{found[3].strip()[:60]!r}): {fix}.") from None
     else:
         # Only the text column is parsed: another one whose type varies from row to row (a number, then a string)
         # made pyarrow refuse a valid file.

@@ -426,6 +426,11 @@ class Run:
         settings = {**settings_as_json(self.config), "global_batch": self.config.global_batch(self.procs.world_size)}
         compare_settings(self.record.settings, settings, extend=self.config.extend, where=self.output_dir,
                          world_size=self.procs.world_size)
+        if given := [name for name in ("dataset", "validation_file")
+                     if getattr(self.config, name) != self.record.settings.get(name)]:
+            self.say(f"note: --{given[0].replace('_', '-')} {getattr(self.config, given[0])} is not read: the run "
+                     f"is finished (to train its model on other data, start a new run from it: --model "
+                     f"{self.output_dir}).")
         longer = "--max-steps" if self.record.settings.get("max_steps") is not None else "--epochs"
         self.say(f"{self.output_dir} holds a finished run: nothing to do (to train it for longer, resume it with "
                  f"--extend and a larger {longer}).")  # said, not raised: no error turns settings into flags here
