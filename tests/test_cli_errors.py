@@ -44,6 +44,14 @@ def test_a_usage_error_is_one_line_with_a_hint_to_help(capsys, command, argv, na
     assert names in err and "--help" in err and "usage:" not in err
 
 
+def test_a_flags_value_is_not_taken_for_a_glob_and_evaluate_explains_its_missing_train_size(capsys, tmp_path):
+    # `mlm-prepare-data --model FOLDER`: the folder, the unknown flag's value, got "a glob left unquoted?" too.
+    status, _, err = exit_and_stderr(prepare_data.main, ["--model", str(tmp_path)], capsys)
+    assert status == 2 and "glob" not in err and "--tokenizer" in err
+    status, _, err = exit_and_stderr(evaluate.main, ["--model", "m", "--train-size", "32"], capsys)  # "--train-splits?"
+    assert status == 2 and "(mlm-evaluate draws no train chunks: --test-size sets the eval set)" in err
+
+
 @pytest.mark.parametrize("command, argv, hint", [
     ("train", ["--learning_rate", "1e-4"], "(--learning_rate is Hugging Face's name: mlm's is --lr)"),
     # The hint named --lr to mlm-fill-mask, which has no such flag.

@@ -51,7 +51,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         if message.startswith("unrecognized arguments:"):
-            hints = [hint for word in message.split(":", 1)[1].split() if (hint := self.suggestion(word))]
+            words = message.split(":", 1)[1].split()
+            # A word after an unknown flag is that flag's value, not a second file of an unquoted glob.
+            hints = [hint for before, word in zip(["", *words], words)
+                     if not (before.startswith("--") and "=" not in before and not word.startswith("--"))
+                     and (hint := self.suggestion(word))]
             message += "".join(f" ({hint})" for hint in dict.fromkeys(hints))
         self.exit(2, f"error: {message.rstrip('.')}. Run `{self.prog} --help` for every flag.\n")
 

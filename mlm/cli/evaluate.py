@@ -56,6 +56,7 @@ def build_parser() -> ArgumentParser:
                      "wwm_probability": "with --eval-masking wwm, the share of words masked; never a run's, whose "
                                         "eval set is token-masked"})
     add_settings(p, ["precision", "device", "progress_bar"], group="hardware")
+    p.hints["--train-size"] = "mlm-evaluate draws no train chunks: --test-size sets the eval set"
     return p
 
 
