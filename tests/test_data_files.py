@@ -110,6 +110,7 @@ def test_data_files_in_a_format_mlm_does_not_read_are_named(tmp_path):
     assert texts == ["read", "read too"]
     assert message.startswith(f"{corpus}: 4 files named like data but in a format mlm does not read, left out: "
                               "b.jsonl.bz2, c.jsonl.xz, d.parquet.gz")
+    assert message.endswith("rename a .tsv file to .csv: its tab-separated header is read as such.")
 
 
 def test_documents_not_in_txt_beside_txt_documents_are_named(tmp_path):

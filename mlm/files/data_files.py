@@ -75,7 +75,8 @@ def find_corpus(source: str | Path, split: str = "train", *,
     if unread:
         warnings.warn(f"{folder}: {len(unread)} file{'s' * (len(unread) > 1)} named like data but in a format mlm does "
                       f"not read, left out: {listed(sorted(unread), NAMED)}. Use .parquet, .jsonl, .json, .csv or "
-                      ".txt, plain or compressed as .gz or .zst (.parquet uncompressed).", stacklevel=2)
+                      ".txt, plain or compressed as .gz or .zst (.parquet uncompressed); rename a .tsv file to .csv: "
+                      "its tab-separated header is read as such.", stacklevel=2)
     places = _split_places(folder, every)
     if places is None and documents and all(file_format(file)[0] == ".txt" for file in every):
         warnings.warn(f"{folder}: {len(documents)} document{'s' * (len(documents) > 1)} not in .txt left out: "
