@@ -134,25 +134,18 @@ def _handler(hub: HubServer):
                 if self._authorized() and not self._failing("whoami"):
                     self._send(200, {"type": "user", "name": hub.user, "orgs": [{"name": "org"}]})
                 return
-            match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/[^/]+", path)
-            if match:
-                repo = hub.repos.get(match[1])
-                if repo is None or (repo.private and repo.owner != hub.user):
-                    self._send(404, {"error": "Repository not found"}, error_code="RepoNotFound")
-                else:
-                    self._send(200, [{"type": "file", "path": name, "oid": hashlib.sha1(data).hexdigest(),
-                                      "size": len(data)} for name, data in sorted(repo.files.items())])
-                return
-            match = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/[^/]+)?", path)
-            if match:
-                repo = hub.repos.get(match[1])
-                if repo is None or (repo.private and repo.owner != hub.user):
-                    self._send(404, {"error": "Repository not found"}, error_code="RepoNotFound")
-                else:
-                    self._send(200, {"id": match[1], "author": repo.owner, "private": repo.private,
-                                     "sha": hashlib.sha1(str(repo.commits).encode()).hexdigest()})
-                return
-            self._send(404, {"error": f"no route GET {path}"})
+            match = re.fullmatch(r"/api/models/([^/]+/[^/]+)(/tree/[^/]+|/revision/[^/]+)?", path)
+            if not match:
+                return self._send(404, {"error": f"no route GET {path}"})
+            repo = hub.repos.get(match[1])
+            if repo is None or (repo.private and repo.owner != hub.user):
+                self._send(404, {"error": "Repository not found"}, error_code="RepoNotFound")
+            elif (match[2] or "").startswith("/tree/"):  # list_repo_files: every file, one page
+                self._send(200, [{"type": "file", "path": name, "oid": hashlib.sha1(data).hexdigest(),
+                                  "size": len(data)} for name, data in sorted(repo.files.items())])
+            else:  # repo_info
+                self._send(200, {"id": match[1], "author": repo.owner, "private": repo.private,
+                                 "sha": hashlib.sha1(str(repo.commits).encode()).hexdigest()})
 
         def do_PUT(self) -> None:
             hub.requests.append(("PUT", self.path))

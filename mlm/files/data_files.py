@@ -66,7 +66,7 @@ def find_corpus(source: str | Path, split: str = "train", *,
         name = Path(parts[-1])
         if name.suffix.lower() in DOCUMENT_FORMATS and name.stem.lower() not in ABOUT_THE_FOLDER:
             documents.append("/".join(parts))
-        if (known := file_format(Path(parts[-1])) is not None) or not _unread_data(Path(parts[-1])):
+        if (known := file_format(name) is not None) or not _unread_data(name):
             return known
         unread.append("/".join(parts))
         return False
